@@ -1,0 +1,102 @@
+"""The dense checkpoint: one trained model per (model, dataset, seed, recipe), cached by hash.
+
+Every method that starts from a trained model starts from this same file, and its
+accuracy is the dense reference stored in every record. Training is guarded by a file
+lock, so parallel workers train it once.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from sparsebench.harness.spec import RunSpec, stable_hash
+from sparsebench.harness.trainer import Trainer, evaluate
+from sparsebench.store.records import atomic_write_bytes, file_lock
+
+
+@dataclass
+class DenseCheckpoint:
+    path: Path
+    hash: str
+    val_top1: float
+    test_top1: float
+    test_top5: Optional[float]
+    steps: int
+    wall_seconds: float
+    pretrained_sha256: Optional[str]
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_pretrained(model: nn.Module, path: str) -> str:
+    """Load weights from a local file; layers whose shape differs (the classifier) stay fresh."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"pretrained weights {path!r} not found")
+    state = torch.load(file, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"pretrained weights {path!r} share no tensor with the model")
+    model.load_state_dict(usable, strict=False)
+    return file_sha256(file)
+
+
+def dense_checkpoint(
+    spec: RunSpec,
+    cache_dir: Path,
+    make_model: Callable[[], nn.Module],
+    loaders: dict,
+    num_classes: int,
+    device: torch.device,
+    steps: int,
+    eval_every: int,
+    progress=None,
+) -> DenseCheckpoint:
+    key = spec.dense_key()
+    digest = stable_hash(key)
+    path = Path(cache_dir) / f"dense-{spec.model}-{spec.dataset}-s{spec.seed}-{digest[:12]}.pt"
+    with file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            meta = torch.load(path, map_location="cpu", weights_only=False)["meta"]
+            return DenseCheckpoint(path=path, **meta)
+        torch.manual_seed(spec.seed)
+        model = make_model().to(device)
+        pretrained_sha = load_pretrained(model, spec.pretrained) if spec.pretrained else None
+        trainer = Trainer(model, loaders["train"], spec.recipe, device, num_classes, spec.recipe.lr)
+        start = time.perf_counter()
+        result = trainer.fit(steps, loaders["val"], eval_every, progress=progress, desc="dense")
+        wall = time.perf_counter() - start
+        val = evaluate(model, loaders["val"], device, num_classes)
+        test = evaluate(model, loaders["test"], device, num_classes)   # the dense reference, once
+        meta = {"hash": digest, "val_top1": val.top1, "test_top1": test.top1, "test_top5": test.top5,
+                "steps": result.steps, "wall_seconds": wall, "pretrained_sha256": pretrained_sha}
+        buffer = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "meta": meta, "key": key}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+        return DenseCheckpoint(path=path, **meta)
+
+
+def load_dense_weights(model: nn.Module, checkpoint: DenseCheckpoint) -> nn.Module:
+    state = torch.load(checkpoint.path, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    return model
+

@@ -1,0 +1,206 @@
+"""Suites: YAML files that expand to runs (methods × models × datasets × targets × seeds).
+
+    name: quick
+    methods: [dense, random, {name: magnitude-layerwise, args: {distribution: erk}}]
+    models: [resnet20_tiny, vit_cifar_tiny]
+    datasets: [digits]
+    targets: {sparsity: [0.5, 0.9], flops: [0.5, 0.25]}   # each method takes its own kind
+    seeds: [0, 1, 2]
+    recipe: {pretrain_epochs: 10}                          # all families
+    recipes: {vit: {pretrain_epochs: 30}}                  # per family, applied after `recipe`
+    data: {img_size: 16, val_fraction: 0.1}
+    measure: {threads: 1, batch_sizes: [1, 64]}
+    pretrained: {resnet18: /path/to/weights.pth}          # optional, per model
+
+A method that does not support a model (e.g. channel pruning on a ViT) is skipped and
+listed; every other problem is a one-line error naming the bad value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+from sparsebench.harness.spec import (
+    FAMILY_RECIPES, DataSpec, MeasureSpec, Recipe, RunSpec, SpecError, Target,
+)
+
+SUITE_KEYS = {"name", "description", "methods", "models", "datasets", "targets", "seeds", "recipe", "recipes",
+              "data", "measure", "pretrained", "expected_cost"}
+
+# Official train-split sizes, used by --dry-run estimates when the data is not on disk.
+TRAIN_SIZES = {"digits": 1347, "cifar10": 50000, "cifar100": 50000, "tiny-imagenet": 100000,
+               "food101": 75750, "flowers102": 2040, "pets": 3680, "imagenet": 1281167}
+NATIVE_SIZES = {"digits": 16, "cifar10": 32, "cifar100": 32, "tiny-imagenet": 64, "food101": 224,
+                "flowers102": 224, "pets": 224, "imagenet": 224}
+
+
+@dataclass
+class Suite:
+    name: str
+    specs: List[RunSpec]
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)   # (method, model, reason)
+    path: Optional[Path] = None
+
+
+def _dataclass_from(cls, values: Dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise SpecError(f"{where}: expected a mapping, got {values!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise SpecError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
+def recipe_for(family: str, overrides: Dict[str, Any], family_overrides: Dict[str, Dict[str, Any]]) -> Recipe:
+    base = dataclasses.asdict(FAMILY_RECIPES[family])
+    base.update(overrides or {})
+    base.update((family_overrides or {}).get(family, {}))
+    return _dataclass_from(Recipe, base, "recipe")
+
+
+def _method_entries(raw) -> List[Tuple[str, Dict[str, Any]]]:
+    if not isinstance(raw, list) or not raw:
+        raise SpecError("suite key 'methods' must be a non-empty list")
+    out = []
+    for item in raw:
+        if isinstance(item, str):
+            out.append((item, {}))
+        elif isinstance(item, dict) and "name" in item:
+            extra = set(item) - {"name", "args"}
+            if extra:
+                raise SpecError(f"method entry {item!r}: unknown key {sorted(extra)[0]!r}; allowed: name, args")
+            out.append((item["name"], dict(item.get("args") or {})))
+        else:
+            raise SpecError(f"bad method entry {item!r}; expected a name or {{name: ..., args: {{...}}}}")
+    return out
+
+
+def _list(raw: Dict[str, Any], key: str) -> list:
+    value = raw.get(key)
+    if not isinstance(value, list) or not value:
+        raise SpecError(f"suite key {key!r} must be a non-empty list, got {value!r}")
+    return value
+
+
+def load_suite(path: Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"suite file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"suite file {str(path)!r} is not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"suite file {str(path)!r} must be a mapping of suite keys")
+    unknown = sorted(set(raw) - SUITE_KEYS)
+    if unknown:
+        raise SpecError(f"suite file {str(path)!r}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(SUITE_KEYS))}")
+    suite = expand(raw)
+    suite.path = path
+    return suite
+
+
+def expand(raw: Dict[str, Any]) -> Suite:
+    from sparsebench.harness.pipeline import validate
+    from sparsebench.methods import METHODS
+    from sparsebench.models import create_model, model_family
+
+    methods = _method_entries(raw.get("methods"))
+    models, datasets = _list(raw, "models"), _list(raw, "datasets")
+    seeds = raw.get("seeds", [0])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
+        raise SpecError(f"suite key 'seeds' must be a list of integers, got {seeds!r}")
+    targets_raw = raw.get("targets") or {}
+    if not isinstance(targets_raw, dict):
+        raise SpecError(f"suite key 'targets' must map sparsity/flops to lists, got {targets_raw!r}")
+    targets = {}
+    for kind, values in targets_raw.items():
+        if not isinstance(values, list):
+            raise SpecError(f"targets.{kind} must be a list, got {values!r}")
+        targets[kind] = [Target(kind, float(v)) for v in values]
+    data = _dataclass_from(DataSpec, raw.get("data") or {}, "data")
+    measure = _dataclass_from(MeasureSpec, raw.get("measure") or {}, "measure")
+    pretrained = raw.get("pretrained") or {}
+
+    specs, skipped = [], []
+    for model in models:
+        family = model_family(model)
+        recipe = recipe_for(family, raw.get("recipe") or {}, raw.get("recipes") or {})
+        probe = create_model(model, num_classes=10, img_size=data.img_size or 32)
+        for name, args in methods:
+            method = validate(RunSpec(method=name, model=model, dataset=datasets[0],
+                                      method_args=tuple(sorted(args.items())),
+                                      target=_any_target(METHODS.get(name).factory, args)))
+            if not method.supports(probe, family):
+                skipped.append((name, model, f"{name} does not support {family} models"))
+                continue
+            kind = method.target_kind
+            if kind != "none" and kind not in targets:
+                raise SpecError(f"method {name!r} needs targets.{kind} in the suite; got targets for "
+                                f"{', '.join(targets) or 'nothing'}")
+            for dataset in datasets:
+                for seed in seeds:
+                    base = RunSpec(method=name, model=model, dataset=dataset, seed=seed,
+                                   method_args=tuple(sorted(args.items())), recipe=recipe, data=data,
+                                   measure=measure, pretrained=pretrained.get(model))
+                    for target in ([Target()] if kind == "none" else targets[kind]):
+                        specs.append(dataclasses.replace(base, target=target))
+    return Suite(name=str(raw.get("name", "suite")), specs=specs, skipped=skipped)
+
+
+def _any_target(method_cls, args) -> Target:
+    """A placeholder target of the kind the method takes, for validating its args."""
+    from sparsebench.methods import build_config
+
+    kind = method_cls(build_config(method_cls, args)).target_kind
+    return Target() if kind == "none" else Target(kind, 0.5)
+
+
+def estimate_cost(spec: RunSpec, assume_tflops: float) -> dict:
+    """Optimizer steps and training compute of one run (dense pretrain counted where shared)."""
+    from sparsebench.measure.flops import count_macs
+    from sparsebench.models import create_model
+
+    n_train = int(TRAIN_SIZES.get(spec.dataset, 50000) * (1 - spec.data.val_fraction))
+    img = spec.data.img_size or NATIVE_SIZES.get(spec.dataset, 224)
+    r = spec.recipe
+    steps = {"pretrain": r.steps(r.pretrain_epochs, n_train), "finetune": r.steps(r.finetune_epochs, n_train),
+             "search": r.steps(r.search_epochs, n_train)}
+    macs = count_macs(create_model(spec.model, num_classes=10, img_size=img), (3, img, img)).macs
+    # training ≈ 3 × forward (forward + backward), 2 FLOPs per MAC
+    per_step = 3 * 2 * macs * r.batch_size
+    return {"steps": steps, "train_flops_per_step": per_step, "macs": macs,
+            "seconds_per_step": per_step / (assume_tflops * 1e12)}
+
+
+def steps_of_run(spec: RunSpec, cost: dict, starts_from: str, finetune: bool) -> int:
+    s = cost["steps"]
+    method = s["pretrain"] if starts_from == "scratch" else s["search"]
+    return method + (s["finetune"] if finetune else 0)
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} d"
+
+
+def count_dense_checkpoints(specs: List[RunSpec]) -> int:
+    from sparsebench.harness.spec import stable_hash
+
+    return len({stable_hash(s.dense_key()) for s in specs})
+
+

@@ -1,0 +1,221 @@
+"""The one training loop every method and the harness use.
+
+Methods never write their own loop: they hand the `Trainer` hooks. A hook may
+- add loss terms (`extra_loss`): PASS's FLOPs regulariser, OFB's one-hot and PMIM losses;
+- act after backward (`after_backward`): gradient masking, RigL's dense-gradient read;
+- act after the optimizer step (`after_step`): re-applying masks, topology updates;
+- learn of phases (`on_phase`): GaP's grow/prune-back boundaries.
+Extra trainable modules (prompts, hypernetworks, selectors, decoders) join through
+`param_groups`. Every optimizer step is counted against the method's budget.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sparsebench.harness.spec import Recipe
+
+
+class BudgetExceeded(RuntimeError):
+    pass
+
+
+class TrainerHook:
+    """Override what you need; every method has a no-op default."""
+
+    def on_phase(self, trainer: "Trainer", phase: str) -> None: ...
+
+    def extra_loss(self, trainer: "Trainer", inputs, outputs, targets) -> Optional[torch.Tensor]:
+        return None
+
+    def after_backward(self, trainer: "Trainer") -> None: ...
+
+    def after_step(self, trainer: "Trainer") -> None: ...
+
+
+class StepBudget:
+    """Optimizer steps a method may spend, shared by all trainers it builds."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    def spend(self, n: int = 1) -> None:
+        if self.used + n > self.limit:
+            raise BudgetExceeded(f"method exceeded its budget of {self.limit} optimizer steps")
+        self.used += n
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.used
+
+
+@dataclass
+class Accuracy:
+    top1: float
+    top5: Optional[float]
+    loss: float
+    n: int
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int) -> Accuracy:
+    """Accuracy as sum of correct over sum of samples (never a mean of batch means)."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = 0
+    loss_sum, n = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        n += len(y)
+    model.train(was_training)
+    return Accuracy(correct1 / n, correct5 / n if num_classes > 10 else None, loss_sum / n, n)
+
+
+def cycle(loader: DataLoader):
+    while True:
+        yield from loader
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    wall_seconds: float
+    best_val_top1: Optional[float] = None
+    best_step: Optional[int] = None
+    history: List[dict] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        train_loader: DataLoader,
+        recipe: Recipe,
+        device: torch.device,
+        num_classes: int,
+        lr: float,
+        hooks: Sequence[TrainerHook] = (),
+        param_groups: Iterable[dict] = (),
+        budget: Optional[StepBudget] = None,
+        train_model_params: bool = True,
+    ):
+        self.model, self.train_loader, self.recipe = model, train_loader, recipe
+        self.device, self.num_classes, self.lr = device, num_classes, lr
+        self.hooks: List[TrainerHook] = list(hooks)
+        self.budget = budget
+        self.step = 0                     # optimizer steps taken by this trainer
+        self.loss: Optional[torch.Tensor] = None
+        self.batch = None
+        groups = []
+        if train_model_params:
+            decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+            no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+            groups += [{"params": decay, "weight_decay": recipe.weight_decay},
+                       {"params": no_decay, "weight_decay": 0.0}]
+        groups += [dict(g) for g in param_groups]
+        groups = [g for g in groups if g["params"]]
+        if recipe.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=lr)
+        for g in self.optimizer.param_groups:
+            g["base_lr"] = g.get("lr", lr)
+        self._data = None
+
+    def add_hook(self, hook: TrainerHook) -> None:
+        self.hooks.append(hook)
+
+    def phase(self, name: str) -> None:
+        for h in self.hooks:
+            h.on_phase(self, name)
+
+    def _set_lr(self, step: int, total: int) -> None:
+        warmup = int(self.recipe.warmup_fraction * total)
+        if step < warmup:
+            scale = (step + 1) / warmup
+        else:
+            progress = (step - warmup) / max(1, total - warmup)
+            scale = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * scale
+
+    def next_batch(self):
+        if self._data is None:
+            self._data = cycle(self.train_loader)
+        x, y = next(self._data)
+        return x.to(self.device), y.to(self.device)
+
+    def train_step(self, total_steps: int) -> torch.Tensor:
+        """One optimizer step: forward, loss (+ hooks' terms), backward, hooks, step, hooks."""
+        if self.budget is not None:
+            self.budget.spend(1)
+        self.model.train()
+        x, y = self.batch = self.next_batch()
+        self._set_lr(self.step, total_steps)
+        outputs = self.model(x)
+        loss = F.cross_entropy(outputs, y, label_smoothing=self.recipe.label_smoothing)
+        for h in self.hooks:
+            extra = h.extra_loss(self, x, outputs, y)
+            if extra is not None:
+                loss = loss + extra
+        self.loss = loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for h in self.hooks:
+            h.after_backward(self)
+        self.optimizer.step()
+        self.step += 1
+        for h in self.hooks:
+            h.after_step(self)
+        return loss.detach()
+
+    def fit(
+        self,
+        steps: int,
+        val_loader: Optional[DataLoader] = None,
+        eval_every: Optional[int] = None,
+        progress: Optional[Callable[..., object]] = None,
+        desc: str = "train",
+    ) -> TrainResult:
+        """Train `steps` steps on a cosine schedule; with a val loader, keep the best-val weights.
+
+        Model selection reads only the validation split; the test split is never touched here.
+        """
+        start = time.perf_counter()
+        result = TrainResult(steps=0, wall_seconds=0.0)
+        best_state = None
+        bar = progress(total=steps, desc=desc) if progress else None
+        first = self.step
+        for i in range(steps):
+            loss = self.train_step(steps)
+            if bar is not None:
+                bar.update(1)
+                if i % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+            last = i == steps - 1
+            if val_loader is not None and eval_every and ((i + 1) % eval_every == 0 or last):
+                acc = evaluate(self.model, val_loader, self.device, self.num_classes)
+                result.history.append({"step": self.step, "val_top1": acc.top1, "train_loss": float(loss)})
+                if result.best_val_top1 is None or acc.top1 > result.best_val_top1:
+                    result.best_val_top1, result.best_step = acc.top1, self.step
+                    best_state = copy.deepcopy(self.model.state_dict())
+        if bar is not None:
+            bar.close()
+        if best_state is not None:
+            self.model.load_state_dict(best_state)
+        result.steps = self.step - first
+        result.wall_seconds = time.perf_counter() - start
+        return result

@@ -1,0 +1,127 @@
+"""Latency of the dense and the realized model, timed the same way in the same process.
+
+Protocol (docs/measurement.md §2): eval + inference mode; one input tensor allocated once
+on the device; warm-up; dense and realized timed in alternating blocks so drift hits
+both; median and IQR over blocks; speedup = median_dense / median_realized with a
+bootstrap interval. CPU uses torch.utils.benchmark at a fixed thread count; CUDA uses
+CUDA events with synchronisation.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import benchmark
+
+
+@dataclass(frozen=True)
+class LatencySettings:
+    batch_sizes: Sequence[int] = (1, 64)
+    threads: int = 1
+    min_run_time: float = 0.1      # seconds per CPU block (blocked_autorange)
+    rounds: int = 5                # alternating blocks per model
+    warmup: int = 3                # CPU warm-up calls (GPU: cuda_warmup)
+    cuda_warmup: int = 50
+    cuda_iters: int = 200
+    dtype: str = "float32"
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class Timing:
+    times: List[float] = field(default_factory=list)   # seconds per call, one per block
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def iqr(self) -> float:
+        q1, q3 = np.percentile(self.times, [25, 75])
+        return float(q3 - q1)
+
+
+def _prepare(model: nn.Module, device: torch.device, settings: LatencySettings) -> nn.Module:
+    dtype = getattr(torch, settings.dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if settings.compile:
+        model = torch.compile(model)
+    return model
+
+
+def _time_block_cpu(model, x, settings: LatencySettings) -> float:
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=settings.threads)
+    measurement = timer.blocked_autorange(min_run_time=settings.min_run_time)
+    return measurement.median
+
+
+def _time_block_cuda(model, x, settings: LatencySettings) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(settings.cuda_iters):
+        model(x)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000.0 / settings.cuda_iters
+
+
+def bootstrap_ratio_ci(a: Sequence[float], b: Sequence[float], n: int = 1000, seed: int = 0) -> tuple:
+    """95 % bootstrap interval of median(a) / median(b)."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(a), np.asarray(b)
+    ratios = [np.median(rng.choice(a, len(a))) / np.median(rng.choice(b, len(b))) for _ in range(n)]
+    return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
+
+
+def compare_latency(
+    dense: nn.Module,
+    realized: nn.Module,
+    input_size: Sequence[int],
+    settings: LatencySettings,
+    device: Optional[torch.device] = None,
+) -> Dict[str, dict]:
+    """Time dense vs realized at each batch size; returns per-batch medians, IQRs and speedup."""
+    device = device or torch.device("cpu")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    results: Dict[str, dict] = {}
+    try:
+        models = {"dense": _prepare(dense, device, settings), "realized": _prepare(realized, device, settings)}
+        dtype = getattr(torch, settings.dtype)
+        for bs in settings.batch_sizes:
+            x = torch.randn(bs, *input_size, device=device, dtype=dtype)
+            if settings.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            timings = {k: Timing() for k in models}
+            with torch.inference_mode():
+                for m in models.values():
+                    for _ in range(settings.cuda_warmup if cuda else settings.warmup):
+                        m(x)
+                for r in range(settings.rounds):
+                    order = ("dense", "realized") if r % 2 == 0 else ("realized", "dense")
+                    for key in order:
+                        block = _time_block_cuda if cuda else _time_block_cpu
+                        timings[key].times.append(block(models[key], x, settings))
+            d, z = timings["dense"], timings["realized"]
+            lo, hi = bootstrap_ratio_ci(d.times, z.times)
+            results[str(bs)] = {
+                "batch_size": bs,
+                "dense_ms": d.median * 1e3, "dense_iqr_ms": d.iqr * 1e3,
+                "realized_ms": z.median * 1e3, "realized_iqr_ms": z.iqr * 1e3,
+                "measured_speedup": d.median / z.median, "speedup_ci95": [lo, hi],
+                "blocks": settings.rounds,
+            }
+    finally:
+        torch.set_num_threads(old_threads)
+    return results

@@ -1,0 +1,9 @@
+"""Method registry. Built-in methods register on import; third-party packages register
+through the `sparsebench.methods` entry-point group and land in the same registry."""
+from sparsebench.methods.base import (
+    METHODS, Method, MethodContext, Outcome, build_config, config_dict, create_method, register_method,
+)
+from sparsebench.methods import baselines, dst  # noqa: F401  (register built-in methods)
+
+__all__ = ["METHODS", "Method", "MethodContext", "Outcome", "build_config", "config_dict",
+           "create_method", "register_method"]

@@ -1,0 +1,210 @@
+"""The method adapter interface: what a method is given, and what it hands back.
+
+A method *decides* (which weights, channels, heads or tokens to keep); shared machinery
+(`_masks`, `_channels`, the trainer, the exporters) *does* (applies masks, keeps them
+applied, compacts models). The harness owns data, dense checkpoint, fine-tuning,
+evaluation and measurement, identically for every method.
+
+    @register_method("my-method")
+    class MyMethod(Method):
+        granularity = "unstructured"       # unstructured | n:m | channel | head | token | none
+        starts_from = "pretrained"         # pretrained | scratch
+
+        @dataclass(frozen=True)
+        class Config:
+            alpha: float = 0.3
+
+        def run(self, ctx: MethodContext) -> Outcome: ...
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from sparsebench.harness.spec import Recipe, SpecError, Target
+from sparsebench.harness.trainer import StepBudget, Trainer, TrainerHook
+from sparsebench.registry import Registry
+
+METHODS = Registry("method", entry_point_group="sparsebench.methods")
+
+GRANULARITIES = ("none", "unstructured", "n:m", "channel", "head", "token")
+STRUCTURED = ("channel", "head", "token")
+TARGET_KIND = {"none": "none", "unstructured": "sparsity", "n:m": "sparsity",
+               "channel": "flops", "head": "flops", "token": "flops"}
+
+
+@dataclass
+class Outcome:
+    """What a method hands back to the harness.
+
+    model        the sparse model: masked in place, or already compacted (smaller dense)
+    masks        unstructured masks the fine-tune must keep applied (a `_masks.MaskSet`)
+    realization  "dense" (nothing removed), "compacted" (a physically smaller model),
+                 "masked" (zeros inside dense tensors: not realizable on stock kernels)
+    structure    kept channels / heads / widths, JSON-serialisable, stored in the record
+    prunable     parameter names the sparsity target is stated over (dense-model names)
+    notes        method-specific facts for the record (forced groups, faithfulness, ...)
+    finetune     False only for the dense reference, which is not trained further
+    """
+
+    model: nn.Module
+    realization: str
+    masks: Optional[Any] = None
+    structure: Optional[dict] = None
+    prunable: Optional[List[str]] = None
+    notes: Dict[str, Any] = field(default_factory=dict)
+    finetune: bool = True
+
+    def __post_init__(self):
+        if self.realization not in ("dense", "compacted", "masked"):
+            raise ValueError(f"realization must be dense, compacted or masked, got {self.realization!r}")
+
+
+@dataclass
+class MethodContext:
+    """Everything the harness hands a method."""
+
+    model: nn.Module                  # the dense checkpoint (pretrained) or a fresh init (scratch)
+    model_name: str
+    make_model: Callable[..., nn.Module]   # fresh model of the same family: make_model(**overrides)
+    train_loader: DataLoader
+    val_loader: DataLoader
+    num_classes: int
+    input_size: tuple                 # (C, H, W)
+    target: Target
+    budget: StepBudget                # optimizer steps this method may spend
+    recipe: Recipe
+    device: torch.device
+    seed: int
+    config: Any                       # the method's Config instance
+    progress: Optional[Callable[..., Any]] = None
+    dense_macs: Optional[int] = None  # MACs of the dense model at input_size
+
+    def make_trainer(
+        self,
+        model: Optional[nn.Module] = None,
+        hooks: Sequence[TrainerHook] = (),
+        param_groups: Sequence[dict] = (),
+        lr: Optional[float] = None,
+        train_model_params: bool = True,
+        recipe: Optional[Recipe] = None,
+    ) -> Trainer:
+        """A trainer on the shared recipe whose steps count against this method's budget."""
+        recipe = recipe or self.recipe
+        return Trainer(
+            model if model is not None else self.model, self.train_loader, recipe, self.device,
+            self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, param_groups=param_groups,
+            budget=self.budget, train_model_params=train_model_params,
+        )
+
+    def count_macs(self, model: Optional[nn.Module] = None):
+        from sparsebench.measure.flops import count_macs
+
+        return count_macs(model if model is not None else self.model, self.input_size)
+
+
+class Method:
+    name: str = ""
+    granularity: str = "unstructured"
+    starts_from: str = "pretrained"
+    description: str = ""
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def __init__(self, config: Optional[Any] = None):
+        self.config = config if config is not None else self.Config()
+
+    @property
+    def target_kind(self) -> str:
+        return TARGET_KIND[self.granularity]
+
+    def supports(self, model: nn.Module, family: str) -> bool:
+        """Whether the method can run on this model (family is 'cnn' or 'vit')."""
+        return True
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        raise NotImplementedError
+
+
+def register_method(name: str):
+    """Class decorator: register a `Method` subclass under `name`."""
+
+    def decorator(cls):
+        if cls.granularity not in GRANULARITIES:
+            raise ValueError(f"{cls.__name__}.granularity={cls.granularity!r}; allowed: {', '.join(GRANULARITIES)}")
+        if isinstance(cls.starts_from, str) and cls.starts_from not in ("pretrained", "scratch"):
+            raise ValueError(f"{cls.__name__}.starts_from={cls.starts_from!r}; allowed: pretrained, scratch")
+        cls.name = name
+        description = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
+        METHODS.register(name, description)(cls)
+        return cls
+
+    return decorator
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Turn a CLI / YAML value into the Config field's type, or raise a one-line SpecError."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:                         # Optional[X]
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() == "none"):
+            return None
+        annotation = args[0]
+        origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise SpecError(f"bad value {value!r} for {where}; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if origin in (tuple, typing.Tuple):
+        items = value.split(",") if isinstance(value, str) else list(value)
+        inner = (typing.get_args(annotation) or (str,))[0]
+        return tuple(_coerce(v, inner, where) for v in items)
+    try:
+        if annotation is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError
+            return bool(value)
+        if annotation in (int, float, str):
+            return annotation(value)
+    except (TypeError, ValueError):
+        raise SpecError(f"bad value {value!r} for {where}; expected {annotation.__name__}") from None
+    return value
+
+
+def build_config(method_cls, args: Dict[str, Any]):
+    """Method Config from user args (CLI strings or YAML values), with clear errors."""
+    cfg_cls = method_cls.Config
+    hints = typing.get_type_hints(cfg_cls)
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    values = {}
+    for key, value in args.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields)) or "(none)"
+            raise SpecError(f"unknown argument {key!r} for method {method_cls.name!r}; allowed: {allowed}")
+        values[key] = _coerce(value, hints[key], f"{method_cls.name}.{key}")
+    try:
+        return cfg_cls(**values)
+    except (ValueError, TypeError) as e:
+        raise SpecError(f"method {method_cls.name!r}: {e}") from None
+
+
+def create_method(name: str, **args) -> Method:
+    cls = METHODS.get(name).factory
+    return cls(build_config(cls, args))
+
+
+def config_dict(config: Any) -> Dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}

@@ -1,0 +1,234 @@
+"""Controls every leaderboard carries (protocol §7): dense, random, magnitude, L1-channel,
+random-channel and a smaller dense model at matched FLOPs.
+
+References: global / layer-wise magnitude pruning (Han et al. 2015; Blalock et al. 2020
+as controls); ERK allocation (Evci et al. 2020); L1-norm filter pruning (Li et al. 2017,
+"Pruning Filters for Efficient ConvNets"), compacted through torch-pruning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from sparsebench.harness.spec import SpecError
+from sparsebench.methods._channels import ChannelSpace
+from sparsebench.methods._masks import (
+    MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights,
+)
+from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+
+
+@register_method("dense")
+class Dense(Method):
+    """Dense reference: the shared dense checkpoint, evaluated as it is."""
+
+    granularity = "none"
+    starts_from = "pretrained"
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        return Outcome(model=ctx.model, realization="dense", finetune=False,
+                       prunable=list(prunable_weights(ctx.model)))
+
+
+class _UnstructuredOneShot(Method):
+    """Prune a trained model once to the target sparsity; the harness fine-tunes with masks held."""
+
+    granularity = "unstructured"
+    starts_from = "pretrained"
+
+    def scores(self, params, generator):
+        raise NotImplementedError
+
+    def masks(self, params, scores, sparsity, generator):
+        cfg = self.config
+        counts = keep_counts(params, layer_densities(params, sparsity, cfg.distribution))
+        return layerwise_topk_masks(scores, counts, generator)
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        cfg = self.config
+        params = prunable_weights(ctx.model, cfg.skip_first, cfg.skip_last)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        scores = self.scores(params, generator)
+        masks = MaskSet(ctx.model, self.masks(params, scores, ctx.target.value, generator))
+        return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params),
+                       notes={"layer_sparsity": masks.layer_sparsity()})
+
+
+@register_method("random")
+class RandomUnstructured(_UnstructuredOneShot):
+    """Random unstructured pruning at the target sparsity (uniform or ERK per layer)."""
+
+    @dataclass(frozen=True)
+    class Config:
+        distribution: Literal["uniform", "erk"] = "uniform"
+        skip_first: bool = False
+        skip_last: bool = False
+
+    def scores(self, params, generator):
+        return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
+
+
+@register_method("magnitude-layerwise")
+class MagnitudeLayerwise(_UnstructuredOneShot):
+    """Per-layer |w| pruning, each layer at its allocated sparsity (uniform or ERK)."""
+
+    @dataclass(frozen=True)
+    class Config:
+        distribution: Literal["uniform", "erk"] = "uniform"
+        skip_first: bool = False
+        skip_last: bool = False
+
+    def scores(self, params, generator):
+        return {n: p.detach().abs() for n, p in params.items()}
+
+
+@register_method("magnitude-global")
+class MagnitudeGlobal(_UnstructuredOneShot):
+    """Global |w| pruning: one threshold across all prunable layers."""
+
+    @dataclass(frozen=True)
+    class Config:
+        skip_first: bool = False
+        skip_last: bool = False
+
+    def scores(self, params, generator):
+        return {n: p.detach().abs() for n, p in params.items()}
+
+    def masks(self, params, scores, sparsity, generator):
+        return global_topk_masks(scores, sparsity, generator)
+
+
+class _ChannelOneShot(Method):
+    """Score output channels of a trained CNN, keep the best under the FLOPs target, compact."""
+
+    granularity = "channel"
+    starts_from = "pretrained"
+
+    def supports(self, model: nn.Module, family: str) -> bool:
+        return family == "cnn"
+
+    def channel_scores(self, model, space: ChannelSpace, generator):
+        raise NotImplementedError
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        cfg = self.config
+        space = ChannelSpace(ctx.model, ctx.input_size, cfg.residual_mode)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        scores = self.channel_scores(ctx.model, space, generator)
+        kept = space.select(scores, ctx.target.value, scope=cfg.scope, min_channels=cfg.min_channels)
+        compact = space.compact(ctx.model, kept)
+        return Outcome(model=compact, realization="compacted", structure=space.structure(kept),
+                       prunable=list(prunable_weights(ctx.model)),
+                       notes={"residual_mode": cfg.residual_mode, "scope": cfg.scope})
+
+
+@register_method("l1-channel")
+class L1Channel(_ChannelOneShot):
+    """L1-norm filter pruning (Li et al. 2017), dependency-aware, physically compacted."""
+
+    @dataclass(frozen=True)
+    class Config:
+        residual_mode: Literal["coupled", "internal"] = "coupled"
+        scope: Literal["uniform", "global"] = "uniform"
+        min_channels: int = 1
+
+    def channel_scores(self, model, space, generator):
+        scores = []
+        for g in space.groups:
+            # A coupled group's channel lives in every producing conv: sum their filter L1 norms.
+            s = torch.zeros(g.size)
+            for name in g.out_members:
+                m = model.get_submodule(name)
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    s += m.weight.detach().abs().flatten(1).sum(1).cpu()
+            if self.config.scope == "global":
+                s = s / s.mean().clamp_min(1e-12)   # layers differ in scale; compare relative norms
+            scores.append(s)
+        return scores
+
+
+@register_method("random-channel")
+class RandomChannel(_ChannelOneShot):
+    """Random output-channel pruning under the FLOPs target, physically compacted."""
+
+    @dataclass(frozen=True)
+    class Config:
+        residual_mode: Literal["coupled", "internal"] = "coupled"
+        scope: Literal["uniform", "global"] = "uniform"
+        min_channels: int = 1
+
+    def channel_scores(self, model, space, generator):
+        return [torch.rand(g.size, generator=generator) for g in space.groups]
+
+
+@register_method("dense-small")
+class DenseSmall(Method):
+    """A narrower dense model at matched FLOPs, trained from scratch with the same total steps."""
+
+    granularity = "channel"
+    starts_from = "scratch"
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        dense_macs = ctx.dense_macs or ctx.count_macs().macs
+        budget = ctx.target.value * dense_macs
+        if hasattr(ctx.model, "blocks") and hasattr(ctx.model, "embed_dim"):
+            model, structure = _narrow_vit(ctx, budget)
+        else:
+            model, structure = _narrow_cnn(ctx)
+        model = model.to(ctx.device)
+        trainer = ctx.make_trainer(model)
+        result = trainer.fit(ctx.budget.left, progress=ctx.progress, desc="dense-small")
+        return Outcome(model=model, realization="compacted", structure=structure,
+                       prunable=list(prunable_weights(ctx.model)),
+                       notes={"train_steps": result.steps})
+
+
+def _narrow_cnn(ctx: MethodContext):
+    """Uniformly narrow every channel group (residual streams included), then re-initialise."""
+    fresh = ctx.make_model()
+    space = ChannelSpace(fresh, ctx.input_size, "coupled")
+    # Equal scores: which channels go is irrelevant, the narrow model is re-initialised.
+    scores = [torch.linspace(1.0, 0.0, g.size) for g in space.groups]
+    kept = space.select(scores, ctx.target.value, scope="uniform")
+    model = space.compact(fresh, kept)
+    torch.manual_seed(ctx.seed)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters") and m is not model:
+            m.reset_parameters()
+    return model, space.structure(kept)
+
+
+def _narrow_vit(ctx: MethodContext, budget: float):
+    """Narrower embedding (heads kept, head dim reduced) with MLP width filling the budget."""
+    from sparsebench.measure.flops import count_macs
+
+    ref = ctx.model
+    heads = ref.blocks[0].attn.num_heads
+    head_dim = ref.embed_dim // heads
+    mlp_ratio = ref.blocks[0].mlp.fc1.out_features / ref.embed_dim
+    best = None
+    for hd in range(head_dim, 0, -1):
+        # the widest embedding that fits at the original MLP ratio, then MLP width fills the rest
+        dim = hd * heads
+        if count_macs(ctx.make_model(embed_dim=dim, mlp_ratio=mlp_ratio), ctx.input_size).macs > budget:
+            continue
+        lo, hi = mlp_ratio, mlp_ratio * (hd + 1) ** 2 / hd ** 2
+        for _ in range(20):
+            mid = (lo + hi) / 2
+            macs = count_macs(ctx.make_model(embed_dim=dim, mlp_ratio=mid), ctx.input_size).macs
+            lo, hi = (mid, hi) if macs <= budget else (lo, mid)
+        best = (dim, lo)
+        break
+    if best is None:
+        raise SpecError(f"flops={ctx.target.value:g} is below the smallest ViT reachable by narrowing")
+    torch.manual_seed(ctx.seed)
+    dim, ratio = best
+    model = ctx.make_model(embed_dim=dim, mlp_ratio=ratio)
+    return model, {"embed_dim": dim, "mlp_hidden": model.blocks[0].mlp.fc1.out_features, "num_heads": heads}

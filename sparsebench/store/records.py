@@ -1,0 +1,103 @@
+"""Run records: one JSON file per (run, seed), named by the spec hash, written atomically.
+
+Layout under a results directory:
+    records/<run_id>.json        one finished run (never partial: temp file + rename)
+    checkpoints/dense-*.pt       the dense checkpoint cache (unless a shared cache is given)
+
+A record that exists is a finished run: re-running the same spec skips it; several
+workers or machines writing into one directory never duplicate a run, because the
+record name is the spec's hash and the rename is atomic.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (one dense checkpoint is trained once, even under a pool)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class RecordStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.records_dir = self.root / "records"
+
+    def path(self, run_id: str) -> Path:
+        return self.records_dir / f"{run_id}.json"
+
+    def exists(self, run_id: str) -> bool:
+        return self.path(run_id).exists()
+
+    def write(self, record: dict) -> Path:
+        path = self.path(record["run_id"])
+        atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=_jsonable))
+        return path
+
+    def read(self, run_id: str) -> dict:
+        return json.loads(self.path(run_id).read_text())
+
+    def load_all(self) -> List[dict]:
+        if not self.records_dir.exists():
+            return []
+        out = []
+        for p in sorted(self.records_dir.glob("*.json")):
+            out.append(json.loads(p.read_text()))
+        return out
+
+
+def _jsonable(obj):
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
+
+
+def load_records(root: Path, strict: bool = True) -> List[dict]:
+    """All records under `root` (a results dir, or a `records/` dir)."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"results directory {str(root)!r} does not exist")
+    store = RecordStore(root if (root / "records").exists() or root.name != "records" else root.parent)
+    return store.load_all()
