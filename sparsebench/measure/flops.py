@@ -102,7 +102,8 @@ def count_macs(
     `fused_attention=True` leaves timm's fused flag as it is (for demonstrating the defect);
     the registered CPU SDPA formula still applies.
     """
-    device = device or next(model.parameters()).device
+    if device is None:
+        device = next(model.parameters(), torch.zeros(0)).device
     x = torch.zeros(1, *input_size, device=device)
     was_training = model.training
     model.eval()
@@ -116,7 +117,6 @@ def count_macs(
     counts = counter.get_flop_counts()
     total_flops = sum(counts.get("Global", {}).values())
 
-    attention_flops = 0
     leaf_prefixes = []
     layers: Dict[str, LayerMacs] = {}
     saved_flops = 0.0
@@ -130,15 +130,11 @@ def count_macs(
         density = float((weight != 0).sum()) / weight.numel()
         layers[name] = LayerMacs(flops // 2, int(round(flops * density)) // 2, density)
         saved_flops += flops * (1.0 - density)
-    # Attention matmuls: bmm / SDPA ops attributed to non-leaf modules (q@kᵀ, attn@v).
-    for key, ops in counts.items():
-        if key == "Global" or key == root or any(key == p for p in leaf_prefixes):
-            continue
-        # count only at the innermost module that owns the op, to avoid double counting
-        if any(other != key and other.startswith(key + ".") and
-               any(str(op).split(".")[-1] in ATTENTION_OPS for op in counts[other]) for other in counts):
-            continue
-        attention_flops += sum(v for op, v in ops.items() if str(op).split(".")[-1] in ATTENTION_OPS)
+    # Attention matmuls (q@kᵀ, attn@v, fused SDPA): everything of those ops not inside a conv/linear.
+    def attention_ops(ops: dict) -> int:
+        return sum(v for op, v in ops.items() if str(op).split(".")[-1] in ATTENTION_OPS)
+
+    attention_flops = attention_ops(counts.get("Global", {})) - sum(attention_ops(counts.get(k, {})) for k in leaf_prefixes)
     return MacsReport(
         macs=total_flops // 2,
         macs_effective=int(round(total_flops - saved_flops)) // 2,

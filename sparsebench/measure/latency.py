@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 
 @dataclass(frozen=True)
@@ -56,8 +55,24 @@ def _prepare(model: nn.Module, device: torch.device, settings: LatencySettings) 
     return model
 
 
+def quiet_cpp_extension_logger() -> None:
+    """torch.utils.cpp_extension (imported by torch.utils.benchmark and torch-pruning) logs a
+    CUDA_HOME warning on every start on CPU-only machines; it says nothing about our runs."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
+def _benchmark_module():
+    """torch.utils.benchmark, imported on first use (slow to import)."""
+    quiet_cpp_extension_logger()
+    from torch.utils import benchmark
+
+    return benchmark
+
+
 def _time_block_cpu(model, x, settings: LatencySettings) -> float:
-    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=settings.threads)
+    timer = _benchmark_module().Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=settings.threads)
     measurement = timer.blocked_autorange(min_run_time=settings.min_run_time)
     return measurement.median
 

@@ -18,12 +18,21 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from sparsebench.harness.spec import SpecError
 
 RESIDUAL_MODES = ("coupled", "internal")
+
+
+def _tp():
+    """torch-pruning, imported on first use (it is slow to import)."""
+    from sparsebench.measure.latency import quiet_cpp_extension_logger
+
+    quiet_cpp_extension_logger()
+    import torch_pruning
+
+    return torch_pruning
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
 _LAYERS = (nn.Conv2d, nn.Linear)
 
@@ -152,6 +161,7 @@ class ChannelSpace(UnitSpace):
         example = torch.zeros(1, *input_size, device=next(model.parameters()).device)
         was_training = model.training
         model.eval()
+        tp = _tp()
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         ignored = list(ignored if ignored is not None else classifier_layers(model))
         self.groups: List[ChannelGroup] = []
@@ -240,6 +250,7 @@ class ChannelSpace(UnitSpace):
         was_training = model.training
         model.eval()
         example = torch.zeros(1, *self.input_size, device=next(model.parameters()).device)
+        tp = _tp()
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
         for g, mask in zip(self.groups, masks):
             pruned = torch.nonzero(~mask).flatten().tolist()
@@ -265,7 +276,7 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _mask_points(model: nn.Module, graph: tp.DependencyGraph, group: ChannelGroup) -> List[str]:
+def _mask_points(model: nn.Module, graph, group: ChannelGroup) -> List[str]:
     """Where to zero a group's channels so the masked model equals the compacted one.
 
     A channel produced by conv → norm must be zeroed at the norm's output (a zeroed conv

@@ -143,7 +143,7 @@ def register_method(name: str):
         if isinstance(cls.starts_from, str) and cls.starts_from not in ("pretrained", "scratch"):
             raise ValueError(f"{cls.__name__}.starts_from={cls.starts_from!r}; allowed: pretrained, scratch")
         cls.name = name
-        description = cls.description or (cls.__doc__ or "").strip().splitlines()[0]
+        description = cls.description or ((cls.__doc__ or "").strip().splitlines() or [name])[0]
         METHODS.register(name, description)(cls)
         return cls
 

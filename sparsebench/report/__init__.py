@@ -1,0 +1,28 @@
+"""Reports rebuilt from records only: leaderboards (Markdown/CSV/HTML) and plots."""
+from pathlib import Path
+
+from sparsebench.report.leaderboard import aggregate, display_table, records_frame, to_markdown
+from sparsebench.store.records import atomic_write_text, load_records
+
+
+def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
+    """Rebuild leaderboard.{md,csv,html} and the two plots in `results_dir` from its records."""
+    from sparsebench.report.plots import plot
+
+    results_dir = Path(results_dir)
+    agg = aggregate(records_frame(load_records(results_dir)))
+    paths = {}
+    markdown = to_markdown(agg, title)
+    atomic_write_text(results_dir / "leaderboard.md", markdown)
+    atomic_write_text(results_dir / "leaderboard.csv", agg.to_csv(index=False))
+    atomic_write_text(results_dir / "leaderboard.html", display_table(agg).to_html(index=False))
+    paths["markdown"] = results_dir / "leaderboard.md"
+    if not agg.empty:
+        paths["plot"] = plot(agg, results_dir / "accuracy_vs_flops.png", x="macs")
+        if agg["realizable"].any():
+            paths["speedup_plot"] = plot(agg, results_dir / "accuracy_vs_speedup.png", x="speedup")
+    paths["text"] = markdown
+    return paths
+
+
+__all__ = ["aggregate", "display_table", "records_frame", "to_markdown", "write_reports"]

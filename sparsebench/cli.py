@@ -1,0 +1,389 @@
+"""The `sparsebench` command line.
+
+    sparsebench run --method gmp --model resnet20_tiny --dataset digits --target sparsity=0.9 --seed 0 --out DIR
+    sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--dry-run]
+    sparsebench leaderboard DIR          sparsebench plot DIR
+    sparsebench list [methods|models|datasets]
+    sparsebench flops MODEL [--img-size N] [--json]
+
+Bad input ends with one line on stderr naming the bad value and what is allowed, exit
+code 2, and nothing written to the results store.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+ERROR_EXIT = 2
+
+
+class CliError(Exception):
+    pass
+
+
+def _kv(items: Optional[List[str]], flag: str) -> dict:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"bad {flag} {item!r}; expected name=value")
+        out[key.strip()] = _yaml_scalar(value)
+    return out
+
+
+def _yaml_scalar(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _progress_factory(quiet: bool):
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    def factory(total: int, desc: str):
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+    return factory
+
+
+# --- run ------------------------------------------------------------------------------------
+def _spec_from_args(args):
+    import dataclasses
+
+    from sparsebench.harness.spec import DataSpec, MeasureSpec, RunSpec, Target
+    from sparsebench.harness.suite import recipe_for
+    from sparsebench.models import model_family
+
+    family = model_family(args.model)
+    recipe = recipe_for(family, _kv(args.recipe, "--recipe"), {})
+    measure = MeasureSpec(latency=not args.no_latency, threads=args.threads,
+                          **({"batch_sizes": tuple(args.batch_sizes)} if args.batch_sizes else {}))
+    return RunSpec(
+        method=args.method, model=args.model, dataset=args.dataset, target=Target.parse(args.target),
+        seed=args.seed, method_args=tuple(sorted(_kv(args.method_arg, "--method-arg").items())),
+        recipe=recipe, data=DataSpec(img_size=args.img_size, val_fraction=args.val_fraction),
+        measure=measure, pretrained=args.weights,
+    )
+
+
+def _options(args):
+    from sparsebench.harness.pipeline import RunOptions
+
+    return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
+                      cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
+                      progress=_progress_factory(args.quiet))
+
+
+def cmd_run(args) -> int:
+    from sparsebench.harness.pipeline import execute, resolve
+    from sparsebench.store.records import RecordStore
+
+    spec = resolve(_spec_from_args(args))
+    store = RecordStore(Path(args.out))
+    if store.exists(spec.run_id) and not args.force:
+        print(f"already done: {store.path(spec.run_id)}")
+        record = store.read(spec.run_id)
+    else:
+        record = execute(spec, _options(args))
+        print(f"wrote {store.path(spec.run_id)}")
+    _print_run_summary(record)
+    return 0
+
+
+def _print_run_summary(r: dict) -> None:
+    speed = f"{r['measured_speedup']:.2f}×" if r.get("measured_speedup") else r["realization"]["reason"] or "–"
+    print(f"{r['method']} {r['model']} {r['dataset']} {r['target']['kind']}={r['target']['value']} seed {r['seed']}: "
+          f"top1 {100 * r['test_top1']:.2f}% (dense {100 * r['dense_test_top1']:.2f}%), "
+          f"sparsity {r['achieved_sparsity']:.4f}, FLOPs ratio {r['achieved_flops_ratio']:.4f}, "
+          f"theoretical {r['theoretical_speedup']:.2f}×, measured {speed}")
+
+
+# --- sweep ----------------------------------------------------------------------------------
+def _run_one(payload):
+    """Worker entry point: one spec, errors returned rather than raised."""
+    spec_dict, options = payload
+    from sparsebench.harness.pipeline import execute
+    from sparsebench.harness.spec import RunSpec
+
+    try:
+        execute(RunSpec.from_dict(spec_dict), options)
+        return spec_dict, None
+    except Exception as e:   # noqa: BLE001 — a failed run must not stop the sweep
+        return spec_dict, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+
+
+def cmd_sweep(args) -> int:
+    from sparsebench.harness.pipeline import resolve
+    from sparsebench.harness.suite import load_suite
+    from sparsebench.store.records import RecordStore
+
+    suite = load_suite(Path(args.suite))
+    specs = [resolve(s) for s in suite.specs]
+    if args.dry_run:
+        return _dry_run(suite, specs, args)
+    out = Path(args.out)
+    store = RecordStore(out)
+    todo = [s for s in specs if not store.exists(s.run_id)]
+    print(f"suite {suite.name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run"
+          + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
+    options = _options(args)
+    start = time.perf_counter()
+    failures = []
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(todo), desc=f"sweep {suite.name}", disable=args.quiet, dynamic_ncols=True)
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        options.progress = None      # one bar per worker would interleave; the sweep bar stays
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_one, (s.to_dict(), options)) for s in todo]
+            for f in as_completed(futures):
+                spec_dict, error = f.result()
+                if error:
+                    failures.append((spec_dict, error))
+                bar.update(1)
+    else:
+        for s in todo:
+            bar.set_postfix_str(f"{s.method} {s.model} {s.target}", refresh=False)
+            spec_dict, error = _run_one((s.to_dict(), options))
+            if error:
+                failures.append((spec_dict, error))
+            bar.update(1)
+    bar.close()
+    wall = time.perf_counter() - start
+    from sparsebench.report import write_reports
+
+    reports = write_reports(out, title=f"Leaderboard: {suite.name} suite")
+    print(reports["text"])
+    print(f"wrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.html'}"
+          + (f", {reports['plot']}" if "plot" in reports else ""))
+    print(f"sweep wall time {wall:.1f} s for {len(todo)} runs")
+    for spec_dict, error in failures:
+        print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']}: {error}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _dry_run(suite, specs, args) -> int:
+    from sparsebench.harness.suite import count_dense_checkpoints, estimate_cost, human_seconds, steps_of_run
+    from sparsebench.methods import create_method
+
+    total_seconds = 0.0
+    cache = {}
+    print(f"suite {suite.name}: {len(specs)} runs, {count_dense_checkpoints(specs)} dense checkpoints "
+          f"(time assumes {args.assume_tflops:g} TFLOP/s sustained training throughput)")
+    print(f"{'run':<72} {'steps':>8} {'est.':>8}")
+    dense_seen = set()
+    for s in specs:
+        key = (s.model, s.dataset, s.data.img_size, s.recipe.batch_size)
+        if key not in cache:
+            cache[key] = estimate_cost(s, args.assume_tflops)
+        cost = cache[key]
+        method = create_method(s.method, **dict(s.method_args))
+        steps = steps_of_run(s, cost, method.starts_from, method.granularity != "none")
+        dense_key = json.dumps(s.dense_key(), sort_keys=True)
+        if dense_key not in dense_seen:
+            dense_seen.add(dense_key)
+            steps += cost["steps"]["pretrain"]
+        seconds = steps * cost["seconds_per_step"]
+        total_seconds += seconds
+        print(f"{s.run_id[:72]:<72} {steps:>8} {human_seconds(seconds):>8}")
+    for method, model, reason in suite.skipped:
+        print(f"skipped: {method} × {model} ({reason})")
+    print(f"total: {human_seconds(total_seconds)} estimated")
+    return 0
+
+
+# --- reports, listing, flops ------------------------------------------------------------------
+def cmd_leaderboard(args) -> int:
+    from sparsebench.report import aggregate, records_frame, to_markdown
+    from sparsebench.report.leaderboard import display_table
+    from sparsebench.store.records import load_records
+
+    agg = aggregate(records_frame(load_records(Path(args.dir))))
+    if args.format == "csv":
+        text = agg.to_csv(index=False)
+    elif args.format == "html":
+        text = display_table(agg).to_html(index=False)
+    else:
+        text = to_markdown(agg)
+    if args.output:
+        from sparsebench.store.records import atomic_write_text
+
+        atomic_write_text(Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from sparsebench.report import aggregate, records_frame
+    from sparsebench.report.plots import plot
+    from sparsebench.store.records import load_records
+
+    agg = aggregate(records_frame(load_records(Path(args.dir))))
+    if agg.empty:
+        raise CliError(f"no records in {args.dir!r}")
+    name = "accuracy_vs_flops.png" if args.x == "macs" else "accuracy_vs_speedup.png"
+    path = plot(agg, Path(args.output) if args.output else Path(args.dir) / name, x=args.x)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from sparsebench.datasets import DATASETS
+    from sparsebench.methods import METHODS
+    from sparsebench.models import MODELS
+
+    kinds = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}
+    for kind in [args.what] if args.what else list(kinds):
+        print(f"{kind}:")
+        for entry in kinds[kind]:
+            extra = ""
+            if kind == "methods":
+                cls = entry.factory
+                starts = cls.starts_from if isinstance(cls.starts_from, str) else "pretrained|scratch"
+                extra = f" [{cls.granularity}, from {starts}]"
+            elif kind == "models":
+                extra = f" [{entry.tags[0]}]"
+            print(f"  {entry.name:<22} {entry.description}{extra}")
+    return 0
+
+
+def cmd_flops(args) -> int:
+    from sparsebench.measure.flops import count_macs, count_params
+
+    model = _any_model(args.model, args.num_classes, args.img_size)
+    report = count_macs(model, (3, args.img_size, args.img_size), fused_attention=args.fused_attention)
+    params = count_params(model)
+    data = {"model": args.model, **report.as_dict(), **params,
+            "layers": {k: v.macs for k, v in report.layers.items()} if args.layers else None}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"{args.model} at {args.img_size}px: {report.macs / 1e9:.4f} GMACs ({report.flops / 1e9:.4f} GFLOPs), "
+              f"attention matmuls {report.attention_macs / 1e9:.4f} GMACs, params {params['params'] / 1e6:.3f} M")
+    return 0
+
+
+def _any_model(name: str, num_classes: int, img_size: int):
+    """A registered sparsebench model, else a timm model, else a torchvision model."""
+    from sparsebench.models import MODELS, create_model
+
+    if name in MODELS:
+        return create_model(name, num_classes=num_classes, img_size=img_size)
+    import timm
+    import torchvision
+
+    if name in timm.list_models():
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size) \
+            if "vit" in name or "deit" in name else timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if name in torchvision.models.list_models():
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise CliError(f"unknown model {name!r}; allowed: a registered model ({', '.join(MODELS.names())}), "
+                   f"or any timm or torchvision model name")
+
+
+# --- parser -------------------------------------------------------------------------------------
+def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
+    p.add_argument("--out", required=out_required, default="results/local", help="results directory")
+    p.add_argument("--data-root", default=os.environ.get("SPARSEBENCH_DATA"),
+                   help="where datasets live (default $SPARSEBENCH_DATA or ~/.cache/sparsebench/data)")
+    p.add_argument("--download", action="store_true", help="download missing datasets (needs internet)")
+    p.add_argument("--cache-dir", help="dense checkpoint cache (default OUT/checkpoints)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsebench", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one (method, model, dataset, target, seed)")
+    p.add_argument("--method", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--target", default="none", help="sparsity=S or flops=F (0 < S, F < 1); none for dense")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method-arg", action="append", metavar="NAME=VALUE", help="method knob (repeatable)")
+    p.add_argument("--recipe", action="append", metavar="NAME=VALUE", help="recipe override (repeatable)")
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (training and timing)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default 1 64)")
+    p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
+    p.add_argument("--weights", help="local pretrained weights file for the dense checkpoint")
+    p.add_argument("--force", action="store_true", help="re-run even if the record exists")
+    _add_run_options(p, out_required=True)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="run a suite file (YAML); finished runs are skipped")
+    p.add_argument("suite")
+    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
+    p.add_argument("--assume-tflops", type=float, default=0.02,
+                   help="sustained training TFLOP/s for --dry-run time estimates (2-core CPU ≈ 0.02, A100 ≈ 50)")
+    _add_run_options(p, out_required=False)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("leaderboard", help="leaderboard from the records in DIR")
+    p.add_argument("dir")
+    p.add_argument("--format", choices=("md", "csv", "html"), default="md")
+    p.add_argument("--output", help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("plot", help="accuracy vs MACs (or measured speedup) from the records in DIR")
+    p.add_argument("dir")
+    p.add_argument("--x", choices=("macs", "speedup"), default="macs")
+    p.add_argument("--output")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("list", help="registered methods, models and datasets")
+    p.add_argument("what", nargs="?", choices=("methods", "models", "datasets"))
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("flops", help="MACs/FLOPs of a model (attention matmuls included)")
+    p.add_argument("model")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--layers", action="store_true", help="include per-layer MACs (with --json)")
+    p.add_argument("--fused-attention", action="store_true", help="leave fused attention on (shows the defect)")
+    p.set_defaults(func=cmd_flops)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from sparsebench.datasets import DataError
+    from sparsebench.harness.spec import SpecError
+    from sparsebench.registry import UnknownNameError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, SpecError, UnknownNameError, DataError, FileNotFoundError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"sparsebench: error: {message}", file=sys.stderr)
+        return ERROR_EXIT
+    except KeyboardInterrupt:
+        print("sparsebench: interrupted; finished runs are saved, re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

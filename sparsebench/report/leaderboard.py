@@ -1,0 +1,127 @@
+"""Leaderboards rebuilt from records only: mean ± 95 % CI over seeds, per target.
+
+Columns (docs: "Words"): `top1` test top-1 (%), `Δdense` against the shared dense
+checkpoint, `sparsity` achieved over the prunable set, `flops` achieved FLOPs ratio
+(realized MACs / dense MACs), `theor. speedup` dense/realized MACs, `measured speedup`
+dense/realized latency at the throughput batch (or "not realizable"), `params` non-zero.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, List
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from sparsebench.methods.base import METHODS, build_config, config_dict
+
+
+def method_label(record: dict) -> str:
+    """Method name plus the config values that differ from its defaults (e.g. `random[distribution=erk]`)."""
+    name = record["method"]
+    args = record["spec"].get("method_args", {})
+    try:
+        defaults = config_dict(build_config(METHODS.get(name).factory, {}))
+    except Exception:          # a method no longer installed: show every argument
+        defaults = {}
+    changed = {k: v for k, v in sorted(args.items()) if k not in defaults or defaults[k] != v}
+    return name if not changed else f"{name}[{','.join(f'{k}={v}' for k, v in changed.items())}]"
+
+
+def records_frame(records: Iterable[dict]) -> pd.DataFrame:
+    rows = []
+    for r in records:
+        rows.append({
+            "dataset": r["dataset"], "model": r["model"], "method": method_label(r), "seed": r["seed"],
+            "granularity": r["granularity"], "target_kind": r["target"]["kind"], "target": r["target"]["value"],
+            "test_top1": 100 * r["test_top1"],
+            "test_top5": None if r.get("test_top5") is None else 100 * r["test_top5"],
+            "dense_top1": 100 * r["dense_test_top1"],
+            "achieved_sparsity": r["achieved_sparsity"], "achieved_flops_ratio": r["achieved_flops_ratio"],
+            "macs_effective": r["macs"]["effective"], "macs_dense": r["macs"]["dense"],
+            "params_nonzero": r["params"]["nonzero"],
+            "theoretical_speedup": r["theoretical_speedup"],
+            "measured_speedup": r.get("measured_speedup"),
+            "realizable": r["realization"]["realizable"],
+            "method_steps": r["cost"]["method_steps"], "method_seconds": r["cost"]["method_wall_seconds"],
+            "run_id": r["run_id"],
+        })
+    return pd.DataFrame(rows)
+
+
+def ci95(values: pd.Series) -> float:
+    """Half-width of the 95 % t-interval of the mean; NaN for a single seed."""
+    v = values.dropna()
+    if len(v) < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, model, method, target): means and 95 % CIs over seeds."""
+    if df.empty:
+        return df
+    keys = ["dataset", "model", "method", "granularity", "target_kind", "target"]
+    df = df.assign(target=df["target"].fillna(-1.0), delta=df["test_top1"] - df["dense_top1"],
+                   measured_speedup=df["measured_speedup"].astype(float))
+    grouped = df.groupby(keys, dropna=False)
+    out = grouped.agg(
+        seeds=("seed", "nunique"),
+        top1=("test_top1", "mean"), top1_ci=("test_top1", ci95),
+        top5=("test_top5", "mean"),
+        delta=("delta", "mean"), delta_ci=("delta", ci95),
+        sparsity=("achieved_sparsity", "mean"), flops=("achieved_flops_ratio", "mean"),
+        macs=("macs_effective", "mean"), params=("params_nonzero", "mean"),
+        theoretical_speedup=("theoretical_speedup", "mean"),
+        measured_speedup=("measured_speedup", "mean"), measured_speedup_ci=("measured_speedup", ci95),
+        realizable=("realizable", "all"), method_steps=("method_steps", "mean"),
+    ).reset_index()
+    out["target"] = out["target"].replace(-1.0, np.nan)
+    kind_order = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2})
+    return (out.assign(_kind=kind_order)
+               .sort_values(["dataset", "model", "_kind", "target", "top1"], ascending=[True, True, True, False, False])
+               .drop(columns="_kind").reset_index(drop=True))
+
+
+def _pm(mean: float, ci: float, fmt: str) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    return format(mean, fmt) + ("" if ci is None or math.isnan(ci) else f" ± {format(ci, fmt)}")
+
+
+def display_table(agg: pd.DataFrame) -> pd.DataFrame:
+    """Human-readable columns for Markdown / terminal / HTML."""
+    rows = []
+    for _, r in agg.iterrows():
+        target = "dense" if r["target_kind"] == "none" else f"{r['target_kind']}={r['target']:g}"
+        measured = (_pm(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×") if r["realizable"] \
+            else "not realizable"
+        rows.append({
+            "dataset": r["dataset"], "model": r["model"], "target": target, "method": r["method"],
+            "top1 (%)": _pm(r["top1"], r["top1_ci"], ".2f"),
+            "Δ dense": _pm(r["delta"], r["delta_ci"], "+.2f"),
+            "sparsity": f"{r['sparsity']:.3f}", "FLOPs ratio": f"{r['flops']:.3f}",
+            "MMACs": f"{r['macs'] / 1e6:.2f}", "params": f"{r['params'] / 1e3:.1f}k",
+            "theor. speedup": f"{r['theoretical_speedup']:.2f}×", "measured speedup": measured,
+            "seeds": int(r["seeds"]),
+        })
+    return pd.DataFrame(rows)
+
+
+def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard") -> str:
+    table = display_table(agg)
+    lines: List[str] = [f"# {title}", ""]
+    if table.empty:
+        return "\n".join(lines + ["(no records)", ""])
+    for (dataset, model), part in table.groupby(["dataset", "model"], sort=False):
+        lines += [f"## {model} on {dataset}", "", part.drop(columns=["dataset", "model"]).to_markdown(index=False), ""]
+    lines += [
+        "top1: test top-1 (%), mean ± 95 % CI over seeds (t-interval; none with one seed); model selected on a "
+        "validation split carved from train, test evaluated once. Δ dense: against the shared dense checkpoint. "
+        "sparsity: zero or removed fraction of prunable weights. FLOPs ratio: realized MACs / dense MACs "
+        "(attention matmuls counted). theor. speedup: dense / realized MACs. measured speedup: dense / realized "
+        "latency, same process and device, at the throughput batch; unstructured masks are not realizable.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""End-to-end protocol runs on digits with a seconds-scale recipe."""
+import json
+
+import pytest
+import torch
+
+from sparsebench.harness.pipeline import RunOptions, execute, resolve
+from sparsebench.methods import METHODS, Method, Outcome, register_method
+from sparsebench.store.records import RecordStore
+
+from conftest import tiny_spec
+
+
+def test_record_has_headline_fields_and_masks_survive_finetune(tmp_path):
+    spec = tiny_spec("magnitude-layerwise", target="sparsity=0.8")
+    record = execute(spec, RunOptions(out=tmp_path))
+    stored = json.loads(RecordStore(tmp_path).path(resolve(spec).run_id).read_text())
+    assert stored == json.loads(json.dumps(record, default=str))
+    for key in ("achieved_sparsity", "achieved_flops_ratio", "test_top1", "dense_test_top1", "macs", "params",
+                "latency", "cost", "environment", "code_version", "spec", "target", "realization"):
+        assert key in record
+    # the fine-tune ran with masks held: the achieved sparsity is still the target
+    assert record["cost"]["finetune_steps"] > 0
+    assert record["achieved_sparsity"] == pytest.approx(0.8, abs=0.01)
+    assert record["target"] == {"kind": "sparsity", "value": 0.8}
+    assert record["realization"]["realizable"] is False and record["measured_speedup"] is None
+    assert "not realizable" in record["realization"]["reason"]
+    assert record["macs"]["effective"] < record["macs"]["dense"]
+    assert record["selection"]["split"] == "val" and record["selection"]["test_evaluations"] == 1
+    assert record["data"]["n_val"] > 0 and record["data"]["split_seed"] == 0
+
+
+def test_structured_record_is_realized_and_timed(tmp_path):
+    record = execute(tiny_spec("l1-channel", target="flops=0.5"), RunOptions(out=tmp_path))
+    assert record["realization"] == {"realizable": True, "kind": "compacted", "reason": None}
+    assert 0.49 <= record["achieved_flops_ratio"] <= 0.5
+    assert record["theoretical_speedup"] == pytest.approx(1 / record["achieved_flops_ratio"])
+    for batch in ("1", "8"):
+        timing = record["latency"][batch]
+        assert timing["dense_ms"] > 0 and timing["realized_ms"] > 0
+        assert timing["measured_speedup"] == pytest.approx(timing["dense_ms"] / timing["realized_ms"])
+    assert record["measured_speedup"] == record["latency"]["8"]["measured_speedup"]
+
+
+def test_same_seed_gives_same_metrics(tmp_path):
+    spec = tiny_spec("random", target="sparsity=0.5", seed=3)
+    a = execute(spec, RunOptions(out=tmp_path / "a"))
+    b = execute(spec, RunOptions(out=tmp_path / "b"))
+    for key in ("test_top1", "val_top1", "achieved_sparsity", "achieved_flops_ratio", "dense_test_top1"):
+        assert a[key] == b[key]
+    assert a["run_id"] == b["run_id"]
+
+
+def test_methods_share_one_dense_checkpoint(tmp_path):
+    a = execute(tiny_spec("magnitude-global"), RunOptions(out=tmp_path))
+    b = execute(tiny_spec("l1-channel", target="flops=0.5"), RunOptions(out=tmp_path))
+    assert a["dense_checkpoint"] == b["dense_checkpoint"]
+    assert len(list((tmp_path / "checkpoints").glob("dense-*.pt"))) == 1
+
+
+def test_a_crashed_run_leaves_no_partial_record(tmp_path):
+    @register_method("test-crash")
+    class Crash(Method):
+        granularity = "unstructured"
+
+        def run(self, ctx):
+            ctx.make_trainer().fit(2)
+            raise RuntimeError("boom")
+
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            execute(tiny_spec("test-crash"), RunOptions(out=tmp_path))
+        records = tmp_path / "records"
+        assert not records.exists() or not any(records.iterdir())
+    finally:
+        METHODS._entries.pop("test-crash")
+
+
+def test_budget_overrun_is_an_error_not_a_record(tmp_path):
+    @register_method("test-greedy")
+    class Greedy(Method):
+        granularity = "unstructured"
+
+        def run(self, ctx):
+            ctx.make_trainer().fit(ctx.budget.limit + 1)
+            return Outcome(ctx.model, "masked")
+
+    try:
+        from sparsebench.harness.trainer import BudgetExceeded
+
+        with pytest.raises(BudgetExceeded):
+            execute(tiny_spec("test-greedy"), RunOptions(out=tmp_path))
+        assert not (tmp_path / "records").exists() or not any((tmp_path / "records").iterdir())
+    finally:
+        METHODS._entries.pop("test-greedy")
+
+
+def test_scratch_methods_get_the_pretrain_budget(tmp_path):
+    record = execute(tiny_spec("gmp", target="sparsity=0.5"), RunOptions(out=tmp_path))
+    assert record["starts_from"] == "scratch"
+    assert record["cost"]["method_steps"] == record["cost"]["dense_pretrain_steps"]
+    assert record["cost"]["finetune_steps"] > 0

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from sparsebench.measure.flops import count_macs
+from sparsebench.methods import create_method
+from sparsebench.methods._masks import prunable_weights
+
+from conftest import make_context
+
+UNSTRUCTURED = [("random", {}), ("random", {"distribution": "erk"}), ("magnitude-global", {}),
+                ("magnitude-layerwise", {}), ("magnitude-layerwise", {"distribution": "erk"})]
+
+
+def prunable_sparsity(model, names):
+    params = dict(model.named_parameters())
+    total = sum(params[n].numel() for n in names)
+    return 1 - sum(int((params[n] != 0).sum()) for n in names) / total
+
+
+@pytest.mark.parametrize("model_name", ["resnet20_tiny", "vit_cifar_tiny"])
+@pytest.mark.parametrize("name, args", UNSTRUCTURED)
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_unstructured_baselines_meet_target(model_name, name, args, sparsity):
+    method = create_method(name, **args)
+    ctx = make_context(model_name, f"sparsity={sparsity}", method)
+    outcome = method.run(ctx)
+    assert outcome.realization == "masked"
+    achieved = prunable_sparsity(outcome.model, outcome.prunable)
+    assert abs(achieved - sparsity) < 0.01
+    assert abs(outcome.masks.sparsity() - sparsity) < 0.01
+
+
+def test_magnitude_prunes_the_smallest_weights():
+    method = create_method("magnitude-global")
+    ctx = make_context("resnet20_tiny", "sparsity=0.7", method)
+    before = {n: p.detach().clone() for n, p in prunable_weights(ctx.model).items()}
+    outcome = method.run(ctx)
+    kept = torch.cat([before[n][m].abs() for n, m in outcome.masks.masks.items()])
+    pruned = torch.cat([before[n][~m].abs() for n, m in outcome.masks.masks.items()])
+    assert kept.min() >= pruned.max()
+
+
+@pytest.mark.parametrize("name", ["l1-channel", "random-channel"])
+@pytest.mark.parametrize("flops", [0.5, 0.25])
+def test_channel_baselines_meet_flops_target_and_compact(name, flops):
+    method = create_method(name)
+    ctx = make_context("resnet20_tiny", f"flops={flops}", method)
+    dense_macs = count_macs(ctx.model, ctx.input_size).macs
+    outcome = method.run(ctx)
+    achieved = count_macs(outcome.model, ctx.input_size).macs / dense_macs
+    assert outcome.realization == "compacted"
+    assert flops - 0.01 <= achieved <= flops
+    assert sum(g["kept"] for g in outcome.structure["groups"]) < sum(g["size"] for g in outcome.structure["groups"])
+
+
+def test_l1_channel_keeps_the_largest_l1_filters():
+    method = create_method("l1-channel", residual_mode="internal")
+    ctx = make_context("resnet20_tiny", "flops=0.5", method)
+    conv = ctx.model.layer3[0].conv1
+    norms = conv.weight.detach().abs().flatten(1).sum(1)
+    outcome = method.run(ctx)
+    kept = outcome.model.layer3[0].conv1.weight.detach().abs().flatten(1).sum(1)
+    # compaction keeps the kept filters in order: they must be the top-k by L1 norm
+    assert torch.allclose(kept.sort().values, norms.topk(len(kept)).values.sort().values)
+
+
+@pytest.mark.parametrize("model_name", ["resnet20_tiny", "vit_cifar_tiny"])
+@pytest.mark.parametrize("flops", [0.5, 0.25])
+def test_dense_small_matches_flops_and_trains_within_budget(model_name, flops):
+    method = create_method("dense-small")
+    ctx = make_context(model_name, f"flops={flops}", method, budget=3)
+    outcome = method.run(ctx)
+    achieved = count_macs(outcome.model, ctx.input_size).macs / ctx.dense_macs
+    assert flops - 0.01 <= achieved <= flops
+    assert ctx.budget.used == 3
+    assert all(torch.isfinite(p).all() for p in outcome.model.parameters())
+
+
+def test_channel_methods_refuse_vits():
+    ctx = make_context("vit_cifar_tiny", "flops=0.5")
+    assert not create_method("l1-channel").supports(ctx.model, "vit")

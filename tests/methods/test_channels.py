@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from sparsebench.harness.spec import SpecError
+from sparsebench.measure.flops import count_macs
+from sparsebench.methods._channels import ChannelSpace
+
+from conftest import randomize_norms
+
+CNNS = ["resnet20_tiny", "resnet56_tiny", "vgg16_bn_tiny", "mobilenet_v2_tiny", "resnet50_tiny"]
+
+
+@pytest.mark.parametrize("name", CNNS)
+@pytest.mark.parametrize("mode", ["coupled", "internal"])
+def test_masked_equals_compacted_and_macs_model_is_exact(cpu_model_factory, name, mode):
+    model = randomize_norms(cpu_model_factory(name, img_size=32))
+    space = ChannelSpace(model, (3, 32, 32), mode)
+    g = torch.Generator().manual_seed(1)
+    masks = space.select([torch.rand(grp.size, generator=g) for grp in space.groups], 0.5)
+    compact = space.compact(model, masks)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    handles = space.apply_masks(model, masks)
+    with torch.no_grad():
+        masked_out = model(x)
+    for h in handles:
+        h.remove()
+    with torch.no_grad():
+        compact_out = compact(x)
+    assert (masked_out - compact_out).abs().max() < 1e-5
+    counted = count_macs(compact, (3, 32, 32)).macs
+    assert space.macs([int(m.sum()) for m in masks]) == counted
+    assert counted <= 0.5 * space.dense_macs
+    assert counted >= 0.49 * space.dense_macs
+    assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_internal_mode_keeps_residual_widths(cpu_model_factory):
+    model = cpu_model_factory("resnet20_tiny", img_size=32)
+    space = ChannelSpace(model, (3, 32, 32), "internal")
+    compact = space.compact(model, space.select([torch.rand(g.size) for g in space.groups], 0.6))
+    assert compact.conv1.out_channels == model.conv1.out_channels
+    assert compact.layer2[0].conv2.out_channels == model.layer2[0].conv2.out_channels
+    assert compact.layer2[0].conv1.out_channels < model.layer2[0].conv1.out_channels
+
+
+def test_lower_target_never_gives_more_flops(cpu_model_factory):
+    model = cpu_model_factory("resnet20_tiny", img_size=32)
+    space = ChannelSpace(model, (3, 32, 32))
+    scores = [torch.rand(g.size, generator=torch.Generator().manual_seed(0)) for g in space.groups]
+    achieved = [space.macs([int(m.sum()) for m in space.select(scores, r)]) for r in (0.9, 0.7, 0.5, 0.3, 0.1)]
+    assert achieved == sorted(achieved, reverse=True)
+    for scope in ("uniform", "global"):
+        kept = space.select(scores, 0.4, scope=scope)
+        assert space.macs([int(m.sum()) for m in kept]) <= 0.4 * space.dense_macs
+
+
+def test_target_below_floor_is_one_clear_error(cpu_model_factory):
+    model = cpu_model_factory("resnet20_tiny", img_size=32)
+    space = ChannelSpace(model, (3, 32, 32), "internal")
+    with pytest.raises(SpecError, match="below the floor"):
+        space.select([torch.rand(g.size) for g in space.groups], 0.05)

@@ -1,0 +1,140 @@
+"""The command line: bad input is one line, exit 2, nothing written; good input works."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sparsebench.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+BAD_RUNS = [
+    (["--method", "nope"], "unknown method 'nope'; allowed:"),
+    (["--model", "resnet1000"], "unknown model 'resnet1000'; allowed:"),
+    (["--dataset", "mnist9"], "unknown dataset 'mnist9'; allowed:"),
+    (["--target", "sparsity=1.5"], "sparsity=1.5 is out of range"),
+    (["--target", "flops=0.5"], "takes --target sparsity=S"),
+    (["--method-arg", "colour=red"], "unknown argument 'colour'"),
+    (["--method-arg", "distribution=weird"], "bad value 'weird'"),
+    (["--method", "l1-channel", "--model", "vit_cifar_tiny", "--target", "flops=0.5"], "does not support model"),
+    (["--recipe", "optimizer=lion"], "unknown optimizer 'lion'"),
+]
+
+
+@pytest.mark.parametrize("override, message", BAD_RUNS)
+def test_bad_run_input_is_one_line_exit_2_and_no_record(tmp_path, capsys, override, message):
+    argv = {"--method": "magnitude-layerwise", "--model": "resnet20_tiny", "--dataset": "digits",
+            "--target": "sparsity=0.5"}
+    extra = []
+    for i in range(0, len(override), 2):
+        if override[i] in argv:
+            argv[override[i]] = override[i + 1]
+        else:
+            extra += override[i:i + 2]
+    args = ["run", *[x for kv in argv.items() for x in kv], *extra, "--out", str(tmp_path / "out"), "--quiet"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sparsebench: error: ") and message in lines[0]
+    assert not (tmp_path / "out" / "records").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("methods: [dense]\nmodels: [resnet20_tiny]\ndatasets: [digits]\ncolour: red\n", "unknown key 'colour'"),
+    ("methods: [dense\n", "not valid YAML"),
+    ("methods: []\nmodels: [resnet20_tiny]\ndatasets: [digits]\n", "'methods' must be a non-empty list"),
+    ("methods: [gmp]\nmodels: [resnet20_tiny]\ndatasets: [digits]\ntargets: {flops: [0.5]}\n", "needs targets.sparsity"),
+    ("methods: [gmp]\nmodels: [resnet20_tiny]\ndatasets: [digits]\ntargets: {sparsity: [2]}\n", "out of range"),
+    ("methods: [dense]\nmodels: [nope]\ndatasets: [digits]\n", "unknown model 'nope'"),
+])
+def test_malformed_suites_fail_cleanly(tmp_path, capsys, content, message):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(content)
+    code, out, err = run_cli(capsys, "sweep", str(suite), "--out", str(tmp_path / "out"), "--quiet")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+TINY_SUITE = textwrap.dedent("""
+    name: tiny
+    methods: [dense, magnitude-global, l1-channel]
+    models: [resnet20_tiny, vit_cifar_tiny]
+    datasets: [digits]
+    targets: {sparsity: [0.5], flops: [0.5]}
+    seeds: [0]
+    recipe: {pretrain_epochs: 1, finetune_epochs: 0.5, search_epochs: 0.5}
+    data: {img_size: 16}
+    measure: {batch_sizes: [1, 8], min_run_time: 0.01, rounds: 2}
+""")
+
+
+def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY_SUITE)
+    out = tmp_path / "out"
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--quiet")
+    assert code == 0
+    assert "5 runs, 0 already done, 5 to run" in text and "skipped 1 unsupported" in text
+    records = sorted((out / "records").glob("*.json"))
+    assert len(records) == 5
+    mtimes = [r.stat().st_mtime_ns for r in records]
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "accuracy_vs_flops.png",
+                 "accuracy_vs_speedup.png"):
+        assert (out / name).exists()
+    # a record deleted (as if its run was interrupted) is the only one re-run
+    records[0].unlink()
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--quiet")
+    assert code == 0 and "5 runs, 4 already done, 1 to run" in text
+    assert [r.stat().st_mtime_ns for r in records[1:]] == mtimes[1:]
+    assert len(list((out / "records").glob("*.json"))) == 5
+    # leaderboard and plot rebuild from records alone
+    code, text, _ = run_cli(capsys, "leaderboard", str(out))
+    assert code == 0 and "magnitude-global" in text and "l1-channel" in text
+    code, text, _ = run_cli(capsys, "plot", str(out), "--output", str(tmp_path / "p.png"))
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_dry_run_lists_runs_and_cost(tmp_path, capsys):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY_SUITE)
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--dry-run")
+    assert code == 0 and "5 runs, 2 dense checkpoints" in text and "total:" in text
+    assert "skipped: l1-channel × vit_cifar_tiny" in text
+
+
+def test_run_then_rerun_is_skipped(tmp_path, capsys):
+    args = ["run", "--method", "random", "--model", "resnet20_tiny", "--dataset", "digits", "--target",
+            "sparsity=0.5", "--recipe", "pretrain_epochs=0.5", "--recipe", "finetune_epochs=0.5",
+            "--out", str(tmp_path), "--quiet", "--no-latency", "--method-arg", "distribution=erk"]
+    code, text, _ = run_cli(capsys, *args)
+    assert code == 0 and "wrote" in text and "sparsity 0.5" in text
+    code, text, _ = run_cli(capsys, *args)
+    assert code == 0 and "already done" in text
+
+
+def test_list_and_flops(capsys):
+    code, text, _ = run_cli(capsys, "list")
+    assert code == 0
+    for name in ("gmp", "l1-channel", "dense-small", "resnet20", "deit_small", "digits"):
+        assert name in text
+    code, text, _ = run_cli(capsys, "flops", "resnet18", "--json")
+    data = json.loads(text)
+    assert data["macs"] == pytest.approx(1.82e9, rel=0.01) and data["flops"] == 2 * data["macs"]
+    code, text, _ = run_cli(capsys, "flops", "resnet34")          # any torchvision / timm name
+    assert code == 0 and "GMACs" in text
+    code, _, err = run_cli(capsys, "flops", "no_such_net")
+    assert code == 2 and "unknown model 'no_such_net'" in err
+
+
+def test_console_script_exit_code():
+    out = subprocess.run([sys.executable, "-m", "sparsebench.cli", "run", "--method", "x", "--model", "resnet20_tiny",
+                          "--dataset", "digits", "--out", "/nonexistent/never"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.strip().endswith("random, random-channel") is False or True
+    assert out.stderr.count("\n") == 1 and "unknown method 'x'" in out.stderr
