@@ -88,7 +88,9 @@ def semi_structured_support(device=None, dtype: torch.dtype = torch.float16) -> 
     Converts one 2:4-pruned 128×128 Linear and runs one matmul, catching every failure:
     kernels can be missing from the build or refuse the GPU even when the capability fits.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     if device.type != "cuda":
         return False, f"2:4 semi-structured kernels need a CUDA device; got {device.type}"
     if not torch.cuda.is_available():

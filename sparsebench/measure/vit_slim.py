@@ -494,29 +494,24 @@ def vit_params(model: VisionTransformer, structure: Optional[ViTStructure] = Non
     """Parameter count of `slim_vit(model, structure)`, from the widths alone."""
     check_supported(model)
     structure = structure or ViTStructure.dense(model)
+    _check_structure(model, structure)
     D = model.embed_dim
     width = D if structure.embed is None else len(structure.embed)
-    total = 0
-    for name, p in model.named_parameters():
-        if name.startswith(("blocks.", "head.", "patch_embed.proj.")) or name in ("cls_token", "reg_token", "pos_embed"):
-            continue
-        total += p.numel() // D * width if p.shape and p.shape[-1] == D else p.numel()   # LayerNorms
-    conv = model.patch_embed.proj
-    total += width * (conv.weight[0].numel() + (conv.bias is not None))
-    for name in ("cls_token", "reg_token", "pos_embed"):
-        p = getattr(model, name, None)
-        if p is not None:
-            total += p.numel() // D * width
+
+    def embedding_wide(params) -> int:
+        # patch embed, cls/reg/pos tokens, norms, LayerScale: one slice per embedding channel
+        return sum(p.numel() // D * width for p in params)
+
+    total = embedding_wide(p for n, p in model.named_parameters() if not n.startswith(("blocks.", "head.")))
     for blk, s in zip(model.blocks, structure.blocks):
-        a = len(s.heads) * s.kdim(blk.attn.head_dim)
-        has = lambda lin: lin.bias is not None  # noqa: E731
-        total += 2 * 2 * width                                                     # norm1, norm2
-        total += width * sum(isinstance(m, LayerScale) for m in (blk.ls1, blk.ls2))
-        if a:
-            total += 3 * a * width + has(blk.attn.qkv) * 3 * a + a * width
-        total += has(blk.attn.proj) * width
+        total += embedding_wide(p for n, p in blk.named_parameters() if n.startswith(("norm", "ls")))
+        attn_dim = len(s.heads) * s.kdim(blk.attn.head_dim)
+        qkv_bias, proj_bias = blk.attn.qkv.bias is not None, blk.attn.proj.bias is not None
+        if attn_dim:
+            total += 3 * attn_dim * (width + qkv_bias) + attn_dim * width
+        total += proj_bias * width                  # kept by `ConstantAttention` too
         m = len(s.mlp)
-        total += m * width + has(blk.mlp.fc1) * m + m * width + has(blk.mlp.fc2) * width
+        total += m * (width + (blk.mlp.fc1.bias is not None)) + m * width + (blk.mlp.fc2.bias is not None) * width
     if isinstance(model.head, nn.Linear):
         total += width * model.head.out_features + (model.head.bias is not None) * model.head.out_features
     return total

@@ -89,7 +89,7 @@ class UnitSpace:
 
     # --- selection under a FLOPs budget --------------------------------------------------
     def select(self, scores: Sequence[torch.Tensor], flops_ratio: float, scope: str = "uniform",
-               min_channels: int = 1) -> List[torch.Tensor]:
+               min_units: int = 1) -> List[torch.Tensor]:
         """Kept-channel masks meeting `macs <= flops_ratio × dense`, as close to it as channels allow.
 
         `uniform`: one keep ratio for every group, found by bisection; `global`: one score
@@ -100,11 +100,11 @@ class UnitSpace:
         if scope not in ("uniform", "global"):
             raise SpecError(f"unknown pruning scope {scope!r}; allowed: uniform, global")
         budget = flops_ratio * self.dense_macs
-        floor = [min(min_channels, g.size) for g in self.groups]
+        floor = [min(min_units, g.size) for g in self.groups]
         if self.macs(floor) > budget:
             reachable = self.macs(floor) / self.dense_macs
             raise SpecError(f"flops={flops_ratio:g} is below the floor reachable here ({reachable:.3f}) "
-                            f"with {self.describe()} and {self.floor_name}={min_channels}")
+                            f"with {self.describe()} and {self.floor_name}={min_units}")
         order = [torch.argsort(s, descending=True, stable=True) for s in scores]
 
         def counts_at(x: float) -> List[int]:

@@ -14,7 +14,10 @@ import torch
 from torch import nn
 
 from sparsebench.harness.spec import SpecError
+from timm.models.vision_transformer import VisionTransformer
+
 from sparsebench.methods._channels import ChannelSpace
+from sparsebench.methods._vit_units import ViTUnitSpace
 from sparsebench.methods._masks import (
     MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights,
 )
@@ -101,33 +104,46 @@ class MagnitudeGlobal(_UnstructuredOneShot):
         return global_topk_masks(scores, sparsity, generator)
 
 
+def unit_space(model: nn.Module, input_size, residual_mode: str):
+    """CNN output channels (dependency groups), or ViT attention heads and MLP neurons."""
+    if isinstance(model, VisionTransformer):
+        return ViTUnitSpace(model, input_size)
+    return ChannelSpace(model, input_size, residual_mode)
+
+
 class _ChannelOneShot(Method):
-    """Score output channels of a trained CNN, keep the best under the FLOPs target, compact."""
+    """Score units of a trained model, keep the best under the FLOPs target, compact.
+
+    CNNs: output channels, dependency-aware (`residual_mode`). ViTs: attention heads and
+    MLP neurons per block (embedding width kept), exported to a smaller timm ViT.
+    """
 
     granularity = "channel"
     starts_from = "pretrained"
 
-    def supports(self, model: nn.Module, family: str) -> bool:
-        return family == "cnn"
-
-    def channel_scores(self, model, space: ChannelSpace, generator):
+    def unit_scores(self, model, space, generator):
         raise NotImplementedError
 
     def run(self, ctx: MethodContext) -> Outcome:
         cfg = self.config
-        space = ChannelSpace(ctx.model, ctx.input_size, cfg.residual_mode)
+        space = unit_space(ctx.model, ctx.input_size, cfg.residual_mode)
         generator = torch.Generator().manual_seed(ctx.seed)
-        scores = self.channel_scores(ctx.model, space, generator)
-        kept = space.select(scores, ctx.target.value, scope=cfg.scope, min_channels=cfg.min_channels)
+        scores = self.unit_scores(ctx.model, space, generator)
+        if cfg.scope == "global":
+            # layers differ in scale: one global ranking compares scores relative to their group's mean
+            scores = [s / s.abs().mean().clamp_min(1e-12) for s in scores]
+        kept = space.select(scores, ctx.target.value, scope=cfg.scope, min_units=cfg.min_channels)
         compact = space.compact(ctx.model, kept)
+        notes = {"scope": cfg.scope, "units": space.describe()}
+        if isinstance(space, ChannelSpace):
+            notes["residual_mode"] = cfg.residual_mode
         return Outcome(model=compact, realization="compacted", structure=space.structure(kept),
-                       prunable=list(prunable_weights(ctx.model)),
-                       notes={"residual_mode": cfg.residual_mode, "scope": cfg.scope})
+                       prunable=list(prunable_weights(ctx.model)), notes=notes)
 
 
 @register_method("l1-channel")
 class L1Channel(_ChannelOneShot):
-    """L1-norm filter pruning (Li et al. 2017), dependency-aware, physically compacted."""
+    """L1-norm filter pruning (Li et al. 2017); CNN channels or ViT heads/neurons, compacted."""
 
     @dataclass(frozen=True)
     class Config:
@@ -135,7 +151,9 @@ class L1Channel(_ChannelOneShot):
         scope: Literal["uniform", "global"] = "uniform"
         min_channels: int = 1
 
-    def channel_scores(self, model, space, generator):
+    def unit_scores(self, model, space, generator):
+        if isinstance(space, ViTUnitSpace):
+            return space.l1_scores(model)       # head: its q, k, v rows + proj columns; neuron: fc1 row + fc2 column
         scores = []
         for g in space.groups:
             # A coupled group's channel lives in every producing conv: sum their filter L1 norms.
@@ -144,15 +162,13 @@ class L1Channel(_ChannelOneShot):
                 m = model.get_submodule(name)
                 if isinstance(m, (nn.Conv2d, nn.Linear)):
                     s += m.weight.detach().abs().flatten(1).sum(1).cpu()
-            if self.config.scope == "global":
-                s = s / s.mean().clamp_min(1e-12)   # layers differ in scale; compare relative norms
             scores.append(s)
         return scores
 
 
 @register_method("random-channel")
 class RandomChannel(_ChannelOneShot):
-    """Random output-channel pruning under the FLOPs target, physically compacted."""
+    """Random channel (CNN) or head/neuron (ViT) pruning under the FLOPs target, compacted."""
 
     @dataclass(frozen=True)
     class Config:
@@ -160,7 +176,7 @@ class RandomChannel(_ChannelOneShot):
         scope: Literal["uniform", "global"] = "uniform"
         min_channels: int = 1
 
-    def channel_scores(self, model, space, generator):
+    def unit_scores(self, model, space, generator):
         return [torch.rand(g.size, generator=generator) for g in space.groups]
 
 

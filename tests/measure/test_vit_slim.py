@@ -265,3 +265,29 @@ def test_slim_model_trains(vit):
     assert slim.blocks[2].attn.proj.bias.grad is not None          # the folded constant learns
     # block 2 keeps no head: its norm1 feeds nothing (kept for the state-dict keys)
     assert [n for n, p in slim.named_parameters() if p.grad is None] == ["blocks.2.norm1.weight", "blocks.2.norm1.bias"]
+
+
+@pytest.mark.parametrize("variant", [
+    dict(init_values=0.1, reg_tokens=1),                 # LayerScale, a register token
+    dict(class_token=False, global_pool="avg"),          # avg pool through fc_norm
+    dict(pre_norm=True, no_embed_class=True),            # LayerNorm norm_pre, bias-free patch embed
+])
+def test_timm_variants(variant):
+    torch.manual_seed(0)
+    model = create_model("vit_cifar_tiny", num_classes=10, img_size=16, **variant).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "gamma")) else 0.0
+            scale = 0.5 if p.dim() == 1 or p.shape[0] == 1 else 1 / math.sqrt(p[0].numel())
+            p.copy_(base + scale * torch.randn(p.shape, generator=g))
+    x = _x()
+    with torch.no_grad():
+        slim = slim_vit(model, EMBED)
+        handles = emulate_structure(model, EMBED)
+        masked = model(x)
+        for h in handles:
+            h.remove()
+        torch.testing.assert_close(slim(x), masked, atol=1e-5, rtol=0)
+    assert count_macs(slim, INPUT).macs == vit_macs(model, EMBED)
+    assert count_params(slim)["params"] == vit_params(model, EMBED)

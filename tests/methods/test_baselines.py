@@ -40,17 +40,19 @@ def test_magnitude_prunes_the_smallest_weights():
     assert kept.min() >= pruned.max()
 
 
-@pytest.mark.parametrize("name", ["l1-channel", "random-channel"])
+@pytest.mark.parametrize("model_name", ["resnet20_tiny", "vit_cifar_tiny"])
+@pytest.mark.parametrize("name, scope", [("l1-channel", "uniform"), ("l1-channel", "global"),
+                                         ("random-channel", "uniform")])
 @pytest.mark.parametrize("flops", [0.5, 0.25])
-def test_channel_baselines_meet_flops_target_and_compact(name, flops):
-    method = create_method(name)
-    ctx = make_context("resnet20_tiny", f"flops={flops}", method)
+def test_structured_baselines_meet_flops_target_and_compact(model_name, name, scope, flops):
+    method = create_method(name, scope=scope)
+    ctx = make_context(model_name, f"flops={flops}", method)
     dense_macs = count_macs(ctx.model, ctx.input_size).macs
     outcome = method.run(ctx)
     achieved = count_macs(outcome.model, ctx.input_size).macs / dense_macs
     assert outcome.realization == "compacted"
     assert flops - 0.01 <= achieved <= flops
-    assert sum(g["kept"] for g in outcome.structure["groups"]) < sum(g["size"] for g in outcome.structure["groups"])
+    assert sum(p.numel() for p in outcome.model.parameters()) < sum(p.numel() for p in ctx.model.parameters())
 
 
 def test_l1_channel_keeps_the_largest_l1_filters():
@@ -76,6 +78,13 @@ def test_dense_small_matches_flops_and_trains_within_budget(model_name, flops):
     assert all(torch.isfinite(p).all() for p in outcome.model.parameters())
 
 
-def test_channel_methods_refuse_vits():
-    ctx = make_context("vit_cifar_tiny", "flops=0.5")
-    assert not create_method("l1-channel").supports(ctx.model, "vit")
+def test_l1_on_vits_keeps_the_largest_l1_heads():
+    from sparsebench.methods._vit_units import head_l1_scores
+
+    method = create_method("l1-channel")
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method)
+    scores = head_l1_scores(ctx.model)
+    outcome = method.run(ctx)
+    for block, heads in zip(outcome.structure["blocks"], scores):
+        kept = block["heads"]
+        assert sorted(kept) == sorted(heads.topk(len(kept)).indices.tolist())

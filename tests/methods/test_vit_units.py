@@ -120,7 +120,7 @@ def test_compacted_param_count_is_analytic(vit):
 @pytest.mark.parametrize("ratio", [0.75, 0.5, 0.25])
 def test_select_meets_flops_target_tiny(vit, ratio, scope):
     space = ViTUnitSpace(vit)
-    kept = space.select(space.l1_scores(vit), ratio, scope=scope, min_channels=1)
+    kept = space.select(space.l1_scores(vit), ratio, scope=scope, min_units=1)
     achieved = space.macs([int(m.sum()) for m in kept]) / space.dense_macs
     assert ratio - 0.01 <= achieved <= ratio
     assert all(int(m.sum()) >= 1 for m in kept)
@@ -149,7 +149,7 @@ def test_select_below_floor_is_an_error(vit):
     space = ViTUnitSpace(vit)
     floor = space.macs([1] * len(space.groups)) / space.dense_macs
     with pytest.raises(SpecError, match="min_units"):
-        space.select(space.l1_scores(vit), floor / 2, min_channels=1)
+        space.select(space.l1_scores(vit), floor / 2, min_units=1)
 
 
 @torch.no_grad()
