@@ -5,6 +5,7 @@
     sparsebench leaderboard DIR          sparsebench plot DIR
     sparsebench list [methods|models|datasets]
     sparsebench flops MODEL [--img-size N] [--json]
+    sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--out results/speedup/cpu]
 
 Bad input ends with one line on stderr naming the bad value and what is allowed, exit
 code 2, and nothing written to the results store.
@@ -73,7 +74,7 @@ def _spec_from_args(args):
         method=args.method, model=args.model, dataset=args.dataset, target=Target.parse(args.target),
         seed=args.seed, method_args=tuple(sorted(_kv(args.method_arg, "--method-arg").items())),
         recipe=recipe, data=DataSpec(img_size=args.img_size, val_fraction=args.val_fraction),
-        measure=measure, pretrained=args.weights,
+        measure=measure, pretrained="hub" if args.pretrained else args.weights,
     )
 
 
@@ -298,6 +299,52 @@ def _any_model(name: str, num_classes: int, img_size: int):
                    f"or any timm or torchvision model name")
 
 
+def cmd_speedup(args) -> int:
+    import pandas as pd
+
+    from sparsebench.measure.speedup import SpeedupConfig, speedup_environment, speedup_rows
+    from sparsebench.models import MODELS
+    from sparsebench.store.records import atomic_write_text
+
+    for name in args.models:
+        MODELS.get(name)
+    for f in args.flops:
+        if not 0 < f < 1:
+            raise CliError(f"flops target {f} is out of range; allowed: 0 < flops < 1")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError(f"device {args.device!r} is not available here; allowed: cpu")
+    config = SpeedupConfig(models=tuple(args.models), flops=tuple(args.flops), img_size=args.img_size,
+                           batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), device=args.device,
+                           dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
+                           min_run_time=args.min_run_time, rounds=args.rounds)
+
+    def report(row):
+        if not args.quiet:
+            print(f"  {row['model']:<14} flops={row['target_flops']:<5g} threads={row['threads']} "
+                  f"batch={row['batch']:<4} theoretical {row['theoretical_speedup']:.2f}x  "
+                  f"measured {row['measured_speedup']:.2f}x", flush=True)
+
+    table = pd.DataFrame(speedup_rows(config, progress=report))
+    columns = ["model", "target_flops", "achieved_flops_ratio", "threads", "batch", "dense_ms", "realized_ms",
+               "theoretical_speedup", "measured_speedup", "measured_over_theoretical"]
+    text = table[columns].to_markdown(index=False, floatfmt=".3f")
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        env = speedup_environment(config)
+        atomic_write_text(out / "speedup.csv", table.to_csv(index=False))
+        atomic_write_text(out / "environment.json", json.dumps(env, indent=2))
+        header = (f"# Structured speedup: theoretical vs measured ({env['device_name']}, {config.dtype})\n\n"
+                  f"L1 structured pruning ({config.method}), physically compacted; dense and compacted timed in one "
+                  f"process, alternating blocks, median of {config.rounds} blocks; torch {env['torch']}.\n\n")
+        atomic_write_text(out / "speedup.md", header + text + "\n")
+        print(f"wrote {out / 'speedup.md'}, {out / 'speedup.csv'}, {out / 'environment.json'}")
+    return 0
+
+
 # --- parser -------------------------------------------------------------------------------------
 def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--out", required=out_required, default="results/local", help="results directory")
@@ -326,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads (training and timing)")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="latency batch sizes (default 1 64)")
     p.add_argument("--no-latency", action="store_true", help="skip latency measurement")
-    p.add_argument("--weights", help="local pretrained weights file for the dense checkpoint")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="local pretrained weights file the dense checkpoint starts from")
+    weights.add_argument("--pretrained", action="store_true",
+                         help="start the dense checkpoint from the library hub's ImageNet weights (needs internet)")
     p.add_argument("--force", action="store_true", help="re-run even if the record exists")
     _add_run_options(p, out_required=True)
     p.set_defaults(func=cmd_run)
@@ -364,6 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", action="store_true", help="include per-layer MACs (with --json)")
     p.add_argument("--fused-attention", action="store_true", help="leave fused attention on (shows the defect)")
     p.set_defaults(func=cmd_flops)
+    p = sub.add_parser("speedup", help="theoretical vs measured speedup of structured pruning")
+    p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2", "deit_tiny", "deit_small"])
+    p.add_argument("--flops", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--compile", action="store_true", help="time torch.compile'd models (a separate mode)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed CPU block")
+    p.add_argument("--rounds", type=int, default=5, help="alternating blocks per model")
+    p.add_argument("--out", help="write speedup.md / speedup.csv / environment.json here")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_speedup)
     return parser
 
 

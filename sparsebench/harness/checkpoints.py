@@ -6,7 +6,6 @@ lock, so parallel workers train it once.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from torch import nn
 
 from sparsebench.harness.spec import RunSpec, stable_hash
 from sparsebench.harness.trainer import Trainer, evaluate
+from sparsebench.models.pretrained import load_pretrained
 from sparsebench.store.records import atomic_write_bytes, file_lock
 
 
@@ -34,30 +34,6 @@ class DenseCheckpoint:
 
     def as_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_pretrained(model: nn.Module, path: str) -> str:
-    """Load weights from a local file; layers whose shape differs (the classifier) stay fresh."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"pretrained weights {path!r} not found")
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise ValueError(f"pretrained weights {path!r} share no tensor with the model")
-    model.load_state_dict(usable, strict=False)
-    return file_sha256(file)
 
 
 def dense_checkpoint(
@@ -80,7 +56,7 @@ def dense_checkpoint(
             return DenseCheckpoint(path=path, **meta)
         torch.manual_seed(spec.seed)
         model = make_model().to(device)
-        pretrained_sha = load_pretrained(model, spec.pretrained) if spec.pretrained else None
+        pretrained_sha = load_pretrained(model, spec.model, spec.pretrained) if spec.pretrained else None
         trainer = Trainer(model, loaders["train"], spec.recipe, device, num_classes, spec.recipe.lr)
         start = time.perf_counter()
         result = trainer.fit(steps, loaders["val"], eval_every, progress=progress, desc="dense")

@@ -1,0 +1,103 @@
+"""The speedup table: theoretical vs measured speedup of structured pruning, side by side.
+
+For each model and FLOPs target, the L1 structured baseline picks units (CNN channels
+through the dependency graph, ViT heads and MLP neurons), the model is physically
+compacted, the compacted model is checked against the masked one (a fast wrong model is
+a bug, not a speedup), and dense and compacted are timed in the same process on the same
+input (measure/latency.py). Latency does not depend on trained weights, so models are
+randomly initialised; accuracy is the leaderboard's business.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import List, Sequence
+
+import torch
+
+from sparsebench.measure.environment import environment
+from sparsebench.measure.flops import count_macs
+from sparsebench.measure.latency import LatencySettings, compare_latency
+from sparsebench.models import create_model
+
+
+@dataclass(frozen=True)
+class SpeedupConfig:
+    models: Sequence[str] = ("resnet18", "resnet50", "mobilenet_v2", "deit_tiny", "deit_small")
+    flops: Sequence[float] = (0.75, 0.5, 0.25)
+    img_size: int = 224
+    batch_sizes: Sequence[int] = (1, 32)
+    threads: Sequence[int] = (1, 2)
+    device: str = "cpu"
+    dtype: str = "float32"
+    compile: bool = False
+    channels_last: bool = False
+    min_run_time: float = 0.2
+    rounds: int = 5
+    method: str = "l1-channel"
+
+
+def equivalence_error(model, space, kept, compact, input_size, device) -> float:
+    """max |masked(x) − compacted(x)| in fp32 eval mode."""
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
+    handles = space.apply_masks(model, kept)
+    try:
+        with torch.inference_mode():
+            masked = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.inference_mode():
+        return float((masked - compact(x)).abs().max())
+
+
+def speedup_rows(config: SpeedupConfig, progress=None) -> List[dict]:
+    from sparsebench.methods import create_method
+    from sparsebench.methods.baselines import unit_space
+
+    device = torch.device(config.device)
+    input_size = (3, config.img_size, config.img_size)
+    method = create_method(config.method)
+    rows = []
+    for name in config.models:
+        torch.manual_seed(0)
+        dense = create_model(name, num_classes=1000, img_size=config.img_size).to(device).eval()
+        dense_macs = count_macs(dense, input_size).macs
+        space = unit_space(dense, input_size, method.config.residual_mode)
+        scores = method.unit_scores(dense, space, torch.Generator().manual_seed(0))
+        for target in config.flops:
+            kept = space.select(scores, target, scope=method.config.scope, min_units=method.config.min_channels)
+            compact = space.compact(dense, kept).eval()
+            error = equivalence_error(dense, space, kept, compact, input_size, device)
+            if error > 1e-3:
+                raise AssertionError(f"{name} at flops={target}: compacted model differs from masked by {error:.2e}")
+            macs = count_macs(compact, input_size).macs
+            for threads in config.threads:
+                settings = LatencySettings(batch_sizes=tuple(config.batch_sizes), threads=threads,
+                                           min_run_time=config.min_run_time, rounds=config.rounds,
+                                           dtype=config.dtype, compile=config.compile,
+                                           channels_last=config.channels_last)
+                timing = compare_latency(dense, compact, input_size, settings, device)
+                for batch, t in timing.items():
+                    rows.append({
+                        "model": name, "method": config.method, "target_flops": target,
+                        "achieved_flops_ratio": macs / dense_macs, "dense_gmacs": dense_macs / 1e9,
+                        "realized_gmacs": macs / 1e9, "theoretical_speedup": dense_macs / macs,
+                        "batch": int(batch), "threads": threads, "dtype": config.dtype,
+                        "compile": config.compile, "dense_ms": t["dense_ms"], "dense_iqr_ms": t["dense_iqr_ms"],
+                        "realized_ms": t["realized_ms"], "realized_iqr_ms": t["realized_iqr_ms"],
+                        "measured_speedup": t["measured_speedup"], "speedup_ci95_low": t["speedup_ci95"][0],
+                        "speedup_ci95_high": t["speedup_ci95"][1],
+                        "measured_over_theoretical": t["measured_speedup"] / (dense_macs / macs),
+                        "max_abs_error": error,
+                    })
+                if progress:
+                    progress(rows[-1])
+    return rows
+
+
+def speedup_environment(config: SpeedupConfig) -> dict:
+    return {**environment(torch.device(config.device), max(config.threads)), "config": {
+        k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}}
+
+
+__all__ = ["SpeedupConfig", "speedup_rows", "speedup_environment", "replace"]
