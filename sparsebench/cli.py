@@ -60,7 +60,6 @@ def _progress_factory(quiet: bool):
 
 # --- run ------------------------------------------------------------------------------------
 def _spec_from_args(args):
-    import dataclasses
 
     from sparsebench.harness.spec import DataSpec, MeasureSpec, RunSpec, Target
     from sparsebench.harness.suite import recipe_for
@@ -135,6 +134,8 @@ def cmd_sweep(args) -> int:
         return _dry_run(suite, specs, args)
     out = Path(args.out)
     store = RecordStore(out)
+    if args.shard:
+        specs = _shard(specs, args.shard)
     todo = [s for s in specs if not store.exists(s.run_id)]
     print(f"suite {suite.name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run"
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
@@ -176,6 +177,15 @@ def cmd_sweep(args) -> int:
     for spec_dict, error in failures:
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']}: {error}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _shard(specs, text: str):
+    """`i/n`: this machine's share of the runs, chosen by spec hash, so n machines writing into
+    one results directory split a suite without overlap."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise CliError(f"bad --shard {text!r}; expected i/n with 0 <= i < n")
+    return [s for s in specs if int(s.hash, 16) % int(count) == int(index)]
 
 
 def _dry_run(suite, specs, args) -> int:
@@ -385,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
     p.add_argument("--assume-tflops", type=float, default=0.02,
                    help="sustained training TFLOP/s for --dry-run time estimates (2-core CPU ≈ 0.02, A100 ≈ 50)")
     _add_run_options(p, out_required=False)

@@ -75,3 +75,9 @@ def make_context(model_name="resnet20_tiny", target="sparsity=0.5", method=None,
         target=Target.parse(target), budget=StepBudget(budget), recipe=recipe, device=torch.device("cpu"),
         seed=seed, config=method.config if method else None, dense_macs=count_macs(model, (3, img_size, img_size)).macs,
     )
+
+
+def set_fused_attention(model: torch.nn.Module, flag: bool) -> None:
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = flag

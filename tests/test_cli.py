@@ -24,6 +24,8 @@ BAD_RUNS = [
     (["--method-arg", "colour=red"], "unknown argument 'colour'"),
     (["--method-arg", "distribution=weird"], "bad value 'weird'"),
     (["--recipe", "optimizer=lion"], "unknown optimizer 'lion'"),
+    (["--recipe", "batch_size=5000"], "batch_size=5000 is larger than the training split"),
+    (["--recipe", "colour=red"], "unknown key 'colour'"),
 ]
 
 
@@ -156,3 +158,42 @@ def test_console_script_exit_code():
                           "--dataset", "digits", "--out", "/nonexistent/never"], capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "unknown method 'x'" in out.stderr
+
+
+def test_parallel_sweep_and_shards_cover_the_suite_once(tmp_path, capsys):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY_SUITE)
+    out = tmp_path / "out"
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--quiet", "--shard", "0/2", "--jobs", "2")
+    assert code == 0
+    first = {p.name for p in (out / "records").glob("*.json")}
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--quiet", "--shard", "1/2")
+    assert code == 0
+    second = {p.name for p in (out / "records").glob("*.json")} - first
+    assert first and second and len(first) + len(second) == 6
+    assert len(list((out / "checkpoints").glob("dense-*.pt"))) == 2
+    code, _, err = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--shard", "2/2")
+    assert code == 2 and "bad --shard '2/2'" in err
+
+
+def test_a_failing_run_does_not_stop_the_sweep(tmp_path, capsys):
+    from sparsebench.methods import METHODS, Method, register_method
+
+    @register_method("test-fails")
+    class Fails(Method):
+        granularity = "unstructured"
+
+        def run(self, ctx):
+            raise RuntimeError("method bug")
+
+    suite = tmp_path / "s.yaml"
+    suite.write_text(TINY_SUITE.replace("methods: [dense, magnitude-global, l1-channel]",
+                                        "methods: [test-fails, magnitude-global]")
+                     .replace("models: [resnet20_tiny, vit_cifar_tiny]", "models: [resnet20_tiny]"))
+    try:
+        code, text, err = run_cli(capsys, "sweep", str(suite), "--out", str(tmp_path / "out"), "--quiet")
+    finally:
+        METHODS._entries.pop("test-fails")
+    assert code == 1 and "FAILED test-fails" in err and "method bug" in err
+    names = [p.name for p in (tmp_path / "out" / "records").glob("*.json")]
+    assert len(names) == 1 and names[0].startswith("magnitude-global")

@@ -42,7 +42,7 @@ def one_line(text: object) -> str:
 
 def download_hint(name: str) -> str:
     return (
-        f"pass --download (or download: true in the suite) to fetch {name} into the data root, "
+        f"pass --download (sparsebench run or sweep) to fetch {name} into the data root, "
         f"or set {DATA_ENV}=/path to a data root that already holds it"
     )
 

@@ -33,7 +33,7 @@ from sparsebench.datasets._checks import (
     require_files,
 )
 from sparsebench.datasets.base import DatasetInfo, LoadedSplits, register_dataset
-from sparsebench.datasets.transforms import Transformed, small_image_transforms
+from sparsebench.datasets.transforms import small_image_transforms, image_splits
 
 NATIVE_SIZE = 32
 
@@ -130,13 +130,7 @@ def load_cifar(spec: CifarSpec, root: Path, img_size: Optional[int], download: b
     info = DatasetInfo(
         name=spec.name, num_classes=num_classes, img_size=size, mean=spec.mean, std=spec.std, source=spec.source,
     )
-    return LoadedSplits(
-        train=Transformed(train, train_tf),
-        train_eval=Transformed(train, eval_tf),
-        test=Transformed(test, eval_tf),
-        targets=np.asarray(train.targets, dtype=np.int64),
-        info=info,
-    )
+    return image_splits(train, test, train.targets, (train_tf, eval_tf), info)
 
 
 @register_dataset("cifar10", "CIFAR-10, 10 classes, 50k train / 10k test, 3x32x32 (data root, --download)")

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 from torchvision.datasets import ImageFolder
 
 from sparsebench.datasets._checks import (
@@ -32,7 +31,7 @@ from sparsebench.datasets._checks import (
     set_refetch_hint,
 )
 from sparsebench.datasets.base import DATA_ENV, DatasetInfo, LoadedSplits, register_dataset
-from sparsebench.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, Transformed, transfer_transforms
+from sparsebench.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, transfer_transforms, image_splits
 
 NAME = "imagenet"
 FOLDER = "imagenet"
@@ -102,10 +101,4 @@ def load_imagenet(root: Path, img_size: Optional[int] = None, download: bool = F
         name=NAME, num_classes=len(train_classes), img_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         source=SOURCE,
     )
-    return LoadedSplits(
-        train=Transformed(train, train_tf),
-        train_eval=Transformed(train, eval_tf),
-        test=Transformed(test, eval_tf),
-        targets=np.asarray(train.targets, dtype=np.int64),
-        info=info,
-    )
+    return image_splits(train, test, train.targets, (train_tf, eval_tf), info)

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.utils import download_and_extract_archive
@@ -35,7 +34,7 @@ from sparsebench.datasets._checks import (
     require_files,
 )
 from sparsebench.datasets.base import DatasetInfo, LoadedSplits, register_dataset
-from sparsebench.datasets.transforms import Transformed, small_image_transforms
+from sparsebench.datasets.transforms import small_image_transforms, image_splits
 
 NAME = "tiny-imagenet"
 FOLDER = "tiny-imagenet-200"
@@ -141,10 +140,4 @@ def load_tiny_imagenet(root: Path, img_size: Optional[int] = None, download: boo
     train_tf, eval_tf = small_image_transforms(NATIVE_SIZE, size, MEAN, STD)
     train = ImageList(train_samples)
     info = DatasetInfo(name=NAME, num_classes=len(classes), img_size=size, mean=MEAN, std=STD, source=SOURCE)
-    return LoadedSplits(
-        train=Transformed(train, train_tf),
-        train_eval=Transformed(train, eval_tf),
-        test=Transformed(ImageList(test_samples), eval_tf),
-        targets=np.asarray(train.targets, dtype=np.int64),
-        info=info,
-    )
+    return image_splits(train, ImageList(test_samples), train.targets, (train_tf, eval_tf), info)

@@ -43,7 +43,7 @@ from sparsebench.datasets._checks import (
     require_files,
 )
 from sparsebench.datasets.base import DatasetInfo, LoadedSplits, register_dataset
-from sparsebench.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, Transformed, transfer_transforms
+from sparsebench.datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, transfer_transforms, image_splits
 
 DEFAULT_SIZE = 224
 
@@ -80,13 +80,7 @@ def _splits(
     info = DatasetInfo(
         name=name, num_classes=num_classes, img_size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD, source=source
     )
-    return LoadedSplits(
-        train=Transformed(train, train_tf),
-        train_eval=Transformed(train, eval_tf),
-        test=Transformed(test, eval_tf),
-        targets=np.asarray(targets, dtype=np.int64),
-        info=info,
-    )
+    return image_splits(train, test, targets, (train_tf, eval_tf), info)
 
 
 def _check_range(name: str, base: Path, split: str, labels: Sequence[int], num_classes: int) -> None:

@@ -81,3 +81,19 @@ class Transformed(Dataset):
 
     def __repr__(self) -> str:
         return f"Transformed({type(self.base).__name__}, n={len(self)})"
+
+
+def image_splits(train: Dataset, test: Dataset, targets, transforms: Pair, info):
+    """The loader result every image dataset returns: train twice (augmented / eval), test, labels."""
+    import numpy as np
+
+    from sparsebench.datasets.base import LoadedSplits
+
+    train_tf, eval_tf = transforms
+    return LoadedSplits(
+        train=Transformed(train, train_tf),
+        train_eval=Transformed(train, eval_tf),
+        test=Transformed(test, eval_tf),
+        targets=np.asarray(targets, dtype=np.int64),
+        info=info,
+    )

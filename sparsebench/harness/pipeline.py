@@ -71,6 +71,9 @@ def resolve(spec: RunSpec) -> RunSpec:
 
 
 def make_loaders(data, batch_size: int, seed: int) -> dict:
+    if len(data.train) < batch_size:
+        raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
+                        f"allowed: batch_size <= {len(data.train)}")
     # The generator fixes the data order per seed, so runs are paired across methods.
     generator = torch.Generator().manual_seed(seed)
     return {
@@ -93,8 +96,8 @@ def _sparsity(model: nn.Module, dense: nn.Module, prunable: list) -> tuple:
 
 def execute(spec: RunSpec, options: RunOptions) -> dict:
     """Run one spec end to end and write its record; returns the record."""
-    method = validate(spec)
     spec = resolve(spec)
+    method = validate(spec)
     store = RecordStore(options.out)
     device = torch.device(options.device)
     torch.set_num_threads(spec.measure.threads)

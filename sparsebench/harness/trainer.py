@@ -111,29 +111,50 @@ class Trainer:
         param_groups: Iterable[dict] = (),
         budget: Optional[StepBudget] = None,
         train_model_params: bool = True,
+        model_mode: str = "train",
+        no_weight_decay: Iterable[torch.nn.Parameter] = (),
     ):
+        """`train_model_params=False` freezes the model (only `param_groups` learn);
+        `model_mode="eval"` keeps BN statistics and dropout frozen during training steps
+        (a search over a fixed backbone); `no_weight_decay` lists model parameters that must
+        not decay (e.g. a token selector)."""
+        if model_mode not in ("train", "eval"):
+            raise ValueError(f"model_mode must be 'train' or 'eval', got {model_mode!r}")
         self.model, self.train_loader, self.recipe = model, train_loader, recipe
         self.device, self.num_classes, self.lr = device, num_classes, lr
         self.hooks: List[TrainerHook] = list(hooks)
         self.budget = budget
+        self.model_mode = model_mode
         self.step = 0                     # optimizer steps taken by this trainer
+        self.schedule_start, self.schedule_steps = 0, None   # LR schedule horizon
         self.loss: Optional[torch.Tensor] = None
         self.batch = None
-        groups = []
+        self._groups = []
         if train_model_params:
-            decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-            no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-            groups += [{"params": decay, "weight_decay": recipe.weight_decay},
-                       {"params": no_decay, "weight_decay": 0.0}]
-        groups += [dict(g) for g in param_groups]
-        groups = [g for g in groups if g["params"]]
-        if recipe.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=True)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=lr)
-        for g in self.optimizer.param_groups:
-            g["base_lr"] = g.get("lr", lr)
+            exempt = {id(p) for p in no_weight_decay}
+            params = [p for p in model.parameters() if p.requires_grad]
+            decay = [p for p in params if p.ndim > 1 and id(p) not in exempt]
+            no_decay = [p for p in params if p.ndim <= 1 or id(p) in exempt]
+            self._groups += [{"params": decay, "weight_decay": recipe.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}]
+        self._groups += [dict(g) for g in param_groups]
+        self._groups = [g for g in self._groups if g["params"]]
+        self.reset_optimizer()
         self._data = None
+
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer (no momentum or Adam moments) over the same parameter groups."""
+        groups = [dict(g) for g in self._groups]
+        if self.recipe.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.recipe.momentum, nesterov=True)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr)
+        for g in self.optimizer.param_groups:
+            g["base_lr"] = g.get("lr", self.lr)
+
+    def restart_schedule(self, steps: int) -> None:
+        """Start a new warm-up + cosine LR schedule of `steps` steps from the current step."""
+        self.schedule_start, self.schedule_steps = self.step, steps
 
     def add_hook(self, hook: TrainerHook) -> None:
         self.hooks.append(hook)
@@ -142,7 +163,8 @@ class Trainer:
         for h in self.hooks:
             h.on_phase(self, name)
 
-    def _set_lr(self, step: int, total: int) -> None:
+    def _set_lr(self) -> None:
+        step, total = self.step - self.schedule_start, self.schedule_steps
         warmup = int(self.recipe.warmup_fraction * total)
         if step < warmup:
             scale = (step + 1) / warmup
@@ -158,13 +180,15 @@ class Trainer:
         x, y = next(self._data)
         return x.to(self.device), y.to(self.device)
 
-    def train_step(self, total_steps: int) -> torch.Tensor:
+    def train_step(self) -> torch.Tensor:
         """One optimizer step: forward, loss (+ hooks' terms), backward, hooks, step, hooks."""
+        if self.schedule_steps is None:
+            raise RuntimeError("no LR schedule: call fit(steps) or restart_schedule(steps) first")
         if self.budget is not None:
             self.budget.spend(1)
-        self.model.train()
+        self.model.train(self.model_mode == "train")
         x, y = self.batch = self.next_batch()
-        self._set_lr(self.step, total_steps)
+        self._set_lr()
         outputs = self.model(x)
         loss = F.cross_entropy(outputs, y, label_smoothing=self.recipe.label_smoothing)
         for h in self.hooks:
@@ -190,17 +214,21 @@ class Trainer:
         progress: Optional[Callable[..., object]] = None,
         desc: str = "train",
     ) -> TrainResult:
-        """Train `steps` steps on a cosine schedule; with a val loader, keep the best-val weights.
+        """Train `steps` steps; with a val loader, keep the best-val weights.
 
+        The first call sets the LR schedule (warm-up + cosine) over its `steps`; later calls
+        continue it (phases of one run), unless `restart_schedule` starts a new one.
         Model selection reads only the validation split; the test split is never touched here.
         """
+        if self.schedule_steps is None:
+            self.schedule_steps = steps
         start = time.perf_counter()
         result = TrainResult(steps=0, wall_seconds=0.0)
         best_state = None
         bar = progress(total=steps, desc=desc) if progress else None
         first = self.step
         for i in range(steps):
-            loss = self.train_step(steps)
+            loss = self.train_step()
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0:

@@ -94,13 +94,20 @@ class MethodContext:
         lr: Optional[float] = None,
         train_model_params: bool = True,
         recipe: Optional[Recipe] = None,
+        model_mode: str = "train",
+        no_weight_decay: Sequence[nn.Parameter] = (),
     ) -> Trainer:
-        """A trainer on the shared recipe whose steps count against this method's budget."""
+        """A trainer on the shared recipe whose steps count against this method's budget.
+
+        See `Trainer` for `train_model_params`, `model_mode` and `no_weight_decay`; extra
+        trainable modules join through `param_groups` (dicts as torch optimizers take them).
+        """
         recipe = recipe or self.recipe
         return Trainer(
             model if model is not None else self.model, self.train_loader, recipe, self.device,
             self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, param_groups=param_groups,
-            budget=self.budget, train_model_params=train_model_params,
+            budget=self.budget, train_model_params=train_model_params, model_mode=model_mode,
+            no_weight_decay=no_weight_decay,
         )
 
     def count_macs(self, model: Optional[nn.Module] = None):

@@ -36,11 +36,19 @@ class Dense(Method):
                        prunable=list(prunable_weights(ctx.model)))
 
 
+@dataclass(frozen=True)
+class LayerwiseConfig:
+    distribution: Literal["uniform", "erk"] = "uniform"
+    skip_first: bool = False
+    skip_last: bool = False
+
+
 class _UnstructuredOneShot(Method):
     """Prune a trained model once to the target sparsity; the harness fine-tunes with masks held."""
 
     granularity = "unstructured"
     starts_from = "pretrained"
+    Config = LayerwiseConfig
 
     def scores(self, params, generator):
         raise NotImplementedError
@@ -64,12 +72,6 @@ class _UnstructuredOneShot(Method):
 class RandomUnstructured(_UnstructuredOneShot):
     """Random unstructured pruning at the target sparsity (uniform or ERK per layer)."""
 
-    @dataclass(frozen=True)
-    class Config:
-        distribution: Literal["uniform", "erk"] = "uniform"
-        skip_first: bool = False
-        skip_last: bool = False
-
     def scores(self, params, generator):
         return {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
 
@@ -77,12 +79,6 @@ class RandomUnstructured(_UnstructuredOneShot):
 @register_method("magnitude-layerwise")
 class MagnitudeLayerwise(_UnstructuredOneShot):
     """Per-layer |w| pruning, each layer at its allocated sparsity (uniform or ERK)."""
-
-    @dataclass(frozen=True)
-    class Config:
-        distribution: Literal["uniform", "erk"] = "uniform"
-        skip_first: bool = False
-        skip_last: bool = False
 
     def scores(self, params, generator):
         return {n: p.detach().abs() for n, p in params.items()}
@@ -111,6 +107,13 @@ def unit_space(model: nn.Module, input_size, residual_mode: str):
     return ChannelSpace(model, input_size, residual_mode)
 
 
+@dataclass(frozen=True)
+class StructuredConfig:
+    residual_mode: Literal["coupled", "internal"] = "coupled"   # CNNs only (see _channels.py)
+    scope: Literal["uniform", "global"] = "uniform"
+    min_channels: int = 1                                       # floor of kept units per group
+
+
 class _ChannelOneShot(Method):
     """Score units of a trained model, keep the best under the FLOPs target, compact.
 
@@ -120,6 +123,7 @@ class _ChannelOneShot(Method):
 
     granularity = "channel"
     starts_from = "pretrained"
+    Config = StructuredConfig
 
     def unit_scores(self, model, space, generator):
         raise NotImplementedError
@@ -145,12 +149,6 @@ class _ChannelOneShot(Method):
 class L1Channel(_ChannelOneShot):
     """L1-norm filter pruning (Li et al. 2017); CNN channels or ViT heads/neurons, compacted."""
 
-    @dataclass(frozen=True)
-    class Config:
-        residual_mode: Literal["coupled", "internal"] = "coupled"
-        scope: Literal["uniform", "global"] = "uniform"
-        min_channels: int = 1
-
     def unit_scores(self, model, space, generator):
         if isinstance(space, ViTUnitSpace):
             return space.l1_scores(model)       # head: its q, k, v rows + proj columns; neuron: fc1 row + fc2 column
@@ -169,12 +167,6 @@ class L1Channel(_ChannelOneShot):
 @register_method("random-channel")
 class RandomChannel(_ChannelOneShot):
     """Random channel (CNN) or head/neuron (ViT) pruning under the FLOPs target, compacted."""
-
-    @dataclass(frozen=True)
-    class Config:
-        residual_mode: Literal["coupled", "internal"] = "coupled"
-        scope: Literal["uniform", "global"] = "uniform"
-        min_channels: int = 1
 
     def unit_scores(self, model, space, generator):
         return [torch.rand(g.size, generator=generator) for g in space.groups]

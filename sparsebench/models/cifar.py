@@ -72,24 +72,24 @@ def _cifar_resnet(depth: int, base_widths, num_classes, in_chans, width: float, 
     return CifarResNet((depth - 2) // 6, widths, num_classes, in_chans)
 
 
-@register_model("resnet20", "CIFAR ResNet-20 (3x3 BasicBlocks, widths 16/32/64), 0.27M params", "cnn")
-def resnet20(num_classes=10, img_size=32, in_chans=3, width: float = 1.0, widths=None):
-    return _cifar_resnet(20, (16, 32, 64), num_classes, in_chans, width, widths)
+# name: (description, depth, base stage widths)
+CIFAR_RESNETS = {
+    "resnet20": ("CIFAR ResNet-20 (3x3 BasicBlocks, widths 16/32/64), 0.27M params", 20, (16, 32, 64)),
+    "resnet56": ("CIFAR ResNet-56 (9 BasicBlocks per stage, widths 16/32/64), 0.85M params", 56, (16, 32, 64)),
+    "resnet20_tiny": ("CPU-tiny CIFAR ResNet-8 (1 block per stage, widths 8/16/32)", 8, (8, 16, 32)),
+    "resnet56_tiny": ("CPU-tiny CIFAR ResNet-14 (2 blocks per stage, widths 8/16/32)", 14, (8, 16, 32)),
+}
 
 
-@register_model("resnet56", "CIFAR ResNet-56 (9 BasicBlocks per stage, widths 16/32/64), 0.85M params", "cnn")
-def resnet56(num_classes=10, img_size=32, in_chans=3, width: float = 1.0, widths=None):
-    return _cifar_resnet(56, (16, 32, 64), num_classes, in_chans, width, widths)
+def _resnet_factory(depth: int, base_widths):
+    def factory(num_classes=10, img_size=32, in_chans=3, width: float = 1.0, widths=None):
+        return _cifar_resnet(depth, base_widths, num_classes, in_chans, width, widths)
+
+    return factory
 
 
-@register_model("resnet20_tiny", "CPU-tiny CIFAR ResNet-8 (1 block per stage, widths 8/16/32)", "cnn")
-def resnet20_tiny(num_classes=10, img_size=32, in_chans=3, width: float = 1.0, widths=None):
-    return _cifar_resnet(8, (8, 16, 32), num_classes, in_chans, width, widths)
-
-
-@register_model("resnet56_tiny", "CPU-tiny CIFAR ResNet-14 (2 blocks per stage, widths 8/16/32)", "cnn")
-def resnet56_tiny(num_classes=10, img_size=32, in_chans=3, width: float = 1.0, widths=None):
-    return _cifar_resnet(14, (8, 16, 32), num_classes, in_chans, width, widths)
+for _name, (_description, _depth, _widths) in CIFAR_RESNETS.items():
+    register_model(_name, _description, "cnn")(_resnet_factory(_depth, _widths))
 
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

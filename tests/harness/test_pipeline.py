@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from sparsebench.harness.pipeline import RunOptions, execute, resolve
 from sparsebench.methods import METHODS, Method, Outcome, register_method

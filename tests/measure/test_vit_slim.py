@@ -13,14 +13,10 @@ from sparsebench.measure.vit_slim import (
 )
 from sparsebench.models import create_model
 
+from conftest import set_fused_attention
+
 INPUT = (3, 16, 16)
 D, H, HD, HIDDEN, DEPTH = 64, 4, 16, 256, 4          # vit_cifar_tiny
-
-
-def _set_fused(model, flag: bool):
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = flag
 
 
 @pytest.fixture
@@ -68,7 +64,7 @@ CASES = {"heads_mlp": HEADS_MLP, "head_dims": HEAD_DIMS, "embed": EMBED}
 @pytest.mark.parametrize("fold_bias", [True, False])
 def test_slim_equals_dense_emulation(vit, case, fused, fold_bias):
     structure = CASES[case]
-    _set_fused(vit, fused)
+    set_fused_attention(vit, fused)
     x = _x()
     with torch.no_grad():
         dense = vit(x)
@@ -113,7 +109,7 @@ def test_fold_matches_weight_masked_model(vit, case, fused):
     """S²ViTE: zeroed qkv rows with live biases == slim with the fold; OFB: zeroed rows and
     biases == slim without it. Checks the fold itself, not just hooks vs export."""
     structure = CASES[case]
-    _set_fused(vit, fused)
+    set_fused_attention(vit, fused)
     x = _x()
     for fold in (True, False):
         ref = _weight_masked_copy(vit, structure, mask_bias=not fold)
@@ -186,7 +182,7 @@ def _random_structure(g: torch.Generator, embed: bool) -> ViTStructure:
 
 
 def test_closed_form_macs_equal_counter(vit):
-    _set_fused(vit, True)       # the counter switches it off; the closed form counts the matmuls
+    set_fused_attention(vit, True)       # the counter switches it off; the closed form counts the matmuls
     assert vit_macs(vit) == count_macs(vit, INPUT).macs
     g = torch.Generator().manual_seed(5)
     for i in range(6):

@@ -58,8 +58,9 @@ def test_masks_hold_through_momentum_and_weight_decay(optimizer):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
     trainer = Trainer(model, loader, Recipe(optimizer=optimizer, weight_decay=0.1), torch.device("cpu"), 2, 0.5,
                       hooks=[masks])
+    trainer.restart_schedule(10)
     for _ in range(10):
-        trainer.train_step(10)
+        trainer.train_step()
         for name, p in masks.params.items():
             assert torch.all(p[~masks.masks[name]] == 0)
             state = trainer.optimizer.state[p]

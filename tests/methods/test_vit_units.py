@@ -12,13 +12,9 @@ from sparsebench.measure.vit_slim import ViTStructure
 from sparsebench.methods._vit_units import ViTUnitSpace, head_l1_scores, mlp_l1_scores
 from sparsebench.models import create_model
 
+from conftest import set_fused_attention
+
 INPUT = (3, 16, 16)
-
-
-def _set_fused(model, flag: bool):
-    for m in model.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = flag
 
 
 @pytest.fixture
@@ -54,7 +50,7 @@ def test_groups_layout(vit):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_masked_equals_compacted(vit, fused):
-    _set_fused(vit, fused)
+    set_fused_attention(vit, fused)
     space = ViTUnitSpace(vit)
     masks = _random_masks(space, torch.Generator().manual_seed(3), min_units=1)
     masks[2] = torch.zeros(4, dtype=torch.bool)            # block 1 keeps no head
