@@ -20,6 +20,13 @@ def test_readme_leaderboard_is_the_committed_one():
         assert (ROOT / image).is_file(), image
 
 
+def test_readme_speedup_table_is_the_committed_one():
+    from sparsebench.report.speedup import speedup_summary
+
+    summary = speedup_summary(ROOT / "results" / "speedup" / "cpu" / "speedup.csv")
+    assert summary in README
+
+
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python -m pytest -q" in README and "python -m pytest -q" in ci

@@ -172,9 +172,13 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
     realization = realize(model, outcome.realization, device)
     latency = None
     if spec.measure.latency and realization.realizable:
-        settings = LatencySettings(batch_sizes=spec.measure.batch_sizes, threads=spec.measure.threads,
-                                   min_run_time=spec.measure.min_run_time, rounds=spec.measure.rounds)
+        m = spec.measure
+        settings = LatencySettings(batch_sizes=m.batch_sizes, threads=m.threads, min_run_time=m.min_run_time,
+                                   rounds=m.rounds, dtype=m.dtype, channels_last=m.channels_last, compile=m.compile)
         latency = compare_latency(dense, realization.model, input_size, settings, device)
+        latency["settings"] = {"dtype": m.dtype, "threads": m.threads, "batch_sizes": list(m.batch_sizes),
+                               "channels_last": m.channels_last, "compile": m.compile, "device": str(device),
+                               "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events"}
     throughput_batch = str(max(spec.measure.batch_sizes))
     measured = latency[throughput_batch]["measured_speedup"] if latency else None
 

@@ -113,8 +113,13 @@ class MeasureSpec:
     threads: int = 1                  # torch threads for timing (and training)
     min_run_time: float = 0.1         # seconds per timed block (torch.utils.benchmark)
     rounds: int = 5                   # alternating dense/realized blocks
+    dtype: str = "float32"            # float32 | bfloat16 | float16
+    channels_last: bool = False
+    compile: bool = False             # time torch.compile'd models (a separate, recorded mode)
 
     def __post_init__(self):
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise SpecError(f"unknown dtype {self.dtype!r}; allowed: float32, bfloat16, float16")
         if self.threads < 1:
             raise SpecError(f"threads={self.threads} must be >= 1")
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):

@@ -87,6 +87,29 @@ class UnitSpace:
     def describe(self) -> str:
         return type(self).__name__
 
+    def check_compaction(self, model: nn.Module, kept: Sequence[torch.Tensor], compact: nn.Module,
+                         x: torch.Tensor, tolerance: float = 1e-4) -> float:
+        """max |masked(x) − compacted(x)| in eval mode; raises if above `tolerance`.
+
+        A fast wrong model is a bug, not a speedup: every compaction is checked before it is
+        fine-tuned or timed.
+        """
+        modes = (model.training, compact.training)
+        model.eval()
+        compact.eval()
+        handles = self.apply_masks(model, kept)
+        try:
+            with torch.inference_mode():
+                error = float((model(x) - compact(x)).abs().max())
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(modes[0])
+            compact.train(modes[1])
+        if not error < tolerance:
+            raise AssertionError(f"compacted model differs from the masked one by {error:.2e} (> {tolerance:g})")
+        return error
+
     # --- selection under a FLOPs budget --------------------------------------------------
     def select(self, scores: Sequence[torch.Tensor], flops_ratio: float, scope: str = "uniform",
                min_units: int = 1) -> List[torch.Tensor]:

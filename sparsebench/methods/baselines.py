@@ -138,7 +138,9 @@ class _ChannelOneShot(Method):
             scores = [s / s.abs().mean().clamp_min(1e-12) for s in scores]
         kept = space.select(scores, ctx.target.value, scope=cfg.scope, min_units=cfg.min_channels)
         compact = space.compact(ctx.model, kept)
-        notes = {"scope": cfg.scope, "units": space.describe()}
+        notes = {"scope": cfg.scope, "units": space.describe(),
+                 "compaction_max_abs_error": space.check_compaction(ctx.model, kept, compact,
+                                                                    next(iter(ctx.val_loader))[0].to(ctx.device))}
         if isinstance(space, ChannelSpace):
             notes["residual_mode"] = cfg.residual_mode
         return Outcome(model=compact, realization="compacted", structure=space.structure(kept),
