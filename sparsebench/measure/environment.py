@@ -32,14 +32,15 @@ def cpu_model() -> str:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> dict:
-    """sparsebench version and, when run from a checkout, the git commit and dirty flag."""
+    """sparsebench version and, when run from a checkout, the git commit and whether the
+    package source differs from it (`git_dirty`; docs and results do not count)."""
     root = Path(__file__).resolve().parents[2]
     info = {"sparsebench": _version("sparsebench") or "unknown", "git_commit": None, "git_dirty": None}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if commit.returncode == 0:
             info["git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparsebench"], cwd=root,
                                    capture_output=True, text=True, timeout=5)
             info["git_dirty"] = bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
