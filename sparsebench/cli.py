@@ -301,8 +301,10 @@ def _any_model(name: str, num_classes: int, img_size: int):
     import torchvision
 
     if name in timm.list_models():
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size) \
-            if "vit" in name or "deit" in name else timm.create_model(name, pretrained=False, num_classes=num_classes)
+        try:   # transformers take the resolution as an argument; CNNs take any input size
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
+        except TypeError:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes)
     if name in torchvision.models.list_models():
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise CliError(f"unknown model {name!r}; allowed: a registered model ({', '.join(MODELS.names())}), "

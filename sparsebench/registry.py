@@ -36,9 +36,8 @@ class Registry:
         def decorator(factory):
             if name in self._entries and self._entries[name].factory is not factory:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            doc = description or (factory.__doc__ or "").strip().splitlines()[0:1]
-            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
-            self._entries[name] = Entry(name, factory, text, tuple(tags))
+            first_doc_line = ((factory.__doc__ or "").strip().splitlines() or [""])[0]
+            self._entries[name] = Entry(name, factory, description or first_doc_line, tuple(tags))
             return factory
 
         return decorator

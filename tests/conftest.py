@@ -70,7 +70,7 @@ def make_context(model_name="resnet20_tiny", target="sparsity=0.5", method=None,
     from sparsebench.measure.flops import count_macs
 
     return MethodContext(
-        model=model, model_name=model_name, make_model=make_model, train_loader=loaders["train"],
+        model=model, model_name=model_name, make_model=make_model, train_loader=loaders["train_method"],
         val_loader=loaders["val"], num_classes=10, input_size=(3, img_size, img_size),
         target=Target.parse(target), budget=StepBudget(budget), recipe=recipe, device=torch.device("cpu"),
         seed=seed, config=method.config if method else None, dense_macs=count_macs(model, (3, img_size, img_size)).macs,

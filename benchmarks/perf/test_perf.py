@@ -27,7 +27,7 @@ def _setup():
     from sparsebench.harness.pipeline import make_loaders
 
     data = create_dataset("digits", img_size=16)
-    loader = make_loaders(data, 64, 0)["train"]
+    loader = make_loaders(data, 64, 0)["train_method"]
     batches = [b for _, b in zip(range(STEPS), loader)]
     return batches
 

@@ -66,21 +66,34 @@ def validate(spec: RunSpec):
 
 def resolve(spec: RunSpec) -> RunSpec:
     """The spec with the method's full config (defaults included), so the hash names everything."""
-    method = validate(spec)
+    return _with_full_config(spec, validate(spec))
+
+
+def _with_full_config(spec: RunSpec, method) -> RunSpec:
     return dataclasses.replace(spec, method_args=tuple(sorted(config_dict(method.config).items())))
 
 
+PHASES = ("dense", "method", "finetune")
+
+
 def make_loaders(data, batch_size: int, seed: int) -> dict:
+    """Train loaders per phase, plus val and test.
+
+    Each phase has its own generator, seeded from (seed, phase), so the data order of one
+    phase never depends on how many batches another consumed. Runs with the same seed see
+    the same order across methods, and a cached dense checkpoint changes nothing downstream.
+    """
     if len(data.train) < batch_size:
         raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
                         f"allowed: batch_size <= {len(data.train)}")
-    # The generator fixes the data order per seed, so runs are paired across methods.
-    generator = torch.Generator().manual_seed(seed)
-    return {
-        "train": DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator),
-        "val": DataLoader(data.val, batch_size=EVAL_BATCH),
-        "test": DataLoader(data.test, batch_size=EVAL_BATCH),
+    loaders = {
+        f"train_{phase}": DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True,
+                                     generator=torch.Generator().manual_seed(seed * len(PHASES) + i))
+        for i, phase in enumerate(PHASES)
     }
+    loaders["val"] = DataLoader(data.val, batch_size=EVAL_BATCH)
+    loaders["test"] = DataLoader(data.test, batch_size=EVAL_BATCH)
+    return loaders
 
 
 def _sparsity(model: nn.Module, dense: nn.Module, prunable: list) -> tuple:
@@ -96,8 +109,8 @@ def _sparsity(model: nn.Module, dense: nn.Module, prunable: list) -> tuple:
 
 def execute(spec: RunSpec, options: RunOptions) -> dict:
     """Run one spec end to end and write its record; returns the record."""
-    spec = resolve(spec)
     method = validate(spec)
+    spec = _with_full_config(spec, method)
     store = RecordStore(options.out)
     device = torch.device(options.device)
     torch.set_num_threads(spec.measure.threads)
@@ -141,7 +154,7 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
         start_model, budget = make_model(), pretrain_steps
     ctx = MethodContext(
         model=start_model, model_name=spec.model, make_model=make_model,
-        train_loader=loaders["train"], val_loader=loaders["val"], num_classes=info.num_classes,
+        train_loader=loaders["train_method"], val_loader=loaders["val"], num_classes=info.num_classes,
         input_size=input_size, target=spec.target, budget=StepBudget(budget), recipe=recipe,
         device=device, seed=spec.seed, config=method.config, progress=progress, dense_macs=dense_macs.macs,
     )
@@ -155,7 +168,8 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
     if outcome.finetune and finetune_steps > 0:
         torch.manual_seed(spec.seed)
         hooks = [outcome.masks] if outcome.masks is not None else []
-        trainer = Trainer(model, loaders["train"], recipe, device, info.num_classes, recipe.finetune_lr, hooks)
+        trainer = Trainer(model, loaders["train_finetune"], recipe, device, info.num_classes, recipe.finetune_lr,
+                          hooks)
         result = trainer.fit(finetune_steps, loaders["val"], eval_every, progress=progress, desc="finetune")
         finetune = {"steps": result.steps, "wall_seconds": result.wall_seconds,
                     "best_val_top1": result.best_val_top1, "best_step": result.best_step}

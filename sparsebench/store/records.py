@@ -94,10 +94,9 @@ def _jsonable(obj):
     raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
-def load_records(root: Path, strict: bool = True) -> List[dict]:
-    """All records under `root` (a results dir, or a `records/` dir)."""
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"results directory {str(root)!r} does not exist")
-    store = RecordStore(root if (root / "records").exists() or root.name != "records" else root.parent)
-    return store.load_all()
+def load_records(results_dir: Path) -> List[dict]:
+    """All records of a results directory (the one holding `records/`)."""
+    results_dir = Path(results_dir)
+    if not results_dir.is_dir():
+        raise FileNotFoundError(f"results directory {str(results_dir)!r} does not exist")
+    return RecordStore(results_dir).load_all()

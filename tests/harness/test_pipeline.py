@@ -50,6 +50,16 @@ def test_same_seed_gives_same_metrics(tmp_path):
     assert a["run_id"] == b["run_id"]
 
 
+def test_a_cached_dense_checkpoint_changes_nothing_downstream(tmp_path):
+    """Resume determinism: the run that trained the dense model and a re-run that loads it agree."""
+    spec = tiny_spec("magnitude-layerwise", target="sparsity=0.7", seed=1)
+    first = execute(spec, RunOptions(out=tmp_path / "a"))
+    again = execute(spec, RunOptions(out=tmp_path / "b", cache_dir=tmp_path / "a" / "checkpoints"))
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    for key in ("test_top1", "val_top1", "achieved_sparsity", "dense_test_top1"):
+        assert first[key] == again[key]
+
+
 def test_methods_share_one_dense_checkpoint(tmp_path):
     a = execute(tiny_spec("magnitude-global"), RunOptions(out=tmp_path))
     b = execute(tiny_spec("l1-channel", target="flops=0.5"), RunOptions(out=tmp_path))
