@@ -113,12 +113,15 @@ def _print_run_summary(r: dict) -> None:
 def _run_one(payload):
     """Worker entry point: one spec, errors returned rather than raised."""
     spec_dict, options = payload
+    from sparsebench.datasets import DataError
     from sparsebench.harness.pipeline import execute
-    from sparsebench.harness.spec import RunSpec
+    from sparsebench.harness.spec import RunSpec, SpecError
 
     try:
         execute(RunSpec.from_dict(spec_dict), options)
         return spec_dict, None
+    except (SpecError, DataError) as e:     # bad input for this run: its one line says it all
+        return spec_dict, f"{type(e).__name__}: {e}"
     except Exception as e:   # noqa: BLE001 — a failed run must not stop the sweep
         return spec_dict, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
 
@@ -140,6 +143,7 @@ def cmd_sweep(args) -> int:
     print(f"suite {suite.name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run"
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
     options = _options(args)
+    _check_data(todo, options)
     start = time.perf_counter()
     failures = []
     from tqdm.auto import tqdm
@@ -177,6 +181,14 @@ def cmd_sweep(args) -> int:
     for spec_dict, error in failures:
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']}: {error}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _check_data(specs, options) -> None:
+    """Load every dataset the runs need once, so missing data is one error, not one per run."""
+    from sparsebench.datasets import create_dataset
+
+    for dataset, img_size in sorted({(s.dataset, s.data.img_size) for s in specs}, key=str):
+        create_dataset(dataset, options.data_root, img_size, download=options.download)
 
 
 def _shard(specs, text: str):

@@ -197,3 +197,13 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path, capsys):
     assert code == 1 and "FAILED test-fails" in err and "method bug" in err
     names = [p.name for p in (tmp_path / "out" / "records").glob("*.json")]
     assert len(names) == 1 and names[0].startswith("magnitude-global")
+
+
+def test_sweep_on_missing_data_is_one_error(tmp_path, capsys):
+    suite = tmp_path / "c.yaml"
+    suite.write_text("methods: [dense]\nmodels: [resnet20_tiny]\ndatasets: [cifar10]\n")
+    code, _, err = run_cli(capsys, "sweep", str(suite), "--out", str(tmp_path / "out"), "--quiet",
+                           "--data-root", str(tmp_path / "nodata"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "cifar10" in err and str(tmp_path / "nodata") in err and "--download" in err
+    assert not (tmp_path / "out" / "records").exists()
