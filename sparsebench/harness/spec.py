@@ -112,7 +112,7 @@ class MeasureSpec:
     batch_sizes: Tuple[int, ...] = (1, 64)
     threads: int = 1                  # torch threads for timing (and training)
     min_run_time: float = 0.1         # seconds per timed block (torch.utils.benchmark)
-    rounds: int = 5                   # alternating dense/realized blocks
+    rounds: int = 6                   # alternating dense/realized blocks (even: each model leads equally often)
     dtype: str = "float32"            # float32 | bfloat16 | float16
     channels_last: bool = False
     compile: bool = False             # time torch.compile'd models (a separate, recorded mode)

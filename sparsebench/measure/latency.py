@@ -22,7 +22,7 @@ class LatencySettings:
     batch_sizes: Sequence[int] = (1, 64)
     threads: int = 1
     min_run_time: float = 0.1      # seconds per CPU block (blocked_autorange)
-    rounds: int = 5                # alternating blocks per model
+    rounds: int = 6                # alternating blocks per model (even: each leads equally often)
     warmup: int = 3                # CPU warm-up calls (GPU: cuda_warmup)
     cuda_warmup: int = 50
     cuda_iters: int = 200
