@@ -78,6 +78,7 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs") -> Path:
         ax.set_ylabel("test top-1 (%)")
         if x == "macs":
             ax.set_xscale("log")
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
