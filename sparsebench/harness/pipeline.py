@@ -183,14 +183,15 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
     params = count_params(model)
     prunable = outcome.prunable or [n for n, p in dense.named_parameters() if p.ndim > 1]
     sparsity, sparsity_all = _sparsity(model, dense, prunable)
-    realization = realize(model, outcome.realization, device)
+    realization = realize(model, outcome.realization, device, spec.measure.dtype)
     latency = None
     if spec.measure.latency and realization.realizable:
         m = spec.measure
         settings = LatencySettings(batch_sizes=m.batch_sizes, threads=m.threads, min_run_time=m.min_run_time,
-                                   rounds=m.rounds, dtype=m.dtype, channels_last=m.channels_last, compile=m.compile)
+                                   rounds=m.rounds, dtype=realization.dtype, channels_last=m.channels_last,
+                                   compile=m.compile)
         latency = compare_latency(dense, realization.model, input_size, settings, device)
-        latency["settings"] = {"dtype": m.dtype, "threads": m.threads, "batch_sizes": list(m.batch_sizes),
+        latency["settings"] = {"dtype": realization.dtype, "threads": m.threads, "batch_sizes": list(m.batch_sizes),
                                "channels_last": m.channels_last, "compile": m.compile, "device": str(device),
                                "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events"}
     throughput_batch = str(max(spec.measure.batch_sizes))

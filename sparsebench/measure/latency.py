@@ -47,7 +47,10 @@ class Timing:
 
 def _prepare(model: nn.Module, device: torch.device, settings: LatencySettings) -> nn.Module:
     dtype = getattr(torch, settings.dtype)
-    model = model.to(device=device, dtype=dtype).eval()
+    if any(p.is_sparse or type(p.data) is not torch.Tensor for p in model.parameters()):
+        model = model.eval()        # semi-structured weights: already on device, in their dtype
+    else:
+        model = model.to(device=device, dtype=dtype).eval()
     if settings.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if settings.compile:

@@ -4,32 +4,54 @@
 |----------------------------|---------------------------------------------|
 | dense                      | the dense model itself (speedup ≈ 1, a control) |
 | compacted (channels/heads) | the physically smaller dense model          |
+| masked, Linear weights 2:4 | semi-structured sparse Linear weights (fp16/bf16), only where a kernel runs |
 | masked (unstructured)      | none: zeros inside dense tensors run at dense speed on stock kernels |
+
+A 2:4 result is timed against the dense model at the same half-precision dtype.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import nn
+
+from sparsebench.measure.sparse24 import is_2to4, semi_structured_support, to_semi_structured
 
 
 @dataclass
 class Realization:
     model: Optional[nn.Module]
     realizable: bool
-    kind: Optional[str]             # dense | compacted | None
+    kind: Optional[str]             # dense | compacted | 2:4 | None
     reason: Optional[str] = None
+    dtype: Optional[str] = None     # the dtype the realized model must be timed in (2:4: half precision)
+    details: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"realizable": self.realizable, "kind": self.kind, "reason": self.reason}
+        return {"realizable": self.realizable, "kind": self.kind, "reason": self.reason, "dtype": self.dtype,
+                **self.details}
 
 
-def realize(model: nn.Module, realization: str, device: torch.device) -> Realization:
+def realize(model: nn.Module, realization: str, device: torch.device, dtype: str = "float32") -> Realization:
     if realization in ("dense", "compacted"):
-        return Realization(model, True, realization)
-    return Realization(
-        None, False, None,
-        reason=f"not realizable here: unstructured zeros inside dense tensors; no sparse kernel used on {device.type}",
-    )
+        return Realization(model, True, realization, dtype=dtype)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    pattern = [m for m in linears if (m.weight != 0).any() and is_2to4(m.weight)]
+    if not pattern:
+        return Realization(None, False, None, reason="not realizable here: unstructured zeros inside dense "
+                                                     f"tensors; no sparse kernel used on {device.type}")
+    half = dtype if dtype in ("float16", "bfloat16") else "float16"
+    supported, why = semi_structured_support(device, getattr(torch, half))
+    counts = {"linear_2to4": len(pattern), "linear_total": len(linears)}
+    if not supported:
+        return Realization(None, False, None, reason=f"not realizable here: {len(pattern)} Linear weights are 2:4 "
+                                                     f"but no semi-structured kernel ran ({why})", details=counts)
+    sparse, converted, skipped = to_semi_structured(copy.deepcopy(model), getattr(torch, half))
+    if converted == 0:
+        return Realization(None, False, None, reason="not realizable here: no 2:4 Linear met the kernel's "
+                                                     f"constraints ({skipped[:3]})", details=counts)
+    return Realization(sparse, True, "2:4", dtype=half,
+                       details={**counts, "converted": converted, "backend": why, "skipped": skipped})

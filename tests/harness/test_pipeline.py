@@ -31,7 +31,7 @@ def test_record_has_headline_fields_and_masks_survive_finetune(tmp_path):
 
 def test_structured_record_is_realized_and_timed(tmp_path):
     record = execute(tiny_spec("l1-channel", target="flops=0.5"), RunOptions(out=tmp_path))
-    assert record["realization"] == {"realizable": True, "kind": "compacted", "reason": None}
+    assert record["realization"] == {"realizable": True, "kind": "compacted", "reason": None, "dtype": "float32"}
     assert 0.49 <= record["achieved_flops_ratio"] <= 0.5
     assert record["theoretical_speedup"] == pytest.approx(1 / record["achieved_flops_ratio"])
     for batch in ("1", "8"):

@@ -1,0 +1,60 @@
+import pytest
+import torch
+from torch import nn
+
+from sparsebench.measure.latency import LatencySettings, compare_latency
+from sparsebench.measure.realize import realize
+from sparsebench.measure.sparse24 import prune_2to4_
+
+from conftest import requires_cuda
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128))
+
+
+def test_structured_and_dense_outcomes_are_realized_as_they_are():
+    model = mlp()
+    for kind in ("dense", "compacted"):
+        r = realize(model, kind, torch.device("cpu"))
+        assert r.realizable and r.kind == kind and r.model is model
+
+
+def test_unstructured_masks_are_not_realizable():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[torch.rand_like(model[0].weight) < 0.9] = 0
+    r = realize(model, "masked", torch.device("cpu"))
+    assert not r.realizable and r.model is None and "not realizable here" in r.reason
+    assert "2:4" not in r.reason
+
+
+def test_two_four_without_a_kernel_says_why():
+    model = mlp()
+    for layer in (model[0], model[2]):
+        prune_2to4_(layer)
+    r = realize(model, "masked", torch.device("cpu"))
+    assert not r.realizable
+    assert "2 Linear weights are 2:4" in r.reason and "CUDA" in r.reason
+    assert r.as_dict()["linear_2to4"] == 2
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_two_four_on_gpu_is_timed_in_half_precision():
+    device = torch.device("cuda")
+    model = mlp().to(device)
+    for layer in (model[0], model[2]):
+        prune_2to4_(layer)
+    r = realize(model, "masked", device)
+    if not r.realizable:
+        pytest.skip(r.reason)
+    assert r.kind == "2:4" and r.dtype == "float16" and r.details["converted"] >= 1
+    x = torch.randn(64, 128, device=device, dtype=torch.float16)
+    with torch.inference_mode():
+        assert torch.allclose(model.half()(x).float(), r.model(x).float(), atol=5e-2, rtol=5e-2)
+    timing = compare_latency(mlp().to(device), r.model, (128,),
+                             LatencySettings(batch_sizes=(64,), dtype="float16", cuda_warmup=5, cuda_iters=20,
+                                             rounds=2), device)
+    assert timing["64"]["measured_speedup"] > 0
