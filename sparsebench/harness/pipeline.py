@@ -76,7 +76,7 @@ def _with_full_config(spec: RunSpec, method) -> RunSpec:
 PHASES = ("dense", "method", "finetune")
 
 
-def make_loaders(data, batch_size: int, seed: int) -> dict:
+def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
     """Train loaders per phase, plus val and test.
 
     Each phase has its own generator, seeded from (seed, phase), so the data order of one
@@ -86,13 +86,14 @@ def make_loaders(data, batch_size: int, seed: int) -> dict:
     if len(data.train) < batch_size:
         raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
                         f"allowed: batch_size <= {len(data.train)}")
+    extra = {"num_workers": workers, "persistent_workers": workers > 0}
     loaders = {
         f"train_{phase}": DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True,
-                                     generator=torch.Generator().manual_seed(seed * len(PHASES) + i))
+                                     generator=torch.Generator().manual_seed(seed * len(PHASES) + i), **extra)
         for i, phase in enumerate(PHASES)
     }
-    loaders["val"] = DataLoader(data.val, batch_size=EVAL_BATCH)
-    loaders["test"] = DataLoader(data.test, batch_size=EVAL_BATCH)
+    loaders["val"] = DataLoader(data.val, batch_size=EVAL_BATCH, **extra)
+    loaders["test"] = DataLoader(data.test, batch_size=EVAL_BATCH, **extra)
     return loaders
 
 
@@ -120,7 +121,7 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
                           spec.data.split_seed, options.download)
     info = data.info
     input_size = (info.in_chans, info.img_size, info.img_size)
-    loaders = make_loaders(data, spec.recipe.batch_size, spec.seed)
+    loaders = make_loaders(data, spec.recipe.batch_size, spec.seed, spec.data.workers)
     n_train = data.split["n_train"]
     steps_per_epoch = math.ceil(n_train / spec.recipe.batch_size)
     eval_every = max(1, int(steps_per_epoch / spec.recipe.evals_per_epoch))
@@ -212,7 +213,7 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
         "test_top1": test.top1, "test_top5": test.top5, "val_top1": val.top1, "test_samples": test.n,
         "dense_test_top1": ckpt.test_top1, "dense_val_top1": ckpt.val_top1,
         "params": {"dense": dense_params["params"], "total": params["params"], "nonzero": params["params_nonzero"],
-                   "prunable_names": len(prunable)},
+                   "prunable_tensors": len(prunable)},
         "macs": {"dense": dense_macs.macs, "realized": macs.macs, "effective": macs.macs_effective,
                  "attention": macs.attention_macs, "flops_dense": dense_macs.flops,
                  "flops_effective": macs.flops_effective, "input_size": list(input_size), "batch": 1,

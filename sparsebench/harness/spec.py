@@ -72,10 +72,13 @@ class Recipe:
     label_smoothing: float = 0.0
     warmup_fraction: float = 0.05
     evals_per_epoch: float = 1.0      # validation checks used for model selection
+    precision: str = "fp32"           # fp32 | bf16 (autocast; master weights, masks and optimizer stay fp32)
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adamw"):
             raise SpecError(f"unknown optimizer {self.optimizer!r}; allowed: sgd, adamw")
+        if self.precision not in ("fp32", "bf16"):
+            raise SpecError(f"unknown precision {self.precision!r}; allowed: fp32, bf16")
         for name in ("batch_size", "lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise SpecError(f"recipe {name}={getattr(self, name)} must be > 0")
@@ -98,8 +101,11 @@ class DataSpec:
     img_size: Optional[int] = None    # None: the dataset's native resolution
     val_fraction: float = 0.1
     split_seed: int = 0
+    workers: int = 0                  # DataLoader workers (augmentation streams depend on it)
 
     def __post_init__(self):
+        if self.workers < 0:
+            raise SpecError(f"workers={self.workers} must be >= 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise SpecError(f"val_fraction={self.val_fraction} is out of range; allowed: 0 < val_fraction < 1")
         if self.img_size is not None and self.img_size < 8:
@@ -178,7 +184,7 @@ class RunSpec:
             "data": dataclasses.asdict(self.data), "seed": self.seed, "pretrained": self.pretrained,
             "recipe": {k: getattr(r, k) for k in ("batch_size", "pretrain_epochs", "optimizer", "lr", "momentum",
                                                    "weight_decay", "label_smoothing", "warmup_fraction",
-                                                   "evals_per_epoch")},
+                                                   "evals_per_epoch", "precision")},
         }
 
 

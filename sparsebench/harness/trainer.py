@@ -174,6 +174,11 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * scale
 
+    def autocast(self):
+        """bf16 autocast for `precision="bf16"`: parameters, gradients, masks and optimizer state stay fp32."""
+        enabled = self.recipe.precision == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
     def next_batch(self):
         if self._data is None:
             self._data = cycle(self.train_loader)
@@ -189,12 +194,13 @@ class Trainer:
         self.model.train(self.model_mode == "train")
         x, y = self.batch = self.next_batch()
         self._set_lr()
-        outputs = self.model(x)
-        loss = F.cross_entropy(outputs, y, label_smoothing=self.recipe.label_smoothing)
-        for h in self.hooks:
-            extra = h.extra_loss(self, x, outputs, y)
-            if extra is not None:
-                loss = loss + extra
+        with self.autocast():
+            outputs = self.model(x)
+            loss = F.cross_entropy(outputs.float(), y, label_smoothing=self.recipe.label_smoothing)
+            for h in self.hooks:
+                extra = h.extra_loss(self, x, outputs, y)
+                if extra is not None:
+                    loss = loss + extra
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -109,3 +109,11 @@ def test_scratch_methods_get_the_pretrain_budget(tmp_path):
     assert record["starts_from"] == "scratch"
     assert record["cost"]["method_steps"] == record["cost"]["dense_pretrain_steps"]
     assert record["cost"]["finetune_steps"] > 0
+
+
+def test_gmp_from_pretrained_prunes_the_dense_checkpoint_within_the_search_budget(tmp_path):
+    spec = tiny_spec("gmp", target="sparsity=0.6", method_args=(("from_pretrained", True),))
+    record = execute(spec, RunOptions(out=tmp_path))
+    assert record["starts_from"] == "pretrained"
+    assert record["cost"]["method_steps"] == record["cost"]["method_budget_steps"] < record["cost"]["dense_pretrain_steps"]
+    assert record["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)

@@ -48,7 +48,8 @@ def test_global_topk_keeps_exact_count_and_largest_values():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_masks_hold_through_momentum_and_weight_decay(optimizer):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_masks_hold_through_momentum_and_weight_decay(optimizer, precision):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
     params = prunable_weights(model)
@@ -56,8 +57,8 @@ def test_masks_hold_through_momentum_and_weight_decay(optimizer):
                                                 keep_counts(params, layer_densities(params, 0.75))))
     x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
-    trainer = Trainer(model, loader, Recipe(optimizer=optimizer, weight_decay=0.1), torch.device("cpu"), 2, 0.5,
-                      hooks=[masks])
+    trainer = Trainer(model, loader, Recipe(optimizer=optimizer, weight_decay=0.1, precision=precision),
+                      torch.device("cpu"), 2, 0.5, hooks=[masks])
     trainer.restart_schedule(10)
     for _ in range(10):
         trainer.train_step()
@@ -68,6 +69,7 @@ def test_masks_hold_through_momentum_and_weight_decay(optimizer):
                 if key in state:
                     assert torch.all(state[key][~masks.masks[name]] == 0)
     assert masks.sparsity() == pytest.approx(0.75, abs=1e-3)
+    assert all(p.dtype == torch.float32 for p in masks.params.values())
 
 
 def test_update_zeroes_grown_weights_and_their_optimizer_state():
