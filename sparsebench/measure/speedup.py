@@ -14,7 +14,7 @@ from typing import List, Sequence
 
 import torch
 
-from sparsebench.measure.environment import environment
+from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import count_macs
 from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.models import create_model
@@ -81,7 +81,7 @@ def speedup_rows(config: SpeedupConfig, progress=None) -> List[dict]:
 
 
 def speedup_environment(config: SpeedupConfig) -> dict:
-    return {**environment(torch.device(config.device), max(config.threads)), "config": {
+    return {**environment(torch.device(config.device), max(config.threads)), "code_version": code_version(), "config": {
         k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}}
 
 
