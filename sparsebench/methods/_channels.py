@@ -207,14 +207,14 @@ class ChannelSpace(UnitSpace):
             g.mask_points = _mask_points(model, graph, g)
         self._layers = self._layer_costs(model, example)
         model.train(was_training)
-        dense = self.macs([g.size for g in self.groups])
-        self.fixed_macs = self._total_macs - dense
-        self.dense_macs = self._total_macs
+        from sparsebench.measure.flops import count_macs
+
+        # Everything the groups do not change (attention matmuls, unpruned layers) is fixed.
+        self.dense_macs = count_macs(model, self.input_size).macs
+        self.fixed_macs = self.dense_macs - self._layer_macs([g.size for g in self.groups])
 
     # --- closed-form FLOPs model -------------------------------------------------------
     def _layer_costs(self, model: nn.Module, example: torch.Tensor) -> List[_LayerCost]:
-        from sparsebench.measure.flops import count_macs
-
         out_of = {n: g.index for g in self.groups for n in g.out_members}
         in_of = {n: g.index for g in self.groups for n in g.in_members}
         shapes: Dict[str, torch.Size] = {}
@@ -237,11 +237,14 @@ class ChannelSpace(UnitSpace):
                 cin, cout = m.in_features, m.out_features
             layers.append(_LayerCost(name, positions, kernel, groups, cin, cout,
                                      in_of.get(name), out_of.get(name), _is_depthwise(m)))
-        self._total_macs = count_macs(model, self.input_size).macs
         return layers
 
     def macs(self, keep: Sequence[int]) -> int:
         """MACs of the model compacted to `keep[g]` channels per group (exact for conv/linear)."""
+        return self.fixed_macs + self._layer_macs(keep)
+
+    def _layer_macs(self, keep: Sequence[int]) -> int:
+        """MACs of the conv/linear layers whose inputs or outputs the groups touch."""
         total = 0
         for layer in self._layers:
             cout = keep[layer.out_group] if layer.out_group is not None else layer.cout
@@ -250,7 +253,7 @@ class ChannelSpace(UnitSpace):
                 total += layer.positions * layer.kernel * cout
             else:
                 total += layer.positions * layer.kernel * (cin // layer.groups) * cout
-        return total + getattr(self, "fixed_macs", 0)
+        return total
 
     # --- masks and compaction ---------------------------------------------------------------
     def apply_masks(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> List[torch.utils.hooks.RemovableHandle]:
