@@ -232,11 +232,9 @@ def _dry_run(suite, specs, args) -> int:
 
 # --- reports, listing, flops ------------------------------------------------------------------
 def cmd_leaderboard(args) -> int:
-    from sparsebench.report import aggregate, records_frame, to_markdown
-    from sparsebench.report.leaderboard import display_table
-    from sparsebench.store.records import load_records
+    from sparsebench.report import display_table, leaderboard_of, to_markdown
 
-    agg = aggregate(records_frame(load_records(Path(args.dir))))
+    agg = leaderboard_of(args.dir)
     if args.format == "csv":
         text = agg.to_csv(index=False)
     elif args.format == "html":
@@ -254,11 +252,10 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from sparsebench.report import aggregate, records_frame
+    from sparsebench.report import leaderboard_of
     from sparsebench.report.plots import plot
-    from sparsebench.store.records import load_records
 
-    agg = aggregate(records_frame(load_records(Path(args.dir))))
+    agg = leaderboard_of(args.dir)
     if agg.empty:
         raise CliError(f"no records in {args.dir!r}")
     name = "accuracy_vs_flops.png" if args.x == "macs" else "accuracy_vs_speedup.png"

@@ -5,12 +5,17 @@ from sparsebench.report.leaderboard import aggregate, display_table, records_fra
 from sparsebench.store.records import atomic_write_text, load_records
 
 
+def leaderboard_of(results_dir: Path):
+    """The aggregated leaderboard (one row per dataset, model, method, target) of a results directory."""
+    return aggregate(records_frame(load_records(Path(results_dir))))
+
+
 def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
     """Rebuild leaderboard.{md,csv,html} and the two plots in `results_dir` from its records."""
     from sparsebench.report.plots import plot
 
     results_dir = Path(results_dir)
-    agg = aggregate(records_frame(load_records(results_dir)))
+    agg = leaderboard_of(results_dir)
     paths = {}
     markdown = to_markdown(agg, title)
     atomic_write_text(results_dir / "leaderboard.md", markdown)
@@ -25,4 +30,4 @@ def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
     return paths
 
 
-__all__ = ["aggregate", "display_table", "records_frame", "to_markdown", "write_reports"]
+__all__ = ["aggregate", "display_table", "leaderboard_of", "records_frame", "to_markdown", "write_reports"]
