@@ -61,8 +61,8 @@ def _progress_factory(quiet: bool):
 # --- run ------------------------------------------------------------------------------------
 def _spec_from_args(args):
 
-    from sparsebench.harness.spec import DataSpec, MeasureSpec, RunSpec, Target
-    from sparsebench.harness.suite import recipe_for
+    from sparsebench.specs import DataSpec, MeasureSpec, RunSpec, Target
+    from sparsebench.runners.suite import recipe_for
     from sparsebench.models import model_family
 
     family = model_family(args.model)
@@ -78,7 +78,7 @@ def _spec_from_args(args):
 
 
 def _options(args):
-    from sparsebench.harness.pipeline import RunOptions
+    from sparsebench.runners.pipeline import RunOptions
 
     return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
@@ -86,7 +86,7 @@ def _options(args):
 
 
 def cmd_run(args) -> int:
-    from sparsebench.harness.pipeline import execute, resolve
+    from sparsebench.runners.pipeline import execute, resolve
     from sparsebench.store.records import RecordStore
 
     spec = resolve(_spec_from_args(args))
@@ -114,8 +114,8 @@ def _run_one(payload):
     """Worker entry point: one spec, errors returned rather than raised."""
     spec_dict, options = payload
     from sparsebench.datasets import DataError
-    from sparsebench.harness.pipeline import execute
-    from sparsebench.harness.spec import RunSpec, SpecError
+    from sparsebench.runners.pipeline import execute
+    from sparsebench.specs import RunSpec, SpecError
 
     try:
         execute(RunSpec.from_dict(spec_dict), options)
@@ -127,8 +127,8 @@ def _run_one(payload):
 
 
 def cmd_sweep(args) -> int:
-    from sparsebench.harness.pipeline import resolve
-    from sparsebench.harness.suite import load_suite
+    from sparsebench.runners.pipeline import resolve
+    from sparsebench.runners.suite import load_suite
     from sparsebench.store.records import RecordStore
 
     suite = load_suite(Path(args.suite))
@@ -201,7 +201,7 @@ def _shard(specs, text: str):
 
 
 def _dry_run(suite, specs, args) -> int:
-    from sparsebench.harness.suite import count_dense_checkpoints, estimate_cost, human_seconds, steps_of_run
+    from sparsebench.runners.suite import count_dense_checkpoints, estimate_cost, human_seconds, steps_of_run
     from sparsebench.methods import create_method
 
     total_seconds = 0.0
@@ -323,7 +323,7 @@ def _any_model(name: str, num_classes: int, img_size: int):
 def cmd_speedup(args) -> int:
     import pandas as pd
 
-    from sparsebench.measure.speedup import SpeedupConfig, speedup_environment, speedup_rows
+    from sparsebench.runners.speedup import SpeedupConfig, speedup_environment, speedup_rows
     from sparsebench.models import MODELS
     from sparsebench.store.records import atomic_write_text
 
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from sparsebench.datasets import DataError
-    from sparsebench.harness.spec import SpecError
+    from sparsebench.specs import SpecError
     from sparsebench.registry import UnknownNameError
 
     parser = build_parser()

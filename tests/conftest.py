@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from sparsebench.harness.spec import DataSpec, MeasureSpec, Recipe, RunSpec, Target
+from sparsebench.specs import DataSpec, MeasureSpec, Recipe, RunSpec, Target
 
 torch.set_num_threads(1)
 
@@ -53,8 +53,8 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 def make_context(model_name="resnet20_tiny", target="sparsity=0.5", method=None, seed=0, budget=20, img_size=16):
     """A MethodContext on digits with a fresh model, as the harness would build it."""
     from sparsebench.datasets import create_dataset
-    from sparsebench.harness.pipeline import make_loaders
-    from sparsebench.harness.trainer import StepBudget
+    from sparsebench.runners.pipeline import make_loaders
+    from sparsebench.training.trainer import StepBudget
     from sparsebench.methods import MethodContext
     from sparsebench.models import create_model
 

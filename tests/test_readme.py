@@ -33,7 +33,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_add_a_method_example_runs(tmp_path):
-    from sparsebench.harness.pipeline import RunOptions, execute
+    from sparsebench.runners.pipeline import RunOptions, execute
     from sparsebench.methods import METHODS
 
     from conftest import tiny_spec

@@ -11,7 +11,7 @@ def test_entry_point_method_is_listed_and_runnable(tmp_path):
         from dataclasses import dataclass
         import torch
         from sparsebench.methods import Method, Outcome, register_method
-        from sparsebench.methods._masks import MaskSet, prunable_weights, global_topk_masks
+        from sparsebench.training.masks import MaskSet, prunable_weights, global_topk_masks
 
         @register_method("my-random")
         class MyRandom(Method):

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsebench.harness.spec import Recipe
-from sparsebench.harness.trainer import Trainer
+from sparsebench.specs import Recipe
+from sparsebench.training.trainer import Trainer
 from sparsebench.measure.flops import count_macs
 from sparsebench.models import create_model
 
@@ -24,7 +24,7 @@ STEPS = 30
 
 def _setup():
     from sparsebench.datasets import create_dataset
-    from sparsebench.harness.pipeline import make_loaders
+    from sparsebench.runners.pipeline import make_loaders
 
     data = create_dataset("digits", img_size=16)
     loader = make_loaders(data, 64, 0)["train_method"]

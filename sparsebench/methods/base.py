@@ -1,7 +1,7 @@
 """The method adapter interface: what a method is given, and what it hands back.
 
 A method *decides* (which weights, channels, heads or tokens to keep); shared machinery
-(`_masks`, `_channels`, the trainer, the exporters) *does* (applies masks, keeps them
+(`training.masks`, `training.channels`, the trainer, the exporters) *does* (applies masks, keeps them
 applied, compacts models). The harness owns data, dense checkpoint, fine-tuning,
 evaluation and measurement, identically for every method.
 
@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sparsebench.harness.spec import Recipe, SpecError, Target
-from sparsebench.harness.trainer import StepBudget, Trainer, TrainerHook
+from sparsebench.specs import Recipe, SpecError, Target
+from sparsebench.training.trainer import StepBudget, Trainer, TrainerHook
 from sparsebench.registry import Registry
 
 METHODS = Registry("method", entry_point_group="sparsebench.methods")
@@ -44,7 +44,7 @@ class Outcome:
     """What a method hands back to the harness.
 
     model        the sparse model: masked in place, or already compacted (smaller dense)
-    masks        unstructured masks the fine-tune must keep applied (a `_masks.MaskSet`)
+    masks        unstructured masks the fine-tune must keep applied (a `training.masks.MaskSet`)
     realization  "dense" (nothing removed), "compacted" (a physically smaller model),
                  "masked" (zeros inside dense tensors: not realizable on stock kernels)
     structure    kept channels / heads / widths, JSON-serialisable, stored in the record

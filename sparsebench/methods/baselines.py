@@ -13,12 +13,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 from timm.models.vision_transformer import VisionTransformer
 
-from sparsebench.methods._channels import ChannelSpace
-from sparsebench.methods._vit_units import ViTUnitSpace
-from sparsebench.methods._masks import (
+from sparsebench.training.channels import ChannelSpace
+from sparsebench.training.vit_units import ViTUnitSpace
+from sparsebench.training.masks import (
     MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights,
 )
 from sparsebench.methods.base import Method, MethodContext, Outcome, register_method

@@ -12,9 +12,9 @@ from typing import List, Literal, Optional
 
 import torch
 
-from sparsebench.harness.spec import SpecError
-from sparsebench.harness.trainer import Trainer, TrainerHook
-from sparsebench.methods._masks import (
+from sparsebench.errors import SpecError
+from sparsebench.training.trainer import Trainer, TrainerHook
+from sparsebench.training.masks import (
     MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights,
 )
 from sparsebench.methods.base import Method, MethodContext, Outcome, register_method

@@ -15,7 +15,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 
 # registered model -> ("torchvision", weights enum name) or ("timm", model name)
 HUB_WEIGHTS = {

@@ -3,7 +3,7 @@ import torch
 
 from sparsebench.measure.flops import count_macs
 from sparsebench.methods import create_method
-from sparsebench.methods._masks import prunable_weights
+from sparsebench.training.masks import prunable_weights
 
 from conftest import make_context
 
@@ -79,7 +79,7 @@ def test_dense_small_matches_flops_and_trains_within_budget(model_name, flops):
 
 
 def test_l1_on_vits_keeps_the_largest_l1_heads():
-    from sparsebench.methods._vit_units import head_l1_scores
+    from sparsebench.training.vit_units import head_l1_scores
 
     method = create_method("l1-channel")
     ctx = make_context("vit_cifar_tiny", "flops=0.5", method)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 from sparsebench.models import create_model
 from sparsebench.models.pretrained import load_pretrained, state_dict_sha256
 
@@ -41,7 +41,7 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
 
 
 def test_record_names_the_weights(tmp_path):
-    from sparsebench.harness.pipeline import RunOptions, execute
+    from sparsebench.runners.pipeline import RunOptions, execute
 
     from conftest import tiny_spec
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from sparsebench.harness.spec import Recipe
-from sparsebench.harness.trainer import BudgetExceeded, StepBudget, Trainer, TrainerHook, evaluate
+from sparsebench.specs import Recipe
+from sparsebench.training.trainer import BudgetExceeded, StepBudget, Trainer, TrainerHook, evaluate
 
 
 class Constant(nn.Module):

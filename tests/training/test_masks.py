@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparsebench.harness.spec import Recipe
-from sparsebench.harness.trainer import Trainer
-from sparsebench.methods._masks import (
+from sparsebench.specs import Recipe
+from sparsebench.training.trainer import Trainer
+from sparsebench.training.masks import (
     MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights, topk_mask,
 )
 

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from sparsebench.harness.spec import RunSpec, stable_hash
-from sparsebench.harness.trainer import Trainer, evaluate
+from sparsebench.specs import RunSpec, stable_hash
+from sparsebench.training.trainer import Trainer, evaluate
 from sparsebench.models.pretrained import load_pretrained
 from sparsebench.store.records import atomic_write_bytes, file_lock
 

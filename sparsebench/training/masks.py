@@ -11,8 +11,8 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from sparsebench.harness.spec import SpecError
-from sparsebench.harness.trainer import Trainer, TrainerHook
+from sparsebench.errors import SpecError
+from sparsebench.training.trainer import Trainer, TrainerHook
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
 _OPTIMIZER_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")

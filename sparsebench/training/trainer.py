@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from sparsebench.harness.spec import Recipe
+from sparsebench.specs import Recipe
 
 
 class BudgetExceeded(RuntimeError):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 from sparsebench.measure.flops import count_macs
-from sparsebench.methods._channels import ChannelSpace
+from sparsebench.training.channels import ChannelSpace
 
 from conftest import randomize_norms
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 from sparsebench.measure.flops import count_macs, count_params
-from sparsebench.measure.vit_slim import ViTStructure
-from sparsebench.methods._vit_units import ViTUnitSpace, head_l1_scores, mlp_l1_scores
+from sparsebench.training.vit_slim import ViTStructure
+from sparsebench.training.vit_units import ViTUnitSpace, head_l1_scores, mlp_l1_scores
 from sparsebench.models import create_model
 
 from conftest import set_fused_attention

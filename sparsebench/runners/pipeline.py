@@ -24,9 +24,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparsebench.datasets import create_dataset
-from sparsebench.harness.checkpoints import dense_checkpoint, load_dense_weights
-from sparsebench.harness.spec import RunSpec, SpecError
-from sparsebench.harness.trainer import StepBudget, Trainer, evaluate
+from sparsebench.runners.checkpoints import dense_checkpoint, load_dense_weights
+from sparsebench.specs import RunSpec, SpecError
+from sparsebench.training.trainer import StepBudget, Trainer, evaluate
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from sparsebench.harness.spec import (
+from sparsebench.specs import (
     FAMILY_RECIPES, DataSpec, MeasureSpec, Recipe, RunSpec, SpecError, Target,
 )
 
@@ -112,7 +112,7 @@ def load_suite(path: Path) -> Suite:
 
 
 def expand(raw: Dict[str, Any]) -> Suite:
-    from sparsebench.harness.pipeline import validate
+    from sparsebench.runners.pipeline import validate
     from sparsebench.methods import METHODS
     from sparsebench.models import create_model, model_family
 
@@ -199,7 +199,7 @@ def human_seconds(seconds: float) -> str:
 
 
 def count_dense_checkpoints(specs: List[RunSpec]) -> int:
-    from sparsebench.harness.spec import stable_hash
+    from sparsebench.specs import stable_hash
 
     return len({stable_hash(s.dense_key()) for s in specs})
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from sparsebench.harness.pipeline import RunOptions, execute, resolve
+from sparsebench.runners.pipeline import RunOptions, execute, resolve
 from sparsebench.methods import METHODS, Method, Outcome, register_method
 from sparsebench.store.records import RecordStore
 
@@ -95,7 +95,7 @@ def test_budget_overrun_is_an_error_not_a_record(tmp_path):
             return Outcome(ctx.model, "masked")
 
     try:
-        from sparsebench.harness.trainer import BudgetExceeded
+        from sparsebench.training.trainer import BudgetExceeded
 
         with pytest.raises(BudgetExceeded):
             execute(tiny_spec("test-greedy"), RunOptions(out=tmp_path))

@@ -1,6 +1,6 @@
 import pytest
 
-from sparsebench.measure.speedup import SpeedupConfig, speedup_rows
+from sparsebench.runners.speedup import SpeedupConfig, speedup_rows
 
 
 def test_speedup_rows_on_tiny_models():

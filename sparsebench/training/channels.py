@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 
 RESIDUAL_MODES = ("coupled", "internal")
 

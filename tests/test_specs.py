@@ -4,13 +4,13 @@ import sys
 
 import pytest
 
-from sparsebench.harness.spec import DataSpec, MeasureSpec, Recipe, RunSpec, SpecError, Target, stable_hash
+from sparsebench.specs import DataSpec, MeasureSpec, Recipe, RunSpec, SpecError, Target, stable_hash
 
 
 def test_hash_is_stable_across_processes_and_key_order():
     spec = RunSpec(method="gmp", model="resnet20_tiny", dataset="digits", target=Target("sparsity", 0.9),
                    method_args=(("scope", "layer"),))
-    code = ("from sparsebench.harness.spec import RunSpec, Target;"
+    code = ("from sparsebench.specs import RunSpec, Target;"
             "print(RunSpec(method='gmp', model='resnet20_tiny', dataset='digits', target=Target('sparsity', 0.9),"
             "method_args=(('scope', 'layer'),)).hash)")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 from sparsebench.measure.flops import count_macs, count_params
-from sparsebench.measure.vit_slim import (
+from sparsebench.training.vit_slim import (
     BlockStructure, ConstantAttention, ConstantMlp, ViTStructure, emulate_structure, slim_vit, vit_macs, vit_params,
 )
 from sparsebench.models import create_model

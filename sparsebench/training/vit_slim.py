@@ -38,7 +38,7 @@ from timm.layers import Attention, LayerScale, Mlp
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from sparsebench.harness.spec import SpecError
+from sparsebench.errors import SpecError
 
 # timm 1.0.16–1.0.22 accept `attn_head_dim` but reshape the attention output back to the
 # input width, which breaks kdim·heads ≠ dim (svite spec §5.4).

@@ -1,7 +1,7 @@
 import pytest
 
-from sparsebench.harness.spec import SpecError
-from sparsebench.harness.suite import expand, load_suite
+from sparsebench.errors import SpecError
+from sparsebench.runners.suite import expand, load_suite
 
 
 def test_quick_suite_expands_with_family_recipes():

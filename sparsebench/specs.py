@@ -13,11 +13,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from sparsebench.errors import SpecError
+
 TARGET_KINDS = ("sparsity", "flops", "none")
-
-
-class SpecError(ValueError):
-    """A bad value in a run spec, suite file or command line; the message names it."""
 
 
 @dataclass(frozen=True)

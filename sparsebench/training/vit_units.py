@@ -2,7 +2,7 @@
 
 The ViT counterpart of `ChannelSpace`: a method scores units and `select`s kept sets under a
 FLOPs budget (shared in `UnitSpace`); this module emulates the pruned model on the dense one
-and exports it through the ViT slimming exporter (`sparsebench.measure.vit_slim`, S²ViTE /
+and exports it through the ViT slimming exporter (`sparsebench.training.vit_slim`, S²ViTE /
 OFB export rules). Units, as S²ViTE's (svite spec §3):
 - head h of a block: rows [h·d, (h+1)·d) of each of the Q, K and V slices of `qkv` and the
   matching input columns of `proj`;
@@ -21,10 +21,10 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from sparsebench.measure.vit_slim import (
+from sparsebench.training.vit_slim import (
     BlockStructure, ViTStructure, check_supported, default_input_size, emulate_structure, num_tokens, slim_vit,
 )
-from sparsebench.methods._channels import UnitSpace
+from sparsebench.training.channels import UnitSpace
 
 UNIT_KINDS = ("heads", "mlp")
 

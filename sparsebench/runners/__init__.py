@@ -1,0 +1,1 @@
+"""Job runners: the pipeline of one run (stages), suites and sweeps, the speedup table."""
