@@ -1,0 +1,5 @@
+import sys
+
+from sparsebench.cli import main
+
+sys.exit(main())
