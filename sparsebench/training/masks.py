@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from sparsebench.errors import SpecError
-from sparsebench.training.trainer import Trainer, TrainerHook
+from sparsebench.training.trainer import HookOrder, Trainer, TrainerHook
 
 DISTRIBUTIONS = ("uniform", "erk", "er")
 _OPTIMIZER_STATE_KEYS = ("momentum_buffer", "exp_avg", "exp_avg_sq")
@@ -107,11 +107,14 @@ def layerwise_topk_masks(scores: Dict[str, torch.Tensor], counts: Dict[str, int]
 class MaskSet(TrainerHook):
     """Boolean masks keyed by parameter name, kept applied during training.
 
-    - after backward: grad ⊙= mask (the dense gradient is readable before, e.g. by RigL,
-      through hooks registered earlier in the trainer);
+    - after backward: grad ⊙= mask (the dense gradient is readable before, by hooks of
+      `HookOrder.READS_DENSE_GRADIENTS`, e.g. RigL);
     - after the step: w ⊙= mask and the optimizer state (momentum, Adam moments) ⊙= mask,
-      so weight decay or momentum can never revive a pruned weight.
+      so weight decay or momentum can never revive a pruned weight. It runs after every
+      other hook (`HookOrder.MASKS`), so a topology update is in force before the next step.
     """
+
+    order = HookOrder.MASKS
 
     def __init__(self, model: nn.Module, masks: Dict[str, torch.Tensor]):
         params = dict(model.named_parameters())

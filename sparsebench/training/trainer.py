@@ -1,12 +1,29 @@
 """The one training loop every method and the harness use.
 
-Methods never write their own loop: they hand the `Trainer` hooks. A hook may
-- add loss terms (`extra_loss`): PASS's FLOPs regulariser, OFB's one-hot and PMIM losses;
-- act after backward (`after_backward`): gradient masking, RigL's dense-gradient read;
-- act after the optimizer step (`after_step`): re-applying masks, topology updates;
-- learn of phases (`on_phase`): GaP's grow/prune-back boundaries.
+Methods never write their own loop: they hand the `Trainer` hooks. One optimizer step runs
+
+    before_forward  → forward → task loss → compute_loss → extra_loss → backward
+                    → after_backward → optimizer step → after_step
+
+and `on_phase` marks phase boundaries. At each point the hooks run in ascending
+`TrainerHook.order`, ties in the order they were given. The order matters and is pinned by
+a test: a hook that reads the dense gradient (RigL's grow criterion) has
+`order = HookOrder.READS_DENSE_GRADIENTS` and runs before `MaskSet` (`HookOrder.MASKS`),
+which zeroes masked gradients in `after_backward` and re-applies masks to weights and
+optimizer state last in `after_step`, whatever other hooks did.
+
+What a hook may do at each point:
+- `before_forward(inputs, targets)`: return a replacement batch (OFB's masked patches for
+  PMIM, a visual prompt on the inputs); later hooks see the replaced batch;
+- `compute_loss(inputs, outputs, targets, loss)`: return a loss that replaces or wraps the
+  task loss (distillation from the dense teacher, reconstruction);
+- `extra_loss(...)`: add a term (PASS's FLOPs regulariser, OFB's one-hot loss);
+- `after_backward`: read or change gradients (gradient masking, RigL's dense-gradient read);
+- `after_step`: re-apply masks, update topology;
+- `on_phase(name)`: learn of phases (GaP's grow/prune-back boundaries).
 Extra trainable modules (prompts, hypernetworks, selectors, decoders) join through
-`param_groups`. Every optimizer step is counted against the method's budget.
+`param_groups`. Every optimizer step is counted against the method's budget, and a
+non-finite loss stops training with `Diverged` rather than training on NaNs.
 """
 from __future__ import annotations
 
@@ -21,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sparsebench.errors import Diverged
 from sparsebench.specs import Recipe
 
 
@@ -28,10 +46,29 @@ class BudgetExceeded(RuntimeError):
     pass
 
 
+class HookOrder:
+    """Where a hook runs among the others at each point of a step (ascending)."""
+
+    READS_DENSE_GRADIENTS = -100   # must see gradients before masking zeroes them (RigL)
+    DEFAULT = 0
+    MASKS = 100                    # gradient masking; masks re-applied after everyone else
+
+
 class TrainerHook:
-    """Override what you need; every method has a no-op default."""
+    """Override what you need; every method has a no-op default. See the module docstring
+    for the order of calls within a step."""
+
+    order: int = HookOrder.DEFAULT
 
     def on_phase(self, trainer: "Trainer", phase: str) -> None: ...
+
+    def before_forward(self, trainer: "Trainer", inputs: torch.Tensor, targets: torch.Tensor):
+        """Return `(inputs, targets)` to replace the batch, or None to keep it."""
+        return None
+
+    def compute_loss(self, trainer: "Trainer", inputs, outputs, targets, loss: torch.Tensor) -> torch.Tensor:
+        """Return the loss to use; the default keeps the task loss as it is."""
+        return loss
 
     def extra_loss(self, trainer: "Trainer", inputs, outputs, targets) -> Optional[torch.Tensor]:
         return None
@@ -84,6 +121,10 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     return Accuracy(correct1 / n, correct5 / n if num_classes > 10 else None, loss_sum / n, n)
 
 
+def _ordered(hooks: Iterable[TrainerHook]) -> List[TrainerHook]:
+    return sorted(hooks, key=lambda h: getattr(h, "order", HookOrder.DEFAULT))   # stable: ties keep their order
+
+
 def cycle(loader: DataLoader):
     while True:
         yield from loader
@@ -122,7 +163,7 @@ class Trainer:
             raise ValueError(f"model_mode must be 'train' or 'eval', got {model_mode!r}")
         self.model, self.train_loader, self.recipe = model, train_loader, recipe
         self.device, self.num_classes, self.lr = device, num_classes, lr
-        self.hooks: List[TrainerHook] = list(hooks)
+        self.hooks: List[TrainerHook] = _ordered(hooks)
         self.budget = budget
         self.model_mode = model_mode
         self.step = 0                     # optimizer steps taken by this trainer
@@ -157,7 +198,7 @@ class Trainer:
         self.schedule_start, self.schedule_steps = self.step, steps
 
     def add_hook(self, hook: TrainerHook) -> None:
-        self.hooks.append(hook)
+        self.hooks = _ordered([*self.hooks, hook])
 
     def phase(self, name: str) -> None:
         for h in self.hooks:
@@ -192,15 +233,24 @@ class Trainer:
         if self.budget is not None:
             self.budget.spend(1)
         self.model.train(self.model_mode == "train")
-        x, y = self.batch = self.next_batch()
+        x, y = self.next_batch()
+        for h in self.hooks:
+            replaced = h.before_forward(self, x, y)
+            if replaced is not None:
+                x, y = replaced
+        self.batch = (x, y)
         self._set_lr()
         with self.autocast():
             outputs = self.model(x)
             loss = F.cross_entropy(outputs.float(), y, label_smoothing=self.recipe.label_smoothing)
             for h in self.hooks:
+                loss = h.compute_loss(self, x, outputs, y, loss)
+            for h in self.hooks:
                 extra = h.extra_loss(self, x, outputs, y)
                 if extra is not None:
                     loss = loss + extra
+        if not bool(torch.isfinite(loss.detach())):
+            raise Diverged(f"non-finite training loss ({float(loss.detach()):g}) at step {self.step + 1}")
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

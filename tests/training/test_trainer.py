@@ -108,3 +108,106 @@ def test_no_weight_decay_and_reset_optimizer():
     assert trainer.optimizer.state[model.weight]
     trainer.reset_optimizer()
     assert not trainer.optimizer.state
+
+
+class _Recorder(TrainerHook):
+    """Logs every call, so a test can read the order of one step."""
+
+    def __init__(self, name, log, order=0):
+        self.name, self.log, self.order = name, log, order
+
+    def before_forward(self, trainer, inputs, targets):
+        self.log.append(("before_forward", self.name))
+
+    def compute_loss(self, trainer, inputs, outputs, targets, loss):
+        self.log.append(("compute_loss", self.name))
+        return loss
+
+    def extra_loss(self, trainer, inputs, outputs, targets):
+        self.log.append(("extra_loss", self.name))
+
+    def after_backward(self, trainer):
+        self.log.append(("after_backward", self.name))
+
+    def after_step(self, trainer):
+        self.log.append(("after_step", self.name))
+
+
+def test_hook_order_within_a_step_is_pinned():
+    from sparsebench.training.trainer import HookOrder
+
+    model, loader = _toy()
+    log = []
+    hooks = [_Recorder("masks", log, HookOrder.MASKS), _Recorder("a", log), _Recorder("b", log),
+             _Recorder("grad-reader", log, HookOrder.READS_DENSE_GRADIENTS)]
+    trainer = Trainer(model, loader, Recipe(), torch.device("cpu"), 2, 0.1, hooks=hooks)
+    trainer.restart_schedule(1)
+    trainer.train_step()
+    per_hook = ["grad-reader", "a", "b", "masks"]          # ascending order, ties as given
+    points = ["before_forward", "compute_loss", "extra_loss", "after_backward", "after_step"]
+    assert log == [(p, h) for p in points for h in per_hook]
+
+
+def test_dense_gradient_reader_runs_before_gradient_masking():
+    from sparsebench.training.masks import MaskSet
+    from sparsebench.training.trainer import HookOrder
+
+    model, loader = _toy()
+    mask = torch.ones_like(model.weight, dtype=torch.bool)
+    mask[0, 0] = False
+    masks = MaskSet(model, {"weight": mask})
+    seen = {}
+
+    class GradReader(TrainerHook):
+        order = HookOrder.READS_DENSE_GRADIENTS
+
+        def after_backward(self, trainer):
+            seen["dense"] = model.weight.grad.clone()
+
+    class LateReader(TrainerHook):
+        order = HookOrder.MASKS + 1
+
+        def after_backward(self, trainer):
+            seen["masked"] = model.weight.grad.clone()
+
+    # given in the "wrong" order: the trainer orders them
+    trainer = Trainer(model, loader, Recipe(), torch.device("cpu"), 2, 0.1, hooks=[LateReader(), masks, GradReader()])
+    trainer.restart_schedule(1)
+    trainer.train_step()
+    assert seen["dense"][0, 0] != 0 and seen["masked"][0, 0] == 0
+    assert model.weight[0, 0] == 0
+
+
+def test_before_forward_replaces_the_batch_and_compute_loss_wraps_the_loss():
+    model, loader = _toy()
+
+    class ZeroInputs(TrainerHook):
+        def before_forward(self, trainer, inputs, targets):
+            return torch.zeros_like(inputs), targets
+
+    class Doubled(TrainerHook):
+        def compute_loss(self, trainer, inputs, outputs, targets, loss):
+            assert bool((inputs == 0).all())          # sees the replaced batch
+            return 2 * loss
+
+    x, y = next(iter(loader))
+    with torch.no_grad():
+        expected = 2 * nn.functional.cross_entropy(model(torch.zeros_like(x)), y)
+    trainer = Trainer(model, loader, Recipe(label_smoothing=0.0), torch.device("cpu"), 2, 0.1,
+                      hooks=[ZeroInputs(), Doubled()])
+    trainer.restart_schedule(1)
+    trainer._data = iter([(x, y)])
+    loss = trainer.train_step()
+    assert bool((trainer.batch[0] == 0).all())
+    assert torch.isclose(loss, expected, atol=1e-6)
+
+
+def test_non_finite_loss_stops_training_with_diverged():
+    from sparsebench.errors import Diverged
+
+    model, loader = _toy()
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    trainer = Trainer(model, loader, Recipe(), torch.device("cpu"), 2, 0.1)
+    with pytest.raises(Diverged, match="non-finite training loss"):
+        trainer.fit(3)
