@@ -18,6 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from sparsebench.training.channels import ChannelSpace
 from sparsebench.training.vit_units import ViTUnitSpace
+from sparsebench.training.importance import MagnitudeImportance, RandomImportance
 from sparsebench.training.masks import (
     MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights,
 )
@@ -152,18 +153,9 @@ class L1Channel(_ChannelOneShot):
     """L1-norm filter pruning (Li et al. 2017); CNN channels or ViT heads/neurons, compacted."""
 
     def unit_scores(self, model, space, generator):
-        if isinstance(space, ViTUnitSpace):
-            return space.l1_scores(model)       # head: its q, k, v rows + proj columns; neuron: fc1 row + fc2 column
-        scores = []
-        for g in space.groups:
-            # A coupled group's channel lives in every producing conv: sum their filter L1 norms.
-            s = torch.zeros(g.size)
-            for name in g.out_members:
-                m = model.get_submodule(name)
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    s += m.weight.detach().abs().flatten(1).sum(1).cpu()
-            scores.append(s)
-        return scores
+        # CNN: a coupled group's channel lives in every producing conv, so its filter L1
+        # norms are summed; ViT head: its q, k, v rows + proj columns; neuron: fc1 row + fc2 column
+        return MagnitudeImportance(p=1)(model, space)
 
 
 @register_method("random-channel")
@@ -171,7 +163,7 @@ class RandomChannel(_ChannelOneShot):
     """Random channel (CNN) or head/neuron (ViT) pruning under the FLOPs target, compacted."""
 
     def unit_scores(self, model, space, generator):
-        return [torch.rand(g.size, generator=generator) for g in space.groups]
+        return RandomImportance(generator)(model, space)
 
 
 @register_method("dense-small")

@@ -87,17 +87,35 @@ class UnitSpace:
     def describe(self) -> str:
         return type(self).__name__
 
+    def gate_hooks(self, model: nn.Module, gates) -> List[torch.utils.hooks.RemovableHandle]:
+        """Forward hooks scaling each unit by `gates.values[g]` (read at call time)."""
+        raise NotImplementedError
+
+    def gate(self, model: nn.Module):
+        """Differentiable per-unit gates on `model` (see `training.gates.UnitGates`)."""
+        from sparsebench.training.gates import UnitGates
+
+        return UnitGates(self, model)
+
     def check_compaction(self, model: nn.Module, kept: Sequence[torch.Tensor], compact: nn.Module,
-                         x: torch.Tensor, tolerance: float = 1e-4) -> float:
+                         x: torch.Tensor, tolerance: float = 1e-4, via: str = "masks") -> float:
         """max |masked(x) − compacted(x)| in eval mode; raises if above `tolerance`.
 
         A fast wrong model is a bug, not a speedup: every compaction is checked before it is
-        fine-tuned or timed.
+        fine-tuned or timed. `via="masks"` emulates the kept sets with fixed masks,
+        `via="gates"` with binary gates on the gating path; both must agree with `compact`.
         """
+        if via not in ("masks", "gates"):
+            raise ValueError(f"via must be 'masks' or 'gates', got {via!r}")
         modes = (model.training, compact.training)
         model.eval()
         compact.eval()
-        handles = self.apply_masks(model, kept)
+        if via == "masks":
+            handles = self.apply_masks(model, kept)
+        else:
+            gates = self.gate(model)
+            gates.set([k.to(torch.float32).to(x.device) for k in kept])
+            handles = [gates]
         try:
             with torch.inference_mode():
                 error = float((model(x) - compact(x)).abs().max())
@@ -106,6 +124,9 @@ class UnitSpace:
                 h.remove()
             model.train(modes[0])
             compact.train(modes[1])
+        if error != error:
+            raise ValueError("the compaction check produced NaN: the masked model's outputs are not finite "
+                             "(a diverged model cannot be compacted)")
         if not error < tolerance:
             raise AssertionError(f"compacted model differs from the masked one by {error:.2e} (> {tolerance:g})")
         return error
@@ -185,7 +206,7 @@ class ChannelSpace(UnitSpace):
         was_training = model.training
         model.eval()
         tp = _tp()
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        graph = _dependency_graph(tp, model, example)
         ignored = list(ignored if ignored is not None else classifier_layers(model))
         self.groups: List[ChannelGroup] = []
         for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=list(_LAYERS)):
@@ -270,6 +291,21 @@ class ChannelSpace(UnitSpace):
                 handles.append(module.register_forward_hook(hook))
         return handles
 
+    def gate_hooks(self, model: nn.Module, gates) -> List[torch.utils.hooks.RemovableHandle]:
+        """Gates multiply a group's channels where its masks would zero them (after the norm)."""
+        handles = []
+        for gi, g in enumerate(self.groups):
+            for point in g.mask_points:
+                def hook(mod, inputs, output, gi=gi):
+                    gate = gates.values[gi]
+                    if gate is None:
+                        return None
+                    shape = [1, -1] + [1] * (output.dim() - 2)
+                    return output * gate.to(output.dtype).view(shape)
+
+                handles.append(model.get_submodule(point).register_forward_hook(hook))
+        return handles
+
     def compact(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> nn.Module:
         """Physically remove unmasked channels through torch-pruning; returns a pruned deep copy."""
         model = copy.deepcopy(model)
@@ -277,7 +313,7 @@ class ChannelSpace(UnitSpace):
         model.eval()
         example = torch.zeros(1, *self.input_size, device=next(model.parameters()).device)
         tp = _tp()
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        graph = _dependency_graph(tp, model, example)
         for g, mask in zip(self.groups, masks):
             pruned = torch.nonzero(~mask).flatten().tolist()
             if not pruned:
@@ -296,6 +332,19 @@ class ChannelSpace(UnitSpace):
             "residual_mode": self.residual_mode,
             "groups": [{"root": g.root, "size": g.size, "kept": int(m.sum())} for g, m in zip(self.groups, masks)],
         }
+
+
+def _dependency_graph(tp, model: nn.Module, example: torch.Tensor):
+    """torch-pruning's graph of `model`, also when its parameters are frozen: the graph is
+    traced through autograd and silently finds no groups for parameters without grad."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
 
 
 def _is_depthwise(m: nn.Module) -> bool:

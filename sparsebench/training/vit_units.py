@@ -111,6 +111,43 @@ class ViTUnitSpace(UnitSpace):
         at `fc2`'s input (after the activation)."""
         return emulate_structure(model, self.to_structure(masks), fold_bias=self.fold_bias)
 
+    def gate_hooks(self, model: nn.Module, gates) -> List[torch.utils.hooks.RemovableHandle]:
+        """Head gates at `proj`'s input, neuron gates at `fc2`'s input.
+
+        A head's slice is blended toward the value a pruned head outputs (its v-bias with
+        `fold_bias`, else 0): x·g + fill·(1 − g). At g ∈ {0, 1} this is exactly the fixed-mask
+        path, so binary gates agree with the compacted model; in between the gradient of g
+        is the first-order Taylor score of the head's output.
+        """
+        handles = []
+        for gi, group in enumerate(self.groups):
+            blk = model.blocks[group.block]
+            if group.kind == "heads":
+                attn = blk.attn
+
+                def proj_pre(mod, inputs, gi=gi, attn=attn):
+                    gate = gates.values[gi]
+                    if gate is None:
+                        return None
+                    x = inputs[0]
+                    H, d = attn.num_heads, attn.head_dim
+                    g = gate.to(x.dtype).repeat_interleave(d)
+                    if self.fold_bias and attn.qkv.bias is not None:
+                        fill = attn.qkv.bias.view(3, -1)[2].to(x.dtype)
+                        return (x * g + fill * (1 - g),) + tuple(inputs[1:])
+                    return (x * g,) + tuple(inputs[1:])
+
+                handles.append(attn.proj.register_forward_pre_hook(proj_pre))
+            else:
+                def fc2_pre(mod, inputs, gi=gi):
+                    gate = gates.values[gi]
+                    if gate is None:
+                        return None
+                    return (inputs[0] * gate.to(inputs[0].dtype),) + tuple(inputs[1:])
+
+                handles.append(blk.mlp.fc2.register_forward_pre_hook(fc2_pre))
+        return handles
+
     def compact(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> nn.Module:
         """A new, physically smaller stock timm ViT (`slim_vit`)."""
         return slim_vit(model, self.to_structure(masks), fold_bias=self.fold_bias)
