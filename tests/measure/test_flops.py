@@ -8,7 +8,7 @@ from sparsebench.measure.flops import count_macs, unfused_attention
 from sparsebench.models import create_model
 
 # Reference totals at 224 px, batch 1 (measurement spec §1; published figures in brackets).
-REFERENCE_GMACS = [("resnet18", 1.814), ("resnet50", 4.089), ("deit_tiny", 1.254), ("deit_small", 4.599)]
+REFERENCE_GMACS = [("resnet18", 1.814), ("resnet50", 4.089), ("deit_tiny", 1.254), ("deit_small", 4.599), ("deit_base", 17.56)]
 
 
 @pytest.mark.parametrize("name, gmacs", REFERENCE_GMACS)
