@@ -88,12 +88,6 @@ class Recipe:
         return int(math.ceil(epochs * math.ceil(n_train / self.batch_size)))
 
 
-FAMILY_RECIPES = {
-    "cnn": Recipe(),
-    "vit": Recipe(optimizer="adamw", lr=1e-3, finetune_lr=2e-4, weight_decay=0.05, warmup_fraction=0.1),
-}
-
-
 @dataclass(frozen=True)
 class DataSpec:
     img_size: Optional[int] = None    # None: the dataset's native resolution
