@@ -4,7 +4,7 @@
     sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--dry-run]
     sparsebench leaderboard DIR          sparsebench plot DIR
     sparsebench list [methods|models|datasets]
-    sparsebench flops MODEL [--img-size N] [--json]
+    sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
     sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--out results/speedup/cpu]
 
 Bad input ends with one line on stderr naming the bad value and what is allowed, exit
@@ -87,26 +87,35 @@ def _options(args):
 
 def cmd_run(args) -> int:
     from sparsebench.runners.pipeline import execute, resolve
-    from sparsebench.store.records import RecordStore
+    from sparsebench.store import RecordError, RecordStore
 
     spec = resolve(_spec_from_args(args))
     store = RecordStore(Path(args.out))
+    record = None
     if store.exists(spec.run_id) and not args.force:
-        print(f"already done: {store.path(spec.run_id)}")
-        record = store.read(spec.run_id)
-    else:
+        try:
+            record = store.read(spec.run_id)
+            print(f"already done: {store.path(spec.run_id)}")
+        except RecordError as e:     # a damaged record is no finished run: run it again
+            print(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
+                  file=sys.stderr)
+    if record is None:
         record = execute(spec, _options(args))
         print(f"wrote {store.path(spec.run_id)}")
     _print_run_summary(record)
     return 0
 
 
-def _print_run_summary(r: dict) -> None:
-    speed = f"{r['measured_speedup']:.2f}×" if r.get("measured_speedup") else r["realization"]["reason"] or "–"
-    print(f"{r['method']} {r['model']} {r['dataset']} {r['target']['kind']}={r['target']['value']} seed {r['seed']}: "
-          f"top1 {100 * r['test_top1']:.2f}% (dense {100 * r['dense_test_top1']:.2f}%), "
-          f"sparsity {r['achieved_sparsity']:.4f}, FLOPs ratio {r['achieved_flops_ratio']:.4f}, "
-          f"theoretical {r['theoretical_speedup']:.2f}×, measured {speed}")
+def _print_run_summary(r) -> None:
+    head = f"{r.method} {r.model} {r.dataset} {r.target_label} seed {r.seed}"
+    if not r.has_result:
+        print(f"{head}: {r.status.upper()} ({r.error}); record kept, no metrics")
+        return
+    speed = f"{r.measured_speedup:.2f}× ({r.device})" if r.measured_speedup else r.realization.reason or "–"
+    missed = "" if r.target_met else (f"; MISSED TARGET (tolerance -{r.tolerance.below:g}/+{r.tolerance.above:g})")
+    print(f"{head}: top1 {100 * r.test_top1:.2f}% (dense {100 * r.dense_test_top1:.2f}%), "
+          f"sparsity {r.achieved_sparsity:.4f}, FLOPs ratio {r.achieved_flops_ratio:.4f}, "
+          f"theoretical {r.theoretical_speedup:.2f}×, measured {speed}{missed}")
 
 
 # --- sweep ----------------------------------------------------------------------------------
@@ -234,13 +243,14 @@ def _dry_run(suite, specs, args) -> int:
 def cmd_leaderboard(args) -> int:
     from sparsebench.report import display_table, leaderboard_of, to_markdown
 
-    agg = leaderboard_of(args.dir)
+    board = leaderboard_of(args.dir)
+    agg = board.table
     if args.format == "csv":
         text = agg.to_csv(index=False)
     elif args.format == "html":
         text = display_table(agg).to_html(index=False)
     else:
-        text = to_markdown(agg)
+        text = to_markdown(agg, left_out=board.excluded)
     if args.output:
         from sparsebench.store.records import atomic_write_text
 
@@ -255,9 +265,9 @@ def cmd_plot(args) -> int:
     from sparsebench.report import leaderboard_of
     from sparsebench.report.plots import plot
 
-    agg = leaderboard_of(args.dir)
+    agg = leaderboard_of(args.dir).table
     if agg.empty:
-        raise CliError(f"no records in {args.dir!r}")
+        raise CliError(f"no records with status ok in {args.dir!r}")
     name = "accuracy_vs_flops.png" if args.x == "macs" else "accuracy_vs_speedup.png"
     path = plot(agg, Path(args.output) if args.output else Path(args.dir) / name, x=args.x)
     print(f"wrote {path}")
@@ -297,6 +307,16 @@ def cmd_flops(args) -> int:
     else:
         print(f"{args.model} at {args.img_size}px: {report.macs / 1e9:.4f} GMACs ({report.flops / 1e9:.4f} GFLOPs), "
               f"attention matmuls {report.attention_macs / 1e9:.4f} GMACs, params {params['params'] / 1e6:.3f} M")
+    if args.cross_check:
+        from sparsebench.measure.flops import fvcore_macs
+
+        if args.fused_attention:
+            raise CliError("--cross-check counts with fused attention off; drop --fused-attention")
+        theirs = fvcore_macs(model, (3, args.img_size, args.img_size))
+        print("conv + linear + matmul MACs per image, fused attention off:")
+        print(f"  sparsebench {report.macs:>15,d} MACs")
+        print(f"  fvcore      {theirs:>15,d} MACs")
+        print(f"  difference {report.macs - theirs:,d} MACs ({(report.macs - theirs) / max(1, theirs):+.4%})")
     return 0
 
 
@@ -435,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--layers", action="store_true", help="include per-layer MACs (with --json)")
     p.add_argument("--fused-attention", action="store_true", help="leave fused attention on (shows the defect)")
+    p.add_argument("--cross-check", action="store_true", help="also count with fvcore and print both side by side")
     p.set_defaults(func=cmd_flops)
     p = sub.add_parser("speedup", help="theoretical vs measured speedup of structured pruning")
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2", "deit_tiny", "deit_small"])

@@ -57,7 +57,7 @@ def dense_checkpoint(
         torch.manual_seed(spec.seed)
         model = make_model().to(device)
         pretrained_sha = load_pretrained(model, spec.model, spec.pretrained) if spec.pretrained else None
-        trainer = Trainer(model, loaders["train_dense"], spec.recipe, device, num_classes, spec.recipe.lr)
+        trainer = Trainer(model, loaders["train_dense"], spec.recipe, device, num_classes, spec.recipe.lr, stage="dense")
         start = time.perf_counter()
         result = trainer.fit(steps, loaders["val"], eval_every, progress=progress, desc="dense")
         wall = time.perf_counter() - start

@@ -154,6 +154,7 @@ class Trainer:
         train_model_params: bool = True,
         model_mode: str = "train",
         no_weight_decay: Iterable[torch.nn.Parameter] = (),
+        stage: str = "training",
     ):
         """`train_model_params=False` freezes the model (only `param_groups` learn);
         `model_mode="eval"` keeps BN statistics and dropout frozen during training steps
@@ -166,6 +167,7 @@ class Trainer:
         self.hooks: List[TrainerHook] = _ordered(hooks)
         self.budget = budget
         self.model_mode = model_mode
+        self.stage = stage                # named in `Diverged` (method, finetune, dense)
         self.step = 0                     # optimizer steps taken by this trainer
         self.schedule_start, self.schedule_steps = 0, None   # LR schedule horizon
         self.loss: Optional[torch.Tensor] = None
@@ -250,7 +252,7 @@ class Trainer:
                 if extra is not None:
                     loss = loss + extra
         if not bool(torch.isfinite(loss.detach())):
-            raise Diverged(f"non-finite training loss ({float(loss.detach()):g}) at step {self.step + 1}")
+            raise Diverged(self.stage, f"non-finite training loss ({float(loss.detach()):.3g}) at step {self.step + 1}")
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
