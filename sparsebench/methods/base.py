@@ -28,7 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparsebench.specs import Recipe, SpecError, Target
-from sparsebench.training.trainer import StepBudget, Trainer, TrainerHook
+from sparsebench.training.resume import RunCheckpoints
+from sparsebench.training.trainer import ComputeMeter, StepBudget, Trainer, TrainerHook
 from sparsebench.registry import Registry
 
 METHODS = Registry("method", entry_point_group="sparsebench.methods")
@@ -85,6 +86,8 @@ class MethodContext:
     config: Any                       # the method's Config instance
     progress: Optional[Callable[..., Any]] = None
     dense_macs: Optional[int] = None  # MACs of the dense model at input_size
+    checkpoints: Optional[RunCheckpoints] = None   # the run's resume point; every make_trainer fit uses it
+    compute: ComputeMeter = field(default_factory=ComputeMeter)   # training MACs of the method
 
     def make_trainer(
         self,
@@ -99,7 +102,8 @@ class MethodContext:
     ) -> Trainer:
         """A trainer on the shared recipe whose steps count against this method's budget.
 
-        See `Trainer` for `train_model_params`, `model_mode` and `no_weight_decay`; extra
+        Its fits checkpoint and resume with the run, and its MACs count as the method's
+        (`compute`); a hook adds work the model does not show through `trainer.add_macs`. See `Trainer` for `train_model_params`, `model_mode` and `no_weight_decay`; extra
         trainable modules join through `param_groups` (dicts as torch optimizers take them).
         """
         recipe = recipe or self.recipe
@@ -107,7 +111,7 @@ class MethodContext:
             model if model is not None else self.model, self.train_loader, recipe, self.device,
             self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, param_groups=param_groups,
             budget=self.budget, train_model_params=train_model_params, model_mode=model_mode,
-            no_weight_decay=no_weight_decay,
+            no_weight_decay=no_weight_decay, checkpoints=self.checkpoints, compute=self.compute,
         )
 
     def count_macs(self, model: Optional[nn.Module] = None):

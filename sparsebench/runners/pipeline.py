@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader
 from sparsebench.datasets import create_dataset
 from sparsebench.runners.checkpoints import dense_checkpoint, load_dense_weights
 from sparsebench.specs import RunSpec, SpecError
-from sparsebench.training.trainer import StepBudget, Trainer, evaluate
+from sparsebench.training.resume import RunCheckpoints
+from sparsebench.training.trainer import COST_CONVENTION, StepBudget, Trainer, evaluate
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
@@ -46,6 +47,10 @@ class RunOptions:
     cache_dir: Optional[Path] = None       # dense checkpoints; default <out>/checkpoints
     device: str = "cpu"
     progress: Optional[Callable] = None    # tqdm-like factory, or None for silence
+    # Resume (not in the spec hash: it does not change results). Every fit saves at its end and every
+    # `checkpoint_every` steps under <out>/partial/<spec hash>/; a rerun of a killed run continues there.
+    checkpoint_every: Optional[int] = 1000
+    resume: bool = True                    # False: no checkpoints, a rerun starts over
 
 
 def validate(spec: RunSpec):
@@ -142,7 +147,9 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
 
     cache = Path(options.cache_dir) if options.cache_dir else Path(options.out) / "checkpoints"
     ckpt = dense_checkpoint(spec, cache, make_model, loaders, info.num_classes, device, pretrain_steps,
-                            eval_every, progress)
+                            eval_every, progress, options.checkpoint_every, options.resume)
+    partial = RunCheckpoints(Path(options.out) / "partial" / spec.hash, options.checkpoint_every) \
+        if options.resume else None
     load_dense_weights(dense, ckpt)
     dense.eval()
     dense_macs = count_macs(dense, input_size)
@@ -158,22 +165,24 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
         train_loader=loaders["train_method"], val_loader=loaders["val"], num_classes=info.num_classes,
         input_size=input_size, target=spec.target, budget=StepBudget(budget), recipe=recipe,
         device=device, seed=spec.seed, config=method.config, progress=progress, dense_macs=dense_macs.macs,
+        checkpoints=partial,
     )
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
     outcome = method.run(ctx)
-    method_wall = time.perf_counter() - start
+    method_wall = time.perf_counter() - start + (partial.restored_seconds if partial is not None else 0.0)
 
-    finetune = {"steps": 0, "wall_seconds": 0.0, "best_val_top1": None, "best_step": None}
+    finetune = {"steps": 0, "wall_seconds": 0.0, "best_val_top1": None, "best_step": None, "macs": None}
     model = outcome.model
     if outcome.finetune and finetune_steps > 0:
         torch.manual_seed(spec.seed)
         hooks = [outcome.masks] if outcome.masks is not None else []
         trainer = Trainer(model, loaders["train_finetune"], recipe, device, info.num_classes, recipe.finetune_lr,
-                          hooks)
+                          hooks, checkpoints=partial)
         result = trainer.fit(finetune_steps, loaders["val"], eval_every, progress=progress, desc="finetune")
         finetune = {"steps": result.steps, "wall_seconds": result.wall_seconds,
-                    "best_val_top1": result.best_val_top1, "best_step": result.best_step}
+                    "best_val_top1": result.best_val_top1, "best_step": result.best_step,
+                    "macs": trainer.compute.as_dict()}
     if outcome.masks is not None:
         outcome.masks.apply()
     model.eval()
@@ -227,7 +236,10 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
         "cost": {"method_steps": ctx.budget.used, "method_budget_steps": budget,
                  "method_wall_seconds": method_wall, "finetune_steps": finetune["steps"],
                  "finetune_wall_seconds": finetune["wall_seconds"], "dense_pretrain_steps": ckpt.steps,
-                 "dense_pretrain_wall_seconds": ckpt.wall_seconds},
+                 "dense_pretrain_wall_seconds": ckpt.wall_seconds,
+                 "train_macs": {"method": ctx.compute.as_dict(), "finetune": finetune["macs"],
+                                "dense_pretrain": ckpt.train_macs, "convention": COST_CONVENTION},
+                 "resumed_fits": partial.resumed if partial is not None else 0},
         "selection": {"split": "val", "finetune_best_val_top1": finetune["best_val_top1"],
                       "finetune_best_step": finetune["best_step"], "test_evaluations": 1},
         "dense_checkpoint": {"hash": ckpt.hash, "file": ckpt.path.name, "val_top1": ckpt.val_top1,
@@ -241,4 +253,6 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     store.write(record)
+    if partial is not None:
+        partial.clear()
     return record

@@ -345,11 +345,12 @@ class Trainer:
         _, dense, by_weight = self._layer_macs
         versions = tuple((id(h), h.version) for h in self.hooks)
         if self._forward_macs is None or self._forward_macs[0] != versions:
-            saved = 0.0
+            macs = dense
             for h in self.hooks:
                 for weight, density in h.masked_densities().items():
-                    saved += by_weight.get(weight, 0) * (1.0 - density)
-            self._forward_macs = (versions, int(round(dense - saved)))
+                    layer = by_weight.get(weight, 0)
+                    macs += int(round(layer * density)) - layer
+            self._forward_macs = (versions, macs)
         return self._forward_macs[1]
 
     def _count_step(self, inputs: torch.Tensor) -> None:
