@@ -81,3 +81,23 @@ def set_fused_attention(model: torch.nn.Module, flag: bool) -> None:
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = flag
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL in resume tests."""
+
+
+def kill_after(monkeypatch, n):
+    """Make the n-th optimizer step from now raise `Killed`; returns a function that undoes it."""
+    from sparsebench.training.trainer import Trainer
+
+    original, calls = Trainer.train_step, [0]
+
+    def step(self):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Killed
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    return lambda: monkeypatch.setattr(Trainer, "train_step", original)

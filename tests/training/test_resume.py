@@ -9,23 +9,7 @@ from sparsebench.training.masks import MaskSet, topk_mask
 from sparsebench.training.resume import ResumeMismatch, RunCheckpoints
 from sparsebench.training.trainer import StepBudget, Trainer, TrainerHook
 
-
-class Killed(Exception):
-    pass
-
-
-def kill_after(monkeypatch, n):
-    """Make the n-th optimizer step from now raise, as a SIGKILL would stop the process."""
-    original, calls = Trainer.train_step, [0]
-
-    def step(self):
-        calls[0] += 1
-        if calls[0] == n:
-            raise Killed
-        return original(self)
-
-    monkeypatch.setattr(Trainer, "train_step", step)
-    return lambda: monkeypatch.setattr(Trainer, "train_step", original)
+from conftest import Killed, kill_after
 
 
 class Noisy(TrainerHook):
