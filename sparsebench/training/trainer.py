@@ -42,6 +42,7 @@ import copy
 import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -139,19 +140,22 @@ class ComputeMeter:
 
     def __init__(self):
         self.forward, self.backward = 0, 0
+        self.complete = True      # False when a model's MACs could not be counted
 
     def add(self, forward: int = 0, backward: int = 0) -> None:
         self.forward += int(forward)
         self.backward += int(backward)
 
     def as_dict(self) -> dict:
-        return {"forward": self.forward, "backward": self.backward, "total": self.forward + self.backward}
+        return {"forward": self.forward, "backward": self.backward, "total": self.forward + self.backward,
+                "complete": self.complete}
 
     def state_dict(self) -> dict:
-        return {"forward": self.forward, "backward": self.backward}
+        return {"forward": self.forward, "backward": self.backward, "complete": self.complete}
 
     def load_state_dict(self, state: dict) -> None:
         self.forward, self.backward = int(state["forward"]), int(state["backward"])
+        self.complete = bool(state["complete"])
 
 
 @dataclass
@@ -296,6 +300,9 @@ class Trainer:
             self.budget.spend(1)
         self.model.train(self.model_mode == "train")
         x, y = self.next_batch()
+        # counted before the training forward, so its extra forward (first step only) cannot
+        # overwrite activations a hook captures for after_backward
+        per_image = self.forward_macs_per_image(x.shape[1:])
         for h in self.hooks:
             replaced = h.before_forward(self, x, y)
             if replaced is not None:
@@ -316,7 +323,7 @@ class Trainer:
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._count_step(x)
+        self._count_step(x.shape[0] * per_image)
         for h in self.hooks:
             h.after_backward(self)
         self.optimizer.step()
@@ -337,10 +344,16 @@ class Trainer:
         if self._layer_macs is None or self._layer_macs[0] != input_shape:
             from sparsebench.measure.flops import count_macs
 
-            report = count_macs(self.model, input_shape)
-            by_weight = {id(m.weight): report.layers[name].macs for name, m in self.model.named_modules()
-                         if name in report.layers}
-            self._layer_macs = (input_shape, report.macs, by_weight)
+            try:
+                report = count_macs(self.model, input_shape)
+            except Exception as e:      # the cost is a record field; never the reason a run fails
+                warnings.warn(f"training MACs not counted: count_macs failed on {type(self.model).__name__}: {e}")
+                self.compute.complete = False
+                self._layer_macs = (input_shape, 0, {})
+            else:
+                by_weight = {id(m.weight): report.layers[name].macs for name, m in self.model.named_modules()
+                             if name in report.layers}
+                self._layer_macs = (input_shape, report.macs, by_weight)
             self._forward_macs = None
         _, dense, by_weight = self._layer_macs
         versions = tuple((id(h), h.version) for h in self.hooks)
@@ -353,8 +366,7 @@ class Trainer:
             self._forward_macs = (versions, macs)
         return self._forward_macs[1]
 
-    def _count_step(self, inputs: torch.Tensor) -> None:
-        forward = inputs.shape[0] * self.forward_macs_per_image(inputs.shape[1:])
+    def _count_step(self, forward: int) -> None:
         needs_weight_grads = any(p.requires_grad for p in self.model.parameters())
         self.compute.add(forward, (2 if needs_weight_grads else 1) * forward)
 
