@@ -82,7 +82,8 @@ def _options(args):
 
     return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
-                      progress=_progress_factory(args.quiet))
+                      progress=_progress_factory(args.quiet), checkpoint_every=args.checkpoint_every or None,
+                      resume=not args.no_resume)
 
 
 def cmd_run(args) -> int:
@@ -395,6 +396,10 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--cache-dir", help="dense checkpoint cache (default OUT/checkpoints)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--checkpoint-every", type=int, default=1000,
+                   help="optimizer steps between mid-fit checkpoints (0: only at the end of each fit); "
+                        "a killed run resumes from its last one")
+    p.add_argument("--no-resume", action="store_true", help="no checkpoints: a killed run starts over")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -120,3 +120,21 @@ def make_record(method="random", seed=0, top1=0.8, target=0.5, kind="sparsity", 
     )
     values.update(overrides)
     return RunRecord(**values)
+class Killed(Exception):
+    """Stands for a SIGKILL in resume tests."""
+
+
+def kill_after(monkeypatch, n):
+    """Make the n-th optimizer step from now raise `Killed`; returns a function that undoes it."""
+    from sparsebench.training.trainer import Trainer
+
+    original, calls = Trainer.train_step, [0]
+
+    def step(self):
+        calls[0] += 1
+        if calls[0] == n:
+            raise Killed
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    return lambda: monkeypatch.setattr(Trainer, "train_step", original)

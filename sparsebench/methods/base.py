@@ -36,7 +36,8 @@ from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
 from sparsebench.models import ModelCard, model_card
 from sparsebench.specs import Recipe, SpecError, Target
-from sparsebench.training.trainer import StepBudget, Trainer, TrainerHook
+from sparsebench.training.resume import RunCheckpoints
+from sparsebench.training.trainer import ComputeMeter, StepBudget, Trainer, TrainerHook
 from sparsebench.registry import Registry
 
 METHODS = Registry("method", entry_point_group="sparsebench.methods")
@@ -103,6 +104,8 @@ class MethodContext:
     def dense_layers(self, skip_first: bool, skip_last: bool) -> List[str]:
         """Module names an unstructured method leaves dense: the card's input layer and/or classifier."""
         return [name for name, skip in zip(self.card.edge_layers, (skip_first, skip_last)) if skip]
+    checkpoints: Optional[RunCheckpoints] = None   # the run's resume point; every make_trainer fit uses it
+    compute: ComputeMeter = field(default_factory=ComputeMeter)   # training MACs of the method
 
     def make_trainer(
         self,
@@ -117,16 +120,16 @@ class MethodContext:
     ) -> Trainer:
         """A trainer on the shared recipe whose steps count against this method's budget.
 
-        See `Trainer` for `train_model_params`, `model_mode` and `no_weight_decay`; extra
+        Its fits checkpoint and resume with the run, and its MACs count as the method's
+        (`compute`); a hook adds work the model does not show through `trainer.add_macs`. See `Trainer` for `train_model_params`, `model_mode` and `no_weight_decay`; extra
         trainable modules join through `param_groups` (dicts as torch optimizers take them).
         """
         recipe = recipe or self.recipe
-        # The guard runs first, so no hook of the method acts on a non-finite step.
         return Trainer(
             model if model is not None else self.model, self.train_loader, recipe, self.device,
-            self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, stage="method",
-            param_groups=param_groups, budget=self.budget, train_model_params=train_model_params,
-            model_mode=model_mode, no_weight_decay=no_weight_decay,
+            self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, param_groups=param_groups,
+            budget=self.budget, train_model_params=train_model_params, model_mode=model_mode,
+            no_weight_decay=no_weight_decay, checkpoints=self.checkpoints, compute=self.compute, stage="method",
         )
 
     def count_macs(self, model: Optional[nn.Module] = None):

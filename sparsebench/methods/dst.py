@@ -34,6 +34,13 @@ class GradualPruning(TrainerHook):
         self.scope, self.generator = scope, generator
         self.history: List[dict] = []
 
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.generator.set_state(state["generator"])
+
     def after_step(self, trainer: Trainer) -> None:
         if trainer.step not in self.prune_steps:
             return

@@ -33,7 +33,8 @@ from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
 from sparsebench.specs import RunSpec, SpecError
-from sparsebench.training.trainer import Accuracy, StepBudget, Trainer, evaluate
+from sparsebench.training.resume import RunCheckpoints
+from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import MacsReport, count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
@@ -58,6 +59,10 @@ class RunOptions:
     cache_dir: Optional[Path] = None       # dense checkpoints; default <out>/checkpoints
     device: str = "cpu"
     progress: Optional[Callable] = None    # tqdm-like factory, or None for silence
+    # Resume (not in the spec hash: it does not change results). Every fit saves at its end and every
+    # `checkpoint_every` steps under <out>/partial/<spec hash>/; a rerun of a killed run continues there.
+    checkpoint_every: Optional[int] = 1000
+    resume: bool = True                    # False: no checkpoints, a rerun starts over
 
 
 def validate(spec: RunSpec) -> Method:
@@ -162,9 +167,9 @@ class DenseStage:
 
 
 def dense_stage(spec: RunSpec, data: DataStage, make_model, device: torch.device, cache_dir: Path,
-                progress=None) -> DenseStage:
+                progress=None, checkpoint_every: Optional[int] = None, resume: bool = True) -> DenseStage:
     ckpt = dense_checkpoint(spec, cache_dir, make_model, data.loaders, data.info.num_classes, device,
-                            data.pretrain_steps, data.eval_every, progress)
+                            data.pretrain_steps, data.eval_every, progress, checkpoint_every, resume)
     dense = make_model()
     load_dense_weights(dense, ckpt)
     dense.eval()
@@ -179,10 +184,11 @@ class MethodStage:
     steps: int                       # steps it spent
     wall_seconds: float
     diverged: Optional[Diverged] = None
+    train_macs: Optional[dict] = None  # forward/backward MACs the method's trainers spent
 
 
 def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, make_model,
-                 device: torch.device, progress=None) -> MethodStage:
+                 device: torch.device, progress=None, checkpoints: Optional[RunCheckpoints] = None) -> MethodStage:
     if method.starts_from == "pretrained":
         start_model, budget = copy.deepcopy(dense.model), data.search_steps
     else:
@@ -193,7 +199,7 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         train_loader=data.loaders["train_method"], val_loader=data.loaders["val"], num_classes=data.info.num_classes,
         input_size=data.input_size, target=spec.target, budget=StepBudget(budget), recipe=spec.recipe,
         device=device, seed=spec.seed, config=method.config, progress=progress, dense_macs=dense.macs.macs,
-        card=model_card(spec.model), data_info=data.info,
+        card=model_card(spec.model), data_info=data.info, checkpoints=checkpoints,
     )
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
@@ -210,7 +216,9 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
             diverged = Diverged("method", f"non-finite weights reached compaction ({e})")
         else:
             raise StageError(f"method stage ({spec.method}): {(str(e).splitlines() or ['assertion failed'])[0]}") from e
-    return MethodStage(outcome, budget, ctx.budget.used, time.perf_counter() - start, diverged)
+    # a resumed run adds the time its loaded fits took before the interruption
+    wall = time.perf_counter() - start + (checkpoints.restored_seconds if checkpoints is not None else 0.0)
+    return MethodStage(outcome, budget, ctx.budget.used, wall, diverged, ctx.compute.as_dict())
 
 
 # --- fine-tune --------------------------------------------------------------------------------
@@ -221,24 +229,26 @@ class FinetuneStage:
     best_val_top1: Optional[float] = None
     best_step: Optional[int] = None
     diverged: Optional[Diverged] = None
+    train_macs: Optional[dict] = None
 
 
 def finetune_stage(spec: RunSpec, outcome: Outcome, data: DataStage, device: torch.device,
-                   progress=None) -> FinetuneStage:
+                   progress=None, checkpoints: Optional[RunCheckpoints] = None) -> FinetuneStage:
     """The same recipe and steps for every method that prunes; masks held; selects on val."""
     result = FinetuneStage()
     if outcome.finetune and data.finetune_steps > 0:
         torch.manual_seed(spec.seed)
         hooks = [outcome.masks] if outcome.masks is not None else []
         trainer = Trainer(outcome.model, data.loaders["train_finetune"], spec.recipe, device, data.info.num_classes,
-                          spec.recipe.finetune_lr, hooks, stage="finetune")
+                          spec.recipe.finetune_lr, hooks, stage="finetune", checkpoints=checkpoints)
         try:
             fit = trainer.fit(data.finetune_steps, data.loaders["val"], data.eval_every, progress=progress,
                               desc="finetune")
             _check_finite(outcome.model, "finetune")
         except Diverged as d:
-            return FinetuneStage(steps=trainer.step, diverged=d)
-        result = FinetuneStage(fit.steps, fit.wall_seconds, fit.best_val_top1, fit.best_step)
+            return FinetuneStage(steps=trainer.step, diverged=d, train_macs=trainer.compute.as_dict())
+        result = FinetuneStage(fit.steps, fit.wall_seconds, fit.best_val_top1, fit.best_step,
+                               train_macs=trainer.compute.as_dict())
     if outcome.masks is not None:
         outcome.masks.apply()
     return result
@@ -321,7 +331,7 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
 # --- record -----------------------------------------------------------------------------------
 def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, method_result: MethodStage,
                  finetune: FinetuneStage, evaluation: Optional[EvaluationStage],
-                 measured: Optional[MeasurementStage], device: torch.device) -> RunRecord:
+                 measured: Optional[MeasurementStage], device: torch.device, resumed_fits: int = 0) -> RunRecord:
     """The record of a run: with a result (evaluation and measurement), or diverged (neither)."""
     diverged = method_result.diverged or finetune.diverged
     if (evaluation is None or measured is None) != (diverged is not None):
@@ -369,7 +379,10 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         cost=Cost(method_steps=method_result.steps, method_budget_steps=method_result.budget,
                   method_wall_seconds=method_result.wall_seconds, finetune_steps=finetune.steps,
                   finetune_wall_seconds=finetune.wall_seconds, dense_pretrain_steps=ckpt.steps,
-                  dense_pretrain_wall_seconds=ckpt.wall_seconds),
+                  dense_pretrain_wall_seconds=ckpt.wall_seconds,
+                  train_macs={"method": method_result.train_macs, "finetune": finetune.train_macs,
+                              "dense_pretrain": ckpt.train_macs, "convention": COST_CONVENTION},
+                  resumed_fits=resumed_fits),
         selection={"split": "val", "finetune_best_val_top1": finetune.best_val_top1,
                    "finetune_best_step": finetune.best_step, "test_evaluations": 0 if diverged else 1},
         dense_checkpoint={"hash": ckpt.hash, "file": ckpt.path.name, "val_top1": ckpt.val_top1,
@@ -399,17 +412,23 @@ def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
     if not method.supports(make_model(), card.family):
         raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
     cache = Path(options.cache_dir) if options.cache_dir else Path(options.out) / "checkpoints"
-    dense = dense_stage(spec, data, make_model, device, cache, progress)
+    dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every, options.resume)
+    # where the method's and the fine-tune's fits save and resume (not in the spec hash)
+    partial = RunCheckpoints(Path(options.out) / "partial" / spec.hash, options.checkpoint_every) \
+        if options.resume else None
 
-    method_result = method_stage(spec, method, data, dense, make_model, device, progress)
+    method_result = method_stage(spec, method, data, dense, make_model, device, progress, partial)
     finetune, evaluation, measured = FinetuneStage(), None, None
     if method_result.diverged is None:
-        finetune = finetune_stage(spec, method_result.outcome, data, device, progress)
+        finetune = finetune_stage(spec, method_result.outcome, data, device, progress, partial)
         if finetune.diverged is None:
             evaluation = evaluation_stage(method_result.outcome.model, data, device)
             measured = measurement_stage(spec, method_result.outcome, dense, data, device)
-    record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device)
+    record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device,
+                          partial.resumed if partial is not None else 0)
     RecordStore(options.out).write(record)
+    if partial is not None:
+        partial.clear()
     return record
 
 

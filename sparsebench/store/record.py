@@ -72,6 +72,9 @@ class Cost:
     finetune_wall_seconds: float
     dense_pretrain_steps: int
     dense_pretrain_wall_seconds: float
+    # forward/backward MACs spent: {"method": {...}, "finetune": {...}, "dense_pretrain": {...}, "convention": str}
+    train_macs: Optional[dict] = None
+    resumed_fits: int = 0              # fits loaded from a checkpoint after an interruption
 
 
 @dataclass(frozen=True)

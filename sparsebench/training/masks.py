@@ -112,6 +112,10 @@ class MaskSet(TrainerHook):
     - after the step: w ⊙= mask and the optimizer state (momentum, Adam moments) ⊙= mask,
       so weight decay or momentum can never revive a pruned weight. It runs after every
       other hook (`HookOrder.MASKS`), so a topology update is in force before the next step.
+
+    `version` counts mask changes (`update`, `drop`, `load_state_dict`); the trainer recomputes
+    the sparse training cost only when it moves. `state_dict()` holds the masks, so a resumed
+    run continues with the topology it had.
     """
 
     order = HookOrder.MASKS
@@ -123,6 +127,8 @@ class MaskSet(TrainerHook):
             raise KeyError(f"masks name parameters the model lacks: {missing}")
         self.params = {n: params[n] for n in masks}
         self.masks = {n: m.to(device=params[n].device, dtype=torch.bool) for n, m in masks.items()}
+        self.version = 0
+        self._densities = None
         self.apply()
 
     # --- applying ------------------------------------------------------------------------
@@ -162,13 +168,38 @@ class MaskSet(TrainerHook):
                 if key in state:
                     state[key][grown] = 0.0
         self.masks[name] = new_mask
+        self._changed()
         p.mul_(new_mask)
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._densities = None
 
     def drop(self, names: Iterable[str]) -> None:
         """Stop masking these tensors (their zeros stay until training moves them)."""
         for n in list(names):
             self.masks.pop(n, None)
             self.params.pop(n, None)
+        self._changed()
+
+    # --- resuming and cost ---------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"masks": {n: m.clone() for n, m in self.masks.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        saved = state["masks"]
+        unknown = [n for n in saved if n not in self.params]
+        if unknown:
+            raise KeyError(f"saved masks name tensors this MaskSet does not hold: {unknown}")
+        self.params = {n: self.params[n] for n in saved}
+        self.masks = {n: m.to(device=self.params[n].device, dtype=torch.bool) for n, m in saved.items()}
+        self._changed()
+
+    def masked_densities(self) -> Dict[int, float]:
+        if self._densities is None:
+            self._densities = {id(self.params[n]): float(m.sum()) / m.numel() for n, m in self.masks.items()}
+        return self._densities
 
     # --- reporting -------------------------------------------------------------------------
     def nnz(self) -> Dict[str, int]:

@@ -24,14 +24,27 @@ What a hook may do at each point:
 Extra trainable modules (prompts, hypernetworks, selectors, decoders) join through
 `param_groups`. Every optimizer step is counted against the method's budget, and a
 non-finite loss stops training with `Diverged` rather than training on NaNs.
+
+Resume (`training/resume.py`): given a `RunCheckpoints`, every `fit` saves the trainer's
+`state_dict()` (model, extra parameters, optimizer, step and schedule, budget, compute meter,
+data position, every hook's `state_dict()`) with the process RNG states, and a rerun of the
+same run loads it. A hook that keeps state across steps (a schedule's history, a generator,
+a topology) overrides `state_dict` / `load_state_dict`; `MaskSet` saves its masks.
+
+Training cost: every step adds its forward MACs (batch × per-sample MACs, a weight that a
+hook keeps masked costing its density × its dense MACs, see `TrainerHook.masked_densities`)
+and backward MACs to `trainer.compute` (`COST_CONVENTION`). A hook whose work the model's
+forward does not show (a teacher's forward, a decoder) adds it with `trainer.add_macs`.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +53,16 @@ from torch.utils.data import DataLoader
 
 from sparsebench.errors import Diverged
 from sparsebench.specs import Recipe
+from sparsebench.training.resume import LoaderPosition, ResumeMismatch, RunCheckpoints, rng_state, set_rng_state
+
+COST_CONVENTION = (
+    "MACs of training steps (validation passes excluded): forward = batch x per-image MACs of the model "
+    "(torch FlopCounterMode), a conv/linear weight kept masked by a MaskSet costing its mask density x its "
+    "dense MACs; backward = 2 x forward (activation and weight gradients) when any model parameter requires "
+    "grad, including a frozen search with train_model_params=False, whose weight gradients autograd still "
+    "computes; 1 x forward when no model parameter requires grad (activation gradients only); hooks add "
+    "extra work (teacher forwards, decoders) through Trainer.add_macs"
+)
 
 
 class BudgetExceeded(RuntimeError):
@@ -59,6 +82,18 @@ class TrainerHook:
     for the order of calls within a step."""
 
     order: int = HookOrder.DEFAULT
+    version: int = 0          # bump whenever `masked_densities()` changes (the trainer caches costs by it)
+
+    def state_dict(self) -> dict:
+        """State that must survive a kill and resume (tensors, numbers, strings, lists, dicts)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def masked_densities(self) -> Dict[int, float]:
+        """`{id(weight parameter): density}` of weights this hook keeps masked; each costs its
+        density x its dense MACs in the trainer's compute count."""
+        return {}
 
     def on_phase(self, trainer: "Trainer", phase: str) -> None: ...
 
@@ -93,6 +128,35 @@ class StepBudget:
     def left(self) -> int:
         return self.limit - self.used
 
+    def state_dict(self) -> dict:
+        return {"limit": self.limit, "used": self.used}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.limit, self.used = state["limit"], state["used"]
+
+
+class ComputeMeter:
+    """Forward and backward MACs of training, shared by the trainers of one phase (see COST_CONVENTION)."""
+
+    def __init__(self):
+        self.forward, self.backward = 0, 0
+        self.complete = True      # False when a model's MACs could not be counted
+
+    def add(self, forward: int = 0, backward: int = 0) -> None:
+        self.forward += int(forward)
+        self.backward += int(backward)
+
+    def as_dict(self) -> dict:
+        return {"forward": self.forward, "backward": self.backward, "total": self.forward + self.backward,
+                "complete": self.complete}
+
+    def state_dict(self) -> dict:
+        return {"forward": self.forward, "backward": self.backward, "complete": self.complete}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.forward, self.backward = int(state["forward"]), int(state["backward"])
+        self.complete = bool(state["complete"])
+
 
 @dataclass
 class Accuracy:
@@ -125,11 +189,6 @@ def _ordered(hooks: Iterable[TrainerHook]) -> List[TrainerHook]:
     return sorted(hooks, key=lambda h: getattr(h, "order", HookOrder.DEFAULT))   # stable: ties keep their order
 
 
-def cycle(loader: DataLoader):
-    while True:
-        yield from loader
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -154,12 +213,15 @@ class Trainer:
         train_model_params: bool = True,
         model_mode: str = "train",
         no_weight_decay: Iterable[torch.nn.Parameter] = (),
+        checkpoints: Optional[RunCheckpoints] = None,
+        compute: Optional[ComputeMeter] = None,
         stage: str = "training",
     ):
         """`train_model_params=False` freezes the model (only `param_groups` learn);
         `model_mode="eval"` keeps BN statistics and dropout frozen during training steps
         (a search over a fixed backbone); `no_weight_decay` lists model parameters that must
-        not decay (e.g. a token selector)."""
+        not decay (e.g. a token selector). `checkpoints` makes every `fit` save and resume
+        (module docstring); `compute` is the MACs meter to add to (shared by a phase's trainers)."""
         if model_mode not in ("train", "eval"):
             raise ValueError(f"model_mode must be 'train' or 'eval', got {model_mode!r}")
         self.model, self.train_loader, self.recipe = model, train_loader, recipe
@@ -183,7 +245,11 @@ class Trainer:
         self._groups += [dict(g) for g in param_groups]
         self._groups = [g for g in self._groups if g["params"]]
         self.reset_optimizer()
-        self._data = None
+        self._data = LoaderPosition(train_loader)
+        self.checkpoints = checkpoints
+        self.compute = compute if compute is not None else ComputeMeter()
+        self._layer_macs = None          # (input shape, dense per-image MACs, {id(weight): dense MACs})
+        self._forward_macs = None        # (mask versions, per-image MACs with masks)
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer (no momentum or Adam moments) over the same parameter groups."""
@@ -224,7 +290,7 @@ class Trainer:
 
     def next_batch(self):
         if self._data is None:
-            self._data = cycle(self.train_loader)
+            self._data = LoaderPosition(self.train_loader)
         x, y = next(self._data)
         return x.to(self.device), y.to(self.device)
 
@@ -236,6 +302,9 @@ class Trainer:
             self.budget.spend(1)
         self.model.train(self.model_mode == "train")
         x, y = self.next_batch()
+        # counted before the training forward, so its extra forward (first step only) cannot
+        # overwrite activations a hook captures for after_backward
+        per_image = self.forward_macs_per_image(x.shape[1:])
         for h in self.hooks:
             replaced = h.before_forward(self, x, y)
             if replaced is not None:
@@ -256,6 +325,7 @@ class Trainer:
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._count_step(x.shape[0] * per_image)
         for h in self.hooks:
             h.after_backward(self)
         self.optimizer.step()
@@ -263,6 +333,99 @@ class Trainer:
         for h in self.hooks:
             h.after_step(self)
         return loss.detach()
+
+    # --- training cost ---------------------------------------------------------------------
+    def add_macs(self, forward: int = 0, backward: int = 0) -> None:
+        """Add work the model's own forward/backward does not show (a teacher's forward, a
+        decoder, a dense-gradient pass), in MACs, to this trainer's compute count."""
+        self.compute.add(forward, backward)
+
+    def forward_macs_per_image(self, input_shape: Sequence[int]) -> int:
+        """Per-image forward MACs of the model now: masked weights cost density x dense MACs."""
+        input_shape = tuple(input_shape)
+        if self._layer_macs is None or self._layer_macs[0] != input_shape:
+            from sparsebench.measure.flops import count_macs
+
+            try:
+                report = count_macs(self.model, input_shape)
+            except Exception as e:      # the cost is a record field; never the reason a run fails
+                warnings.warn(f"training MACs not counted: count_macs failed on {type(self.model).__name__}: {e}")
+                self.compute.complete = False
+                self._layer_macs = (input_shape, 0, {})
+            else:
+                by_weight = {id(m.weight): report.layers[name].macs for name, m in self.model.named_modules()
+                             if name in report.layers}
+                self._layer_macs = (input_shape, report.macs, by_weight)
+            self._forward_macs = None
+        _, dense, by_weight = self._layer_macs
+        versions = tuple((id(h), h.version) for h in self.hooks)
+        if self._forward_macs is None or self._forward_macs[0] != versions:
+            macs = dense
+            for h in self.hooks:
+                for weight, density in h.masked_densities().items():
+                    layer = by_weight.get(weight, 0)
+                    macs += int(round(layer * density)) - layer
+            self._forward_macs = (versions, macs)
+        return self._forward_macs[1]
+
+    def _count_step(self, forward: int) -> None:
+        needs_weight_grads = any(p.requires_grad for p in self.model.parameters())
+        self.compute.add(forward, (2 if needs_weight_grads else 1) * forward)
+
+    # --- resume ------------------------------------------------------------------------------
+    def _extra_params(self) -> List[torch.nn.Parameter]:
+        in_model = {id(p) for p in self.model.parameters()}
+        return [p for g in self._groups for p in g["params"] if id(p) not in in_model]
+
+    def state_dict(self) -> dict:
+        """Everything a resumed fit needs from this trainer (RNG states are the checkpoint's)."""
+        return {
+            "step": self.step, "schedule_start": self.schedule_start, "schedule_steps": self.schedule_steps,
+            "model": self.model.state_dict(),
+            "extra_params": [p.detach() for p in self._extra_params()],
+            "optimizer": self.optimizer.state_dict(),
+            "budget": self.budget.state_dict() if self.budget is not None else None,
+            "compute": self.compute.state_dict(),
+            "hooks": [h.state_dict() for h in self.hooks],
+            "data": self._data.state_dict() if isinstance(self._data, LoaderPosition) else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["hooks"]) != len(self.hooks):
+            raise ResumeMismatch(f"checkpoint has {len(state['hooks'])} hooks, the trainer {len(self.hooks)}")
+        self.step, self.schedule_start = state["step"], state["schedule_start"]
+        self.schedule_steps = state["schedule_steps"]
+        self.model.load_state_dict(state["model"])
+        with torch.no_grad():
+            for p, saved in zip(self._extra_params(), state["extra_params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.budget is not None and state["budget"] is not None:
+            self.budget.load_state_dict(state["budget"])
+        self.compute.load_state_dict(state["compute"])
+        for h, saved in zip(self.hooks, state["hooks"]):
+            h.load_state_dict(saved)
+        if state["data"] is not None:
+            if not isinstance(self._data, LoaderPosition):
+                self._data = LoaderPosition(self.train_loader)
+            self._data.load_state_dict(state["data"])
+
+    def _save(self, index: int, fit: dict) -> None:
+        self.checkpoints.save(index, {"trainer": self.state_dict(), "rng": rng_state(), "fit": fit})
+
+    def _resume(self, index: int, signature: dict) -> Optional[dict]:
+        saved = self.checkpoints.load(index)
+        if saved is None:
+            return None
+        if saved["fit"]["signature"] != signature:
+            raise ResumeMismatch(
+                f"{self.checkpoints.path(index)} was saved by another fit ({saved['fit']['signature']}, "
+                f"now {signature}); delete {self.checkpoints.directory} to start the run over")
+        self.load_state_dict(saved["trainer"])
+        set_rng_state(saved["rng"])          # after the data position: re-reading batches draws random numbers
+        self.checkpoints.resumed += 1
+        self.checkpoints.restored_seconds += saved["fit"]["elapsed"]
+        return saved["fit"]
 
     def fit(
         self,
@@ -283,9 +446,29 @@ class Trainer:
         start = time.perf_counter()
         result = TrainResult(steps=0, wall_seconds=0.0)
         best_state = None
+        first, done, elapsed = self.step, 0, 0.0
+        index = self.checkpoints.next_fit() if self.checkpoints is not None else None
+        signature = {"steps": steps, "desc": desc, "hooks": [type(h).__name__ for h in self.hooks],
+                     "eval_every": eval_every if val_loader is not None else None}
+        if index is not None:
+            saved = self._resume(index, signature)
+            if saved is not None:
+                result = TrainResult(**saved["result"])
+                if saved["completed"]:
+                    return result
+                first, done, elapsed, best_state = saved["first"], saved["done"], saved["elapsed"], saved["best_state"]
+
+        def progress_state(completed: bool, done: int) -> dict:
+            result.wall_seconds = elapsed + time.perf_counter() - start
+            return {"signature": signature, "completed": completed, "first": first, "done": done,
+                    "elapsed": result.wall_seconds, "best_state": None if completed else best_state,
+                    "result": dataclasses.asdict(result)}
+
         bar = progress(total=steps, desc=desc) if progress else None
-        first = self.step
-        for i in range(steps):
+        if bar is not None and done:
+            bar.update(done)
+        every = self.checkpoints.every if self.checkpoints is not None else None
+        for i in range(done, steps):
             loss = self.train_step()
             if bar is not None:
                 bar.update(1)
@@ -298,10 +481,15 @@ class Trainer:
                 if result.best_val_top1 is None or acc.top1 > result.best_val_top1:
                     result.best_val_top1, result.best_step = acc.top1, self.step
                     best_state = copy.deepcopy(self.model.state_dict())
+            if every and not last and (i + 1) % every == 0:
+                result.steps = self.step - first
+                self._save(index, progress_state(False, i + 1))
         if bar is not None:
             bar.close()
         if best_state is not None:
             self.model.load_state_dict(best_state)
         result.steps = self.step - first
-        result.wall_seconds = time.perf_counter() - start
+        result.wall_seconds = elapsed + time.perf_counter() - start
+        if index is not None:
+            self._save(index, progress_state(True, steps))
         return result
