@@ -86,12 +86,12 @@ def topk_mask(scores: torch.Tensor, keep: int, generator: Optional[torch.Generat
 
 
 def global_topk_masks(scores: Dict[str, torch.Tensor], sparsity: float,
-                      generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """One ranking over all tensors: exactly round((1-s)·N) entries kept overall."""
+                      generator: Optional[torch.Generator] = None, keep: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """One ranking over all tensors: exactly round((1-s)·N) entries (or `keep`) kept overall."""
     names = list(scores)
     flat = torch.cat([scores[n].detach().flatten() for n in names])
     total = flat.numel()
-    mask = topk_mask(flat, int(round((1.0 - sparsity) * total)), generator)
+    mask = topk_mask(flat, int(round((1.0 - sparsity) * total)) if keep is None else keep, generator)
     out, offset = {}, 0
     for n in names:
         k = scores[n].numel()
@@ -117,7 +117,10 @@ class MaskSet(TrainerHook):
 
     order = HookOrder.MASKS
 
-    def __init__(self, model: nn.Module, masks: Dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, masks: Dict[str, torch.Tensor], weights_only: bool = False):
+        """`weights_only=True` reproduces official code that masks weights after the step
+        but neither gradients nor optimizer state (an ablation, e.g. GaP's `faithful_masking`)."""
+        self.weights_only = weights_only
         params = dict(model.named_parameters())
         missing = [n for n in masks if n not in params]
         if missing:
@@ -141,13 +144,16 @@ class MaskSet(TrainerHook):
                     state[key].mul_(self.masks[n])
 
     def after_backward(self, trainer: Trainer) -> None:
+        if self.weights_only:
+            return
         for n, p in self.params.items():
             if p.grad is not None:
                 p.grad.mul_(self.masks[n])
 
     def after_step(self, trainer: Trainer) -> None:
         self.apply()
-        self.mask_optimizer_state(trainer.optimizer)
+        if not self.weights_only:
+            self.mask_optimizer_state(trainer.optimizer)
 
     # --- changing --------------------------------------------------------------------------
     @torch.no_grad()
