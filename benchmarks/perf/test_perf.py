@@ -105,3 +105,52 @@ def test_compaction_cost(benchmark, name):
     ratio, compact = benchmark.pedantic(prune_half, rounds=2)
     assert 0.49 <= ratio <= 0.5
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def _median_ms(fn, repeats=20):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+@pytest.mark.parametrize("name", ["resnet20_tiny", "resnet50"])
+def test_topology_update_and_phase_boundary_overhead(name):
+    """Per-event cost of a RigL/SET topology update and of a GaP phase boundary (prune back
+    one partition + grow the next), against one masked training step of the same model."""
+    from sparsebench.methods import gap
+    from sparsebench.training.masks import DynamicSparsity, MaskSet, initial_masks, prunable_weights
+
+    size, classes, batch = (16, 10, 64) if name == "resnet20_tiny" else (224, 1000, 8)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=classes, img_size=size)
+    g = torch.Generator().manual_seed(0)
+    params = prunable_weights(model)
+    masks = MaskSet(model, initial_masks(params, 0.9, "erk", "random", g))
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+    trainer = Trainer(model, ListLoader([(x, y)]), Recipe(), torch.device("cpu"), classes, 0.05, hooks=[masks])
+    trainer.restart_schedule(10 ** 6)
+    step_ms = _median_ms(trainer.train_step, 5 if name == "resnet50" else 20)
+    grads = {n: p.grad.abs().clone() for n, p in masks.params.items()}
+    rigl = DynamicSparsity(masks, 1, 10 ** 6, grow="gradient", generator=g)
+    sett = DynamicSparsity(masks, 1, 10 ** 6, grow="random", generator=g)
+    rigl_ms = _median_ms(lambda: rigl.update(1, trainer.optimizer, grads), 5)
+    set_ms = _median_ms(lambda: sett.update(1, trainer.optimizer), 5)
+    inner = prunable_weights(model, True, True)
+    partitions = gap.make_partitions(inner, 4 if name == "resnet50" else 3, "by_stage")
+    keep = masks.nnz()
+
+    def boundary():
+        gap.prune_back(masks, partitions[0], keep, optimizer=trainer.optimizer)
+        gap.grow(masks, partitions[1], trainer.optimizer)
+        gap.prune_back(masks, partitions[1], keep, optimizer=trainer.optimizer)
+        gap.grow(masks, partitions[0], trainer.optimizer)
+
+    gap.grow(masks, partitions[0], trainer.optimizer)
+    boundary_ms = _median_ms(boundary, 5) / 2
+    print(f"{name}: train step {step_ms:.1f} ms; RigL update {rigl_ms:.1f} ms ({rigl_ms / step_ms:.2f} steps), "
+          f"SET update {set_ms:.1f} ms ({set_ms / step_ms:.2f} steps), "
+          f"GaP phase boundary {boundary_ms:.1f} ms ({boundary_ms / step_ms:.2f} steps)")
+    assert max(rigl_ms, set_ms, boundary_ms) < 20 * step_ms
