@@ -85,6 +85,7 @@ class MethodContext:
     config: Any                       # the method's Config instance
     progress: Optional[Callable[..., Any]] = None
     dense_macs: Optional[int] = None  # MACs of the dense model at input_size
+    data_info: Optional[Any] = None   # the dataset's `DatasetInfo` (normalisation mean/std, classes)
 
     def make_trainer(
         self,

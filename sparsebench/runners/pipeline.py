@@ -158,6 +158,7 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
         train_loader=loaders["train_method"], val_loader=loaders["val"], num_classes=info.num_classes,
         input_size=input_size, target=spec.target, budget=StepBudget(budget), recipe=recipe,
         device=device, seed=spec.seed, config=method.config, progress=progress, dense_macs=dense_macs.macs,
+        data_info=info,
     )
     torch.manual_seed(spec.seed)
     start = time.perf_counter()
