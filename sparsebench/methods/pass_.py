@@ -22,8 +22,9 @@ ours. Reconstructed here, with the reason:
 - prompt [VPNs]: a pad prompt, a learnable V ∈ ℝ^{C×H×W} visible only on a border of width p
   (default min(16, H//8): 16 at 224 px as in VPNs, 4 at 32 px), added in pixel space and
   clamped to [0, 1]; the harness hands normalised tensors, so `PadPrompt` de-normalises,
-  adds, clamps and re-normalises. V starts at zero (the search starts from the unprompted
-  model; VPNs starts from noise, which would shift the frozen backbone's inputs).
+  adds, clamps and re-normalises. V starts at N(0, 0.01²): the search starts from almost the
+  unprompted model (VPNs' N(0, 1) would shift the frozen backbone's inputs), and not from
+  exactly zero, which would give g_ω's first conv no gradient until V moves.
 - weight statistics: per-channel ‖W‖₂ (summed over a coupled group's producers), z-scored
   within the group; options ‖W‖₁, |γ_BN|, or all three. Computed once: the backbone is frozen.
 - encoder g_ω: strided 3×3 convs + global pool + Linear(·, 2d), split into (h0, c0).
@@ -99,7 +100,7 @@ class PadPrompt(nn.Module):
         if not 0 < 2 * pad < min(h, w):
             raise SpecError(f"pad_size={pad} must leave an interior in a {h}x{w} input; allowed: 1..{(min(h, w) - 1) // 2}")
         self.pad = pad
-        self.prompt = nn.Parameter(torch.zeros(c, h, w))
+        self.prompt = nn.Parameter(torch.randn(c, h, w) * 0.01)
         border = torch.ones(c, h, w)
         border[:, pad:h - pad, pad:w - pad] = 0
         self.register_buffer("border", border, persistent=False)
