@@ -105,3 +105,40 @@ def test_compaction_cost(benchmark, name):
     ratio, compact = benchmark.pedantic(prune_half, rounds=2)
     assert 0.49 <= ratio <= 0.5
     assert sum(p.numel() for p in compact.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def _pass_run(batches, steps):
+    """`PASS.run` on resnet20_tiny (coupled, flops=0.5) with `steps` search steps; wall seconds."""
+    from sparsebench.datasets import create_dataset
+    from sparsebench.methods import MethodContext, create_method
+    from sparsebench.specs import Target
+    from sparsebench.training.trainer import StepBudget
+
+    method = create_method("pass", residual_mode="coupled")
+    torch.manual_seed(0)
+    model = create_model("resnet20_tiny", img_size=16)
+    ctx = MethodContext(model=model, model_name="resnet20_tiny", make_model=None, train_loader=ListLoader(batches),
+                        val_loader=ListLoader(batches[:1]), num_classes=10, input_size=(3, 16, 16),
+                        target=Target.parse("flops=0.5"), budget=StepBudget(steps), recipe=Recipe(),
+                        device=torch.device("cpu"), seed=0, config=method.config,
+                        data_info=create_dataset("digits", img_size=16).info)
+    start = time.perf_counter()
+    method.run(ctx)
+    return time.perf_counter() - start
+
+
+def test_pass_search_step_cost():
+    """PASS search step (prompt, hypernetwork, selection under FLOPs, gated frozen forward/backward)
+    over a plain harness training step of the same model: (run(STEPS) − run(0)) / STEPS."""
+    batches = _setup()
+    search, plain = [], []
+    for _ in range(3):
+        search.append((_pass_run(batches, STEPS) - _pass_run(batches, 0)) / STEPS)
+        model = create_model("resnet20_tiny", img_size=16)
+        start = time.perf_counter()
+        harness_loop(model, batches, 0.05)
+        plain.append((time.perf_counter() - start) / STEPS)
+    ratio = statistics.median(search) / statistics.median(plain)
+    print(f"pass search step / plain step {ratio:.2f} "
+          f"(search {statistics.median(search) * 1e3:.2f} ms, plain {statistics.median(plain) * 1e3:.2f} ms)")
+    assert ratio < 4.0
