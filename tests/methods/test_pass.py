@@ -38,9 +38,9 @@ def search_pieces(model="resnet20_tiny", flops=0.5, **args):
     return method, ctx, space, search, gates, hook
 
 
-@pytest.mark.parametrize("model, mode", [("resnet20_tiny", "internal"), ("resnet20_tiny", "coupled"),
-                                         ("vgg16_bn_tiny", "internal"), ("mobilenet_v2_tiny", "coupled")])
-@pytest.mark.parametrize("flops", [0.5, 0.3])
+@pytest.mark.parametrize("model, mode, flops", [
+    ("resnet20_tiny", "internal", 0.5), ("resnet20_tiny", "coupled", 0.5), ("resnet20_tiny", "coupled", 0.3),
+    ("vgg16_bn_tiny", "internal", 0.3), ("mobilenet_v2_tiny", "coupled", 0.5), ("resnet18_tiny", "coupled", 0.3)])
 def test_budget_met_by_the_independent_counter(model, mode, flops):
     _, ctx, outcome = run_pass(model, flops, residual_mode=mode)
     achieved = count_macs(outcome.model, ctx.input_size).macs / ctx.dense_macs

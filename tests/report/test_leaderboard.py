@@ -53,3 +53,13 @@ def test_plots_are_written(tmp_path):
     for x in ("macs", "speedup"):
         path = plot(agg, tmp_path / f"{x}.png", x=x)
         assert path.stat().st_size > 10_000
+
+
+def test_method_label_ignores_tuple_defaults_read_back_from_json():
+    from sparsebench.methods import config_dict, create_method
+    from sparsebench.report.leaderboard import method_label
+
+    args = {k: list(v) if isinstance(v, tuple) else v for k, v in config_dict(create_method("pass").config).items()}
+    assert method_label({"method": "pass", "spec": {"method_args": args}}) == "pass"
+    args["residual_mode"] = "coupled"
+    assert method_label({"method": "pass", "spec": {"method_args": args}}) == "pass[residual_mode=coupled]"
