@@ -74,6 +74,7 @@ def make_context(model_name="resnet20_tiny", target="sparsity=0.5", method=None,
         val_loader=loaders["val"], num_classes=10, input_size=(3, img_size, img_size),
         target=Target.parse(target), budget=StepBudget(budget), recipe=recipe, device=torch.device("cpu"),
         seed=seed, config=method.config if method else None, dense_macs=count_macs(model, (3, img_size, img_size)).macs,
+        data_info=data.info,
     )
 
 

@@ -154,3 +154,38 @@ def test_topology_update_and_phase_boundary_overhead(name):
           f"SET update {set_ms:.1f} ms ({set_ms / step_ms:.2f} steps), "
           f"GaP phase boundary {boundary_ms:.1f} ms ({boundary_ms / step_ms:.2f} steps)")
     assert max(rigl_ms, set_ms, boundary_ms) < 20 * step_ms
+def _pass_run(batches, steps):
+    """`PASS.run` on resnet20_tiny (coupled, flops=0.5) with `steps` search steps; wall seconds."""
+    from sparsebench.datasets import create_dataset
+    from sparsebench.methods import MethodContext, create_method
+    from sparsebench.specs import Target
+    from sparsebench.training.trainer import StepBudget
+
+    method = create_method("pass", residual_mode="coupled")
+    torch.manual_seed(0)
+    model = create_model("resnet20_tiny", img_size=16)
+    ctx = MethodContext(model=model, model_name="resnet20_tiny", make_model=None, train_loader=ListLoader(batches),
+                        val_loader=ListLoader(batches[:1]), num_classes=10, input_size=(3, 16, 16),
+                        target=Target.parse("flops=0.5"), budget=StepBudget(steps), recipe=Recipe(),
+                        device=torch.device("cpu"), seed=0, config=method.config,
+                        data_info=create_dataset("digits", img_size=16).info)
+    start = time.perf_counter()
+    method.run(ctx)
+    return time.perf_counter() - start
+
+
+def test_pass_search_step_cost():
+    """PASS search step (prompt, hypernetwork, selection under FLOPs, gated frozen forward/backward)
+    over a plain harness training step of the same model: (run(STEPS) − run(0)) / STEPS."""
+    batches = _setup()
+    search, plain = [], []
+    for _ in range(3):
+        search.append((_pass_run(batches, STEPS) - _pass_run(batches, 0)) / STEPS)
+        model = create_model("resnet20_tiny", img_size=16)
+        start = time.perf_counter()
+        harness_loop(model, batches, 0.05)
+        plain.append((time.perf_counter() - start) / STEPS)
+    ratio = statistics.median(search) / statistics.median(plain)
+    print(f"pass search step / plain step {ratio:.2f} "
+          f"(search {statistics.median(search) * 1e3:.2f} ms, plain {statistics.median(plain) * 1e3:.2f} ms)")
+    assert ratio < 4.0

@@ -33,7 +33,9 @@ def method_label(record: RunRecord) -> str:
         defaults = config_dict(build_config(METHODS.get(name).factory, {}))
     except Exception:          # a method no longer installed: show every argument
         defaults = {}
-    changed = {k: v for k, v in sorted(args.items()) if k not in defaults or defaults[k] != v}
+    # records are JSON: a tuple default (PASS's encoder_channels) comes back as a list
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    changed = {k: v for k, v in sorted(args.items()) if k not in plain or plain[k] != v}
     return name if not changed else f"{name}[{','.join(f'{k}={v}' for k, v in changed.items())}]"
 
 

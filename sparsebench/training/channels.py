@@ -261,7 +261,10 @@ class ChannelSpace(UnitSpace):
         return layers
 
     def macs(self, keep: Sequence[int]) -> int:
-        """MACs of the model compacted to `keep[g]` channels per group (exact for conv/linear)."""
+        """MACs of the model compacted to `keep[g]` channels per group (exact for conv/linear).
+
+        `keep` may hold soft counts (tensors, e.g. the sum of soft gates): the result is then a
+        differentiable estimate (PASS's FLOPs regulariser)."""
         return self.fixed_macs + self._layer_macs(keep)
 
     def _layer_macs(self, keep: Sequence[int]) -> int:
@@ -273,7 +276,9 @@ class ChannelSpace(UnitSpace):
             if layer.depthwise:
                 total += layer.positions * layer.kernel * cout
             else:
-                total += layer.positions * layer.kernel * (cin // layer.groups) * cout
+                # groups == 1 avoids integer division, so soft (tensor) counts stay differentiable
+                per_group = cin if layer.groups == 1 else cin // layer.groups
+                total += layer.positions * layer.kernel * per_group * cout
         return total
 
     # --- masks and compaction ---------------------------------------------------------------

@@ -23,8 +23,11 @@ from torch import nn
 
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
-    """`hard` in the forward pass, the gradient of `soft` in the backward pass."""
-    return hard.detach().to(soft.dtype) + soft - soft.detach()
+    """`hard` in the forward pass, the gradient of `soft` in the backward pass.
+
+    `soft - soft.detach()` is added last and is exactly zero, so the forward value is `hard`
+    bit for bit; `(hard + soft) - soft` would round (1 + 0.7 - 0.7 != 1 in fp32)."""
+    return hard.detach().to(soft.dtype) + (soft - soft.detach())
 
 
 class UnitGates:

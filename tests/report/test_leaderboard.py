@@ -91,3 +91,11 @@ def test_leaderboard_and_plot_commands_survive_odd_entries(tmp_path, capsys):
     assert "l1-channel" in capsys.readouterr().out
     assert main(["plot", str(tmp_path), "--output", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").stat().st_size > 10_000
+def test_method_label_ignores_tuple_defaults_read_back_from_json():
+    from sparsebench.methods import config_dict, create_method
+    from sparsebench.report.leaderboard import method_label
+
+    args = {k: list(v) if isinstance(v, tuple) else v for k, v in config_dict(create_method("pass").config).items()}
+    assert method_label(make_record("pass", spec={"method_args": args})) == "pass"
+    args["residual_mode"] = "coupled"
+    assert method_label(make_record("pass", spec={"method_args": args})) == "pass[residual_mode=coupled]"

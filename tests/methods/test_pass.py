@@ -1,0 +1,222 @@
+"""PASS (reconstruction): budget, exact straight-through masks equal to the compacted model,
+gradients only into the search variables, coupling, determinism, ablations, transfer, and the
+tiny configuration through the real pipeline."""
+import dataclasses
+
+import pytest
+import torch
+
+from sparsebench.errors import SpecError
+from sparsebench.measure.flops import count_macs
+from sparsebench.methods import create_method
+from sparsebench.methods.pass_ import MaskedPromptSearch, PASS
+from sparsebench.training.channels import ChannelSpace
+
+from conftest import make_context, randomize_norms, tiny_spec
+
+
+def run_pass(model="resnet20_tiny", flops=0.5, budget=4, seed=0, **args):
+    method = create_method("pass", **args)
+    ctx = make_context(model, f"flops={flops}", method, seed=seed, budget=budget)
+    return method, ctx, method.run(ctx)
+
+
+def search_pieces(model="resnet20_tiny", flops=0.5, **args):
+    """The search as `PASS.run` builds it, before any step: (ctx, space, search, gates, hook)."""
+    method = create_method("pass", **args)
+    ctx = make_context(model, f"flops={flops}", method)
+    randomize_norms(ctx.model)
+    ctx.model.eval()
+    for p in ctx.model.parameters():
+        p.requires_grad_(False)
+    cfg = method.config
+    space = ChannelSpace(ctx.model, ctx.input_size, cfg.residual_mode)
+    search = method.build(ctx, space)
+    gates = space.gate(ctx.model)
+    hook = MaskedPromptSearch(search, space, gates, flops, cfg.scope, cfg.min_channels, cfg.ste_temperature,
+                              cfg.lambda_flops)
+    return method, ctx, space, search, gates, hook
+
+
+@pytest.mark.parametrize("model, mode, flops", [
+    ("resnet20_tiny", "internal", 0.5), ("resnet20_tiny", "coupled", 0.5), ("resnet20_tiny", "coupled", 0.3),
+    ("vgg16_bn_tiny", "internal", 0.3), ("mobilenet_v2_tiny", "coupled", 0.5), ("resnet18_tiny", "coupled", 0.3)])
+def test_budget_met_by_the_independent_counter(model, mode, flops):
+    _, ctx, outcome = run_pass(model, flops, residual_mode=mode)
+    achieved = count_macs(outcome.model, ctx.input_size).macs / ctx.dense_macs
+    assert flops - 0.02 <= achieved <= flops
+    assert abs(outcome.notes["closed_form_flops_ratio"] - achieved) <= 0.01 * achieved
+    assert outcome.realization == "compacted" and outcome.notes["faithfulness"] == "reconstruction"
+    assert outcome.notes["residual_mode"] == mode
+    assert all(g["kept"] >= 1 for g in outcome.structure["groups"])
+
+
+def test_lower_target_never_gives_more_flops():
+    ratios = [run_pass(flops=f, budget=0)[2].notes["closed_form_flops_ratio"] for f in (0.7, 0.5, 0.3)]
+    assert ratios[0] >= ratios[1] >= ratios[2]
+
+
+@pytest.mark.parametrize("model, mode", [("resnet20_tiny", "internal"), ("resnet20_tiny", "coupled"),
+                                         ("vgg16_bn_tiny", "coupled")])
+def test_straight_through_masks_are_binary_and_equal_the_compacted_model(model, mode):
+    _, ctx, space, search, gates, hook = search_pieces(model, residual_mode=mode)
+    values = hook.masks()
+    gates.set(values)
+    assert all(set(v.detach().unique().tolist()) <= {0.0, 1.0} for v in values)
+    assert all(int(k.sum()) >= 1 for k in hook.last_masks)
+    x = torch.randn(8, *ctx.input_size)
+    with torch.no_grad():
+        gated = ctx.model(x)
+    gates.remove()
+    compact = space.compact(ctx.model, hook.last_masks).eval()
+    with torch.no_grad():
+        assert (gated - compact(x)).abs().max() < 1e-5
+
+
+def test_gradients_reach_hypernetwork_encoder_and_prompt_not_backbone():
+    method, ctx, space, search, gates, hook = search_pieces(residual_mode="coupled")
+    bn_before = {n: b.clone() for n, b in ctx.model.named_buffers()}
+    trainer = ctx.make_trainer(ctx.model, hooks=[hook], param_groups=[{"params": list(search.parameters())}],
+                               train_model_params=False, model_mode="eval",
+                               recipe=dataclasses.replace(ctx.recipe, optimizer="adamw"), lr=1e-3)
+    trainer.restart_schedule(1)
+    trainer.train_step()
+    gates.remove()
+    grads = {n: p.grad for n, p in search.named_parameters()}
+    for prefix in ("prompt.prompt", "encoder.", "hypernet.cell.", "hypernet.embed.", "hypernet.heads.",
+                   "hypernet.offsets.", "hypernet.previous."):
+        picked = [g for n, g in grads.items() if n.startswith(prefix)]
+        assert picked and all(g is not None and g.norm() > 0 for g in picked), prefix
+    prompt = search.prompt
+    interior = prompt.prompt.grad[:, prompt.pad:-prompt.pad, prompt.pad:-prompt.pad]
+    assert interior.abs().sum() == 0 and prompt.prompt.grad.abs().sum() > 0
+    assert all(p.grad is None for p in ctx.model.parameters())
+    assert all(torch.equal(b, bn_before[n]) for n, b in ctx.model.named_buffers())
+
+
+def test_prompted_pixels_stay_in_unit_range():
+    _, ctx, _, search, gates, _ = search_pieces()
+    gates.remove()
+    with torch.no_grad():
+        search.prompt.prompt.normal_(0, 3.0)
+    x = next(iter(ctx.train_loader))[0]
+    pixels = search.prompt.pixels(x)
+    assert pixels.min() >= 0 and pixels.max() <= 1
+    # outside the border the prompted input is the input
+    p = search.prompt.pad
+    assert torch.allclose(search.prompt(x)[..., p:-p, p:-p], x[..., p:-p, p:-p], atol=1e-5)
+
+
+def test_coupled_group_members_share_one_mask():
+    _, ctx, space, search, gates, hook = search_pieces(residual_mode="coupled")
+    gates.set(hook.masks())
+    shared = [g for g in space.groups if len(g.mask_points) > 1]
+    assert shared, "resnet20_tiny has residual streams with several producers"
+    seen = {}
+    handles = [ctx.model.get_submodule(p).register_forward_hook(
+        lambda m, i, o, p=p: seen.__setitem__(p, o.detach().abs().sum(dim=(0, 2, 3)) > 0))
+        for g in shared for p in g.mask_points]
+    with torch.no_grad():
+        ctx.model(torch.randn(4, *ctx.input_size))
+    for h in handles:
+        h.remove()
+    gates.remove()
+    for g in shared:
+        kept = hook.last_masks[g.index]
+        for p in g.mask_points:
+            assert torch.equal(seen[p], kept), p
+
+
+def test_same_seed_same_masks_and_logits():
+    outs = [run_pass(residual_mode="coupled", seed=3)[1:] for _ in range(2)]
+    (ctx_a, a), (_, b) = outs
+    assert a.structure == b.structure
+    x = torch.randn(4, *ctx_a.input_size)
+    with torch.no_grad():
+        assert torch.equal(a.model.eval()(x), b.model.eval()(x))
+
+
+@pytest.mark.parametrize("args", [{"use_prompt": False}, {"recurrent": False}, {"scope": "uniform"},
+                                  {"feedback": False}, {"stats": "all"}, {"init_bias_from_stats": False},
+                                  {"lambda_flops": 1.0}])
+def test_ablations_run_and_meet_budget(args):
+    _, ctx, outcome = run_pass(residual_mode="coupled", budget=3, **args)
+    achieved = count_macs(outcome.model, ctx.input_size).macs / ctx.dense_macs
+    assert 0.48 <= achieved <= 0.5
+    assert outcome.notes["search_steps"] == 3
+
+
+def test_soft_flops_estimate_is_the_closed_form_and_differentiable():
+    _, ctx, space, _, gates, hook = search_pieces(residual_mode="coupled")
+    gates.remove()
+    counts = [3] * len(space.groups)
+    soft = [torch.tensor(3.0, requires_grad=True) for _ in space.groups]
+    value = space.macs(soft)
+    assert float(value.detach()) == space.macs(counts)
+    value.backward()
+    assert all(s.grad is not None and s.grad > 0 for s in soft)
+
+
+def test_keep_prompt_stays_as_an_input_op_outside_macs():
+    _, ctx, kept = run_pass(residual_mode="coupled", keep_prompt=True)
+    _, _, plain = run_pass(residual_mode="coupled")
+    assert hasattr(kept.model, "input_prompt") and not hasattr(plain.model, "input_prompt")
+    assert count_macs(kept.model, ctx.input_size).macs == count_macs(plain.model, ctx.input_size).macs
+    op = kept.notes["prompt_input_op"]
+    assert kept.notes["keep_prompt"] and op["counted_in_macs"] is False and op["additions_per_image"] == 3 * 16 * 16
+    x = torch.randn(2, *ctx.input_size)
+    with torch.no_grad():           # the attached prompt is the searched one, applied before the backbone
+        bare = kept.model.input_prompt(x)
+        assert not torch.equal(bare, x) or kept.model.input_prompt.prompt.abs().sum() == 0
+
+
+def test_transfer_save_load_round_trips(tmp_path):
+    path = str(tmp_path / "hyper.pt")
+    method, _, first = run_pass(residual_mode="coupled", save_hypernet=path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["found_on"] == {"model": "resnet20_tiny", "dataset": "digits"}
+    # another dense model of the same architecture starts its search from the saved hypernetwork
+    loader = create_method("pass", residual_mode="coupled", init_hypernet_from=path)
+    ctx = make_context("resnet20_tiny", "flops=0.5", loader, seed=1)
+    space = ChannelSpace(ctx.model, ctx.input_size, "coupled")
+    search = loader.build(ctx, space)
+    loader.load(path, space, search)
+    assert all(torch.equal(v, saved["state"][k]) for k, v in search.state_dict().items())
+    outcome = create_method("pass", residual_mode="coupled", init_hypernet_from=path).run(
+        make_context("resnet20_tiny", "flops=0.5", loader, seed=1, budget=2))
+    assert outcome.notes["init_hypernet_from"]["path"] == path
+
+
+def test_transfer_to_another_architecture_is_one_clear_error(tmp_path):
+    path = str(tmp_path / "hyper.pt")
+    run_pass(residual_mode="coupled", save_hypernet=path, budget=0)
+    method = create_method("pass", residual_mode="coupled", init_hypernet_from=path)
+    with pytest.raises(SpecError, match="architecture mismatch in groups") as e:
+        method.run(make_context("vgg16_bn_tiny", "flops=0.5", method))
+    assert "\n" not in str(e.value)
+    missing = create_method("pass", init_hypernet_from=str(tmp_path / "nope.pt"))
+    with pytest.raises(SpecError, match="no such file"):
+        missing.run(make_context("resnet20_tiny", "flops=0.5", missing))
+
+
+def test_vit_is_refused_with_one_line():
+    method = create_method("pass")
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method)
+    assert not method.supports(ctx.model, "vit") and method.supports(ctx.model, "cnn")
+    with pytest.raises(SpecError, match="CNNs only") as e:
+        method.run(ctx)
+    assert "\n" not in str(e.value)
+
+
+def test_target_below_the_floor_is_one_clear_error():
+    with pytest.raises(SpecError, match="below the floor"):
+        run_pass(flops=0.05, residual_mode="internal")
+
+
+def test_tiny_configuration_runs_end_to_end(tmp_path):
+    from sparsebench.runners.pipeline import RunOptions, execute
+
+    record = execute(tiny_spec("pass", target="flops=0.5"), RunOptions(out=tmp_path))
+    assert 0.48 <= record.achieved_flops_ratio <= 0.5
+    assert record.notes["faithfulness"] == "reconstruction"
+    assert record.notes["search_steps"] == record.cost.method_budget_steps > 0
