@@ -134,6 +134,25 @@ class ViTWidthMasks:
         self.remove()
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def _copy_without_hooks(model: nn.Module) -> nn.Module:
+    # the live masks' hooks hold non-leaf tensors (and the masks object), which deepcopy rejects
+    saved = {}
+    for m in model.modules():
+        saved[m] = {name: getattr(m, name) for name in _HOOK_DICTS if hasattr(m, name)}
+        for name in saved[m]:
+            setattr(m, name, type(saved[m][name])())
+    try:
+        return copy.deepcopy(model)
+    finally:
+        for m, dicts in saved.items():
+            for name, d in dicts.items():
+                setattr(m, name, d)
+
+
 @torch.no_grad()
 def fold_unit_scales(model: VisionTransformer, attn: Sequence[Optional[torch.Tensor]] = (),
                      mlp: Sequence[Optional[torch.Tensor]] = (), embed: Optional[torch.Tensor] = None
@@ -142,10 +161,7 @@ def fold_unit_scales(model: VisionTransformer, attn: Sequence[Optional[torch.Ten
     folded into the weights: qkv rows and biases (Q, K and V alike), fc1 rows and biases, and
     the embedding (patch embed, cls/reg tokens and pos-embed; or `norm_pre`'s affine)."""
     check_supported(model, embed_pruned=embed is not None)
-    folded = copy.deepcopy(model)
-    for m in folded.modules():
-        m._forward_hooks.clear()
-        m._forward_pre_hooks.clear()
+    folded = _copy_without_hooks(model)
     for blk, s in zip(folded.blocks, attn):
         if s is None:
             continue
