@@ -189,3 +189,56 @@ def test_pass_search_step_cost():
     print(f"pass search step / plain step {ratio:.2f} "
           f"(search {statistics.median(search) * 1e3:.2f} ms, plain {statistics.median(plain) * 1e3:.2f} ms)")
     assert ratio < 4.0
+def test_ofb_search_step_cost():
+    """OFB search step (bi-mask, one-hot + FLOPs loss, PMIM decoder) over a plain training step,
+    vit_cifar_tiny on digits; alternating blocks, median. Reported, not asserted tightly."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+    from conftest import make_context
+    from sparsebench.methods import create_method
+    from sparsebench.methods.ofb import BiMaskSearch, PMIM
+    from sparsebench.training.vit_widths import ViTWidthMasks
+
+    method = create_method("ofb")
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=10_000)
+    model = ctx.model
+    plain = ctx.make_trainer()
+    plain.restart_schedule(1000)
+    masks = ViTWidthMasks(model)
+    groups = method.build_groups(model, "cpu", torch.Generator().manual_seed(0))
+    search = BiMaskSearch(model, masks, groups, method.config, 10_000, 0.0, ctx.input_size)
+    search.target_macs = 0.5 * search.dense_macs
+    search.after_step = lambda trainer: None          # keep every group open: the search's steady state
+    pmim = PMIM(model, masks, method.config, 10_000, 16, torch.Generator().manual_seed(0))
+    searching = ctx.make_trainer(hooks=[search, pmim], param_groups=[
+        {"params": [g.S for g in groups] + [pmim.mask_token], "weight_decay": 0.0},
+        {"params": [g.alpha for g in groups], "betas": (0.5, 0.999)},
+        {"params": list(pmim.decoder.parameters())}])
+    searching.restart_schedule(1000)
+
+    def time_steps(trainer, on, n=10):
+        pmim.enabled = on
+        if not on:
+            masks.clear()
+        trainer.hooks = trainer.hooks if on else []
+        start = time.perf_counter()
+        for _ in range(n):
+            trainer.train_step()
+        return (time.perf_counter() - start) / n
+
+    hooks = searching.hooks
+    times = {"plain": [], "search": []}
+    for r in range(6):
+        for name in (("plain", "search") if r % 2 else ("search", "plain")):
+            if name == "plain":
+                times["plain"].append(time_steps(plain, False))
+            else:
+                searching.hooks = hooks
+                times["search"].append(time_steps(searching, True))
+    masks.remove()
+    ratio = statistics.median(times["search"]) / statistics.median(times["plain"])
+    print(f"ofb search step / plain step = {ratio:.2f} "
+          f"(plain {statistics.median(times['plain']) * 1e3:.1f} ms, search {statistics.median(times['search']) * 1e3:.1f} ms)")
+    assert ratio < 10

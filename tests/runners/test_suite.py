@@ -6,14 +6,15 @@ from sparsebench.runners.suite import expand, load_suite
 
 def test_quick_suite_expands_with_family_recipes():
     suite = load_suite("benchmarks/quick.yaml")
-    assert len(suite.specs) == 52      # 34 + rigl, set, gap-cyclic, gap-parallel × 2 models × 2 sparsities + pass × 2 flops
-    assert [(m, model) for m, model, _ in suite.skipped] == [("pass", "vit_cifar_tiny")]    # PASS is CNN-only
+    # 34 + rigl, set, gap-cyclic, gap-parallel × 2 models × 2 sparsities + pass (CNN only) and ofb (ViT only) × 2 flops
+    assert len(suite.specs) == 54
+    assert sorted((m, model) for m, model, _ in suite.skipped) == [("ofb", "resnet20_tiny"), ("pass", "vit_cifar_tiny")]
     vit = [s for s in suite.specs if s.model == "vit_cifar_tiny"]
     cnn = [s for s in suite.specs if s.model == "resnet20_tiny"]
     assert {s.recipe.optimizer for s in vit} == {"adamw"} and {s.recipe.pretrain_epochs for s in vit} == {30}
     assert {s.recipe.optimizer for s in cnn} == {"sgd"} and {s.recipe.pretrain_epochs for s in cnn} == {15}
     assert sum(s.method == "dense" for s in suite.specs) == 2
-    assert len({s.run_id for s in suite.specs}) == 52
+    assert len({s.run_id for s in suite.specs}) == 54
 
 
 @pytest.mark.parametrize("path", ["benchmarks/cifar.yaml", "benchmarks/transfer.yaml"])

@@ -1,0 +1,258 @@
+"""OFB: the bi-mask, the FLOPs model, elimination, gradients, exact export, budget,
+determinism, ablations and the real pipeline."""
+import math
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from sparsebench.errors import SpecError
+from sparsebench.measure.flops import count_macs
+from sparsebench.methods import create_method
+from sparsebench.methods.ofb import (
+    BiMaskSearch, OFB, PMIM, SearchGroup, attention_cells, check_export, embed_cells, mlp_cells, ofb_macs,
+    one_hot_loss,
+)
+from sparsebench.models import create_model
+from sparsebench.training.vit_slim import vit_macs
+from sparsebench.training.vit_widths import ViTWidthMasks
+
+from conftest import make_context, set_fused_attention, tiny_spec
+
+
+def test_search_space_matches_the_official_grids():
+    cells = attention_cells(6, 64)                        # DeiT-S: 3 × 7
+    assert len(cells) == 21 and {n for n, _ in cells} == {2, 4, 6} and {r for _, r in cells} == set(range(16, 65, 8))
+    assert {n for n, _ in attention_cells(3, 64)} == {2, 3}
+    assert {n for n, _ in attention_cells(3, 64, full_head_candidate=False)} == {2}
+    assert [w for w, _ in mlp_cells(1536)] == list(range(384, 1537, 192))
+    assert len(embed_cells(384)) == 17 and embed_cells(384)[0] == (192, 1)
+    assert all(r == 64 for _, r in attention_cells(6, 64, "heads_only"))
+    assert all(n == 6 for n, _ in attention_cells(6, 64, "dims_only"))
+
+
+def _group(kind="attn", shape=(4, 16), seed=0):
+    cells = attention_cells(*shape) if kind == "attn" else mlp_cells(shape[0])
+    return SearchGroup(kind, 0, shape, cells, torch.Generator().manual_seed(seed), "cpu")
+
+
+def test_bi_mask_is_lambda_sigma_plus_v_at_rank():
+    g = _group()
+    with torch.no_grad():
+        g.alpha.copy_(torch.randn(g.alpha.shape, generator=torch.Generator().manual_seed(1)))
+    lam = 0.37
+    m = g.mask(lam)
+    V = g.expected_keep()
+    # V is non-increasing over rank, in both directions
+    assert (V[1:] <= V[:-1] + 1e-7).all() and (V[:, 1:] <= V[:, :-1] + 1e-7).all()
+    # reference ranks: heads by Σ σ(S), channels within a head by S
+    soft = torch.sigmoid(g.S.detach())
+    head_order = torch.argsort(soft.sum(1), descending=True)
+    expected = torch.empty_like(m)
+    for rh, h in enumerate(head_order.tolist()):
+        for rc, c in enumerate(torch.argsort(g.S.detach()[h], descending=True).tolist()):
+            expected[h, c] = lam * soft[h, c] + (1 - lam) * V[rh, rc]
+    torch.testing.assert_close(m.detach(), expected, atol=1e-6, rtol=0)
+    # expected width Σ V equals Σ_k p_k n_k r_k
+    assert float(g.expected_width().detach()) == pytest.approx(float(V.detach().sum()), rel=1e-5)
+
+
+def test_one_hot_loss_is_infinite_at_uniform_and_falls_toward_one_hot():
+    K = 7
+    uniform = torch.full((K,), 1 / K)
+    peaked = torch.softmax(torch.tensor([4.0, 0, 0, 0, 0, 0, 0]), 0)
+    assert one_hot_loss(uniform, torch.tensor(0.0), 0.0) > one_hot_loss(peaked, torch.tensor(0.0), 0.0) + 10
+    assert float(one_hot_loss(peaked, torch.tensor(10.0), 1e-4, entropy=False, var=False)) == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("name,dim,depth,heads,gmacs", [("deit_tiny", 192, 12, 3, 1.26),
+                                                       ("deit_small", 384, 12, 6, 4.60),
+                                                       ("deit_base", 768, 12, 12, 17.53)])
+def test_analytic_flops_model_reproduces_official_dense_counts(name, dim, depth, heads, gmacs):
+    with torch.device("meta"):
+        model = VisionTransformer(img_size=224, patch_size=16, embed_dim=dim, depth=depth, num_heads=heads)
+    hidden = 4 * dim
+    dense = ofb_macs(model, 196, dim, [dim] * depth, [hidden] * depth, [heads] * depth)
+    assert dense / 1e9 == pytest.approx(gmacs, abs=0.01)
+    # the harness convention (cls token, no LayerNorm / element-wise) within 1 %
+    assert dense == pytest.approx(vit_macs(model, input_size=(3, 224, 224)), rel=0.01)
+
+
+def test_analytic_flops_model_tracks_the_counter_at_tiny_scale():
+    model = create_model("vit_cifar_tiny", num_classes=10, img_size=32)
+    dense = ofb_macs(model, 64, 64, [64] * 4, [256] * 4, [4] * 4)
+    assert dense == pytest.approx(count_macs(model, (3, 32, 32)).macs, rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def short_run():
+    method = create_method("ofb")
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=12)
+    return method.run(ctx), ctx
+
+
+def test_elimination_is_monotone_and_final_groups_have_one_cell(short_run):
+    outcome, _ = short_run
+    groups = outcome.notes["groups"]
+    assert all(g["choice"][0] is not None for g in groups)
+    active = {}
+    for event in outcome.notes["events"]:
+        assert event["active"] <= active.get(event["group"], math.inf)
+        active[event["group"]] = event["active"]
+        if event["event"] == "final":
+            assert event["active"] == 1
+    assert outcome.notes["forced_groups"] == len(outcome.notes["forced"])
+    assert (outcome.notes["forced_note"] is None) == (outcome.notes["forced_groups"] == 0)
+
+
+def test_elimination_shrinks_alive_sets_nested():
+    g = _group()
+    alive = [g.alive.clone()]
+    probs = torch.linspace(3, -3, len(g.cells))
+    with torch.no_grad():
+        g.alpha.copy_(probs)
+    steps = 0
+    while not g.final and steps < 50:
+        g.eliminate(0.2, steps)
+        with torch.no_grad():
+            g.alpha[g.active] -= 0.3 * torch.arange(int(g.active.sum())).float()
+        alive.append(g.alive.clone())
+        steps += 1
+    assert g.final and int(g.active.sum()) == 1
+    assert all(bool((b <= a).all()) for a, b in zip(alive, alive[1:]))        # only ever shrinks
+    n, r = (int(v) for v in g.cells[g.active][0])
+    assert int(g.alive.any(1).sum()) == n and set(g.alive.sum(1)[g.alive.any(1)].tolist()) == {r}
+
+
+def test_export_is_a_smaller_timm_vit_equal_to_the_masked_model(short_run):
+    outcome, ctx = short_run
+    assert isinstance(outcome.model, VisionTransformer) and outcome.realization == "compacted"
+    assert outcome.notes["export_max_abs_error"] < 1e-5
+    assert count_macs(outcome.model, ctx.input_size).macs < ctx.dense_macs
+
+
+def _searched_model(embed_width, seed=0):
+    """A model with open groups forced to random cells (embedding pruned to `embed_width`)."""
+    method = create_method("ofb")
+    torch.manual_seed(seed)
+    model = create_model("vit_cifar_tiny", num_classes=10, img_size=16).eval()
+    masks = ViTWidthMasks(model)
+    groups = method.build_groups(model, "cpu", torch.Generator().manual_seed(seed))
+    search = BiMaskSearch(model, masks, groups, method.config, 10, 0.0, (3, 16, 16))
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for grp in groups:
+            grp.S.copy_(torch.randn(grp.S.shape, generator=g))
+            if grp.kind == "embed":
+                grp.alpha.copy_((grp.cells[:, 0] == embed_width).float() * 10)
+            else:
+                grp.alpha.copy_(torch.randn(grp.alpha.shape, generator=g) * 3)
+    search.force_finalize(0)
+    return model, masks, search
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("embed_width", [64, 40])
+def test_export_equivalence_with_pruned_embedding(embed_width, fused):
+    model, masks, search = _searched_model(embed_width)
+    set_fused_attention(model, fused)
+    lam = 0.3
+    slim, structure, _ = OFB.export(model, search, lam)
+    search.set_masks(lam)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    error = check_export(model, slim, x, tolerance=1e-5)
+    masks.remove()
+    assert error < 1e-5
+    assert slim.embed_dim == embed_width
+    assert (structure.embed is None) == (embed_width == 64) or len(structure.embed) == 64
+    with torch.no_grad():
+        assert (model(x) - slim(x)).abs().max() > 1e-3         # the export is not the dense model
+
+
+def test_gradients_reach_scores_logits_decoder_and_mask_token():
+    method = create_method("ofb")
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=5)
+    torch.manual_seed(0)
+    model = ctx.model
+    masks = ViTWidthMasks(model)
+    groups = method.build_groups(model, "cpu", torch.Generator().manual_seed(0))
+    search = BiMaskSearch(model, masks, groups, method.config, 2, 0.0, ctx.input_size)
+    search.target_macs = 0.5 * search.dense_macs
+    groups[0].finalize(0)                                   # one final group: its α must get nothing
+    pmim = PMIM(model, masks, method.config, 2, 16, torch.Generator().manual_seed(0))
+    trainer = ctx.make_trainer(hooks=[search, pmim], param_groups=[
+        {"params": [g.S for g in groups] + [pmim.mask_token], "weight_decay": 0.0},
+        {"params": [g.alpha for g in groups if g.alpha.requires_grad]},
+        {"params": list(pmim.decoder.parameters())}])
+    trainer.restart_schedule(5)
+    x, y = trainer.next_batch()
+    x, y = search.before_forward(trainer, x, y) or (x, y)
+    pmim.before_forward(trainer, x, y)
+    model.train()
+    out = model(x)
+    loss = pmim.compute_loss(trainer, x, out, y, torch.nn.functional.cross_entropy(out, y))
+    loss = loss + search.extra_loss(trainer, x, out, y)
+    loss.backward()
+    assert all(g.S.grad is not None and g.S.grad.abs().sum() > 0 for g in groups)
+    assert groups[0].alpha.grad is None
+    assert all(g.alpha.grad is not None and g.alpha.grad.abs().sum() > 0 for g in groups[1:])
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in pmim.decoder.parameters())
+    assert pmim.mask_token.grad is not None and pmim.mask_token.grad.abs().sum() > 0
+    masks.remove()
+
+
+def test_search_meets_the_flops_target_within_three_percent():
+    method = create_method("ofb")
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=90)
+    outcome = method.run(ctx)
+    achieved = count_macs(outcome.model, ctx.input_size).macs / ctx.dense_macs
+    assert achieved == pytest.approx(0.5, rel=0.03)
+    analytic = outcome.notes["analytic_macs"]
+    assert analytic["target"] == pytest.approx(0.5 * analytic["dense"])
+    assert analytic["achieved_ratio"] == pytest.approx(0.5, rel=0.05)
+
+
+def test_deterministic_under_a_seed():
+    def once():
+        method = create_method("ofb")
+        ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=8)
+        outcome = method.run(ctx)
+        x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return outcome.structure, outcome.model.eval()(x)
+
+    (s1, y1), (s2, y2) = once(), once()
+    assert s1 == s2 and torch.equal(y1, y2)
+
+
+@pytest.mark.parametrize("args", [{"pmim": False}, {"one_hot_loss": False}, {"lambda_schedule": "importance_only"},
+                                  {"lambda_schedule": "sparsity_only"}, {"search_embed": False},
+                                  {"attn_mode": "heads_only", "pmim_schedule": "fixed"}])
+def test_ablations_run_and_export_exactly(args):
+    method = create_method("ofb", **args)
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=4)
+    outcome = method.run(ctx)
+    assert outcome.notes["export_max_abs_error"] < 1e-5
+    assert ("decoder" in str(outcome.notes)) and (outcome.notes["training_macs"]["decoder_forward_macs_per_sample"]
+                                                  == (0 if args.get("pmim") is False else 16 * 64 * 48))
+    if args.get("search_embed") is False:
+        assert outcome.model.embed_dim == 64
+
+
+def test_cnn_is_a_clear_error():
+    method = create_method("ofb")
+    assert not method.supports(create_model("resnet20_tiny", img_size=16), "cnn")
+    ctx = make_context("resnet20_tiny", "flops=0.5", method, budget=2)
+    with pytest.raises(SpecError, match="VisionTransformer"):
+        method.run(ctx)
+
+
+def test_tiny_run_end_to_end_through_the_pipeline(tmp_path):
+    from sparsebench.runners.pipeline import RunOptions, execute
+
+    record = execute(tiny_spec("ofb", model="vit_cifar_tiny", target="flops=0.5"), RunOptions(out=tmp_path))
+    assert record.granularity == "head" and record.realization.realizable
+    assert record.structure["summary"]["embed_dim"] is not None
+    assert 0.3 < record.achieved_flops_ratio < 0.8
+    assert record.notes["training_macs"]["extra_forward_macs"] > 0
+    assert record.cost.method_steps == record.notes["search_steps"]
