@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparsebench.datasets import create_dataset
+from sparsebench.datasets.integrity import screen
 from sparsebench.runners.checkpoints import dense_checkpoint, load_dense_weights
 from sparsebench.specs import RunSpec, SpecError
 from sparsebench.training.trainer import StepBudget, Trainer, evaluate
@@ -46,6 +47,7 @@ class RunOptions:
     cache_dir: Optional[Path] = None       # dense checkpoints; default <out>/checkpoints
     device: str = "cpu"
     progress: Optional[Callable] = None    # tqdm-like factory, or None for silence
+    max_bad_samples: int = 0               # image files that fail to decode: skipped and counted up to this
 
 
 def validate(spec: RunSpec):
@@ -119,6 +121,7 @@ def execute(spec: RunSpec, options: RunOptions) -> dict:
 
     data = create_dataset(spec.dataset, options.data_root, spec.data.img_size, spec.data.val_fraction,
                           spec.data.split_seed, options.download)
+    data = screen(data, options.max_bad_samples, progress, Path(options.out) / "data-checks")
     info = data.info
     input_size = (info.in_chans, info.img_size, info.img_size)
     loaders = make_loaders(data, spec.recipe.batch_size, spec.seed, spec.data.workers)
