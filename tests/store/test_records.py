@@ -25,3 +25,17 @@ def test_store_round_trip_and_exists(tmp_path):
     assert store.exists("x__y") and store.read("x__y") == record
     assert store.load_all() == [record]
     assert json.loads((tmp_path / "records" / "x__y.json").read_text()) == record
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        path = RecordStore(tmp_path).write({"run_id": "r"})
+        atomic_write_text(tmp_path / "leaderboard.md", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+    assert (tmp_path / "leaderboard.md").stat().st_mode & 0o777 == mode
