@@ -8,6 +8,7 @@ outright: `PR_SET_PDEATHSIG` on Linux, and a thread that watches the parent's pi
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import multiprocessing as mp
@@ -27,7 +28,11 @@ def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int, on_re
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                initializer=_worker_init, initargs=(os.getpid(),))
     try:
-        futures = [pool.submit(fn, p) for p in payloads]
+        # Workers are spawned inside submit(). SIGINT is blocked meanwhile: the children inherit the
+        # mask, so a Ctrl-C during their imports cannot interrupt them with a traceback (they ignore
+        # it once started), and the parent gets it, pending, as soon as the loop is done.
+        with _sigint_blocked():
+            futures = [pool.submit(fn, p) for p in payloads]
         for f in as_completed(futures):
             on_result(f.result())
     except BaseException:
@@ -51,8 +56,22 @@ def end_workers(pool: ProcessPoolExecutor, grace: float = 3.0) -> None:
             p.join(1.0)
 
 
+@contextlib.contextmanager
+def _sigint_blocked():
+    can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
+    if can:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _worker_init(parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides what Ctrl-C means
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # a pending one is now discarded
     die_with_parent(parent_pid)
 
 
