@@ -204,12 +204,12 @@ def cmd_sweep(args) -> int:
         return _dry_run(suite, specs, args)
     if args.jobs < 1:
         raise CliError(f"bad --jobs {args.jobs}; allowed: an integer >= 1")
+    options = _options(args)
     out = Path(args.out)
     store = RecordStore(out)
     if args.shard:
         specs = _shard(specs, args.shard)
     todo = [s for s in specs if not store.exists(s.run_id)]
-    options = _options(args)
     print(f"suite {suite.name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run"
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
     _check_data(todo, options)

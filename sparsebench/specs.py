@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 from sparsebench.errors import SpecError
 
 TARGET_KINDS = ("sparsity", "flops", "none")
+SEED_LIMIT = 2 ** 31
 RUN_ID_READABLE_MAX = 160     # bytes; + "__" + 10 hash chars + ".json" + temp-file affixes < 255
 
 
@@ -253,8 +254,8 @@ class RunSpec:
 
     def __post_init__(self):
         seed = coerce_scalar(self.seed, int, "seed")
-        if seed < 0:
-            raise SpecError(f"seed={seed} is out of range; allowed: seed >= 0")
+        if not 0 <= seed < SEED_LIMIT:      # torch and numpy generators take 64-bit seeds; loaders use seed * 3 + i
+            raise SpecError(f"seed={seed} is out of range; allowed: 0 <= seed < 2**31")
         object.__setattr__(self, "seed", seed)
 
     def to_dict(self) -> Dict[str, Any]:

@@ -33,7 +33,8 @@ BAD_VALUES = [
     (["--method-arg", "skip_first=maybe"], "skip_first", "allowed: true, false"),
     (["--target", "sparsity=nan"], "target sparsity", "finite number"),
     (["--target", "sparsity=1"], "sparsity", "0 < sparsity < 1"),
-    (["--seed", "-1"], "seed", "seed >= 0"),
+    (["--seed", "-1"], "seed", "0 <= seed < 2**31"),
+    (["--seed", str(2 ** 40)], "seed", "0 <= seed < 2**31"),
     (["--threads", "0"], "threads", "threads >= 1"),
     (["--batch-sizes", "0", "8"], "batch_sizes", "batch_sizes >= 1"),
     (["--val-fraction", "1.5"], "val_fraction", "0 < val_fraction < 1"),
@@ -123,7 +124,7 @@ def test_a_suite_refuses_bad_values_with_one_line(change, message):
 
 
 def test_run_ids_fit_name_max_whatever_the_names():
-    spec = RunSpec("m" * 300, "resnet20_tiny", "digits", seed=10**40)
+    spec = RunSpec("m" * 300, "resnet20_tiny", "x" * 200, seed=2 ** 31 - 1)
     name = f".{spec.run_id}.json.abcdefgh.tmp"            # the record's temp file, the longest name written
     assert len(name.encode()) < 255 and spec.run_id.endswith(spec.hash[:10])
     short = RunSpec("dense", "resnet20_tiny", "digits")
