@@ -161,3 +161,12 @@ def test_a_closed_pipe_ends_quietly():
                           text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     os.close(write)
     assert proc.stderr == "" and proc.returncode == 141
+
+
+def test_sweep_jobs_must_be_positive(tmp_path, capsys):
+    suite = tmp_path / "s.yaml"
+    suite.write_text("methods: [dense]\nmodels: [resnet20_tiny]\ndatasets: [digits]\n")
+    code = main(["sweep", str(suite), "--out", str(tmp_path / "out"), "--jobs", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad --jobs 0; allowed: an integer >= 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
