@@ -4,6 +4,7 @@
     sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--dry-run]
     sparsebench leaderboard DIR          sparsebench plot DIR
     sparsebench list [methods|models|datasets]
+    sparsebench check-data DATASET [--data-root DIR] [--img-size N]
     sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
     sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--out results/speedup/cpu]
 
@@ -78,12 +79,77 @@ def _spec_from_args(args):
 
 
 def _options(args):
+    """Run options, after checking the device and that the output folders can be written."""
     from sparsebench.runners.pipeline import RunOptions
 
+    _check_device(args.device)
+    if args.max_bad_samples < 0:
+        raise CliError(f"bad --max-bad-samples {args.max_bad_samples}; allowed: an integer >= 0")
+    _check_out_dir(Path(args.out), "--out")
+    if args.cache_dir:
+        _check_out_dir(Path(args.cache_dir), "--cache-dir")
     return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
                       progress=_progress_factory(args.quiet), checkpoint_every=args.checkpoint_every or None,
-                      resume=not args.no_resume)
+                      resume=not args.no_resume, max_bad_samples=args.max_bad_samples)
+
+
+def _check_device(text: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CliError(f"bad --device {text!r}; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise CliError(f"bad --device {text!r}; allowed: cpu, cuda, cuda:N")
+    if not torch.cuda.is_available():
+        raise CliError(f"--device {text!r} is not available here (no CUDA GPU); allowed: cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise CliError(f"--device {text!r} is not available here; allowed: cpu, cuda:0 to "
+                       f"cuda:{torch.cuda.device_count() - 1}")
+
+
+# The longest name written under an output folder: a record, a checkpoint or a temp file of either.
+LONGEST_NAME = 255
+SUBFOLDERS = ("records", "checkpoints", "data-checks", "partial")
+
+
+def _check_out_dir(path: Path, flag: str) -> None:
+    """An output folder that can be created and written, with room for every file name the run
+    writes inside PATH_MAX: else one line now, not a lost run at the last step."""
+    import errno
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise CliError(f"{flag} {_short(path)} is too long: a name in it exceeds the file system's limit "
+                           f"({_limit(path, 'PC_NAME_MAX', 255)} bytes per name, {_limit(path, 'PC_PATH_MAX', 4096)} per path)") from None
+        raise CliError(f"{flag} {_short(path)} cannot be created or written: {e.strerror}") from None
+    path_max = _limit(path, "PC_PATH_MAX", 4096)          # counts the terminating NUL
+    length = len(os.fsencode(path.resolve()))
+    room = 1 + max(map(len, SUBFOLDERS)) + 1 + LONGEST_NAME
+    if length + room >= path_max:
+        raise CliError(f"{flag} {_short(path)} is too long ({length} bytes as an absolute path); records and "
+                       f"checkpoints inside it could exceed PATH_MAX; allowed: at most {path_max - 1 - room} bytes")
+
+
+def _limit(path: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(path if path.exists() else "/", name)
+    except (OSError, ValueError):
+        return default
+
+
+def _short(path: Path) -> str:
+    text = str(path)
+    return repr(text if len(text) <= 80 else text[:38] + "..." + text[-38:])
 
 
 def cmd_run(args) -> int:
@@ -91,6 +157,7 @@ def cmd_run(args) -> int:
     from sparsebench.store import RecordError, RecordStore
 
     spec = resolve(_spec_from_args(args))
+    options = _options(args)
     store = RecordStore(Path(args.out))
     record = None
     if store.exists(spec.run_id) and not args.force:
@@ -101,10 +168,10 @@ def cmd_run(args) -> int:
             print(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
                   file=sys.stderr)
     if record is None:
-        record = execute(spec, _options(args))
+        record = execute(spec, options)
         print(f"wrote {store.path(spec.run_id)}")
     _print_run_summary(record)
-    return 0
+    return 3 if record.status == "diverged" else 0      # the record is kept; scripts still see it failed
 
 
 def _print_run_summary(r) -> None:
@@ -145,6 +212,9 @@ def cmd_sweep(args) -> int:
     specs = [resolve(s) for s in suite.specs]
     if args.dry_run:
         return _dry_run(suite, specs, args)
+    if args.jobs < 1:
+        raise CliError(f"bad --jobs {args.jobs}; allowed: an integer >= 1")
+    options = _options(args)
     out = Path(args.out)
     store = RecordStore(out)
     if args.shard:
@@ -152,7 +222,6 @@ def cmd_sweep(args) -> int:
     todo = [s for s in specs if not store.exists(s.run_id)]
     print(f"suite {suite.name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run"
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
-    options = _options(args)
     _check_data(todo, options)
     start = time.perf_counter()
     failures = []
@@ -160,18 +229,20 @@ def cmd_sweep(args) -> int:
 
     bar = tqdm(total=len(todo), desc=f"sweep {suite.name}", disable=args.quiet, dynamic_ncols=True)
     if args.jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from sparsebench.runners.pool import run_pool
 
         options.progress = None      # one bar per worker would interleave; the sweep bar stays
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
-            futures = [pool.submit(_run_one, (s.to_dict(), options)) for s in todo]
-            for f in as_completed(futures):
-                spec_dict, error = f.result()
-                if error:
-                    failures.append((spec_dict, error))
-                bar.update(1)
+
+        def collect(result):
+            spec_dict, error = result
+            if error:
+                failures.append((spec_dict, error))
+            bar.update(1)
+
+        try:
+            run_pool(_run_one, [(s.to_dict(), options) for s in todo], args.jobs, collect)
+        finally:
+            bar.close()
     else:
         for s in todo:
             bar.set_postfix_str(f"{s.method} {s.model} {s.target}", refresh=False)
@@ -189,16 +260,39 @@ def cmd_sweep(args) -> int:
           + (f", {reports['plot']}" if "plot" in reports else ""))
     print(f"sweep wall time {wall:.1f} s for {len(todo)} runs")
     for spec_dict, error in failures:
-        print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']}: {error}", file=sys.stderr)
+        t = spec_dict["target"]
+        target = "none" if t["kind"] == "none" else f"{t['kind']}={t['value']:g}"
+        print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
+              f"seed {spec_dict['seed']}: {error}", file=sys.stderr)
     return 1 if failures else 0
 
 
 def _check_data(specs, options) -> None:
-    """Load every dataset the runs need once, so missing data is one error, not one per run."""
+    """Load every dataset the runs need once, and decode its image files (cached for the runs),
+    so missing or undecodable data is one error before any run, not one per run."""
     from sparsebench.datasets import create_dataset
+    from sparsebench.datasets.integrity import screen
 
     for dataset, img_size in sorted({(s.dataset, s.data.img_size) for s in specs}, key=str):
-        create_dataset(dataset, options.data_root, img_size, download=options.download)
+        data = create_dataset(dataset, options.data_root, img_size, download=options.download)
+        screen(data, options.max_bad_samples, options.progress, Path(options.out) / "data-checks")
+
+
+def cmd_check_data(args) -> int:
+    """Decode every image file of a dataset (train and test), with a progress bar; list the bad ones."""
+    from sparsebench.datasets import create_dataset
+    from sparsebench.datasets.integrity import scan
+
+    data = create_dataset(args.dataset, args.data_root, args.img_size, download=False)
+    checked, bad = scan(data, _progress_factory(args.quiet), name=args.dataset)
+    if not checked:
+        print(f"{args.dataset}: held in memory, no image files to decode; nothing to check")
+        return 0
+    for b in bad:
+        print(f"bad {b.path}: {b.error}")
+    print(f"{args.dataset}: {checked} image files decoded, {len(bad)} bad"
+          + ("" if not bad else "; replace them, or run with --max-bad-samples N to skip and count them"))
+    return 1 if bad else 0
 
 
 def _shard(specs, text: str):
@@ -353,11 +447,7 @@ def cmd_speedup(args) -> int:
     for f in args.flops:
         if not 0 < f < 1:
             raise CliError(f"flops target {f} is out of range; allowed: 0 < flops < 1")
-    if args.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise CliError(f"device {args.device!r} is not available here; allowed: cpu")
+    _check_device(args.device)
     config = SpeedupConfig(models=tuple(args.models), flops=tuple(args.flops), img_size=args.img_size,
                            batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), device=args.device,
                            dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
@@ -400,6 +490,8 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
                    help="optimizer steps between mid-fit checkpoints (0: only at the end of each fit); "
                         "a killed run resumes from its last one")
     p.add_argument("--no-resume", action="store_true", help="no checkpoints: a killed run starts over")
+    p.add_argument("--max-bad-samples", type=int, default=0,
+                   help="image files that fail to decode: skip and count up to N (recorded); default 0 refuses any")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,6 +545,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", nargs="?", choices=("methods", "models", "datasets"))
     p.set_defaults(func=cmd_list)
 
+    p = sub.add_parser("check-data", help="decode every image file of a dataset; list the ones that fail")
+    p.add_argument("dataset")
+    p.add_argument("--data-root", default=os.environ.get("SPARSEBENCH_DATA"))
+    p.add_argument("--img-size", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_check_data)
+
     p = sub.add_parser("flops", help="MACs/FLOPs of a model (attention matmuls included)")
     p.add_argument("model")
     p.add_argument("--img-size", type=int, default=224)
@@ -488,7 +587,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()           # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:          # `sparsebench list | head -1`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141                   # 128 + SIGPIPE, as a tool killed by the signal would report
     except (CliError, SpecError, UnknownNameError, DataError, FileNotFoundError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sparsebench: error: {message}", file=sys.stderr)

@@ -10,12 +10,122 @@ import dataclasses
 import hashlib
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from sparsebench.errors import SpecError
 
 TARGET_KINDS = ("sparsity", "flops", "none")
+SEED_LIMIT = 2 ** 31
+RUN_ID_READABLE_MAX = 160     # bytes; + "__" + 10 hash chars + ".json" + temp-file affixes < 255
+
+
+_TRUE, _FALSE = ("true", "yes", "on"), ("false", "no", "off")
+
+
+def coerce_scalar(value: Any, annotation: Any, where: str, keep_int: bool = True) -> Any:
+    """A typed value from what a user typed (CLI text or YAML), or a one-line SpecError naming `where`.
+
+    bool takes true/false (yes/no, on/off) only: `skip_first=2` is a mistake, not True. int takes
+    whole numbers only: `batch_size=2.5` is refused. float takes any finite number, also written
+    as text (YAML reads `1e-3` as a string); inf and nan are refused. With `keep_int`, an int given
+    for a float stays an int, so the hashes of existing specs do not change.
+    """
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise SpecError(f"bad value {value!r} for {where}; allowed: true, false")
+    if annotation is int:
+        number = _number(value, where, "a whole number")
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise SpecError(f"bad value {value!r} for {where}; allowed: a whole number")
+            number = int(number)
+        return number
+    if annotation is float:
+        number = _number(value, where, "a finite number")
+        return number if keep_int and isinstance(number, int) else float(number)
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise SpecError(f"bad value {value!r} for {where}; allowed: text")
+    return value
+
+
+def _number(value: Any, where: str, allowed: str):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpecError(f"bad value {value!r} for {where}; allowed: {allowed}")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise SpecError(f"bad value {value!r} for {where}; allowed: {allowed}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"bad value {value!r} for {where}; allowed: {allowed} (not inf or nan)")
+    return value
+
+
+def coerce_typed(value: Any, annotation: Any, where: str, keep_int: bool = True) -> Any:
+    """`coerce_scalar` for Optional[X] and Tuple[X, ...] as well."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+            return None
+        annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
+        origin = typing.get_origin(annotation)
+    if origin in (tuple, typing.Tuple):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise SpecError(f"bad value {value!r} for {where}; allowed: a list")
+        inner = (typing.get_args(annotation) or (str,))[0]
+        return tuple(coerce_scalar(v, inner, where, keep_int) for v in items)
+    return coerce_scalar(value, annotation, where, keep_int)
+
+
+def _check_fields(obj, section: str, ranges: Dict[str, Tuple[Optional[float], Optional[float], str]]) -> None:
+    """Coerce every field of a frozen spec dataclass to its annotation, then check its range.
+
+    `ranges[name] = (low, high, kind)`: kind is "[]", "[)", "()" or "(]" for the closed / open ends;
+    None for an end without a bound.
+    """
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        where = f"{section} {f.name}"
+        value = coerce_typed(getattr(obj, f.name), hints[f.name], where)
+        object.__setattr__(obj, f.name, value)
+        if f.name not in ranges or value is None:
+            continue
+        low, high, kind = ranges[f.name]
+        for v in (value if isinstance(value, tuple) else (value,)):
+            ok = ((low is None or (v >= low if kind[0] == "[" else v > low))
+                  and (high is None or (v <= high if kind[1] == "]" else v < high)))
+            if not ok:
+                raise SpecError(f"{section} {f.name}={v!r} is out of range; allowed: {_range_text(f.name, low, high, kind)}")
+
+
+def _range_text(name: str, low, high, kind: str) -> str:
+    if high is None:
+        return f"{name} {'>=' if kind[0] == '[' else '>'} {low:g}"
+    if low is None:
+        return f"{name} {'<=' if kind[1] == ']' else '<'} {high:g}"
+    return f"{low:g} {'<=' if kind[0] == '[' else '<'} {name} {'<=' if kind[1] == ']' else '<'} {high:g}"
+
+
+_HINTS: Dict[type, Dict[str, Any]] = {}
+
+
+def _hints(cls) -> Dict[str, Any]:
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
 
 
 @dataclass(frozen=True)
@@ -32,7 +142,9 @@ class Target:
             if self.value is not None:
                 raise SpecError("target 'none' takes no value")
             return
-        if self.value is None or not (0.0 < float(self.value) < 1.0) or math.isnan(float(self.value)):
+        if self.value is not None:
+            object.__setattr__(self, "value", coerce_scalar(self.value, float, f"target {self.kind}"))
+        if self.value is None or not (0.0 < float(self.value) < 1.0):
             raise SpecError(f"target {self.kind}={self.value} is out of range; allowed: 0 < {self.kind} < 1")
 
     @classmethod
@@ -73,16 +185,16 @@ class Recipe:
     precision: str = "fp32"           # fp32 | bf16 (autocast; master weights, masks and optimizer stay fp32)
 
     def __post_init__(self):
+        _check_fields(self, "recipe", {
+            "batch_size": (1, None, "[)"), "lr": (0, None, "()"), "finetune_lr": (0, None, "()"),
+            "pretrain_epochs": (0, None, "[)"), "finetune_epochs": (0, None, "[)"), "search_epochs": (0, None, "[)"),
+            "momentum": (0, 1, "[)"), "weight_decay": (0, None, "[)"), "label_smoothing": (0, 1, "[)"),
+            "warmup_fraction": (0, 1, "[]"), "evals_per_epoch": (0, None, "()"),
+        })
         if self.optimizer not in ("sgd", "adamw"):
             raise SpecError(f"unknown optimizer {self.optimizer!r}; allowed: sgd, adamw")
         if self.precision not in ("fp32", "bf16"):
             raise SpecError(f"unknown precision {self.precision!r}; allowed: fp32, bf16")
-        for name in ("batch_size", "lr", "finetune_lr"):
-            if not getattr(self, name) > 0:
-                raise SpecError(f"recipe {name}={getattr(self, name)} must be > 0")
-        for name in ("pretrain_epochs", "finetune_epochs", "search_epochs"):
-            if getattr(self, name) < 0:
-                raise SpecError(f"recipe {name}={getattr(self, name)} must be >= 0")
 
     def steps(self, epochs: float, n_train: int) -> int:
         return int(math.ceil(epochs * math.ceil(n_train / self.batch_size)))
@@ -96,12 +208,8 @@ class DataSpec:
     workers: int = 0                  # DataLoader workers (augmentation streams depend on it)
 
     def __post_init__(self):
-        if self.workers < 0:
-            raise SpecError(f"workers={self.workers} must be >= 0")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise SpecError(f"val_fraction={self.val_fraction} is out of range; allowed: 0 < val_fraction < 1")
-        if self.img_size is not None and self.img_size < 8:
-            raise SpecError(f"img_size={self.img_size} is too small; allowed: >= 8")
+        _check_fields(self, "data", {"workers": (0, None, "[)"), "val_fraction": (0, 1, "()"),
+                                     "img_size": (8, None, "[)"), "split_seed": (0, None, "[)")})
 
 
 @dataclass(frozen=True)
@@ -116,12 +224,12 @@ class MeasureSpec:
     compile: bool = False             # time torch.compile'd models (a separate, recorded mode)
 
     def __post_init__(self):
+        _check_fields(self, "measure", {"threads": (1, None, "[)"), "batch_sizes": (1, None, "[)"),
+                                        "min_run_time": (0, None, "()"), "rounds": (1, None, "[)")})
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise SpecError(f"unknown dtype {self.dtype!r}; allowed: float32, bfloat16, float16")
-        if self.threads < 1:
-            raise SpecError(f"threads={self.threads} must be >= 1")
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise SpecError(f"batch_sizes={self.batch_sizes} must be positive integers")
+        if not self.batch_sizes:
+            raise SpecError(f"measure batch_sizes={self.batch_sizes} is empty; allowed: positive integers")
 
 
 @dataclass(frozen=True)
@@ -140,6 +248,12 @@ class RunSpec:
     # A third-party method's distribution, version and source hash, so editing the plugin
     # re-runs its runs. Empty for built-in methods, which the code version already names.
     plugin: Tuple[Tuple[str, Any], ...] = ()
+
+    def __post_init__(self):
+        seed = coerce_scalar(self.seed, int, "seed")
+        if not 0 <= seed < SEED_LIMIT:      # torch and numpy generators take 64-bit seeds; loaders use seed * 3 + i
+            raise SpecError(f"seed={seed} is out of range; allowed: 0 <= seed < 2**31")
+        object.__setattr__(self, "seed", seed)
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -173,8 +287,14 @@ class RunSpec:
 
     @property
     def run_id(self) -> str:
+        """Readable fields plus the spec hash; the readable part is cut so that the record's file
+        name (and its temp file) stays well inside NAME_MAX (255 bytes) whatever the names are."""
         target = str(self.target).replace("=", "")
-        return f"{self.method}__{self.model}__{self.dataset}__{target}__s{self.seed}__{self.hash[:10]}"
+        readable = f"{self.method}__{self.model}__{self.dataset}__{target}__s{self.seed}"
+        data = readable.encode()
+        if len(data) > RUN_ID_READABLE_MAX:
+            readable = data[:RUN_ID_READABLE_MAX].decode(errors="ignore")
+        return f"{readable}__{self.hash[:10]}"
 
     def dense_key(self) -> Dict[str, Any]:
         """What decides the dense checkpoint: shared by every method of the same (model, data, seed)."""

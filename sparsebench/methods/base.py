@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
 from sparsebench.models import ModelCard, model_card
-from sparsebench.specs import Recipe, SpecError, Target
+
+from sparsebench.specs import Recipe, SpecError, Target, coerce_scalar
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import ComputeMeter, StepBudget, Trainer, TrainerHook
 from sparsebench.registry import Registry
@@ -199,20 +200,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         items = value.split(",") if isinstance(value, str) else list(value)
         inner = (typing.get_args(annotation) or (str,))[0]
         return tuple(_coerce(v, inner, where) for v in items)
-    try:
-        if annotation is bool:
-            if isinstance(value, str):
-                if value.lower() in ("true", "1", "yes", "on"):
-                    return True
-                if value.lower() in ("false", "0", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if annotation in (int, float, str):
-            return annotation(value)
-    except (TypeError, ValueError):
-        raise SpecError(f"bad value {value!r} for {where}; expected {annotation.__name__}") from None
-    return value
+    # method knobs have always been stored as the annotated type (float(3) == 3.0), so keep_int=False
+    return coerce_scalar(value, annotation, where, keep_int=False)
 
 
 def build_config(method_cls, args: Dict[str, Any]):

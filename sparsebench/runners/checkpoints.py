@@ -5,10 +5,19 @@ accuracy is the dense reference stored in every record. Training is guarded by a
 lock, so parallel workers train it once. Its fits checkpoint under
 `<cache>/partial/dense-<hash>/` like a run's (`training/resume.py`): a killed pretrain resumes,
 and the partial files go once the checkpoint is written.
+lock, so parallel workers train it once.
+
+A cached file is trusted only if it loads with `weights_only=True` and stores the key of
+this run; anything else (truncated, random bytes, empty, another run's key) is moved aside
+as `*.bad-<time>` with one warning line and the checkpoint is trained again. A model whose
+weights or validation loss are not finite is never cached: `Diverged` is raised instead.
 """
 from __future__ import annotations
 
 import io
+import logging
+import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,11 +25,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from sparsebench.errors import Diverged
 from sparsebench.specs import RunSpec, stable_hash
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import Trainer, evaluate
 from sparsebench.models.pretrained import load_pretrained
 from sparsebench.store.records import atomic_write_bytes, file_lock
+
+log = logging.getLogger("sparsebench")
+META_KEYS = ("hash", "val_top1", "test_top1", "test_top5", "steps", "wall_seconds", "pretrained_sha256",
+             "train_macs")
 
 
 @dataclass
@@ -57,8 +71,9 @@ def dense_checkpoint(
     path = Path(cache_dir) / f"dense-{spec.model}-{spec.dataset}-s{spec.seed}-{digest[:12]}.pt"
     with file_lock(path.with_suffix(".lock")):
         if path.exists():
-            meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
-            return DenseCheckpoint(path=path, **meta)
+            meta = _cached_meta(path, key)
+            if meta is not None:
+                return DenseCheckpoint(path=path, **meta)
         partial = RunCheckpoints(Path(cache_dir) / "partial" / f"dense-{digest[:16]}", checkpoint_every) \
             if resume else None
         torch.manual_seed(spec.seed)
@@ -69,6 +84,7 @@ def dense_checkpoint(
         result = trainer.fit(steps, loaders["val"], eval_every, progress=progress, desc="dense")
         wall = result.wall_seconds
         val = evaluate(model, loaders["val"], device, num_classes)
+        _check_finite(model, val.loss, spec)
         test = evaluate(model, loaders["test"], device, num_classes)   # the dense reference, once
         meta = {"hash": digest, "val_top1": val.top1, "test_top1": test.top1, "test_top5": test.top5,
                 "steps": result.steps, "wall_seconds": wall, "pretrained_sha256": pretrained_sha,
@@ -79,6 +95,37 @@ def dense_checkpoint(
         if partial is not None:
             partial.clear()
         return DenseCheckpoint(path=path, **meta)
+
+
+def _cached_meta(path: Path, key: dict) -> Optional[dict]:
+    """The meta of a sound cache file for `key`, or None after moving a bad one aside."""
+    problem = None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- truncated, empty, random bytes, foreign pickle: all unreadable
+        problem = f"unreadable ({type(e).__name__})"
+    else:
+        if not isinstance(blob, dict) or not isinstance(blob.get("meta"), dict) or "state_dict" not in blob:
+            problem = "not a dense checkpoint"
+        elif blob.get("key") != key:
+            problem = "its stored key does not match this run"
+        elif not set(META_KEYS) - {"train_macs"} <= set(blob["meta"]) <= set(META_KEYS):   # train_macs came later
+            problem = "its metadata is incomplete"
+    if problem is None:
+        return {"train_macs": None, **blob["meta"]}
+    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
+    path.replace(aside)
+    log.warning("sparsebench: warning: dense checkpoint %s is %s; moved it to %s and training it again",
+                path, problem, aside.name)
+    return None
+
+
+def _check_finite(model: nn.Module, val_loss: float, spec: RunSpec) -> None:
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad or not math.isfinite(val_loss):
+        what = f"non-finite weights in {bad[0]}" if bad else f"validation loss {val_loss}"
+        raise Diverged("dense", f"{spec.model} on {spec.dataset} (seed {spec.seed}, lr {spec.recipe.lr:g}): "
+                                f"{what}; nothing was cached")
 
 
 def load_dense_weights(model: nn.Module, checkpoint: DenseCheckpoint) -> nn.Module:

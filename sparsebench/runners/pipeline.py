@@ -32,6 +32,7 @@ from sparsebench.datasets import create_dataset
 from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
+from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate
@@ -63,6 +64,7 @@ class RunOptions:
     # `checkpoint_every` steps under <out>/partial/<spec hash>/; a rerun of a killed run continues there.
     checkpoint_every: Optional[int] = 1000
     resume: bool = True                    # False: no checkpoints, a rerun starts over
+    max_bad_samples: int = 0               # image files that fail to decode: skipped and counted up to this
 
 
 def validate(spec: RunSpec) -> Method:
@@ -134,6 +136,8 @@ class DataStage:
 def data_stage(spec: RunSpec, options: RunOptions) -> DataStage:
     data = create_dataset(spec.dataset, options.data_root, spec.data.img_size, spec.data.val_fraction,
                           spec.data.split_seed, options.download)
+    # every image decoded before any training: bad files are an error now, or skipped and counted
+    data = screen(data, options.max_bad_samples, options.progress, Path(options.out) / "data-checks")
     info, recipe = data.info, spec.recipe
     n_train = data.split["n_train"]
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
@@ -336,7 +340,10 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
     diverged = method_result.diverged or finetune.diverged
     if (evaluation is None or measured is None) != (diverged is not None):
         raise ValueError("a record has either a result (evaluation and measurement) or a divergence")
-    ckpt, dense_macs = dense.checkpoint, dense.macs
+    if dense is None and diverged is None:
+        raise ValueError("only a run whose dense pretraining diverged has no dense checkpoint")
+    ckpt = dense.checkpoint if dense is not None else _NO_CHECKPOINT     # None: the dense pretrain diverged
+    dense_macs = dense.macs if dense is not None else None
     result: dict = dict.fromkeys(("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio",
                                   "test_top1", "test_top5", "val_top1", "test_samples", "params", "macs",
                                   "theoretical_speedup", "measured_speedup", "measured_speedup_batch",
@@ -385,8 +392,9 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
                   resumed_fits=resumed_fits),
         selection={"split": "val", "finetune_best_val_top1": finetune.best_val_top1,
                    "finetune_best_step": finetune.best_step, "test_evaluations": 0 if diverged else 1},
-        dense_checkpoint={"hash": ckpt.hash, "file": ckpt.path.name, "val_top1": ckpt.val_top1,
-                          "test_top1": ckpt.test_top1, "pretrained_sha256": ckpt.pretrained_sha256},
+        dense_checkpoint={"hash": ckpt.hash, "file": ckpt.path.name if ckpt.path else None,
+                          "val_top1": ckpt.val_top1, "test_top1": ckpt.test_top1,
+                          "pretrained_sha256": ckpt.pretrained_sha256},
         data=plain({**data.split, "img_size": data.info.img_size, "num_classes": data.info.num_classes,
               "steps_per_epoch": data.steps_per_epoch, "source": data.info.source}),
         structure=plain(outcome.structure) if outcome else None, notes=plain(outcome.notes) if outcome else {},
@@ -395,6 +403,11 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
         **result,
     )
+
+
+# What the record says of the dense checkpoint when dense pretraining diverged: nothing was cached.
+_NO_CHECKPOINT = DenseCheckpoint(path=None, hash=None, val_top1=None, test_top1=None, test_top5=None, steps=0,
+                                 wall_seconds=0.0, pretrained_sha256=None, train_macs=None)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -412,7 +425,14 @@ def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
     if not method.supports(make_model(), card.family):
         raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
     cache = Path(options.cache_dir) if options.cache_dir else Path(options.out) / "checkpoints"
-    dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every, options.resume)
+    try:
+        dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every,
+                            options.resume)
+    except Diverged as d:           # nothing cached; every run on this dense model says so in its record
+        record = record_stage(spec, method, data, None, MethodStage(None, 0, 0, 0.0, d), FinetuneStage(),
+                              None, None, device)
+        RecordStore(options.out).write(record)
+        return record
     # where the method's and the fine-tune's fits save and resume (not in the spec hash)
     partial = RunCheckpoints(Path(options.out) / "partial" / spec.hash, options.checkpoint_every) \
         if options.resume else None

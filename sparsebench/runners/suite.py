@@ -128,7 +128,7 @@ def expand(raw: Dict[str, Any]) -> Suite:
     for kind, values in targets_raw.items():
         if not isinstance(values, list):
             raise SpecError(f"targets.{kind} must be a list, got {values!r}")
-        targets[kind] = [Target(kind, float(v)) for v in values]
+        targets[kind] = [Target(kind, v) for v in values]
     data = _dataclass_from(DataSpec, raw.get("data") or {}, "data")
     measure = _dataclass_from(MeasureSpec, raw.get("measure") or {}, "measure")
     pretrained = raw.get("pretrained") or {}

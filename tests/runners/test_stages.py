@@ -185,3 +185,15 @@ def test_unstructured_record_states_its_prunable_set(tmp_path, cache):
     assert record.prunable.policy == "input layer and classifier dense"
     assert record.prunable.dense_layers == ["conv1", "fc"] and record.plugin is None
     assert create_method("random").config.skip_first is True
+
+
+def test_a_huge_learning_rate_gives_a_diverged_record_and_no_cached_dense_model(tmp_path):
+    from sparsebench.specs import Recipe
+
+    spec = tiny_spec("magnitude-global", recipe=Recipe(batch_size=64, lr=1e6, momentum=0.99, warmup_fraction=0.0,
+                                                       pretrain_epochs=1, finetune_epochs=1, search_epochs=0.5))
+    record = execute(spec, RunOptions(out=tmp_path))
+    assert record.status == "diverged" and record.target_met is False and "diverged in dense" in record.error
+    assert record.achieved_sparsity is None and record.test_top1 is None and record.dense_test_top1 is None
+    assert not list((tmp_path / "checkpoints").glob("*.pt"))            # a NaN model is never cached
+    assert RecordStore(tmp_path).read(record.run_id) == record          # the record round-trips

@@ -87,3 +87,17 @@ def test_schema_1_records_are_upgraded_with_default_tolerances():
     upgraded = RunRecord.from_dict(v1)
     assert upgraded.status == "missed_target" and upgraded.target_met is False
     assert upgraded.tolerance == Tolerance(0.03, 0.01) and upgraded.prunable.policy == "unknown"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_written_files_follow_the_umask(tmp_path, umask, mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        path = RecordStore(tmp_path).write(make_record(run_id="r"))
+        atomic_write_text(tmp_path / "leaderboard.md", "x")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == mode
+    assert (tmp_path / "leaderboard.md").stat().st_mode & 0o777 == mode
