@@ -87,26 +87,35 @@ def _options(args):
 
 def cmd_run(args) -> int:
     from sparsebench.runners.pipeline import execute, resolve
-    from sparsebench.store.records import RecordStore
+    from sparsebench.store import RecordError, RecordStore
 
     spec = resolve(_spec_from_args(args))
     store = RecordStore(Path(args.out))
+    record = None
     if store.exists(spec.run_id) and not args.force:
-        print(f"already done: {store.path(spec.run_id)}")
-        record = store.read(spec.run_id)
-    else:
+        try:
+            record = store.read(spec.run_id)
+            print(f"already done: {store.path(spec.run_id)}")
+        except RecordError as e:     # a damaged record is no finished run: run it again
+            print(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
+                  file=sys.stderr)
+    if record is None:
         record = execute(spec, _options(args))
         print(f"wrote {store.path(spec.run_id)}")
     _print_run_summary(record)
     return 0
 
 
-def _print_run_summary(r: dict) -> None:
-    speed = f"{r['measured_speedup']:.2f}×" if r.get("measured_speedup") else r["realization"]["reason"] or "–"
-    print(f"{r['method']} {r['model']} {r['dataset']} {r['target']['kind']}={r['target']['value']} seed {r['seed']}: "
-          f"top1 {100 * r['test_top1']:.2f}% (dense {100 * r['dense_test_top1']:.2f}%), "
-          f"sparsity {r['achieved_sparsity']:.4f}, FLOPs ratio {r['achieved_flops_ratio']:.4f}, "
-          f"theoretical {r['theoretical_speedup']:.2f}×, measured {speed}")
+def _print_run_summary(r) -> None:
+    head = f"{r.method} {r.model} {r.dataset} {r.target_label} seed {r.seed}"
+    if not r.has_result:
+        print(f"{head}: {r.status.upper()} ({r.error}); record kept, no metrics")
+        return
+    speed = f"{r.measured_speedup:.2f}× ({r.device})" if r.measured_speedup else r.realization.reason or "–"
+    missed = "" if r.target_met else (f"; MISSED TARGET (tolerance -{r.tolerance.below:g}/+{r.tolerance.above:g})")
+    print(f"{head}: top1 {100 * r.test_top1:.2f}% (dense {100 * r.dense_test_top1:.2f}%), "
+          f"sparsity {r.achieved_sparsity:.4f}, FLOPs ratio {r.achieved_flops_ratio:.4f}, "
+          f"theoretical {r.theoretical_speedup:.2f}×, measured {speed}{missed}")
 
 
 # --- sweep ----------------------------------------------------------------------------------
@@ -234,13 +243,14 @@ def _dry_run(suite, specs, args) -> int:
 def cmd_leaderboard(args) -> int:
     from sparsebench.report import display_table, leaderboard_of, to_markdown
 
-    agg = leaderboard_of(args.dir)
+    board = leaderboard_of(args.dir)
+    agg = board.table
     if args.format == "csv":
         text = agg.to_csv(index=False)
     elif args.format == "html":
         text = display_table(agg).to_html(index=False)
     else:
-        text = to_markdown(agg)
+        text = to_markdown(agg, left_out=board.excluded)
     if args.output:
         from sparsebench.store.records import atomic_write_text
 
@@ -255,9 +265,9 @@ def cmd_plot(args) -> int:
     from sparsebench.report import leaderboard_of
     from sparsebench.report.plots import plot
 
-    agg = leaderboard_of(args.dir)
+    agg = leaderboard_of(args.dir).table
     if agg.empty:
-        raise CliError(f"no records in {args.dir!r}")
+        raise CliError(f"no records with status ok in {args.dir!r}")
     name = "accuracy_vs_flops.png" if args.x == "macs" else "accuracy_vs_speedup.png"
     path = plot(agg, Path(args.output) if args.output else Path(args.dir) / name, x=args.x)
     print(f"wrote {path}")

@@ -1,4 +1,4 @@
-"""Errors every layer raises: the bottom layer, imported by every other."""
+"""The one error type for bad user input: the bottom layer, imported by every other."""
 
 
 class SpecError(ValueError):
@@ -6,4 +6,12 @@ class SpecError(ValueError):
 
 
 class Diverged(RuntimeError):
-    """Training produced a non-finite loss or weights; the run's record says `diverged`."""
+    """Training produced a non-finite loss or weights; the run ends with status "diverged".
+
+    Not bad input: the run's record is still written, saying where it diverged.
+    """
+
+    def __init__(self, stage: str, reason: str):
+        super().__init__(f"diverged in {stage}: {reason}")
+        self.stage = stage
+        self.reason = reason

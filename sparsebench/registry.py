@@ -6,9 +6,15 @@ lazily the first time the registry is read.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import inspect
+import logging
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Callable, Dict, Iterator, List, Optional
+
+log = logging.getLogger("sparsebench")
 
 
 class UnknownNameError(ValueError):
@@ -21,6 +27,9 @@ class Entry:
     factory: Callable[..., Any]
     description: str
     tags: tuple = ()
+    # Where a plugin entry came from: distribution, version and the SHA-256 of the source of
+    # the module defining it. None for entries registered by sparsebench itself or in-process.
+    origin: Optional[Dict[str, str]] = None
 
 
 class Registry:
@@ -47,11 +56,26 @@ class Registry:
             return
         self._entry_points_loaded = True
         for ep in metadata.entry_points(group=self.entry_point_group):
+            before = set(self._entries)
             # Loading the module runs its @register decorators; an entry point may also
             # point straight at a class or factory, which we register under its name.
-            obj = ep.load()
-            if ep.name not in self._entries and callable(obj):
-                self.register(ep.name)(obj)
+            try:
+                obj = ep.load()
+                if ep.name not in self._entries and callable(obj):
+                    self.register(ep.name)(obj)
+            except Exception as e:  # noqa: BLE001 — one broken plugin must not take the others down
+                reason = (str(e).splitlines() or [""])[0]
+                log.warning("sparsebench: warning: %s plugin %r (%s) failed to import and is skipped: %s%s",
+                            self.kind, ep.name, ep.value, type(e).__name__, f": {reason}" if reason else "")
+                for name in set(self._entries) - before:     # nothing half-registered stays
+                    del self._entries[name]
+                continue
+            dist = getattr(ep, "dist", None)
+            for name in set(self._entries) - before:
+                entry = self._entries[name]
+                origin = {"distribution": dist.name if dist else None, "version": dist.version if dist else None,
+                          "entry_point": ep.name, "source_sha256": source_sha256(entry.factory)}
+                self._entries[name] = dataclasses.replace(entry, origin=origin)
 
     def get(self, name: str) -> Entry:
         self._load_entry_points()
@@ -70,3 +94,13 @@ class Registry:
 
     def __iter__(self) -> Iterator[Entry]:
         return iter(self._entries[n] for n in self.names())
+
+
+def source_sha256(obj: Any) -> Optional[str]:
+    """SHA-256 of the source file of the module defining `obj`: editing a plugin changes it."""
+    try:
+        path = inspect.getsourcefile(obj)
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (TypeError, OSError):
+        return None

@@ -88,12 +88,6 @@ class Recipe:
         return int(math.ceil(epochs * math.ceil(n_train / self.batch_size)))
 
 
-FAMILY_RECIPES = {
-    "cnn": Recipe(),
-    "vit": Recipe(optimizer="adamw", lr=1e-3, finetune_lr=2e-4, weight_decay=0.05, warmup_fraction=0.1),
-}
-
-
 @dataclass(frozen=True)
 class DataSpec:
     img_size: Optional[int] = None    # None: the dataset's native resolution
@@ -143,12 +137,19 @@ class RunSpec:
     data: DataSpec = field(default_factory=DataSpec)
     measure: MeasureSpec = field(default_factory=MeasureSpec)
     pretrained: Optional[str] = None  # weights the dense checkpoint starts from (hash-named)
+    # A third-party method's distribution, version and source hash, so editing the plugin
+    # re-runs its runs. Empty for built-in methods, which the code version already names.
+    plugin: Tuple[Tuple[str, Any], ...] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
         d["target"] = {"kind": self.target.kind, "value": self.target.value}
         d["method_args"] = dict(self.method_args)
         d["model_args"] = dict(self.model_args)
+        # left out when empty, so the hashes (and record names) of built-in runs stay as they were
+        plugin = d.pop("plugin")
+        if plugin:
+            d["plugin"] = dict(plugin)
         return d
 
     @classmethod
@@ -163,6 +164,7 @@ class RunSpec:
             model_args=tuple(sorted(d.get("model_args", {}).items())),
             recipe=Recipe(**d.get("recipe", {})), data=DataSpec(**d.get("data", {})),
             measure=MeasureSpec(**measure), pretrained=d.get("pretrained"),
+            plugin=tuple(sorted((d.get("plugin") or {}).items())),
         )
 
     @property

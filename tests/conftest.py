@@ -81,3 +81,42 @@ def set_fused_attention(model: torch.nn.Module, flag: bool) -> None:
     for m in model.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = flag
+
+
+def make_record(method="random", seed=0, top1=0.8, target=0.5, kind="sparsity", realizable=False, speedup=None,
+                status="ok", device="cpu", device_name="Test CPU", **overrides):
+    """A valid RunRecord with made-up metrics, for report and store tests."""
+    from sparsebench.store.record import Cost, Macs, Params, Prunable, Realization, RunRecord, target_check
+
+    has_result = status in ("ok", "missed_target")
+    kept = 1 - (target or 0)
+    achieved_sparsity = (target or 0.0) if kind != "flops" else 0.0
+    met, tolerance = target_check(kind, target, achieved_sparsity, kept)
+    result = dict(
+        achieved_sparsity=achieved_sparsity, achieved_sparsity_all_params=achieved_sparsity,
+        achieved_flops_ratio=kept, test_top1=top1, test_top5=None, val_top1=top1, test_samples=100,
+        params=Params(dense=1000, total=1000, nonzero=int(1000 * kept), prunable_tensors=3),
+        macs=Macs(dense=1_000_000, realized=1_000_000, effective=int(1e6 * kept), attention=0, flops_dense=2_000_000,
+                  flops_effective=int(2e6 * kept), input_size=[3, 16, 16], batch=1, convention="test",
+                  effective_is="theoretical"),
+        theoretical_speedup=1 / kept, measured_speedup=speedup, measured_speedup_batch=8 if speedup else None,
+        realization=Realization(realizable, "compacted" if realizable else None, None, "float32"),
+        latency=None, prunable=Prunable("input layer and classifier dense", ["conv1", "fc"], 3),
+    ) if has_result else dict.fromkeys(
+        ("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio", "test_top1", "test_top5",
+         "val_top1", "test_samples", "params", "macs", "theoretical_speedup", "measured_speedup",
+         "measured_speedup_batch", "realization", "latency", "prunable"))
+    values = dict(
+        run_id=f"{method}-{seed}-{target}-{device}", spec_hash="0" * 64, spec={"method_args": {}}, method=method,
+        model="m", dataset="d", seed=seed, model_family="cnn", granularity="unstructured", starts_from="pretrained",
+        target_kind=kind, target_value=target, status=status, target_met=status == "ok", tolerance=tolerance,
+        dense_test_top1=0.9, dense_val_top1=0.9,
+        cost=Cost(method_steps=0, method_budget_steps=0, method_wall_seconds=0.0, finetune_steps=0,
+                  finetune_wall_seconds=0.0, dense_pretrain_steps=0, dense_pretrain_wall_seconds=0.0),
+        selection={}, dense_checkpoint={}, data={}, structure=None, notes={},
+        environment={"device": device, "device_name": device_name}, code_version={}, created="2025-01-01T00:00:00",
+        error=None if has_result else "diverged in finetune: non-finite training loss (nan) at step 3",
+        **result,
+    )
+    values.update(overrides)
+    return RunRecord(**values)

@@ -43,6 +43,6 @@ def test_add_a_method_example_runs(tmp_path):
     exec(compile(block, "README:mymethod.py", "exec"), namespace)
     try:
         record = execute(tiny_spec("taylor-global", target="sparsity=0.8"), RunOptions(out=tmp_path))
-        assert record["achieved_sparsity"] == pytest.approx(0.8, abs=0.01)
+        assert record.achieved_sparsity == pytest.approx(0.8, abs=0.01)
     finally:
         METHODS._entries.pop("taylor-global")

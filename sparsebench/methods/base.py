@@ -15,18 +15,26 @@ evaluation and measurement, identically for every method.
             alpha: float = 0.3
 
         def run(self, ctx: MethodContext) -> Outcome: ...
+
+Targets are met within a tolerance the record states (`target_met`): sparsity within
+`sparsity_tolerance` either side; an achieved FLOPs ratio within
+[target - below, target + above] of `flops_tolerance = (below, above)`. A method whose
+search cannot land closer (e.g. coarse units such as whole heads) declares its own.
 """
 from __future__ import annotations
 
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from sparsebench.datasets.base import DatasetInfo
+from sparsebench.errors import Diverged
+from sparsebench.models import ModelCard, model_card
 from sparsebench.specs import Recipe, SpecError, Target
 from sparsebench.training.trainer import StepBudget, Trainer, TrainerHook
 from sparsebench.registry import Registry
@@ -66,6 +74,19 @@ class Outcome:
             raise ValueError(f"realization must be dense, compacted or masked, got {self.realization!r}")
 
 
+class LossGuard(TrainerHook):
+    """Stops training at the first non-finite loss, before the optimizer step spreads it into
+    the weights; the harness records the run as diverged. (One host sync per step: the
+    price of never saving a NaN model as a result.)"""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+
+    def after_backward(self, trainer: Trainer) -> None:
+        if trainer.loss is not None and not bool(torch.isfinite(trainer.loss.detach())):
+            raise Diverged(self.stage, f"non-finite training loss ({float(trainer.loss):.3g}) at step {trainer.step}")
+
+
 @dataclass
 class MethodContext:
     """Everything the harness hands a method."""
@@ -85,6 +106,16 @@ class MethodContext:
     config: Any                       # the method's Config instance
     progress: Optional[Callable[..., Any]] = None
     dense_macs: Optional[int] = None  # MACs of the dense model at input_size
+    card: Optional[ModelCard] = None  # the registered model's card; looked up from model_name when not given
+    data_info: Optional[DatasetInfo] = None   # classes, resolution, normalisation, source of the data
+
+    def __post_init__(self):
+        if self.card is None:
+            self.card = model_card(self.model_name)
+
+    def dense_layers(self, skip_first: bool, skip_last: bool) -> List[str]:
+        """Module names an unstructured method leaves dense: the card's input layer and/or classifier."""
+        return [name for name, skip in zip(self.card.edge_layers, (skip_first, skip_last)) if skip]
 
     def make_trainer(
         self,
@@ -103,11 +134,12 @@ class MethodContext:
         trainable modules join through `param_groups` (dicts as torch optimizers take them).
         """
         recipe = recipe or self.recipe
+        # The guard runs first, so no hook of the method acts on a non-finite step.
         return Trainer(
             model if model is not None else self.model, self.train_loader, recipe, self.device,
-            self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, param_groups=param_groups,
-            budget=self.budget, train_model_params=train_model_params, model_mode=model_mode,
-            no_weight_decay=no_weight_decay,
+            self.num_classes, lr if lr is not None else recipe.lr, hooks=[LossGuard("method"), *hooks],
+            param_groups=param_groups, budget=self.budget, train_model_params=train_model_params,
+            model_mode=model_mode, no_weight_decay=no_weight_decay,
         )
 
     def count_macs(self, model: Optional[nn.Module] = None):
@@ -121,6 +153,8 @@ class Method:
     granularity: str = "unstructured"
     starts_from: str = "pretrained"
     description: str = ""
+    sparsity_tolerance: float = 0.005                  # |achieved - target| allowed for a sparsity target
+    flops_tolerance: Tuple[float, float] = (0.03, 0.01)   # (below, above) the target FLOPs ratio
 
     @dataclass(frozen=True)
     class Config:

@@ -40,8 +40,10 @@ class Dense(Method):
 @dataclass(frozen=True)
 class LayerwiseConfig:
     distribution: Literal["uniform", "erk"] = "uniform"
-    skip_first: bool = False
-    skip_last: bool = False
+    # Input layer and classifier stay dense by default, as in RigL, GaP and ShrinkBench:
+    # they hold few weights and pruning them costs accuracy out of proportion.
+    skip_first: bool = True
+    skip_last: bool = True
 
 
 class _UnstructuredOneShot(Method):
@@ -61,7 +63,7 @@ class _UnstructuredOneShot(Method):
 
     def run(self, ctx: MethodContext) -> Outcome:
         cfg = self.config
-        params = prunable_weights(ctx.model, cfg.skip_first, cfg.skip_last)
+        params = prunable_weights(ctx.model, exclude=ctx.dense_layers(cfg.skip_first, cfg.skip_last))
         generator = torch.Generator().manual_seed(ctx.seed)
         scores = self.scores(params, generator)
         masks = MaskSet(ctx.model, self.masks(params, scores, ctx.target.value, generator))
@@ -91,8 +93,8 @@ class MagnitudeGlobal(_UnstructuredOneShot):
 
     @dataclass(frozen=True)
     class Config:
-        skip_first: bool = False
-        skip_last: bool = False
+        skip_first: bool = True        # input layer dense (see LayerwiseConfig)
+        skip_last: bool = True         # classifier dense
 
     def scores(self, params, generator):
         return {n: p.detach().abs() for n, p in params.items()}

@@ -64,8 +64,8 @@ class GMP(Method):
         end_fraction: float = 0.75       # t0 + nΔt
         delta_t: Optional[int] = None    # steps between prunes; None: 100, capped to give ≥ 10 prunes
         from_pretrained: bool = False
-        skip_first: bool = False
-        skip_last: bool = False
+        skip_first: bool = True        # input layer and classifier dense, as in RigL, GaP, ShrinkBench
+        skip_last: bool = True
 
         def __post_init__(self):
             if not 0.0 <= self.start_fraction < self.end_fraction <= 1.0:
@@ -91,7 +91,7 @@ class GMP(Method):
             raise SpecError(f"gmp needs a step budget of at least 2, got {budget}")
         t0, delta, n = self.schedule_steps(budget)
         s_final = ctx.target.value
-        params = prunable_weights(ctx.model, cfg.skip_first, cfg.skip_last)
+        params = prunable_weights(ctx.model, exclude=ctx.dense_layers(cfg.skip_first, cfg.skip_last))
         masks = MaskSet(ctx.model, {k: torch.ones_like(p, dtype=torch.bool) for k, p in params.items()})
         pruning = GradualPruning(
             masks, [t0 + i * delta for i in range(n + 1)],

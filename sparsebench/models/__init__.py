@@ -2,10 +2,13 @@
 
 `create_model(name, num_classes=..., img_size=...)` is the one way in. Every constructor
 takes `num_classes`, `img_size` and `in_chans`, plus family-specific width knobs used by
-the `dense-small` control. Registration tags say the family (`cnn` or `vit`), which
-methods and default recipes read.
+the `dense-small` control. Each registration writes a `ModelCard` (`model_card(name)`):
+family, input-layer and classifier names, input normalisation, default recipe.
 """
-from sparsebench.models.registry import MODELS, create_model, model_family, register_model
+from sparsebench.models.registry import (
+    CARDS, FAMILY_RECIPES, MODELS, ModelCard, create_model, model_card, model_family, register_model,
+)
 from sparsebench.models import cifar, torchvision_cnns, vits  # noqa: F401  (register models)
 
-__all__ = ["MODELS", "create_model", "model_family", "register_model"]
+__all__ = ["CARDS", "FAMILY_RECIPES", "MODELS", "ModelCard", "create_model", "model_card", "model_family",
+           "register_model"]

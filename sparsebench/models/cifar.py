@@ -89,7 +89,7 @@ def _resnet_factory(depth: int, base_widths):
 
 
 for _name, (_description, _depth, _widths) in CIFAR_RESNETS.items():
-    register_model(_name, _description, "cnn")(_resnet_factory(_depth, _widths))
+    register_model(_name, _description, "cnn", "conv1", "fc")(_resnet_factory(_depth, _widths))
 
 
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -121,11 +121,11 @@ def _vgg(num_classes, in_chans, width, divisor=1):
     return CifarVGG(cfg, num_classes, in_chans)
 
 
-@register_model("vgg16_bn", "CIFAR VGG-16 with BatchNorm, global-pool classifier, 14.7M params", "cnn")
+@register_model("vgg16_bn", "CIFAR VGG-16 with BatchNorm, global-pool classifier, 14.7M params", "cnn", "features.0", "classifier")
 def vgg16_bn(num_classes=10, img_size=32, in_chans=3, width: float = 1.0):
     return _vgg(num_classes, in_chans, width)
 
 
-@register_model("vgg16_bn_tiny", "CPU-tiny VGG-16-BN (channels / 8)", "cnn")
+@register_model("vgg16_bn_tiny", "CPU-tiny VGG-16-BN (channels / 8)", "cnn", "features.0", "classifier")
 def vgg16_bn_tiny(num_classes=10, img_size=32, in_chans=3, width: float = 1.0):
     return _vgg(num_classes, in_chans, width, divisor=8)

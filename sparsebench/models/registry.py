@@ -1,20 +1,80 @@
+"""The model registry and the model card every registered model carries.
+
+A card states what the harness and the methods need to know about a model without
+building it: its family (which fixes the default recipe), the module names of its input
+layer and classifier (the layers common practice leaves dense), and the input
+normalisation its published weights expect.
+"""
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 from torch import nn
 
 from sparsebench.registry import Registry
+from sparsebench.specs import Recipe
 
 MODELS = Registry("model")
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def register_model(name: str, description: str, family: str):
-    if family not in ("cnn", "vit"):
-        raise ValueError(f"family must be 'cnn' or 'vit', got {family!r}")
+# The default recipe of each family: what `sparsebench run` and every suite start from
+# (suite `recipe`/`recipes` and `--recipe` override single values). They are the quick
+# suite's recipes, which train both CPU-tiny models to a useful dense checkpoint on digits;
+# the ViT needs AdamW, a longer warm-up and more epochs than the CNN.
+FAMILY_RECIPES: Dict[str, Recipe] = {
+    "cnn": Recipe(pretrain_epochs=15.0, finetune_epochs=3.0, search_epochs=1.0),
+    "vit": Recipe(optimizer="adamw", lr=2e-3, finetune_lr=5e-4, weight_decay=0.05, warmup_fraction=0.1,
+                  pretrain_epochs=30.0, finetune_epochs=3.0, search_epochs=1.0),
+}
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    family: str                        # cnn | vit
+    first_layer: str                   # module name of the input layer (stem conv, patch embedding)
+    classifier: str                    # module name of the classifier
+    # Normalisation the model's published weights expect; None for models only trained
+    # here from scratch, which see their dataset's own statistics.
+    mean: Optional[Tuple[float, float, float]] = None
+    std: Optional[Tuple[float, float, float]] = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return FAMILY_RECIPES[self.family]
+
+    @property
+    def edge_layers(self) -> Tuple[str, str]:
+        """(input layer, classifier): left dense by default by unstructured methods (RigL, GaP, ShrinkBench)."""
+        return self.first_layer, self.classifier
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CARDS: Dict[str, ModelCard] = {}
+
+
+def register_model(name: str, description: str, family: str, first_layer: str, classifier: str,
+                   mean: Optional[Tuple[float, float, float]] = None,
+                   std: Optional[Tuple[float, float, float]] = None):
+    if family not in FAMILY_RECIPES:
+        raise ValueError(f"family must be one of {', '.join(FAMILY_RECIPES)}, got {family!r}")
+    CARDS[name] = ModelCard(name, family, first_layer, classifier, mean, std)
     return MODELS.register(name, description, tags=(family,))
 
 
+def model_card(name: str) -> ModelCard:
+    MODELS.get(name)          # an unknown name fails here, listing the allowed names
+    return CARDS[name]
+
+
 def model_family(name: str) -> str:
-    return MODELS.get(name).tags[0]
+    return model_card(name).family
 
 
 def create_model(name: str, num_classes: int = 10, img_size: int = 32, in_chans: int = 3, **kwargs) -> nn.Module:

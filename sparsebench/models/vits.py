@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
 
-from sparsebench.models.registry import register_model
+from sparsebench.models.registry import IMAGENET_MEAN, IMAGENET_STD, register_model
 
 
 # name: (description, patch, embed_dim, depth, heads, default classes, default img_size)
@@ -35,5 +35,10 @@ def _vit_factory(patch: int, embed_dim: int, depth: int, heads: int, classes: in
     return factory
 
 
+# DeiT's published weights (timm deit_*_patch16_224.fb_in1k) expect ImageNet statistics;
+# the small-image ViTs are only ever trained here, on their dataset's own statistics.
+HUB_NORMALISED = {"deit_tiny", "deit_small"}
+
 for _name, (_description, *_shape) in VIT_CONFIGS.items():
-    register_model(_name, _description, "vit")(_vit_factory(*_shape))
+    _norm = (IMAGENET_MEAN, IMAGENET_STD) if _name in HUB_NORMALISED else (None, None)
+    register_model(_name, _description, "vit", "patch_embed.proj", "head", *_norm)(_vit_factory(*_shape))

@@ -1,13 +1,15 @@
 """Reports rebuilt from records only: leaderboards (Markdown/CSV/HTML) and plots."""
 from pathlib import Path
 
-from sparsebench.report.leaderboard import aggregate, display_table, records_frame, to_markdown
+from sparsebench.report.leaderboard import (
+    Leaderboard, aggregate, display_table, excluded, records_frame, to_markdown,
+)
 from sparsebench.store.records import atomic_write_text, load_records
 
 
-def leaderboard_of(results_dir: Path):
-    """The aggregated leaderboard (one row per dataset, model, method, target) of a results directory."""
-    return aggregate(records_frame(load_records(Path(results_dir))))
+def leaderboard_of(results_dir: Path) -> Leaderboard:
+    """The leaderboard of a results directory: aggregated "ok" runs, and the runs left out."""
+    return Leaderboard.of(load_records(Path(results_dir)))
 
 
 def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
@@ -15,9 +17,10 @@ def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
     from sparsebench.report.plots import plot
 
     results_dir = Path(results_dir)
-    agg = leaderboard_of(results_dir)
+    board = leaderboard_of(results_dir)
+    agg = board.table
     paths = {}
-    markdown = to_markdown(agg, title)
+    markdown = to_markdown(agg, title, board.excluded)
     atomic_write_text(results_dir / "leaderboard.md", markdown)
     atomic_write_text(results_dir / "leaderboard.csv", agg.to_csv(index=False))
     atomic_write_text(results_dir / "leaderboard.html", display_table(agg).to_html(index=False))
@@ -30,4 +33,5 @@ def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
     return paths
 
 
-__all__ = ["aggregate", "display_table", "leaderboard_of", "records_frame", "to_markdown", "write_reports"]
+__all__ = ["Leaderboard", "aggregate", "display_table", "excluded", "leaderboard_of", "records_frame",
+           "to_markdown", "write_reports"]

@@ -3,11 +3,18 @@
 Columns (docs: "Words"): `top1` test top-1 (%), `Δdense` against the shared dense
 checkpoint, `sparsity` achieved over the prunable set, `flops` achieved FLOPs ratio
 (realized MACs / dense MACs), `theor. speedup` dense/realized MACs, `measured speedup`
-dense/realized latency at the throughput batch (or "not realizable"), `params` non-zero.
+dense/realized latency at the throughput batch (or "not realizable") on `device`,
+`params` non-zero.
+
+Only runs with status "ok" enter the means and plots. Runs that missed their target
+(beyond the tolerance in their record) or diverged are listed apart, one line each, so a
+failed method is visible without dragging its averages. Records of different devices are
+different rows: a CPU and a GPU latency are never averaged together.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Iterable, List
 
 import numpy as np
@@ -15,12 +22,13 @@ import pandas as pd
 from scipy import stats
 
 from sparsebench.methods.base import METHODS, build_config, config_dict
+from sparsebench.store.record import RunRecord
 
 
-def method_label(record: dict) -> str:
+def method_label(record: RunRecord) -> str:
     """Method name plus the config values that differ from its defaults (e.g. `random[distribution=erk]`)."""
-    name = record["method"]
-    args = record["spec"].get("method_args", {})
+    name = record.method
+    args = record.method_args
     try:
         defaults = config_dict(build_config(METHODS.get(name).factory, {}))
     except Exception:          # a method no longer installed: show every argument
@@ -29,24 +37,27 @@ def method_label(record: dict) -> str:
     return name if not changed else f"{name}[{','.join(f'{k}={v}' for k, v in changed.items())}]"
 
 
-def records_frame(records: Iterable[dict]) -> pd.DataFrame:
+def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """One row per record; metric columns are empty for runs without a result (diverged)."""
     rows = []
     for r in records:
-        rows.append({
-            "dataset": r["dataset"], "model": r["model"], "method": method_label(r), "seed": r["seed"],
-            "granularity": r["granularity"], "target_kind": r["target"]["kind"], "target": r["target"]["value"],
-            "test_top1": 100 * r["test_top1"],
-            "test_top5": None if r.get("test_top5") is None else 100 * r["test_top5"],
-            "dense_top1": 100 * r["dense_test_top1"],
-            "achieved_sparsity": r["achieved_sparsity"], "achieved_flops_ratio": r["achieved_flops_ratio"],
-            "macs_effective": r["macs"]["effective"], "macs_dense": r["macs"]["dense"],
-            "params_nonzero": r["params"]["nonzero"],
-            "theoretical_speedup": r["theoretical_speedup"],
-            "measured_speedup": r.get("measured_speedup"),
-            "realizable": r["realization"]["realizable"],
-            "method_steps": r["cost"]["method_steps"], "method_seconds": r["cost"]["method_wall_seconds"],
-            "run_id": r["run_id"],
-        })
+        row = {
+            "dataset": r.dataset, "model": r.model, "method": method_label(r), "seed": r.seed,
+            "granularity": r.granularity, "target_kind": r.target_kind, "target": r.target_value,
+            "status": r.status, "device": r.device, "error": r.error, "run_id": r.run_id,
+            "dense_top1": 100 * r.dense_test_top1,
+            "method_steps": r.cost.method_steps, "method_seconds": r.cost.method_wall_seconds,
+            "tolerance": None if r.tolerance is None else f"-{r.tolerance.below:g}/+{r.tolerance.above:g}",
+        }
+        if r.has_result:
+            row.update({
+                "test_top1": 100 * r.test_top1, "test_top5": None if r.test_top5 is None else 100 * r.test_top5,
+                "achieved_sparsity": r.achieved_sparsity, "achieved_flops_ratio": r.achieved_flops_ratio,
+                "macs_effective": r.macs.effective, "macs_dense": r.macs.dense, "params_nonzero": r.params.nonzero,
+                "theoretical_speedup": r.theoretical_speedup, "measured_speedup": r.measured_speedup,
+                "realizable": r.realization.realizable,
+            })
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -59,12 +70,15 @@ def ci95(values: pd.Series) -> float:
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (dataset, model, method, target): means and 95 % CIs over seeds."""
+    """One row per (dataset, model, method, target, device): means and 95 % CIs over the seeds
+    whose run is "ok" (met its target, finite); other runs are `excluded`'s."""
+    if not df.empty:
+        df = df[df["status"] == "ok"]
     if df.empty:
-        return df
-    keys = ["dataset", "model", "method", "granularity", "target_kind", "target"]
-    df = df.assign(target=df["target"].fillna(-1.0), delta=df["test_top1"] - df["dense_top1"],
-                   measured_speedup=df["measured_speedup"].astype(float))
+        return pd.DataFrame()
+    keys = ["dataset", "model", "method", "granularity", "target_kind", "target", "device"]
+    df = df.assign(target=df["target"].astype(float).fillna(-1.0), delta=df["test_top1"] - df["dense_top1"],
+                   measured_speedup=df["measured_speedup"].astype(float), realizable=df["realizable"].astype(bool))
     grouped = df.groupby(keys, dropna=False)
     out = grouped.agg(
         seeds=("seed", "nunique"),
@@ -82,6 +96,35 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return (out.assign(_kind=kind_order)
                .sort_values(["dataset", "model", "_kind", "target", "top1"], ascending=[True, True, True, False, False])
                .drop(columns="_kind").reset_index(drop=True))
+
+
+def excluded(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs left out of the means: one row each, with what went wrong."""
+    if df.empty:
+        return pd.DataFrame()
+    bad = df[df["status"] != "ok"]
+    rows = []
+    for _, r in bad.iterrows():
+        target = "dense" if r["target_kind"] == "none" else f"{r['target_kind']}={r['target']:g}"
+        if r["status"] == "missed_target":
+            achieved = r["achieved_sparsity"] if r["target_kind"] == "sparsity" else r["achieved_flops_ratio"]
+            detail = f"achieved {achieved:.4f}, tolerance {r['tolerance']}"
+        else:
+            detail = r["error"] or ""
+        rows.append({"dataset": r["dataset"], "model": r["model"], "target": target, "method": r["method"],
+                     "seed": int(r["seed"]), "status": r["status"], "detail": detail})
+    return pd.DataFrame(rows)
+
+
+@dataclass
+class Leaderboard:
+    table: pd.DataFrame              # aggregated "ok" runs (see `aggregate`)
+    excluded: pd.DataFrame           # missed-target, diverged and failed runs, one row each
+
+    @classmethod
+    def of(cls, records: Iterable[RunRecord]) -> "Leaderboard":
+        df = records_frame(records)
+        return cls(aggregate(df), excluded(df))
 
 
 def _pm(mean: float, ci: float, fmt: str) -> str:
@@ -104,24 +147,29 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "sparsity": f"{r['sparsity']:.3f}", "FLOPs ratio": f"{r['flops']:.3f}",
             "MMACs": f"{r['macs'] / 1e6:.2f}", "params": f"{r['params'] / 1e3:.1f}k",
             "theor. speedup": f"{r['theoretical_speedup']:.2f}×", "measured speedup": measured,
-            "seeds": int(r["seeds"]),
+            "device": r["device"], "seeds": int(r["seeds"]),
         })
     return pd.DataFrame(rows)
 
 
-def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard") -> str:
+def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.DataFrame = None) -> str:
     table = display_table(agg)
     lines: List[str] = [f"# {title}", ""]
     if table.empty:
-        return "\n".join(lines + ["(no records)", ""])
+        lines += ["(no records)", ""]
     for (dataset, model), part in table.groupby(["dataset", "model"], sort=False):
         lines += [f"## {model} on {dataset}", "", part.drop(columns=["dataset", "model"]).to_markdown(index=False), ""]
+    if left_out is not None and not left_out.empty:
+        lines += ["## Left out of the means: missed target or diverged", "", left_out.to_markdown(index=False), ""]
+    if table.empty:
+        return "\n".join(lines)
     lines += [
         "top1: test top-1 (%), mean ± 95 % CI over seeds (t-interval; none with one seed); model selected on a "
         "validation split carved from train, test evaluated once. Δ dense: against the shared dense checkpoint. "
         "sparsity: zero or removed fraction of prunable weights. FLOPs ratio: realized MACs / dense MACs "
         "(attention matmuls counted). theor. speedup: dense / realized MACs. measured speedup: dense / realized "
-        "latency, same process and device, at the throughput batch; unstructured masks are not realizable.",
+        "latency, same process and device, at the throughput batch, on the device named beside it; unstructured "
+        "masks are not realizable. Only runs that met their target within the tolerance in their record count.",
         "",
     ]
     return "\n".join(lines)

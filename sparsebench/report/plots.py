@@ -49,7 +49,10 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs") -> Path:
         dense = part[part["target_kind"] == "none"]
         data = part if x == "macs" else part[part["realizable"]]
         xs_all, ys_all = [], []
-        for method, line in data.groupby("method"):
+        # Latencies of different devices are different curves, never one line.
+        by_device = data["device"].nunique() > 1
+        for (method, device), line in data.groupby(["method", "device"]):
+            label = f"{method} ({device})" if by_device else method
             if x == "macs":
                 xv = line["macs"].to_numpy() / 1e6
                 xerr = None
@@ -62,7 +65,7 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs") -> Path:
             is_dense = (line["target_kind"] == "none").all()
             ax.errorbar(xv[order], yv[order], yerr=yerr[order], xerr=None if xerr is None else xerr[order],
                         marker="*" if is_dense else "o", ms=11 if is_dense else 5, capsize=3,
-                        color="black" if is_dense else colors[method], label=method,
+                        color="black" if is_dense else colors[method], label=label,
                         linestyle="none" if is_dense else "-")
             xs_all += list(xv)
             ys_all += list(yv)

@@ -1,12 +1,17 @@
-"""One run of the protocol, the same for every method:
+"""One run of the protocol, the same for every method, as a sequence of named stages:
 
-1. the dense checkpoint for (model, dataset, seed) is trained once and cached;
-2. the method runs within its step budget (pretrained start: the search budget;
-   scratch start: the dense-pretrain budget, so nobody gets free epochs);
-3. the identical fine-tune recipe, masks held, selects on the validation split;
-4. the test split is evaluated once;
-5. params, MACs (dense and sparsity-aware), realization and latency are measured;
-6. one record is written atomically, named by the spec hash.
+    data_stage         splits and loaders; step counts of every phase
+    dense_stage        the dense checkpoint for (model, dataset, seed), trained once and cached
+    method_stage       the method within its step budget (pretrained start: the search budget;
+                       scratch start: the dense-pretrain budget, so nobody gets free epochs)
+    finetune_stage     the identical fine-tune recipe, masks held, selecting on validation
+    evaluation_stage   validation and the one test evaluation
+    measurement_stage  params, MACs (dense and sparsity-aware), prunable set, realization, latency
+    record_stage       the typed `RunRecord`: target check and status
+
+`execute` runs them in order and writes the record atomically, named by the spec hash.
+A run whose training diverges (non-finite loss or weights) stops after that stage and is
+still recorded, with status "diverged" and no metrics.
 """
 from __future__ import annotations
 
@@ -17,25 +22,33 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from sparsebench.datasets import create_dataset
-from sparsebench.runners.checkpoints import dense_checkpoint, load_dense_weights
+from sparsebench.datasets.base import DatasetInfo
+from sparsebench.errors import Diverged
+from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
 from sparsebench.specs import RunSpec, SpecError
-from sparsebench.training.trainer import StepBudget, Trainer, evaluate
+from sparsebench.training.trainer import Accuracy, StepBudget, Trainer, evaluate
 from sparsebench.measure.environment import code_version, environment
-from sparsebench.measure.flops import count_macs, count_params
+from sparsebench.measure.flops import MacsReport, count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.measure.realize import realize
-from sparsebench.methods import METHODS, MethodContext, build_config, config_dict
-from sparsebench.models import MODELS, create_model, model_family
-from sparsebench.store.records import SCHEMA_VERSION, RecordStore
+from sparsebench.methods import METHODS, Method, MethodContext, Outcome, build_config, config_dict
+from sparsebench.methods.base import LossGuard
+from sparsebench.models import MODELS, ModelCard, create_model, model_card
+from sparsebench.store.record import Cost, Macs, Params, Prunable, Realization, RunRecord, plain, target_check
+from sparsebench.store.records import RecordStore
 
 EVAL_BATCH = 256
+
+
+class StageError(RuntimeError):
+    """A stage failed for a reason that is not bad input; the message names stage and method."""
 
 
 @dataclass
@@ -48,8 +61,8 @@ class RunOptions:
     progress: Optional[Callable] = None    # tqdm-like factory, or None for silence
 
 
-def validate(spec: RunSpec):
-    """Check names, target kind and method args before any work; returns (method, config)."""
+def validate(spec: RunSpec) -> Method:
+    """Check names, target kind and method args before any work; returns the configured method."""
     from sparsebench.datasets import DATASETS
 
     method_cls = METHODS.get(spec.method).factory
@@ -65,12 +78,15 @@ def validate(spec: RunSpec):
 
 
 def resolve(spec: RunSpec) -> RunSpec:
-    """The spec with the method's full config (defaults included), so the hash names everything."""
+    """The spec with the method's full config (defaults included) and, for a plugin, its
+    distribution, version and source hash, so the hash names everything that decides the run."""
     return _with_full_config(spec, validate(spec))
 
 
 def _with_full_config(spec: RunSpec, method) -> RunSpec:
-    return dataclasses.replace(spec, method_args=tuple(sorted(config_dict(method.config).items())))
+    origin = METHODS.get(spec.method).origin
+    return dataclasses.replace(spec, method_args=tuple(sorted(config_dict(method.config).items())),
+                               plugin=tuple(sorted(origin.items())) if origin else ())
 
 
 PHASES = ("dense", "method", "finetune")
@@ -97,7 +113,175 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
     return loaders
 
 
-def _sparsity(model: nn.Module, dense: nn.Module, prunable: list) -> tuple:
+# --- data -------------------------------------------------------------------------------------
+@dataclass
+class DataStage:
+    info: DatasetInfo
+    split: dict                      # sizes and seed of the train / val / test split
+    loaders: Dict[str, DataLoader]
+    input_size: tuple                # (C, H, W)
+    steps_per_epoch: int
+    eval_every: int
+    pretrain_steps: int
+    finetune_steps: int
+    search_steps: int
+
+
+def data_stage(spec: RunSpec, options: RunOptions) -> DataStage:
+    data = create_dataset(spec.dataset, options.data_root, spec.data.img_size, spec.data.val_fraction,
+                          spec.data.split_seed, options.download)
+    info, recipe = data.info, spec.recipe
+    n_train = data.split["n_train"]
+    steps_per_epoch = math.ceil(n_train / recipe.batch_size)
+    return DataStage(
+        info=info, split=dict(data.split), loaders=make_loaders(data, recipe.batch_size, spec.seed, spec.data.workers),
+        input_size=(info.in_chans, info.img_size, info.img_size), steps_per_epoch=steps_per_epoch,
+        eval_every=max(1, int(steps_per_epoch / recipe.evals_per_epoch)),
+        pretrain_steps=recipe.steps(recipe.pretrain_epochs, n_train),
+        finetune_steps=recipe.steps(recipe.finetune_epochs, n_train),
+        search_steps=recipe.steps(recipe.search_epochs, n_train),
+    )
+
+
+def model_factory(spec: RunSpec, info: DatasetInfo, device: torch.device) -> Callable[..., nn.Module]:
+    """Fresh models of the spec's architecture for this data: make_model(**overrides)."""
+    kwargs = dict(num_classes=info.num_classes, img_size=info.img_size, in_chans=info.in_chans, **dict(spec.model_args))
+
+    def make_model(**overrides) -> nn.Module:
+        return create_model(spec.model, **{**kwargs, **overrides}).to(device)
+
+    return make_model
+
+
+# --- dense checkpoint -------------------------------------------------------------------------
+@dataclass
+class DenseStage:
+    model: nn.Module                 # the dense checkpoint's weights, in eval mode
+    checkpoint: DenseCheckpoint
+    macs: MacsReport
+    params: dict
+
+
+def dense_stage(spec: RunSpec, data: DataStage, make_model, device: torch.device, cache_dir: Path,
+                progress=None) -> DenseStage:
+    ckpt = dense_checkpoint(spec, cache_dir, make_model, data.loaders, data.info.num_classes, device,
+                            data.pretrain_steps, data.eval_every, progress)
+    dense = make_model()
+    load_dense_weights(dense, ckpt)
+    dense.eval()
+    return DenseStage(dense, ckpt, count_macs(dense, data.input_size), count_params(dense))
+
+
+# --- method -----------------------------------------------------------------------------------
+@dataclass
+class MethodStage:
+    outcome: Optional[Outcome]       # None when the method diverged
+    budget: int                      # steps it was allowed
+    steps: int                       # steps it spent
+    wall_seconds: float
+    diverged: Optional[Diverged] = None
+
+
+def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, make_model,
+                 device: torch.device, progress=None) -> MethodStage:
+    if method.starts_from == "pretrained":
+        start_model, budget = copy.deepcopy(dense.model), data.search_steps
+    else:
+        torch.manual_seed(spec.seed)
+        start_model, budget = make_model(), data.pretrain_steps
+    ctx = MethodContext(
+        model=start_model, model_name=spec.model, make_model=make_model,
+        train_loader=data.loaders["train_method"], val_loader=data.loaders["val"], num_classes=data.info.num_classes,
+        input_size=data.input_size, target=spec.target, budget=StepBudget(budget), recipe=spec.recipe,
+        device=device, seed=spec.seed, config=method.config, progress=progress, dense_macs=dense.macs.macs,
+        card=model_card(spec.model), data_info=data.info,
+    )
+    torch.manual_seed(spec.seed)
+    start = time.perf_counter()
+    outcome, diverged = None, None
+    try:
+        outcome = method.run(ctx)
+        _check_finite(outcome.model, "method")
+    except Diverged as d:
+        diverged = d
+    except AssertionError as e:
+        # The compaction check (masked == compacted outputs) is the one assertion a method
+        # reaches; a NaN there means the weights went non-finite before compaction.
+        if not _finite(ctx.model):
+            diverged = Diverged("method", f"non-finite weights reached compaction ({e})")
+        else:
+            raise StageError(f"method stage ({spec.method}): {(str(e).splitlines() or ['assertion failed'])[0]}") from e
+    return MethodStage(outcome, budget, ctx.budget.used, time.perf_counter() - start, diverged)
+
+
+# --- fine-tune --------------------------------------------------------------------------------
+@dataclass
+class FinetuneStage:
+    steps: int = 0
+    wall_seconds: float = 0.0
+    best_val_top1: Optional[float] = None
+    best_step: Optional[int] = None
+    diverged: Optional[Diverged] = None
+
+
+def finetune_stage(spec: RunSpec, outcome: Outcome, data: DataStage, device: torch.device,
+                   progress=None) -> FinetuneStage:
+    """The same recipe and steps for every method that prunes; masks held; selects on val."""
+    result = FinetuneStage()
+    if outcome.finetune and data.finetune_steps > 0:
+        torch.manual_seed(spec.seed)
+        hooks = [LossGuard("finetune")] + ([outcome.masks] if outcome.masks is not None else [])
+        trainer = Trainer(outcome.model, data.loaders["train_finetune"], spec.recipe, device, data.info.num_classes,
+                          spec.recipe.finetune_lr, hooks)
+        try:
+            fit = trainer.fit(data.finetune_steps, data.loaders["val"], data.eval_every, progress=progress,
+                              desc="finetune")
+            _check_finite(outcome.model, "finetune")
+        except Diverged as d:
+            return FinetuneStage(steps=trainer.step, diverged=d)
+        result = FinetuneStage(fit.steps, fit.wall_seconds, fit.best_val_top1, fit.best_step)
+    if outcome.masks is not None:
+        outcome.masks.apply()
+    return result
+
+
+# --- evaluation -------------------------------------------------------------------------------
+@dataclass
+class EvaluationStage:
+    val: Accuracy
+    test: Accuracy                   # the one test evaluation of the run
+
+
+def evaluation_stage(model: nn.Module, data: DataStage, device: torch.device) -> EvaluationStage:
+    model.eval()
+    val = evaluate(model, data.loaders["val"], device, data.info.num_classes)
+    return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes))
+
+
+# --- measurement ------------------------------------------------------------------------------
+@dataclass
+class MeasurementStage:
+    macs: MacsReport
+    params: dict
+    sparsity: float                  # over the prunable set
+    sparsity_all: float              # over all parameters
+    prunable: Prunable
+    realization: Realization
+    latency: Optional[dict]
+    measured_speedup: Optional[float]
+    measured_speedup_batch: Optional[int]
+
+
+def prunable_policy(prunable: List[str], card: ModelCard) -> Prunable:
+    """Name the prunable set by which of the card's edge layers it leaves dense."""
+    names = set(prunable)
+    dense_layers = [layer for layer in card.edge_layers if f"{layer}.weight" not in names]
+    policy = {0: "all conv/linear weights", 2: "input layer and classifier dense"}.get(
+        len(dense_layers), "input layer dense" if card.first_layer in dense_layers else "classifier dense")
+    return Prunable(policy=policy, dense_layers=dense_layers, tensors=len(prunable))
+
+
+def sparsity_of(model: nn.Module, dense: nn.Module, prunable: List[str]) -> tuple:
     """(over the prunable set, over all params): removed or zeroed weights / dense count."""
     params = dict(model.named_parameters())
     dense_params = dict(dense.named_parameters())
@@ -108,137 +292,135 @@ def _sparsity(model: nn.Module, dense: nn.Module, prunable: list) -> tuple:
     return 1.0 - nnz / total, 1.0 - all_nnz / all_total
 
 
-def execute(spec: RunSpec, options: RunOptions) -> dict:
-    """Run one spec end to end and write its record; returns the record."""
+def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: DataStage,
+                      device: torch.device) -> MeasurementStage:
+    model = outcome.model
+    prunable = outcome.prunable or [n for n, p in dense.model.named_parameters() if p.ndim > 1]
+    sparsity, sparsity_all = sparsity_of(model, dense.model, prunable)
+    realized = realize(model, outcome.realization, device, spec.measure.dtype)
+    latency = None
+    if spec.measure.latency and realized.realizable:
+        m = spec.measure
+        settings = LatencySettings(batch_sizes=m.batch_sizes, threads=m.threads, min_run_time=m.min_run_time,
+                                   rounds=m.rounds, dtype=realized.dtype, channels_last=m.channels_last,
+                                   compile=m.compile)
+        latency = compare_latency(dense.model, realized.model, data.input_size, settings, device)
+        latency["settings"] = {"dtype": realized.dtype, "threads": m.threads, "batch_sizes": list(m.batch_sizes),
+                               "channels_last": m.channels_last, "compile": m.compile, "device": str(device),
+                               "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events"}
+    batch = max(spec.measure.batch_sizes)
+    return MeasurementStage(
+        macs=count_macs(model, data.input_size), params=count_params(model), sparsity=sparsity,
+        sparsity_all=sparsity_all, prunable=prunable_policy(prunable, model_card(spec.model)),
+        realization=Realization(realized.realizable, realized.kind, realized.reason, realized.dtype,
+                                plain(realized.details)),
+        latency=latency, measured_speedup=latency[str(batch)]["measured_speedup"] if latency else None,
+        measured_speedup_batch=batch if latency else None,
+    )
+
+
+# --- record -----------------------------------------------------------------------------------
+def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, method_result: MethodStage,
+                 finetune: FinetuneStage, evaluation: Optional[EvaluationStage],
+                 measured: Optional[MeasurementStage], device: torch.device) -> RunRecord:
+    """The record of a run: with a result (evaluation and measurement), or diverged (neither)."""
+    diverged = method_result.diverged or finetune.diverged
+    if (evaluation is None or measured is None) != (diverged is not None):
+        raise ValueError("a record has either a result (evaluation and measurement) or a divergence")
+    ckpt, dense_macs = dense.checkpoint, dense.macs
+    result: dict = dict.fromkeys(("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio",
+                                  "test_top1", "test_top5", "val_top1", "test_samples", "params", "macs",
+                                  "theoretical_speedup", "measured_speedup", "measured_speedup_batch",
+                                  "realization", "latency", "prunable"))
+    if diverged is None:
+        macs = measured.macs
+        outcome = method_result.outcome
+        result.update(
+            achieved_sparsity=measured.sparsity, achieved_sparsity_all_params=measured.sparsity_all,
+            achieved_flops_ratio=macs.macs_effective / dense_macs.macs,
+            test_top1=evaluation.test.top1, test_top5=evaluation.test.top5, val_top1=evaluation.val.top1,
+            test_samples=evaluation.test.n,
+            params=Params(dense=dense.params["params"], total=measured.params["params"],
+                          nonzero=measured.params["params_nonzero"], prunable_tensors=measured.prunable.tensors),
+            macs=Macs(dense=dense_macs.macs, realized=macs.macs, effective=macs.macs_effective,
+                      attention=macs.attention_macs, flops_dense=dense_macs.flops,
+                      flops_effective=macs.flops_effective, input_size=list(data.input_size), batch=1,
+                      convention="torch FlopCounterMode, fused attention off, MACs = FLOPs / 2, "
+                                 "element-wise excluded",
+                      effective_is="theoretical" if outcome.realization == "masked" else "realized"),
+            theoretical_speedup=dense_macs.macs / max(1, macs.macs_effective),
+            measured_speedup=measured.measured_speedup, measured_speedup_batch=measured.measured_speedup_batch,
+            realization=measured.realization, latency=plain(measured.latency), prunable=measured.prunable,
+        )
+    met, tolerance = target_check(spec.target.kind, spec.target.value, result["achieved_sparsity"],
+                                  result["achieved_flops_ratio"], method.sparsity_tolerance,
+                                  tuple(method.flops_tolerance))
+    if diverged is not None:
+        met, status = False, "diverged"
+    else:
+        status = "ok" if met else "missed_target"
+    outcome = method_result.outcome
+    return RunRecord(
+        run_id=spec.run_id, spec_hash=spec.hash, spec=plain(spec.to_dict()),
+        method=spec.method, model=spec.model, dataset=spec.dataset, seed=spec.seed,
+        model_family=model_card(spec.model).family, granularity=method.granularity, starts_from=method.starts_from,
+        target_kind=spec.target.kind, target_value=spec.target.value,
+        status=status, target_met=met, tolerance=tolerance,
+        dense_test_top1=ckpt.test_top1, dense_val_top1=ckpt.val_top1,
+        cost=Cost(method_steps=method_result.steps, method_budget_steps=method_result.budget,
+                  method_wall_seconds=method_result.wall_seconds, finetune_steps=finetune.steps,
+                  finetune_wall_seconds=finetune.wall_seconds, dense_pretrain_steps=ckpt.steps,
+                  dense_pretrain_wall_seconds=ckpt.wall_seconds),
+        selection={"split": "val", "finetune_best_val_top1": finetune.best_val_top1,
+                   "finetune_best_step": finetune.best_step, "test_evaluations": 0 if diverged else 1},
+        dense_checkpoint={"hash": ckpt.hash, "file": ckpt.path.name, "val_top1": ckpt.val_top1,
+                          "test_top1": ckpt.test_top1, "pretrained_sha256": ckpt.pretrained_sha256},
+        data=plain({**data.split, "img_size": data.info.img_size, "num_classes": data.info.num_classes,
+              "steps_per_epoch": data.steps_per_epoch, "source": data.info.source}),
+        structure=plain(outcome.structure) if outcome else None, notes=plain(outcome.notes) if outcome else {},
+        environment=plain(environment(device, spec.measure.threads)), code_version=plain(code_version()),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
+        **result,
+    )
+
+
+# --- the run ----------------------------------------------------------------------------------
+def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
+    """Run one spec end to end, stage by stage, and write its record; returns the record."""
     method = validate(spec)
     spec = _with_full_config(spec, method)
-    store = RecordStore(options.out)
     device = torch.device(options.device)
     torch.set_num_threads(spec.measure.threads)
     progress = options.progress
 
-    data = create_dataset(spec.dataset, options.data_root, spec.data.img_size, spec.data.val_fraction,
-                          spec.data.split_seed, options.download)
-    info = data.info
-    input_size = (info.in_chans, info.img_size, info.img_size)
-    loaders = make_loaders(data, spec.recipe.batch_size, spec.seed, spec.data.workers)
-    n_train = data.split["n_train"]
-    steps_per_epoch = math.ceil(n_train / spec.recipe.batch_size)
-    eval_every = max(1, int(steps_per_epoch / spec.recipe.evals_per_epoch))
-    recipe = spec.recipe
-    pretrain_steps = recipe.steps(recipe.pretrain_epochs, n_train)
-    finetune_steps = recipe.steps(recipe.finetune_epochs, n_train)
-    search_steps = recipe.steps(recipe.search_epochs, n_train)
-    model_kwargs = dict(num_classes=info.num_classes, img_size=info.img_size, in_chans=info.in_chans,
-                        **dict(spec.model_args))
-
-    def make_model(**overrides) -> nn.Module:
-        return create_model(spec.model, **{**model_kwargs, **overrides}).to(device)
-
-    family = model_family(spec.model)
-    dense = make_model()
-    if not method.supports(dense, family):
-        raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({family})")
-
+    data = data_stage(spec, options)
+    make_model = model_factory(spec, data.info, device)
+    card = model_card(spec.model)
+    if not method.supports(make_model(), card.family):
+        raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
     cache = Path(options.cache_dir) if options.cache_dir else Path(options.out) / "checkpoints"
-    ckpt = dense_checkpoint(spec, cache, make_model, loaders, info.num_classes, device, pretrain_steps,
-                            eval_every, progress)
-    load_dense_weights(dense, ckpt)
-    dense.eval()
-    dense_macs = count_macs(dense, input_size)
-    dense_params = count_params(dense)
+    dense = dense_stage(spec, data, make_model, device, cache, progress)
 
-    if method.starts_from == "pretrained":
-        start_model, budget = copy.deepcopy(dense), search_steps
-    else:
-        torch.manual_seed(spec.seed)
-        start_model, budget = make_model(), pretrain_steps
-    ctx = MethodContext(
-        model=start_model, model_name=spec.model, make_model=make_model,
-        train_loader=loaders["train_method"], val_loader=loaders["val"], num_classes=info.num_classes,
-        input_size=input_size, target=spec.target, budget=StepBudget(budget), recipe=recipe,
-        device=device, seed=spec.seed, config=method.config, progress=progress, dense_macs=dense_macs.macs,
-    )
-    torch.manual_seed(spec.seed)
-    start = time.perf_counter()
-    outcome = method.run(ctx)
-    method_wall = time.perf_counter() - start
-
-    finetune = {"steps": 0, "wall_seconds": 0.0, "best_val_top1": None, "best_step": None}
-    model = outcome.model
-    if outcome.finetune and finetune_steps > 0:
-        torch.manual_seed(spec.seed)
-        hooks = [outcome.masks] if outcome.masks is not None else []
-        trainer = Trainer(model, loaders["train_finetune"], recipe, device, info.num_classes, recipe.finetune_lr,
-                          hooks)
-        result = trainer.fit(finetune_steps, loaders["val"], eval_every, progress=progress, desc="finetune")
-        finetune = {"steps": result.steps, "wall_seconds": result.wall_seconds,
-                    "best_val_top1": result.best_val_top1, "best_step": result.best_step}
-    if outcome.masks is not None:
-        outcome.masks.apply()
-    model.eval()
-    val = evaluate(model, loaders["val"], device, info.num_classes)
-    test = evaluate(model, loaders["test"], device, info.num_classes)     # the one test evaluation
-
-    macs = count_macs(model, input_size)
-    params = count_params(model)
-    prunable = outcome.prunable or [n for n, p in dense.named_parameters() if p.ndim > 1]
-    sparsity, sparsity_all = _sparsity(model, dense, prunable)
-    realization = realize(model, outcome.realization, device, spec.measure.dtype)
-    latency = None
-    if spec.measure.latency and realization.realizable:
-        m = spec.measure
-        settings = LatencySettings(batch_sizes=m.batch_sizes, threads=m.threads, min_run_time=m.min_run_time,
-                                   rounds=m.rounds, dtype=realization.dtype, channels_last=m.channels_last,
-                                   compile=m.compile)
-        latency = compare_latency(dense, realization.model, input_size, settings, device)
-        latency["settings"] = {"dtype": realization.dtype, "threads": m.threads, "batch_sizes": list(m.batch_sizes),
-                               "channels_last": m.channels_last, "compile": m.compile, "device": str(device),
-                               "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events"}
-    throughput_batch = str(max(spec.measure.batch_sizes))
-    measured = latency[throughput_batch]["measured_speedup"] if latency else None
-
-    record = {
-        "schema": SCHEMA_VERSION,
-        "run_id": spec.run_id,
-        "spec_hash": spec.hash,
-        "spec": spec.to_dict(),
-        "method": spec.method, "model": spec.model, "dataset": spec.dataset, "seed": spec.seed,
-        "model_family": family,
-        "granularity": method.granularity, "starts_from": method.starts_from,
-        "target": {"kind": spec.target.kind, "value": spec.target.value},
-        "achieved_sparsity": sparsity,
-        "achieved_sparsity_all_params": sparsity_all,
-        "achieved_flops_ratio": macs.macs_effective / dense_macs.macs,
-        "test_top1": test.top1, "test_top5": test.top5, "val_top1": val.top1, "test_samples": test.n,
-        "dense_test_top1": ckpt.test_top1, "dense_val_top1": ckpt.val_top1,
-        "params": {"dense": dense_params["params"], "total": params["params"], "nonzero": params["params_nonzero"],
-                   "prunable_tensors": len(prunable)},
-        "macs": {"dense": dense_macs.macs, "realized": macs.macs, "effective": macs.macs_effective,
-                 "attention": macs.attention_macs, "flops_dense": dense_macs.flops,
-                 "flops_effective": macs.flops_effective, "input_size": list(input_size), "batch": 1,
-                 "convention": "torch FlopCounterMode, fused attention off, MACs = FLOPs / 2, element-wise excluded",
-                 "effective_is": "theoretical" if outcome.realization == "masked" else "realized"},
-        "theoretical_speedup": dense_macs.macs / max(1, macs.macs_effective),
-        "measured_speedup": measured,
-        "measured_speedup_batch": int(throughput_batch) if latency else None,
-        "realization": realization.as_dict(),
-        "latency": latency,
-        "cost": {"method_steps": ctx.budget.used, "method_budget_steps": budget,
-                 "method_wall_seconds": method_wall, "finetune_steps": finetune["steps"],
-                 "finetune_wall_seconds": finetune["wall_seconds"], "dense_pretrain_steps": ckpt.steps,
-                 "dense_pretrain_wall_seconds": ckpt.wall_seconds},
-        "selection": {"split": "val", "finetune_best_val_top1": finetune["best_val_top1"],
-                      "finetune_best_step": finetune["best_step"], "test_evaluations": 1},
-        "dense_checkpoint": {"hash": ckpt.hash, "file": ckpt.path.name, "val_top1": ckpt.val_top1,
-                             "test_top1": ckpt.test_top1, "pretrained_sha256": ckpt.pretrained_sha256},
-        "data": {**data.split, "img_size": info.img_size, "num_classes": info.num_classes,
-                 "steps_per_epoch": steps_per_epoch, "source": info.source},
-        "structure": outcome.structure,
-        "notes": outcome.notes,
-        "environment": environment(device, spec.measure.threads),
-        "code_version": code_version(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    store.write(record)
+    method_result = method_stage(spec, method, data, dense, make_model, device, progress)
+    finetune, evaluation, measured = FinetuneStage(), None, None
+    if method_result.diverged is None:
+        finetune = finetune_stage(spec, method_result.outcome, data, device, progress)
+        if finetune.diverged is None:
+            evaluation = evaluation_stage(method_result.outcome.model, data, device)
+            measured = measurement_stage(spec, method_result.outcome, dense, data, device)
+    record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device)
+    RecordStore(options.out).write(record)
     return record
+
+
+def _finite(model: nn.Module) -> bool:
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _check_finite(model: nn.Module, stage: str) -> None:
+    """Weights can go non-finite without a non-finite loss reaching a guard (a method's own
+    update rule, BN statistics); such a model is never evaluated or recorded as a result."""
+    if not _finite(model):
+        raise Diverged(stage, "non-finite weights or buffers")

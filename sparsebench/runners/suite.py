@@ -24,9 +24,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from sparsebench.specs import (
-    FAMILY_RECIPES, DataSpec, MeasureSpec, Recipe, RunSpec, SpecError, Target,
-)
+from sparsebench.models import FAMILY_RECIPES
+from sparsebench.specs import DataSpec, MeasureSpec, Recipe, RunSpec, SpecError, Target
 
 SUITE_KEYS = {"name", "description", "methods", "models", "datasets", "targets", "seeds", "recipe", "recipes",
               "data", "measure", "pretrained", "expected_cost"}
@@ -61,6 +60,7 @@ def _dataclass_from(cls, values: Dict[str, Any], where: str):
 
 
 def recipe_for(family: str, overrides: Dict[str, Any], family_overrides: Dict[str, Dict[str, Any]]) -> Recipe:
+    """The family's default recipe (its model cards'), then suite-wide values, then per-family values."""
     base = dataclasses.asdict(FAMILY_RECIPES[family])
     base.update(overrides or {})
     base.update((family_overrides or {}).get(family, {}))

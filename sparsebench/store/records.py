@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Iterator, List
 
-SCHEMA_VERSION = 1
+from sparsebench.store.record import SCHEMA_VERSION, RecordError, RunRecord
+
+log = logging.getLogger("sparsebench")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -64,37 +66,43 @@ class RecordStore:
     def exists(self, run_id: str) -> bool:
         return self.path(run_id).exists()
 
-    def write(self, record: dict) -> Path:
-        path = self.path(record["run_id"])
-        atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True, default=_jsonable))
+    def write(self, record: RunRecord) -> Path:
+        path = self.path(record.run_id)
+        atomic_write_text(path, record.to_json())
         return path
 
-    def read(self, run_id: str) -> dict:
-        return json.loads(self.path(run_id).read_text())
+    def read(self, run_id: str) -> RunRecord:
+        """One record; RecordError (one line) when the file is not a readable record."""
+        return _read(self.path(run_id))
 
-    def load_all(self) -> List[dict]:
+    def load_all(self) -> List[RunRecord]:
+        """Every readable record. Each entry that is not one (empty, not JSON, another schema,
+        a missing field, a directory) is skipped with one warning line naming it, so one bad
+        file never hides the rest of a results directory."""
         if not self.records_dir.exists():
             return []
         out = []
         for p in sorted(self.records_dir.glob("*.json")):
-            out.append(json.loads(p.read_text()))
+            try:
+                out.append(_read(p))
+            except RecordError as e:
+                log.warning("sparsebench: warning: skipped %s: %s", p, e)
         return out
 
 
-def _jsonable(obj):
-    import numpy as np
-    import torch
+def _read(path: Path) -> RunRecord:
+    if path.is_dir():
+        raise RecordError("a directory, not a record file")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecordError(f"unreadable ({type(e).__name__})") from None
+    if not text.strip():
+        raise RecordError("empty file")
+    return RunRecord.from_json(text)
 
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
-
-def load_records(results_dir: Path) -> List[dict]:
+def load_records(results_dir: Path) -> List[RunRecord]:
     """All records of a results directory (the one holding `records/`)."""
     results_dir = Path(results_dir)
     if not results_dir.is_dir():

@@ -250,7 +250,7 @@ class Trainer:
                 if extra is not None:
                     loss = loss + extra
         if not bool(torch.isfinite(loss.detach())):
-            raise Diverged(f"non-finite training loss ({float(loss.detach()):g}) at step {self.step + 1}")
+            raise Diverged("training", f"non-finite training loss ({float(loss.detach()):g}) at step {self.step + 1}")
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -88,3 +88,21 @@ def test_l1_on_vits_keeps_the_largest_l1_heads():
     for block, heads in zip(outcome.structure["blocks"], scores):
         kept = block["heads"]
         assert sorted(kept) == sorted(heads.topk(len(kept)).indices.tolist())
+
+
+@pytest.mark.parametrize("model_name", ["resnet20_tiny", "vit_cifar_tiny"])
+@pytest.mark.parametrize("name", ["random", "magnitude-global", "magnitude-layerwise", "gmp"])
+def test_unstructured_methods_leave_input_layer_and_classifier_dense_by_default(model_name, name):
+    from sparsebench.models import model_card
+
+    card = model_card(model_name)
+    edge = {f"{card.first_layer}.weight", f"{card.classifier}.weight"}
+    default = create_method(name)
+    ctx = make_context(model_name, "sparsity=0.9", default, budget=2)
+    outcome = default.run(ctx)
+    assert edge.isdisjoint(outcome.prunable) and edge.isdisjoint(outcome.masks.masks)
+    params = dict(outcome.model.named_parameters())
+    assert all(bool((params[n] != 0).all()) for n in edge)
+    switched = create_method(name, skip_first=False, skip_last=False)
+    outcome = switched.run(make_context(model_name, "sparsity=0.9", switched, budget=2))
+    assert edge <= set(outcome.prunable)

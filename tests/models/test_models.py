@@ -33,3 +33,38 @@ def test_width_knobs_narrow_the_model():
 def test_unknown_model_lists_allowed_names():
     with pytest.raises(ValueError, match="unknown model 'resnet7'; allowed: .*resnet20"):
         create_model("resnet7")
+
+
+@pytest.mark.parametrize("name", MODELS.names())
+def test_model_card_names_the_real_input_layer_and_classifier(name):
+    from torch import nn
+
+    from sparsebench.models import model_card
+
+    card = model_card(name)
+    small = name.endswith("_tiny") or name in ("resnet20", "resnet56", "vgg16_bn", "vit_cifar")
+    model = create_model(name, num_classes=7, img_size=32 if small else 224)
+    modules = dict(model.named_modules())
+    weighted = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert card.first_layer == weighted[0] and modules[card.first_layer].in_channels == 3
+    assert isinstance(modules[card.classifier], nn.Linear) and modules[card.classifier].out_features == 7
+    assert card.family == model_family(name) and card.recipe is not None
+    # published weights come with their normalisation; models trained only here have none
+    from sparsebench.models.pretrained import HUB_WEIGHTS
+
+    assert (card.mean is not None) == (name in HUB_WEIGHTS) and (card.std is None) == (card.mean is None)
+
+
+def test_family_recipes_are_the_quick_suites():
+    """A plain `sparsebench run` trains as long and with the same optimiser as the quick suite."""
+    from sparsebench.runners.suite import load_suite
+
+    suite = load_suite("benchmarks/quick.yaml")
+    for spec in suite.specs:
+        assert spec.recipe == model_card_recipe(spec.model)
+
+
+def model_card_recipe(name):
+    from sparsebench.models import model_card
+
+    return model_card(name).recipe

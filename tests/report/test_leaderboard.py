@@ -6,16 +6,11 @@ import pytest
 from sparsebench.report.leaderboard import aggregate, ci95, records_frame, to_markdown
 from sparsebench.report.plots import pareto_front, plot
 
+from conftest import make_record
 
-def fake_record(method, seed, top1, target=0.5, kind="sparsity", realizable=False, speedup=None):
-    return {
-        "run_id": f"{method}-{seed}-{target}", "method": method, "model": "m", "dataset": "d", "seed": seed,
-        "spec": {"method_args": {}}, "granularity": "unstructured", "target": {"kind": kind, "value": target},
-        "test_top1": top1, "test_top5": None, "dense_test_top1": 0.9, "achieved_sparsity": target or 0.0,
-        "achieved_flops_ratio": 1 - (target or 0), "macs": {"effective": 1e6 * (1 - (target or 0)), "dense": 1e6},
-        "params": {"nonzero": 1000}, "theoretical_speedup": 1 / (1 - (target or 0)), "measured_speedup": speedup,
-        "realization": {"realizable": realizable}, "cost": {"method_steps": 0, "method_wall_seconds": 0.0},
-    }
+
+def fake_record(method, seed, top1, target=0.5, kind="sparsity", realizable=False, speedup=None, **kw):
+    return make_record(method, seed, top1, target, kind, realizable, speedup, **kw)
 
 
 def test_ci95_is_the_t_interval():
@@ -53,3 +48,46 @@ def test_plots_are_written(tmp_path):
     for x in ("macs", "speedup"):
         path = plot(agg, tmp_path / f"{x}.png", x=x)
         assert path.stat().st_size > 10_000
+
+
+def test_missed_and_diverged_runs_are_listed_apart_and_left_out_of_the_means():
+    from sparsebench.report.leaderboard import Leaderboard
+
+    records = [fake_record("random", 0, 0.80), fake_record("random", 1, 0.90),
+               fake_record("random", 2, 0.10, status="missed_target", achieved_sparsity=0.3),
+               fake_record("random", 3, None, status="diverged")]
+    board = Leaderboard.of(records)
+    row = board.table.iloc[0]
+    assert len(board.table) == 1 and row["seeds"] == 2 and row["top1"] == pytest.approx(85.0)
+    assert sorted(board.excluded["status"]) == ["diverged", "missed_target"]
+    md = to_markdown(board.table, left_out=board.excluded)
+    assert "Left out of the means" in md and "achieved 0.3000, tolerance -0.005/+0.005" in md
+    assert "non-finite training loss" in md
+
+
+def test_cpu_and_gpu_records_are_never_averaged_together(tmp_path):
+    records = [fake_record("l1-channel", s, 0.8, kind="flops", realizable=True, speedup=1.5, device="cpu",
+                           device_name="AMD EPYC") for s in range(2)]
+    records += [fake_record("l1-channel", s, 0.8, kind="flops", realizable=True, speedup=3.0, device="cuda:0",
+                            device_name="NVIDIA H200") for s in range(2)]
+    agg = aggregate(records_frame(records))
+    assert sorted(agg["device"]) == ["cpu: AMD EPYC", "cuda: NVIDIA H200"]
+    assert sorted(agg["measured_speedup"]) == [1.5, 3.0]
+    md = to_markdown(agg)
+    assert "cpu: AMD EPYC" in md and "cuda: NVIDIA H200" in md
+    assert plot(agg, tmp_path / "s.png", x="speedup").stat().st_size > 10_000
+
+
+def test_leaderboard_and_plot_commands_survive_odd_entries(tmp_path, capsys):
+    from sparsebench.cli import main
+    from sparsebench.store import RecordStore
+
+    store = RecordStore(tmp_path)
+    for s in range(2):
+        store.write(fake_record("l1-channel", s, 0.8 + 0.01 * s, kind="flops", realizable=True, speedup=1.5))
+    (tmp_path / "records" / "empty.json").write_text("")
+    (tmp_path / "records" / "dir.json").mkdir()
+    assert main(["leaderboard", str(tmp_path)]) == 0
+    assert "l1-channel" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path), "--output", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -14,31 +14,35 @@ def test_record_has_headline_fields_and_masks_survive_finetune(tmp_path):
     spec = tiny_spec("magnitude-layerwise", target="sparsity=0.8")
     record = execute(spec, RunOptions(out=tmp_path))
     stored = json.loads(RecordStore(tmp_path).path(resolve(spec).run_id).read_text())
-    assert stored == json.loads(json.dumps(record, default=str))
+    assert stored == json.loads(record.to_json())
+    assert RecordStore(tmp_path).read(record.run_id) == record
     for key in ("achieved_sparsity", "achieved_flops_ratio", "test_top1", "dense_test_top1", "macs", "params",
-                "latency", "cost", "environment", "code_version", "spec", "target", "realization"):
-        assert key in record
+                "latency", "cost", "environment", "code_version", "spec", "target", "realization", "status",
+                "target_met", "tolerance", "prunable"):
+        assert key in stored
+    assert record.status == "ok" and record.target_met and stored["tolerance"] == {"below": 0.005, "above": 0.005}
     # the fine-tune ran with masks held: the achieved sparsity is still the target
-    assert record["cost"]["finetune_steps"] > 0
-    assert record["achieved_sparsity"] == pytest.approx(0.8, abs=0.01)
-    assert record["target"] == {"kind": "sparsity", "value": 0.8}
-    assert record["realization"]["realizable"] is False and record["measured_speedup"] is None
-    assert "not realizable" in record["realization"]["reason"]
-    assert record["macs"]["effective"] < record["macs"]["dense"]
-    assert record["selection"]["split"] == "val" and record["selection"]["test_evaluations"] == 1
-    assert record["data"]["n_val"] > 0 and record["data"]["split_seed"] == 0
+    assert record.cost.finetune_steps > 0
+    assert record.achieved_sparsity == pytest.approx(0.8, abs=0.01)
+    assert stored["target"] == {"kind": "sparsity", "value": 0.8}
+    assert record.realization.realizable is False and record.measured_speedup is None
+    assert "not realizable" in record.realization.reason
+    assert record.macs.effective < record.macs.dense
+    assert record.selection["split"] == "val" and record.selection["test_evaluations"] == 1
+    assert record.data["n_val"] > 0 and record.data["split_seed"] == 0
 
 
 def test_structured_record_is_realized_and_timed(tmp_path):
     record = execute(tiny_spec("l1-channel", target="flops=0.5"), RunOptions(out=tmp_path))
-    assert record["realization"] == {"realizable": True, "kind": "compacted", "reason": None, "dtype": "float32"}
-    assert 0.49 <= record["achieved_flops_ratio"] <= 0.5
-    assert record["theoretical_speedup"] == pytest.approx(1 / record["achieved_flops_ratio"])
+    assert record.to_dict()["realization"] == {"realizable": True, "kind": "compacted", "reason": None,
+                                               "dtype": "float32"}
+    assert 0.49 <= record.achieved_flops_ratio <= 0.5
+    assert record.theoretical_speedup == pytest.approx(1 / record.achieved_flops_ratio)
     for batch in ("1", "8"):
-        timing = record["latency"][batch]
+        timing = record.latency[batch]
         assert timing["dense_ms"] > 0 and timing["realized_ms"] > 0
         assert timing["measured_speedup"] == pytest.approx(timing["dense_ms"] / timing["realized_ms"])
-    assert record["measured_speedup"] == record["latency"]["8"]["measured_speedup"]
+    assert record.measured_speedup == record.latency["8"]["measured_speedup"]
 
 
 def test_same_seed_gives_same_metrics(tmp_path):
@@ -46,8 +50,8 @@ def test_same_seed_gives_same_metrics(tmp_path):
     a = execute(spec, RunOptions(out=tmp_path / "a"))
     b = execute(spec, RunOptions(out=tmp_path / "b"))
     for key in ("test_top1", "val_top1", "achieved_sparsity", "achieved_flops_ratio", "dense_test_top1"):
-        assert a[key] == b[key]
-    assert a["run_id"] == b["run_id"]
+        assert getattr(a, key) == getattr(b, key)
+    assert a.run_id == b.run_id
 
 
 def test_a_cached_dense_checkpoint_changes_nothing_downstream(tmp_path):
@@ -57,13 +61,13 @@ def test_a_cached_dense_checkpoint_changes_nothing_downstream(tmp_path):
     again = execute(spec, RunOptions(out=tmp_path / "b", cache_dir=tmp_path / "a" / "checkpoints"))
     assert not (tmp_path / "b" / "checkpoints").exists()
     for key in ("test_top1", "val_top1", "achieved_sparsity", "dense_test_top1"):
-        assert first[key] == again[key]
+        assert getattr(first, key) == getattr(again, key)
 
 
 def test_methods_share_one_dense_checkpoint(tmp_path):
     a = execute(tiny_spec("magnitude-global"), RunOptions(out=tmp_path))
     b = execute(tiny_spec("l1-channel", target="flops=0.5"), RunOptions(out=tmp_path))
-    assert a["dense_checkpoint"] == b["dense_checkpoint"]
+    assert a.dense_checkpoint == b.dense_checkpoint
     assert len(list((tmp_path / "checkpoints").glob("dense-*.pt"))) == 1
 
 
@@ -106,14 +110,14 @@ def test_budget_overrun_is_an_error_not_a_record(tmp_path):
 
 def test_scratch_methods_get_the_pretrain_budget(tmp_path):
     record = execute(tiny_spec("gmp", target="sparsity=0.5"), RunOptions(out=tmp_path))
-    assert record["starts_from"] == "scratch"
-    assert record["cost"]["method_steps"] == record["cost"]["dense_pretrain_steps"]
-    assert record["cost"]["finetune_steps"] > 0
+    assert record.starts_from == "scratch"
+    assert record.cost.method_steps == record.cost.dense_pretrain_steps
+    assert record.cost.finetune_steps > 0
 
 
 def test_gmp_from_pretrained_prunes_the_dense_checkpoint_within_the_search_budget(tmp_path):
     spec = tiny_spec("gmp", target="sparsity=0.6", method_args=(("from_pretrained", True),))
     record = execute(spec, RunOptions(out=tmp_path))
-    assert record["starts_from"] == "pretrained"
-    assert record["cost"]["method_steps"] == record["cost"]["method_budget_steps"] < record["cost"]["dense_pretrain_steps"]
-    assert record["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    assert record.starts_from == "pretrained"
+    assert record.cost.method_steps == record.cost.method_budget_steps < record.cost.dense_pretrain_steps
+    assert record.achieved_sparsity == pytest.approx(0.6, abs=0.01)

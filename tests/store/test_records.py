@@ -2,7 +2,11 @@ import json
 
 import pytest
 
-from sparsebench.store.records import RecordStore, atomic_write_text
+import logging
+
+from sparsebench.store import SCHEMA_VERSION, RecordError, RecordStore, RunRecord, Tolerance, atomic_write_text, target_check
+
+from conftest import make_record
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
@@ -19,9 +23,67 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
 
 def test_store_round_trip_and_exists(tmp_path):
     store = RecordStore(tmp_path)
-    record = {"run_id": "x__y", "value": 1.5}
+    record = make_record(run_id="x__y")
     assert not store.exists("x__y")
     store.write(record)
     assert store.exists("x__y") and store.read("x__y") == record
     assert store.load_all() == [record]
-    assert json.loads((tmp_path / "records" / "x__y.json").read_text()) == record
+    stored = json.loads((tmp_path / "records" / "x__y.json").read_text())
+    assert stored["schema"] == SCHEMA_VERSION and stored["status"] == "ok" and stored["target_met"] is True
+    assert stored["target"] == {"kind": "sparsity", "value": 0.5}
+    assert stored["tolerance"] == {"below": 0.005, "above": 0.005}
+
+
+def test_odd_entries_are_skipped_with_one_warning_line_each(tmp_path, caplog):
+    store = RecordStore(tmp_path)
+    good = make_record(run_id="good")
+    store.write(good)
+    records = tmp_path / "records"
+    (records / "empty.json").write_text("")
+    (records / "broken.json").write_text("{not json")
+    (records / "list.json").write_text("[1, 2]")
+    (records / "other.json").write_text(json.dumps({"schema": 99, "run_id": "other"}))
+    missing = good.to_dict()
+    del missing["cost"]
+    (records / "missing.json").write_text(json.dumps(missing))
+    (records / "dir.json").mkdir()
+    with caplog.at_level(logging.WARNING, logger="sparsebench"):
+        assert store.load_all() == [good]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6 and all("\n" not in line for line in lines)
+    reasons = {name: next(line for line in lines if f"{name}.json" in line)
+               for name in ("empty", "broken", "list", "other", "missing", "dir")}
+    assert "empty file" in reasons["empty"] and "not JSON" in reasons["broken"]
+    assert "schema 99" in reasons["other"] and "missing field 'cost'" in reasons["missing"]
+    assert "directory" in reasons["dir"] and "not a record object" in reasons["list"]
+    with pytest.raises(RecordError, match="empty file"):
+        store.read("empty")
+
+
+def test_a_record_states_its_status_and_why():
+    with pytest.raises(RecordError, match="status 'weird'"):
+        make_record(status="weird")
+    with pytest.raises(RecordError, match="no 'test_top1'"):
+        make_record(test_top1=None)
+    with pytest.raises(RecordError, match="without an 'error'"):
+        make_record(status="diverged", error=None)
+    diverged = make_record(status="diverged")
+    assert not diverged.has_result and RunRecord.from_dict(diverged.to_dict()) == diverged
+
+
+@pytest.mark.parametrize("kind, target, achieved, met", [
+    ("sparsity", 0.9, 0.8951, True), ("sparsity", 0.9, 0.894, False), ("sparsity", 0.9, 0.906, False),
+    ("flops", 0.5, 0.471, True), ("flops", 0.5, 0.469, False), ("flops", 0.5, 0.509, True),
+    ("flops", 0.5, 0.511, False), ("flops", 0.5, float("nan"), False), ("none", None, None, True)])
+def test_target_check_tolerances(kind, target, achieved, met):
+    assert target_check(kind, target, achieved, achieved)[0] is met
+
+
+def test_schema_1_records_are_upgraded_with_default_tolerances():
+    v1 = make_record(achieved_flops_ratio=0.45, kind="flops").to_dict()
+    for key in ("status", "target_met", "tolerance", "prunable", "plugin", "error"):
+        v1.pop(key)
+    v1["schema"] = 1
+    upgraded = RunRecord.from_dict(v1)
+    assert upgraded.status == "missed_target" and upgraded.target_met is False
+    assert upgraded.tolerance == Tolerance(0.03, 0.01) and upgraded.prunable.policy == "unknown"

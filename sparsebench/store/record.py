@@ -1,0 +1,298 @@
+"""The run record: one typed dataclass, and the only code that turns it into JSON and back.
+
+Everything that reads records (leaderboards, plots, the CLI) reads `RunRecord`s through
+`RunRecord.from_dict`, never raw JSON keys. The JSON form keeps the field names of the
+words in docs/design.md (`achieved_sparsity`, `achieved_flops_ratio`, ...).
+
+Schema 2 (this module) adds to schema 1: `status`, `target_met`, `tolerance`, `prunable`,
+`plugin` and `error`. Schema-1 records are upgraded on read (status from the default
+tolerances, prunable policy unknown); any other schema is refused with a one-line reason.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+SCHEMA_VERSION = 2
+STATUSES = ("ok", "diverged", "missed_target", "failed")
+# Runs with a result to rank; diverged and failed runs have none (their metrics are None).
+RESULT_STATUSES = ("ok", "missed_target")
+
+SPARSITY_TOLERANCE = 0.005          # either side of a sparsity target
+FLOPS_TOLERANCE = (0.03, 0.01)      # (below, above) a FLOPs-ratio target
+
+
+class RecordError(ValueError):
+    """A JSON document that is not a readable run record; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """A target is met when target - below <= achieved <= target + above."""
+
+    below: float
+    above: float
+
+    def admits(self, target: float, achieved: float) -> bool:
+        return achieved is not None and not math.isnan(achieved) and target - self.below <= achieved <= target + self.above
+
+
+@dataclass(frozen=True)
+class Macs:
+    dense: int
+    realized: int
+    effective: int
+    attention: int
+    flops_dense: int
+    flops_effective: int
+    input_size: List[int]
+    batch: int
+    convention: str
+    effective_is: str                 # theoretical (masked zeros) | realized (a smaller model)
+
+
+@dataclass(frozen=True)
+class Params:
+    dense: int
+    total: int
+    nonzero: int
+    prunable_tensors: int
+
+
+@dataclass(frozen=True)
+class Cost:
+    method_steps: int
+    method_budget_steps: int
+    method_wall_seconds: float
+    finetune_steps: int
+    finetune_wall_seconds: float
+    dense_pretrain_steps: int
+    dense_pretrain_wall_seconds: float
+
+
+@dataclass(frozen=True)
+class Realization:
+    realizable: bool
+    kind: Optional[str]
+    reason: Optional[str]
+    dtype: Optional[str]
+    details: Dict[str, Any] = field(default_factory=dict)   # 2:4 counts, backend; flat in JSON
+
+
+@dataclass(frozen=True)
+class Prunable:
+    """Which weights the sparsity is stated over. `policy` names the choice; `dense_layers`
+    are the model card's input layer / classifier the method left out of the set."""
+
+    policy: str                       # all conv/linear | input layer and classifier dense | ... | unknown
+    dense_layers: List[str]
+    tensors: int
+
+
+# Nested fields with a type of their own; the rest are JSON scalars, lists or free dicts.
+_NESTED = {"macs": Macs, "params": Params, "cost": Cost, "prunable": Prunable, "tolerance": Tolerance}
+# None only in a run without a result (diverged, failed).
+_RESULT_FIELDS = ("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio", "test_top1",
+                  "val_top1", "test_samples", "params", "macs", "theoretical_speedup", "realization", "prunable")
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    spec_hash: str
+    spec: Dict[str, Any]
+    method: str
+    model: str
+    dataset: str
+    seed: int
+    model_family: str
+    granularity: str
+    starts_from: str
+    target_kind: str                  # JSON: target.kind
+    target_value: Optional[float]     # JSON: target.value
+    status: str                       # ok | diverged | missed_target | failed
+    target_met: bool
+    tolerance: Optional[Tolerance]    # None for the dense reference (no target)
+    achieved_sparsity: Optional[float]
+    achieved_sparsity_all_params: Optional[float]
+    achieved_flops_ratio: Optional[float]
+    test_top1: Optional[float]
+    test_top5: Optional[float]
+    val_top1: Optional[float]
+    test_samples: Optional[int]
+    dense_test_top1: float
+    dense_val_top1: float
+    params: Optional[Params]
+    macs: Optional[Macs]
+    theoretical_speedup: Optional[float]
+    measured_speedup: Optional[float]
+    measured_speedup_batch: Optional[int]
+    realization: Optional[Realization]
+    latency: Optional[Dict[str, Any]]
+    cost: Cost
+    selection: Dict[str, Any]
+    dense_checkpoint: Dict[str, Any]
+    data: Dict[str, Any]
+    structure: Optional[Dict[str, Any]]
+    notes: Dict[str, Any]
+    environment: Dict[str, Any]
+    code_version: Dict[str, Any]
+    created: str
+    prunable: Optional[Prunable]
+    plugin: Optional[Dict[str, Any]] = None   # third-party method: distribution, version, source_sha256
+    error: Optional[str] = None               # why a run has no result (diverged, failed)
+    schema: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.status not in STATUSES:
+            raise RecordError(f"status {self.status!r}; allowed: {', '.join(STATUSES)}")
+        if self.has_result:
+            missing = [n for n in _RESULT_FIELDS if getattr(self, n) is None]
+            if missing:
+                raise RecordError(f"status {self.status!r} but no {missing[0]!r}")
+        elif not self.error:
+            raise RecordError(f"status {self.status!r} without an 'error' saying why")
+
+    # --- reading ---------------------------------------------------------------------------
+    @property
+    def has_result(self) -> bool:
+        return self.status in RESULT_STATUSES
+
+    @property
+    def method_args(self) -> Dict[str, Any]:
+        return dict(self.spec.get("method_args", {}))
+
+    @property
+    def device(self) -> str:
+        """What the timing ran on: "cpu: <CPU model>" or "cuda: <GPU name>"."""
+        kind = str(self.environment.get("device", "cpu")).split(":")[0]
+        return f"{kind}: {self.environment.get('device_name') or self.environment.get('cpu') or 'unknown'}"
+
+    @property
+    def target_label(self) -> str:
+        return "none" if self.target_kind == "none" else f"{self.target_kind}={self.target_value:g}"
+
+    # --- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("target_kind", "target_value"):
+                continue
+            if f.name == "realization" and value is not None:
+                value = {"realizable": value.realizable, "kind": value.kind, "reason": value.reason,
+                         "dtype": value.dtype, **value.details}
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            out[f.name] = value
+        out["target"] = {"kind": self.target_kind, "value": self.target_value}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_jsonable)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "RunRecord":
+        """A record from its JSON form; RecordError names the first thing wrong."""
+        if not isinstance(d, dict):
+            raise RecordError(f"a JSON {type(d).__name__}, not a record object")
+        schema = d.get("schema")
+        if schema == 1:
+            d = _upgrade_v1(d)
+        elif schema != SCHEMA_VERSION:
+            raise RecordError(f"schema {schema!r}; this sparsebench reads schema {SCHEMA_VERSION} (and upgrades 1)")
+        names = {f.name for f in dataclasses.fields(cls)} - {"target_kind", "target_value"} | {"target"}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise RecordError(f"unknown field {unknown[0]!r}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.name not in ("target_kind", "target_value")]
+        missing = [n for n in required + ["target"] if n not in d]
+        if missing:
+            raise RecordError(f"missing field {missing[0]!r}")
+        values = dict(d)
+        target = values.pop("target")
+        if not isinstance(target, dict) or "kind" not in target:
+            raise RecordError(f"bad target {target!r}")
+        values["target_kind"], values["target_value"] = target["kind"], target.get("value")
+        try:
+            for name, typ in _NESTED.items():
+                if values.get(name) is not None:
+                    values[name] = _nested(typ, values[name], name)
+            if values.get("realization") is not None:
+                r = dict(values["realization"])
+                values["realization"] = Realization(r.pop("realizable"), r.pop("kind"), r.pop("reason"),
+                                                    r.pop("dtype", None), r)
+            return cls(**values)
+        except (KeyError, TypeError) as e:
+            raise RecordError(f"malformed field ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunRecord":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"not JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data)
+
+
+def _nested(typ, value, where: str):
+    if not isinstance(value, dict):
+        raise RecordError(f"field {where!r} is {type(value).__name__}, expected an object")
+    names = {f.name for f in dataclasses.fields(typ)}
+    missing = sorted(n for n in names if n not in value)
+    if missing:
+        raise RecordError(f"missing field {where}.{missing[0]}")
+    return typ(**{k: v for k, v in value.items() if k in names})
+
+
+def target_check(kind: str, value: Optional[float], achieved_sparsity: Optional[float],
+                 achieved_flops_ratio: Optional[float], sparsity_tolerance: float = SPARSITY_TOLERANCE,
+                 flops_tolerance: Tuple[float, float] = FLOPS_TOLERANCE) -> Tuple[bool, Optional[Tolerance]]:
+    """(target met, tolerance used). The dense reference has no target and always meets it."""
+    if kind == "none":
+        return True, None
+    if kind == "sparsity":
+        tolerance = Tolerance(sparsity_tolerance, sparsity_tolerance)
+        return tolerance.admits(value, achieved_sparsity), tolerance
+    if kind == "flops":
+        tolerance = Tolerance(*flops_tolerance)
+        return tolerance.admits(value, achieved_flops_ratio), tolerance
+    raise RecordError(f"unknown target kind {kind!r}")
+
+
+def _upgrade_v1(d: dict) -> dict:
+    """A schema-1 record in schema-2 form: it always had a result; whether the target was met
+    is judged with the default tolerances (schema 1 stored no method tolerance)."""
+    d = dict(d)
+    target = d.get("target") or {}
+    met, tolerance = target_check(target.get("kind"), target.get("value"), d.get("achieved_sparsity"),
+                                  d.get("achieved_flops_ratio"))
+    d.update(schema=SCHEMA_VERSION, status="ok" if met else "missed_target", target_met=met,
+             tolerance=dataclasses.asdict(tolerance) if tolerance else None,
+             prunable={"policy": "unknown", "dense_layers": [],
+                       "tensors": (d.get("params") or {}).get("prunable_tensors", 0)})
+    return d
+
+
+def plain(obj: Any) -> Any:
+    """`obj` as JSON will give it back (tuples as lists, tensors as lists), so a record built in
+    memory equals the same record read from disk."""
+    return json.loads(json.dumps(obj, default=_jsonable))
+
+
+def _jsonable(obj):
+    import numpy as np
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
