@@ -4,7 +4,7 @@
     sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--dry-run]
     sparsebench leaderboard DIR          sparsebench plot DIR
     sparsebench list [methods|models|datasets]
-    sparsebench flops MODEL [--img-size N] [--json]
+    sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
     sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--out results/speedup/cpu]
 
 Bad input ends with one line on stderr naming the bad value and what is allowed, exit
@@ -307,6 +307,16 @@ def cmd_flops(args) -> int:
     else:
         print(f"{args.model} at {args.img_size}px: {report.macs / 1e9:.4f} GMACs ({report.flops / 1e9:.4f} GFLOPs), "
               f"attention matmuls {report.attention_macs / 1e9:.4f} GMACs, params {params['params'] / 1e6:.3f} M")
+    if args.cross_check:
+        from sparsebench.measure.flops import fvcore_macs
+
+        if args.fused_attention:
+            raise CliError("--cross-check counts with fused attention off; drop --fused-attention")
+        theirs = fvcore_macs(model, (3, args.img_size, args.img_size))
+        print("conv + linear + matmul MACs per image, fused attention off:")
+        print(f"  sparsebench {report.macs:>15,d} MACs")
+        print(f"  fvcore      {theirs:>15,d} MACs")
+        print(f"  difference {report.macs - theirs:,d} MACs ({(report.macs - theirs) / max(1, theirs):+.4%})")
     return 0
 
 
@@ -445,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--layers", action="store_true", help="include per-layer MACs (with --json)")
     p.add_argument("--fused-attention", action="store_true", help="leave fused attention on (shows the defect)")
+    p.add_argument("--cross-check", action="store_true", help="also count with fvcore and print both side by side")
     p.set_defaults(func=cmd_flops)
     p = sub.add_parser("speedup", help="theoretical vs measured speedup of structured pruning")
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2", "deit_tiny", "deit_small"])

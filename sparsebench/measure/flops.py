@@ -149,3 +149,29 @@ def count_params(model: nn.Module) -> dict:
     total = sum(p.numel() for p in model.parameters())
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
     return {"params": total, "params_nonzero": nonzero}
+
+
+# fvcore's names for the ops we count: conv, linear (addmm/linear) and matmuls (bmm, einsum).
+FVCORE_MAC_OPS = ("conv", "linear", "addmm", "matmul", "bmm", "einsum")
+
+
+def fvcore_macs(model: nn.Module, input_size: Sequence[int]) -> int:
+    """fvcore's count of the same ops we count (conv, linear, matmul), per image, fused
+    attention off: fvcore has no handle for aten::scaled_dot_product_attention and would
+    silently drop it. fvcore counts one multiply-add as one "flop", i.e. MACs."""
+    try:
+        from fvcore.nn import FlopCountAnalysis
+    except ImportError:
+        raise ImportError("the fvcore cross-check needs fvcore: pip install 'sparsebench[test]'") from None
+    device = next(model.parameters(), torch.zeros(0)).device
+    was_training = model.training
+    model.eval()
+    try:
+        with unfused_attention(model), torch.no_grad():
+            analysis = FlopCountAnalysis(model, torch.zeros(1, *input_size, device=device))
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            by_op = analysis.by_operator()
+    finally:
+        model.train(was_training)
+    return int(sum(v for op, v in by_op.items() if op in FVCORE_MAC_OPS))

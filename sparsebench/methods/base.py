@@ -84,7 +84,7 @@ class LossGuard(TrainerHook):
 
     def after_backward(self, trainer: Trainer) -> None:
         if trainer.loss is not None and not bool(torch.isfinite(trainer.loss.detach())):
-            raise Diverged(self.stage, f"non-finite training loss ({float(trainer.loss):.3g}) at step {trainer.step}")
+            raise Diverged(self.stage, f"non-finite training loss ({float(trainer.loss.detach()):.3g}) at step {trainer.step}")
 
 
 @dataclass
