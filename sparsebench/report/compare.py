@@ -6,17 +6,21 @@ from typing import Iterable
 
 import pandas as pd
 
-from sparsebench.report.runs import as_float, runs_frame
+from sparsebench.report.runs import as_float, display_method, runs_frame
 from sparsebench.store.record import RunRecord
 
-KEYS = ["dataset", "model", "method", "target_label", "seed"]
+KEYS = ["dataset", "model", "method_key", "target_label", "seed"]
 
 
 def compare_frame(mine: Iterable[RunRecord], reference: Iterable[RunRecord]) -> pd.DataFrame:
     a, b = runs_frame(mine), runs_frame(reference)
     if a.empty or b.empty:
         return pd.DataFrame()
-    cols = KEYS + ["status", "top1", "measured_speedup", "device"]
+    # matched without the input-layer/classifier arguments: a reference recorded before today's
+    # default (both dense) still lines up, and the row says that the two differ there
+    for df in (a, b):
+        df["method_key"] = df["method"].map(lambda m: display_method(m).replace(" †", ""))
+    cols = KEYS + ["method", "status", "top1", "measured_speedup", "device"]
     both = a[cols].merge(b[cols], on=KEYS, how="inner", suffixes=("", "_ref"))
     both["delta_top1"] = both["top1"].astype(float) - both["top1_ref"].astype(float)
     return both
@@ -35,7 +39,8 @@ def compare_text(mine: Iterable[RunRecord], reference: Iterable[RunRecord], refe
         f = as_float(v)
         return "–" if f is None else f"{f:.2f}"
 
-    rows = [{"model": r["model"], "method": r["method"], "target": r["target_label"], "seed": r["seed"],
+    rows = [{"model": r["model"], "method": r["method_key"] + ("" if r["method"] == r["method_ref"] else " ‡"),
+             "target": r["target_label"], "seed": r["seed"],
              "top1 yours": pct(r["top1"]), "top1 ref": pct(r["top1_ref"]),
              "Δ": "–" if as_float(r["delta_top1"]) is None else f"{r['delta_top1']:+.2f}",
              "speedup yours": speed(r["measured_speedup"]), "speedup ref": speed(r["measured_speedup_ref"]),
@@ -48,4 +53,10 @@ def compare_text(mine: Iterable[RunRecord], reference: Iterable[RunRecord], refe
                f"{delta.median():.2f} points (largest {delta.max():.2f}); {int((delta <= 2).sum())} of {len(delta)} "
                f"within 2 points. Timing: yours on {', '.join(devices[0])}, reference on {', '.join(devices[1])}."
                if len(delta) else f"{len(both)} runs in common with {reference_name}; none with a result on both sides")
+    if (both["method"] != both["method_ref"]).any():
+        summary += ("\n‡ the reference run pruned the input layer and classifier too (skip_first=False, "
+                    "skip_last=False); yours left them dense (today's default), so expect a difference there.")
+    summary += ("\nSmall differences are expected: training runs in float32 on your CPU's kernels (another "
+                "instruction set or thread count changes rounding and so the trained weights), and measured "
+                "speedups depend on your CPU, its load and its cache sizes.")
     return "\n".join([f"## Against the reference {reference_name}", "", table, "", summary, ""])

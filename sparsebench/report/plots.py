@@ -24,7 +24,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from sparsebench.report.runs import FAMILIES, family_of  # noqa: E402
+from sparsebench.report.runs import FAMILIES, display_method, family_of  # noqa: E402
 
 FAMILY_COLORS = {"dense / baselines": "#555555", "magnitude": "#1f77b4", "dynamic sparse": "#d62728",
                  "ViT methods": "#9467bd", "channel": "#2ca02c", "other": "#ff7f0e"}
@@ -73,18 +73,10 @@ def _method_styles(methods: Sequence[str]) -> Dict[str, dict]:
     return styles
 
 
-EDGE_ARGS = ("skip_first=False,skip_last=False", "skip_first=False", "skip_last=False")
-
-
 def _short(method: str) -> str:
-    """A label that fits a panel; `†` marks runs that pruned the input layer and classifier too
-    (older records, whose unstructured default was to prune every conv/linear)."""
-    name = method
-    for arg in EDGE_ARGS:
-        name = name.replace("," + arg, "").replace(arg + ",", "").replace(arg, "")
-    name = name.replace("[]", "").replace("magnitude-", "mag-").replace("[distribution=erk]", "-erk")
-    return name + ("†" if name != method.replace("magnitude-", "mag-").replace("[distribution=erk]", "-erk")
-                   and any(a in method for a in EDGE_ARGS) else "")
+    """A label that fits a panel; `†` marks runs that pruned the input layer and classifier too."""
+    return display_method(method).replace(" †", "†").replace("magnitude-", "mag-").replace(
+        "[distribution=erk]", "-erk")
 
 
 def plot(agg: pd.DataFrame, path: Path, x: str = "macs", formats: Sequence[str] = ()) -> Path:
@@ -96,7 +88,7 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs", formats: Sequence[str] 
     panels = list(df.groupby(["dataset", "model"], sort=True)) if not df.empty else []
     cols = max(1, min(2, len(panels)))
     rows = max(1, int(np.ceil(len(panels) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(6.0 * cols, 4.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.5, 6.0 * cols), 5.2 * rows), squeeze=False)
     styles = _method_styles(df["method"].unique()) if not df.empty else {}
     if not panels:
         ax = axes[0, 0]
@@ -114,9 +106,9 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs", formats: Sequence[str] 
         ax.axis("off")
     handles = _legend_handles(used, markers_used, x)
     if handles:
-        ncol = 4
+        ncol = 4 if cols > 1 else 3
         fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.035 * int(np.ceil(len(handles) / ncol)) + 0.02, 1, 1))
+        fig.tight_layout(rect=(0, 0.032 * int(np.ceil(len(handles) / ncol)) / rows + 0.02, 1, 1))
     else:
         fig.tight_layout()
     path = Path(path)
@@ -190,9 +182,10 @@ def _panel(ax, part: pd.DataFrame, x: str, styles, used, markers_used) -> None:
     ax.set_ylim(floor, top + 0.08 * (top - floor) + 0.5)
     if below:
         listing = "; ".join(f"{_short(n)} ({v:.1f})" for n, v in below)
-        ax.text(0.01, 0.015, "\n".join(textwrap.wrap(f"below {floor:.1f} %, not shown: {listing}", 70)),
-                transform=ax.transAxes, fontsize=6, va="bottom", ha="left", color="#8b0000",
-                bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "#cccccc", "alpha": 0.9}, zorder=6)
+        # under the axis, never over a point
+        ax.annotate("\n".join(textwrap.wrap(f"▼ below {floor:.1f} %, not shown: {listing}", 95)),
+                    xy=(0, 0), xycoords="axes fraction", xytext=(0, -30), textcoords="offset points",
+                    fontsize=6.5, va="top", ha="left", color="#8b0000")
     if x == "macs":
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))

@@ -38,6 +38,20 @@ def family_of(method: str) -> str:
     return "other"
 
 
+EDGE_ARGS = ("skip_first=False,skip_last=False", "skip_first=False", "skip_last=False")
+
+
+def display_method(label: str) -> str:
+    """A method label without the arguments that prune the input layer and classifier, marked
+    `†` instead: older records (schema 1) pruned every conv/linear, today's default leaves
+    those two dense, so the label would otherwise spell it out on every row."""
+    name = label
+    for arg in EDGE_ARGS:
+        name = name.replace("," + arg, "").replace(arg + ",", "").replace(arg, "")
+    name = name.replace("[]", "")
+    return name + " †" if name != label else name
+
+
 def _latency_interval(r: RunRecord):
     """The bootstrap 95 % interval of the measured speedup at the record's throughput batch."""
     if not r.latency or r.measured_speedup_batch is None:

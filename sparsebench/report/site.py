@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.runs import (
-    FAMILIES, as_float, kept_structure, reproduce_command, run_details, runs_frame, summarize,
+    FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
 )
 from sparsebench.store.record import RunRecord
 from sparsebench.store.records import atomic_write_bytes, atomic_write_text
@@ -101,7 +101,8 @@ def _row(r: pd.Series) -> str:
     realizable = {True: "yes", False: "no"}.get(r["realizable"], "–")
     links = " ".join(f'<a href="runs/{esc(slug(rid))}.html">{esc(_seed_of(rid))}</a>' for rid in r["run_ids"])
     cells = [
-        (r["method"], r["method"]), (r["target_label"], _target_sort(r)),
+        (f'<span title="{esc(r["method"])}">{esc(display_method(r["method"]))}</span>', r["method"]),
+        (r["target_label"], _target_sort(r)),
         (_fmt(r["sparsity"], ".3f"), r["sparsity"]), (_fmt(r["flops"], ".3f"), r["flops"]),
         (_pm(r["top1"], r["top1_ci"], ".2f"), r["top1"]), (_pm(r["top5"], r["top5_ci"], ".2f"), r["top5"]),
         (_fmt(r["delta"], "+.2f"), r["delta"]), (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
@@ -136,7 +137,8 @@ def _target_sort(r) -> str:
 
 
 def _select(name: str, values: Iterable[str]) -> str:
-    options = "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+    text = display_method if name == "method" else str
+    options = "".join(f'<option value="{esc(v)}">{esc(text(v))}</option>' for v in values)
     return (f'<label>{esc(name)} <select data-filter="{esc(name)}" id="filter-{esc(name)}">'
             f'<option value="">all</option>{options}</select></label>')
 
@@ -164,8 +166,12 @@ def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records:
         parts.append(f'<h2 id="{esc(slug(model, dataset, device))}">{esc(model)} on {esc(dataset)} · {esc(device)}'
                      f'<span class="count" id="{tid}-count"></span></h2>')
         rows = "\n".join(_row(r) for _, r in part.iterrows())
-        parts.append(f'<table class="board" id="{tid}" data-rows="{len(part)}"><thead><tr>{head}</tr></thead>'
-                     f'<tbody>\n{rows}\n</tbody></table>')
+        parts.append(f'<div class="scroll"><table class="board" id="{tid}" data-rows="{len(part)}"><thead><tr>{head}'
+                     f'</tr></thead><tbody>\n{rows}\n</tbody></table></div>')
+    if summary["method"].str.contains("skip_first=False|skip_last=False").any():
+        parts.append('<p class="note">† pruned the input layer (first conv / patch embedding) and the classifier '
+                     'too (<code>skip_first=False, skip_last=False</code>): these records predate today\'s default, '
+                     'which leaves both dense. Hover a method for its full label.</p>')
     parts.append('<h2 id="plots">Plots</h2><p class="note">Colour: method family ('
                  + "".join(f'<span class="swatch" style="background:{c}"></span>{esc(f)}'
                            for f, c in _family_colors().items() if f != "other")
