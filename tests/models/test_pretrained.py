@@ -48,4 +48,4 @@ def test_record_names_the_weights(tmp_path):
     path = tmp_path / "w.pt"
     torch.save(create_model("resnet20_tiny", num_classes=10, img_size=16).state_dict(), path)
     record = execute(tiny_spec("dense", target="none", pretrained=str(path)), RunOptions(out=tmp_path / "out"))
-    assert record["dense_checkpoint"]["pretrained_sha256"] == state_dict_sha256(torch.load(path))
+    assert record.dense_checkpoint["pretrained_sha256"] == state_dict_sha256(torch.load(path))
