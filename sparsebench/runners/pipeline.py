@@ -203,7 +203,7 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         outcome = method.run(ctx)
         _check_finite(outcome.model, "method")
     except Diverged as d:
-        diverged = d
+        diverged = _in_stage(d, "method")
     except AssertionError as e:
         # The compaction check (masked == compacted outputs) is the one assertion a method
         # reaches; a NaN there means the weights went non-finite before compaction.
@@ -212,6 +212,11 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         else:
             raise StageError(f"method stage ({spec.method}): {(str(e).splitlines() or ['assertion failed'])[0]}") from e
     return MethodStage(outcome, budget, ctx.budget.used, time.perf_counter() - start, diverged)
+
+
+def _in_stage(d: Diverged, stage: str) -> Diverged:
+    """The trainer's own non-finite-loss check knows no stage ("training"); name the stage it ran in."""
+    return Diverged(stage, d.reason) if d.stage == "training" else d
 
 
 # --- fine-tune --------------------------------------------------------------------------------
@@ -238,7 +243,7 @@ def finetune_stage(spec: RunSpec, outcome: Outcome, data: DataStage, device: tor
                               desc="finetune")
             _check_finite(outcome.model, "finetune")
         except Diverged as d:
-            return FinetuneStage(steps=trainer.step, diverged=d)
+            return FinetuneStage(steps=trainer.step, diverged=_in_stage(d, "finetune"))
         result = FinetuneStage(fit.steps, fit.wall_seconds, fit.best_val_top1, fit.best_step)
     if outcome.masks is not None:
         outcome.masks.apply()

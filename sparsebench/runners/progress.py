@@ -65,8 +65,9 @@ class SweepEta:
             eta.fallback_per_step[key[0]] = c["seconds_per_step"]
         for s in (p.spec for p in plans):
             m = s.measure
-            timing = (m.rounds * m.min_run_time * 2 * len(m.batch_sizes) + 1.0) if m.latency else 0.0
-            eta.fixed.setdefault(s.model, timing + 1.0)
+            # dense and realized, each `rounds` blocks of `min_run_time` per batch size; plus evaluation
+            timing = m.rounds * m.min_run_time * 2 * len(m.batch_sizes) if m.latency else 0.0
+            eta.fixed.setdefault(s.model, timing + 0.5)
         for r in reference:
             eta._learn(r, reference=True)
         return eta
