@@ -116,7 +116,9 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs", formats: Sequence[str] 
     fig.savefig(path, dpi=150)
     for fmt in formats:
         if path.with_suffix("." + fmt) != path:
-            fig.savefig(path.with_suffix("." + fmt))
+            # no date and fixed element ids: the same records give the same file (clean diffs)
+            with matplotlib.rc_context({"svg.hashsalt": "sparsebench"}):
+                fig.savefig(path.with_suffix("." + fmt), metadata={"Date": None})
     plt.close(fig)
     return path
 
