@@ -2,7 +2,7 @@
 
     sparsebench run --method gmp --model resnet20_tiny --dataset digits --target sparsity=0.9 --seed 0 --out DIR
     sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--dry-run]
-    sparsebench leaderboard DIR          sparsebench plot DIR
+    sparsebench leaderboard DIR          sparsebench plot DIR          sparsebench report DIR --out SITE
     sparsebench list [methods|models|datasets]
     sparsebench check-data DATASET [--data-root DIR] [--img-size N]
     sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
@@ -14,6 +14,7 @@ code 2, and nothing written to the results store.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ def _yaml_scalar(text: str):
 
 
 def _progress_factory(quiet: bool):
-    if quiet:
+    if quiet or not sys.stderr.isatty():     # logs and CI get the sweep's plain lines instead
         return None
     from tqdm.auto import tqdm
 
@@ -69,11 +70,13 @@ def _spec_from_args(args):
     family = model_family(args.model)
     recipe = recipe_for(family, _kv(args.recipe, "--recipe"), {})
     measure = MeasureSpec(latency=not args.no_latency, threads=args.threads,
-                          **({"batch_sizes": tuple(args.batch_sizes)} if args.batch_sizes else {}))
+                          **({"batch_sizes": tuple(args.batch_sizes)} if args.batch_sizes else {}),
+                          **_kv(getattr(args, "measure", None), "--measure"))
     return RunSpec(
         method=args.method, model=args.model, dataset=args.dataset, target=Target.parse(args.target),
         seed=args.seed, method_args=tuple(sorted(_kv(args.method_arg, "--method-arg").items())),
-        recipe=recipe, data=DataSpec(img_size=args.img_size, val_fraction=args.val_fraction),
+        recipe=recipe, data=DataSpec(img_size=args.img_size, val_fraction=args.val_fraction,
+                                     **_kv(getattr(args, "data", None), "--data")),
         measure=measure, pretrained="hub" if args.pretrained else args.weights,
     )
 
@@ -205,7 +208,10 @@ def _run_one(payload):
 
 def cmd_sweep(args) -> int:
     from sparsebench.runners.pipeline import resolve
+    from sparsebench.runners.progress import SweepEta
     from sparsebench.runners.suite import load_suite
+    from sparsebench.specs import RunSpec, stable_hash
+    from sparsebench.store import load_records
     from sparsebench.store.records import RecordStore
 
     suite = load_suite(Path(args.suite))
@@ -216,48 +222,68 @@ def cmd_sweep(args) -> int:
         raise CliError(f"bad --jobs {args.jobs}; allowed: an integer >= 1")
     options = _options(args)
     out = Path(args.out)
+    reference = _reference_records(args.compare, out)
     store = RecordStore(out)
     if args.shard:
         specs = _shard(specs, args.shard)
-    todo = [s for s in specs if not store.exists(s.run_id)]
-    print(f"suite {suite.name}: {len(specs)} runs, {len(specs) - len(todo)} already done, {len(todo)} to run"
+    done = [s for s in specs if store.exists(s.run_id)]
+    todo = list(specs) if args.rerun else [s for s in specs if not store.exists(s.run_id)]
+    print(f"suite {suite.name}: {len(specs)} runs, {len(done)} already done, {len(todo)} to run"
+          + (" (--rerun: finished runs are redone)" if args.rerun and done else "")
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
     _check_data(todo, options)
+    eta = SweepEta.plan(todo, reference=reference or [], assume_tflops=args.assume_tflops,
+                        done_dense={stable_hash(s.dense_key()) for s in done})
+    if todo:
+        print(f"estimated {_human(eta.total())} from "
+              + ("the reference records' measured step costs" if reference else "FLOPs at --assume-tflops")
+              + "; refined from each finished run")
     start = time.perf_counter()
     failures = []
-    from tqdm.auto import tqdm
+    bar = _sweep_progress(args, len(todo), suite.name, eta)
 
-    bar = tqdm(total=len(todo), desc=f"sweep {suite.name}", disable=args.quiet, dynamic_ncols=True)
+    def finished(s, error, wall):
+        if error:
+            failures.append((s.to_dict(), error))
+        record = None
+        if not error and store.exists(s.run_id):
+            with contextlib.suppress(Exception):
+                record = store.read(s.run_id)
+        eta.finish(s, wall, record)
+        bar.update(f"{s.method} {s.model} {s.target}")
+
     if args.jobs > 1:
         from sparsebench.runners.pool import run_pool
 
         options.progress = None      # one bar per worker would interleave; the sweep bar stays
+        by_id = {s.run_id: s for s in todo}
+        last = [time.perf_counter()]
 
         def collect(result):
             spec_dict, error = result
-            if error:
-                failures.append((spec_dict, error))
-            bar.update(1)
+            now = time.perf_counter()
+            # runs overlap: the time between completions times the workers is one run's cost
+            finished(by_id[RunSpec.from_dict(spec_dict).run_id], error, (now - last[0]) * args.jobs)
+            last[0] = now
 
-        try:
-            run_pool(_run_one, [(s.to_dict(), options) for s in todo], args.jobs, collect)
-        finally:
-            bar.close()
+        run_pool(_run_one, [(s.to_dict(), options) for s in todo], args.jobs, collect)
     else:
         for s in todo:
-            bar.set_postfix_str(f"{s.method} {s.model} {s.target}", refresh=False)
-            spec_dict, error = _run_one((s.to_dict(), options))
-            if error:
-                failures.append((spec_dict, error))
-            bar.update(1)
+            t0 = time.perf_counter()
+            _, error = _run_one((s.to_dict(), options))
+            finished(s, error, time.perf_counter() - t0)
     bar.close()
     wall = time.perf_counter() - start
     from sparsebench.report import write_reports
 
     reports = write_reports(out, title=f"Leaderboard: {suite.name} suite")
     print(reports["text"])
-    print(f"wrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'leaderboard.html'}"
-          + (f", {reports['plot']}" if "plot" in reports else ""))
+    if reference is not None:
+        from sparsebench.report.compare import compare_text
+
+        print(compare_text(load_records(out), reference, args.compare))
+    print(_wrote(reports["files"], out))
+    print(f"open {reports['site'] / 'index.html'} in a browser for the sortable report")
     print(f"sweep wall time {wall:.1f} s for {len(todo)} runs")
     for spec_dict, error in failures:
         t = spec_dict["target"]
@@ -265,6 +291,60 @@ def cmd_sweep(args) -> int:
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
               f"seed {spec_dict['seed']}: {error}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _reference_records(compare: Optional[str], out: Path):
+    """The records of `--compare DIR`, or None; DIR must not be the output directory itself."""
+    if not compare:
+        return None
+    from sparsebench.store import load_records
+
+    if Path(compare).resolve() == out.resolve():
+        raise CliError(f"--compare {compare!r} is the output directory; compare against another results directory")
+    return load_records(Path(compare))
+
+
+def _human(seconds: float) -> str:
+    from sparsebench.runners.suite import human_seconds
+
+    return human_seconds(seconds)
+
+
+class _Bar:
+    """tqdm on a terminal, showing the phase-cost ETA instead of tqdm's run-rate guess."""
+
+    def __init__(self, total: int, name: str, eta):
+        from tqdm.auto import tqdm
+
+        self.eta = eta
+        self.bar = tqdm(total=total, desc=f"sweep {name}", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.bar.set_postfix_str(f"ETA {_human(eta.remaining())}")
+
+    def update(self, what: str) -> None:
+        self.bar.set_postfix_str(f"ETA {_human(self.eta.remaining())}, last {what}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Silent:
+    def update(self, what: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _sweep_progress(args, total: int, name: str, eta):
+    from sparsebench.runners.progress import PlainProgress
+
+    if args.quiet or not total:
+        return _Silent()
+    if sys.stderr.isatty():
+        return _Bar(total, name, eta)
+    return PlainProgress(total, name, eta, interval=args.progress_interval)
 
 
 def _check_data(specs, options) -> None:
@@ -314,6 +394,7 @@ def _dry_run(suite, specs, args) -> int:
           f"(time assumes {args.assume_tflops:g} TFLOP/s sustained training throughput)")
     print(f"{'run':<72} {'steps':>8} {'est.':>8}")
     dense_seen = set()
+    summary = {}
     for s in specs:
         key = (s.model, s.dataset, s.data.img_size, s.recipe.batch_size)
         if key not in cache:
@@ -328,13 +409,58 @@ def _dry_run(suite, specs, args) -> int:
         seconds = steps * cost["seconds_per_step"]
         total_seconds += seconds
         print(f"{s.run_id[:72]:<72} {steps:>8} {human_seconds(seconds):>8}")
+        per_pair = summary.setdefault((s.method + _args_label(s), s.model), [0, 0, 0.0])
+        per_pair[0] += 1
+        per_pair[1] += steps
+        per_pair[2] += seconds
     for method, model, reason in suite.skipped:
         print(f"skipped: {method} × {model} ({reason})")
-    print(f"total: {human_seconds(total_seconds)} estimated")
+    print()
+    print(f"{'method':<44} {'model':<22} {'runs':>5} {'steps':>9} {'est.':>8}")
+    for (method, model), (runs, steps, seconds) in sorted(summary.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{method[:44]:<44} {model[:22]:<22} {runs:>5} {steps:>9} {human_seconds(seconds):>8}")
+    print(f"total: {len(specs)} runs, {count_dense_checkpoints(specs)} dense checkpoints, "
+          f"{human_seconds(total_seconds)} estimated (dense pretraining counted in the first run of each checkpoint)")
     return 0
 
 
+def _args_label(spec) -> str:
+    """The method arguments a suite set (not the defaults `resolve` filled in), for the summary."""
+    from sparsebench.methods.base import METHODS, build_config, config_dict
+
+    try:
+        defaults = config_dict(build_config(METHODS.get(spec.method).factory, {}))
+    except Exception:          # noqa: BLE001 — an unknown default: show every argument
+        defaults = {}
+    changed = [f"{k}={v}" for k, v in spec.method_args if defaults.get(k, object()) != v]
+    return f"[{','.join(changed)}]" if changed else ""
+
+
 # --- reports, listing, flops ------------------------------------------------------------------
+def _wrote(files, root: Path) -> str:
+    """`wrote ...` naming every file, grouped by folder so a site's pages stay readable."""
+    groups = {}
+    for f in files:
+        f = Path(f)
+        groups.setdefault(str(f.parent), []).append(f.name)
+    parts = [f"{folder}/: {', '.join(names)}" for folder, names in groups.items()]
+    return f"wrote {len(files)} files: " + "; ".join(parts)
+
+
+def cmd_report(args) -> int:
+    from sparsebench.report.site import build_site
+    from sparsebench.store import load_records
+
+    records = load_records(Path(args.dir))
+    if not records:
+        print(f"sparsebench: warning: no run records in {args.dir!r}; the site says so", file=sys.stderr)
+    out = Path(args.out) if args.out else Path(args.dir) / "report"
+    files = build_site(records, out, title=args.title or f"sparsebench leaderboard: {Path(args.dir).name}")
+    print(_wrote(files, out))
+    print(f"open {out / 'index.html'} in a browser (no server needed)")
+    return 0
+
+
 def cmd_leaderboard(args) -> int:
     from sparsebench.report import display_table, leaderboard_of, to_markdown
 
@@ -515,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--weights", help="local pretrained weights file the dense checkpoint starts from")
     weights.add_argument("--pretrained", action="store_true",
                          help="start the dense checkpoint from the library hub's ImageNet weights (needs internet)")
+    p.add_argument("--measure", action="append", metavar="NAME=VALUE",
+                   help="measurement setting (rounds, min_run_time, dtype, channels_last, compile; repeatable)")
+    p.add_argument("--data", action="append", metavar="NAME=VALUE", help="data split setting (split_seed, workers)")
     p.add_argument("--force", action="store_true", help="re-run even if the record exists")
     _add_run_options(p, out_required=True)
     p.set_defaults(func=cmd_run)
@@ -524,6 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
+    p.add_argument("--rerun", "--force", action="store_true", dest="rerun",
+                   help="redo finished runs too (dense checkpoints stay cached; delete OUT/checkpoints to retrain)")
+    p.add_argument("--compare", metavar="DIR",
+                   help="after the sweep, print your top-1 and measured speedup against DIR's records "
+                        "(e.g. the committed reference results/quick)")
+    p.add_argument("--progress-interval", type=float, default=15.0,
+                   help="seconds between plain progress lines when output is not a terminal")
     p.add_argument("--assume-tflops", type=float, default=0.02,
                    help="sustained training TFLOP/s for --dry-run time estimates (2-core CPU ≈ 0.02, A100 ≈ 50)")
     _add_run_options(p, out_required=False)
@@ -534,6 +670,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("md", "csv", "html"), default="md")
     p.add_argument("--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("report", help="static HTML report (leaderboards, plots, run pages, protocol) from DIR's records")
+    p.add_argument("dir")
+    p.add_argument("--out", help="site folder (default DIR/report); open its index.html from disk")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("plot", help="accuracy vs MACs (or measured speedup) from the records in DIR")
     p.add_argument("dir")

@@ -1,4 +1,4 @@
-"""Errors every layer raises: the bottom layer, imported by every other."""
+"""The one error type for bad user input: the bottom layer, imported by every other."""
 
 
 class SpecError(ValueError):

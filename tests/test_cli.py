@@ -119,6 +119,22 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     assert code == 0 and "magnitude-global" in text and "l1-channel" in text
     code, text, _ = run_cli(capsys, "plot", str(out), "--output", str(tmp_path / "p.png"))
     assert code == 0 and (tmp_path / "p.png").stat().st_size > 10_000
+    # --rerun redoes finished runs; --compare prints the differences against a reference
+    import shutil
+
+    shutil.copytree(out / "records", tmp_path / "ref" / "records")
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--rerun", "--compare",
+                            str(tmp_path / "ref"), "--progress-interval", "0")
+    assert code == 0 and "6 runs, 6 already done, 6 to run" in text
+    assert [r.stat().st_mtime_ns for r in records[1:]] != mtimes[1:]
+    assert "estimated" in text and "from the reference records' measured step costs" in text
+    assert "[tiny] 6/6 runs" in text and "ETA" in text          # plain lines: capsys is not a terminal
+    assert "6 runs in common with" in text and "top1 ref" in text
+    written = [p for p in out.rglob("*") if p.is_file() and "records" not in p.parts and "checkpoints" not in p.parts
+               and not p.name.endswith(".lock")]
+    wrote = next(line for line in text.splitlines() if line.startswith("wrote "))
+    assert wrote.startswith(f"wrote {len(written)} files") and all(p.name in wrote for p in written)
+    assert (out / "report" / "index.html").is_file()
 
 
 def test_dry_run_lists_runs_and_cost(tmp_path, capsys):
@@ -127,6 +143,8 @@ def test_dry_run_lists_runs_and_cost(tmp_path, capsys):
     code, text, _ = run_cli(capsys, "sweep", str(suite), "--dry-run")
     assert code == 0 and "6 runs, 2 dense checkpoints" in text and "total:" in text
     assert text.count("__digits__") == 6
+    summary = text.split("method ", 1)[1].splitlines()
+    assert any(line.split()[:3] == ["l1-channel", "resnet20_tiny", "1"] for line in summary), summary
 
 
 def test_run_then_rerun_is_skipped(tmp_path, capsys):

@@ -144,8 +144,8 @@ def method_rows(record) -> List[dict]:
     from sparsebench.methods.baselines import unit_space
     from sparsebench.models import create_model, model_family
 
-    structure = record.get("structure") or {}
-    family = model_family(record["model"])
+    structure = record.structure or {}
+    family = model_family(record.model)
     if family == "vit" and "blocks" in structure:
         blocks = structure["summary"] if "summary" in structure else None
         if blocks is None:
@@ -159,10 +159,10 @@ def method_rows(record) -> List[dict]:
     else:
         return [_skip(record, "no unit structure in the record (not a compacted channel/head result)")]
     rows = []
-    for size_name in (record["model"], FULL_SIZE[family]):
-        img = record["data"]["img_size"] if size_name == record["model"] else 224
+    for size_name in (record.model, FULL_SIZE[family]):
+        img = record.data["img_size"] if size_name == record.model else 224
         torch.manual_seed(0)
-        dense = create_model(size_name, num_classes=record["data"]["num_classes"], img_size=img).cuda().eval()
+        dense = create_model(size_name, num_classes=record.data["num_classes"], img_size=img).cuda().eval()
         space = unit_space(dense, (3, img, img), "coupled")
         keep = [max(1, round(r * g.size)) for r, g in zip(scaled_keep(ratios, len(space.groups)), space.groups)]
         kept = []
@@ -175,22 +175,22 @@ def method_rows(record) -> List[dict]:
         timing = compare_latency(dense, compact, (3, img, img), LatencySettings(batch_sizes=BATCHES, rounds=6),
                                  torch.device("cuda"))
         for bs, t in timing.items():
-            rows.append({"method": record["method"], "found_on": record["model"], "timed_on": size_name,
-                         "img_size": img, "target": record["target"], "batch": int(bs),
+            rows.append({"method": record.method, "found_on": record.model, "timed_on": size_name,
+                         "img_size": img, "target": record.target_label, "batch": int(bs),
                          "theoretical_speedup": dense_macs / macs, **_speed(t)})
     return rows
 
 
 def _skip(record, why: str) -> dict:
-    return {"method": record["method"], "found_on": record["model"], "status": f"skipped: {why}"}
+    return {"method": record.method, "found_on": record.model, "status": f"skipped: {why}"}
 
 
 def method_cells(records_dir: Path) -> List[Cell]:
     from sparsebench.store.records import load_records
 
-    records = [r for r in load_records(records_dir) if r.get("method") in SEED_STRUCTURED and r.get("seed") == 0] \
+    records = [r for r in load_records(records_dir) if r.method in SEED_STRUCTURED and r.seed == 0] \
         if records_dir.exists() else []
-    return [Cell("methods", f"{r['method']} {r['model']} {r['target']}", lambda r=r: method_rows(r)) for r in records]
+    return [Cell("methods", f"{r.method} {r.model} {r.target_label}", lambda r=r: method_rows(r)) for r in records]
 
 
 def quick_cell(out: Path) -> Cell:

@@ -12,12 +12,16 @@ def leaderboard_of(results_dir: Path) -> Leaderboard:
     return Leaderboard.of(load_records(Path(results_dir)))
 
 
-def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
-    """Rebuild leaderboard.{md,csv,html} and the two plots in `results_dir` from its records."""
+def write_reports(results_dir: Path, title: str = "Leaderboard", site: bool = True) -> dict:
+    """Rebuild leaderboard.{md,csv,html}, the two plots and (with `site`) the static report
+    `report/` in `results_dir` from its records. `files` lists every file written."""
     from sparsebench.report.plots import plot
+    from sparsebench.report.runs import runs_frame, summarize
+    from sparsebench.report.site import build_site
 
     results_dir = Path(results_dir)
-    board = leaderboard_of(results_dir)
+    records = load_records(results_dir)
+    board = Leaderboard.of(records)
     agg = board.table
     paths = {}
     markdown = to_markdown(agg, title, board.excluded)
@@ -25,10 +29,16 @@ def write_reports(results_dir: Path, title: str = "Leaderboard") -> dict:
     atomic_write_text(results_dir / "leaderboard.csv", agg.to_csv(index=False))
     atomic_write_text(results_dir / "leaderboard.html", display_table(agg).to_html(index=False))
     paths["markdown"] = results_dir / "leaderboard.md"
+    files = [results_dir / "leaderboard.md", results_dir / "leaderboard.csv", results_dir / "leaderboard.html"]
     if not agg.empty:
-        paths["plot"] = plot(agg, results_dir / "accuracy_vs_flops.png", x="macs")
-        if agg["realizable"].any():
-            paths["speedup_plot"] = plot(agg, results_dir / "accuracy_vs_speedup.png", x="speedup")
+        summary = summarize(runs_frame(records))
+        paths["plot"] = plot(summary, results_dir / "accuracy_vs_flops.png", x="macs")
+        paths["speedup_plot"] = plot(summary, results_dir / "accuracy_vs_speedup.png", x="speedup")
+        files += [paths["plot"], paths["speedup_plot"]]
+    if site:
+        paths["site"] = results_dir / "report"
+        files += build_site(records, results_dir / "report", title=title)
+    paths["files"] = files
     paths["text"] = markdown
     return paths
 

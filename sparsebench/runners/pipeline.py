@@ -212,7 +212,7 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         outcome = method.run(ctx)
         _check_finite(outcome.model, "method")
     except Diverged as d:
-        diverged = d
+        diverged = _in_stage(d, "method")
     except AssertionError as e:
         # The compaction check (masked == compacted outputs) is the one assertion a method
         # reaches; a NaN there means the weights went non-finite before compaction.
@@ -223,6 +223,11 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
     # a resumed run adds the time its loaded fits took before the interruption
     wall = time.perf_counter() - start + (checkpoints.restored_seconds if checkpoints is not None else 0.0)
     return MethodStage(outcome, budget, ctx.budget.used, wall, diverged, ctx.compute.as_dict())
+
+
+def _in_stage(d: Diverged, stage: str) -> Diverged:
+    """The trainer's own non-finite-loss check knows no stage ("training"); name the stage it ran in."""
+    return Diverged(stage, d.reason) if d.stage == "training" else d
 
 
 # --- fine-tune --------------------------------------------------------------------------------

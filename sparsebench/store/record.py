@@ -247,7 +247,10 @@ def _nested(typ, value, where: str):
     if not isinstance(value, dict):
         raise RecordError(f"field {where!r} is {type(value).__name__}, expected an object")
     names = {f.name for f in dataclasses.fields(typ)}
-    missing = sorted(n for n in names if n not in value)
+    # fields with a default arrived later in schema 2 (cost.train_macs, cost.resumed_fits)
+    required = {f.name for f in dataclasses.fields(typ)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(n for n in required if n not in value)
     if missing:
         raise RecordError(f"missing field {where}.{missing[0]}")
     return typ(**{k: v for k, v in value.items() if k in names})

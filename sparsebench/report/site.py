@@ -1,0 +1,378 @@
+"""`sparsebench report DIR --out SITE`: a self-contained static site built from records only.
+
+    SITE/index.html              leaderboards per (model, dataset, device): sortable, filterable
+    SITE/protocol.html           what the numbers mean: budgets, splits, seeds, measurement, prunable set
+    SITE/runs/<run_id>.html      one run: numbers, spec, environment, kept structure, the command
+    SITE/plots/*.png, *.svg      accuracy vs MACs and vs measured speedup, per (model, dataset)
+    SITE/assets/site.{css,js}    copied from the package: no server, no CDN, opens from disk
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import pandas as pd
+
+from sparsebench.report.runs import (
+    FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
+)
+from sparsebench.store.record import RunRecord
+from sparsebench.store.records import atomic_write_bytes, atomic_write_text
+
+STATUS_HELP = {"ok": "met its target within the recorded tolerance", "missed_target": "achieved value outside the "
+               "tolerance: listed, not ranked", "diverged": "non-finite loss or weights: no result",
+               "failed": "the run raised an error: no result"}
+
+
+def esc(v) -> str:
+    return html.escape("" if v is None else str(v))
+
+
+def slug(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "__".join(parts)).strip("_")
+
+
+def _fmt(v, fmt: str, suffix: str = "") -> str:
+    f = as_float(v)
+    return "–" if f is None else format(f, fmt) + suffix
+
+
+def _pm(mean, ci, fmt: str) -> str:
+    m, c = as_float(mean), as_float(ci)
+    if m is None:
+        return "–"
+    return format(m, fmt) + ("" if c is None else f" ± {format(c, fmt)}")
+
+
+def _page(title: str, body: str, depth: int = 0) -> str:
+    up = "../" * depth
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title>
+<link rel="stylesheet" href="{up}assets/site.css">
+<script src="{up}assets/site.js" defer></script>
+</head><body>
+<header><h1>{esc(title)}</h1>
+<nav><a href="{up}index.html">Leaderboard</a><a href="{up}index.html#plots">Plots</a><a href="{up}protocol.html">Protocol</a></nav>
+</header>
+{body}
+<footer><p class="note">Built by <code>sparsebench report</code> from run records only.</p></footer>
+</body></html>
+"""
+
+
+# --- front page ---------------------------------------------------------------------------------
+COLUMNS = [  # (header, data-type, css class, title)
+    ("method", "text", "text", "method name, with the arguments that differ from its defaults"),
+    ("target", "text", "text", "sparsity=S: fraction of prunable weights zero; flops=F: MACs kept"),
+    ("sparsity", "num", "", "achieved sparsity of the prunable weights"),
+    ("FLOPs ratio", "num", "", "achieved realized MACs / dense MACs"),
+    ("top-1 (%)", "num", "", "test top-1, mean ± 95 % t-interval over seeds"),
+    ("top-5 (%)", "num", "", "test top-5 (datasets with more than 10 classes)"),
+    ("Δ dense", "num", "", "top-1 minus the shared dense checkpoint's"),
+    ("params", "num", "", "non-zero parameters"),
+    ("MMACs", "num", "", "MACs per image, millions (theoretical for masked runs)"),
+    ("theor. speedup", "num", "", "dense MACs / realized MACs"),
+    ("measured speedup", "num", "", "dense / realized latency at the throughput batch, with its 95 % interval"),
+    ("realizable", "text", "text", "runs faster through a real kernel or a smaller dense model"),
+    ("method steps", "num", "", "optimizer steps the method spent (search or sparse training)"),
+    ("method s", "num", "", "method wall time, seconds"),
+    ("fine-tune steps", "num", "", "the shared fine-tune's optimizer steps"),
+    ("status", "text", "text", "ok / missed_target / diverged / failed"),
+    ("seeds", "num", "", "seeds averaged"),
+    ("runs", None, "text", "one page per run"),
+]
+
+
+def _row(r: pd.Series) -> str:
+    speed = "not realizable" if r["realizable"] is False else "–"
+    speed_sort = ""
+    if as_float(r["measured_speedup"]) is not None:
+        speed = f"{r['measured_speedup']:.2f}×"
+        speed_sort = f"{r['measured_speedup']:.6g}"
+        if as_float(r["speedup_lo"]) is not None and as_float(r["speedup_hi"]) is not None:
+            speed += f" [{r['speedup_lo']:.2f}–{r['speedup_hi']:.2f}]"
+    realizable = {True: "yes", False: "no"}.get(r["realizable"], "–")
+    links = " ".join(f'<a href="runs/{esc(slug(rid))}.html">{esc(_seed_of(rid))}</a>' for rid in r["run_ids"])
+    cells = [
+        (f'<span title="{esc(r["method"])}">{esc(display_method(r["method"]))}</span>', r["method"]),
+        (r["target_label"], _target_sort(r)),
+        (_fmt(r["sparsity"], ".3f"), r["sparsity"]), (_fmt(r["flops"], ".3f"), r["flops"]),
+        (_pm(r["top1"], r["top1_ci"], ".2f"), r["top1"]), (_pm(r["top5"], r["top5_ci"], ".2f"), r["top5"]),
+        (_fmt(r["delta"], "+.2f"), r["delta"]), (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
+        (_fmt(as_float(r["macs"]) and r["macs"] / 1e6, ".3f"), r["macs"]),
+        (_fmt(r["theoretical_speedup"], ".2f", "×"), r["theoretical_speedup"]), (speed, speed_sort),
+        (realizable, realizable), (_fmt(r["method_steps"], ".0f"), r["method_steps"]),
+        (_fmt(r["method_seconds"], ".1f"), r["method_seconds"]), (_fmt(r["finetune_steps"], ".0f"), r["finetune_steps"]),
+        (f'<span class="status-{esc(r["status"])}" title="{esc(STATUS_HELP.get(r["status"], ""))}">'
+         f'{esc(r["status"])}</span>' + (f' <small>{esc(r["errors"])}</small>' if r["errors"] else ""), r["status"]),
+        (str(r["seeds"]), r["seeds"]), (links, None),
+    ]
+    tds = []
+    for (text, sort), (_, _, cls, _) in zip(cells, COLUMNS):
+        sort_attr = "" if sort is None or as_float(sort) is None and not isinstance(sort, str) else \
+            f' data-sort="{esc(sort if isinstance(sort, str) else format(float(sort), ".9g"))}"'
+        content = text if text.startswith("<") or "<a " in text else esc(text)
+        tds.append(f'<td class="{cls}"{sort_attr}>{content}</td>')
+    dense = ' class="dense"' if r["target_kind"] == "none" else ""
+    return (f'<tr{dense} data-method="{esc(r["method"])}" data-target="{esc(r["target_label"])}" '
+            f'data-status="{esc(r["status"])}">' + "".join(tds) + "</tr>")
+
+
+def _seed_of(run_id: str) -> str:
+    m = re.search(r"__s(\d+)__", run_id)
+    return f"s{m.group(1)}" if m else run_id
+
+
+def _target_sort(r) -> str:
+    kind = {"none": 0, "sparsity": 1, "flops": 2}.get(r["target_kind"], 3)
+    value = as_float(r["target"]) or 0.0
+    return f"{kind}:{value:.4f}"
+
+
+def _select(name: str, values: Iterable[str]) -> str:
+    text = display_method if name == "method" else str
+    options = "".join(f'<option value="{esc(v)}">{esc(text(v))}</option>' for v in values)
+    return (f'<label>{esc(name)} <select data-filter="{esc(name)}" id="filter-{esc(name)}">'
+            f'<option value="">all</option>{options}</select></label>')
+
+
+def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records: int, title: str,
+           svg: bool = True) -> str:
+    parts = [f'<p class="note">{n_records} run records. Each table is one (model, dataset, device): latencies of '
+             'different devices are never averaged together. Click a column header to sort; choose a method, target '
+             'or status to filter. Top-1 is mean ± 95 % t-interval over seeds (no interval with one seed); the '
+             'measured-speedup interval is the t-interval over seeds, or the run\'s bootstrap interval with one '
+             'seed. Runs that missed their target, diverged or failed are listed with their status and never '
+             'enter an "ok" row. What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
+    if summary.empty:
+        parts.append('<p id="empty">No run records with a result in this directory: nothing to rank yet.</p>')
+        return _page(title, "\n".join(parts))
+    parts.append('<div class="filters">' + _select("method", sorted(summary["method"].unique()))
+                 + _select("target", sorted(summary["target_label"].unique(), key=_label_key))
+                 + _select("status", [s for s in ("ok", "missed_target", "diverged", "failed")
+                                      if s in set(summary["status"])]) + "</div>")
+    head = "".join(
+        f'<th class="{cls}"' + (f' data-type="{typ}"' if typ else "") + f' title="{esc(tip)}">{esc(name)}</th>'
+        for name, typ, cls, tip in COLUMNS)
+    for i, ((dataset, model, device), part) in enumerate(summary.groupby(["dataset", "model", "device"], sort=False)):
+        tid = f"board-{i}"
+        parts.append(f'<h2 id="{esc(slug(model, dataset, device))}">{esc(model)} on {esc(dataset)} · {esc(device)}'
+                     f'<span class="count" id="{tid}-count"></span></h2>')
+        rows = "\n".join(_row(r) for _, r in part.iterrows())
+        parts.append(f'<div class="scroll"><table class="board" id="{tid}" data-rows="{len(part)}"><thead><tr>{head}'
+                     f'</tr></thead><tbody>\n{rows}\n</tbody></table></div>')
+    if summary["method"].str.contains("skip_first=False|skip_last=False").any():
+        parts.append('<p class="note">† pruned the input layer (first conv / patch embedding) and the classifier '
+                     'too (<code>skip_first=False, skip_last=False</code>): these records predate today\'s default, '
+                     'which leaves both dense. Hover a method for its full label.</p>')
+    parts.append('<h2 id="plots">Plots</h2><p class="note">Colour: method family ('
+                 + "".join(f'<span class="swatch" style="background:{c}"></span>{esc(f)}'
+                           for f, c in _family_colors().items() if f != "other")
+                 + '). Hollow markers: masked runs (theoretical MACs); filled: compacted runs (real MACs). The '
+                 'Pareto front is labelled by its methods; runs below the y floor are named in the panel. '
+                 'Each plot is also an SVG.</p><div class="plots">')
+    for (dataset, model), files in plots.items():
+        for kind, name in files.items():
+            if name.endswith(".png"):
+                img = (f'<img src="{esc(name)}" alt="{esc(model)} on {esc(dataset)}: accuracy vs {esc(kind)}">')
+                link = name[:-4] + ".svg" if svg else name
+                parts.append(f'<h3>{esc(model)} on {esc(dataset)}: accuracy vs {esc(kind)}</h3>'
+                             f'<a href="{esc(link)}">{img}</a>')
+    parts.append("</div>")
+    return _page(title, "\n".join(parts))
+
+
+def _family_colors() -> Dict[str, str]:
+    from sparsebench.report.plots import FAMILY_COLORS
+
+    return FAMILY_COLORS
+
+
+def _label_key(label: str):
+    kind, _, value = label.partition("=")
+    return ({"dense": 0, "sparsity": 1, "flops": 2}.get(kind, 3), -(as_float(value) or 0))
+
+
+# --- run page -----------------------------------------------------------------------------------
+def _kv(items: Dict[str, object]) -> str:
+    return '<dl class="kv">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items.items()) + "</dl>"
+
+
+def _run_page(record: RunRecord, row: Dict[str, object]) -> str:
+    d = run_details(record)
+    numbers = {
+        "status": f"{row['status']} ({STATUS_HELP.get(row['status'], '')})",
+        "target": row["target_label"], "tolerance": d["tolerance"] or "–",
+        "achieved sparsity": _fmt(row["sparsity"], ".4f"), "achieved FLOPs ratio": _fmt(row["flops"], ".4f"),
+        "test top-1 (%)": _fmt(row["top1"], ".2f"), "test top-5 (%)": _fmt(row["top5"], ".2f"),
+        "dense top-1 (%)": _fmt(row["dense_top1"], ".2f"), "non-zero params": _fmt(row["params"], ".0f"),
+        "MACs": f"{_fmt(row['macs'], '.0f')} ({row['macs_is'] or '–'}) of {_fmt(row['macs_dense'], '.0f')} dense",
+        "theoretical speedup": _fmt(row["theoretical_speedup"], ".2f", "×"),
+        "measured speedup": _fmt(row["measured_speedup"], ".3f", "×") + (
+            f" [{row['speedup_lo']:.3f}–{row['speedup_hi']:.3f}]" if as_float(row["speedup_lo"]) is not None else ""),
+        "realization": json.dumps(d["realization"]) if d["realization"] else "–",
+        "method cost": f"{row['method_steps']} steps of {row['method_budget_steps']} budget, "
+                       f"{row['method_seconds']:.1f} s",
+        "fine-tune": f"{row['finetune_steps']} steps, {row['finetune_seconds']:.1f} s",
+        "dense pretrain": f"{row['pretrain_steps']} steps, {row['pretrain_seconds']:.1f} s",
+        "prunable set": json.dumps(d["prunable"]) if d["prunable"] else "–",
+        "created": d["created"], "schema": d["schema"],
+    }
+    if d["error"]:
+        numbers["error"] = d["error"]
+    structure = kept_structure(d["structure"])
+    struct_html = ("<p>No kept structure in this record: masked runs store no per-layer masks; their sparsity is "
+                   "stated over the prunable set above.</p>" if not structure else
+                   '<table><thead><tr><th class="text">unit</th><th>kept</th><th>of</th></tr></thead><tbody>'
+                   + "".join(f'<tr><td class="text">{esc(s["unit"])}</td><td>{esc(s["kept"])}</td>'
+                             f'<td>{esc(s["of"] if s["of"] is not None else "–")}</td></tr>' for s in structure)
+                   + "</tbody></table>")
+    history = (d["notes"] or {}).get("prune_history")
+    if history:
+        struct_html += ('<h3>Sparsity schedule (from the record\'s notes)</h3><table><thead><tr><th>step</th>'
+                        '<th>target</th><th>sparsity</th></tr></thead><tbody>'
+                        + "".join(f'<tr><td>{h.get("step")}</td><td>{_fmt(h.get("target"), ".4f")}</td>'
+                                  f'<td>{_fmt(h.get("sparsity"), ".4f")}</td></tr>' for h in history)
+                        + "</tbody></table>")
+    body = f"""
+<p class="note">{esc(row['method'])} on {esc(row['model'])} / {esc(row['dataset'])}, {esc(row['target_label'])}, seed {row['seed']} · {esc(row['device'])}</p>
+<h2>Reproduce</h2>
+<pre id="command">{esc(reproduce_command(record))}</pre>
+<p class="note">Same spec as this record (same hash) when run with the same sparsebench version; the dense
+checkpoint is trained on first use and cached under the output directory.</p>
+<h2>Numbers</h2>{_kv(numbers)}
+<h2>Kept structure / per-layer sparsity</h2>{struct_html}
+<h2>Spec</h2><pre>{esc(json.dumps(d['spec'], indent=2, sort_keys=True))}</pre>
+<h2>Environment</h2>{_kv(d['environment'])}
+<h2>Code version</h2>{_kv(d['code_version'])}
+<h2>Data and selection</h2><pre>{esc(json.dumps({'data': d['data'], 'selection': d['selection'],
+                                                  'dense_checkpoint': d['dense_checkpoint']}, indent=2, sort_keys=True))}</pre>
+<h2>Latency</h2><pre>{esc(json.dumps(d['latency'], indent=2, sort_keys=True))}</pre>
+<h2>Notes</h2><pre>{esc(json.dumps(d['notes'], indent=2, sort_keys=True, default=str)[:20000])}</pre>
+"""
+    return _page(f"Run {record.run_id}", body, depth=1)
+
+
+# --- protocol -----------------------------------------------------------------------------------
+def _protocol(runs: pd.DataFrame, records: List[RunRecord]) -> str:
+    recipes, splits, measures, seeds, policies = {}, {}, {}, set(), {}
+    for r in records:
+        recipes.setdefault((r.model, r.dataset), r.spec.get("recipe", {}))
+        data = r.data or {}
+        splits.setdefault(r.dataset, {k: data.get(k) for k in ("n_train", "n_val", "n_test", "val_fraction",
+                                                               "split_seed", "img_size", "source")})
+        measures.setdefault(r.device, r.spec.get("measure", {}))
+        seeds.add(r.seed)
+        if r.prunable is not None:
+            args = r.method_args
+            policy = r.prunable.policy
+            if policy == "unknown":
+                policy = ("every conv/linear, input layer and classifier included (skip_first=False, "
+                          "skip_last=False)" if args.get("skip_first") is False else "not recorded (schema 1)")
+            policies.setdefault(policy, set()).add(r.method)
+
+    def table(header: List[str], rows: List[List[object]]) -> str:
+        return ("<table><thead><tr>" + "".join(f'<th class="text">{esc(h)}</th>' for h in header) + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f'<td class="text">{esc(c)}</td>' for c in row) + "</tr>" for row in rows)
+                + "</tbody></table>")
+
+    recipe_rows = [[m, d, rc.get("batch_size"), rc.get("pretrain_epochs"), rc.get("search_epochs"),
+                    rc.get("finetune_epochs"), rc.get("optimizer"), rc.get("lr"), rc.get("finetune_lr")]
+                   for (m, d), rc in sorted(recipes.items())]
+    split_rows = [[d, *s.values()] for d, s in sorted(splits.items())]
+    measure_rows = [[dev, m.get("batch_sizes"), m.get("threads"), m.get("rounds"), m.get("min_run_time"),
+                     m.get("dtype"), m.get("compile")] for dev, m in sorted(measures.items())]
+    policy_rows = [[p, ", ".join(sorted(ms))] for p, ms in sorted(policies.items())]
+    body = f"""
+<p class="note">What every number on the leaderboard means, and how it was obtained. The values in the tables
+are read from the records of this report.</p>
+<h2>Budgets</h2>
+<p>For each (model, dataset, seed) one <b>dense checkpoint</b> is trained once (pretrain epochs) and cached by the
+hash of what decides it; every method that starts from a trained model starts from that file, and its test accuracy
+is the dense reference (Δ dense). Methods that prune a trained model get <b>search epochs</b> of optimizer steps;
+methods that train sparse from scratch (and <code>dense-small</code>) get the pretrain budget, so with the shared
+fine-tune nobody gets free epochs. The trainer enforces the budget; steps and wall time are recorded (method steps
+and seconds on the leaderboard). Every method is then <b>fine-tuned with the same recipe and steps</b>, masks held on
+weights, gradients and optimizer state.</p>
+{table(["model", "dataset", "batch", "pretrain epochs", "search epochs", "fine-tune epochs", "optimizer", "lr", "fine-tune lr"], recipe_rows)}
+<h2>Splits and selection</h2>
+<p>A validation split is carved from train (stratified, seeded); model selection uses it only, and the test split is
+evaluated <b>once</b>, at the end. Accuracy is the sum of correct over the sum of samples; top-5 is reported when
+there are more than 10 classes.</p>
+{table(["dataset", "train", "val", "test", "val fraction", "split seed", "image size", "source"], split_rows)}
+<h2>Seeds</h2>
+<p>Seeds in these records: {esc(", ".join(str(s) for s in sorted(seeds)) or "none")}. A seed pairs runs across methods:
+the same dense checkpoint and the same data order. Means are over seeds with a 95 % t-interval; with one seed there
+is no interval on accuracy, so read single-seed differences of a point or two as noise.</p>
+<h2>Targets and status</h2>
+<p><code>sparsity=S</code>: the fraction of prunable weights that are zero (unstructured methods).
+<code>flops=F</code>: the fraction of dense MACs kept (structured methods; <code>flops=0.5</code> is 2× theoretical).
+Each record stores the target and the achieved values and a tolerance; a run whose achieved value falls outside it is
+<code>missed_target</code>, a run with a non-finite loss is <code>diverged</code>, a run that raised is <code>failed</code>.
+Only <code>ok</code> runs are ranked and plotted; the others are listed with their status.</p>
+<h2>Prunable set</h2>
+<p>Sparsity is stated over the prunable set: the conv and linear weights a method may touch. By default unstructured
+methods leave the model card's <b>first conv (input layer) and classifier dense</b>; records say which policy they used
+(older, schema-1 records predate the policy field; the quick suite's were run with
+<code>skip_first=False, skip_last=False</code>, i.e. every conv/linear pruned).</p>
+{table(["policy", "methods"], policy_rows)}
+<h2>Measurement</h2>
+<p><b>MACs</b> are counted at the dispatcher level with attention matmuls included; FLOPs = 2 × MACs. Masked runs
+count non-zero weights × output positions (<i>theoretical</i>; hollow markers in the plots); compacted runs count the
+smaller model (<i>real</i>; filled markers). <b>Theoretical speedup</b> = dense MACs / realized MACs.
+<b>Measured speedup</b> = dense latency / realized latency, both timed in the same process on the same device and
+input, eval and inference mode, warm-up, alternating timed blocks, median, at batch 1 and a throughput batch (the
+leaderboard shows the throughput batch) with a bootstrap 95 % interval. Plain unstructured masks are
+<b>not realizable</b>: no kernel makes their zeros faster here, so no speedup is made up for them. The dense row
+times the dense model against a copy of itself: its distance from 1.00× is the timing noise left.</p>
+{table(["device", "batch sizes", "threads", "rounds", "seconds per block", "dtype", "compile"], measure_rows)}
+"""
+    return _page("Protocol: what the numbers mean", body)
+
+
+# --- build --------------------------------------------------------------------------------------
+def build_site(records: Iterable[RunRecord], out: Path, title: str = "sparsebench leaderboard",
+               svg: bool = True) -> List[Path]:
+    """Write the site under `out`; returns every file written. `svg`: each plot also as SVG."""
+    from sparsebench.report.plots import plot
+
+    out = Path(out)
+    records = sorted(records, key=lambda r: r.run_id)
+    runs = runs_frame(records)
+    summary = summarize(runs)
+    written: List[Path] = []
+
+    def write(rel: str, text: str) -> None:
+        atomic_write_text(out / rel, text)
+        written.append(out / rel)
+
+    for name in ("site.css", "site.js"):
+        data = resources.files("sparsebench.report").joinpath("assets", name).read_bytes()
+        atomic_write_bytes(out / "assets" / name, data)
+        written.append(out / "assets" / name)
+    plots: Dict[tuple, Dict[str, str]] = {}
+    if not summary.empty:
+        for (dataset, model), part in summary.groupby(["dataset", "model"], sort=True):
+            files = {}
+            for kind, x in (("MACs", "macs"), ("measured speedup", "speedup")):
+                rel = f"plots/{slug(dataset, model)}__{x}.png"
+                plot(part, out / rel, x=x, formats=("svg",) if svg else ())
+                written += [out / rel] + ([(out / rel).with_suffix(".svg")] if svg else [])
+                files[kind] = rel
+            plots[(dataset, model)] = files
+    write("index.html", _index(summary, plots, len(records), title, svg))
+    write("protocol.html", _protocol(runs, records))
+    by_id = {r["run_id"]: r for r in runs.to_dict("records")} if not runs.empty else {}
+    for record in records:
+        write(f"runs/{slug(record.run_id)}.html", _run_page(record, by_id[record.run_id]))
+    return written
+
+
+__all__ = ["FAMILIES", "build_site"]

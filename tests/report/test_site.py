@@ -1,0 +1,190 @@
+"""The static report built from the committed quick-suite records: opened in headless
+Chromium, its tables have the right rows, sort and filter; its plots load; its links
+resolve; its console stays clean; every run page's command reproduces the run's spec."""
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = ROOT / "results" / "quick"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    from sparsebench.report.site import build_site
+    from sparsebench.store import load_records
+
+    out = tmp_path_factory.mktemp("site")
+    build_site(load_records(QUICK), out, svg=False)
+    return out
+
+
+def expected_rows():
+    """(model) -> distinct (method, its arguments, target) in the raw record files."""
+    rows = Counter()
+    for path in (QUICK / "records").glob("*.json"):
+        d = json.loads(path.read_text())
+        rows[d["model"]] += 0
+        rows[(d["model"], d["method"], json.dumps(d["spec"]["method_args"], sort_keys=True),
+              d["target"]["kind"], d["target"]["value"])] += 1
+    per_model = Counter(k[0] for k in rows if isinstance(k, tuple))
+    return per_model
+
+
+def chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        pytest.skip("headless Chromium not installed (Debian: apt-get update && apt-get install -y chromium)")
+    return exe
+
+
+PROBE = """
+<script>
+window.addEventListener("load", function () {
+  var out = {tables: {}, images: [], sorted: null, filtered: {}, counts: {}};
+  document.querySelectorAll("table.board").forEach(function (t) {
+    out.tables[t.id] = t.tBodies[0].rows.length;
+  });
+  document.querySelectorAll("img").forEach(function (img) {
+    out.images.push([img.getAttribute("src"), img.complete && img.naturalWidth > 0]);
+  });
+  var table = document.getElementById("board-0");
+  var th = Array.prototype.find.call(table.tHead.rows[0].cells, function (c) { return c.textContent === "top-1 (%)"; });
+  var col = Array.prototype.indexOf.call(table.tHead.rows[0].cells, th);
+  th.click(); th.click();    // second click: descending
+  out.sortDir = th.getAttribute("aria-sort");
+  out.sorted = Array.prototype.map.call(table.tBodies[0].rows, function (r) {
+    return parseFloat(r.cells[col].getAttribute("data-sort"));
+  });
+  var method = document.getElementById("filter-method");
+  method.value = "l1-channel";
+  method.dispatchEvent(new Event("change"));
+  document.querySelectorAll("table.board").forEach(function (t) {
+    out.filtered[t.id] = Array.prototype.filter.call(t.tBodies[0].rows, function (r) { return !r.hidden; })
+      .map(function (r) { return r.getAttribute("data-method") + " " + r.getAttribute("data-target"); });
+    out.counts[t.id] = document.getElementById(t.id + "-count").textContent;
+  });
+  var target = document.getElementById("filter-target");
+  target.value = "flops=0.25";
+  target.dispatchEvent(new Event("change"));
+  out.both = Array.prototype.filter.call(table.tBodies[0].rows, function (r) { return !r.hidden; }).length;
+  var status = document.getElementById("filter-status");
+  method.value = ""; target.value = ""; status.value = "ok";
+  status.dispatchEvent(new Event("change"));
+  out.statusOk = Array.prototype.filter.call(table.tBodies[0].rows, function (r) { return !r.hidden; }).length;
+  out.errors = window.__errors;
+  var pre = document.createElement("pre");
+  pre.id = "probe-result";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+CATCH = ('<script>window.__errors = []; window.addEventListener("error", function (e) {'
+         ' window.__errors.push(e.message || ("failed to load " + (e.target && (e.target.src || e.target.href)))); },'
+         ' true);</script>')
+
+
+def dump_dom(exe: str, page: Path):
+    proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
+                           "--allow-file-access-from-files", "--virtual-time-budget=5000", "--dump-dom",
+                           page.as_uri()], capture_output=True, text=True, timeout=120)
+    return proc.stdout, proc.stderr
+
+
+def test_front_page_in_chromium_sorts_filters_and_loads_plots(site):
+    exe = chromium()
+    html = (site / "index.html").read_text()
+    probe = site / "probe.html"
+    probe.write_text(html.replace("<head>", "<head>" + CATCH, 1).replace("</body>", PROBE + "</body>", 1))
+    try:
+        dom, log = dump_dom(exe, probe)
+    finally:
+        probe.unlink()
+    found = re.search(r'<pre id="probe-result">(.*?)</pre>', dom, re.S)
+    assert found, f"probe did not run; chromium said:\n{log[-2000:]}"
+    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+
+    expected = expected_rows()
+    assert sorted(result["tables"].values()) == sorted(expected.values()) == [17, 17]
+    assert result["images"] and all(ok for _, ok in result["images"]), result["images"]
+    assert result["sortDir"] == "descending"
+    values = [v for v in result["sorted"] if v is not None]
+    assert values == sorted(values, reverse=True) and len(values) == 17
+    for tid, rows in result["filtered"].items():
+        assert rows and all(r.startswith("l1-channel ") for r in rows), rows
+        assert result["counts"][tid] == f"{len(rows)} of 17 rows"
+    assert result["both"] == 1
+    assert result["statusOk"] == 17             # every committed run met its target
+    assert result["errors"] == []
+    console = [line for line in log.splitlines() if "CONSOLE" in line]
+    assert not console, console
+
+
+def test_every_link_and_image_resolves(site):
+    pages = list(site.rglob("*.html"))
+    assert len(pages) == 2 + len(list((QUICK / "records").glob("*.json")))
+    for page in pages:
+        text = page.read_text()
+        for ref in re.findall(r'(?:href|src)="([^"]+)"', text):
+            url = urlparse(ref)
+            assert not url.scheme and not url.netloc, f"{page.name}: external reference {ref}"   # no CDN
+            if not url.path:
+                continue
+            target = (page.parent / unquote(url.path)).resolve()
+            assert target.is_file(), f"{page.relative_to(site)} -> {ref}"
+            if url.fragment:
+                assert f'id="{url.fragment}"' in target.read_text(), f"{page.name} -> {ref}"
+
+
+def test_run_pages_give_the_command_that_reproduces_the_spec(site):
+    from sparsebench.cli import _spec_from_args, build_parser
+    from sparsebench.runners.pipeline import resolve
+    from sparsebench.store import load_records
+
+    import html as htmllib
+
+    for record in load_records(QUICK):
+        page = (site / "runs" / f"{record.run_id}.html").read_text()
+        command = htmllib.unescape(re.search(r'<pre id="command">(.*?)</pre>', page, re.S).group(1))
+        argv = shlex.split(command)
+        assert argv[:2] == ["sparsebench", "run"]
+        spec = resolve(_spec_from_args(build_parser().parse_args(argv[1:])))
+        assert spec.hash == record.spec_hash, command
+
+
+def test_protocol_page_says_what_the_numbers_mean(site):
+    text = (site / "protocol.html").read_text()
+    for words in ("Budgets", "Splits and selection", "Seeds", "Prunable set", "Measurement", "not realizable",
+                  "first conv (input layer) and classifier dense", "1211"):
+        assert words in text, words
+
+
+def test_site_of_an_empty_directory_says_so(tmp_path):
+    from sparsebench.report.site import build_site
+
+    files = build_site([], tmp_path / "site")
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert 'id="empty"' in index and (tmp_path / "site" / "protocol.html") in files
+
+
+def test_report_command_writes_the_site_and_lists_every_file(tmp_path, capsys):
+    from sparsebench.cli import main
+
+    records = tmp_path / "res" / "records"
+    records.mkdir(parents=True)
+    for path in sorted((QUICK / "records").glob("dense__*.json")):
+        shutil.copy(path, records / path.name)
+    assert main(["report", str(tmp_path / "res"), "--out", str(tmp_path / "site")]) == 0
+    out = capsys.readouterr().out
+    written = [p for p in (tmp_path / "site").rglob("*") if p.is_file()]
+    assert out.startswith(f"wrote {len(written)} files")
+    for p in written:
+        assert p.name in out
