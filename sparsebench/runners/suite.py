@@ -67,21 +67,44 @@ def recipe_for(family: str, overrides: Dict[str, Any], family_overrides: Dict[st
     return _dataclass_from(Recipe, base, "recipe")
 
 
-def _method_entries(raw) -> List[Tuple[str, Dict[str, Any]]]:
+ENTRY_KEYS = ("name", "args", "models", "targets")
+
+
+def _method_entries(raw) -> List[Tuple[str, Dict[str, Any], Optional[list], Optional[dict]]]:
+    """(name, args, models, targets) per entry; models/targets None: the suite's.
+
+    An entry may narrow the suite for one method, e.g. a costly method on one model or at
+    one target: `{name: gap-parallel, models: [resnet20_tiny], targets: {sparsity: [0.9]}}`.
+    """
     if not isinstance(raw, list) or not raw:
         raise SpecError("suite key 'methods' must be a non-empty list")
     out = []
     for item in raw:
         if isinstance(item, str):
-            out.append((item, {}))
+            out.append((item, {}, None, None))
         elif isinstance(item, dict) and "name" in item:
-            extra = set(item) - {"name", "args"}
+            extra = set(item) - set(ENTRY_KEYS)
             if extra:
-                raise SpecError(f"method entry {item!r}: unknown key {sorted(extra)[0]!r}; allowed: name, args")
-            out.append((item["name"], dict(item.get("args") or {})))
+                raise SpecError(f"method entry {item!r}: unknown key {sorted(extra)[0]!r}; allowed: {', '.join(ENTRY_KEYS)}")
+            models = item.get("models")
+            if models is not None and (not isinstance(models, list) or not models):
+                raise SpecError(f"method entry {item['name']!r}: 'models' must be a non-empty list, got {models!r}")
+            targets = _targets(item["targets"], f"method entry {item['name']!r}: targets") if "targets" in item else None
+            out.append((item["name"], dict(item.get("args") or {}), models, targets))
         else:
             raise SpecError(f"bad method entry {item!r}; expected a name or {{name: ..., args: {{...}}}}")
     return out
+
+
+def _targets(raw, where: str) -> Dict[str, List[Target]]:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{where} must map sparsity/flops to lists, got {raw!r}")
+    targets = {}
+    for kind, values in raw.items():
+        if not isinstance(values, list):
+            raise SpecError(f"{where}.{kind} must be a list, got {values!r}")
+        targets[kind] = [Target(kind, v) for v in values]
+    return targets
 
 
 def _list(raw: Dict[str, Any], key: str) -> list:
@@ -121,14 +144,12 @@ def expand(raw: Dict[str, Any]) -> Suite:
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise SpecError(f"suite key 'seeds' must be a list of integers, got {seeds!r}")
-    targets_raw = raw.get("targets") or {}
-    if not isinstance(targets_raw, dict):
-        raise SpecError(f"suite key 'targets' must map sparsity/flops to lists, got {targets_raw!r}")
-    targets = {}
-    for kind, values in targets_raw.items():
-        if not isinstance(values, list):
-            raise SpecError(f"targets.{kind} must be a list, got {values!r}")
-        targets[kind] = [Target(kind, v) for v in values]
+    suite_targets = _targets(raw.get("targets") or {}, "suite key 'targets'")
+    entry_models = {m for _, _, only, _ in methods for m in (only or [])}
+    stray = sorted(entry_models - set(models))
+    if stray:
+        raise SpecError(f"a method entry names model {stray[0]!r}, which is not in the suite's models; "
+                        f"allowed: {', '.join(models)}")
     data = _dataclass_from(DataSpec, raw.get("data") or {}, "data")
     measure = _dataclass_from(MeasureSpec, raw.get("measure") or {}, "measure")
     pretrained = raw.get("pretrained") or {}
@@ -138,7 +159,10 @@ def expand(raw: Dict[str, Any]) -> Suite:
         family = model_family(model)
         recipe = recipe_for(family, raw.get("recipe") or {}, raw.get("recipes") or {})
         probe = create_model(model, num_classes=10, img_size=data.img_size or 32)
-        for name, args in methods:
+        for name, args, only_models, entry_targets in methods:
+            if only_models is not None and model not in only_models:
+                continue
+            targets = entry_targets if entry_targets is not None else suite_targets
             method = validate(RunSpec(method=name, model=model, dataset=datasets[0],
                                       method_args=tuple(sorted(args.items())),
                                       target=_any_target(METHODS.get(name).factory, args)))

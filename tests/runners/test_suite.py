@@ -6,15 +6,32 @@ from sparsebench.runners.suite import expand, load_suite
 
 def test_quick_suite_expands_with_family_recipes():
     suite = load_suite("benchmarks/quick.yaml")
-    # 34 + rigl, set, gap-cyclic, gap-parallel × 2 models × 2 sparsities + pass (CNN only) and ofb (ViT only) × 2 flops
-    assert len(suite.specs) == 54
+    # 34 + rigl, set, gap-cyclic × 2 sparsities and gap-parallel at 0.9 on the CNN + pass (CNN only) and ofb
+    # (ViT only) × 2 flops
+    assert len(suite.specs) == 45
     assert sorted((m, model) for m, model, _ in suite.skipped) == [("ofb", "resnet20_tiny"), ("pass", "vit_cifar_tiny")]
     vit = [s for s in suite.specs if s.model == "vit_cifar_tiny"]
     cnn = [s for s in suite.specs if s.model == "resnet20_tiny"]
     assert {s.recipe.optimizer for s in vit} == {"adamw"} and {s.recipe.pretrain_epochs for s in vit} == {30}
     assert {s.recipe.optimizer for s in cnn} == {"sgd"} and {s.recipe.pretrain_epochs for s in cnn} == {15}
     assert sum(s.method == "dense" for s in suite.specs) == 2
-    assert len({s.run_id for s in suite.specs}) == 54
+    assert len({s.run_id for s in suite.specs}) == 45
+    assert {(s.model, s.target.value) for s in suite.specs if s.method == "gap-parallel"} == {("resnet20_tiny", 0.9)}
+
+
+def test_a_method_entry_narrows_models_and_targets():
+    raw = {"methods": ["random", {"name": "gmp", "models": ["resnet20_tiny"], "targets": {"sparsity": [0.8]}}],
+           "models": ["resnet20_tiny", "vit_cifar_tiny"], "datasets": ["digits"], "targets": {"sparsity": [0.5, 0.9]}}
+    suite = expand(raw)
+    assert sorted((s.method, s.model, s.target.value) for s in suite.specs) == [
+        ("gmp", "resnet20_tiny", 0.8), ("random", "resnet20_tiny", 0.5), ("random", "resnet20_tiny", 0.9),
+        ("random", "vit_cifar_tiny", 0.5), ("random", "vit_cifar_tiny", 0.9)]
+    raw["methods"][1]["models"] = ["resnet56_tiny"]
+    with pytest.raises(SpecError, match="'resnet56_tiny', which is not in the suite's models"):
+        expand(raw)
+    raw["methods"][1] = {"name": "gmp", "targets": [0.8]}
+    with pytest.raises(SpecError, match="targets must map"):
+        expand(raw)
 
 
 @pytest.mark.parametrize("path", ["benchmarks/cifar.yaml", "benchmarks/transfer.yaml"])
