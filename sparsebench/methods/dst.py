@@ -1,9 +1,18 @@
-"""Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune").
+"""Mask-based sparse training: GMP, RigL and SET.
+
+**GMP** — gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune").
 
 Training starts dense. At t = t0, t0+Δt, ..., t0+nΔt the sparsity is raised along a cubic
 schedule, s_t = s_f + (s_i − s_f)·(1 − (t − t0)/(nΔt))³, and the smallest-|w| weights are
 masked (per layer, or globally). Pruned weights stay zero; the learning rate keeps
 decaying after the pruning window. The harness fine-tune, masks fixed, follows.
+
+**RigL** (Evci et al. 2020, "Rigging the Lottery") and **SET** (Mocanu et al. 2018) train
+sparse from scratch at constant per-layer density, starting from random ERK masks. Every
+ΔT steps while t < T_end, each layer drops k = ⌊f(t)·n_active⌋ of its smallest-|w| weights
+and grows k: RigL by the largest dense-gradient magnitude, SET at random. f is RigL's
+cosine f(t) = α/2·(1 + cos(π t / T_end)); grown weights start at 0 with zeroed optimizer
+state. The machinery (`DynamicSparsity`, `prune_and_grow`) lives in `training.masks`.
 """
 from __future__ import annotations
 
@@ -15,7 +24,8 @@ import torch
 from sparsebench.errors import SpecError
 from sparsebench.training.trainer import Trainer, TrainerHook
 from sparsebench.training.masks import (
-    MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights,
+    DynamicSparsity, MaskSet, global_topk_masks, initial_masks, keep_counts, layer_densities, layerwise_topk_masks,
+    prunable_weights,
 )
 from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
 
@@ -102,3 +112,92 @@ class GMP(Method):
         trainer.fit(budget, progress=ctx.progress, desc="gmp")
         return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params),
                        notes={"schedule": {"t0": t0, "delta_t": delta, "n": n}, "prune_history": pruning.history})
+
+
+def resolve_skips(distribution: str, skip_first: Optional[bool], skip_last: Optional[bool]) -> tuple:
+    """Stem and classifier stay dense under uniform (RigL-uniform, GaP's CV code) and are
+    pruned under ER/ERK (RigL's ERK covers every layer), unless set explicitly."""
+    default = distribution == "uniform"
+    return (default if skip_first is None else skip_first, default if skip_last is None else skip_last)
+
+
+@dataclass(frozen=True)
+class DynamicSparseConfig:
+    alpha: float = 0.3                    # α, initial drop fraction
+    delta_t: Optional[int] = None         # ΔT, steps between updates; None: 100, capped to give >= 10 updates
+    end_fraction: float = 0.75            # T_end as a fraction of the step budget
+    grow: Literal["gradient", "random"] = "gradient"
+    distribution: Literal["uniform", "er", "erk"] = "erk"
+    skip_first: Optional[bool] = None     # None: True under uniform, False under ER/ERK
+    skip_last: Optional[bool] = None
+
+    def __post_init__(self):
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if not 0.0 < self.end_fraction <= 1.0:
+            raise ValueError(f"end_fraction must be in (0, 1], got {self.end_fraction}")
+        if self.delta_t is not None and self.delta_t < 1:
+            raise ValueError(f"delta_t must be >= 1, got {self.delta_t}")
+
+
+class _DynamicSparseTraining(Method):
+    granularity = "unstructured"
+    starts_from = "scratch"
+    Config = DynamicSparseConfig
+
+    def schedule(self, budget: int, steps_per_epoch: int) -> tuple:
+        """(ΔT, T_end) in optimizer steps of this run's budget."""
+        cfg = self.config
+        t_end = max(1, int(cfg.end_fraction * budget))
+        delta = cfg.delta_t or max(1, min(100, t_end // 10))
+        return delta, t_end
+
+    def topology_hook(self, masks: MaskSet, delta: int, t_end: int, generator) -> DynamicSparsity:
+        cfg = self.config
+        return DynamicSparsity(masks, delta, t_end, cfg.alpha, cfg.grow, generator)
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        cfg = self.config
+        budget = ctx.budget.left
+        if budget < 1:
+            raise SpecError(f"{self.name} needs a step budget of at least 1, got {budget}")
+        skip_first, skip_last = resolve_skips(cfg.distribution, cfg.skip_first, cfg.skip_last)
+        params = prunable_weights(ctx.model, skip_first, skip_last)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        masks = MaskSet(ctx.model, initial_masks(params, ctx.target.value, cfg.distribution, "random", generator))
+        delta, t_end = self.schedule(budget, len(ctx.train_loader))
+        topology = self.topology_hook(masks, delta, t_end, generator)
+        trainer = ctx.make_trainer(hooks=[topology, masks])
+        trainer.fit(budget, progress=ctx.progress, desc=self.name)
+        return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params),
+                       notes={"schedule": {"delta_t": delta, "t_end": t_end, "alpha": cfg.alpha, "grow": cfg.grow},
+                              "distribution": cfg.distribution, "skip_first": skip_first, "skip_last": skip_last,
+                              "updates": topology.history, "layer_sparsity": masks.layer_sparsity()})
+
+
+@register_method("rigl")
+class RigL(_DynamicSparseTraining):
+    """RigL (Evci et al. 2020): drop by |w|, grow by dense |gradient|, cosine drop fraction, ERK."""
+
+
+@register_method("set")
+class SET(_DynamicSparseTraining):
+    """SET (Mocanu et al. 2018): drop by |w|, grow at random; RigL's schedule and zero init by default."""
+
+    @dataclass(frozen=True)
+    class Config(DynamicSparseConfig):
+        grow: Literal["gradient", "random"] = "random"
+        # fixed ζ = alpha at each epoch end, new weights drawn at random [reconstructed from the SET paper]
+        set_original: bool = False
+
+    def schedule(self, budget: int, steps_per_epoch: int) -> tuple:
+        if self.config.set_original:
+            return max(1, steps_per_epoch), budget
+        return super().schedule(budget, steps_per_epoch)
+
+    def topology_hook(self, masks: MaskSet, delta: int, t_end: int, generator) -> DynamicSparsity:
+        cfg = self.config
+        if not cfg.set_original:
+            return super().topology_hook(masks, delta, t_end, generator)
+        return DynamicSparsity(masks, delta, t_end, cfg.alpha, cfg.grow, generator,
+                               drop_fraction=lambda t: cfg.alpha, grow_init="random")

@@ -11,7 +11,7 @@ Sparse training from scratch at a fixed budget, on a stock timm `VisionTransform
     dr(t) = floor + (α − floor)·½(1 + cos(π t / T))
 
 - `svite`  (unstructured): every attention / MLP weight, the patch embedding and the head;
-  prune by |w|, grow by |∂L/∂w| (RigL's criteria, shared machinery in `training.masks`).
+  prune by |w|, grow by |∂L/∂w| (RigL's `DynamicSparsity` in `training.masks`, SViTE's schedule).
 - `s2vite` (heads + MLP neurons): prune heads by the first-order Taylor score of their
   output, neurons by ‖fc1 row‖₁ + ‖fc2 column‖₁; grow by gradient; every block keeps the
   same counts; exported to a physically smaller timm ViT.
@@ -34,7 +34,9 @@ from torch import nn
 from sparsebench.errors import SpecError
 from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
 from sparsebench.training.importance import HeadOutputTaylor
-from sparsebench.training.masks import MaskSet, keep_counts, layer_densities, prunable_weights, topk_mask
+from sparsebench.training.masks import (
+    DynamicSparsity, MaskSet, drop_and_grow, initial_masks, layer_densities, prunable_weights,
+)
 from sparsebench.training.trainer import HookOrder, Trainer, TrainerHook
 from sparsebench.training.vit_slim import check_supported, num_tokens
 from sparsebench.training.vit_units import ViTUnitSpace
@@ -103,30 +105,6 @@ def neuron_l1(model: VisionTransformer, grads: bool = False) -> List[torch.Tenso
     return out
 
 
-def prune_and_grow(active: torch.Tensor, prune_score: torch.Tensor, grow_score: torch.Tensor,
-                   count: int) -> tuple:
-    """Drop the `count` active entries with the lowest prune score, then add the `count`
-    highest grow scores among the inactive ones, just-dropped ones included. Exact counts;
-    any shape (weights, or per-block units). Returns (after the prune, after the grow)."""
-    flat = active.bool().flatten()
-    if count == 0:
-        return active.bool().clone(), active.bool().clone()
-    prune = prune_score.detach().flatten().double().to(flat.device).masked_fill(~flat, float("inf"))
-    pruned = flat.clone()
-    pruned[torch.topk(prune, count, largest=False).indices] = False
-    grow = grow_score.detach().flatten().double().to(flat.device).masked_fill(pruned, float("-inf"))
-    new = pruned.clone()
-    new[torch.topk(grow, count).indices] = True
-    return pruned.view_as(active), new.view_as(active)
-
-
-def apply_update(masks: MaskSet, name: str, pruned: torch.Tensor, grown: torch.Tensor, optimizer) -> None:
-    """Two `MaskSet.update`s, so every grown entry, a just-pruned one included, restarts at 0
-    with zeroed optimizer state (RigL; official S²ViTE/SViTE defect 3 left Adam moments)."""
-    masks.update(name, pruned, optimizer)
-    masks.update(name, grown, optimizer)
-
-
 class UnitPruneAndGrow(TrainerHook):
     """S²ViTE's topology updates on per-block head and neuron masks, through a `MaskSet`.
 
@@ -138,8 +116,9 @@ class UnitPruneAndGrow(TrainerHook):
     order = HookOrder.READS_DENSE_GRADIENTS
 
     def __init__(self, model: VisionTransformer, masks: MaskSet, heads: List[torch.Tensor],
-                 neurons: List[torch.Tensor], total: int, every: int, cfg):
+                 neurons: List[torch.Tensor], total: int, every: int, cfg, generator: torch.Generator):
         self.model, self.masks, self.heads, self.neurons = model, masks, heads, neurons
+        self.generator = generator
         self.total, self.every, self.cfg = total, every, cfg
         self.capture = HeadOutputTaylor(model)
         self.neuron_grads: Optional[List[torch.Tensor]] = None
@@ -169,22 +148,19 @@ class UnitPruneAndGrow(TrainerHook):
         dr = drop_fraction(t, self.total, self.cfg.alpha, self.cfg.floor, self.cfg.t_end, self.cfg.decay_over)
         neuron_w = neuron_l1(self.model)
         swapped, moved = {"heads": 0, "neurons": 0}, {"heads": 0, "neurons": 0}
-        pruned_heads, pruned_neurons = [], []
         for b in range(len(self.heads)):
             h, j = self.heads[b], self.neurons[b]
             kh = swap_count(dr, int(h.sum()), int((~h).sum()))
             kj = swap_count(dr, int(j.sum()), int((~j).sum()))
-            pruned_h, self.heads[b] = prune_and_grow(h, self.capture.taylor[b], self.capture.grad_l1[b], kh)
-            pruned_j, self.neurons[b] = prune_and_grow(j, neuron_w[b], self.neuron_grads[b], kj)
-            pruned_heads.append(pruned_h)
-            pruned_neurons.append(pruned_j)
+            # the shared RigL primitive on unit masks: the Taylor / ℓ1 scores play |w|'s part
+            self.heads[b] = drop_and_grow(h, self.capture.taylor[b], self.capture.grad_l1[b], kh, self.generator)
+            self.neurons[b] = drop_and_grow(j, neuron_w[b], self.neuron_grads[b], kj, self.generator)
             swapped["heads"] += kh
             swapped["neurons"] += kj
             moved["heads"] += int((self.heads[b] & ~h).sum())
             moved["neurons"] += int((self.neurons[b] & ~j).sum())
-        after_prune = unit_weight_masks(self.model, pruned_heads, pruned_neurons)
         for name, m in unit_weight_masks(self.model, self.heads, self.neurons).items():
-            apply_update(self.masks, name, after_prune[name], m, trainer.optimizer)
+            self.masks.update(name, m, trainer.optimizer)
         self.history.append({"step": t, "drop_fraction": dr, "swapped": swapped, "moved": moved})
 
     def remove(self) -> None:
@@ -351,53 +327,16 @@ class _ViTSparseTraining(Method):
         return self.train(ctx, self.config)
 
 
-class WeightPruneAndGrow(TrainerHook):
-    """SViTE's unstructured topology updates: per layer, prune by |w| among active weights,
-    grow by |∂L/∂w| of the update batch's dense gradient among inactive ones (or at random)."""
-
-    order = HookOrder.READS_DENSE_GRADIENTS
-
-    def __init__(self, masks: MaskSet, total: int, every: int, cfg, generator: torch.Generator):
-        self.masks, self.total, self.every, self.cfg, self.generator = masks, total, every, cfg, generator
-        self.grads: Dict[str, torch.Tensor] = {}
-        self.history: List[dict] = []
-
-    def after_backward(self, trainer: Trainer) -> None:
-        if is_update_step(trainer.step + 1, self.total, self.every, self.cfg.t_end):
-            self.grads = {n: p.grad.detach().abs().clone() for n, p in self.masks.params.items() if p.grad is not None}
-
-    @torch.no_grad()
-    def after_step(self, trainer: Trainer) -> None:
-        t = trainer.step
-        if not is_update_step(t, self.total, self.every, self.cfg.t_end):
-            return
-        dr = drop_fraction(t, self.total, self.cfg.alpha, self.cfg.floor, self.cfg.t_end, self.cfg.decay_over)
-        swapped = moved = 0
-        for name, p in self.masks.params.items():
-            mask = self.masks.masks[name]
-            k = swap_count(dr, int(mask.sum()), int((~mask).sum()))
-            if self.cfg.grow == "random":
-                score = torch.rand(p.shape, generator=self.generator).to(p.device)
-            else:
-                score = self.grads.get(name, torch.zeros_like(p))
-            pruned, new = prune_and_grow(mask, p.abs(), score, k)
-            swapped += k
-            moved += int((new & ~mask).sum())
-            apply_update(self.masks, name, pruned, new, trainer.optimizer)
-        self.grads = {}
-        self.history.append({"step": t, "drop_fraction": dr, "swapped": swapped, "moved": moved})
-
-
-def initial_masks(params: Dict[str, torch.Tensor], sparsity: float, init: str,
-                  generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    """ERK (all official scripts) or uniform densities; `erk_exact` keeps exactly
-    round(density·numel) random weights per layer, `erk_bernoulli` samples each weight
-    (the official code, inexact counts: defect 11)."""
-    densities = layer_densities(params, sparsity, "uniform" if init == "uniform" else "erk")
-    if init == "erk_bernoulli":
-        return {n: torch.rand(p.shape, generator=generator).to(p.device) < densities[n] for n, p in params.items()}
-    counts = keep_counts(params, densities)
-    return {n: topk_mask(torch.rand(p.shape, generator=generator).to(p.device), counts[n]) for n, p in params.items()}
+def svite_initial_masks(params: Dict[str, torch.Tensor], sparsity: float, init: str,
+                        generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """ERK (all official scripts) or uniform densities. `erk_exact` keeps exactly
+    round(density·numel) random weights per layer (shared `initial_masks`); `erk_bernoulli`
+    samples each weight with its layer's density, as the official code does (inexact
+    counts: defect 11)."""
+    if init != "erk_bernoulli":
+        return initial_masks(params, sparsity, "uniform" if init == "uniform" else "erk", "random", generator)
+    densities = layer_densities(params, sparsity, "erk")
+    return {n: torch.rand(p.shape, generator=generator).to(p.device) < densities[n] for n, p in params.items()}
 
 
 @register_method("svite")
@@ -425,9 +364,13 @@ class SViTE(_ViTSparseTraining):
         params = prunable_weights(model, exclude=exclude)
         params = {n: p for n, p in params.items() if not n.startswith("norm_pre")}
         generator = torch.Generator().manual_seed(ctx.seed)
-        masks = MaskSet(model, initial_masks(params, ctx.target.value, cfg.init, generator))
+        masks = MaskSet(model, svite_initial_masks(params, ctx.target.value, cfg.init, generator))
         every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
-        updates = WeightPruneAndGrow(masks, total, every, cfg, generator)
+        # RigL's machinery with SViTE's schedule: prune |w|, grow |∂L/∂w| (dense), k = ⌈dr·n_active⌉
+        updates = DynamicSparsity(
+            masks, delta_t=every, t_end=math.ceil(cfg.t_end * total), alpha=cfg.alpha, grow=cfg.grow,
+            generator=generator, rounding="ceil",
+            drop_fraction=lambda t: drop_fraction(t, total, cfg.alpha, cfg.floor, cfg.t_end, cfg.decay_over))
         trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
         trainer.fit(total, progress=ctx.progress, desc=self.name)
         return Outcome(model=model, realization="masked", masks=masks, prunable=list(params),
@@ -459,7 +402,7 @@ class S2ViTE(_ViTSparseTraining):
         neurons = [random_units(blk.mlp.fc1.out_features, m, generator) for blk in model.blocks]
         masks = MaskSet(model, unit_weight_masks(model, heads, neurons))
         every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
-        updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg)
+        updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator)
         trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
         try:
             trainer.fit(total, progress=ctx.progress, desc=self.name)

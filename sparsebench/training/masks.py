@@ -6,7 +6,8 @@ them to one `MaskSet`; none carries its own bookkeeping.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+import math
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
@@ -85,12 +86,12 @@ def topk_mask(scores: torch.Tensor, keep: int, generator: Optional[torch.Generat
 
 
 def global_topk_masks(scores: Dict[str, torch.Tensor], sparsity: float,
-                      generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
-    """One ranking over all tensors: exactly round((1-s)·N) entries kept overall."""
+                      generator: Optional[torch.Generator] = None, keep: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """One ranking over all tensors: exactly round((1-s)·N) entries (or `keep`) kept overall."""
     names = list(scores)
     flat = torch.cat([scores[n].detach().flatten() for n in names])
     total = flat.numel()
-    mask = topk_mask(flat, int(round((1.0 - sparsity) * total)), generator)
+    mask = topk_mask(flat, int(round((1.0 - sparsity) * total)) if keep is None else keep, generator)
     out, offset = {}, 0
     for n in names:
         k = scores[n].numel()
@@ -116,7 +117,10 @@ class MaskSet(TrainerHook):
 
     order = HookOrder.MASKS
 
-    def __init__(self, model: nn.Module, masks: Dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module, masks: Dict[str, torch.Tensor], weights_only: bool = False):
+        """`weights_only=True` reproduces official code that masks weights after the step
+        but neither gradients nor optimizer state (an ablation, e.g. GaP's `faithful_masking`)."""
+        self.weights_only = weights_only
         params = dict(model.named_parameters())
         missing = [n for n in masks if n not in params]
         if missing:
@@ -140,13 +144,16 @@ class MaskSet(TrainerHook):
                     state[key].mul_(self.masks[n])
 
     def after_backward(self, trainer: Trainer) -> None:
+        if self.weights_only:
+            return
         for n, p in self.params.items():
             if p.grad is not None:
                 p.grad.mul_(self.masks[n])
 
     def after_step(self, trainer: Trainer) -> None:
         self.apply()
-        self.mask_optimizer_state(trainer.optimizer)
+        if not self.weights_only:
+            self.mask_optimizer_state(trainer.optimizer)
 
     # --- changing --------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,3 +190,151 @@ class MaskSet(TrainerHook):
 
     def names(self) -> List[str]:
         return list(self.masks)
+
+
+# --- initial masks ---------------------------------------------------------------------------
+def initial_masks(params: Dict[str, torch.Tensor], sparsity: float, distribution: str = "uniform",
+                  criterion: str = "random", generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """Masks at `sparsity` over `params`, exact per-layer counts.
+
+    distribution: `uniform` | `er` | `erk` (per-layer densities, `layer_densities`) or `global`
+    (per-layer counts from one global |w| ranking of these weights). criterion: `random`
+    (uniform among each layer's entries) or `magnitude` (largest |w| kept).
+    """
+    if criterion not in ("random", "magnitude"):
+        raise SpecError(f"unknown mask criterion {criterion!r}; allowed: random, magnitude")
+    magnitudes = {n: p.detach().abs() for n, p in params.items()}
+    if distribution == "global":
+        counts = {n: int(m.sum()) for n, m in global_topk_masks(magnitudes, sparsity, generator).items()}
+    else:
+        counts = keep_counts(params, layer_densities(params, sparsity, distribution))
+    if criterion == "random":
+        scores = {n: torch.rand(p.shape, generator=generator).to(p.device) for n, p in params.items()}
+    else:
+        scores = magnitudes
+    return layerwise_topk_masks(scores, counts, generator)
+
+
+# --- dynamic sparse training: prune and grow (RigL, SET; reused by GaP and SViTE) -----------------
+def cosine_drop_fraction(step: int, alpha: float, t_end: int) -> float:
+    """RigL's drop fraction f(t) = α/2·(1 + cos(π·t/T_end)); 0 at and after T_end."""
+    if step >= t_end:
+        return 0.0
+    return 0.5 * alpha * (1.0 + math.cos(math.pi * step / t_end))
+
+
+def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_scores: torch.Tensor, k: int,
+                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One tensor's new mask: drop the k active entries of smallest |w|, then grow the k
+    entries of largest `grow_scores` (non-negative) among those inactive after the drop (RigL's official
+    order, so a just-dropped weight may be regrown). nnz is unchanged; ties are broken by
+    seeded noise, so counts are exact.
+    """
+    n_active = int(mask.sum())
+    k = max(0, min(k, n_active, mask.numel() - n_active))
+    if k == 0:
+        return mask.clone()
+    # |w| and grow scores are >= 0, so -1 ranks an excluded entry below every candidate
+    keep_scores = torch.where(mask, weight.detach().abs().double(), -1.0)
+    kept = topk_mask(keep_scores, n_active - k, generator) & mask
+    grow = torch.where(kept, -1.0, grow_scores.detach().double())
+    grown = topk_mask(grow, k, generator) & ~kept
+    return kept | grown
+
+
+def prune_and_grow(masks: "MaskSet", fraction: float, grow_scores: Dict[str, torch.Tensor],
+                   optimizer: Optional[torch.optim.Optimizer] = None,
+                   generator: Optional[torch.Generator] = None, rounding: str = "floor") -> Dict[str, int]:
+    """Apply `drop_and_grow` to every tensor of `masks` with k = ⌊fraction·n_active⌋
+    (`rounding="ceil"`: ⌈fraction·n_active⌉, SViTE's, which swaps ≥ 1 entry per layer while
+    fraction > 0).
+
+    Grown weights start at 0 with zeroed optimizer state (`MaskSet.update`); dropped weights
+    and their optimizer state are zeroed. Returns the number of entries moved per tensor.
+    """
+    if rounding not in ("floor", "ceil"):
+        raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
+    round_k = math.floor if rounding == "floor" else math.ceil
+    moved = {}
+    for name, mask in list(masks.masks.items()):
+        k = int(round_k(fraction * int(mask.sum())))
+        new = drop_and_grow(mask, masks.params[name], grow_scores[name], k, generator)
+        moved[name] = int((new & ~mask).sum())
+        masks.update(name, new, optimizer)
+    if optimizer is not None:
+        masks.mask_optimizer_state(optimizer)
+    return moved
+
+
+GROW_CRITERIA = ("gradient", "random")
+
+
+class DynamicSparsity(TrainerHook):
+    """Topology updates of dynamic sparse training as a trainer hook (RigL; SET with `grow="random"`).
+
+    Every `delta_t` optimizer steps while t < `t_end`, each masked tensor drops
+    k = ⌊f(t)·n_active⌋ weights by magnitude and grows k by the grow criterion:
+    `gradient` (|∂L/∂w| of the current batch, read dense before `MaskSet` masks it, hence
+    `order = READS_DENSE_GRADIENTS`) or `random`. f defaults to `cosine_drop_fraction`;
+    pass `drop_fraction=lambda t: ζ` for a constant one. The update runs in `after_step`
+    (after the optimizer step of the update iteration), before `MaskSet` re-applies masks.
+    `grow_init` "zero" (RigL, default SET) or "random" (original SET: new weights drawn
+    from N(0, std of the layer's surviving weights)). `rounding`: k = ⌊·⌋ (RigL) or ⌈·⌉ (SViTE).
+    """
+
+    order = HookOrder.READS_DENSE_GRADIENTS
+
+    def __init__(self, masks: "MaskSet", delta_t: int, t_end: int, alpha: float = 0.3, grow: str = "gradient",
+                 generator: Optional[torch.Generator] = None,
+                 drop_fraction: Optional[Callable[[int], float]] = None, grow_init: str = "zero",
+                 rounding: str = "floor"):
+        if grow not in GROW_CRITERIA:
+            raise SpecError(f"unknown grow criterion {grow!r}; allowed: {', '.join(GROW_CRITERIA)}")
+        if grow_init not in ("zero", "random"):
+            raise SpecError(f"unknown grow_init {grow_init!r}; allowed: zero, random")
+        if delta_t < 1:
+            raise SpecError(f"delta_t must be >= 1, got {delta_t}")
+        self.masks, self.delta_t, self.t_end, self.alpha, self.grow = masks, delta_t, t_end, alpha, grow
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.drop_fraction = drop_fraction or (lambda t: cosine_drop_fraction(t, alpha, t_end))
+        self.grow_init = grow_init
+        self.rounding = rounding
+        self._gradients: Optional[Dict[str, torch.Tensor]] = None
+        self.history: List[dict] = []
+
+    def is_update_step(self, step: int) -> bool:
+        """Whether the topology changes after optimizer step `step` (counted from 1)."""
+        return step % self.delta_t == 0 and step < self.t_end
+
+    def after_backward(self, trainer: Trainer) -> None:
+        if self.grow == "gradient" and self.is_update_step(trainer.step + 1):
+            self._gradients = {n: (p.grad.detach().abs().clone() if p.grad is not None else torch.zeros_like(p))
+                               for n, p in self.masks.params.items()}
+
+    def after_step(self, trainer: Trainer) -> None:
+        if not self.is_update_step(trainer.step):
+            return
+        self.update(trainer.step, trainer.optimizer)
+
+    @torch.no_grad()
+    def update(self, step: int, optimizer: Optional[torch.optim.Optimizer] = None,
+               gradients: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, int]:
+        if self.grow == "gradient":
+            scores = gradients if gradients is not None else self._gradients
+            if scores is None:
+                raise RuntimeError("gradient growth needs the dense gradient of the update step")
+        else:
+            scores = {n: torch.rand(p.shape, generator=self.generator).to(p.device)
+                      for n, p in self.masks.params.items()}
+        fraction = self.drop_fraction(step)
+        before = {n: m.clone() for n, m in self.masks.masks.items()} if self.grow_init == "random" else None
+        moved = prune_and_grow(self.masks, fraction, scores, optimizer, self.generator, self.rounding)
+        if before is not None:
+            for n, p in self.masks.params.items():
+                grown = self.masks.masks[n] & ~before[n]
+                alive = p[self.masks.masks[n] & ~grown]
+                std = float(alive.std()) if alive.numel() > 1 else 0.0
+                p[grown] = torch.randn(int(grown.sum()), generator=self.generator).to(p) * std
+        self._gradients = None
+        self.history.append({"step": step, "drop_fraction": fraction, "moved": sum(moved.values())})
+        return moved

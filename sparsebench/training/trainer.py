@@ -193,9 +193,11 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["base_lr"] = g.get("lr", self.lr)
 
-    def restart_schedule(self, steps: int) -> None:
-        """Start a new warm-up + cosine LR schedule of `steps` steps from the current step."""
-        self.schedule_start, self.schedule_steps = self.step, steps
+    def restart_schedule(self, steps: int, elapsed: int = 0) -> None:
+        """Start a new warm-up + cosine LR schedule of `steps` steps from the current step,
+        `elapsed` of them already taken (a fresh trainer joining a schedule midway, as
+        P-GaP's replicas do)."""
+        self.schedule_start, self.schedule_steps = self.step - elapsed, steps
 
     def add_hook(self, hook: TrainerHook) -> None:
         self.hooks = _ordered([*self.hooks, hook])

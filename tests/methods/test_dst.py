@@ -38,3 +38,154 @@ def test_gmp_is_deterministic():
 
     a, b = masks(), masks()
     assert all((a[n] == b[n]).all() for n in a)
+
+
+# --- RigL / SET ---------------------------------------------------------------------------------
+import math
+
+import torch
+from torch import nn
+
+from sparsebench.specs import Recipe
+from sparsebench.training.trainer import HookOrder, Trainer
+from sparsebench.training.masks import (
+    DynamicSparsity, MaskSet, cosine_drop_fraction, drop_and_grow, initial_masks, prunable_weights, prune_and_grow,
+)
+
+
+def test_cosine_drop_fraction_starts_at_alpha_and_stops_at_t_end():
+    assert cosine_drop_fraction(0, 0.3, 100) == pytest.approx(0.3)
+    assert cosine_drop_fraction(50, 0.3, 100) == pytest.approx(0.15)
+    assert cosine_drop_fraction(100, 0.3, 100) == 0.0
+    assert cosine_drop_fraction(150, 0.3, 100) == 0.0
+    values = [cosine_drop_fraction(t, 0.3, 100) for t in range(0, 100, 10)]
+    assert values == sorted(values, reverse=True)
+
+
+def test_drop_and_grow_on_hand_built_tensors():
+    mask = torch.tensor([1, 1, 1, 1, 1, 0, 0, 0, 0, 0], dtype=torch.bool)
+    weight = torch.tensor([0.5, -0.1, 0.9, 0.05, -0.7, 0, 0, 0, 0, 0])
+    grads = torch.tensor([0.01, 0.02, 9.0, 0.0, 9.0, 0.2, 3.0, -0.1, 2.0, 0.4]).abs()
+    new = drop_and_grow(mask, weight, grads, 2)
+    assert int(new.sum()) == int(mask.sum())
+    dropped = (mask & ~new).nonzero().flatten().tolist()
+    grown = (new & ~mask).nonzero().flatten().tolist()
+    assert dropped == [1, 3]            # the two smallest |w| among active
+    assert grown == [6, 8]              # the two largest |g| among inactive (large |g| of kept entries ignored)
+
+
+def test_a_dropped_weight_with_a_large_gradient_is_regrown_as_in_official_rigl():
+    mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
+    new = drop_and_grow(mask, torch.tensor([0.1, 1.0, 0, 0]), torch.tensor([5.0, 0.0, 1.0, 0.5]), 1)
+    assert new.tolist() == mask.tolist()
+
+
+def test_drop_and_grow_counts_are_exact_under_ties():
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[:40] = True
+    weight = torch.where(mask, 1.0, 0.0)          # every active |w| tied
+    grads = (~mask).float()                       # every inactive |g| tied
+    new = drop_and_grow(mask, weight, grads, 13, torch.Generator().manual_seed(0))
+    assert int(new.sum()) == 40 and int((mask & ~new).sum()) == 13 and int((new & ~mask).sum()) == 13
+
+
+@pytest.mark.parametrize("grow", ["gradient", "random"])
+def test_topology_update_keeps_nnz_zeroes_grown_state_and_stops_at_t_end(grow):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    params = prunable_weights(model)
+    g = torch.Generator().manual_seed(0)
+    masks = MaskSet(model, initial_masks(params, 0.7, "erk", "random", g))
+    topology = DynamicSparsity(masks, delta_t=3, t_end=20, alpha=0.3, grow=grow, generator=g)
+    assert topology.order == HookOrder.READS_DENSE_GRADIENTS < masks.order
+    x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer = Trainer(model, loader, Recipe(weight_decay=0.1), torch.device("cpu"), 2, 0.5, hooks=[masks, topology])
+    trainer.restart_schedule(30)
+    nnz = masks.nnz()
+    for _ in range(30):
+        before = {n: m.clone() for n, m in masks.masks.items()}
+        trainer.train_step()
+        assert masks.nnz() == nnz
+        if not topology.is_update_step(trainer.step):
+            assert all(torch.equal(before[n], masks.masks[n]) for n in before)
+        for n, p in masks.params.items():
+            grown = masks.masks[n] & ~before[n]
+            assert torch.all(p[grown] == 0)
+            assert torch.all(trainer.optimizer.state[p]["momentum_buffer"][grown] == 0)
+            assert torch.all(p[~masks.masks[n]] == 0)
+    assert [h["step"] for h in topology.history] == [3, 6, 9, 12, 15, 18]     # none at or after T_end = 20
+
+
+def test_rigl_reads_the_dense_gradient_before_masking():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    params = prunable_weights(model)
+    masks = MaskSet(model, initial_masks(params, 0.8, "uniform", "random", torch.Generator().manual_seed(0)))
+    topology = DynamicSparsity(masks, delta_t=1, t_end=10, grow="gradient")
+    seen = {}
+    topology_update = topology.update
+
+    def spy(step, optimizer=None, gradients=None):
+        seen.update({n: g.clone() for n, g in topology._gradients.items()})
+        return topology_update(step, optimizer, gradients)
+
+    topology.update = spy
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer = Trainer(model, loader, Recipe(), torch.device("cpu"), 2, 0.1, hooks=[masks, topology])
+    before = {n: m.clone() for n, m in masks.masks.items()}
+    trainer.restart_schedule(1)
+    trainer.train_step()
+    for n in seen:
+        assert (seen[n][~before[n]] != 0).any()           # the gradient at masked entries was visible
+
+
+def _run(name, budget=30, seed=0, **args):
+    method = create_method(name, **args)
+    ctx = make_context("resnet20_tiny", "sparsity=0.9", method, seed=seed, budget=budget)
+    return method.run(ctx), ctx
+
+
+@pytest.mark.parametrize("name", ["rigl", "set"])
+def test_rigl_and_set_keep_erk_density_and_respect_the_budget(name):
+    outcome, ctx = _run(name)
+    assert ctx.budget.used == 30
+    assert outcome.masks.sparsity() == pytest.approx(0.9, abs=1e-3)
+    assert outcome.notes["skip_first"] is False and outcome.notes["distribution"] == "erk"
+    assert outcome.notes["updates"] and all(u["step"] < outcome.notes["schedule"]["t_end"]
+                                            for u in outcome.notes["updates"])
+
+
+@pytest.mark.parametrize("name", ["rigl", "set"])
+def test_rigl_and_set_are_deterministic(name):
+    (a, _), (b, _) = _run(name, budget=12), _run(name, budget=12)
+    assert all(torch.equal(a.masks.masks[n], b.masks.masks[n]) for n in a.masks.masks)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_set_original_uses_a_constant_fraction_at_epoch_ends():
+    outcome, ctx = _run("set", budget=40, set_original=True)
+    steps = [u["step"] for u in outcome.notes["updates"]]
+    epoch = len(ctx.train_loader)
+    assert steps == list(range(epoch, 40, epoch))
+    assert all(u["drop_fraction"] == 0.3 for u in outcome.notes["updates"])
+
+
+def test_bad_rigl_config_is_a_one_line_spec_error():
+    from sparsebench.errors import SpecError
+
+    with pytest.raises(SpecError, match="alpha"):
+        create_method("rigl", alpha=1.5)
+
+
+@pytest.mark.parametrize("name", ["rigl", "set"])
+def test_rigl_and_set_run_end_to_end_through_the_pipeline(tmp_path, name):
+    from sparsebench.runners.pipeline import RunOptions, execute
+    from conftest import tiny_spec
+
+    record = execute(tiny_spec(name, target="sparsity=0.9"), RunOptions(out=tmp_path))
+    assert record["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
+    assert record["cost"]["method_steps"] <= record["cost"]["method_budget_steps"]
+    assert record["notes"]["updates"]

@@ -9,14 +9,14 @@ from torch import nn
 from sparsebench.errors import SpecError
 from sparsebench.methods import create_method
 from sparsebench.methods.svite import (
-    TemperatureSchedule, TokenSelector, apply_update, drop_fraction, initial_masks, insert_selector, is_update_step,
-    prune_and_grow, selector_of, unit_weight_masks, update_interval,
+    TemperatureSchedule, TokenSelector, drop_fraction, insert_selector, is_update_step, selector_of,
+    svite_initial_masks, unit_weight_masks, update_interval,
 )
 from sparsebench.measure.flops import count_macs
 from sparsebench.models import create_model
 from sparsebench.runners.pipeline import RunOptions, execute
 from sparsebench.training.importance import HeadOutputTaylor
-from sparsebench.training.masks import MaskSet, prunable_weights
+from sparsebench.training.masks import DynamicSparsity, MaskSet, drop_and_grow, prunable_weights
 from sparsebench.training.trainer import TrainerHook
 from sparsebench.training.vit_slim import ViTStructure, slim_vit, vit_macs, vit_params
 from sparsebench.training.vit_units import ViTUnitSpace
@@ -56,39 +56,40 @@ def test_update_interval_fits_before_t_end():
 
 # --- criteria on hand-built tensors ----------------------------------------------------------------
 def test_prune_lowest_active_grow_highest_inactive():
+    """SViTE's criteria through the shared RigL primitive (`drop_and_grow`)."""
     active = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
     weight = torch.tensor([0.5, -0.1, 2.0, 9.0, 9.0, 9.0])          # inactive magnitudes are ignored
     grad = torch.tensor([9.0, 0.05, 9.0, 0.3, -3.0, 0.1])           # still-active gradients are ignored
-    pruned, grown = prune_and_grow(active, weight.abs(), grad.abs(), 1)
-    assert pruned.tolist() == [True, False, True, False, False, False]
-    assert grown.tolist() == [True, False, True, False, True, False]
+    new = drop_and_grow(active, weight, grad.abs(), 1)
+    assert new.tolist() == [True, False, True, False, True, False]
     # just-pruned entries are grow candidates
-    pruned, grown = prune_and_grow(active, weight.abs(), torch.tensor([0, 5.0, 0, 1, 1, 1]), 1)
-    assert grown.tolist() == [True, True, True, False, False, False]
-    assert int(grown.sum()) == 3
+    new = drop_and_grow(active, weight, torch.tensor([0, 5.0, 0, 1, 1, 1]), 1)
+    assert new.tolist() == [True, True, True, False, False, False]
 
 
-def test_grown_weights_start_at_zero_with_zeroed_adam_state():
-    """A just-pruned entry that is grown back restarts at 0 too (RigL), Adam moments reset."""
-    lin = nn.Linear(3, 2, bias=False)
+def test_svite_update_grows_zero_weights_with_zeroed_adam_state_and_ceil_counts():
+    lin = nn.Linear(8, 4, bias=False)
     opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
-    lin(torch.randn(4, 3)).sum().backward()
+    lin(torch.randn(4, 8)).sum().backward()
     opt.step()
-    masks = MaskSet(lin, {"weight": torch.tensor([[1, 1, 0], [1, 0, 0]], dtype=torch.bool)})
-    active = masks.masks["weight"].clone()
-    pruned, grown = prune_and_grow(active, lin.weight.abs(), torch.tensor([[9.0, 0, 1], [0, 5, 0]]), 1)
-    apply_update(masks, "weight", pruned, grown, opt)
-    new = grown & ~pruned
-    assert int(new.sum()) == 1 and int(grown.sum()) == int(active.sum())
+    masks = MaskSet(lin, {"weight": torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) < 0.5})
+    masks.mask_optimizer_state(opt)
+    before = masks.masks["weight"].clone()
+    hook = DynamicSparsity(masks, delta_t=1, t_end=10, grow="gradient", rounding="ceil",
+                           drop_fraction=lambda t: 0.01)
+    moved = hook.update(1, opt, gradients={"weight": (~before).float() * torch.rand(4, 8)})
+    after = masks.masks["weight"]
+    new = after & ~before
+    assert int(after.sum()) == int(before.sum())
+    assert moved["weight"] == 1 == int(new.sum())                  # ⌈0.01·n⌉ = 1, not ⌊·⌋ = 0
     assert (lin.weight[new] == 0).all() and (opt.state[lin.weight]["exp_avg"][new] == 0).all()
-    assert (lin.weight[~grown] == 0).all()
 
 
 # --- SViTE (unstructured) --------------------------------------------------------------------------
 def test_erk_exact_density_and_dense_fallback():
     model = vit()
     params = prunable_weights(model)
-    masks = initial_masks(params, 0.5, "erk_exact", torch.Generator().manual_seed(0))
+    masks = svite_initial_masks(params, 0.5, "erk_exact", torch.Generator().manual_seed(0))
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     assert abs(kept / total - 0.5) < 1e-3
