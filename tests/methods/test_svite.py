@@ -336,3 +336,13 @@ def test_pipeline_end_to_end(tmp_path, cache, method, target, args):
     else:
         assert record["notes"]["token_mode"] == "mask" and record["notes"]["faithful"]
         assert record["achieved_flops_ratio"] <= 0.6 + 1e-9
+
+
+@pytest.mark.parametrize("name,heads", [("deit_tiny_tiny", 2), ("deit_small_tiny", 4)])
+def test_s2vite_on_deit_layouts_headline_density(name, heads):
+    """The `_60` layout: heads 0.7 (⌊3·0.7⌋ = 2 for DeiT-T, 4 of 6 for DeiT-S), MLP 0.6."""
+    method = create_method("s2vite", head_density=0.7, mlp_density=0.6, update_every=2)
+    ctx = make_context(name, "flops=0.6", method, budget=4)
+    out = method.run(ctx)
+    assert out.structure["summary"]["heads"] == [heads] * 2
+    assert out.notes["compaction_max_abs_error"] < 1e-5
