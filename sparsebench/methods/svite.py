@@ -22,6 +22,7 @@ Sparse training from scratch at a fixed budget, on a stock timm `VisionTransform
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence
@@ -273,6 +274,21 @@ def selector_of(model: nn.Module) -> Optional[TokenSelector]:
     return next((m for m in model.modules() if isinstance(m, TokenSelector)), None)
 
 
+@contextlib.contextmanager
+def noiseless_selectors(*models: nn.Module):
+    """Deterministic selectors for the duration (an `eval_noise=True` selector would make the
+    masked-vs-compacted check compare two different random token sets)."""
+    selectors = [s for s in map(selector_of, models) if s is not None]
+    saved = [s.eval_noise for s in selectors]
+    for s in selectors:
+        s.eval_noise = False
+    try:
+        yield
+    finally:
+        for s, flag in zip(selectors, saved):
+            s.eval_noise = flag
+
+
 class TemperatureSchedule(TrainerHook):
     """τ falls linearly from `start` to `end` over the run (official "fix-tau" direction)."""
 
@@ -411,7 +427,8 @@ class S2ViTE(_ViTSparseTraining):
         kept = [units for pair in zip(updates.heads, updates.neurons) for units in pair]
         compact = space.compact(model, kept)
         x = next(iter(ctx.val_loader))[0].to(ctx.device)
-        error = space.check_compaction(model, kept, compact, x)
+        with noiseless_selectors(model, compact):
+            error = space.check_compaction(model, kept, compact, x)
         return Outcome(
             model=compact, realization="compacted", structure=space.structure(kept),
             prunable=[n for n in prunable_weights(model) if not n.startswith("norm_pre")],

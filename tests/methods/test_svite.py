@@ -346,3 +346,10 @@ def test_s2vite_on_deit_layouts_headline_density(name, heads):
     out = method.run(ctx)
     assert out.structure["summary"]["heads"] == [heads] * 2
     assert out.notes["compaction_max_abs_error"] < 1e-5
+
+
+def test_svite_plus_on_s2vite_with_eval_noise_still_checks_export():
+    method = create_method("svite-plus", base="s2vite", token_mode="drop", eval_noise=True, update_every=2)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=4))
+    assert out.notes["compaction_max_abs_error"] < 1e-5 and selector_of(out.model).eval_noise
+    assert out.notes["closed_form_flops_ratio"] <= 0.6
