@@ -373,12 +373,9 @@ class SViTE(_ViTSparseTraining):
         model = ctx.model
         _require_vit(model, "svite")
         total = ctx.budget.left
-        exclude = [n for n, m in model.named_modules() if isinstance(m, TokenSelector)
-                   or n.startswith("norm_pre")]
-        exclude += [] if cfg.include_head else ["head"]
-        exclude += [] if cfg.include_patch_embed else ["patch_embed.proj"]
-        params = prunable_weights(model, exclude=exclude)
-        params = {n: p for n, p in params.items() if not n.startswith("norm_pre")}
+        exclude = ([] if cfg.include_head else ["head"]) + ([] if cfg.include_patch_embed else ["patch_embed.proj"])
+        # masks are keyed by name (official defect 8); a token selector is never masked
+        params = {n: p for n, p in prunable_weights(model, exclude=exclude).items() if not n.startswith("norm_pre")}
         generator = torch.Generator().manual_seed(ctx.seed)
         masks = MaskSet(model, svite_initial_masks(params, ctx.target.value, cfg.init, generator))
         every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
