@@ -173,8 +173,9 @@ def block_counts(space: ViTUnitSpace, flops: float, head_density: Optional[float
     """Heads and neurons every block keeps (spec §3: ⌊H·ρ_h⌋ and ⌊hidden·ρ_m⌋).
 
     Densities given: used as they are. Not given [reconstructed]: the FLOPs target picks
-    them: the largest common keep ratio ρ whose ⌊H·ρ⌋ heads and ⌊hidden·ρ⌋ neurons fit the
-    budget, then the MLP width fills what is left (neurons are fine-grained, heads are not).
+    them. MACs are linear in the counts, so one common keep ratio ρ* meets the budget
+    exactly; heads take the nearest whole count round(H·ρ*) (floor-only would starve
+    attention: 1 of 4 heads at flops 0.5), and the MLP width fills what is left.
     """
     heads_g = [g for g in space.groups if g.kind == "heads"]
     mlp_g = [g for g in space.groups if g.kind == "mlp"]
@@ -189,11 +190,10 @@ def block_counts(space: ViTUnitSpace, flops: float, head_density: Optional[float
     if head_density is not None:
         h = int(math.floor(H * head_density))
     else:
-        lo, hi = 0.0, 1.0
-        for _ in range(50):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if macs(max(1, int(H * mid)), max(1, int(hidden * mid))) <= budget else (lo, mid)
-        h = max(1, int(H * lo))
+        ratio = (budget - macs(0, 0)) / (macs(H, hidden) - macs(0, 0))
+        h = max(1, min(H, int(round(H * ratio))))
+        while h > 1 and macs(h, 1) > budget:
+            h -= 1
     if h < 1:
         raise SpecError(f"head_density={head_density} keeps no head of {H} (need H·ρ_h ≥ 1)")
     if mlp_density is not None:
