@@ -240,28 +240,31 @@ class TokenSelector(nn.Module):
         return f"keep={self.keep}, mode={self.mode!r}, tau={self.tau:g}"
 
     def soft_scores(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.log_softmax(self.scorer(x).squeeze(-1).float(), dim=1)
-        if self.training or self.eval_noise:
-            tau = self.tau if self.training else 1.0
-            gumbel = -torch.empty_like(logits).exponential_().log()
-            return F.softmax((logits + gumbel) / tau, dim=1)
-        return logits
+        logits = self.scorer(x).squeeze(-1).float()
+        if not (self.training or self.eval_noise):
+            return logits                       # top-k of the logits = top-k of their log-softmax
+        logits = F.log_softmax(logits, dim=1)
+        gumbel = -torch.empty_like(logits).exponential_().log()
+        return F.softmax((logits + gumbel) / (self.tau if self.training else 1.0), dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, p = x.shape[1], self.num_prefix
         if self.keep >= n:
             return x
         y = self.soft_scores(x)
+        straight_through = torch.is_grad_enabled() and y.requires_grad and (self.training or self.eval_noise)
         if self.mode == "mask":
             hard = torch.zeros_like(y).scatter_(1, y.topk(self.keep, dim=1).indices, 1.0)
-            m = hard - y.detach() + y if y.requires_grad else hard
+            m = hard - y.detach() + y if straight_through else hard
             m = torch.cat([torch.ones_like(m[:, :p]), m[:, p:]], dim=1)
             return x * m.unsqueeze(-1).to(x.dtype)
         idx = y[:, p:].topk(self.keep - p, dim=1).indices.sort(dim=1).values
-        picked = y[:, p:].gather(1, idx)
-        m = torch.ones_like(picked) - picked.detach() + picked if y.requires_grad else torch.ones_like(picked)
         patches = x[:, p:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return torch.cat([x[:, :p], patches * m.unsqueeze(-1).to(x.dtype)], dim=1)
+        if straight_through:
+            # forward value 1; the scorer gets the gradient of the picked soft scores
+            picked = y[:, p:].gather(1, idx)
+            patches = patches * (1.0 - picked.detach() + picked).unsqueeze(-1).to(x.dtype)
+        return torch.cat([x[:, :p], patches], dim=1)
 
 
 def insert_selector(model: VisionTransformer, selector: TokenSelector) -> None:

@@ -6,13 +6,16 @@ from sparsebench.runners.suite import expand, load_suite
 
 def test_quick_suite_expands_with_family_recipes():
     suite = load_suite("benchmarks/quick.yaml")
-    assert len(suite.specs) == 34 and not suite.skipped
+    assert len(suite.specs) == 40
+    # ViT-only methods (SViTE family) are skipped on the CNN, each listed
+    assert sorted(m for m, model, _ in suite.skipped) == ["s2vite", "svite", "svite-plus"]
+    assert {model for _, model, _ in suite.skipped} == {"resnet20_tiny"}
     vit = [s for s in suite.specs if s.model == "vit_cifar_tiny"]
     cnn = [s for s in suite.specs if s.model == "resnet20_tiny"]
     assert {s.recipe.optimizer for s in vit} == {"adamw"} and {s.recipe.pretrain_epochs for s in vit} == {30}
     assert {s.recipe.optimizer for s in cnn} == {"sgd"} and {s.recipe.pretrain_epochs for s in cnn} == {15}
     assert sum(s.method == "dense" for s in suite.specs) == 2
-    assert len({s.run_id for s in suite.specs}) == 34
+    assert len({s.run_id for s in suite.specs}) == 40
 
 
 @pytest.mark.parametrize("path", ["benchmarks/cifar.yaml", "benchmarks/transfer.yaml"])
