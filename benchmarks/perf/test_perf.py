@@ -172,10 +172,15 @@ def test_svite_update_and_selector_overhead():
     s2vite: the per-update cost, amortised over ΔT in real runs) and the token selector on
     static svite masks (mask and drop mode), against the plain dense trainer."""
     batches = _vit_batches()
-    dense = _svite_step_time("dense", batches)
-    report = {v: _svite_step_time(v, batches) for v in ("svite-static", "svite", "s2vite-static", "s2vite",
-                                                         "selector-mask", "selector-drop")}
+    variants = ("dense", "svite-static", "svite", "s2vite-static", "s2vite", "selector-mask", "selector-drop")
+    times = {v: [] for v in variants}
+    for r in range(3):                       # alternate the order so load drift hits every variant
+        for v in variants[:: 1 if r % 2 == 0 else -1]:
+            times[v].append(_svite_step_time(v, batches))
+    report = {v: statistics.median(t) for v, t in times.items()}
+    dense = report.pop("dense")
     print(f"dense {dense * 1e3:.1f} ms/step; " + "; ".join(
         f"{v} {t * 1e3:.1f} ms/step ({(t / dense - 1) * 100:+.0f} %)" for v, t in report.items()))
-    assert report["svite"] < 3 * dense and report["s2vite"] < 3 * dense
-    assert report["selector-mask"] < 1.5 * report["svite-static"]
+    # loose bounds: the machine is shared, so these catch regressions of kind, not of percent
+    assert report["svite"] < 5 * dense and report["s2vite"] < 5 * dense
+    assert report["selector-mask"] < 2 * report["svite-static"]
