@@ -362,3 +362,15 @@ def test_svite_plus_on_s2vite_with_eval_noise_still_checks_export():
     out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=4))
     assert out.notes["compaction_max_abs_error"] < 1e-5 and selector_of(out.model).eval_noise
     assert out.notes["closed_form_flops_ratio"] <= 0.6
+
+
+@pytest.mark.parametrize("args", [{"init": "erk_bernoulli"}, {"init": "uniform", "grow": "random"},
+                                  {"decay_over": "t_end", "include_head": False, "include_patch_embed": False}])
+def test_svite_ablation_switches_run(args):
+    method = create_method("svite", update_every=2, **args)
+    out = method.run(make_context("vit_cifar_tiny", "sparsity=0.5", method, budget=4))
+    names = out.masks.names()
+    assert ("head.weight" in names) == args.get("include_head", True)
+    assert ("patch_embed.proj.weight" in names) == args.get("include_patch_embed", True)
+    tol = 0.02 if args.get("init") == "erk_bernoulli" else 1e-3        # Bernoulli counts are inexact
+    assert out.masks.sparsity() == pytest.approx(0.5, abs=tol)
