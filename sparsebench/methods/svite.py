@@ -153,9 +153,12 @@ class UnitPruneAndGrow(TrainerHook):
             h, j = self.heads[b], self.neurons[b]
             kh = swap_count(dr, int(h.sum()), int((~h).sum()))
             kj = swap_count(dr, int(j.sum()), int((~j).sum()))
+            grow_h, grow_j = self.capture.grad_l1[b], self.neuron_grads[b]
+            if self.cfg.grow == "random":
+                grow_h, grow_j = torch.rand(len(h), generator=self.generator), torch.rand(len(j), generator=self.generator)
             # the shared RigL primitive on unit masks: the Taylor / ℓ1 scores play |w|'s part
-            self.heads[b] = drop_and_grow(h, self.capture.taylor[b], self.capture.grad_l1[b], kh, self.generator)
-            self.neurons[b] = drop_and_grow(j, neuron_w[b], self.neuron_grads[b], kj, self.generator)
+            self.heads[b] = drop_and_grow(h, self.capture.taylor[b], grow_h, kh, self.generator)
+            self.neurons[b] = drop_and_grow(j, neuron_w[b], grow_j, kj, self.generator)
             swapped["heads"] += kh
             swapped["neurons"] += kj
             moved["heads"] += int((self.heads[b] & ~h).sum())
@@ -322,6 +325,7 @@ class ScheduleConfig:
     decay_over: Literal["total", "t_end"] = "total"
     update_every: Optional[int] = None                   # ΔT in steps; None: update_fraction of T
     update_fraction: float = 0.08
+    grow: Literal["gradient", "random"] = "gradient"
 
     def __post_init__(self):
         if not 0.0 < self.t_end <= 1.0:
@@ -367,7 +371,6 @@ class SViTE(_ViTSparseTraining):
     @dataclass(frozen=True)
     class Config(ScheduleConfig):
         init: Literal["erk_exact", "erk_bernoulli", "uniform"] = "erk_exact"
-        grow: Literal["gradient", "random"] = "gradient"
         include_head: bool = True                        # official: every dim-2/4 parameter is masked
         include_patch_embed: bool = True
 
@@ -396,7 +399,14 @@ class SViTE(_ViTSparseTraining):
 
 @register_method("s2vite")
 class S2ViTE(_ViTSparseTraining):
-    """S²ViTE: structured prune-and-grow of attention heads and MLP neurons, exported as a smaller ViT."""
+    """S²ViTE: structured prune-and-grow of attention heads and MLP neurons, exported as a smaller ViT.
+
+    Observed on vit_cifar_tiny: gradient growth only ever re-selects the units it just pruned
+    (`notes["updates"][i]["moved"]` stays 0), so the kept set is the random initial one. A
+    neuron that was never active has exactly 0 gradients (its fc2 column is 0 and its fc1
+    bias is still the initial 0), and an inactive head's `proj` columns see a constant input
+    and decay under AdamW. This follows from the spec's criteria; `grow="random"` is the ablation.
+    """
 
     granularity = "head"
 
@@ -455,7 +465,6 @@ class SViTEPlus(Method):
         eval_noise: bool = False
         # svite's knobs, used when base="svite"
         init: Literal["erk_exact", "erk_bernoulli", "uniform"] = "erk_exact"
-        grow: Literal["gradient", "random"] = "gradient"
         include_head: bool = True
         include_patch_embed: bool = True
 

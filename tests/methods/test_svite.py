@@ -374,3 +374,11 @@ def test_svite_ablation_switches_run(args):
     assert ("patch_embed.proj.weight" in names) == args.get("include_patch_embed", True)
     tol = 0.02 if args.get("init") == "erk_bernoulli" else 1e-3        # Bernoulli counts are inexact
     assert out.masks.sparsity() == pytest.approx(0.5, abs=tol)
+
+
+def test_s2vite_random_growth_moves_units_and_keeps_counts():
+    method = create_method("s2vite", grow="random", update_every=2, alpha=0.9)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=12))
+    assert sum(u["moved"]["neurons"] for u in out.notes["updates"]) > 0
+    assert out.structure["summary"]["mlp"] == [out.notes["mlp_per_block"]] * 4
+    assert out.notes["compaction_max_abs_error"] < 1e-5
