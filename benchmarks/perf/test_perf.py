@@ -157,6 +157,19 @@ def test_topology_update_and_phase_boundary_overhead(name):
 def _pass_run(batches, steps):
     """`PASS.run` on resnet20_tiny (coupled, flops=0.5) with `steps` search steps; wall seconds."""
     from sparsebench.datasets import create_dataset
+# --- SViTE / S²ViTE / SViTE+ per-step overheads ------------------------------------------------------
+def _vit_batches():
+    from sparsebench.datasets import create_dataset
+    from sparsebench.runners.pipeline import make_loaders
+
+    loader = make_loaders(create_dataset("digits", img_size=16), 64, 0)["train_method"]
+    return [b for _, b in zip(range(STEPS), loader)]
+
+
+def _svite_step_time(variant: str, batches) -> float:
+    """Median seconds per training step of vit_cifar_tiny under `variant`, every step an update
+    step for the prune-and-grow variants (ΔT = 1, t_end = 1), so the figure bounds the
+    per-update cost; "dense" is the same trainer without hooks."""
     from sparsebench.methods import MethodContext, create_method
     from sparsebench.specs import Target
     from sparsebench.training.trainer import StepBudget
@@ -242,3 +255,63 @@ def test_ofb_search_step_cost():
     print(f"ofb search step / plain step = {ratio:.2f} "
           f"(plain {statistics.median(times['plain']) * 1e3:.1f} ms, search {statistics.median(times['search']) * 1e3:.1f} ms)")
     assert ratio < 10
+    torch.manual_seed(0)
+    model = create_model("vit_cifar_tiny", num_classes=10, img_size=16)
+    recipe = Recipe(batch_size=64, optimizer="adamw", lr=2e-3, weight_decay=0.05)
+    timed = []
+
+    if variant == "dense":
+        trainer = Trainer(model, ListLoader(batches), recipe, torch.device("cpu"), 10, 2e-3)
+        for _ in range(len(batches)):
+            start = time.perf_counter()
+            trainer.schedule_steps = trainer.schedule_steps or len(batches)
+            trainer.train_step()
+            timed.append(time.perf_counter() - start)
+        return statistics.median(timed[3:])
+    name, args, target = {
+        "svite": ("svite", {"update_every": 1, "t_end": 1.0}, "sparsity=0.5"),
+        "s2vite": ("s2vite", {"update_every": 1, "t_end": 1.0}, "flops=0.6"),
+        "svite-static": ("svite", {"update_every": 10 ** 6}, "sparsity=0.5"),
+        "s2vite-static": ("s2vite", {"update_every": 10 ** 6}, "flops=0.6"),
+        "selector-mask": ("svite-plus", {"update_every": 10 ** 6, "token_mode": "mask"}, "sparsity=0.5"),
+        "selector-drop": ("svite-plus", {"update_every": 10 ** 6, "token_mode": "drop"}, "sparsity=0.5"),
+    }[variant]
+    method = create_method(name, **args)
+    ctx = MethodContext(model=model, model_name="vit_cifar_tiny", make_model=None, train_loader=ListLoader(batches),
+                        val_loader=ListLoader(batches[:1]), num_classes=10, input_size=(3, 16, 16),
+                        target=Target.parse(target), budget=StepBudget(len(batches)), recipe=recipe,
+                        device=torch.device("cpu"), seed=0, config=method.config)
+    original = Trainer.train_step
+
+    def timed_step(self):
+        start = time.perf_counter()
+        out = original(self)
+        timed.append(time.perf_counter() - start)
+        return out
+
+    Trainer.train_step = timed_step
+    try:
+        method.run(ctx)
+    finally:
+        Trainer.train_step = original
+    return statistics.median(timed[3:])
+
+
+def test_svite_update_and_selector_overhead():
+    """Per-step cost on vit_cifar_tiny (16 px, batch 64, 1 thread), median step times:
+    masks held without updates ("-static"), a prune-and-grow update at *every* step (svite,
+    s2vite: the per-update cost, amortised over ΔT in real runs) and the token selector on
+    static svite masks (mask and drop mode), against the plain dense trainer."""
+    batches = _vit_batches()
+    variants = ("dense", "svite-static", "svite", "s2vite-static", "s2vite", "selector-mask", "selector-drop")
+    times = {v: [] for v in variants}
+    for r in range(3):                       # alternate the order so load drift hits every variant
+        for v in variants[:: 1 if r % 2 == 0 else -1]:
+            times[v].append(_svite_step_time(v, batches))
+    report = {v: statistics.median(t) for v, t in times.items()}
+    dense = report.pop("dense")
+    print(f"dense {dense * 1e3:.1f} ms/step; " + "; ".join(
+        f"{v} {t * 1e3:.1f} ms/step ({(t / dense - 1) * 100:+.0f} %)" for v, t in report.items()))
+    # loose bounds: the machine is shared, so these catch regressions of kind, not of percent
+    assert report["svite"] < 5 * dense and report["s2vite"] < 5 * dense
+    assert report["selector-mask"] < 2 * report["svite-static"]

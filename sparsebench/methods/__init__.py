@@ -3,7 +3,7 @@ through the `sparsebench.methods` entry-point group and land in the same registr
 from sparsebench.methods.base import (
     METHODS, Method, MethodContext, Outcome, build_config, config_dict, create_method, register_method,
 )
-from sparsebench.methods import baselines, dst, gap, ofb, pass_  # noqa: F401  (register built-in methods)
+from sparsebench.methods import baselines, dst, gap, ofb, pass_, svite  # noqa: F401  (register built-in methods)
 
 __all__ = ["METHODS", "Method", "MethodContext", "Outcome", "build_config", "config_dict",
            "create_method", "register_method"]

@@ -116,3 +116,64 @@ class RandomImportance(Importance):
 
     def elementwise(self, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {n: torch.rand(p.shape, generator=self.generator).to(p.device) for n, p in params.items()}
+
+
+class HeadOutputTaylor:
+    """First-order Taylor scores of each attention head's *output*, captured on one batch.
+
+    A forward hook on every block's `attn.proj` reads its input A (B, N, H·d), the heads'
+    concatenated outputs, and registers a gradient hook on it, so this works with fused and
+    unfused attention alike. With A_h and G_h = ∂L/∂A_h the slices of head h (S²ViTE, svite
+    spec §3):
+
+        taylor[h]   = mean_b |Σ_{n,d} A_h·G_h|     (prune score of an active head)
+        grad_l1[h]  = mean_b  Σ_{n,d} |G_h|        (grow score; pruned heads still get G_h)
+
+    Arm it before the forward of the batch to score (`arm()`); the scores of the last armed
+    batch are in `taylor` and `grad_l1` (one tensor of H per block) after its backward.
+    Unarmed, the hooks cost one flag check per block.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.blocks = list(model.blocks)
+        self.armed = False
+        self.taylor: List[Optional[torch.Tensor]] = [None] * len(self.blocks)
+        self.grad_l1: List[Optional[torch.Tensor]] = [None] * len(self.blocks)
+        self._handles = [blk.attn.proj.register_forward_hook(self._forward(i)) for i, blk in enumerate(self.blocks)]
+        if not self._handles:
+            raise ValueError("HeadOutputTaylor found no attention blocks to score")
+
+    def _forward(self, index: int):
+        def hook(module, inputs, output):
+            a = inputs[0]
+            if not self.armed or not a.requires_grad:
+                return
+            heads = self.blocks[index].attn.num_heads
+            saved = a.detach()
+
+            def on_grad(g, index=index, saved=saved, heads=heads):
+                b, n, width = g.shape
+                g = g.detach().float().view(b, n, heads, width // heads)
+                a_h = saved.float().view(b, n, heads, width // heads)
+                self.taylor[index] = (a_h * g).sum(dim=(1, 3)).abs().mean(0).cpu()
+                self.grad_l1[index] = g.abs().sum(dim=(1, 3)).mean(0).cpu()
+
+            a.register_hook(on_grad)
+
+        return hook
+
+    def arm(self) -> None:
+        self.armed = True
+        self.taylor = [None] * len(self.blocks)
+        self.grad_l1 = [None] * len(self.blocks)
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def ready(self) -> bool:
+        return all(t is not None for t in self.taylor)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -275,15 +275,20 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_scores: torch.T
 
 def prune_and_grow(masks: "MaskSet", fraction: float, grow_scores: Dict[str, torch.Tensor],
                    optimizer: Optional[torch.optim.Optimizer] = None,
-                   generator: Optional[torch.Generator] = None) -> Dict[str, int]:
-    """Apply `drop_and_grow` to every tensor of `masks` with k = ⌊fraction·n_active⌋.
+                   generator: Optional[torch.Generator] = None, rounding: str = "floor") -> Dict[str, int]:
+    """Apply `drop_and_grow` to every tensor of `masks` with k = ⌊fraction·n_active⌋
+    (`rounding="ceil"`: ⌈fraction·n_active⌉, SViTE's, which swaps ≥ 1 entry per layer while
+    fraction > 0).
 
     Grown weights start at 0 with zeroed optimizer state (`MaskSet.update`); dropped weights
     and their optimizer state are zeroed. Returns the number of entries moved per tensor.
     """
+    if rounding not in ("floor", "ceil"):
+        raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
+    round_k = math.floor if rounding == "floor" else math.ceil
     moved = {}
     for name, mask in list(masks.masks.items()):
-        k = int(math.floor(fraction * int(mask.sum())))
+        k = int(round_k(fraction * int(mask.sum())))
         new = drop_and_grow(mask, masks.params[name], grow_scores[name], k, generator)
         moved[name] = int((new & ~mask).sum())
         masks.update(name, new, optimizer)
@@ -305,14 +310,15 @@ class DynamicSparsity(TrainerHook):
     pass `drop_fraction=lambda t: ζ` for a constant one. The update runs in `after_step`
     (after the optimizer step of the update iteration), before `MaskSet` re-applies masks.
     `grow_init` "zero" (RigL, default SET) or "random" (original SET: new weights drawn
-    from N(0, std of the layer's surviving weights)).
+    from N(0, std of the layer's surviving weights)). `rounding`: k = ⌊·⌋ (RigL) or ⌈·⌉ (SViTE).
     """
 
     order = HookOrder.READS_DENSE_GRADIENTS
 
     def __init__(self, masks: "MaskSet", delta_t: int, t_end: int, alpha: float = 0.3, grow: str = "gradient",
                  generator: Optional[torch.Generator] = None,
-                 drop_fraction: Optional[Callable[[int], float]] = None, grow_init: str = "zero"):
+                 drop_fraction: Optional[Callable[[int], float]] = None, grow_init: str = "zero",
+                 rounding: str = "floor"):
         if grow not in GROW_CRITERIA:
             raise SpecError(f"unknown grow criterion {grow!r}; allowed: {', '.join(GROW_CRITERIA)}")
         if grow_init not in ("zero", "random"):
@@ -323,6 +329,7 @@ class DynamicSparsity(TrainerHook):
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.drop_fraction = drop_fraction or (lambda t: cosine_drop_fraction(t, alpha, t_end))
         self.grow_init = grow_init
+        self.rounding = rounding
         self._gradients: Optional[Dict[str, torch.Tensor]] = None
         self.history: List[dict] = []
 
@@ -352,7 +359,7 @@ class DynamicSparsity(TrainerHook):
                       for n, p in self.masks.params.items()}
         fraction = self.drop_fraction(step)
         before = {n: m.clone() for n, m in self.masks.masks.items()} if self.grow_init == "random" else None
-        moved = prune_and_grow(self.masks, fraction, scores, optimizer, self.generator)
+        moved = prune_and_grow(self.masks, fraction, scores, optimizer, self.generator, self.rounding)
         if before is not None:
             for n, p in self.masks.params.items():
                 grown = self.masks.masks[n] & ~before[n]

@@ -64,11 +64,17 @@ class ViTUnitSpace(UnitSpace):
 
     floor_name = "min_units"
 
-    def __init__(self, model: nn.Module, input_size: Optional[Sequence[int]] = None, fold_bias: bool = True):
+    def __init__(self, model: nn.Module, input_size: Optional[Sequence[int]] = None, fold_bias: bool = True,
+                 tokens: Optional[int] = None):
+        """`tokens`: the sequence length the blocks see when fewer than every patch token
+        reach them (a token selector that drops tokens before block 0); default all."""
         check_supported(model)
         self.input_size = tuple(input_size) if input_size is not None else default_input_size(model)
         self.fold_bias = fold_bias
-        n = num_tokens(model, self.input_size)
+        all_tokens = num_tokens(model, self.input_size)
+        n = all_tokens if tokens is None else int(tokens)
+        if not 0 < n <= all_tokens:
+            raise ValueError(f"tokens must be in 1..{all_tokens}, got {tokens}")
         dim = model.embed_dim
         self.num_tokens = n
         self.groups: List[UnitGroup] = []
@@ -79,7 +85,7 @@ class ViTUnitSpace(UnitSpace):
             self.groups.append(UnitGroup(len(self.groups), b, "heads", blk.attn.num_heads, head_macs))
             self.groups.append(UnitGroup(len(self.groups), b, "mlp", blk.mlp.fc1.out_features, 2 * n * dim))
         conv = model.patch_embed.proj
-        patches = n - model.num_prefix_tokens
+        patches = all_tokens - model.num_prefix_tokens
         self.fixed_macs = patches * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * dim
         if isinstance(model.head, nn.Linear):
             self.fixed_macs += dim * model.head.out_features

@@ -1,0 +1,540 @@
+"""Chasing Sparsity in Vision Transformers (Chen, Cheng, Gan, Yuan, Zhang, Wang; NeurIPS 2021,
+arXiv 2106.04533; official code VITA-Group/SViTE). Spec: ../shared/specs/svite.md.
+
+Sparse training from scratch at a fixed budget, on a stock timm `VisionTransformer`:
+
+    initialise masks at the target (ERK weights, or random heads / neurons per block)
+    every step: dense forward/backward, optimizer step, W ← W ⊙ M
+    if t mod ΔT == 0 and t < t_end·T, per layer (or block):
+        k = ⌈dr(t)·n_active⌉;  prune the k active units with the lowest prune score,
+        grow the k inactive ones with the highest grow score (grown weights start at 0)
+    dr(t) = floor + (α − floor)·½(1 + cos(π t / T))
+
+- `svite`  (unstructured): every attention / MLP weight, the patch embedding and the head;
+  prune by |w|, grow by |∂L/∂w| (RigL's `DynamicSparsity` in `training.masks`, SViTE's schedule).
+- `s2vite` (heads + MLP neurons): prune heads by the first-order Taylor score of their
+  output, neurons by ‖fc1 row‖₁ + ‖fc2 column‖₁; grow by gradient; every block keeps the
+  same counts; exported to a physically smaller timm ViT.
+- `svite-plus` (SViTE+): a learnable token selector after the position embedding on top of
+  either (`base`); Gumbel-softmax top-k with a straight-through gradient, τ 10 → 0.1.
+  `token_mode="mask"` zeroes unselected tokens (the paper; no wall-clock gain),
+  `"drop"` removes them (a shorter sequence: realizable; a labelled non-faithful variant).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from sparsebench.errors import SpecError
+from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.training.importance import HeadOutputTaylor
+from sparsebench.training.masks import (
+    DynamicSparsity, MaskSet, drop_and_grow, initial_masks, layer_densities, prunable_weights,
+)
+from sparsebench.training.trainer import HookOrder, Trainer, TrainerHook
+from sparsebench.training.vit_slim import check_supported, num_tokens
+from sparsebench.training.vit_units import ViTUnitSpace
+
+
+# --- the schedule shared by both variants (spec §1) -------------------------------------------
+def drop_fraction(t: int, total: int, alpha: float = 0.5, floor: float = 0.005, t_end: float = 0.8,
+                  decay_over: str = "total") -> float:
+    """dr(t) = floor + (α − floor)·½(1 + cos(π t / horizon)).
+
+    The official code decays over the whole run (`"total"`: dr ≈ 0.05 at t_end = 0.8);
+    Algorithm 1 writes the decay over T_end (`"t_end"`).
+    """
+    horizon = total if decay_over == "total" else max(1.0, t_end * total)
+    progress = min(1.0, t / horizon)
+    return floor + (alpha - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def update_interval(total: int, t_end: float, every: Optional[int], fraction: float) -> int:
+    """ΔT: `every` steps if given, else `fraction` of the budget (the official 15k of 1.5M
+    iterations is ≈1 %; on a few hundred steps that would be a handful of steps, so the
+    tiny default is 8 %, ≥ 10 steps [reconstructed]), shortened so one update fits before t_end."""
+    if every is None:
+        every = max(10, int(round(fraction * total)))
+    last = math.ceil(t_end * total) - 1           # the last step t with t < t_end·T
+    return max(1, min(every, last)) if last >= 1 else max(1, every)
+
+
+def is_update_step(t: int, total: int, every: int, t_end: float) -> bool:
+    return t > 0 and t % every == 0 and t < t_end * total
+
+
+def swap_count(drop: float, active: int, inactive: int) -> int:
+    """k = ⌈dr·n_active⌉ (≥ 1 while dr > 0: spec §1.5), never more than can be swapped."""
+    if inactive == 0 or active == 0:
+        return 0
+    return min(active, math.ceil(drop * active))
+
+
+# --- structured units (S²ViTE, spec §3) ---------------------------------------------------------
+def unit_weight_masks(model: VisionTransformer, heads: Sequence[torch.Tensor],
+                      neurons: Sequence[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Per-block head and neuron masks as weight masks: head h = its rows in each of the Q, K
+    and V slices of `qkv.weight`; neuron j = row j of `fc1.weight` and column j of `fc2.weight`.
+    Biases, `proj`, norms, patch embedding and head stay dense (the qkv bias of a pruned head
+    stays live: it outputs b_v, which the export folds into `proj.bias`)."""
+    masks = {}
+    for b, (blk, h, j) in enumerate(zip(model.blocks, heads, neurons)):
+        attn, mlp = blk.attn, blk.mlp
+        d, dim = attn.head_dim, attn.qkv.in_features
+        rows = h.bool().repeat_interleave(d).repeat(3)                 # Q, K, V slices
+        masks[f"blocks.{b}.attn.qkv.weight"] = rows[:, None].expand(-1, dim).clone()
+        masks[f"blocks.{b}.mlp.fc1.weight"] = j.bool()[:, None].expand(-1, mlp.fc1.in_features).clone()
+        masks[f"blocks.{b}.mlp.fc2.weight"] = j.bool()[None, :].expand(mlp.fc2.out_features, -1).clone()
+    return masks
+
+
+def neuron_l1(model: VisionTransformer, grads: bool = False) -> List[torch.Tensor]:
+    """‖fc1[j,:]‖₁ + ‖fc2[:,j]‖₁ per block, of the weights or of their (dense) gradients."""
+    out = []
+    for blk in model.blocks:
+        fc1, fc2 = (blk.mlp.fc1.weight, blk.mlp.fc2.weight)
+        if grads:
+            fc1, fc2 = fc1.grad, fc2.grad
+        out.append((fc1.detach().abs().sum(1) + fc2.detach().abs().sum(0)).float().cpu())
+    return out
+
+
+class UnitPruneAndGrow(TrainerHook):
+    """S²ViTE's topology updates on per-block head and neuron masks, through a `MaskSet`.
+
+    Scores come from the single minibatch of the update step (spec §3): the head capture is
+    armed only for that batch, and the neuron gradients are read before `MaskSet` zeroes
+    them (`HookOrder.READS_DENSE_GRADIENTS`).
+    """
+
+    order = HookOrder.READS_DENSE_GRADIENTS
+
+    def __init__(self, model: VisionTransformer, masks: MaskSet, heads: List[torch.Tensor],
+                 neurons: List[torch.Tensor], total: int, every: int, cfg, generator: torch.Generator):
+        self.model, self.masks, self.heads, self.neurons = model, masks, heads, neurons
+        self.generator = generator
+        self.total, self.every, self.cfg = total, every, cfg
+        self.capture = HeadOutputTaylor(model)
+        self.neuron_grads: Optional[List[torch.Tensor]] = None
+        self.history: List[dict] = []
+
+    def _due(self, t: int) -> bool:
+        return is_update_step(t, self.total, self.every, self.cfg.t_end)
+
+    def before_forward(self, trainer: Trainer, inputs, targets):
+        if self._due(trainer.step + 1):
+            self.capture.arm()
+        return None
+
+    def after_backward(self, trainer: Trainer) -> None:
+        if self.capture.armed:
+            self.neuron_grads = neuron_l1(self.model, grads=True)
+
+    @torch.no_grad()
+    def after_step(self, trainer: Trainer) -> None:
+        t = trainer.step
+        if not self._due(t):
+            return
+        self.capture.disarm()
+        if not self.capture.ready():
+            # official defect 9: a silent no-op when no head was scored
+            raise RuntimeError("S²ViTE scored no attention head on the update batch")
+        dr = drop_fraction(t, self.total, self.cfg.alpha, self.cfg.floor, self.cfg.t_end, self.cfg.decay_over)
+        neuron_w = neuron_l1(self.model)
+        swapped, moved = {"heads": 0, "neurons": 0}, {"heads": 0, "neurons": 0}
+        for b in range(len(self.heads)):
+            h, j = self.heads[b], self.neurons[b]
+            kh = swap_count(dr, int(h.sum()), int((~h).sum()))
+            kj = swap_count(dr, int(j.sum()), int((~j).sum()))
+            grow_h, grow_j = self.capture.grad_l1[b], self.neuron_grads[b]
+            if self.cfg.grow == "random":
+                grow_h, grow_j = torch.rand(len(h), generator=self.generator), torch.rand(len(j), generator=self.generator)
+            # the shared RigL primitive on unit masks: the Taylor / ℓ1 scores play |w|'s part
+            self.heads[b] = drop_and_grow(h, self.capture.taylor[b], grow_h, kh, self.generator)
+            self.neurons[b] = drop_and_grow(j, neuron_w[b], grow_j, kj, self.generator)
+            swapped["heads"] += kh
+            swapped["neurons"] += kj
+            moved["heads"] += int((self.heads[b] & ~h).sum())
+            moved["neurons"] += int((self.neurons[b] & ~j).sum())
+        for name, m in unit_weight_masks(self.model, self.heads, self.neurons).items():
+            self.masks.update(name, m, trainer.optimizer)
+        self.history.append({"step": t, "drop_fraction": dr, "swapped": swapped, "moved": moved})
+
+    def remove(self) -> None:
+        self.capture.remove()
+
+
+def block_counts(space: ViTUnitSpace, flops: float, head_density: Optional[float],
+                 mlp_density: Optional[float], dense_macs: Optional[int] = None, extra_macs: int = 0) -> tuple:
+    """Heads and neurons every block keeps (spec §3: ⌊H·ρ_h⌋ and ⌊hidden·ρ_m⌋).
+
+    Densities given: used as they are. Not given [reconstructed]: the FLOPs target picks
+    them. MACs are linear in the counts, so one common keep ratio ρ* meets the budget
+    exactly; heads take the nearest whole count round(H·ρ*) (floor-only would starve
+    attention: 1 of 4 heads at flops 0.5), and the MLP width fills what is left.
+    """
+    heads_g = [g for g in space.groups if g.kind == "heads"]
+    mlp_g = [g for g in space.groups if g.kind == "mlp"]
+    H, hidden = heads_g[0].size, mlp_g[0].size
+    if any(g.size != H for g in heads_g) or any(g.size != hidden for g in mlp_g):
+        raise SpecError("s2vite keeps equal counts per block and needs blocks of equal width")
+    budget = flops * (dense_macs or space.dense_macs)
+
+    def macs(h: int, m: int) -> int:
+        return extra_macs + space.macs([h if g.kind == "heads" else m for g in space.groups])
+
+    if head_density is not None:
+        h = int(math.floor(H * head_density))
+    else:
+        ratio = (budget - macs(0, 0)) / (macs(H, hidden) - macs(0, 0))
+        h = max(1, min(H, int(round(H * ratio))))
+        while h > 1 and macs(h, 1) > budget:
+            h -= 1
+    if h < 1:
+        raise SpecError(f"head_density={head_density} keeps no head of {H} (need H·ρ_h ≥ 1)")
+    if mlp_density is not None:
+        m = int(math.floor(hidden * mlp_density))
+    else:
+        m = 0
+        while m < hidden and macs(h, m + 1) <= budget:
+            m += 1
+    if m < 1:
+        raise SpecError(f"flops={flops:g} leaves no MLP neuron with {h} of {H} heads per block")
+    return h, m
+
+
+def random_units(size: int, keep: int, generator: torch.Generator) -> torch.Tensor:
+    mask = torch.zeros(size, dtype=torch.bool)
+    mask[torch.randperm(size, generator=generator)[:keep]] = True
+    return mask
+
+
+# --- the token selector (SViTE+, spec §4) -------------------------------------------------------
+class TokenSelector(nn.Module):
+    """Learnable top-k token selection after the position embedding.
+
+    ℓ = log_softmax over tokens of `Linear(D, 1)`; training: y = softmax((ℓ + g)/τ) with
+    g ~ Gumbel(0, 1), m = topk_onehot(y) − sg(y) + y (straight-through), prefix (cls)
+    tokens forced to 1. `mode="mask"`: x ← x ⊙ m (k or k+1 tokens non-zero, as official);
+    `mode="drop"`: the top k − prefix patch tokens, scaled by their m (=1 forward, so the
+    scorer keeps a gradient), after the prefix tokens: the sequence really is k long.
+    Evaluation: deterministic top-k of ℓ (`eval_noise=False`); the official code evaluates
+    with Gumbel noise at τ = 1 (`eval_noise=True`), which is stochastic (defect 6).
+    """
+
+    def __init__(self, dim: int, keep: int, num_prefix: int = 1, mode: str = "mask", eval_noise: bool = False):
+        super().__init__()
+        if mode not in ("mask", "drop"):
+            raise ValueError(f"mode must be 'mask' or 'drop', got {mode!r}")
+        if keep <= num_prefix:
+            raise ValueError(f"token_keep={keep} must exceed the {num_prefix} prefix token(s)")
+        self.scorer = nn.Linear(dim, 1)
+        self.keep, self.num_prefix, self.mode, self.eval_noise = keep, num_prefix, mode, eval_noise
+        self.tau = 10.0
+
+    def extra_repr(self) -> str:
+        return f"keep={self.keep}, mode={self.mode!r}, tau={self.tau:g}"
+
+    def soft_scores(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.scorer(x).squeeze(-1).float()
+        if not (self.training or self.eval_noise):
+            return logits                       # top-k of the logits = top-k of their log-softmax
+        logits = F.log_softmax(logits, dim=1)
+        gumbel = -torch.empty_like(logits).exponential_().log()
+        return F.softmax((logits + gumbel) / (self.tau if self.training else 1.0), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, p = x.shape[1], self.num_prefix
+        if self.keep >= n:
+            return x
+        y = self.soft_scores(x)
+        straight_through = torch.is_grad_enabled() and y.requires_grad and (self.training or self.eval_noise)
+        if self.mode == "mask":
+            hard = torch.zeros_like(y).scatter_(1, y.topk(self.keep, dim=1).indices, 1.0)
+            m = hard - y.detach() + y if straight_through else hard
+            m = torch.cat([torch.ones_like(m[:, :p]), m[:, p:]], dim=1)
+            return x * m.unsqueeze(-1).to(x.dtype)
+        idx = y[:, p:].topk(self.keep - p, dim=1).indices.sort(dim=1).values
+        patches = x[:, p:].gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        if straight_through:
+            # forward value 1; the scorer gets the gradient of the picked soft scores
+            picked = y[:, p:].gather(1, idx)
+            patches = patches * (1.0 - picked.detach() + picked).unsqueeze(-1).to(x.dtype)
+        return torch.cat([x[:, :p], patches], dim=1)
+
+
+def insert_selector(model: VisionTransformer, selector: TokenSelector) -> None:
+    """After patch embedding, cls concatenation and pos-embed, before block 0, without
+    subclassing timm: `norm_pre` runs exactly there."""
+    model.norm_pre = nn.Sequential(model.norm_pre, selector)
+
+
+def selector_of(model: nn.Module) -> Optional[TokenSelector]:
+    return next((m for m in model.modules() if isinstance(m, TokenSelector)), None)
+
+
+@contextlib.contextmanager
+def noiseless_selectors(*models: nn.Module):
+    """Deterministic selectors for the duration (an `eval_noise=True` selector would make the
+    masked-vs-compacted check compare two different random token sets)."""
+    selectors = [s for s in map(selector_of, models) if s is not None]
+    saved = [s.eval_noise for s in selectors]
+    for s in selectors:
+        s.eval_noise = False
+    try:
+        yield
+    finally:
+        for s, flag in zip(selectors, saved):
+            s.eval_noise = flag
+
+
+class TemperatureSchedule(TrainerHook):
+    """τ falls linearly from `start` to `end` over the run (official "fix-tau" direction)."""
+
+    def __init__(self, selector: TokenSelector, total: int, start: float = 10.0, end: float = 0.1):
+        self.selector, self.total, self.start, self.end = selector, total, start, end
+        selector.tau = start
+
+    def tau_at(self, t: int) -> float:
+        return self.start + (self.end - self.start) * min(1.0, t / max(1, self.total - 1))
+
+    def before_forward(self, trainer: Trainer, inputs, targets):
+        self.selector.tau = self.tau_at(trainer.step)
+        return None
+
+
+# --- the methods --------------------------------------------------------------------------------
+def _require_vit(model: nn.Module, name: str) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise SpecError(f"{name} needs a timm VisionTransformer (deit_*, vit_cifar*); got {type(model).__name__}")
+    check_supported(model)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    alpha: float = 0.5                                   # initial drop fraction
+    floor: float = 0.005                                 # final drop fraction
+    t_end: float = 0.8                                   # no update at or after t_end·T
+    decay_over: Literal["total", "t_end"] = "total"
+    update_every: Optional[int] = None                   # ΔT in steps; None: update_fraction of T
+    update_fraction: float = 0.08
+    grow: Literal["gradient", "random"] = "gradient"
+
+    def __post_init__(self):
+        if not 0.0 < self.t_end <= 1.0:
+            raise ValueError(f"t_end must be in (0, 1], got {self.t_end}")
+        if not 0.0 <= self.floor <= self.alpha <= 1.0:
+            raise ValueError(f"need 0 <= floor <= alpha <= 1, got floor={self.floor}, alpha={self.alpha}")
+
+
+class _ViTSparseTraining(Method):
+    starts_from = "scratch"
+
+    def supports(self, model: nn.Module, family: str) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def train(self, ctx: MethodContext, cfg, hooks=(), no_weight_decay=(), tokens: Optional[int] = None,
+              extra_macs: int = 0) -> Outcome:
+        """Sparse training of `ctx.model` with extra trainer hooks (SViTE+'s τ schedule);
+        `tokens`/`extra_macs`: sequence length and selector cost when a selector drops tokens."""
+        raise NotImplementedError
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        return self.train(ctx, self.config)
+
+
+def svite_initial_masks(params: Dict[str, torch.Tensor], sparsity: float, init: str,
+                        generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """ERK (all official scripts) or uniform densities. `erk_exact` keeps exactly
+    round(density·numel) random weights per layer (shared `initial_masks`); `erk_bernoulli`
+    samples each weight with its layer's density, as the official code does (inexact
+    counts: defect 11)."""
+    if init != "erk_bernoulli":
+        return initial_masks(params, sparsity, "uniform" if init == "uniform" else "erk", "random", generator)
+    densities = layer_densities(params, sparsity, "erk")
+    return {n: torch.rand(p.shape, generator=generator).to(p.device) < densities[n] for n, p in params.items()}
+
+
+@register_method("svite")
+class SViTE(_ViTSparseTraining):
+    """SViTE: unstructured sparse training of a ViT from scratch (ERK, prune by |w|, grow by gradient)."""
+
+    granularity = "unstructured"
+
+    @dataclass(frozen=True)
+    class Config(ScheduleConfig):
+        init: Literal["erk_exact", "erk_bernoulli", "uniform"] = "erk_exact"
+        include_head: bool = True                        # official: every dim-2/4 parameter is masked
+        include_patch_embed: bool = True
+
+    def train(self, ctx: MethodContext, cfg, hooks=(), no_weight_decay=(), tokens: Optional[int] = None,
+              extra_macs: int = 0) -> Outcome:
+        model = ctx.model
+        _require_vit(model, "svite")
+        total = ctx.budget.left
+        exclude = ([] if cfg.include_head else ["head"]) + ([] if cfg.include_patch_embed else ["patch_embed.proj"])
+        # masks are keyed by name (official defect 8); a token selector is never masked
+        params = {n: p for n, p in prunable_weights(model, exclude=exclude).items() if not n.startswith("norm_pre")}
+        generator = torch.Generator().manual_seed(ctx.seed)
+        masks = MaskSet(model, svite_initial_masks(params, ctx.target.value, cfg.init, generator))
+        every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
+        # RigL's machinery with SViTE's schedule: prune |w|, grow |∂L/∂w| (dense), k = ⌈dr·n_active⌉
+        updates = DynamicSparsity(
+            masks, delta_t=every, t_end=math.ceil(cfg.t_end * total), alpha=cfg.alpha, grow=cfg.grow,
+            generator=generator, rounding="ceil",
+            drop_fraction=lambda t: drop_fraction(t, total, cfg.alpha, cfg.floor, cfg.t_end, cfg.decay_over))
+        trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
+        trainer.fit(total, progress=ctx.progress, desc=self.name)
+        return Outcome(model=model, realization="masked", masks=masks, prunable=list(params),
+                       notes={"update_every": every, "init": cfg.init, "layer_sparsity": masks.layer_sparsity(),
+                              "updates": updates.history})
+
+
+@register_method("s2vite")
+class S2ViTE(_ViTSparseTraining):
+    """S²ViTE: structured prune-and-grow of attention heads and MLP neurons, exported as a smaller ViT.
+
+    Observed on vit_cifar_tiny: gradient growth only ever re-selects the units it just pruned
+    (`notes["updates"][i]["moved"]` stays 0), so the kept set is the random initial one. A
+    neuron that was never active has exactly 0 gradients (its fc2 column is 0 and its fc1
+    bias is still the initial 0), and an inactive head's `proj` columns see a constant input
+    and decay under AdamW. This follows from the spec's criteria; `grow="random"` is the ablation.
+    """
+
+    granularity = "head"
+
+    @dataclass(frozen=True)
+    class Config(ScheduleConfig):
+        head_density: Optional[float] = None             # None: from the FLOPs target
+        mlp_density: Optional[float] = None
+
+    def train(self, ctx: MethodContext, cfg, hooks=(), no_weight_decay=(), tokens: Optional[int] = None,
+              extra_macs: int = 0) -> Outcome:
+        model = ctx.model
+        _require_vit(model, "s2vite")
+        total = ctx.budget.left
+        dense_macs = ViTUnitSpace(model, ctx.input_size).dense_macs
+        space = ViTUnitSpace(model, ctx.input_size, tokens=tokens)
+        h, m = block_counts(space, ctx.target.value, cfg.head_density, cfg.mlp_density, dense_macs, extra_macs)
+        generator = torch.Generator().manual_seed(ctx.seed)
+        heads = [random_units(blk.attn.num_heads, h, generator) for blk in model.blocks]
+        neurons = [random_units(blk.mlp.fc1.out_features, m, generator) for blk in model.blocks]
+        masks = MaskSet(model, unit_weight_masks(model, heads, neurons))
+        every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
+        updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator)
+        trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
+        try:
+            trainer.fit(total, progress=ctx.progress, desc=self.name)
+        finally:
+            updates.remove()
+        kept = [units for pair in zip(updates.heads, updates.neurons) for units in pair]
+        compact = space.compact(model, kept)
+        x = next(iter(ctx.val_loader))[0].to(ctx.device)
+        with noiseless_selectors(model, compact):
+            error = space.check_compaction(model, kept, compact, x)
+        return Outcome(
+            model=compact, realization="compacted", structure=space.structure(kept),
+            prunable=[n for n in prunable_weights(model) if not n.startswith("norm_pre")],
+            notes={"heads_per_block": h, "mlp_per_block": m, "update_every": every,
+                   "closed_form_flops_ratio": (extra_macs + space.macs([int(k.sum()) for k in kept])) / dense_macs,
+                   "compaction_max_abs_error": error, "updates": updates.history},
+        )
+
+
+@register_method("svite-plus")
+class SViTEPlus(Method):
+    """SViTE+: a learnable top-k token selector (Gumbel-softmax, straight-through) on SViTE or S²ViTE."""
+
+    granularity = "token"
+    starts_from = "scratch"
+
+    @dataclass(frozen=True)
+    class Config(S2ViTE.Config):
+        base: Literal["svite", "s2vite"] = "svite"
+        token_keep: float = 0.9                          # k: fraction (≤ 1) or count of all tokens, cls included
+        token_mode: Literal["mask", "drop"] = "mask"     # mask: the paper's zeroing; drop: a shorter sequence
+        tau_start: float = 10.0
+        tau_end: float = 0.1
+        eval_noise: bool = False
+        # svite's knobs, used when base="svite"
+        init: Literal["erk_exact", "erk_bernoulli", "uniform"] = "erk_exact"
+        include_head: bool = True
+        include_patch_embed: bool = True
+
+        def __post_init__(self):
+            super().__post_init__()
+            if self.token_keep <= 0:
+                raise ValueError(f"token_keep must be > 0, got {self.token_keep}")
+
+    @property
+    def target_kind(self) -> str:
+        return "sparsity" if self.config.base == "svite" else "flops"
+
+    def supports(self, model: nn.Module, family: str) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    def keep_count(self, model: VisionTransformer, input_size) -> int:
+        n = num_tokens(model, input_size)
+        k = self.config.token_keep
+        return min(n, int(round(k * n)) if k <= 1 else int(k))
+
+    def run(self, ctx: MethodContext) -> Outcome:
+        cfg = self.config
+        model = ctx.model
+        _require_vit(model, "svite-plus")
+        n = num_tokens(model, ctx.input_size)
+        k = self.keep_count(model, ctx.input_size)
+        selector = TokenSelector(model.embed_dim, k, model.num_prefix_tokens, cfg.token_mode, cfg.eval_noise)
+        insert_selector(model, selector.to(ctx.device))
+        selector_macs = n * model.embed_dim                # Linear(D, 1) on every token
+        tau = TemperatureSchedule(selector, ctx.budget.left, cfg.tau_start, cfg.tau_end)
+        base = S2ViTE(S2ViTE.Config(**_fields_of(cfg, S2ViTE.Config))) if cfg.base == "s2vite" else \
+            SViTE(SViTE.Config(**_fields_of(cfg, SViTE.Config)))
+        base.name = cfg.base
+        drop = cfg.token_mode == "drop"
+        outcome = base.train(ctx, base.config, hooks=[tau], no_weight_decay=list(selector.parameters()),
+                             tokens=k if drop else None, extra_macs=selector_macs if drop else 0)
+        deployed = selector_of(outcome.model)
+        deployed.tau = cfg.tau_end
+        if drop:
+            outcome.realization = "compacted"            # a shorter sequence is a smaller dense model
+        outcome.notes.update({
+            "base": cfg.base, "token_mode": cfg.token_mode, "token_keep": k, "tokens": n,
+            "faithful": not drop,
+            "realized_by": "token removal (shorter sequence)" + (" and head/MLP compaction" if cfg.base == "s2vite"
+                                                                 else "; unstructured zeros run dense")
+            if drop else ("the s2vite compaction only; zeroed tokens run dense" if cfg.base == "s2vite"
+                          else "nothing: zeroed tokens and unstructured zeros run dense"),
+            "selector_macs": selector_macs,
+            "selector_params": sum(p.numel() for p in deployed.parameters()),
+        })
+        if not drop:
+            outcome.notes["token_drop_theoretical_macs"] = _macs_with_tokens_dropped(outcome.model, ctx.input_size)
+        outcome.structure = {**(outcome.structure or {}), "token_selector": {
+            "mode": cfg.token_mode, "keep": k, "of": n, "after": "pos_embed (norm_pre)"}}
+        return outcome
+
+
+def _fields_of(cfg, target_cls) -> dict:
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(target_cls)}
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in names}
+
+
+def _macs_with_tokens_dropped(model: nn.Module, input_size) -> int:
+    """Theoretical MACs of a mask-mode model had the zeroed tokens been removed."""
+    import copy
+
+    from sparsebench.measure.flops import count_macs
+
+    clone = copy.deepcopy(model)
+    selector_of(clone).mode = "drop"
+    return count_macs(clone, input_size).macs_effective

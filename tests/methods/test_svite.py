@@ -1,0 +1,384 @@
+"""SViTE / S²ViTE / SViTE+ (sparsebench/methods/svite.py; spec §11)."""
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from sparsebench.errors import SpecError
+from sparsebench.methods import create_method
+from sparsebench.methods.svite import (
+    TemperatureSchedule, TokenSelector, drop_fraction, insert_selector, is_update_step, selector_of,
+    svite_initial_masks, unit_weight_masks, update_interval,
+)
+from sparsebench.measure.flops import count_macs
+from sparsebench.models import create_model
+from sparsebench.runners.pipeline import RunOptions, execute
+from sparsebench.training.importance import HeadOutputTaylor
+from sparsebench.training.masks import DynamicSparsity, MaskSet, drop_and_grow, prunable_weights
+from sparsebench.training.trainer import TrainerHook
+from sparsebench.training.vit_slim import ViTStructure, slim_vit, vit_macs, vit_params
+from sparsebench.training.vit_units import ViTUnitSpace
+
+from conftest import make_context, set_fused_attention, tiny_spec
+
+
+def vit(name="vit_cifar_tiny", img_size=16, seed=0):
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=10, img_size=img_size)
+
+
+def randomize_biases(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            p.data.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+# --- schedule ----------------------------------------------------------------------------------
+def test_drop_fraction_endpoints_and_horizons():
+    assert drop_fraction(0, 100) == pytest.approx(0.5)
+    assert drop_fraction(100, 100) == pytest.approx(0.005)
+    # official: decay over the whole run, ≈ 0.05 at t_end = 0.8
+    assert drop_fraction(80, 100) == pytest.approx(0.005 + 0.495 * 0.5 * (1 + math.cos(0.8 * math.pi)))
+    assert drop_fraction(80, 100, decay_over="t_end") == pytest.approx(0.005)
+
+
+def test_update_interval_fits_before_t_end():
+    every = update_interval(300, 0.8, None, 0.08)
+    assert every == 24
+    steps = [t for t in range(301) if is_update_step(t, 300, every, 0.8)]
+    assert steps and max(steps) < 240 and len(steps) == 9
+    assert update_interval(20, 0.8, None, 0.08) == 10            # ≥ 10 steps, one update fits
+
+
+# --- criteria on hand-built tensors ----------------------------------------------------------------
+def test_prune_lowest_active_grow_highest_inactive():
+    """SViTE's criteria through the shared RigL primitive (`drop_and_grow`)."""
+    active = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    weight = torch.tensor([0.5, -0.1, 2.0, 9.0, 9.0, 9.0])          # inactive magnitudes are ignored
+    grad = torch.tensor([9.0, 0.05, 9.0, 0.3, -3.0, 0.1])           # still-active gradients are ignored
+    new = drop_and_grow(active, weight, grad.abs(), 1)
+    assert new.tolist() == [True, False, True, False, True, False]
+    # just-pruned entries are grow candidates
+    new = drop_and_grow(active, weight, torch.tensor([0, 5.0, 0, 1, 1, 1]), 1)
+    assert new.tolist() == [True, True, True, False, False, False]
+
+
+def test_svite_update_grows_zero_weights_with_zeroed_adam_state_and_ceil_counts():
+    lin = nn.Linear(8, 4, bias=False)
+    opt = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    lin(torch.randn(4, 8)).sum().backward()
+    opt.step()
+    masks = MaskSet(lin, {"weight": torch.rand(4, 8, generator=torch.Generator().manual_seed(0)) < 0.5})
+    masks.mask_optimizer_state(opt)
+    before = masks.masks["weight"].clone()
+    hook = DynamicSparsity(masks, delta_t=1, t_end=10, grow="gradient", rounding="ceil",
+                           drop_fraction=lambda t: 0.01)
+    moved = hook.update(1, opt, gradients={"weight": (~before).float() * torch.rand(4, 8)})
+    after = masks.masks["weight"]
+    new = after & ~before
+    assert int(after.sum()) == int(before.sum())
+    assert moved["weight"] == 1 == int(new.sum())                  # ⌈0.01·n⌉ = 1, not ⌊·⌋ = 0
+    assert (lin.weight[new] == 0).all() and (opt.state[lin.weight]["exp_avg"][new] == 0).all()
+
+
+# --- SViTE (unstructured) --------------------------------------------------------------------------
+def test_erk_exact_density_and_dense_fallback():
+    model = vit()
+    params = prunable_weights(model)
+    masks = svite_initial_masks(params, 0.5, "erk_exact", torch.Generator().manual_seed(0))
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert abs(kept / total - 0.5) < 1e-3
+    assert bool(masks["head.weight"].all())               # a 10-class head is made dense
+    assert set(params) >= {"patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight",
+                           "blocks.0.mlp.fc1.weight", "blocks.0.mlp.fc2.weight", "head.weight"}
+
+
+def test_svite_masks_hold_and_layer_counts_are_constant():
+    method = create_method("svite", update_every=4)
+    ctx = make_context("vit_cifar_tiny", "sparsity=0.5", method, budget=20)
+    seen = []
+
+    class Check(TrainerHook):
+        order = 1000                                       # after MaskSet
+
+        def __init__(self):
+            self.masks = None
+
+        def after_step(self, trainer):
+            masks = next(h for h in trainer.hooks if hasattr(h, "masks") and isinstance(h.masks, dict))
+            for n, p in masks.params.items():
+                assert (p[~masks.masks[n]] == 0).all()
+            seen.append(masks.nnz())
+
+    outcome = method.train(ctx, method.config, hooks=[Check()])
+    assert all(s == seen[0] for s in seen)
+    steps = [u["step"] for u in outcome.notes["updates"]]
+    assert steps == [4, 8, 12] and all(t < 0.8 * 20 for t in steps)
+    assert all(u["moved"] > 0 for u in outcome.notes["updates"])
+    assert outcome.masks.sparsity() == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("name,target,args", [
+    ("svite", "sparsity=0.5", {}),
+    ("s2vite", "flops=0.6", {}),
+    ("svite-plus", "flops=0.6", {"base": "s2vite", "token_mode": "drop"}),
+])
+def test_same_seed_same_masks_and_logits(name, target, args):
+    def run():
+        method = create_method(name, update_every=3, **args)
+        ctx = make_context("vit_cifar_tiny", target, method, budget=8)
+        out = method.run(ctx)
+        x = next(iter(ctx.val_loader))[0][:8]
+        masks = out.masks.masks if out.masks is not None else out.structure
+        return masks, out.model.eval()(x)
+
+    (ma, la), (mb, lb) = run(), run()
+    if isinstance(ma, dict) and all(isinstance(v, torch.Tensor) for v in ma.values()):
+        assert all(torch.equal(ma[n], mb[n]) for n in ma)
+    else:
+        assert ma == mb
+    assert torch.equal(la, lb)
+
+
+# --- S²ViTE (heads + neurons) ----------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [False, True])
+def test_head_scores_match_autograd_reference(fused):
+    model = randomize_biases(vit())
+    set_fused_attention(model, fused)
+    capture = HeadOutputTaylor(model)
+    x = torch.randn(3, 3, 16, 16)
+    capture.arm()
+    outs = {}
+    handles = [blk.attn.proj.register_forward_pre_hook(
+        lambda m, i, b=b: outs.__setitem__(b, i[0]) or i[0].retain_grad()) for b, blk in enumerate(model.blocks)]
+    model(x).pow(2).sum().backward()
+    for h in handles:
+        h.remove()
+    for b, blk in enumerate(model.blocks):
+        H = blk.attn.num_heads
+        a, g = outs[b].detach(), outs[b].grad
+        a, g = a.view(3, a.shape[1], H, -1), g.view(3, g.shape[1], H, -1)
+        ref_taylor = (a * g).sum(dim=(1, 3)).abs().mean(0)
+        ref_grad = g.abs().sum(dim=(1, 3)).mean(0)
+        assert torch.allclose(capture.taylor[b], ref_taylor, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(capture.grad_l1[b], ref_grad, rtol=1e-4, atol=1e-7)
+    capture.remove()
+
+
+def test_s2vite_counts_per_block_constant_and_export_equivalent():
+    method = create_method("s2vite", update_every=4)
+    ctx = make_context("vit_cifar_tiny", "flops=0.6", method, budget=20)
+    counts = []
+
+    class Check(TrainerHook):
+        order = 1000
+
+        def after_step(self, trainer):
+            upd = next(h for h in trainer.hooks if hasattr(h, "neurons"))
+            counts.append(([int(h.sum()) for h in upd.heads], [int(j.sum()) for j in upd.neurons]))
+            for n, p in upd.masks.params.items():
+                assert (p[~upd.masks.masks[n]] == 0).all()
+
+    outcome = method.train(ctx, method.config, hooks=[Check()])
+    h, m = outcome.notes["heads_per_block"], outcome.notes["mlp_per_block"]
+    assert all(c == ([h] * 4, [m] * 4) for c in counts)
+    assert [u["step"] for u in outcome.notes["updates"]] == [4, 8, 12]
+    assert all(u["swapped"]["heads"] == 4 for u in outcome.notes["updates"])      # ⌈dr·2⌉ = 1 per block
+    assert outcome.realization == "compacted"
+    assert outcome.notes["compaction_max_abs_error"] < 1e-5
+    assert outcome.structure["summary"]["heads"] == [h] * 4
+    ratio = count_macs(outcome.model, ctx.input_size).macs / ctx.dense_macs
+    assert ratio == pytest.approx(outcome.notes["closed_form_flops_ratio"]) and ratio <= 0.6
+
+
+def test_export_equivalence_with_biases_and_an_empty_block(tmp_path):
+    """Masked weights (qkv rows, fc1 rows, fc2 columns; biases live) == the slim timm ViT."""
+    model = randomize_biases(vit()).eval()
+    H, hidden = 4, 256
+    g = torch.Generator().manual_seed(1)
+    heads = [torch.tensor([1, 0, 1, 0], dtype=torch.bool), torch.zeros(H, dtype=torch.bool),
+             torch.tensor([0, 0, 0, 1], dtype=torch.bool), torch.ones(H, dtype=torch.bool)]
+    neurons = [torch.rand(hidden, generator=g) < 0.5 for _ in range(4)]
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in unit_weight_masks(masked, heads, neurons).items():
+            masked.get_parameter(n).mul_(m)
+    space = ViTUnitSpace(masked, (3, 16, 16))
+    kept = [u for pair in zip(heads, neurons) for u in pair]
+    slim = space.compact(masked, kept).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        assert (masked(x) - slim(x)).abs().max() < 1e-5
+    structure = ViTStructure.from_dict(space.structure(kept))
+    assert sum(p.numel() for p in slim.parameters()) == vit_params(model, structure)
+    # reload: dense model → slim → load_state_dict of the saved slim weights
+    torch.save(slim.state_dict(), tmp_path / "slim.pt")
+    (tmp_path / "structure.json").write_text(structure.to_json())
+    again = slim_vit(vit(seed=5), ViTStructure.from_json((tmp_path / "structure.json").read_text())).eval()
+    again.load_state_dict(torch.load(tmp_path / "slim.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(x), slim(x))
+
+
+def test_s2vite_explicit_densities_and_floor():
+    method = create_method("s2vite", head_density=0.5, mlp_density=0.5)
+    ctx = make_context("vit_cifar_tiny", "flops=0.6", method, budget=4)
+    out = method.run(ctx)
+    assert out.structure["summary"]["heads"] == [2] * 4 and out.structure["summary"]["mlp"] == [128] * 4
+    with pytest.raises(SpecError, match="keeps no head"):
+        bad = create_method("s2vite", head_density=0.2)
+        bad.run(make_context("vit_cifar_tiny", "flops=0.6", bad, budget=2))
+
+
+def test_cnn_is_refused_in_one_line():
+    for name in ("svite", "s2vite", "svite-plus"):
+        method = create_method(name)
+        assert not method.supports(create_model("resnet20_tiny", img_size=16), "cnn")
+        with pytest.raises(SpecError, match="needs a timm VisionTransformer"):
+            method.run(make_context("resnet20_tiny", "sparsity=0.5" if name != "s2vite" else "flops=0.5",
+                                    method, budget=2))
+
+
+# --- SViTE+ token selector ---------------------------------------------------------------------------
+def _selected(x_out):
+    return (x_out.abs().sum(-1) != 0)
+
+
+@pytest.mark.parametrize("mode", ["mask", "drop"])
+def test_selector_keeps_k_tokens_and_the_class_token(mode):
+    torch.manual_seed(0)
+    sel = TokenSelector(8, keep=5, num_prefix=1, mode=mode).train()
+    x = torch.randn(16, 17, 8) + 0.1
+    y = sel(x)
+    if mode == "mask":
+        kept = _selected(y).sum(1)
+        assert ((kept == 5) | (kept == 6)).all()          # top-k over all tokens, then cls forced
+        assert torch.equal(y[:, 0], x[:, 0])
+    else:
+        assert y.shape == (16, 5, 8)
+        assert torch.equal(y[:, 0], x[:, 0])
+        # each kept token is one of the input patch tokens
+        dist = torch.cdist(y[:, 1:], x[:, 1:])
+        assert (dist.min(-1).values < 1e-5).all()
+    sel.eval()
+    a, b = sel(x), sel(x)
+    assert torch.equal(a, b)                               # eval: deterministic top-k (no noise)
+    if mode == "drop":
+        assert a.shape[1] == 5
+
+
+@pytest.mark.parametrize("mode", ["mask", "drop"])
+def test_gradients_reach_the_selector(mode):
+    model = vit()
+    sel = TokenSelector(model.embed_dim, 12, 1, mode)
+    insert_selector(model, sel)
+    model.train()
+    model(torch.randn(4, 3, 16, 16)).sum().backward()
+    assert sel.scorer.weight.grad is not None and sel.scorer.weight.grad.abs().sum() > 0
+
+
+def test_temperature_endpoints():
+    sel = TokenSelector(8, 4)
+    sched = TemperatureSchedule(sel, total=100)
+    assert sched.tau_at(0) == pytest.approx(10.0) and sched.tau_at(99) == pytest.approx(0.1)
+    assert sel.tau == 10.0
+
+
+def test_token_drop_macs_are_the_shorter_sequence():
+    """count_macs of the drop-mode model == closed form at k tokens + patch embed at all + scorer."""
+    model = vit().eval()
+    n, k, D = 17, 9, model.embed_dim
+    insert_selector(model, TokenSelector(D, k, 1, "drop"))
+    got = count_macs(model, (3, 16, 16)).macs
+    blocks_at_k = ViTUnitSpace(vit(), (3, 16, 16), tokens=k).dense_macs
+    assert got == blocks_at_k + n * D
+    # by hand for one block: qkv + QKᵀ + A·V + proj + fc1 + fc2 at k tokens
+    per_block = k * D * 3 * D + 2 * k * k * D + k * D * D + 2 * k * D * 4 * D
+    patch = 16 * 48 * D
+    assert got == patch + 4 * per_block + D * 10 + n * D
+    assert got < vit_macs(vit(), input_size=(3, 16, 16))
+
+
+def test_svite_plus_records_mode_and_keep_and_is_excluded_from_masks():
+    method = create_method("svite-plus", token_mode="drop", token_keep=0.9, update_every=4)
+    ctx = make_context("vit_cifar_tiny", "sparsity=0.5", method, budget=10)
+    out = method.run(ctx)
+    assert out.realization == "compacted" and out.notes["token_mode"] == "drop" and out.notes["token_keep"] == 15
+    assert not any("norm_pre" in n for n in out.masks.names())
+    assert out.structure["token_selector"] == {"mode": "drop", "keep": 15, "of": 17, "after": "pos_embed (norm_pre)"}
+    sel = selector_of(out.model)
+    assert sel.tau == pytest.approx(0.1)
+    assert method.target_kind == "sparsity"
+    assert create_method("svite-plus", base="s2vite").target_kind == "flops"
+
+
+# --- the real pipeline ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("svite-cache")
+
+
+@pytest.mark.parametrize("method,target,args", [
+    ("s2vite", "flops=0.6", {}),
+    ("svite", "sparsity=0.5", {}),
+    ("svite-plus", "sparsity=0.5", {"token_mode": "drop"}),
+    ("svite-plus", "flops=0.6", {"base": "s2vite", "token_mode": "mask"}),
+])
+def test_pipeline_end_to_end(tmp_path, cache, method, target, args):
+    spec = tiny_spec(method, model="vit_cifar_tiny", target=target, method_args=tuple(sorted(args.items())))
+    record = execute(spec, RunOptions(out=tmp_path, cache_dir=cache))
+    assert record.test_top1 > 0.1
+    if method == "s2vite":
+        assert record.realization.realizable and record.measured_speedup is not None
+        assert record.achieved_flops_ratio <= 0.6 + 1e-9
+    elif method == "svite":
+        assert not record.realization.realizable
+        assert record.achieved_sparsity == pytest.approx(0.5, abs=2e-3)
+    elif args.get("token_mode") == "drop":
+        assert record.realization.realizable and record.notes["token_mode"] == "drop"
+        assert record.macs.realized < record.macs.dense
+    else:
+        assert record.notes["token_mode"] == "mask" and record.notes["faithful"]
+        assert record.achieved_flops_ratio <= 0.6 + 1e-9
+
+
+@pytest.mark.parametrize("name,heads", [("deit_tiny_tiny", 2), ("deit_small_tiny", 4)])
+def test_s2vite_on_deit_layouts_headline_density(name, heads):
+    """The `_60` layout: heads 0.7 (⌊3·0.7⌋ = 2 for DeiT-T, 4 of 6 for DeiT-S), MLP 0.6."""
+    method = create_method("s2vite", head_density=0.7, mlp_density=0.6, update_every=2)
+    ctx = make_context(name, "flops=0.6", method, budget=4)
+    out = method.run(ctx)
+    assert out.structure["summary"]["heads"] == [heads] * 2
+    assert out.notes["compaction_max_abs_error"] < 1e-5
+
+
+def test_svite_plus_on_s2vite_with_eval_noise_still_checks_export():
+    method = create_method("svite-plus", base="s2vite", token_mode="drop", eval_noise=True, update_every=2)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=4))
+    assert out.notes["compaction_max_abs_error"] < 1e-5 and selector_of(out.model).eval_noise
+    assert out.notes["closed_form_flops_ratio"] <= 0.6
+
+
+@pytest.mark.parametrize("args", [{"init": "erk_bernoulli"}, {"init": "uniform", "grow": "random"},
+                                  {"decay_over": "t_end", "include_head": False, "include_patch_embed": False}])
+def test_svite_ablation_switches_run(args):
+    method = create_method("svite", update_every=2, **args)
+    out = method.run(make_context("vit_cifar_tiny", "sparsity=0.5", method, budget=4))
+    names = out.masks.names()
+    assert ("head.weight" in names) == args.get("include_head", True)
+    assert ("patch_embed.proj.weight" in names) == args.get("include_patch_embed", True)
+    tol = 0.02 if args.get("init") == "erk_bernoulli" else 1e-3        # Bernoulli counts are inexact
+    assert out.masks.sparsity() == pytest.approx(0.5, abs=tol)
+
+
+def test_s2vite_random_growth_moves_units_and_keeps_counts():
+    method = create_method("s2vite", grow="random", update_every=2, alpha=0.9)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=12))
+    assert sum(u["moved"]["neurons"] for u in out.notes["updates"]) > 0
+    assert out.structure["summary"]["mlp"] == [out.notes["mlp_per_block"]] * 4
+    assert out.notes["compaction_max_abs_error"] < 1e-5
