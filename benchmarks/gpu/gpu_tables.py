@@ -38,6 +38,7 @@ BATCHES = (1, 64, 256)
 SPARSE24_MODELS = ("deit_small", "deit_base")
 SEED_STRUCTURED = ("pass", "s2vite", "ofb", "svite-plus")
 FULL_SIZE = {"cnn": "resnet50", "vit": "deit_small"}
+DEVICE = "cuda"          # the methods part runs on CPU too, for its tests
 CAPS_S = {"structured": 200, "sparse24": 70, "methods": 60, "quick": 120}   # 450 s of work, within 8 min
 
 
@@ -146,6 +147,8 @@ def method_rows(record) -> List[dict]:
 
     structure = record.structure or {}
     family = model_family(record.model)
+    if record.method == "svite-plus":
+        return token_drop_rows(record)
     if family == "vit" and "blocks" in structure:
         blocks = structure["summary"] if "summary" in structure else None
         if blocks is None:
@@ -162,7 +165,7 @@ def method_rows(record) -> List[dict]:
     for size_name in (record.model, FULL_SIZE[family]):
         img = record.data["img_size"] if size_name == record.model else 224
         torch.manual_seed(0)
-        dense = create_model(size_name, num_classes=record.data["num_classes"], img_size=img).cuda().eval()
+        dense = create_model(size_name, num_classes=record.data["num_classes"], img_size=img).to(DEVICE).eval()
         space = unit_space(dense, (3, img, img), "coupled")
         keep = [max(1, round(r * g.size)) for r, g in zip(scaled_keep(ratios, len(space.groups)), space.groups)]
         kept = []
@@ -172,11 +175,51 @@ def method_rows(record) -> List[dict]:
             kept.append(m)
         compact = space.compact(dense, kept).eval()
         dense_macs, macs = count_macs(dense, (3, img, img)).macs, count_macs(compact, (3, img, img)).macs
-        timing = compare_latency(dense, compact, (3, img, img), LatencySettings(batch_sizes=BATCHES, rounds=6),
-                                 torch.device("cuda"))
+        timing = compare_latency(dense, compact, (3, img, img), _method_timing(), torch.device(DEVICE))
         for bs, t in timing.items():
             rows.append({"method": record.method, "found_on": record.model, "timed_on": size_name,
                          "img_size": img, "target": record.target_label, "batch": int(bs),
+                         "theoretical_speedup": dense_macs / macs, **_speed(t)})
+    return rows
+
+
+def _method_timing():
+    from sparsebench.measure.latency import LatencySettings
+
+    if DEVICE == "cuda":
+        return LatencySettings(batch_sizes=BATCHES, rounds=6)
+    return LatencySettings(batch_sizes=(1,), rounds=2, min_run_time=0.01)     # the CPU test's smoke timing
+
+
+def token_drop_rows(record) -> List[dict]:
+    """SViTE+ in drop mode: the same keep ratio of tokens, at its own size and on DeiT-Small."""
+    import copy
+
+    from sparsebench.measure.flops import count_macs
+    from sparsebench.measure.latency import LatencySettings, compare_latency
+    from sparsebench.methods.svite import TokenSelector, insert_selector
+    from sparsebench.models import create_model
+    from sparsebench.training.vit_slim import num_tokens
+
+    args = record.method_args
+    if args.get("token_mode") != "drop":
+        return [_skip(record, "SViTE+ in mask mode zeroes tokens: nothing shorter to time beyond its base")]
+    rows = []
+    for size_name in (record.model, FULL_SIZE["vit"]):
+        img = record.data["img_size"] if size_name == record.model else 224
+        torch.manual_seed(0)
+        dense = create_model(size_name, num_classes=record.data["num_classes"], img_size=img).to(DEVICE).eval()
+        n = num_tokens(dense, (3, img, img))
+        ratio = float(args["token_keep"])
+        keep = min(n, round(ratio * n) if ratio <= 1 else int(ratio))
+        dropped = copy.deepcopy(dense)
+        insert_selector(dropped, TokenSelector(dense.embed_dim, keep, dense.num_prefix_tokens, mode="drop").to(DEVICE))
+        dropped.eval()
+        dense_macs, macs = count_macs(dense, (3, img, img)).macs, count_macs(dropped, (3, img, img)).macs
+        timing = compare_latency(dense, dropped, (3, img, img), _method_timing(), torch.device(DEVICE))
+        for bs, t in timing.items():
+            rows.append({"method": record.method, "found_on": record.model, "timed_on": size_name,
+                         "img_size": img, "target": f"{record.target_label}, tokens {keep}/{n}", "batch": int(bs),
                          "theoretical_speedup": dense_macs / macs, **_speed(t)})
     return rows
 

@@ -39,6 +39,16 @@ def method_label(record: RunRecord) -> str:
     return name if not changed else f"{name}[{','.join(f'{k}={v}' for k, v in changed.items())}]"
 
 
+def _train_macs(r: RunRecord):
+    """Forward + backward MACs of the method and the fine-tune (the run's own training; the shared
+    dense pretrain is the same for every method of a (model, seed) and stays out); None if uncounted."""
+    spent = r.cost.train_macs or {}
+    parts = [spent.get("method"), spent.get("finetune")]
+    if any(p is None or not p.get("complete", True) for p in parts):
+        return None
+    return float(sum(p["forward"] + p["backward"] for p in parts))
+
+
 def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per record; metric columns are empty for runs without a result (diverged)."""
     rows = []
@@ -47,8 +57,9 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "dataset": r.dataset, "model": r.model, "method": method_label(r), "seed": r.seed,
             "granularity": r.granularity, "target_kind": r.target_kind, "target": r.target_value,
             "status": r.status, "device": r.device, "error": r.error, "run_id": r.run_id,
-            "dense_top1": 100 * r.dense_test_top1,
+            "dense_top1": None if r.dense_test_top1 is None else 100 * r.dense_test_top1,   # None: dense diverged
             "method_steps": r.cost.method_steps, "method_seconds": r.cost.method_wall_seconds,
+            "train_macs": _train_macs(r),
             "tolerance": None if r.tolerance is None else f"-{r.tolerance.below:g}/+{r.tolerance.above:g}",
         }
         if r.has_result:
@@ -92,6 +103,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         theoretical_speedup=("theoretical_speedup", "mean"),
         measured_speedup=("measured_speedup", "mean"), measured_speedup_ci=("measured_speedup", ci95),
         realizable=("realizable", "all"), method_steps=("method_steps", "mean"),
+        train_macs=("train_macs", "mean"),
     ).reset_index()
     out["target"] = out["target"].replace(-1.0, np.nan)
     kind_order = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2})
@@ -132,7 +144,8 @@ class Leaderboard:
 def _pm(mean: float, ci: float, fmt: str) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    return format(mean, fmt) + ("" if ci is None or math.isnan(ci) else f" ± {format(ci, fmt)}")
+    ci_fmt = fmt.lstrip("+")          # a signed mean, an unsigned half-width
+    return format(mean, fmt) + ("" if ci is None or math.isnan(ci) else f" ± {format(ci, ci_fmt)}")
 
 
 def display_table(agg: pd.DataFrame) -> pd.DataFrame:
@@ -149,6 +162,7 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "sparsity": f"{r['sparsity']:.3f}", "FLOPs ratio": f"{r['flops']:.3f}",
             "MMACs": f"{r['macs'] / 1e6:.2f}", "params": f"{r['params'] / 1e3:.1f}k",
             "theor. speedup": f"{r['theoretical_speedup']:.2f}×", "measured speedup": measured,
+            "train GMACs": "–" if pd.isna(r.get("train_macs")) else f"{r['train_macs'] / 1e9:.1f}",
             "device": r["device"], "seeds": int(r["seeds"]),
         })
     return pd.DataFrame(rows)
@@ -168,6 +182,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
     lines += [
         "top1: test top-1 (%), mean ± 95 % CI over seeds (t-interval; none with one seed); model selected on a "
         "validation split carved from train, test evaluated once. Δ dense: against the shared dense checkpoint. "
+        "train GMACs: forward + backward MACs of the method and the fine-tune (sparse training counted sparse; "
+        "the shared dense pretrain left out). "
         "sparsity: zero or removed fraction of prunable weights. FLOPs ratio: realized MACs / dense MACs "
         "(attention matmuls counted). theor. speedup: dense / realized MACs. measured speedup: dense / realized "
         "latency, same process and device, at the throughput batch, on the device named beside it; unstructured "

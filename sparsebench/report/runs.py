@@ -69,7 +69,7 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
         "method_name": r.method, "family": family_of(method_label(r)), "granularity": r.granularity,
         "starts_from": r.starts_from, "seed": r.seed, "target_kind": r.target_kind, "target": r.target_value,
         "target_label": "dense" if r.target_kind == "none" else r.target_label, "status": r.status,
-        "error": r.error, "dense_top1": 100 * r.dense_test_top1,
+        "error": r.error, "dense_top1": None if r.dense_test_top1 is None else 100 * r.dense_test_top1,
         "method_steps": r.cost.method_steps, "method_budget_steps": r.cost.method_budget_steps,
         "method_seconds": r.cost.method_wall_seconds, "finetune_steps": r.cost.finetune_steps,
         "finetune_seconds": r.cost.finetune_wall_seconds, "pretrain_steps": r.cost.dense_pretrain_steps,
@@ -124,7 +124,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             masked=bool((g["macs_is"] == "theoretical").any() or g["granularity"].iloc[0] in ("unstructured", "n:m")),
             method_steps=_mean(g["method_steps"]), method_seconds=_mean(g["method_seconds"]),
             finetune_steps=_mean(g["finetune_steps"]), finetune_seconds=_mean(g["finetune_seconds"]),
-            errors="; ".join(sorted({e for e in g["error"] if e})),
+            errors="; ".join(sorted({e for e in g["error"] if isinstance(e, str) and e})),   # NaN when mixed with None
         )
         if row["seeds"] >= 2 and not math.isnan(row["measured_speedup_ci"]):
             row["speedup_lo"] = row["measured_speedup"] - row["measured_speedup_ci"]

@@ -99,3 +99,15 @@ def test_method_label_ignores_tuple_defaults_read_back_from_json():
     assert method_label(make_record("pass", spec={"method_args": args})) == "pass"
     args["residual_mode"] = "coupled"
     assert method_label(make_record("pass", spec={"method_args": args})) == "pass[residual_mode=coupled]"
+
+
+def test_a_run_whose_dense_pretrain_diverged_is_listed_apart_and_the_site_builds(tmp_path):
+    from sparsebench.report.leaderboard import Leaderboard
+    from sparsebench.report.site import build_site
+
+    records = [fake_record("random", 0, 0.8), fake_record("random", 1, None, status="diverged", dense_test_top1=None,
+                                                         dense_val_top1=None)]
+    board = Leaderboard.of(records)
+    assert len(board.table) == 1 and list(board.excluded["status"]) == ["diverged"]
+    build_site(records, tmp_path / "site")
+    assert (tmp_path / "site" / "index.html").exists()
