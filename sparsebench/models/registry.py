@@ -25,10 +25,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # (suite `recipe`/`recipes` and `--recipe` override single values). They are the quick
 # suite's recipes, which train both CPU-tiny models to a useful dense checkpoint on digits;
 # the ViT needs AdamW, a longer warm-up and more epochs than the CNN.
+# Epoch counts are written as the suite files write them (15, not 15.0): the spec hash sees the
+# JSON number, so `sparsebench run` with these defaults names the same run as the quick suite.
 FAMILY_RECIPES: Dict[str, Recipe] = {
-    "cnn": Recipe(pretrain_epochs=15.0, finetune_epochs=3.0, search_epochs=1.0),
+    "cnn": Recipe(pretrain_epochs=15, finetune_epochs=3, search_epochs=1),
     "vit": Recipe(optimizer="adamw", lr=2e-3, finetune_lr=5e-4, weight_decay=0.05, warmup_fraction=0.1,
-                  pretrain_epochs=30.0, finetune_epochs=3.0, search_epochs=1.0),
+                  pretrain_epochs=30, finetune_epochs=3, search_epochs=1),
 }
 
 

@@ -59,9 +59,14 @@ def test_family_recipes_are_the_quick_suites():
     """A plain `sparsebench run` trains as long and with the same optimiser as the quick suite."""
     from sparsebench.runners.suite import load_suite
 
+    import dataclasses
+    import json
+
     suite = load_suite("benchmarks/quick.yaml")
     for spec in suite.specs:
         assert spec.recipe == model_card_recipe(spec.model)
+        # equal as JSON too (15, not 15.0): the spec hash of a plain run is the suite's
+        assert json.dumps(dataclasses.asdict(spec.recipe)) == json.dumps(dataclasses.asdict(model_card_recipe(spec.model)))
 
 
 def model_card_recipe(name):
