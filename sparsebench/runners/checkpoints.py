@@ -69,7 +69,7 @@ def dense_checkpoint(
 ) -> DenseCheckpoint:
     key = spec.dense_key()
     digest = stable_hash(key)
-    path = Path(cache_dir) / f"dense-{spec.model}-{spec.dataset}-s{spec.seed}-{digest[:12]}.pt"
+    path = dense_path(spec, cache_dir)
     platform = current_platform()
     with platform.primary_lock(path.with_suffix(".lock")):
         meta = _cached_meta(path, key) if platform.is_primary and path.exists() else None
@@ -98,6 +98,12 @@ def dense_checkpoint(
             partial.clear()
         platform.barrier()                 # the file is there before any rank reads it
         return DenseCheckpoint(path=path, **meta)
+
+
+def dense_path(spec: RunSpec, cache_dir: Path) -> Path:
+    """Where the dense checkpoint of `spec` is cached (a launcher plans training only where it is missing)."""
+    digest = stable_hash(spec.dense_key())
+    return Path(cache_dir) / f"dense-{spec.model}-{spec.dataset}-s{spec.seed}-{digest[:12]}.pt"
 
 
 def _cached_meta(path: Path, key: dict) -> Optional[dict]:
