@@ -156,11 +156,19 @@ def _short(path: Path) -> str:
 
 
 def cmd_run(args) -> int:
+    """One run; under `torchrun --nproc_per_node N` every process trains its share of each batch
+    (DDP) and rank 0 alone writes the record and prints."""
+    from sparsebench.platform import init_distributed
     from sparsebench.runners.pipeline import execute, resolve
     from sparsebench.store import RecordError, RecordStore
 
+    platform = init_distributed(args.device)
     spec = resolve(_spec_from_args(args))
     options = _options(args)
+    options.device = str(platform.device(args.device))
+    if not platform.is_primary:
+        options.progress = None
+    say = print if platform.is_primary else (lambda *a, **k: None)
     store = RecordStore(Path(args.out))
     record = None
     if store.exists(spec.run_id) and not args.force:
@@ -169,14 +177,18 @@ def cmd_run(args) -> int:
             if record.status == "failed":          # a failure is no result: try again
                 record = None
             else:
-                print(f"already done: {store.path(spec.run_id)}")
+                say(f"already done: {store.path(spec.run_id)}")
         except RecordError as e:     # a damaged record is no finished run: run it again
-            print(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
-                  file=sys.stderr)
-    if record is None:
+            say(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
+                file=sys.stderr)
+    if platform.broadcast(record is None):          # every rank trains, or none does
         record = execute(spec, options)
-        print(f"wrote {store.path(spec.run_id)}")
-    _print_run_summary(record)
+        say(f"wrote {store.path(spec.run_id)}")
+    elif record is None:
+        record = store.read(spec.run_id)
+    platform.barrier()
+    if platform.is_primary:
+        _print_run_summary(record)
     return 3 if record.status == "diverged" else 0      # the record is kept; scripts still see it failed
 
 
