@@ -117,3 +117,26 @@ def test_ddp_run_matches_one_process_and_resumes(tmp_path, monkeypatch):
     resumed = json.loads(next((again / "records").glob("*.json")).read_text())
     assert resumed["cost"]["resumed_fits"] >= 1
     assert resumed["test_top1"] == records[0]["test_top1"] and resumed["val_top1"] == records[0]["val_top1"]
+
+
+@pytest.mark.slow
+def test_sparsebench_run_under_torchrun_writes_one_record_and_prints_once(tmp_path):
+    """The real entry: torchrun's environment variables, `cmd_run` joining the group (gloo)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "sparsebench", "run", "--method", "magnitude-global", "--model", "resnet20_tiny", "--dataset",
+           "digits", "--target", "sparsity=0.5", "--img-size", "16", "--recipe", "pretrain_epochs=0.3",
+           "--recipe", "finetune_epochs=0.2", "--no-latency", "--quiet", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1 and done.stdout.count("top1 ") == 1      # rank 0 speaks alone
+    records = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
+    assert len(records) == 1 and records[0]["status"] == "ok" and records[0]["environment"]["world_size"] == 2
