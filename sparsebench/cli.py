@@ -1,7 +1,8 @@
 """The `sparsebench` command line.
 
     sparsebench run --method gmp --model resnet20_tiny --dataset digits --target sparsity=0.9 --seed 0 --out DIR
-    sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--dry-run]
+    sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--launcher local|ray [--address A]]
+                      [--retry-failed] [--dry-run]
     sparsebench leaderboard DIR          sparsebench plot DIR          sparsebench report DIR --out SITE
     sparsebench list [methods|models|datasets]
     sparsebench check-data DATASET [--data-root DIR] [--img-size N]
@@ -19,7 +20,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -156,24 +156,39 @@ def _short(path: Path) -> str:
 
 
 def cmd_run(args) -> int:
+    """One run; under `torchrun --nproc_per_node N` every process trains its share of each batch
+    (DDP) and rank 0 alone writes the record and prints."""
+    from sparsebench.platform import init_distributed
     from sparsebench.runners.pipeline import execute, resolve
     from sparsebench.store import RecordError, RecordStore
 
+    platform = init_distributed(args.device)
     spec = resolve(_spec_from_args(args))
     options = _options(args)
+    options.device = str(platform.device(args.device))
+    if not platform.is_primary:
+        options.progress = None
+    say = print if platform.is_primary else (lambda *a, **k: None)
     store = RecordStore(Path(args.out))
     record = None
     if store.exists(spec.run_id) and not args.force:
         try:
             record = store.read(spec.run_id)
-            print(f"already done: {store.path(spec.run_id)}")
+            if record.status == "failed":          # a failure is no result: try again
+                record = None
+            else:
+                say(f"already done: {store.path(spec.run_id)}")
         except RecordError as e:     # a damaged record is no finished run: run it again
-            print(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
-                  file=sys.stderr)
-    if record is None:
+            say(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
+                file=sys.stderr)
+    if platform.broadcast(record is None):          # every rank trains, or none does
         record = execute(spec, options)
-        print(f"wrote {store.path(spec.run_id)}")
-    _print_run_summary(record)
+        say(f"wrote {store.path(spec.run_id)}")
+    elif record is None:
+        record = store.read(spec.run_id)
+    platform.barrier()
+    if platform.is_primary:
+        _print_run_summary(record)
     return 3 if record.status == "diverged" else 0      # the record is kept; scripts still see it failed
 
 
@@ -190,23 +205,8 @@ def _print_run_summary(r) -> None:
 
 
 # --- sweep ----------------------------------------------------------------------------------
-def _run_one(payload):
-    """Worker entry point: one spec, errors returned rather than raised."""
-    spec_dict, options = payload
-    from sparsebench.datasets import DataError
-    from sparsebench.runners.pipeline import execute
-    from sparsebench.specs import RunSpec, SpecError
-
-    try:
-        execute(RunSpec.from_dict(spec_dict), options)
-        return spec_dict, None
-    except (SpecError, DataError) as e:     # bad input for this run: its one line says it all
-        return spec_dict, f"{type(e).__name__}: {e}"
-    except Exception as e:   # noqa: BLE001 — a failed run must not stop the sweep
-        return spec_dict, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-
-
 def cmd_sweep(args) -> int:
+    from sparsebench.runners.launchers import launch, wants_run
     from sparsebench.runners.pipeline import resolve
     from sparsebench.runners.progress import SweepEta
     from sparsebench.runners.suite import load_suite
@@ -220,16 +220,27 @@ def cmd_sweep(args) -> int:
         return _dry_run(suite, specs, args)
     if args.jobs < 1:
         raise CliError(f"bad --jobs {args.jobs}; allowed: an integer >= 1")
+    if args.address and args.launcher != "ray":
+        raise CliError("--address needs --launcher ray")
+    if args.retry_failed and args.rerun:
+        raise CliError("--retry-failed and --rerun exclude each other (--rerun already redoes every run)")
+    if args.launcher == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise CliError("--launcher ray needs Ray: pip install 'ray>=2'") from None
     options = _options(args)
     out = Path(args.out)
     reference = _reference_records(args.compare, out)
     store = RecordStore(out)
     if args.shard:
         specs = _shard(specs, args.shard)
+    policy = "all" if args.rerun else "failed" if args.retry_failed else "missing"
     done = [s for s in specs if store.exists(s.run_id)]
-    todo = list(specs) if args.rerun else [s for s in specs if not store.exists(s.run_id)]
+    todo = [s for s in specs if wants_run(store, s.run_id, policy)]
     print(f"suite {suite.name}: {len(specs)} runs, {len(done)} already done, {len(todo)} to run"
           + (" (--rerun: finished runs are redone)" if args.rerun and done else "")
+          + (" (--retry-failed: only failed runs)" if args.retry_failed else "")
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
     _check_data(todo, options)
     eta = SweepEta.plan(todo, reference=reference or [], assume_tflops=args.assume_tflops,
@@ -238,42 +249,26 @@ def cmd_sweep(args) -> int:
         print(f"estimated {_human(eta.total())} from "
               + ("the reference records' measured step costs" if reference else "FLOPs at --assume-tflops")
               + "; refined from each finished run")
-    start = time.perf_counter()
-    failures = []
     bar = _sweep_progress(args, len(todo), suite.name, eta)
+    by_id = {s.run_id: s for s in todo}
+    last = [time.perf_counter()]
+    parallel = args.jobs > 1 or args.launcher == "ray"
 
-    def finished(s, error, wall):
-        if error:
-            failures.append((s.to_dict(), error))
+    def finished(result):
+        s = by_id[RunSpec.from_dict(result.spec).run_id]
+        now = time.perf_counter()
+        # runs overlap: the time between completions times the workers is one run's cost
+        wall = (now - last[0]) * args.jobs if parallel else result.seconds
+        last[0] = now
         record = None
-        if not error and store.exists(s.run_id):
+        if result.status == "done":
             with contextlib.suppress(Exception):
                 record = store.read(s.run_id)
         eta.finish(s, wall, record)
         bar.update(f"{s.method} {s.model} {s.target}")
 
-    if args.jobs > 1:
-        from sparsebench.runners.pool import run_pool
-
-        options.progress = None      # one bar per worker would interleave; the sweep bar stays
-        by_id = {s.run_id: s for s in todo}
-        last = [time.perf_counter()]
-
-        def collect(result):
-            spec_dict, error = result
-            now = time.perf_counter()
-            # runs overlap: the time between completions times the workers is one run's cost
-            finished(by_id[RunSpec.from_dict(spec_dict).run_id], error, (now - last[0]) * args.jobs)
-            last[0] = now
-
-        run_pool(_run_one, [(s.to_dict(), options) for s in todo], args.jobs, collect)
-    else:
-        for s in todo:
-            t0 = time.perf_counter()
-            _, error = _run_one((s.to_dict(), options))
-            finished(s, error, time.perf_counter() - t0)
+    summary = launch(args.launcher, todo, options, args.jobs, policy, args.address, finished)
     bar.close()
-    wall = time.perf_counter() - start
     from sparsebench.report import write_reports
 
     reports = write_reports(out, title=f"Leaderboard: {suite.name} suite")
@@ -284,13 +279,14 @@ def cmd_sweep(args) -> int:
         print(compare_text(load_records(out), reference, args.compare))
     print(_wrote(reports["files"], out))
     print(f"open {reports['site'] / 'index.html'} in a browser for the sortable report")
-    print(f"sweep wall time {wall:.1f} s for {len(todo)} runs")
-    for spec_dict, error in failures:
-        t = spec_dict["target"]
+    print(f"sweep wall time {summary.seconds:.1f} s for {len(todo)} runs")
+    print(summary.line() + ("; `--retry-failed` runs the failed ones again" if summary.failed else ""))
+    for result in summary.failures:
+        spec_dict, t = result.spec, result.spec["target"]
         target = "none" if t["kind"] == "none" else f"{t['kind']}={t['value']:g}"
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
-              f"seed {spec_dict['seed']}: {error}", file=sys.stderr)
-    return 1 if failures else 0
+              f"seed {spec_dict['seed']}: {result.error}", file=sys.stderr)
+    return 1 if summary.failures else 0
 
 
 def _reference_records(compare: Optional[str], out: Path):
@@ -653,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="local: a process pool of --jobs workers; ray: one Ray task per run, on a local Ray "
+                        "instance with --jobs CPUs or the cluster at --address")
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto, or HOST:6379), with --launcher ray")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run again only the runs recorded as failed")
     p.add_argument("--rerun", "--force", action="store_true", dest="rerun",
                    help="redo finished runs too (dense checkpoints stay cached; delete OUT/checkpoints to retrain)")
     p.add_argument("--compare", metavar="DIR",

@@ -213,8 +213,13 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path, capsys):
     finally:
         METHODS._entries.pop("test-fails")
     assert code == 1 and "FAILED test-fails resnet20_tiny digits sparsity=0.5 seed 0: RuntimeError: method bug" in err
-    names = [p.name for p in (tmp_path / "out" / "records").glob("*.json")]
-    assert len(names) == 1 and names[0].startswith("magnitude-global")
+    assert "1 done, 1 failed, 0 skipped" in text
+    from sparsebench.store import load_records
+
+    records = {r.method: r for r in load_records(tmp_path / "out")}
+    assert set(records) == {"magnitude-global", "test-fails"} and records["magnitude-global"].status == "ok"
+    failed = records["test-fails"]          # recorded, with its error and no metrics
+    assert failed.status == "failed" and "RuntimeError: method bug" in failed.error and failed.test_top1 is None
 
 
 def test_sweep_on_missing_data_is_one_error(tmp_path, capsys):

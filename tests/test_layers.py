@@ -8,11 +8,11 @@ PACKAGE = Path(sparsebench.__file__).parent
 
 # Bottom to top; a module may import its own layer and the layers below it.
 LAYERS = [
-    {"errors", "specs", "registry", "__init__"},
+    {"errors", "specs", "registry", "platform", "__init__"},
     {"models", "datasets", "measure", "store"},
     {"training"},
     {"methods"},
-    {"runners", "platform"},
+    {"runners"},
     {"report"},
     {"cli", "__main__"},
 ]

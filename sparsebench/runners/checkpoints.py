@@ -4,8 +4,9 @@ Every method that starts from a trained model starts from this same file, and it
 accuracy is the dense reference stored in every record. Training is guarded by a file
 lock, so parallel workers train it once. Its fits checkpoint under
 `<cache>/partial/dense-<hash>/` like a run's (`training/resume.py`): a killed pretrain resumes,
-and the partial files go once the checkpoint is written.
-lock, so parallel workers train it once.
+and the partial files go once the checkpoint is written. Under torch.distributed the ranks of one
+run train it together: the primary alone holds the lock, decides whether the cache is sound
+(broadcast to the others) and writes the file; the others load it after a barrier.
 
 A cached file is trusted only if it loads with `weights_only=True` and stores the key of
 this run; anything else (truncated, random bytes, empty, another run's key) is moved aside
@@ -30,7 +31,7 @@ from sparsebench.specs import RunSpec, stable_hash
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import Trainer, evaluate
 from sparsebench.models.pretrained import load_pretrained
-from sparsebench.store.records import atomic_write_bytes, file_lock
+from sparsebench.platform import current as current_platform
 
 log = logging.getLogger("sparsebench")
 META_KEYS = ("hash", "val_top1", "test_top1", "test_top5", "steps", "wall_seconds", "pretrained_sha256",
@@ -68,12 +69,13 @@ def dense_checkpoint(
 ) -> DenseCheckpoint:
     key = spec.dense_key()
     digest = stable_hash(key)
-    path = Path(cache_dir) / f"dense-{spec.model}-{spec.dataset}-s{spec.seed}-{digest[:12]}.pt"
-    with file_lock(path.with_suffix(".lock")):
-        if path.exists():
-            meta = _cached_meta(path, key)
-            if meta is not None:
-                return DenseCheckpoint(path=path, **meta)
+    path = dense_path(spec, cache_dir)
+    platform = current_platform()
+    with platform.primary_lock(path.with_suffix(".lock")):
+        meta = _cached_meta(path, key) if platform.is_primary and path.exists() else None
+        meta = platform.broadcast(meta)
+        if meta is not None:
+            return DenseCheckpoint(path=path, **meta)
         partial = RunCheckpoints(Path(cache_dir) / "partial" / f"dense-{digest[:16]}", checkpoint_every) \
             if resume else None
         torch.manual_seed(spec.seed)
@@ -91,10 +93,17 @@ def dense_checkpoint(
                 "train_macs": trainer.compute.as_dict()}
         buffer = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "meta": meta, "key": key}, buffer)
-        atomic_write_bytes(path, buffer.getvalue())
+        platform.write_bytes(path, buffer.getvalue())
         if partial is not None:
             partial.clear()
+        platform.barrier()                 # the file is there before any rank reads it
         return DenseCheckpoint(path=path, **meta)
+
+
+def dense_path(spec: RunSpec, cache_dir: Path) -> Path:
+    """Where the dense checkpoint of `spec` is cached (a launcher plans training only where it is missing)."""
+    digest = stable_hash(spec.dense_key())
+    return Path(cache_dir) / f"dense-{spec.model}-{spec.dataset}-s{spec.seed}-{digest[:12]}.pt"
 
 
 def _cached_meta(path: Path, key: dict) -> Optional[dict]:

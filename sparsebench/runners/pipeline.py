@@ -26,11 +26,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from sparsebench.datasets import create_dataset
 from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
+from sparsebench.platform import current as current_platform
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
@@ -109,14 +110,43 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
         raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
                         f"allowed: batch_size <= {len(data.train)}")
     extra = {"num_workers": workers, "persistent_workers": workers > 0}
-    loaders = {
-        f"train_{phase}": DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True,
-                                     generator=torch.Generator().manual_seed(seed * len(PHASES) + i), **extra)
-        for i, phase in enumerate(PHASES)
-    }
+    platform = current_platform()
+    if platform.world_size > 1 and batch_size % platform.world_size:
+        raise SpecError(f"batch_size={batch_size} does not split over {platform.world_size} processes; "
+                        f"allowed: a multiple of {platform.world_size}")
+    loaders = {}
+    for i, phase in enumerate(PHASES):
+        generator = torch.Generator().manual_seed(seed * len(PHASES) + i)
+        if platform.world_size == 1:
+            loaders[f"train_{phase}"] = DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True,
+                                                   generator=generator, **extra)
+        else:       # the single-process order, each global batch split over the ranks
+            batches = RankSlices(BatchSampler(RandomSampler(data.train, generator=generator), batch_size, True),
+                                 platform.rank, platform.world_size)
+            loaders[f"train_{phase}"] = DataLoader(data.train, batch_sampler=batches, generator=generator, **extra)
     loaders["val"] = DataLoader(data.val, batch_size=EVAL_BATCH, **extra)
     loaders["test"] = DataLoader(data.test, batch_size=EVAL_BATCH, **extra)
     return loaders
+
+
+class RankSlices:
+    """Under torchrun: every global batch of the single-process order, rank `r` taking `batch[r::n]`.
+
+    The permutation comes from the same seeded generator as one process's loader, so the ranks
+    together see exactly the batches a single process would, with the same effective batch size;
+    DDP's mean of the ranks' mean gradients is the single-process gradient (up to summation order),
+    except through batch statistics (BatchNorm normalises each rank's `batch_size / n` samples).
+    """
+
+    def __init__(self, batches: BatchSampler, rank: int, world_size: int):
+        self.batches, self.rank, self.world_size = batches, rank, world_size
+
+    def __iter__(self):
+        for batch in self.batches:
+            yield batch[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -317,7 +347,8 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
     sparsity, sparsity_all = sparsity_of(model, dense.model, prunable)
     realized = realize(model, outcome.realization, device, spec.measure.dtype)
     latency = None
-    if spec.measure.latency and realized.realizable:
+    # timed by the primary alone: the other ranks of a DDP run would share its cores, and it writes the record
+    if spec.measure.latency and realized.realizable and current_platform().is_primary:
         m = spec.measure
         settings = LatencySettings(batch_sizes=m.batch_sizes, threads=m.threads, min_run_time=m.min_run_time,
                                    rounds=m.rounds, dtype=realized.dtype, channels_last=m.channels_last,
@@ -403,11 +434,18 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         data=plain({**data.split, "img_size": data.info.img_size, "num_classes": data.info.num_classes,
               "steps_per_epoch": data.steps_per_epoch, "source": data.info.source}),
         structure=plain(outcome.structure) if outcome else None, notes=plain(outcome.notes) if outcome else {},
-        environment=plain(environment(device, spec.measure.threads)), code_version=plain(code_version()),
+        environment=plain(_environment(device, spec.measure.threads)), code_version=plain(code_version()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
         **result,
     )
+
+
+def _environment(device: torch.device, threads: int) -> dict:
+    """The environment, with the number of training processes when a run trains under torchrun."""
+    env = environment(device, threads)
+    world = current_platform().world_size
+    return {**env, "world_size": world} if world > 1 else env
 
 
 # What the record says of the dense checkpoint when dense pretraining diverged: nothing was cached.
@@ -429,7 +467,7 @@ def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
     card = model_card(spec.model)
     if not method.supports(make_model(), card.family):
         raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
-    cache = Path(options.cache_dir) if options.cache_dir else Path(options.out) / "checkpoints"
+    cache = cache_dir_of(options)
     try:
         dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every,
                             options.resume)
@@ -455,6 +493,56 @@ def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
     if partial is not None:
         partial.clear()
     return record
+
+
+def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:
+    """Only the dense checkpoint `execute(spec)` will start from: trained (or found) and cached.
+    A launcher schedules this once per (model, data, seed, pretrain recipe) ahead of its runs."""
+    method = validate(spec)
+    spec = _with_full_config(spec, method)
+    device = torch.device(options.device)
+    torch.set_num_threads(spec.measure.threads)
+    data = data_stage(spec, options)
+    return dense_checkpoint(spec, cache_dir_of(options), model_factory(spec, data.info, device), data.loaders,
+                            data.info.num_classes, device, data.pretrain_steps, data.eval_every, options.progress,
+                            options.checkpoint_every, options.resume)
+
+
+def cache_dir_of(options: RunOptions) -> Path:
+    return Path(options.cache_dir) if options.cache_dir else Path(options.out) / "checkpoints"
+
+
+def failed_record(spec: RunSpec, error: str, device: str = "cpu") -> RunRecord:
+    """The record of a run that raised: status "failed", its error, no metrics (so it never
+    enters a leaderboard's means); `sweep --retry-failed` runs it again."""
+    try:
+        method = validate(spec)
+        spec = _with_full_config(spec, method)
+        granularity, starts_from = method.granularity, method.starts_from
+    except Exception:  # noqa: BLE001 -- the failure may be this very validation
+        granularity = starts_from = "unknown"
+    try:
+        family = model_card(spec.model).family
+    except Exception:  # noqa: BLE001
+        family = "unknown"
+    try:
+        env = environment(torch.device(device), spec.measure.threads)
+    except Exception:  # noqa: BLE001 -- e.g. the CUDA device the run could not reach
+        env = {"device": device}
+    return RunRecord(
+        run_id=spec.run_id, spec_hash=spec.hash, spec=plain(spec.to_dict()), method=spec.method, model=spec.model,
+        dataset=spec.dataset, seed=spec.seed, model_family=family, granularity=granularity, starts_from=starts_from,
+        target_kind=spec.target.kind, target_value=spec.target.value, status="failed", target_met=False,
+        tolerance=None, dense_test_top1=None, dense_val_top1=None,
+        cost=Cost(method_steps=0, method_budget_steps=0, method_wall_seconds=0.0, finetune_steps=0,
+                  finetune_wall_seconds=0.0, dense_pretrain_steps=0, dense_pretrain_wall_seconds=0.0),
+        selection={}, dense_checkpoint={}, data={}, structure=None, notes={},
+        environment=plain(env), code_version=plain(code_version()),
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), plugin=dict(spec.plugin) or None,
+        error=error, **dict.fromkeys(("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio",
+                                      "test_top1", "test_top5", "val_top1", "test_samples", "params", "macs",
+                                      "theoretical_speedup", "measured_speedup", "measured_speedup_batch",
+                                      "realization", "latency", "prunable")))
 
 
 def _finite(model: nn.Module) -> bool:

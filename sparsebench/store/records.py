@@ -6,18 +6,18 @@ Layout under a results directory:
 
 A record that exists is a finished run: re-running the same spec skips it; several
 workers or machines writing into one directory never duplicate a run, because the
-record name is the spec's hash and the rename is atomic.
+record name is the spec's hash and the rename is atomic. Under torch.distributed only the
+primary process writes (`sparsebench.platform`).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, List
+from typing import List
 
+# the file primitives live in the platform layer; re-exported here for their many readers
+from sparsebench.platform import atomic_write_bytes, current_umask, file_lock  # noqa: F401
+from sparsebench.platform import current as current_platform
 from sparsebench.store.record import SCHEMA_VERSION, RecordError, RunRecord
 
 log = logging.getLogger("sparsebench")
@@ -25,49 +25,6 @@ log = logging.getLogger("sparsebench")
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())     # mkstemp makes 0600; a shared results dir needs the umask's mode
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask only sets)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock (one dense checkpoint is trained once, even under a pool)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class RecordStore:
@@ -82,9 +39,15 @@ class RecordStore:
         return self.path(run_id).exists()
 
     def write(self, record: RunRecord) -> Path:
+        """Atomically, by the primary process only (the other ranks of a DDP run write nothing)."""
         path = self.path(record.run_id)
-        atomic_write_text(path, record.to_json())
+        current_platform().write_text(path, record.to_json())
         return path
+
+    def lock(self, run_id: str):
+        """A non-blocking lock on one run (`with store.lock(id) as mine:`); False while another
+        process runs it, so two overlapping sweeps never run it twice."""
+        return file_lock(self.records_dir / ".locks" / f"{run_id}.lock", blocking=False)
 
     def read(self, run_id: str) -> RunRecord:
         """One record; RecordError (one line) when the file is not a readable record."""

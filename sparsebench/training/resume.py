@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from sparsebench.store.records import atomic_write_bytes
+from sparsebench.platform import current as current_platform
 
 
 class ResumeMismatch(RuntimeError):
@@ -51,7 +51,7 @@ class RunCheckpoints:
     def save(self, index: int, state: dict) -> None:
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(self.path(index), buffer.getvalue())
+        current_platform().write_bytes(self.path(index), buffer.getvalue())   # the primary's copy is every rank's
 
     def load(self, index: int) -> Optional[dict]:
         path = self.path(index)
@@ -61,7 +61,8 @@ class RunCheckpoints:
 
     def clear(self) -> None:
         """Delete the directory (after the run's record, or the dense checkpoint, is written)."""
-        shutil.rmtree(self.directory, ignore_errors=True)
+        if current_platform().is_primary:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def rng_state() -> dict:

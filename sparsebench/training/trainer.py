@@ -52,6 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparsebench.errors import Diverged
+from sparsebench.platform import current as current_platform
 from sparsebench.specs import Recipe
 from sparsebench.training.resume import LoaderPosition, ResumeMismatch, RunCheckpoints, rng_state, set_rng_state
 
@@ -250,6 +251,52 @@ class Trainer:
         self.compute = compute if compute is not None else ComputeMeter()
         self._layer_macs = None          # (input shape, dense per-image MACs, {id(weight): dense MACs})
         self._forward_macs = None        # (mask versions, per-image MACs with masks)
+        self._platform = current_platform()
+        self._ddp = self._distributed_model(train_model_params)
+        self._mask_versions: Dict[int, int] = {}
+
+    # --- torchrun / DDP ----------------------------------------------------------------------
+    def _distributed_model(self, train_model_params: bool):
+        """Under torch.distributed: the model in DistributedDataParallel (its constructor copies rank 0's
+        weights and buffers to every rank; backward averages the gradients). BN statistics stay per rank."""
+        if not self._platform.distributed or not train_model_params \
+                or not any(p.requires_grad for p in self.model.parameters()):
+            return None
+        from torch.nn.parallel import DistributedDataParallel
+
+        import inspect
+
+        ids = [self.device.index] if self.device.type == "cuda" and self.device.index is not None else None
+        no_buffer_sync = {"forward_sync_buffers": False} \
+            if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+            else {"broadcast_buffers": False}
+        return DistributedDataParallel(self.model, device_ids=ids, **no_buffer_sync)
+
+    def _average_extra_gradients(self) -> None:
+        """Trainable modules outside the model (prompts, hypernetworks) are not in DDP: average them here."""
+        import torch.distributed as dist
+
+        for p in self._extra_params():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self._platform.world_size)
+
+    def _sync_masks(self) -> None:
+        """Masks identical on every rank: after each mask update, rank 0's masks are broadcast and applied.
+        (They agree anyway when every rank draws the same random numbers; this makes it certain.)"""
+        import torch.distributed as dist
+
+        for h in self.hooks:
+            masks = getattr(h, "masks", None)
+            if not isinstance(masks, dict) or self._mask_versions.get(id(h)) == getattr(h, "version", None):
+                continue
+            for name in sorted(masks):
+                flat = masks[name].to(torch.uint8)
+                dist.broadcast(flat, src=0)
+                masks[name].copy_(flat.bool())
+            if hasattr(h, "apply"):
+                h.apply()
+            self._mask_versions[id(h)] = getattr(h, "version", None)
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer (no momentum or Adam moments) over the same parameter groups."""
@@ -314,7 +361,7 @@ class Trainer:
         self.batch = (x, y)
         self._set_lr()
         with self.autocast():
-            outputs = self.model(x)
+            outputs = (self._ddp or self.model)(x)
             loss = F.cross_entropy(outputs.float(), y, label_smoothing=self.recipe.label_smoothing)
             for h in self.hooks:
                 loss = h.compute_loss(self, x, outputs, y, loss)
@@ -327,13 +374,17 @@ class Trainer:
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self._count_step(x.shape[0] * per_image)
+        if self._platform.distributed:
+            self._average_extra_gradients()
+        self._count_step(x.shape[0] * self._platform.world_size * per_image)   # every rank's share of the batch
         for h in self.hooks:
             h.after_backward(self)
         self.optimizer.step()
         self.step += 1
         for h in self.hooks:
             h.after_step(self)
+        if self._platform.distributed:
+            self._sync_masks()
         return loss.detach()
 
     # --- training cost ---------------------------------------------------------------------

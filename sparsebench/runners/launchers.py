@@ -1,0 +1,215 @@
+"""Sweep launchers: where the runs of a sweep execute.
+
+    local   the bounded process pool of `sweep --jobs N` (`runners/pool.py`), or in-process for one job
+    ray     one Ray task per run, with the run's resources (CPUs = the spec's threads, one GPU when the
+            device is CUDA), on a Ray instance started for the sweep (`num_cpus = --jobs`) or an
+            existing cluster (`--address`)
+
+Both call `run_one` for every run. It takes the run's lock without waiting (`RecordStore.lock`), and
+skips a run whose record exists (or that another sweep is running right now), so two overlapping
+sweeps on one store record every run exactly once. A run that raises is recorded with status
+"failed" and its error (no metrics, so leaderboards leave it out); the sweep goes on, and
+`--retry-failed` runs only those again.
+
+The Ray launcher schedules each dense checkpoint once: one dense task per (model, data, seed,
+pretrain recipe) whose cache file is missing, and every run task takes its dense task's object ref
+as an argument, so Ray starts the run only when its checkpoint exists. No two workers train the
+same checkpoint and none waits on the cache lock (the lock still guards against other sweeps).
+A worker that dies is retried by Ray (`max_retries`); the retry resumes from the run's mid-fit
+checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+from sparsebench.runners.checkpoints import dense_path
+from sparsebench.runners.pipeline import RunOptions, cache_dir_of, execute, failed_record, prepare_dense
+from sparsebench.specs import RunSpec, SpecError, stable_hash
+from sparsebench.store import RecordError, RecordStore
+
+LAUNCHERS = ("local", "ray")
+# Which existing records a sweep runs again: none, failed ones, or all (`--rerun`).
+POLICIES = ("missing", "failed", "all")
+RAY_MAX_RETRIES = 3            # a killed worker's run is retried; it resumes from its checkpoints
+
+
+@dataclass
+class RunResult:
+    spec: dict
+    status: str                    # done | failed | skipped
+    seconds: float = 0.0
+    error: Optional[str] = None    # failed: why; skipped: why
+
+
+@dataclass
+class SweepSummary:
+    launcher: str
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    dense_tasks: int = 0           # dense checkpoints scheduled as tasks of their own (ray)
+    seconds: float = 0.0
+    failures: List[RunResult] = field(default_factory=list)
+
+    def add(self, result: RunResult) -> None:
+        setattr(self, result.status, getattr(self, result.status) + 1)
+        if result.status == "failed":
+            self.failures.append(result)
+
+    def line(self) -> str:
+        return (f"sweep ({self.launcher}): {self.done} done, {self.failed} failed, {self.skipped} skipped "
+                f"in {self.seconds:.1f} s" + (f"; {self.dense_tasks} dense checkpoints trained as tasks"
+                                               if self.dense_tasks else ""))
+
+
+def wants_run(store: RecordStore, run_id: str, policy: str) -> bool:
+    """Whether a run with this record state is (still) to be run under `policy`."""
+    if policy == "all" or not store.exists(run_id):
+        return True
+    if policy == "missing":
+        return False
+    try:
+        return store.read(run_id).status == "failed"
+    except RecordError:             # a damaged record is no finished run
+        return True
+
+
+def run_one(spec_dict: dict, options: RunOptions, policy: str = "missing") -> RunResult:
+    """One run in this process, at most once per store: errors become a failed record, not a raise."""
+    from sparsebench.datasets import DataError
+
+    spec = RunSpec.from_dict(spec_dict)
+    store = RecordStore(options.out)
+    start = time.perf_counter()
+    with store.lock(spec.run_id) as mine:
+        if not mine:
+            return RunResult(spec_dict, "skipped", error="another sweep is running it")
+        if not wants_run(store, spec.run_id, policy):
+            return RunResult(spec_dict, "skipped", error="already recorded")
+        try:
+            execute(spec, options)
+            return RunResult(spec_dict, "done", time.perf_counter() - start)
+        except (SpecError, DataError) as e:     # bad input for this run: its one line says it all
+            error = f"{type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 -- a failed run must not stop the sweep
+            error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+        store.write(failed_record(spec, error, options.device))
+        return RunResult(spec_dict, "failed", time.perf_counter() - start, error)
+
+
+def _record_failure(spec_dict: dict, options: RunOptions, error: str) -> RunResult:
+    """A run whose worker never reported (crashed past its retries): recorded failed by the driver."""
+    spec = RunSpec.from_dict(spec_dict)
+    store = RecordStore(options.out)
+    with store.lock(spec.run_id) as mine:
+        if mine and not store.exists(spec.run_id):
+            store.write(failed_record(spec, error, options.device))
+    return RunResult(spec_dict, "failed", error=error)
+
+
+# --- local ------------------------------------------------------------------------------------
+def launch_local(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, policy: str = "missing",
+                 on_result: Optional[Callable[[RunResult], None]] = None) -> SweepSummary:
+    summary, start = SweepSummary("local"), time.perf_counter()
+
+    def collect(result: RunResult) -> None:
+        summary.add(result)
+        if on_result is not None:
+            on_result(result)
+
+    if jobs > 1:
+        from sparsebench.runners.pool import run_pool
+
+        options = dataclasses.replace(options, progress=None)   # one bar per worker would interleave
+        run_pool(_run_payload, [(s.to_dict(), options, policy) for s in specs], jobs, collect)
+    else:
+        for s in specs:
+            collect(run_one(s.to_dict(), options, policy))
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _run_payload(payload) -> RunResult:
+    return run_one(*payload)
+
+
+# --- ray --------------------------------------------------------------------------------------
+def resources(spec: RunSpec, options: RunOptions) -> dict:
+    """What one run asks Ray for: its threads as CPUs, and a GPU when it trains on CUDA."""
+    return {"num_cpus": max(1, spec.measure.threads),
+            "num_gpus": 1 if str(options.device).startswith("cuda") else 0}
+
+
+def _dense_task(spec_dict: dict, options: RunOptions) -> Optional[str]:
+    """Train (or find) one dense checkpoint; its error as text, so the runs still run and record it."""
+    try:
+        prepare_dense(RunSpec.from_dict(spec_dict), options)
+        return None
+    except Exception as e:  # noqa: BLE001 -- each run that needs it records the failure (or divergence)
+        return f"{type(e).__name__}: {e}"
+
+
+def _run_task(spec_dict: dict, options: RunOptions, policy: str, dense_error: Optional[str]) -> RunResult:
+    del dense_error                 # the ref only orders this task after its dense task
+    return run_one(spec_dict, options, policy)
+
+
+def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, policy: str = "missing",
+               address: Optional[str] = None, on_result: Optional[Callable[[RunResult], None]] = None,
+               max_retries: int = RAY_MAX_RETRIES) -> SweepSummary:
+    """Run `specs` as Ray tasks. Uses the Ray instance this process already joined, else starts a local
+    one with `jobs` CPUs (or joins `address`) and shuts it down at the end."""
+    import ray
+
+    summary, start = SweepSummary("ray"), time.perf_counter()
+    options = dataclasses.replace(options, progress=None)
+    own = not ray.is_initialized()
+    if own:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+    try:
+        dense_remote = ray.remote(max_retries=max_retries)(_dense_task)
+        run_remote = ray.remote(max_retries=max_retries)(_run_task)
+        cache = cache_dir_of(options)
+        dense_refs: Dict[str, object] = {}
+        pending = {}
+        for s in specs:
+            need = resources(s, options)
+            key = stable_hash(s.dense_key())
+            if key not in dense_refs:
+                dense_refs[key] = None if dense_path(s, cache).exists() else \
+                    dense_remote.options(**need).remote(s.to_dict(), options)
+                summary.dense_tasks += dense_refs[key] is not None
+            ref = run_remote.options(**need).remote(s.to_dict(), options, policy, dense_refs[key])
+            pending[ref] = s.to_dict()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            spec_dict = pending.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as e:      # the worker died past its retries
+                result = _record_failure(spec_dict, options, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+            summary.add(result)
+            if on_result is not None:
+                on_result(result)
+    finally:
+        if own:
+            ray.shutdown()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def launch(launcher: str, specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, policy: str = "missing",
+           address: Optional[str] = None, on_result: Optional[Callable[[RunResult], None]] = None) -> SweepSummary:
+    if launcher == "local":
+        return launch_local(specs, options, jobs, policy, on_result)
+    if launcher == "ray":
+        return launch_ray(specs, options, jobs, policy, address, on_result)
+    raise SpecError(f"unknown launcher {launcher!r}; allowed: {', '.join(LAUNCHERS)}")
+

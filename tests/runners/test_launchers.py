@@ -1,0 +1,153 @@
+"""Sweep launchers on a real local Ray instance (2 CPUs): every run recorded exactly once, dense
+checkpoints trained once as tasks of their own, a killed worker's run retried and resumed, two
+overlapping sweeps on one store, failed runs recorded and `--retry-failed`."""
+import os
+import signal
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed: the ray launcher is optional")
+
+from sparsebench.runners.launchers import launch_local, launch_ray  # noqa: E402
+from sparsebench.runners.pipeline import RunOptions, resolve  # noqa: E402
+from sparsebench.runners.suite import load_suite  # noqa: E402
+from sparsebench.store import load_records  # noqa: E402
+
+TINY = textwrap.dedent("""
+    name: tiny
+    methods: {methods}
+    models: [resnet20_tiny]
+    datasets: [digits]
+    targets: {{sparsity: [0.5]}}
+    seeds: [0, 1]
+    recipe: {{pretrain_epochs: {pretrain}, finetune_epochs: 0.2, search_epochs: 0.2}}
+    data: {{img_size: 16}}
+    measure: {{latency: false}}
+""")
+
+
+def specs(tmp_path, methods="[dense, magnitude-global]", pretrain=0.3):
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY.format(methods=methods, pretrain=pretrain))
+    return [resolve(s) for s in load_suite(suite).specs]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    root = str(Path(__file__).resolve().parents[2])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _record_names(out):
+    return sorted(p.name for p in (out / "records").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_ray_sweep_records_each_run_once_and_trains_each_dense_checkpoint_once(tmp_path, local_ray):
+    todo, out = specs(tmp_path), tmp_path / "out"
+    assert len(todo) == 4
+    summary = launch_ray(todo, RunOptions(out=out))
+    assert (summary.done, summary.failed, summary.skipped, summary.dense_tasks) == (4, 0, 0, 2)
+    assert _record_names(out) == sorted(f"{s.run_id}.json" for s in todo)
+    assert all(r.status == "ok" for r in load_records(out))
+    assert len(list((out / "checkpoints").glob("dense-*.pt"))) == 2
+    assert not list((out / "checkpoints").glob("*.bad-*")) and not list(out.glob("**/fit-*.pt"))
+    again = launch_ray(todo, RunOptions(out=out))                  # resumed sweep: nothing runs twice
+    assert (again.done, again.skipped, again.dense_tasks) == (0, 4, 0)
+
+
+def _ray_pids(title):
+    pids = []
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if cmd.read_bytes().startswith(title.encode()):
+                pids.append(int(cmd.parent.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_retried_and_every_run_recorded_once(tmp_path, local_ray):
+    todo, out = specs(tmp_path, methods="[magnitude-global]", pretrain=1.0), tmp_path / "out"
+    results = {}
+    sweep = threading.Thread(target=lambda: results.update(s=launch_ray(todo, RunOptions(out=out, checkpoint_every=2))))
+    sweep.start()
+    killed, deadline = [], time.monotonic() + 60
+    while not killed and time.monotonic() < deadline:
+        pids = _ray_pids("ray::_dense_task") + _ray_pids("ray::_run_task")
+        if pids and list(out.glob("**/fit-*.pt")):                # mid-fit, a checkpoint saved
+            os.kill(pids[0], signal.SIGKILL)
+            killed.append(pids[0])
+        time.sleep(0.05)
+    sweep.join(120)
+    assert killed, "no worker was seen running"
+    summary = results["s"]
+    assert (summary.done, summary.failed) == (2, 0)
+    assert _record_names(out) == sorted(f"{s.run_id}.json" for s in todo)
+    assert all(r.status == "ok" for r in load_records(out))
+    again = launch_ray(todo, RunOptions(out=out))
+    assert (again.done, again.skipped) == (0, 2)
+
+
+@pytest.mark.slow
+def test_two_overlapping_sweeps_record_each_run_exactly_once(tmp_path, local_ray):
+    todo, out = specs(tmp_path, methods="[dense]"), tmp_path / "out"
+    summaries = []
+    sweeps = [threading.Thread(target=lambda: summaries.append(launch_ray(todo, RunOptions(out=out))))
+              for _ in range(2)]
+    for t in sweeps:
+        t.start()
+    for t in sweeps:
+        t.join(120)
+    assert len(summaries) == 2 and sum(s.failed for s in summaries) == 0
+    assert sum(s.done for s in summaries) == len(todo) == 2           # each run ran in one sweep only
+    assert sum(s.skipped for s in summaries) == len(todo)
+    assert _record_names(out) == sorted(f"{s.run_id}.json" for s in todo)
+
+
+@pytest.mark.slow
+def test_a_failing_run_is_recorded_failed_and_retry_failed_reruns_only_it(tmp_path, local_ray, capsys):
+    from sparsebench.cli import main
+    from sparsebench.runners.checkpoints import dense_path
+
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text(TINY.format(methods="[dense]", pretrain=0.3))
+    out = tmp_path / "out"
+    seed1 = [s for s in specs(tmp_path, methods="[dense]") if s.seed == 1][0]
+    blocker = dense_path(seed1, out / "checkpoints").with_suffix(".lock")
+    blocker.mkdir(parents=True)                     # seed 1's dense cache lock cannot be opened: it fails
+    code = main(["sweep", str(suite), "--out", str(out), "--quiet", "--launcher", "ray"])
+    text, err = capsys.readouterr()
+    assert code == 1 and "1 done, 1 failed, 0 skipped" in text and "IsADirectoryError" in err
+    records = {r.seed: r for r in load_records(out)}
+    assert records[0].status == "ok" and records[1].status == "failed" and records[1].test_top1 is None
+    ok_file = out / "records" / f"{records[0].run_id}.json"
+    before = ok_file.stat().st_mtime_ns
+    code = main(["sweep", str(suite), "--out", str(out), "--quiet", "--launcher", "ray"])
+    assert code == 0 and "0 to run" in capsys.readouterr()[0]      # a failure is recorded, not retried
+    blocker.rmdir()
+    code = main(["sweep", str(suite), "--out", str(out), "--quiet", "--launcher", "ray", "--retry-failed"])
+    text = capsys.readouterr()[0]
+    assert code == 0 and "1 to run" in text and "1 done, 0 failed, 0 skipped" in text
+    assert {r.seed: r.status for r in load_records(out)} == {0: "ok", 1: "ok"}
+    assert ok_file.stat().st_mtime_ns == before
+
+
+def test_local_launcher_summary_and_lock(tmp_path):
+    from sparsebench.store import RecordStore
+
+    todo, out = specs(tmp_path, methods="[dense]")[:1], tmp_path / "out"
+    with RecordStore(out).lock(todo[0].run_id):                  # another sweep is running it
+        summary = launch_local(todo, RunOptions(out=out))
+    assert (summary.done, summary.failed, summary.skipped) == (0, 0, 1)
+    assert _record_names(out) == []
