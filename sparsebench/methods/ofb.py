@@ -19,7 +19,9 @@ with PMIM = progressively masked patch tokens reconstructed by a light pixel dec
 Every few steps `eliminate` drops candidates with p ≤ thresh/K; a group left with one is
 finalised to its top-scoring units (the mask becomes a learnable scale λσ(S) + 1 − λ).
 The search ends when every group is final; if the budget ends first, `force_finalize`
-takes each open group's argmax (not official; the record counts the forced groups).
+gives each open group its most likely live cell under the FLOPs target (a greedy MAP under the
+budget, `budget_choice`; not official — the official search trains on until every group
+settles; the record counts the forced groups).
 The result is exported to a physically smaller stock timm ViT (`slim_vit_scaled`).
 
 Deviations, marked where they happen: dense emulation with hard `alive` sets instead of
@@ -159,9 +161,12 @@ class SearchGroup:
             return "shrunk"
         return "eliminated"
 
-    def finalize(self, step: int, forced: bool = False) -> None:
+    def finalize(self, step: int, forced: bool = False, cell: Optional[int] = None) -> None:
         with torch.no_grad():
-            k = int(torch.argmax(self.probs())) if forced else int(torch.nonzero(self.active)[0])
+            if cell is not None:
+                k = cell
+            else:
+                k = int(torch.argmax(self.probs())) if forced else int(torch.nonzero(self.active)[0])
         n, r = (int(v) for v in self.cells[k])
         self.active = torch.zeros_like(self.active)
         self.active[k] = True
@@ -300,13 +305,87 @@ class BiMaskSearch(TrainerHook):
                                     "event": event, "active": int(g.active.sum())})
 
     def force_finalize(self, step: int) -> List[str]:
-        """[not official] The budget ended first: each open group takes its argmax cell."""
-        forced = []
-        for g in self.groups:
-            if not g.final:
-                g.finalize(step, forced=True)
-                forced.append(f"{g.kind}{'' if g.block is None else g.block}")
-        return forced
+        """[not official] The budget ended before every group settled (the official search trains
+        on until they all do). Each open group takes a live cell by `budget_choice`: the most likely
+        ones, stepped down (or up) until the architecture meets the FLOPs target."""
+        open_groups = [g for g in self.groups if not g.final]
+        choice = self.budget_choice(open_groups)
+        for g in open_groups:
+            g.finalize(step, forced=True, cell=choice[id(g)])
+        return [f"{g.kind}{'' if g.block is None else g.block}" for g in open_groups]
+
+    def _macs_with(self, choice: dict) -> float:
+        """Analytic MACs if each open group in `choice` kept its chosen cell (others as they are)."""
+        m = self.model
+
+        def width(kind, block, full):
+            g = self.group(kind, block)
+            if g is None:
+                return full, None
+            if id(g) in choice:
+                n, r = (int(v) for v in g.cells[choice[id(g)]])
+                return n * r, n
+            return float(g.expected_width()), g.live_rows()
+
+        E, _ = width("embed", None, m.embed_dim)
+        attn_dims, hidden, heads = [], [], []
+        for b, blk in enumerate(m.blocks):
+            a, h = width("attn", b, blk.attn.num_heads * blk.attn.head_dim)
+            attn_dims.append(a)
+            heads.append(h if h is not None else blk.attn.num_heads)
+            hidden.append(width("mlp", b, blk.mlp.fc1.out_features)[0])
+        return float(ofb_macs(m, self.n_patches, E, attn_dims, hidden, heads))
+
+    @torch.no_grad()
+    def budget_choice(self, open_groups: List["SearchGroup"]) -> dict:
+        """A live cell per open group: start from each argmax; while over the FLOPs target, step
+        the group whose next smaller live cell loses the least probability per MAC saved; then,
+        while a next larger cell still fits, step up the one that gains the most probability per
+        MAC. A greedy MAP under the budget: without it, argmax cells of a short search can land far
+        from the target (the harness records such a run as a missed target)."""
+        probs = {id(g): g.probs() for g in open_groups}
+        width = {id(g): (g.cells[:, 0] * g.cells[:, 1]) for g in open_groups}
+        live = {id(g): [int(k) for k in torch.nonzero(g.active).flatten()] for g in open_groups}
+        choice = {id(g): int(torch.argmax(probs[id(g)])) for g in open_groups}
+
+        def neighbour(g, direction):
+            w = int(width[id(g)][choice[id(g)]])
+            cells = [k for k in live[id(g)] if (int(width[id(g)][k]) - w) * direction > 0]
+            if not cells:
+                return None
+            return min(cells, key=lambda k: abs(int(width[id(g)][k]) - w))     # the next width that way
+
+        def best_move(direction, current):
+            best, best_score = None, None
+            for g in open_groups:
+                k = neighbour(g, direction)
+                if k is None:
+                    continue
+                trial = {**choice, id(g): k}
+                macs = self._macs_with(trial)
+                if direction > 0 and macs > self.target_macs:
+                    continue
+                delta_p = float(probs[id(g)][k] - probs[id(g)][choice[id(g)]])     # < 0 usually going down
+                delta_macs = abs(current - macs) + 1.0
+                score = delta_p / delta_macs
+                if best_score is None or score > best_score:
+                    best, best_score = (g, k, macs), score
+            return best
+
+        current = self._macs_with(choice)
+        while current > self.target_macs:
+            move = best_move(-1, current)
+            if move is None:
+                break
+            g, k, current = move
+            choice[id(g)] = k
+        while True:
+            move = best_move(+1, current)
+            if move is None:
+                break
+            g, k, current = move
+            choice[id(g)] = k
+        return choice
 
 
 class PMIM(TrainerHook):
@@ -522,8 +601,8 @@ class OFB(Method):
         notes = {
             "search_steps": trainer.step, "finished_by_itself": finished_by_itself,
             "forced_groups": len(forced), "forced": forced,
-            "forced_note": ("search budget ended before every group was final: open groups took their argmax cell"
-                            if forced else None),
+            "forced_note": ("search budget ended before every group was final: open groups took their most likely "
+                            "live cells under the FLOPs target (budget_choice; not official)" if forced else None),
             "lambda_final": lam,
             "analytic_macs": {"convention": "OFB: patch tokens only, LayerNorm and element-wise terms",
                               "dense": search.dense_macs, "target": search.target_macs, "achieved": achieved,

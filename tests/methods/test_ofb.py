@@ -147,7 +147,8 @@ def _searched_model(embed_width, seed=0):
                 grp.alpha.copy_((grp.cells[:, 0] == embed_width).float() * 10)
             else:
                 grp.alpha.copy_(torch.randn(grp.alpha.shape, generator=g) * 3)
-    search.force_finalize(0)
+    for grp in groups:
+        grp.finalize(0, forced=True)          # each group's argmax cell
     return model, masks, search
 
 
@@ -256,3 +257,25 @@ def test_tiny_run_end_to_end_through_the_pipeline(tmp_path):
     assert 0.3 < record.achieved_flops_ratio < 0.8
     assert record.notes["training_macs"]["extra_forward_macs"] > 0
     assert record.cost.method_steps == record.notes["search_steps"]
+
+
+def test_a_search_cut_short_settles_under_the_flops_target():
+    """budget_choice: argmax cells over the target are stepped down until the analytic MACs fit,
+    then stepped up while they still fit; every group ends on one of its live cells."""
+    torch.manual_seed(0)
+    model = create_model("vit_cifar_tiny", num_classes=10, img_size=16)
+    method = create_method("ofb")
+    masks = ViTWidthMasks(model)
+    groups = method.build_groups(model, "cpu", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for grp in groups:
+            grp.alpha.copy_((grp.cells[:, 0] * grp.cells[:, 1]).float())   # argmax: the widest cell
+    probe = BiMaskSearch(model, masks, groups, method.config, 10, 0.0, (3, 16, 16))
+    for target in (0.5, 0.3):
+        search = BiMaskSearch(model, masks, groups, method.config, 10, target * probe.dense_macs, (3, 16, 16))
+        choice = search.budget_choice(groups)
+        macs = search._macs_with(choice)
+        assert macs <= search.target_macs
+        assert macs >= (target - 0.05) * search.dense_macs          # and not far below it
+        assert all(bool(g.active[choice[id(g)]]) for g in groups)
+    masks.remove()
