@@ -40,3 +40,20 @@ def test_keep_ratios_scale_by_relative_position():
     assert gpu.scaled_keep([0.25], 3) == [0.25, 0.25, 0.25]
     assert gpu.scaled_keep([0.1, 0.2, 0.3], 3) == [0.1, 0.2, 0.3]
     assert gpu.scaled_keep([], 2) == [1.0, 1.0]
+
+
+def test_seed_method_structures_are_timed_on_any_device(monkeypatch):
+    """The methods part on CPU: each structured seed method's committed quick-suite structure is
+    rebuilt, compacted (or its tokens dropped) and timed against its dense model."""
+    gpu = _module()
+    monkeypatch.setattr(gpu, "DEVICE", "cpu")
+    monkeypatch.setattr(gpu, "FULL_SIZE", {"cnn": "resnet20_tiny", "vit": "vit_cifar_tiny"})   # small stand-ins
+    cells = gpu.method_cells(ROOT / "results" / "quick")
+    methods = {c.label.split()[0] for c in cells}
+    assert {"pass", "s2vite", "ofb", "svite-plus"} <= methods
+    for cell in cells:
+        if not cell.label.endswith("flops=0.5") and "svite-plus" not in cell.label:
+            continue
+        rows = cell.run()
+        assert rows and all(r["status"] == "measured" for r in rows), rows
+        assert all(r["measured_speedup"] > 0 and r["theoretical_speedup"] >= 1 for r in rows)
