@@ -82,14 +82,15 @@ def test_a_worker_killed_mid_run_is_retried_and_every_run_recorded_once(tmp_path
     results = {}
     sweep = threading.Thread(target=lambda: results.update(s=launch_ray(todo, RunOptions(out=out, checkpoint_every=2))))
     sweep.start()
-    killed, deadline = [], time.monotonic() + 60
+    killed, deadline = [], time.monotonic() + 300     # generous: a loaded 2-core machine starts Ray slowly
     while not killed and time.monotonic() < deadline:
         pids = _ray_pids("ray::_dense_task") + _ray_pids("ray::_run_task")
         if pids and list(out.glob("**/fit-*.pt")):                # mid-fit, a checkpoint saved
             os.kill(pids[0], signal.SIGKILL)
             killed.append(pids[0])
         time.sleep(0.05)
-    sweep.join(120)
+    sweep.join(600)
+    assert not sweep.is_alive(), "the sweep did not finish within 10 minutes"
     assert killed, "no worker was seen running"
     summary = results["s"]
     assert (summary.done, summary.failed) == (2, 0)
@@ -108,7 +109,8 @@ def test_two_overlapping_sweeps_record_each_run_exactly_once(tmp_path, local_ray
     for t in sweeps:
         t.start()
     for t in sweeps:
-        t.join(120)
+        t.join(600)
+    assert not any(t.is_alive() for t in sweeps), "a sweep did not finish within 10 minutes"
     assert len(summaries) == 2 and sum(s.failed for s in summaries) == 0
     assert sum(s.done for s in summaries) == len(todo) == 2           # each run ran in one sweep only
     assert sum(s.skipped for s in summaries) == len(todo)
