@@ -107,18 +107,22 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs", formats: Sequence[str] 
     handles = _legend_handles(used, markers_used, x)
     if handles:
         ncol = 4 if cols > 1 else 3
+        for h in handles:      # long method labels (several arguments) wrap at commas instead of leaving the figure
+            h.set_label(_wrap(h.get_label()))
         fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.032 * int(np.ceil(len(handles) / ncol)) / rows + 0.02, 1, 1))
+        # room for the legend's text lines (wrapped labels take several), spread over its columns
+        legend_lines = int(np.ceil(sum(h.get_label().count("\n") + 1 for h in handles) / ncol)) + 1
+        fig.tight_layout(rect=(0, 0.032 * legend_lines / rows + 0.03, 1, 1))
     else:
         fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=150)
+    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.1)    # the legend is never clipped
     for fmt in formats:
         if path.with_suffix("." + fmt) != path:
             # no date and fixed element ids: the same records give the same file (clean diffs)
             with matplotlib.rc_context({"svg.hashsalt": "sparsebench"}):
-                fig.savefig(path.with_suffix("." + fmt), metadata={"Date": None})
+                fig.savefig(path.with_suffix("." + fmt), metadata={"Date": None}, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
@@ -213,6 +217,21 @@ def _legend_handles(used: Dict[str, dict], markers_used, x: str) -> List[Line2D]
     if any("†" in _short(m) for m in used):
         handles.append(Line2D([], [], ls="none", label="† input layer and classifier pruned too"))
     return handles
+
+
+def _wrap(label: str, width: int = 42) -> str:
+    """Break a long legend label after commas (method arguments), at most `width` characters a line."""
+    if len(label) <= width:
+        return label
+    lines, line = [], ""
+    for part in label.split(","):
+        piece = part if not line else "," + part
+        if line and len(line) + len(piece) > width:
+            lines.append(line + ",")
+            line = part
+        else:
+            line += piece
+    return "\n".join(lines + [line])
 
 
 def family_legend() -> Dict[str, Optional[str]]:
