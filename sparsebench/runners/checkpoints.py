@@ -29,7 +29,7 @@ from torch import nn
 from sparsebench.errors import Diverged
 from sparsebench.specs import RunSpec, stable_hash
 from sparsebench.training.resume import RunCheckpoints
-from sparsebench.training.trainer import Trainer, evaluate
+from sparsebench.training.trainer import Trainer, evaluate, non_finite_tensors
 from sparsebench.models.pretrained import load_pretrained
 from sparsebench.platform import current as current_platform
 
@@ -130,7 +130,7 @@ def _cached_meta(path: Path, key: dict) -> Optional[dict]:
 
 
 def _check_finite(model: nn.Module, val_loss: float, spec: RunSpec) -> None:
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    bad = non_finite_tensors(model)
     if bad or not math.isfinite(val_loss):
         what = f"non-finite weights in {bad[0]}" if bad else f"validation loss {val_loss}"
         raise Diverged("dense", f"{spec.model} on {spec.dataset} (seed {spec.seed}, lr {spec.recipe.lr:g}): "

@@ -36,7 +36,7 @@ from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, l
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
 from sparsebench.training.resume import RunCheckpoints
-from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate
+from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate, non_finite_tensors
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import MacsReport, count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
@@ -546,8 +546,7 @@ def failed_record(spec: RunSpec, error: str, device: str = "cpu") -> RunRecord:
 
 
 def _finite(model: nn.Module) -> bool:
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return not non_finite_tensors(model)
 
 
 def _check_finite(model: nn.Module, stage: str) -> None:

@@ -186,6 +186,11 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     return Accuracy(correct1 / n, correct5 / n if num_classes > 10 else None, loss_sum / n, n)
 
 
+def non_finite_tensors(model: nn.Module) -> List[str]:
+    """Names of the floating-point parameters and buffers holding a NaN or an inf."""
+    return [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def _ordered(hooks: Iterable[TrainerHook]) -> List[TrainerHook]:
     return sorted(hooks, key=lambda h: getattr(h, "order", HookOrder.DEFAULT))   # stable: ties keep their order
 
