@@ -121,7 +121,7 @@ class GMP(Method):
                        notes={"schedule": {"t0": t0, "delta_t": delta, "n": n}, "prune_history": pruning.history})
 
 
-def resolve_skips(distribution: str, skip_first: Optional[bool], skip_last: Optional[bool]) -> tuple:
+def resolve_skips(skip_first: Optional[bool], skip_last: Optional[bool]) -> tuple:
     """Stem and classifier stay dense unless set explicitly, whatever the distribution.
 
     Deviation, on purpose: RigL's ERK runs prune every layer, but the benchmark states every
@@ -171,7 +171,7 @@ class _DynamicSparseTraining(Method):
         budget = ctx.budget.left
         if budget < 1:
             raise SpecError(f"{self.name} needs a step budget of at least 1, got {budget}")
-        skip_first, skip_last = resolve_skips(cfg.distribution, cfg.skip_first, cfg.skip_last)
+        skip_first, skip_last = resolve_skips(cfg.skip_first, cfg.skip_last)
         params = prunable_weights(ctx.model, exclude=ctx.dense_layers(skip_first, skip_last))
         generator = torch.Generator().manual_seed(ctx.seed)
         masks = MaskSet(ctx.model, initial_masks(params, ctx.target.value, cfg.distribution, "random", generator))

@@ -239,7 +239,7 @@ class _GaP(Method):
         cfg, s = self.config, ctx.target.value
         kappa, rounds = cfg.num_groups, cfg.rounds
         generator = torch.Generator().manual_seed(ctx.seed)
-        skip_first, skip_last = resolve_skips(cfg.distribution, cfg.skip_first, cfg.skip_last)
+        skip_first, skip_last = resolve_skips(cfg.skip_first, cfg.skip_last)
         params = prunable_weights(ctx.model, exclude=ctx.dense_layers(skip_first, skip_last))
         replicas = kappa if self.variant == "parallel" else 1
         phase_steps = ctx.budget.left // (rounds * kappa)          # T; P-GaP: per replica
