@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List
+from typing import Iterable, List, Optional
 
 import numpy as np
 import pandas as pd
@@ -141,11 +141,21 @@ class Leaderboard:
         return cls(aggregate(df), excluded(df))
 
 
-def _pm(mean: float, ci: float, fmt: str) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+def as_float(v) -> Optional[float]:
+    """A number, or None for a missing, NaN or non-numeric value."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
+
+def plus_minus(mean, ci, fmt: str) -> str:
+    """"mean ± half-width" ("–" without a mean, no interval without one); a signed mean, an unsigned half-width."""
+    m, c = as_float(mean), as_float(ci)
+    if m is None:
         return "–"
-    ci_fmt = fmt.lstrip("+")          # a signed mean, an unsigned half-width
-    return format(mean, fmt) + ("" if ci is None or math.isnan(ci) else f" ± {format(ci, ci_fmt)}")
+    return format(m, fmt) + ("" if c is None else f" ± {format(c, fmt.lstrip('+'))}")
 
 
 def display_table(agg: pd.DataFrame) -> pd.DataFrame:
@@ -153,12 +163,12 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in agg.iterrows():
         target = "dense" if r["target_kind"] == "none" else f"{r['target_kind']}={r['target']:g}"
-        measured = (_pm(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×") if r["realizable"] \
+        measured = (plus_minus(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×") if r["realizable"] \
             else "not realizable"
         rows.append({
             "dataset": r["dataset"], "model": r["model"], "target": target, "method": r["method"],
-            "top1 (%)": _pm(r["top1"], r["top1_ci"], ".2f"),
-            "Δ dense": _pm(r["delta"], r["delta_ci"], "+.2f"),
+            "top1 (%)": plus_minus(r["top1"], r["top1_ci"], ".2f"),
+            "Δ dense": plus_minus(r["delta"], r["delta_ci"], "+.2f"),
             "sparsity": f"{r['sparsity']:.3f}", "FLOPs ratio": f"{r['flops']:.3f}",
             "MMACs": f"{r['macs'] / 1e6:.2f}", "params": f"{r['params'] / 1e3:.1f}k",
             "theor. speedup": f"{r['theoretical_speedup']:.2f}×", "measured speedup": measured,

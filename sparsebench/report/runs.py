@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import pandas as pd
 
-from sparsebench.report.leaderboard import ci95, method_label
+from sparsebench.report.leaderboard import as_float, ci95, method_label
 from sparsebench.store.record import RunRecord
 
 # Method families of the paper plots: one colour each.
@@ -237,14 +237,6 @@ def kept_structure(structure: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
             if b.get(part) is not None:
                 rows.append({"unit": f"blocks.{i}.{part}", "kept": len(b[part]), "of": None})
     return rows
-
-
-def as_float(v) -> Optional[float]:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 __all__ = ["FAMILIES", "family_of", "kept_structure", "reproduce_command", "run_details", "run_row", "runs_frame",

@@ -18,6 +18,7 @@ from typing import Dict, Iterable, List, Optional
 
 import pandas as pd
 
+from sparsebench.report.leaderboard import plus_minus
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
 )
@@ -40,13 +41,6 @@ def slug(*parts: str) -> str:
 def _fmt(v, fmt: str, suffix: str = "") -> str:
     f = as_float(v)
     return "–" if f is None else format(f, fmt) + suffix
-
-
-def _pm(mean, ci, fmt: str) -> str:
-    m, c = as_float(mean), as_float(ci)
-    if m is None:
-        return "–"
-    return format(m, fmt) + ("" if c is None else f" ± {format(c, fmt)}")
 
 
 def _page(title: str, body: str, depth: int = 0) -> str:
@@ -104,7 +98,7 @@ def _row(r: pd.Series) -> str:
         (f'<span title="{esc(r["method"])}">{esc(display_method(r["method"]))}</span>', r["method"]),
         (r["target_label"], _target_sort(r)),
         (_fmt(r["sparsity"], ".3f"), r["sparsity"]), (_fmt(r["flops"], ".3f"), r["flops"]),
-        (_pm(r["top1"], r["top1_ci"], ".2f"), r["top1"]), (_pm(r["top5"], r["top5_ci"], ".2f"), r["top5"]),
+        (plus_minus(r["top1"], r["top1_ci"], ".2f"), r["top1"]), (plus_minus(r["top5"], r["top5_ci"], ".2f"), r["top5"]),
         (_fmt(r["delta"], "+.2f"), r["delta"]), (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
         (_fmt(as_float(r["macs"]) and r["macs"] / 1e6, ".3f"), r["macs"]),
         (_fmt(r["theoretical_speedup"], ".2f", "×"), r["theoretical_speedup"]), (speed, speed_sort),
