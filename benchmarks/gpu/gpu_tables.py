@@ -140,10 +140,8 @@ def scaled_keep(ratios: List[float], n: int) -> List[float]:
 def method_rows(record) -> List[dict]:
     """Time a record's structure on the GPU: at the size it was found, and scaled by keep ratio
     onto the full-size model of its family (which units are kept does not change latency)."""
-    from sparsebench.measure.flops import count_macs
-    from sparsebench.measure.latency import LatencySettings, compare_latency
     from sparsebench.methods.baselines import unit_space
-    from sparsebench.models import create_model, model_family
+    from sparsebench.models import model_family
 
     structure = record.structure or {}
     family = model_family(record.model)
@@ -161,24 +159,58 @@ def method_rows(record) -> List[dict]:
         ratios = [g["kept"] / g["size"] for g in structure["groups"]]
     else:
         return [_skip(record, "no unit structure in the record (not a compacted channel/head result)")]
+
+    def compacted(dense, img):
+        space = unit_space(dense, (3, img, img), "coupled")
+        kept = []
+        for r, g in zip(scaled_keep(ratios, len(space.groups)), space.groups):
+            m = torch.zeros(g.size, dtype=torch.bool)
+            m[:max(1, round(r * g.size))] = True
+            kept.append(m)
+        return space.compact(dense, kept).eval(), record.target_label
+
+    return _timed_at_both_sizes(record, family, compacted)
+
+
+def token_drop_rows(record) -> List[dict]:
+    """SViTE+ in drop mode: the same keep ratio of tokens, at its own size and on DeiT-Small."""
+    import copy
+
+    from sparsebench.methods import create_method
+    from sparsebench.methods.svite import TokenSelector, insert_selector
+    from sparsebench.training.vit_slim import num_tokens
+
+    args = record.method_args
+    if args.get("token_mode") != "drop":
+        return [_skip(record, "SViTE+ in mask mode zeroes tokens: nothing shorter to time beyond its base")]
+    method = create_method("svite-plus", **args)
+
+    def dropped(dense, img):
+        n, keep = num_tokens(dense, (3, img, img)), method.keep_count(dense, (3, img, img))
+        model = copy.deepcopy(dense)
+        insert_selector(model, TokenSelector(dense.embed_dim, keep, dense.num_prefix_tokens, mode="drop").to(DEVICE))
+        return model.eval(), f"{record.target_label}, tokens {keep}/{n}"
+
+    return _timed_at_both_sizes(record, "vit", dropped)
+
+
+def _timed_at_both_sizes(record, family: str, realize) -> List[dict]:
+    """Dense vs `realize(dense, img)` at the record's own size and on the family's full-size model."""
+    from sparsebench.measure.flops import count_macs
+    from sparsebench.measure.latency import compare_latency
+    from sparsebench.models import create_model
+
     rows = []
     for size_name in (record.model, FULL_SIZE[family]):
         img = record.data["img_size"] if size_name == record.model else 224
         torch.manual_seed(0)
         dense = create_model(size_name, num_classes=record.data["num_classes"], img_size=img).to(DEVICE).eval()
-        space = unit_space(dense, (3, img, img), "coupled")
-        keep = [max(1, round(r * g.size)) for r, g in zip(scaled_keep(ratios, len(space.groups)), space.groups)]
-        kept = []
-        for k, g in zip(keep, space.groups):
-            m = torch.zeros(g.size, dtype=torch.bool)
-            m[:k] = True
-            kept.append(m)
-        compact = space.compact(dense, kept).eval()
-        dense_macs, macs = count_macs(dense, (3, img, img)).macs, count_macs(compact, (3, img, img)).macs
-        timing = compare_latency(dense, compact, (3, img, img), _method_timing(), torch.device(DEVICE))
+        realized, target = realize(dense, img)
+        dense_macs, macs = count_macs(dense, (3, img, img)).macs, count_macs(realized, (3, img, img)).macs
+        timing = compare_latency(dense, realized, (3, img, img), _method_timing(), torch.device(DEVICE))
         for bs, t in timing.items():
             rows.append({"method": record.method, "found_on": record.model, "timed_on": size_name,
-                         "img_size": img, "target": record.target_label, "batch": int(bs),
+                         "img_size": img, "target": target, "batch": int(bs),
                          "theoretical_speedup": dense_macs / macs, **_speed(t)})
     return rows
 
@@ -189,39 +221,6 @@ def _method_timing():
     if DEVICE == "cuda":
         return LatencySettings(batch_sizes=BATCHES, rounds=6)
     return LatencySettings(batch_sizes=(1,), rounds=2, min_run_time=0.01)     # the CPU test's smoke timing
-
-
-def token_drop_rows(record) -> List[dict]:
-    """SViTE+ in drop mode: the same keep ratio of tokens, at its own size and on DeiT-Small."""
-    import copy
-
-    from sparsebench.measure.flops import count_macs
-    from sparsebench.measure.latency import LatencySettings, compare_latency
-    from sparsebench.methods.svite import TokenSelector, insert_selector
-    from sparsebench.models import create_model
-    from sparsebench.training.vit_slim import num_tokens
-
-    args = record.method_args
-    if args.get("token_mode") != "drop":
-        return [_skip(record, "SViTE+ in mask mode zeroes tokens: nothing shorter to time beyond its base")]
-    rows = []
-    for size_name in (record.model, FULL_SIZE["vit"]):
-        img = record.data["img_size"] if size_name == record.model else 224
-        torch.manual_seed(0)
-        dense = create_model(size_name, num_classes=record.data["num_classes"], img_size=img).to(DEVICE).eval()
-        n = num_tokens(dense, (3, img, img))
-        ratio = float(args["token_keep"])
-        keep = min(n, round(ratio * n) if ratio <= 1 else int(ratio))
-        dropped = copy.deepcopy(dense)
-        insert_selector(dropped, TokenSelector(dense.embed_dim, keep, dense.num_prefix_tokens, mode="drop").to(DEVICE))
-        dropped.eval()
-        dense_macs, macs = count_macs(dense, (3, img, img)).macs, count_macs(dropped, (3, img, img)).macs
-        timing = compare_latency(dense, dropped, (3, img, img), _method_timing(), torch.device(DEVICE))
-        for bs, t in timing.items():
-            rows.append({"method": record.method, "found_on": record.model, "timed_on": size_name,
-                         "img_size": img, "target": f"{record.target_label}, tokens {keep}/{n}", "batch": int(bs),
-                         "theoretical_speedup": dense_macs / macs, **_speed(t)})
-    return rows
 
 
 def _skip(record, why: str) -> dict:
