@@ -1,9 +1,10 @@
 """Method registry. Built-in methods register on import; third-party packages register
 through the `sparsebench.methods` entry-point group and land in the same registry."""
 from sparsebench.methods.base import (
-    METHODS, Method, MethodContext, Outcome, build_config, config_dict, create_method, register_method,
+    METHODS, NO_MECHANISM, Method, MethodContext, Outcome, build_config, config_dict, create_method, judge_mechanism,
+    register_method,
 )
 from sparsebench.methods import baselines, dst, gap, ofb, pass_, svite  # noqa: F401  (register built-in methods)
 
-__all__ = ["METHODS", "Method", "MethodContext", "Outcome", "build_config", "config_dict",
-           "create_method", "register_method"]
+__all__ = ["METHODS", "NO_MECHANISM", "Method", "MethodContext", "Outcome", "build_config", "config_dict",
+           "create_method", "judge_mechanism", "register_method"]

@@ -16,6 +16,13 @@ evaluation and measurement, identically for every method.
 
         def run(self, ctx: MethodContext) -> Outcome: ...
 
+Every method that has a defining mechanism (a search, a regrowth, a topology update) shows
+in its record that it acted: `run` returns `Outcome.mechanism`, built by `judge_mechanism`
+from the telemetry the method measured and the thresholds it declares
+(`mechanism_thresholds`). Its `null_control` names the Config values that switch that
+mechanism off with everything else equal; a suite with `controls: true` runs that control
+beside it. Baselines declare neither, and their records say "no mechanism".
+
 Targets are met within a tolerance the record states (`target_met`): sparsity within
 `sparsity_tolerance` either side; an achieved FLOPs ratio within
 [target - below, target + above] of `flops_tolerance = (below, above)`. A method whose
@@ -37,7 +44,9 @@ from sparsebench.errors import Diverged
 from sparsebench.models import ModelCard, model_card
 
 from sparsebench.specs import Recipe, SpecError, Target, coerce_scalar
+from sparsebench.store.record import Mechanism
 from sparsebench.training.resume import RunCheckpoints
+from sparsebench.training.telemetry import TrainingCurve
 from sparsebench.training.trainer import ComputeMeter, StepBudget, Trainer, TrainerHook
 from sparsebench.registry import Registry
 
@@ -61,6 +70,8 @@ class Outcome:
     prunable     parameter names the sparsity target is stated over (dense-model names)
     notes        method-specific facts for the record (forced groups, faithfulness, ...)
     finetune     False only for the dense reference, which is not trained further
+    mechanism    whether the method's defining mechanism acted (`judge_mechanism`); None
+                 for a method without one (a baseline)
     """
 
     model: nn.Module
@@ -70,6 +81,7 @@ class Outcome:
     prunable: Optional[List[str]] = None
     notes: Dict[str, Any] = field(default_factory=dict)
     finetune: bool = True
+    mechanism: Optional[Mechanism] = None
 
     def __post_init__(self):
         if self.realization not in ("dense", "compacted", "masked"):
@@ -107,6 +119,7 @@ class MethodContext:
         return [name for name, skip in zip(self.card.edge_layers, (skip_first, skip_last)) if skip]
     checkpoints: Optional[RunCheckpoints] = None   # the run's resume point; every make_trainer fit uses it
     compute: ComputeMeter = field(default_factory=ComputeMeter)   # training MACs of the method
+    curve: TrainingCurve = field(default_factory=TrainingCurve)  # loss, lr, val, events of the method's fits
 
     def make_trainer(
         self,
@@ -131,6 +144,7 @@ class MethodContext:
             self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, param_groups=param_groups,
             budget=self.budget, train_model_params=train_model_params, model_mode=model_mode,
             no_weight_decay=no_weight_decay, checkpoints=self.checkpoints, compute=self.compute, stage="method",
+            curve=self.curve,
         )
 
     def count_macs(self, model: Optional[nn.Module] = None):
@@ -146,6 +160,10 @@ class Method:
     description: str = ""
     sparsity_tolerance: float = 0.005                  # |achieved - target| allowed for a sparsity target
     flops_tolerance: Tuple[float, float] = (0.03, 0.01)   # (below, above) the target FLOPs ratio
+    # Config values that switch the defining mechanism off (the null control); None: a baseline
+    null_control: Optional[Dict[str, Any]] = None
+    # {telemetry metric: minimum} or {metric: (">=" | "<=", bound)}: the mechanism acted when all hold
+    mechanism_thresholds: Dict[str, Any] = {}
 
     @dataclass(frozen=True)
     class Config:
@@ -162,8 +180,48 @@ class Method:
         """Whether the method can run on this model (family is 'cnn' or 'vit')."""
         return True
 
+    @property
+    def is_control(self) -> bool:
+        """True when this instance is the method's null control (its mechanism switched off)."""
+        return bool(self.null_control) and all(getattr(self.config, k) == v for k, v in self.null_control.items())
+
     def run(self, ctx: MethodContext) -> Outcome:
         raise NotImplementedError
+
+
+def judge_mechanism(method: Method, metrics: Dict[str, Any], note: str = "") -> Mechanism:
+    """The record's `mechanism` from the telemetry a method measured, judged against its
+    `mechanism_thresholds`: it acted when every metric reaches its bound. A null control is
+    marked as such, whatever its numbers say. `note` adds a method's own remark."""
+    thresholds = {k: (tuple(v) if isinstance(v, (tuple, list)) else (">=", v))
+                  for k, v in method.mechanism_thresholds.items()}
+    failed = []
+    for key, (op, bound) in thresholds.items():
+        value = metrics.get(key)
+        ok = value is not None and (value >= bound if op == ">=" else value <= bound)
+        if not ok:
+            failed.append(f"{key} = {_short(value)} (needs {op} {bound:g})")
+    if method.is_control:
+        acted = not failed
+        args = ", ".join(f"{k}={v}" for k, v in method.null_control.items())
+        reason = f"null control ({args}): the mechanism is switched off"
+    elif failed:
+        acted, reason = False, "did not act: " + "; ".join(failed)
+    else:
+        acted = True
+        reason = "acted: " + ", ".join(f"{k} = {_short(metrics[k])} ({op} {bound:g})"
+                                       for k, (op, bound) in thresholds.items())
+    if note:
+        reason += f"; {note}"
+    return Mechanism(declared=True, acted=acted, reason=reason, control=method.is_control,
+                     metrics=metrics, thresholds={k: list(v) for k, v in thresholds.items()})
+
+
+NO_MECHANISM = Mechanism(declared=False, acted=None, reason="baseline: no mechanism beyond its criterion")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def register_method(name: str):

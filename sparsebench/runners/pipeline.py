@@ -41,9 +41,9 @@ from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import MacsReport, count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.measure.realize import realize
-from sparsebench.methods import METHODS, Method, MethodContext, Outcome, build_config, config_dict
+from sparsebench.methods import METHODS, NO_MECHANISM, Method, MethodContext, Outcome, build_config, config_dict
 from sparsebench.models import MODELS, ModelCard, create_model, model_card
-from sparsebench.store.record import Cost, Macs, Params, Prunable, Realization, RunRecord, plain, target_check
+from sparsebench.store.record import Cost, Macs, Mechanism, Params, Prunable, Realization, RunRecord, plain, target_check
 from sparsebench.store.records import RecordStore
 
 EVAL_BATCH = 256
@@ -219,6 +219,7 @@ class MethodStage:
     wall_seconds: float
     diverged: Optional[Diverged] = None
     train_macs: Optional[dict] = None  # forward/backward MACs the method's trainers spent
+    curve: Optional[dict] = None       # the method's training curve (TrainingCurve.as_dict)
 
 
 def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, make_model,
@@ -252,7 +253,7 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
             raise StageError(f"method stage ({spec.method}): {(str(e).splitlines() or ['assertion failed'])[0]}") from e
     # a resumed run adds the time its loaded fits took before the interruption
     wall = time.perf_counter() - start + (checkpoints.restored_seconds if checkpoints is not None else 0.0)
-    return MethodStage(outcome, budget, ctx.budget.used, wall, diverged, ctx.compute.as_dict())
+    return MethodStage(outcome, budget, ctx.budget.used, wall, diverged, ctx.compute.as_dict(), ctx.curve.as_dict())
 
 
 def _in_stage(d: Diverged, stage: str) -> Diverged:
@@ -269,6 +270,7 @@ class FinetuneStage:
     best_step: Optional[int] = None
     diverged: Optional[Diverged] = None
     train_macs: Optional[dict] = None
+    curve: Optional[dict] = None
 
 
 def finetune_stage(spec: RunSpec, outcome: Outcome, data: DataStage, device: torch.device,
@@ -285,9 +287,10 @@ def finetune_stage(spec: RunSpec, outcome: Outcome, data: DataStage, device: tor
                               desc="finetune")
             _check_finite(outcome.model, "finetune")
         except Diverged as d:
-            return FinetuneStage(steps=trainer.step, diverged=d, train_macs=trainer.compute.as_dict())
+            return FinetuneStage(steps=trainer.step, diverged=d, train_macs=trainer.compute.as_dict(),
+                                 curve=trainer.curve.as_dict())
         result = FinetuneStage(fit.steps, fit.wall_seconds, fit.best_val_top1, fit.best_step,
-                               train_macs=trainer.compute.as_dict())
+                               train_macs=trainer.compute.as_dict(), curve=trainer.curve.as_dict())
     if outcome.masks is not None:
         outcome.masks.apply()
     return result
@@ -437,8 +440,21 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         environment=plain(_environment(device, spec.measure.threads)), code_version=plain(code_version()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
+        mechanism=mechanism_of(method, outcome) if outcome is not None else None,
+        curves=plain({k: v for k, v in (("method", method_result.curve), ("finetune", finetune.curve)) if v}) or None,
         **result,
     )
+
+
+def mechanism_of(method: Method, outcome: Outcome) -> Mechanism:
+    """The record's `mechanism`: the method's own verdict; "no mechanism" for a baseline; and
+    for a method that declares a mechanism but reported none, a verdict that it did not act."""
+    if outcome.mechanism is not None:
+        return outcome.mechanism
+    if method.null_control is None:
+        return NO_MECHANISM
+    return Mechanism(declared=True, acted=False, reason="the method declares a mechanism but reported no telemetry",
+                     control=method.is_control)
 
 
 def _environment(device: torch.device, threads: int) -> dict:

@@ -11,9 +11,14 @@
     data: {img_size: 16, val_fraction: 0.1}
     measure: {threads: 1, batch_sizes: [1, 64]}
     pretrained: {resnet18: /path/to/weights.pth}          # optional, per model
+    controls: true                                         # optional: each seed method's null control too
 
 A method that does not support a model (e.g. channel pruning on a ViT) is skipped and
 listed; every other problem is a one-line error naming the bad value.
+
+`controls: true` adds, for every entry of a method that declares a `null_control` (the
+Config values that switch its defining mechanism off), the same entry with those values:
+same models, targets, seeds and recipe, so the leaderboard can pair each run with its control.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from sparsebench.models import FAMILY_RECIPES
 from sparsebench.specs import DataSpec, MeasureSpec, Recipe, RunSpec, SpecError, Target
 
 SUITE_KEYS = {"name", "description", "methods", "models", "datasets", "targets", "seeds", "recipe", "recipes",
-              "data", "measure", "pretrained", "expected_cost"}
+              "data", "measure", "pretrained", "expected_cost", "controls"}
 
 # Official train-split sizes, used by --dry-run estimates when the data is not on disk.
 TRAIN_SIZES = {"digits": 1347, "cifar10": 50000, "cifar100": 50000, "tiny-imagenet": 100000,
@@ -140,6 +145,11 @@ def expand(raw: Dict[str, Any]) -> Suite:
     from sparsebench.models import create_model, model_family
 
     methods = _method_entries(raw.get("methods"))
+    controls = raw.get("controls", False)
+    if not isinstance(controls, bool):
+        raise SpecError(f"suite key 'controls' must be true or false, got {controls!r}")
+    if controls:
+        methods = with_null_controls(methods)
     models, datasets = _list(raw, "models"), _list(raw, "datasets")
     seeds = raw.get("seeds", [0])
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
@@ -181,6 +191,23 @@ def expand(raw: Dict[str, Any]) -> Suite:
                     for target in ([Target()] if kind == "none" else targets[kind]):
                         specs.append(dataclasses.replace(base, target=target))
     return Suite(name=str(raw.get("name", "suite")), specs=specs, skipped=skipped)
+
+
+def with_null_controls(methods):
+    """The method entries, each followed by its null control where its method declares one
+    (and the suite does not already list that control)."""
+    from sparsebench.methods import METHODS
+
+    out = []
+    for name, args, only_models, entry_targets in methods:
+        out.append((name, args, only_models, entry_targets))
+        off = METHODS.get(name).factory.null_control
+        if not off or all(args.get(k) == v for k, v in off.items()):
+            continue
+        control = (name, {**args, **off}, only_models, entry_targets)
+        if control not in methods and control not in out:
+            out.append(control)
+    return out
 
 
 def _any_target(method_cls, args) -> Target:

@@ -4,9 +4,13 @@ Everything that reads records (leaderboards, plots, the CLI) reads `RunRecord`s 
 `RunRecord.from_dict`, never raw JSON keys. The JSON form keeps the field names of the
 words in docs/design.md (`achieved_sparsity`, `achieved_flops_ratio`, ...).
 
-Schema 2 (this module) adds to schema 1: `status`, `target_met`, `tolerance`, `prunable`,
-`plugin` and `error`. Schema-1 records are upgraded on read (status from the default
-tolerances, prunable policy unknown); any other schema is refused with a one-line reason.
+Schema 2 added to schema 1: `status`, `target_met`, `tolerance`, `prunable`, `plugin` and
+`error`. Schema 3 (this module) adds `mechanism` (did the method's defining mechanism act,
+with the numbers that show it) and `curves` (training loss, learning rate, validation
+accuracy and mask/structure events against step, per training stage). Older records are
+upgraded on read: schema 1 gets its status from the default tolerances and an unknown
+prunable policy; schemas 1 and 2 get `mechanism` and `curves` as "not recorded" (None).
+Any other schema is refused with a one-line reason.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "diverged", "missed_target", "failed")
 # Runs with a result to rank; diverged and failed runs have none (their metrics are None).
 RESULT_STATUSES = ("ok", "missed_target")
@@ -96,8 +100,38 @@ class Prunable:
     tensors: int
 
 
+@dataclass(frozen=True)
+class Mechanism:
+    """Whether a run's defining mechanism acted, and the numbers that show it.
+
+    declared    False for a baseline: it has no mechanism beyond its criterion (acted is None)
+    acted       the verdict against the method's declared thresholds (None: no mechanism)
+    reason      one line: which number decided the verdict
+    control     True for a null control: the method with its mechanism switched off
+    metrics     the method's telemetry (units moved, score changes, swaps per update, ...)
+    thresholds  {metric: minimum} the verdict was judged against, as the method declares them
+    """
+
+    declared: bool
+    acted: Optional[bool]
+    reason: str
+    control: bool = False
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    thresholds: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """One word for tables: acted | did not act | control | none."""
+        if self.control:
+            return "control"
+        if not self.declared:
+            return "none"
+        return "acted" if self.acted else "did not act"
+
+
 # Nested fields with a type of their own; the rest are JSON scalars, lists or free dicts.
-_NESTED = {"macs": Macs, "params": Params, "cost": Cost, "prunable": Prunable, "tolerance": Tolerance}
+_NESTED = {"macs": Macs, "params": Params, "cost": Cost, "prunable": Prunable, "tolerance": Tolerance,
+           "mechanism": Mechanism}
 # None only in a run without a result (diverged, failed).
 _RESULT_FIELDS = ("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio", "test_top1",
                   "val_top1", "test_samples", "params", "macs", "theoretical_speedup", "realization", "prunable")
@@ -148,6 +182,9 @@ class RunRecord:
     prunable: Optional[Prunable]
     plugin: Optional[Dict[str, Any]] = None   # third-party method: distribution, version, source_sha256
     error: Optional[str] = None               # why a run has no result (diverged, failed)
+    mechanism: Optional[Mechanism] = None     # None: not recorded (schema < 3, or a run without a method result)
+    # {stage: {"step": [...], "loss": [...], "lr": [...], "val": [[step, top1], ...], "events": [[step, kind], ...]}}
+    curves: Optional[Dict[str, Any]] = None
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -164,6 +201,16 @@ class RunRecord:
     @property
     def has_result(self) -> bool:
         return self.status in RESULT_STATUSES
+
+    @property
+    def mechanism_acted(self) -> bool:
+        """False only for a seed-method run whose record shows its mechanism did not act."""
+        m = self.mechanism
+        return m is None or m.control or not m.declared or bool(m.acted)
+
+    @property
+    def is_control(self) -> bool:
+        return self.mechanism is not None and self.mechanism.control
 
     @property
     def method_args(self) -> Dict[str, Any]:
@@ -206,8 +253,10 @@ class RunRecord:
         schema = d.get("schema")
         if schema == 1:
             d = _upgrade_v1(d)
+        elif schema == 2:
+            d = {**d, "schema": SCHEMA_VERSION}           # mechanism and curves: not recorded
         elif schema != SCHEMA_VERSION:
-            raise RecordError(f"schema {schema!r}; this sparsebench reads schema {SCHEMA_VERSION} (and upgrades 1)")
+            raise RecordError(f"schema {schema!r}; this sparsebench reads schema {SCHEMA_VERSION} (and upgrades 1, 2)")
         names = {f.name for f in dataclasses.fields(cls)} - {"target_kind", "target_value"} | {"target"}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -55,6 +55,7 @@ from sparsebench.errors import Diverged
 from sparsebench.platform import current as current_platform
 from sparsebench.specs import Recipe
 from sparsebench.training.resume import LoaderPosition, ResumeMismatch, RunCheckpoints, rng_state, set_rng_state
+from sparsebench.training.telemetry import TrainingCurve
 
 COST_CONVENTION = (
     "MACs of training steps (validation passes excluded): forward = batch x per-image MACs of the model "
@@ -222,12 +223,15 @@ class Trainer:
         checkpoints: Optional[RunCheckpoints] = None,
         compute: Optional[ComputeMeter] = None,
         stage: str = "training",
+        curve: Optional[TrainingCurve] = None,
     ):
         """`train_model_params=False` freezes the model (only `param_groups` learn);
         `model_mode="eval"` keeps BN statistics and dropout frozen during training steps
         (a search over a fixed backbone); `no_weight_decay` lists model parameters that must
         not decay (e.g. a token selector). `checkpoints` makes every `fit` save and resume
-        (module docstring); `compute` is the MACs meter to add to (shared by a phase's trainers)."""
+        (module docstring); `compute` is the MACs meter to add to (shared by a phase's trainers); `curve` the
+        stage's `TrainingCurve` (shared likewise; the step axis is the budget's steps when
+        the trainer has a budget, its own otherwise)."""
         if model_mode not in ("train", "eval"):
             raise ValueError(f"model_mode must be 'train' or 'eval', got {model_mode!r}")
         self.model, self.train_loader, self.recipe = model, train_loader, recipe
@@ -254,6 +258,7 @@ class Trainer:
         self._data = LoaderPosition(train_loader)
         self.checkpoints = checkpoints
         self.compute = compute if compute is not None else ComputeMeter()
+        self.curve = curve if curve is not None else TrainingCurve()
         self._layer_macs = None          # (input shape, dense per-image MACs, {id(weight): dense MACs})
         self._forward_macs = None        # (mask versions, per-image MACs with masks)
         self._platform = current_platform()
@@ -318,6 +323,15 @@ class Trainer:
         `elapsed` of them already taken (a fresh trainer joining a schedule midway, as
         P-GaP's replicas do)."""
         self.schedule_start, self.schedule_steps = self.step - elapsed, steps
+
+    @property
+    def position(self) -> int:
+        """The step on the stage's curve: budget steps spent (shared by a method's trainers), or this trainer's."""
+        return self.budget.used if self.budget is not None else self.step
+
+    def event(self, kind: str, **numbers) -> None:
+        """Mark a mask or structure update (or any discrete act of a method) on the curve."""
+        self.curve.add_event(self.position, kind, **numbers)
 
     def add_hook(self, hook: TrainerHook) -> None:
         self.hooks = _ordered([*self.hooks, hook])
@@ -385,6 +399,7 @@ class Trainer:
         for h in self.hooks:
             h.after_backward(self)
         self.optimizer.step()
+        self.curve.add_step(self.position, float(loss.detach()), self.optimizer.param_groups[0]["lr"])
         self.step += 1
         for h in self.hooks:
             h.after_step(self)
@@ -444,6 +459,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "budget": self.budget.state_dict() if self.budget is not None else None,
             "compute": self.compute.state_dict(),
+            "curve": self.curve.state_dict(),
             "hooks": [h.state_dict() for h in self.hooks],
             "data": self._data.state_dict() if isinstance(self._data, LoaderPosition) else None,
         }
@@ -461,6 +477,8 @@ class Trainer:
         if self.budget is not None and state["budget"] is not None:
             self.budget.load_state_dict(state["budget"])
         self.compute.load_state_dict(state["compute"])
+        if "curve" in state:
+            self.curve.load_state_dict(state["curve"])
         for h, saved in zip(self.hooks, state["hooks"]):
             h.load_state_dict(saved)
         if state["data"] is not None:
@@ -536,6 +554,7 @@ class Trainer:
             if val_loader is not None and eval_every and ((i + 1) % eval_every == 0 or last):
                 acc = evaluate(self.model, val_loader, self.device, self.num_classes)
                 result.history.append({"step": self.step, "val_top1": acc.top1, "train_loss": float(loss)})
+                self.curve.add_val(self.position, acc.top1)
                 if result.best_val_top1 is None or acc.top1 > result.best_val_top1:
                     result.best_val_top1, result.best_step = acc.top1, self.step
                     best_state = copy.deepcopy(self.model.state_dict())
