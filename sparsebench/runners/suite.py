@@ -72,21 +72,35 @@ def recipe_for(family: str, overrides: Dict[str, Any], family_overrides: Dict[st
     return _dataclass_from(Recipe, base, "recipe")
 
 
-ENTRY_KEYS = ("name", "args", "models", "targets")
+ENTRY_KEYS = ("name", "args", "models", "targets", "recipe")
 
 
-def _method_entries(raw) -> List[Tuple[str, Dict[str, Any], Optional[list], Optional[dict]]]:
-    """(name, args, models, targets) per entry; models/targets None: the suite's.
+@dataclass(frozen=True)
+class MethodEntry:
+    """One item of a suite's `methods`: models/targets None take the suite's; `recipe`
+    overrides the suite's recipe for this method alone (e.g. a longer search budget)."""
+
+    name: str
+    args: Dict[str, Any]
+    models: Optional[list] = None
+    targets: Optional[dict] = None
+    recipe: Optional[Dict[str, Any]] = None
+
+
+def _method_entries(raw) -> List[MethodEntry]:
+    """The suite's method entries.
 
     An entry may narrow the suite for one method, e.g. a costly method on one model or at
-    one target: `{name: gap-parallel, models: [resnet20_tiny], targets: {sparsity: [0.9]}}`.
+    one target: `{name: gap-parallel, models: [resnet20_tiny], targets: {sparsity: [0.9]}}`,
+    or give it its own recipe values: `{name: pass, recipe: {search_epochs: 10}}` (the
+    record's spec states them, so the budget a method got is never hidden).
     """
     if not isinstance(raw, list) or not raw:
         raise SpecError("suite key 'methods' must be a non-empty list")
     out = []
     for item in raw:
         if isinstance(item, str):
-            out.append((item, {}, None, None))
+            out.append(MethodEntry(item, {}))
         elif isinstance(item, dict) and "name" in item:
             extra = set(item) - set(ENTRY_KEYS)
             if extra:
@@ -95,7 +109,10 @@ def _method_entries(raw) -> List[Tuple[str, Dict[str, Any], Optional[list], Opti
             if models is not None and (not isinstance(models, list) or not models):
                 raise SpecError(f"method entry {item['name']!r}: 'models' must be a non-empty list, got {models!r}")
             targets = _targets(item["targets"], f"method entry {item['name']!r}: targets") if "targets" in item else None
-            out.append((item["name"], dict(item.get("args") or {}), models, targets))
+            recipe = item.get("recipe")
+            if recipe is not None:
+                _dataclass_from(Recipe, {**dataclasses.asdict(Recipe()), **recipe}, f"method entry {item['name']!r}: recipe")
+            out.append(MethodEntry(item["name"], dict(item.get("args") or {}), models, targets, recipe))
         else:
             raise SpecError(f"bad method entry {item!r}; expected a name or {{name: ..., args: {{...}}}}")
     return out
@@ -155,7 +172,7 @@ def expand(raw: Dict[str, Any]) -> Suite:
     if not isinstance(seeds, list) or not all(isinstance(s, int) for s in seeds):
         raise SpecError(f"suite key 'seeds' must be a list of integers, got {seeds!r}")
     suite_targets = _targets(raw.get("targets") or {}, "suite key 'targets'")
-    entry_models = {m for _, _, only, _ in methods for m in (only or [])}
+    entry_models = {m for entry in methods for m in (entry.models or [])}
     stray = sorted(entry_models - set(models))
     if stray:
         raise SpecError(f"a method entry names model {stray[0]!r}, which is not in the suite's models; "
@@ -169,10 +186,13 @@ def expand(raw: Dict[str, Any]) -> Suite:
         family = model_family(model)
         recipe = recipe_for(family, raw.get("recipe") or {}, raw.get("recipes") or {})
         probe = create_model(model, num_classes=10, img_size=data.img_size or 32)
-        for name, args, only_models, entry_targets in methods:
-            if only_models is not None and model not in only_models:
+        for entry in methods:
+            name, args = entry.name, entry.args
+            if entry.models is not None and model not in entry.models:
                 continue
-            targets = entry_targets if entry_targets is not None else suite_targets
+            targets = entry.targets if entry.targets is not None else suite_targets
+            run_recipe = (recipe if entry.recipe is None else
+                          _dataclass_from(Recipe, {**dataclasses.asdict(recipe), **entry.recipe}, f"method entry {name!r}: recipe"))
             method = validate(RunSpec(method=name, model=model, dataset=datasets[0],
                                       method_args=tuple(sorted(args.items())),
                                       target=_any_target(METHODS.get(name).factory, args)))
@@ -186,7 +206,7 @@ def expand(raw: Dict[str, Any]) -> Suite:
             for dataset in datasets:
                 for seed in seeds:
                     base = RunSpec(method=name, model=model, dataset=dataset, seed=seed,
-                                   method_args=tuple(sorted(args.items())), recipe=recipe, data=data,
+                                   method_args=tuple(sorted(args.items())), recipe=run_recipe, data=data,
                                    measure=measure, pretrained=pretrained.get(model))
                     for target in ([Target()] if kind == "none" else targets[kind]):
                         specs.append(dataclasses.replace(base, target=target))
@@ -199,12 +219,12 @@ def with_null_controls(methods):
     from sparsebench.methods import METHODS
 
     out = []
-    for name, args, only_models, entry_targets in methods:
-        out.append((name, args, only_models, entry_targets))
-        off = METHODS.get(name).factory.null_control
-        if not off or all(args.get(k) == v for k, v in off.items()):
+    for entry in methods:
+        out.append(entry)
+        off = METHODS.get(entry.name).factory.null_control
+        if not off or all(entry.args.get(k) == v for k, v in off.items()):
             continue
-        control = (name, {**args, **off}, only_models, entry_targets)
+        control = dataclasses.replace(entry, args={**entry.args, **off})
         if control not in methods and control not in out:
             out.append(control)
     return out
