@@ -8,8 +8,16 @@ dense/realized latency at the throughput batch (or "not realizable") on `device`
 
 Only runs with status "ok" enter the means and plots. Runs that missed their target
 (beyond the tolerance in their record) or diverged are listed apart, one line each, so a
-failed method is visible without dragging its averages. Records of different devices are
-different rows: a CPU and a GPU latency are never averaged together.
+failed method is visible without dragging its averages. So is a run whose record shows
+that its defining mechanism did not act (`mechanism.acted` false): its number is its
+prior's, not the method's, and is never ranked silently among the others. Records of
+different devices are different rows: a CPU and a GPU latency are never averaged together.
+
+`mechanism` says, per row, whether the method's mechanism acted in every seed ("acted"), the
+row is a null control ("control": the method with its mechanism switched off), or the method
+is a baseline ("–"). `Δ control` is a seed-method row's paired difference to its own null
+control at the same setting: the mean over the seeds both have of (method − control) top-1,
+with its 95 % t-interval (none with one pair) and the number of pairs.
 """
 from __future__ import annotations
 
@@ -27,8 +35,24 @@ from sparsebench.store.record import RunRecord
 
 def method_label(record: RunRecord) -> str:
     """Method name plus the config values that differ from its defaults (e.g. `random[distribution=erk]`)."""
-    name = record.method
-    args = record.method_args
+    return label_of(record.method, record.method_args)
+
+
+def control_label(record: RunRecord) -> Optional[str]:
+    """The label of this seed-method run's null control (its args with the mechanism switched
+    off); None for a baseline, a control, or a method no longer installed."""
+    if record.is_control:
+        return None
+    try:
+        off = METHODS.get(record.method).factory.null_control
+    except Exception:
+        return None
+    if not off:
+        return None
+    return label_of(record.method, {**record.method_args, **off})
+
+
+def label_of(name: str, args: dict) -> str:
     try:
         defaults = config_dict(build_config(METHODS.get(name).factory, {}))
     except Exception:          # a method no longer installed: show every argument
@@ -61,6 +85,9 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "method_steps": r.cost.method_steps, "method_seconds": r.cost.method_wall_seconds,
             "train_macs": _train_macs(r),
             "tolerance": None if r.tolerance is None else f"-{r.tolerance.below:g}/+{r.tolerance.above:g}",
+            "mechanism": "not recorded" if r.mechanism is None else r.mechanism.label,
+            "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
+            "control_of_row": control_label(r),
         }
         if r.has_result:
             row.update({
@@ -82,11 +109,20 @@ def ci95(values: pd.Series) -> float:
     return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
+def ranked(df: pd.DataFrame) -> pd.DataFrame:
+    """The runs that enter the means: status "ok" and, where the record has a verdict, a
+    mechanism that acted (or a null control, or a baseline)."""
+    if df.empty:
+        return df
+    return df[(df["status"] == "ok") & (df["mechanism"] != "did not act")]
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, method, target, device): means and 95 % CIs over the seeds
-    whose run is "ok" (met its target, finite); other runs are `excluded`'s."""
+    whose run is "ok" (met its target, finite) and whose mechanism did not fail to act; other
+    runs are `excluded`'s. Seed-method rows carry their paired difference to their control."""
     if not df.empty:
-        df = df[df["status"] == "ok"]
+        df = ranked(df)
     if df.empty:
         return pd.DataFrame()
     keys = ["dataset", "model", "method", "granularity", "target_kind", "target", "device"]
@@ -104,7 +140,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         measured_speedup=("measured_speedup", "mean"), measured_speedup_ci=("measured_speedup", ci95),
         realizable=("realizable", "all"), method_steps=("method_steps", "mean"),
         train_macs=("train_macs", "mean"),
+        mechanism=("mechanism", _row_mechanism),
     ).reset_index()
+    out = _with_control_differences(out, df, keys)
     out["target"] = out["target"].replace(-1.0, np.nan)
     kind_order = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2})
     return (out.assign(_kind=kind_order)
@@ -112,21 +150,61 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                .drop(columns="_kind").reset_index(drop=True))
 
 
+def _row_mechanism(labels: pd.Series) -> str:
+    """One word for a row: control, acted (every seed acted), – (baseline), not recorded."""
+    kinds = set(labels)
+    if kinds == {"control"}:
+        return "control"
+    if kinds == {"acted"}:
+        return "acted"
+    if kinds <= {"none"}:
+        return "–"
+    return "not recorded" if "not recorded" in kinds else "mixed"
+
+
+def _with_control_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
+    """Add `control_delta`, `control_delta_ci`, `control_pairs`: each seed-method row's paired
+    difference (method − its null control, top-1 points) over the seeds both have."""
+    setting = [k for k in keys if k not in ("method", "granularity")]
+    per_seed = runs.set_index([*setting, "method", "seed"])["test_top1"]
+    per_seed = per_seed[~per_seed.index.duplicated(keep="last")].sort_index()
+    control_of = runs.dropna(subset=["control_of_row"]).groupby("method")["control_of_row"].first()
+    deltas, cis, pairs = [], [], []
+    for _, row in out.iterrows():
+        control = control_of.get(row["method"])
+        d = pd.Series(dtype=float)
+        if control is not None:
+            at = tuple(row[k] for k in setting)
+            try:
+                mine, theirs = per_seed.loc[(*at, row["method"])], per_seed.loc[(*at, control)]
+            except KeyError:
+                pass
+            else:
+                d = (mine - theirs).dropna()
+        deltas.append(float(d.mean()) if len(d) else float("nan"))
+        cis.append(ci95(d) if len(d) else float("nan"))
+        pairs.append(len(d))
+    return out.assign(control_delta=deltas, control_delta_ci=cis, control_pairs=pairs)
+
+
 def excluded(df: pd.DataFrame) -> pd.DataFrame:
     """The runs left out of the means: one row each, with what went wrong."""
     if df.empty:
         return pd.DataFrame()
-    bad = df[df["status"] != "ok"]
+    bad = df[(df["status"] != "ok") | (df["mechanism"] == "did not act")]
     rows = []
     for _, r in bad.iterrows():
         target = "dense" if r["target_kind"] == "none" else f"{r['target_kind']}={r['target']:g}"
-        if r["status"] == "missed_target":
+        status = r["status"]
+        if status == "ok":                  # a result, but the mechanism that defines the method did not act
+            status, detail = "mechanism did not act", r["mechanism_reason"] or ""
+        elif r["status"] == "missed_target":
             achieved = r["achieved_sparsity"] if r["target_kind"] == "sparsity" else r["achieved_flops_ratio"]
             detail = f"achieved {achieved:.4f}, tolerance {r['tolerance']}"
         else:
             detail = r["error"] or ""
         rows.append({"dataset": r["dataset"], "model": r["model"], "target": target, "method": r["method"],
-                     "seed": int(r["seed"]), "status": r["status"], "detail": detail})
+                     "seed": int(r["seed"]), "status": status, "detail": detail})
     return pd.DataFrame(rows)
 
 
@@ -173,9 +251,19 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "MMACs": f"{r['macs'] / 1e6:.2f}", "params": f"{r['params'] / 1e3:.1f}k",
             "theor. speedup": f"{r['theoretical_speedup']:.2f}×", "measured speedup": measured,
             "train GMACs": "–" if pd.isna(r.get("train_macs")) else f"{r['train_macs'] / 1e9:.1f}",
+            "mechanism": r.get("mechanism", "not recorded"),
+            "Δ control": _control_cell(r),
             "device": r["device"], "seeds": int(r["seeds"]),
         })
     return pd.DataFrame(rows)
+
+
+def _control_cell(r) -> str:
+    """"+1.23 ± 0.45 (n=5)" for a seed-method row with a control at its setting, else "–"."""
+    n = int(r.get("control_pairs") or 0)
+    if not n:
+        return "–"
+    return f"{plus_minus(r['control_delta'], r['control_delta_ci'], '+.2f')} (n={n})"
 
 
 def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.DataFrame = None) -> str:
@@ -186,7 +274,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
     for (dataset, model), part in table.groupby(["dataset", "model"], sort=False):
         lines += [f"## {model} on {dataset}", "", part.drop(columns=["dataset", "model"]).to_markdown(index=False), ""]
     if left_out is not None and not left_out.empty:
-        lines += ["## Left out of the means: missed target or diverged", "", left_out.to_markdown(index=False), ""]
+        lines += ["## Left out of the means: missed target, diverged, or mechanism did not act", "",
+                  left_out.to_markdown(index=False), ""]
     if table.empty:
         return "\n".join(lines)
     lines += [
@@ -197,7 +286,11 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "sparsity: zero or removed fraction of prunable weights. FLOPs ratio: realized MACs / dense MACs "
         "(attention matmuls counted). theor. speedup: dense / realized MACs. measured speedup: dense / realized "
         "latency, same process and device, at the throughput batch, on the device named beside it; unstructured "
-        "masks are not realizable. Only runs that met their target within the tolerance in their record count.",
+        "masks are not realizable. Only runs that met their target within the tolerance in their record count. "
+        "mechanism: acted (the method's defining mechanism acted in every seed, by the thresholds it declares), "
+        "control (its null control: the mechanism switched off, all else equal), – (a baseline); a run whose "
+        "mechanism did not act is left out of the means. Δ control: paired difference (method − its null "
+        "control) in top-1 points over the seeds both have, 95 % t-interval, n pairs.",
         "",
     ]
     return "\n".join(lines)

@@ -111,3 +111,35 @@ def test_a_run_whose_dense_pretrain_diverged_is_listed_apart_and_the_site_builds
     assert len(board.table) == 1 and list(board.excluded["status"]) == ["diverged"]
     build_site(records, tmp_path / "site")
     assert (tmp_path / "site" / "index.html").exists()
+
+
+def test_mechanism_verdicts_rank_and_pair_with_their_null_control(monkeypatch):
+    """A run whose mechanism did not act is left out of the means and listed apart; a seed-method
+    row carries its paired difference to its own null control over the seeds both have."""
+    from sparsebench.methods import METHODS
+    from sparsebench.report.leaderboard import Leaderboard
+    from sparsebench.store import Mechanism
+
+    monkeypatch.setattr(METHODS.get("rigl").factory, "null_control", {"update_topology": False})
+    acted = Mechanism(declared=True, acted=True, reason="acted: swapped = 40 (>= 1)")
+    idle = Mechanism(declared=True, acted=False, reason="did not act: swapped = 0 (needs >= 1)")
+    control = Mechanism(declared=True, acted=False, reason="null control", control=True)
+    off = {"method_args": {"update_topology": False}}
+    records = [fake_record("rigl", s, t, mechanism=acted) for s, t in enumerate([0.80, 0.84, 0.82])]
+    records += [fake_record("rigl", 3, 0.95, mechanism=idle)]
+    records += [fake_record("rigl", s, t, mechanism=control, spec=off, run_id=f"ctl-{s}")
+                for s, t in enumerate([0.78, 0.80, 0.80, 0.50])]
+    records += [fake_record("random", s, 0.7, mechanism=None) for s in range(2)]
+    board = Leaderboard.of(records)
+    rows = board.table.set_index("method")
+    method, ctl = rows.loc["rigl"], rows.loc["rigl[update_topology=False]"]
+    assert method["seeds"] == 3 and method["top1"] == pytest.approx(82.0)     # seed 3 did not act: left out
+    assert method["mechanism"] == "acted" and ctl["mechanism"] == "control"
+    assert method["control_pairs"] == 3                                        # seed 3's control has no partner
+    assert method["control_delta"] == pytest.approx((2 + 4 + 2) / 3)
+    assert method["control_delta_ci"] == pytest.approx(ci95(pd.Series([2.0, 4.0, 2.0])))
+    assert ctl["control_pairs"] == 0 and rows.loc["random"]["mechanism"] == "not recorded"
+    left = board.excluded
+    assert list(left["status"]) == ["mechanism did not act"] and "swapped = 0" in left.iloc[0]["detail"]
+    md = to_markdown(board.table, left_out=board.excluded)
+    assert "+2.67 ± " in md and "(n=3)" in md and "mechanism did not act" in md
