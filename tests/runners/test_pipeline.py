@@ -30,6 +30,11 @@ def test_record_has_headline_fields_and_masks_survive_finetune(tmp_path):
     assert record.macs.effective < record.macs.dense
     assert record.selection["split"] == "val" and record.selection["test_evaluations"] == 1
     assert record.data["n_val"] > 0 and record.data["split_seed"] == 0
+    # a baseline declares no mechanism; the fine-tune's curve is recorded, one loss point per step or bin
+    assert record.mechanism.label == "none" and record.mechanism.acted is None
+    finetune = record.curves["finetune"]
+    assert sum(1 for _ in finetune["step"]) * finetune["steps_per_point"] >= record.cost.finetune_steps
+    assert finetune["val"] and "method" not in record.curves          # a one-shot prune trains nothing
 
 
 def test_structured_record_is_realized_and_timed(tmp_path):
@@ -87,6 +92,21 @@ def test_a_crashed_run_leaves_no_partial_record(tmp_path):
         assert not records.exists() or not any(records.iterdir())
     finally:
         METHODS._entries.pop("test-crash")
+
+
+def test_a_method_that_declares_a_mechanism_but_reports_none_did_not_act(tmp_path):
+    from sparsebench.methods.baselines import MagnitudeGlobal
+
+    @register_method("test-silent")
+    class Silent(MagnitudeGlobal):
+        null_control = {"skip_first": False}
+
+    try:
+        record = execute(tiny_spec("test-silent"), RunOptions(out=tmp_path))
+    finally:
+        METHODS._entries.pop("test-silent")
+    assert record.mechanism.declared and record.mechanism.acted is False and not record.mechanism_acted
+    assert "reported no telemetry" in record.mechanism.reason
 
 
 def test_budget_overrun_is_an_error_not_a_record(tmp_path):

@@ -54,3 +54,23 @@ def test_bad_method_args_in_a_suite_are_rejected():
     with pytest.raises(SpecError, match="unknown argument 'nope'"):
         expand({"methods": [{"name": "random", "args": {"nope": 1}}], "models": ["resnet20_tiny"],
                 "datasets": ["digits"], "targets": {"sparsity": [0.5]}})
+
+
+def test_controls_add_each_seed_methods_null_control_and_entries_take_their_own_recipe(monkeypatch):
+    from sparsebench.methods import METHODS
+
+    monkeypatch.setattr(METHODS.get("rigl").factory, "null_control", {"grow": "random"})   # any valid Config value
+    raw = {"methods": ["random", {"name": "rigl", "recipe": {"pretrain_epochs": 2}}],
+           "models": ["resnet20_tiny"], "datasets": ["digits"], "targets": {"sparsity": [0.5]}, "seeds": [0, 1],
+           "recipe": {"pretrain_epochs": 5}}
+    assert sorted(s.method for s in expand(raw).specs) == ["random", "random", "rigl", "rigl"]
+    suite = expand({**raw, "controls": True})
+    rigl = sorted((dict(s.method_args).get("grow", "default"), s.seed, s.recipe.pretrain_epochs)
+                  for s in suite.specs if s.method == "rigl")
+    assert rigl == [("default", 0, 2), ("default", 1, 2), ("random", 0, 2), ("random", 1, 2)]
+    assert {s.recipe.pretrain_epochs for s in suite.specs if s.method == "random"} == {5}
+    assert len({s.run_id for s in suite.specs}) == len(suite.specs) == 6
+    with pytest.raises(SpecError, match="'controls' must be true or false"):
+        expand({**raw, "controls": "yes"})
+    with pytest.raises(SpecError, match="recipe: unknown key 'epochs'"):
+        expand({**raw, "methods": [{"name": "rigl", "recipe": {"epochs": 2}}]})

@@ -101,3 +101,22 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == mode
     assert (tmp_path / "leaderboard.md").stat().st_mode & 0o777 == mode
+
+
+def test_mechanism_and_curves_round_trip_and_schema_2_reads_as_not_recorded():
+    from sparsebench.store import Mechanism
+
+    mech = Mechanism(declared=True, acted=False, reason="did not act: moved = 0 (needs >= 1)",
+                     metrics={"moved": 0, "per_phase": [0.1, 0.2]}, thresholds={"moved": [">=", 1]})
+    curves = {"method": {"step": [1, 2], "loss": [2.3, 2.1], "lr": [0.1, 0.1], "steps_per_point": 1,
+                         "val": [[2, 0.5]], "events": [[2, "update", {"swapped": 4}]]}}
+    record = make_record(mechanism=mech, curves=curves)
+    back = RunRecord.from_json(record.to_json())
+    assert back == record and back.mechanism.label == "did not act" and not back.mechanism_acted
+    v2 = make_record().to_dict()
+    for key in ("mechanism", "curves"):
+        v2.pop(key)
+    v2["schema"] = 2
+    upgraded = RunRecord.from_dict(v2)
+    assert upgraded.schema == SCHEMA_VERSION == 3 and upgraded.mechanism is None and upgraded.curves is None
+    assert upgraded.mechanism_acted and not upgraded.is_control

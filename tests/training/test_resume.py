@@ -60,6 +60,7 @@ def _same(a, b):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert na.seen == nb.seen and ba.used == bb.used == 15 and ta.step == tb.step
     assert ta.compute.as_dict() == tb.compute.as_dict()
+    assert ta.curve.state_dict() == tb.curve.state_dict() and len(ta.curve) == 15   # the curve survives a kill
     for x, y in zip(ra, rb):
         assert (x.steps, x.best_val_top1, x.best_step, x.history) == (y.steps, y.best_val_top1, y.best_step, y.history)
 
