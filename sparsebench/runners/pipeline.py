@@ -43,7 +43,9 @@ from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.measure.realize import realize
 from sparsebench.methods import METHODS, NO_MECHANISM, Method, MethodContext, Outcome, build_config, config_dict
 from sparsebench.models import MODELS, ModelCard, create_model, model_card
-from sparsebench.store.record import Cost, Macs, Mechanism, Params, Prunable, Realization, RunRecord, plain, target_check
+from sparsebench.store.record import (
+    Cost, Macs, Mechanism, Params, PerSample, Prunable, Realization, RunRecord, plain, target_check,
+)
 from sparsebench.store.records import RecordStore
 
 EVAL_BATCH = 256
@@ -306,7 +308,7 @@ class EvaluationStage:
 def evaluation_stage(model: nn.Module, data: DataStage, device: torch.device) -> EvaluationStage:
     model.eval()
     val = evaluate(model, data.loaders["val"], device, data.info.num_classes)
-    return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes))
+    return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes, per_sample=True))
 
 
 # --- measurement ------------------------------------------------------------------------------
@@ -441,6 +443,8 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
         mechanism=mechanism_of(method, outcome) if outcome is not None else None,
+        per_sample=None if evaluation is None else PerSample.of(evaluation.test.correct, evaluation.test.labels,
+                                                                spec.dataset, spec.data.split_seed),
         curves=plain({k: v for k, v in (("method", method_result.curve), ("finetune", finetune.curve)) if v}) or None,
         **result,
     )

@@ -6,8 +6,10 @@ words in docs/design.md (`achieved_sparsity`, `achieved_flops_ratio`, ...).
 
 Schema 2 added to schema 1: `status`, `target_met`, `tolerance`, `prunable`, `plugin` and
 `error`. Schema 3 (this module) adds `mechanism` (did the method's defining mechanism act,
-with the numbers that show it) and `curves` (training loss, learning rate, validation
-accuracy and mask/structure events against step, per training stage). Older records are
+with the numbers that show it), `curves` (training loss, learning rate, validation
+accuracy and mask/structure events against step, per training stage) and `per_sample`
+(each test sample's top-1 correctness, packed bits, keyed to the test set's identity so
+that two records pair only when they saw the same samples; `PerSample`). Older records are
 upgraded on read: schema 1 gets its status from the default tolerances and an unknown
 prunable policy; schemas 1 and 2 get `mechanism` and `curves` as "not recorded" (None).
 Any other schema is refused with a one-line reason.
@@ -129,9 +131,52 @@ class Mechanism:
         return "acted" if self.acted else "did not act"
 
 
+@dataclass(frozen=True)
+class PerSample:
+    """Each test sample's top-1 correctness, in the test loader's (fixed) order.
+
+    test_set  what makes two evaluations comparable sample by sample: dataset, split seed,
+              sample count and the SHA-256 of the labels in order
+    correct   numpy.packbits of the booleans, base64 (450 samples: 76 characters; 50,000: 8.4 KB)
+    """
+
+    test_set: Dict[str, Any]
+    correct: str
+    encoding: str = "numpy.packbits, big-endian bit order, base64"
+
+    @classmethod
+    def of(cls, correct, labels, dataset: str, split_seed: int) -> "PerSample":
+        import base64
+        import hashlib
+
+        import numpy as np
+
+        hits = np.asarray(correct, dtype=bool)
+        label_bytes = np.asarray(labels, dtype=np.int64).tobytes()
+        test_set = {"dataset": dataset, "split_seed": int(split_seed), "n": int(hits.size),
+                    "labels_sha256": hashlib.sha256(label_bytes).hexdigest()}
+        return cls(test_set, base64.b64encode(np.packbits(hits).tobytes()).decode("ascii"))
+
+    def vector(self):
+        """The per-sample correctness as a numpy bool array of length test_set["n"]."""
+        import base64
+
+        import numpy as np
+
+        bits = np.unpackbits(np.frombuffer(base64.b64decode(self.correct), dtype=np.uint8))
+        return bits[: self.test_set["n"]].astype(bool)
+
+    def unpairable_with(self, other: "PerSample") -> Optional[str]:
+        """None when the two evaluations saw the same samples in the same order, else why not (one line)."""
+        for key in ("dataset", "split_seed", "n", "labels_sha256"):
+            if self.test_set.get(key) != other.test_set.get(key):
+                return (f"different test sets: {key} {self.test_set.get(key)!r} vs {other.test_set.get(key)!r}")
+        return None
+
+
 # Nested fields with a type of their own; the rest are JSON scalars, lists or free dicts.
 _NESTED = {"macs": Macs, "params": Params, "cost": Cost, "prunable": Prunable, "tolerance": Tolerance,
-           "mechanism": Mechanism}
+           "mechanism": Mechanism, "per_sample": PerSample}
 # None only in a run without a result (diverged, failed).
 _RESULT_FIELDS = ("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio", "test_top1",
                   "val_top1", "test_samples", "params", "macs", "theoretical_speedup", "realization", "prunable")
@@ -185,6 +230,7 @@ class RunRecord:
     mechanism: Optional[Mechanism] = None     # None: not recorded (schema < 3, or a run without a method result)
     # {stage: {"step": [...], "loss": [...], "lr": [...], "val": [[step, top1], ...], "events": [[step, kind], ...]}}
     curves: Optional[Dict[str, Any]] = None
+    per_sample: Optional[PerSample] = None    # None: not recorded (schema < 3, or no result)
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -254,7 +300,7 @@ class RunRecord:
         if schema == 1:
             d = _upgrade_v1(d)
         elif schema == 2:
-            d = {**d, "schema": SCHEMA_VERSION}           # mechanism and curves: not recorded
+            d = {**d, "schema": SCHEMA_VERSION}           # mechanism, curves, per_sample: not recorded
         elif schema != SCHEMA_VERSION:
             raise RecordError(f"schema {schema!r}; this sparsebench reads schema {SCHEMA_VERSION} (and upgrades 1, 2)")
         names = {f.name for f in dataclasses.fields(cls)} - {"target_kind", "target_value"} | {"target"}

@@ -166,15 +166,21 @@ class Accuracy:
     top5: Optional[float]
     loss: float
     n: int
+    correct: Optional[torch.Tensor] = None   # per sample, in loader order (evaluate(per_sample=True))
+    labels: Optional[torch.Tensor] = None
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int) -> Accuracy:
-    """Accuracy as sum of correct over sum of samples (never a mean of batch means)."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
+             per_sample: bool = False) -> Accuracy:
+    """Accuracy as sum of correct over sum of samples (never a mean of batch means).
+    `per_sample` also keeps each sample's top-1 correctness and label, in loader order, so
+    that two models evaluated on the same (unshuffled) loader can be compared sample by sample."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
     loss_sum, n = 0.0, 0
+    hits, labels = [], []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = model(x)
@@ -183,8 +189,12 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
         correct1 += int((top[:, 0] == y).sum())
         correct5 += int((top == y[:, None]).any(dim=1).sum())
         n += len(y)
+        if per_sample:
+            hits.append((top[:, 0] == y).cpu())
+            labels.append(y.cpu())
     model.train(was_training)
-    return Accuracy(correct1 / n, correct5 / n if num_classes > 10 else None, loss_sum / n, n)
+    return Accuracy(correct1 / n, correct5 / n if num_classes > 10 else None, loss_sum / n, n,
+                    torch.cat(hits) if per_sample else None, torch.cat(labels) if per_sample else None)
 
 
 def non_finite_tensors(model: nn.Module) -> List[str]:

@@ -35,6 +35,11 @@ def test_record_has_headline_fields_and_masks_survive_finetune(tmp_path):
     finetune = record.curves["finetune"]
     assert sum(1 for _ in finetune["step"]) * finetune["steps_per_point"] >= record.cost.finetune_steps
     assert finetune["val"] and "method" not in record.curves          # a one-shot prune trains nothing
+    # each test sample's correctness, keyed to the test set: its mean is the record's top-1
+    hits = record.per_sample.vector()
+    assert len(hits) == record.test_samples == record.per_sample.test_set["n"]
+    assert hits.mean() == pytest.approx(record.test_top1)
+    assert record.per_sample.test_set["dataset"] == "digits" and len(record.per_sample.test_set["labels_sha256"]) == 64
 
 
 def test_structured_record_is_realized_and_timed(tmp_path):

@@ -120,3 +120,21 @@ def test_mechanism_and_curves_round_trip_and_schema_2_reads_as_not_recorded():
     upgraded = RunRecord.from_dict(v2)
     assert upgraded.schema == SCHEMA_VERSION == 3 and upgraded.mechanism is None and upgraded.curves is None
     assert upgraded.mechanism_acted and not upgraded.is_control
+
+
+def test_per_sample_correctness_packs_small_and_pairs_only_on_the_same_test_set():
+    import numpy as np
+
+    from sparsebench.store import PerSample
+
+    rng = np.random.default_rng(0)
+    hits, labels = rng.random(10_000) < 0.9, rng.integers(0, 10, 10_000)
+    a = PerSample.of(hits, labels, "cifar10", 0)
+    assert len(a.correct) < 2000 and np.array_equal(a.vector(), hits)       # 10k samples: 1.7 KB
+    record = make_record(per_sample=a)
+    assert RunRecord.from_json(record.to_json()).per_sample == a
+    assert a.unpairable_with(PerSample.of(~hits, labels, "cifar10", 0)) is None
+    other_labels = labels.copy()
+    other_labels[0] = (other_labels[0] + 1) % 10
+    assert "labels_sha256" in a.unpairable_with(PerSample.of(hits, other_labels, "cifar10", 0))
+    assert a.unpairable_with(PerSample.of(hits, labels, "cifar10", 1)) == "different test sets: split_seed 0 vs 1"
