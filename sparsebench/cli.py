@@ -445,11 +445,8 @@ def _wrote(files, root: Path) -> str:
 
 def cmd_report(args) -> int:
     from sparsebench.report.site import build_site
-    from sparsebench.store import load_records
 
-    records = load_records(Path(args.dir))
-    if not records:
-        print(f"sparsebench: warning: no run records in {args.dir!r}; the site says so", file=sys.stderr)
+    records = _readable_records(args.dir)
     out = Path(args.out) if args.out else Path(args.dir) / "report"
     files = build_site(records, out, title=args.title or f"sparsebench leaderboard: {Path(args.dir).name}")
     print(_wrote(files, out))
@@ -457,10 +454,21 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_leaderboard(args) -> int:
-    from sparsebench.report import display_table, leaderboard_of, to_markdown
+def _readable_records(directory: str):
+    """The records of a results directory, or a one-line error when it holds none that read."""
+    from sparsebench.store import load_records
 
-    board = leaderboard_of(args.dir)
+    records = load_records(Path(directory))
+    if not records:
+        raise CliError(f"no readable run records in {directory!r} (expected JSON records under "
+                       f"{str(Path(directory) / 'records')!r})")
+    return records
+
+
+def cmd_leaderboard(args) -> int:
+    from sparsebench.report import Leaderboard, display_table, to_markdown
+
+    board = Leaderboard.of(_readable_records(args.dir))
     agg = board.table
     if args.format == "csv":
         text = agg.to_csv(index=False)
@@ -479,10 +487,10 @@ def cmd_leaderboard(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from sparsebench.report import leaderboard_of
+    from sparsebench.report import Leaderboard
     from sparsebench.report.plots import plot
 
-    agg = leaderboard_of(args.dir).table
+    agg = Leaderboard.of(_readable_records(args.dir)).table
     if agg.empty:
         raise CliError(f"no records with status ok in {args.dir!r}")
     name = "accuracy_vs_flops.png" if args.x == "macs" else "accuracy_vs_speedup.png"

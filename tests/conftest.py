@@ -108,7 +108,7 @@ def make_record(method="random", seed=0, top1=0.8, target=0.5, kind="sparsity", 
          "val_top1", "test_samples", "params", "macs", "theoretical_speedup", "measured_speedup",
          "measured_speedup_batch", "realization", "latency", "prunable"))
     values = dict(
-        run_id=f"{method}-{seed}-{target}-{device}", spec_hash="0" * 64, spec={"method_args": {}}, method=method,
+        run_id=f"{method}-{seed}-{target}-{device}", spec_hash=None, spec={"method_args": {}}, method=method,
         model="m", dataset="d", seed=seed, model_family="cnn", granularity="unstructured", starts_from="pretrained",
         target_kind=kind, target_value=target, status=status, target_met=status == "ok", tolerance=tolerance,
         dense_test_top1=0.9, dense_val_top1=0.9,
@@ -120,6 +120,10 @@ def make_record(method="random", seed=0, top1=0.8, target=0.5, kind="sparsity", 
         **result,
     )
     values.update(overrides)
+    if values["spec_hash"] is None:          # one run, one spec: distinct runs get distinct hashes
+        import hashlib
+
+        values["spec_hash"] = hashlib.sha256(values["run_id"].encode()).hexdigest()
     return RunRecord(**values)
 class Killed(Exception):
     """Stands for a SIGKILL in resume tests."""

@@ -230,3 +230,35 @@ def test_sweep_on_missing_data_is_one_error(tmp_path, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "cifar10" in err and str(tmp_path / "nodata") in err and "--download" in err
     assert not (tmp_path / "out" / "records").exists()
+
+
+def test_readers_of_an_empty_results_folder_say_so_in_one_line(tmp_path, capsys):
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "broken.json").write_text("{")
+    for command in (["leaderboard"], ["plot"], ["report"]):
+        assert main([*command, str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"sparsebench: error: no readable run records in '{tmp_path}' (expected JSON records " \
+                          f"under '{tmp_path / 'records'}')"
+
+
+def test_a_run_recorded_twice_counts_once_with_no_fake_interval(tmp_path, capsys, caplog):
+    import shutil
+
+    from conftest import make_record
+    from sparsebench.store import RecordStore
+
+    store = RecordStore(tmp_path)
+    older = make_record("random", 0, 0.8, created="2025-01-01T00:00:00")
+    newer = make_record("random", 0, 0.9, created="2025-02-01T00:00:00", run_id="merged-copy",
+                        spec_hash=older.spec_hash)
+    store.write(older)
+    store.write(newer)
+    shutil.copy(store.path(older.run_id), tmp_path / "records" / "renamed.json")
+    records = store.load_all()
+    assert [r.test_top1 for r in records] == [0.9]                  # the newest copy of the run, once
+    assert sum("another record of run" in m for m in caplog.messages) == 2
+    assert main(["leaderboard", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "| random" in line)
+    assert "|         90 |" in row and "±" not in row               # one seed: no interval at all

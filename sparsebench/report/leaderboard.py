@@ -271,7 +271,7 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
     lines: List[str] = [f"# {title}", ""]
     if table.empty:
         lines += ["(no records)", ""]
-    for (dataset, model), part in table.groupby(["dataset", "model"], sort=False):
+    for (dataset, model), part in ([] if table.empty else table.groupby(["dataset", "model"], sort=False)):
         lines += [f"## {model} on {dataset}", "", part.drop(columns=["dataset", "model"]).to_markdown(index=False), ""]
     if left_out is not None and not left_out.empty:
         lines += ["## Left out of the means: missed target, diverged, or mechanism did not act", "",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 # the file primitives live in the platform layer; re-exported here for their many readers
 from sparsebench.platform import atomic_write_bytes, current_umask, file_lock  # noqa: F401
@@ -59,13 +59,39 @@ class RecordStore:
         file never hides the rest of a results directory."""
         if not self.records_dir.exists():
             return []
-        out = []
+        found = []
         for p in sorted(self.records_dir.glob("*.json")):
             try:
-                out.append(_read(p))
+                found.append((p, _read(p)))
             except RecordError as e:
                 log.warning("sparsebench: warning: skipped %s: %s", p, e)
-        return out
+        return _one_per_run(found)
+
+
+def _one_per_run(found: List[Tuple[Path, RunRecord]]) -> List[RunRecord]:
+    """A run is its spec hash, never its file name: copies of one run (results folders merged
+    from two machines, a renamed file) count once. The newest finished record is kept (a run
+    with a result or a divergence over a failed one, then the later `created`), with one
+    warning line per copy left out, naming both files."""
+    by_run: Dict[str, Tuple[Path, RunRecord]] = {}
+    order: List[str] = []
+    for path, record in found:
+        key = record.spec_hash
+        if key not in by_run:
+            by_run[key] = (path, record)
+            order.append(key)
+            continue
+        kept_path, kept = by_run[key]
+        if _rank(record) > _rank(kept):
+            by_run[key] = (path, record)
+            kept_path, path = path, kept_path
+        log.warning("sparsebench: warning: %s is another record of run %s (spec %s…) in %s; counted once, "
+                    "keeping %s", path.name, record.run_id, key[:12], path.parent, kept_path.name)
+    return [by_run[k][1] for k in order]
+
+
+def _rank(record: RunRecord):
+    return (record.status != "failed", record.created)
 
 
 def _read(path: Path) -> RunRecord:
