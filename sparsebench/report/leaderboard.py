@@ -162,6 +162,8 @@ def row_mechanism(labels: pd.Series) -> str:
         return "control"
     if kinds == {"acted"}:
         return "acted"
+    if kinds == {"did not act"}:            # only in a list of left-out runs: `ranked` never admits them
+        return "did not act"
     if kinds <= {"none"}:
         return "–"
     return "not recorded" if "not recorded" in kinds else "mixed"
