@@ -444,6 +444,19 @@ is no interval on accuracy, so read single-seed differences of a point or two as
 Each record stores the target and the achieved values and a tolerance; a run whose achieved value falls outside it is
 <code>missed_target</code>, a run with a non-finite loss is <code>diverged</code>, a run that raised is <code>failed</code>.
 Only <code>ok</code> runs are ranked and plotted; the others are listed with their status.</p>
+<h2>Mechanism verdict and null controls</h2>
+<p>A method with a defining mechanism (a search, a regrowth, a topology update) measures, during its run, the numbers
+that show the mechanism acted (units moved, scores changed, weights swapped per update) and declares the bound each
+must reach; the record's <b>mechanism verdict</b> is <code>acted</code> when every declared metric reaches its bound,
+else <code>did not act</code>, with a one-line reason naming the number that decided it. A run whose mechanism did
+not act met its target with its starting point's number, not the method's: it is listed apart
+(<code>did_not_act</code>) and never enters the means. Baselines have no mechanism beyond their criterion
+(<code>–</code>); records before schema 3 say <code>not recorded</code>. A method's <b>null control</b> is the same
+method with the Config values that switch its mechanism off, everything else equal (same dense checkpoint, budget,
+fine-tune and seeds); suites with <code>controls: true</code> run it beside the method, and <b>Δ control</b> is the
+paired top-1 difference, method − control, over the seeds both have, with its 95 % t-interval and the number of
+pairs. Each run page shows the verdict, the telemetry beside its thresholds, and the training curves (loss, learning
+rate, validation top-1 and the method's update events against step).</p>
 <h2>Prunable set</h2>
 <p>Sparsity is stated over the prunable set: the conv and linear weights a method may touch. By default unstructured
 methods leave the model card's <b>first conv (input layer) and classifier dense</b>; records say which policy they used

@@ -166,6 +166,7 @@ def test_run_pages_give_the_command_that_reproduces_the_spec(site):
 def test_protocol_page_says_what_the_numbers_mean(site):
     text = (site / "protocol.html").read_text()
     for words in ("Budgets", "Splits and selection", "Seeds", "Prunable set", "Measurement", "not realizable",
+                  "Mechanism verdict and null controls", "Δ control",
                   "first conv (input layer) and classifier dense", "1211"):
         assert words in text, words
 
@@ -215,7 +216,7 @@ def test_run_page_shows_the_verdict_the_metrics_beside_their_thresholds_and_the_
     import xml.etree.ElementTree as ET
 
     from sparsebench.report.site import build_site
-    from tests.conftest import make_record
+    from conftest import make_record
 
     mechanism = _mechanism(
         metrics={"swapped_fraction": 0.1234567, "per_phase": [0.31234, 0.2, 0.1], "per_layer": {"conv1": 10, "fc": 2},
@@ -245,7 +246,7 @@ def test_run_page_shows_the_verdict_the_metrics_beside_their_thresholds_and_the_
 def test_a_schema_2_record_without_mechanism_or_curves_still_renders(tmp_path):
     from sparsebench.report.site import build_site
     from sparsebench.store.record import RunRecord
-    from tests.conftest import make_record
+    from conftest import make_record
 
     d = make_record("magnitude-global").to_dict()
     for key in ("mechanism", "curves"):
@@ -264,7 +265,7 @@ def test_a_run_whose_mechanism_did_not_act_is_listed_apart_never_ranked(tmp_path
     from sparsebench.report.leaderboard import ranked, records_frame
     from sparsebench.report.runs import runs_frame, summarize
     from sparsebench.report.site import build_site
-    from tests.conftest import make_record
+    from conftest import make_record
 
     monkeypatch.setattr(METHODS.get("rigl").factory, "null_control", {"update_topology": False})
     idle = _mechanism(acted=False, reason="did not act: swapped = 0 (needs >= 1)")
