@@ -178,7 +178,8 @@ def curve_svg(stage: str, curve: Dict[str, Any]) -> str:
         elif shape == "dot":
             key.append(f'<circle cx="{x + 8}" cy="{y - 4}" r="3" fill="{color}"/>')
         else:
-            key.append(f'<line x1="{x + 8}" x2="{x + 8}" y1="{y - 10}" y2="{y + 2}" stroke="{color}" stroke-width="2"/>')
+            key.append(f'<line x1="{x + 8}" x2="{x + 8}" y1="{y - 10}" y2="{y + 2}" stroke="{color}" '
+                       f'stroke-width="2"/>')
         key.append(f'<text x="{x + 20}" y="{y}">{_esc(label)}</text>')
         x += width
     if dropped:

@@ -120,7 +120,8 @@ def _row(r: pd.Series) -> str:
         (plus_minus(r["top1"], r["top1_ci"], ".2f"), r["top1"]), (plus_minus(r["top5"], r["top5_ci"], ".2f"), r["top5"]),
         (_fmt(r["delta"], "+.2f"), r["delta"]),
         (f'<span title="{esc(MECHANISM_HELP.get(mechanism, ""))}">{esc(mechanism)}</span>', mechanism),
-        (control, r["control_delta"] if pairs else None), (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
+        (control, r["control_delta"] if pairs else None),
+        (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
         (_fmt(as_float(r["macs"]) and r["macs"] / 1e6, ".3f"), r["macs"]),
         (_fmt(r["theoretical_speedup"], ".2f", "×"), r["theoretical_speedup"]), (speed, speed_sort),
         (realizable, realizable), (_fmt(r["method_steps"], ".0f"), r["method_steps"]),
@@ -235,7 +236,6 @@ VERDICT_HELP = {
     "did not act": "the method's defining mechanism did not act: its result is its starting point's, not the "
                    "method's; left out of the means",
     "control": "a null control: the method with its defining mechanism switched off, everything else equal",
-    "baseline: no mechanism": "a baseline: nothing beyond its criterion to check",
     "not recorded": "no verdict in this record: it predates mechanism telemetry (schema < 3), or the run ended "
                     "before the method returned",
 }
@@ -294,8 +294,9 @@ def _metric_rows(metrics: Dict[str, object], thresholds: Dict[str, object], dept
                         f'<td class="text">{esc(limit)}</td><td class="text"></td></tr>')
             rows.append(_metric_rows(value, {}, depth + 1, prefix=f"{name}."))
             continue
+        verdict = _meets(value, bound) if bound else ""
         rows.append(f'<tr><td class="text"{pad}>{esc(key)}</td><td class="text metric">{esc(_short(value))}</td>'
-                    f'<td class="text">{esc(limit)}</td><td class="text">{_meets(value, bound) if bound else ""}</td></tr>')
+                    f'<td class="text">{esc(limit)}</td><td class="text">{verdict}</td></tr>')
     return "".join(rows)
 
 
@@ -305,9 +306,10 @@ def _mechanism_section(record: RunRecord) -> str:
     cls = verdict.split(":")[0].replace(" ", "-")
     head = (f'<p id="verdict" class="verdict verdict-{esc(cls)}"><b>{esc(verdict)}</b>'
             f'{" — " + esc(m.reason) if m is not None and m.reason else ""}</p>'
-            f'<p class="note">{esc(VERDICT_HELP.get(verdict, ""))}.</p>')
+            + (f'<p class="note">{esc(VERDICT_HELP[verdict])}.</p>' if verdict in VERDICT_HELP else ""))
     if m is None or not (m.metrics or m.thresholds):
-        return head + ("" if m is None else '<p class="note">No telemetry metrics in this record.</p>')
+        return head + ('<p class="note">No telemetry metrics in this record.</p>' if m is not None and m.declared
+                       else "")
     missing = {k: None for k in m.thresholds if k not in m.metrics}       # declared but never measured
     table = ('<table class="mechanism"><thead><tr><th class="text">metric</th><th class="text">value</th>'
              '<th class="text">threshold</th><th class="text">verdict</th></tr></thead><tbody>'
@@ -333,7 +335,8 @@ def _curve_section(record: RunRecord, files: Dict[str, str]) -> str:
 def _run_page(record: RunRecord, row: Dict[str, object], curve_files: Dict[str, str]) -> str:
     d = run_details(record)
     numbers = {
-        "status": f"{row['status']} ({STATUS_HELP.get(row['status'], '')})",
+        "status": f"{row['status']} ({STATUS_HELP.get(row['status'], '')})" + (
+            "; left out of the means: its mechanism did not act" if row["mechanism"] == "did not act" else ""),
         "target": row["target_label"], "tolerance": d["tolerance"] or "–",
         "achieved sparsity": _fmt(row["sparsity"], ".4f"), "achieved FLOPs ratio": _fmt(row["flops"], ".4f"),
         "test top-1 (%)": _fmt(row["top1"], ".2f"), "test top-5 (%)": _fmt(row["top5"], ".2f"),

@@ -287,6 +287,7 @@ def test_a_run_whose_mechanism_did_not_act_is_listed_apart_never_ranked(tmp_path
     board = re.search(r'<table class="board" id="board-0".*?</table>', index, re.S).group(0)
     left = re.search(r'<table class="board left-out" id="board-0-left".*?</table>', index, re.S).group(0)
     assert "rigl-3-0.5-cpu.html" not in board and "rigl-3-0.5-cpu.html" in left
+    assert "left out of the means: its mechanism did not act" in (tmp_path / "runs" / "rigl-3-0.5-cpu.html").read_text()
     assert 'data-status="did_not_act"' in left and "swapped = 0 (needs &gt;= 1)" in left and ">did not act<" in left
     assert len(re.findall(r"<tr ", board)) == 2 and 'data-status="did_not_act"' not in board
     rigl_row = re.search(r'<tr data-method="rigl" .*?</tr>', board, re.S).group(0)
