@@ -52,6 +52,11 @@ def control_label(record: RunRecord) -> Optional[str]:
     return label_of(record.method, {**record.method_args, **off})
 
 
+def mechanism_of(record: RunRecord) -> str:
+    """The record's verdict in one word: acted | did not act | control | none | not recorded."""
+    return "not recorded" if record.mechanism is None else record.mechanism.label
+
+
 def label_of(name: str, args: dict) -> str:
     try:
         defaults = config_dict(build_config(METHODS.get(name).factory, {}))
@@ -85,7 +90,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "method_steps": r.cost.method_steps, "method_seconds": r.cost.method_wall_seconds,
             "train_macs": _train_macs(r),
             "tolerance": None if r.tolerance is None else f"-{r.tolerance.below:g}/+{r.tolerance.above:g}",
-            "mechanism": "not recorded" if r.mechanism is None else r.mechanism.label,
+            "mechanism": mechanism_of(r),
             "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
             "control_of_row": control_label(r),
         }
@@ -140,9 +145,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         measured_speedup=("measured_speedup", "mean"), measured_speedup_ci=("measured_speedup", ci95),
         realizable=("realizable", "all"), method_steps=("method_steps", "mean"),
         train_macs=("train_macs", "mean"),
-        mechanism=("mechanism", _row_mechanism),
+        mechanism=("mechanism", row_mechanism),
     ).reset_index()
-    out = _with_control_differences(out, df, keys)
+    out = with_control_differences(out, df, keys)
     out["target"] = out["target"].replace(-1.0, np.nan)
     kind_order = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2})
     return (out.assign(_kind=kind_order)
@@ -150,19 +155,21 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
                .drop(columns="_kind").reset_index(drop=True))
 
 
-def _row_mechanism(labels: pd.Series) -> str:
+def row_mechanism(labels: pd.Series) -> str:
     """One word for a row: control, acted (every seed acted), – (baseline), not recorded."""
     kinds = set(labels)
     if kinds == {"control"}:
         return "control"
     if kinds == {"acted"}:
         return "acted"
+    if kinds == {"did not act"}:            # only in a list of left-out runs: `ranked` never admits them
+        return "did not act"
     if kinds <= {"none"}:
         return "–"
     return "not recorded" if "not recorded" in kinds else "mixed"
 
 
-def _with_control_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
+def with_control_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     """Add `control_delta`, `control_delta_ci`, `control_pairs`: each seed-method row's paired
     difference (method − its null control, top-1 points) over the seeds both have."""
     setting = [k for k in keys if k not in ("method", "granularity")]

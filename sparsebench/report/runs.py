@@ -3,9 +3,12 @@
 Every field of `RunRecord` that the static site, the paper plots and the sweep comparison
 read is read here, so a change of the record touches this file only.
 
-`summarize` groups runs by (dataset, model, device, method, target, status): runs that met
-their target make the "ok" row; runs that missed it, diverged or failed make rows of their
-own, so the site can show and filter them without mixing them into the means.
+`summarize` groups runs by (dataset, model, device, method, target, status): the runs that
+`leaderboard.ranked` lets into the means (met their target, finite, and a mechanism that did
+not fail to act) make the "ok" row, as in `leaderboard.aggregate`; runs that missed their
+target, diverged or failed make rows of their own, and so do runs that met their target but
+whose record shows their defining mechanism did not act (status "did_not_act"), so the site
+can show and filter them without mixing them into the means.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import pandas as pd
 
-from sparsebench.report.leaderboard import as_float, ci95, method_label
+from sparsebench.report.leaderboard import (
+    as_float, ci95, control_label, mechanism_of, method_label, ranked, row_mechanism, with_control_differences,
+)
 from sparsebench.store.record import RunRecord
 
 # Method families of the paper plots: one colour each.
@@ -77,6 +82,8 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
         "top1": None, "top5": None, "sparsity": None, "flops": None, "params": None, "macs": None,
         "macs_dense": None, "macs_is": None, "theoretical_speedup": None, "measured_speedup": None,
         "speedup_lo": lo, "speedup_hi": hi, "realizable": None, "realization_kind": None, "realization_reason": None,
+        "mechanism": mechanism_of(r), "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
+        "control_of_row": control_label(r),
     }
     if r.has_result:
         row.update(
@@ -102,9 +109,16 @@ def _mean(v: pd.Series) -> float:
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per (dataset, model, device, method, target, status): means over seeds, 95 %
     t-intervals (NaN with one seed), and the measured-speedup interval: the t-interval over
-    seeds, or the record's bootstrap interval when there is one seed."""
+    seeds, or the record's bootstrap interval when there is one seed. `status` is the runs'
+    standing: "ok" for the runs that enter the means (`leaderboard.ranked`), "did_not_act" for
+    runs that met their target but whose mechanism did not act, else the record's status.
+    Each row has the leaderboard's `mechanism` word and, for a seed-method "ok" row, its
+    paired difference to its null control (`control_delta`, `_ci`, `control_pairs`)."""
     if runs.empty:
         return pd.DataFrame()
+    entered = ranked(runs)
+    runs = runs.assign(status=runs["status"].where(runs.index.isin(entered.index) | (runs["status"] != "ok"),
+                                                   "did_not_act"))
     keys = ["dataset", "model", "device", "method", "family", "granularity", "target_kind", "target_label", "status"]
     rows = []
     for key, g in runs.groupby(keys, sort=False, dropna=False):
@@ -125,6 +139,8 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             method_steps=_mean(g["method_steps"]), method_seconds=_mean(g["method_seconds"]),
             finetune_steps=_mean(g["finetune_steps"]), finetune_seconds=_mean(g["finetune_seconds"]),
             errors="; ".join(sorted({e for e in g["error"] if isinstance(e, str) and e})),   # NaN when mixed with None
+            mechanism=row_mechanism(g["mechanism"]),
+            mechanism_reasons="; ".join(sorted({m for m in g["mechanism_reason"] if isinstance(m, str) and m})),
         )
         if row["seeds"] >= 2 and not math.isnan(row["measured_speedup_ci"]):
             row["speedup_lo"] = row["measured_speedup"] - row["measured_speedup_ci"]
@@ -132,7 +148,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         else:
             row["speedup_lo"], row["speedup_hi"] = _mean(g["speedup_lo"]), _mean(g["speedup_hi"])
         rows.append(row)
-    out = pd.DataFrame(rows)
+    out = with_control_differences(pd.DataFrame(rows), entered.assign(test_top1=entered["top1"]), keys)
     kind = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2}).fillna(3)
     status = out["status"].map({"ok": 0, "missed_target": 1, "diverged": 2, "failed": 3}).fillna(4)
     return (out.assign(_k=kind, _s=status, _t=out["target"].astype(float).fillna(-1))

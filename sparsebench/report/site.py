@@ -2,7 +2,9 @@
 
     SITE/index.html              leaderboards per (model, dataset, device): sortable, filterable
     SITE/protocol.html           what the numbers mean: budgets, splits, seeds, measurement, prunable set
-    SITE/runs/<run_id>.html      one run: numbers, spec, environment, kept structure, the command
+    SITE/runs/<run_id>.html      one run: numbers, mechanism verdict and telemetry, training curves, spec,
+                                 environment, kept structure, the command
+    SITE/runs/<run_id>__curve_<stage>.svg   the run's training curve per stage (method, finetune)
     SITE/plots/*.png, *.svg      accuracy vs MACs and vs measured speedup, per (model, dataset)
     SITE/assets/site.{css,js}    copied from the package: no server, no CDN, opens from disk
 """
@@ -18,6 +20,7 @@ from typing import Dict, Iterable, List, Optional
 
 import pandas as pd
 
+from sparsebench.report.curves import curve_stages, curve_svg
 from sparsebench.report.leaderboard import plus_minus
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
@@ -27,7 +30,15 @@ from sparsebench.store.records import atomic_write_bytes, atomic_write_text
 
 STATUS_HELP = {"ok": "met its target within the recorded tolerance", "missed_target": "achieved value outside the "
                "tolerance: listed, not ranked", "diverged": "non-finite loss or weights: no result",
-               "failed": "the run raised an error: no result"}
+               "failed": "the run raised an error: no result",
+               "did_not_act": "met its target, but its record shows the method's defining mechanism did not act: "
+                              "the number is its starting point's, not the method's; listed, not ranked"}
+STATUSES = ("ok", "missed_target", "diverged", "failed", "did_not_act")
+MECHANISM_HELP = {"acted": "the method's defining mechanism acted in every seed, by the thresholds it declares",
+                  "control": "null control: the method with its mechanism switched off, all else equal",
+                  "–": "a baseline: no mechanism beyond its criterion", "mixed": "the seeds' verdicts differ",
+                  "not recorded": "records without a mechanism verdict (before schema 3)",
+                  "did not act": "the mechanism did not act (thresholds in the record)"}
 
 
 def esc(v) -> str:
@@ -70,6 +81,10 @@ COLUMNS = [  # (header, data-type, css class, title)
     ("top-1 (%)", "num", "", "test top-1, mean ± 95 % t-interval over seeds"),
     ("top-5 (%)", "num", "", "test top-5 (datasets with more than 10 classes)"),
     ("Δ dense", "num", "", "top-1 minus the shared dense checkpoint's"),
+    ("mechanism", "text", "text", "acted: the defining mechanism acted in every seed; control: the method with it "
+                                  "switched off; –: a baseline; not recorded: an older record"),
+    ("Δ control", "num", "", "paired top-1 difference to the method's null control at this setting, mean ± 95 % "
+                             "t-interval over the seeds both have (n pairs)"),
     ("params", "num", "", "non-zero parameters"),
     ("MMACs", "num", "", "MACs per image, millions (theoretical for masked runs)"),
     ("theor. speedup", "num", "", "dense MACs / realized MACs"),
@@ -78,7 +93,7 @@ COLUMNS = [  # (header, data-type, css class, title)
     ("method steps", "num", "", "optimizer steps the method spent (search or sparse training)"),
     ("method s", "num", "", "method wall time, seconds"),
     ("fine-tune steps", "num", "", "the shared fine-tune's optimizer steps"),
-    ("status", "text", "text", "ok / missed_target / diverged / failed"),
+    ("status", "text", "text", "ok / missed_target / diverged / failed / did_not_act"),
     ("seeds", "num", "", "seeds averaged"),
     ("runs", None, "text", "one page per run"),
 ]
@@ -94,18 +109,25 @@ def _row(r: pd.Series) -> str:
             speed += f" [{r['speedup_lo']:.2f}–{r['speedup_hi']:.2f}]"
     realizable = {True: "yes", False: "no"}.get(r["realizable"], "–")
     links = " ".join(f'<a href="runs/{esc(slug(rid))}.html">{esc(_seed_of(rid))}</a>' for rid in r["run_ids"])
+    mechanism = r.get("mechanism") or "not recorded"
+    pairs = int(as_float(r.get("control_pairs")) or 0)
+    control = f"{plus_minus(r['control_delta'], r['control_delta_ci'], '+.2f')} (n={pairs})" if pairs else "–"
+    detail = r["errors"] or (r.get("mechanism_reasons") if r["status"] == "did_not_act" else "")
     cells = [
         (f'<span title="{esc(r["method"])}">{esc(display_method(r["method"]))}</span>', r["method"]),
         (r["target_label"], _target_sort(r)),
         (_fmt(r["sparsity"], ".3f"), r["sparsity"]), (_fmt(r["flops"], ".3f"), r["flops"]),
         (plus_minus(r["top1"], r["top1_ci"], ".2f"), r["top1"]), (plus_minus(r["top5"], r["top5_ci"], ".2f"), r["top5"]),
-        (_fmt(r["delta"], "+.2f"), r["delta"]), (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
+        (_fmt(r["delta"], "+.2f"), r["delta"]),
+        (f'<span title="{esc(MECHANISM_HELP.get(mechanism, ""))}">{esc(mechanism)}</span>', mechanism),
+        (control, r["control_delta"] if pairs else None),
+        (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
         (_fmt(as_float(r["macs"]) and r["macs"] / 1e6, ".3f"), r["macs"]),
         (_fmt(r["theoretical_speedup"], ".2f", "×"), r["theoretical_speedup"]), (speed, speed_sort),
         (realizable, realizable), (_fmt(r["method_steps"], ".0f"), r["method_steps"]),
         (_fmt(r["method_seconds"], ".1f"), r["method_seconds"]), (_fmt(r["finetune_steps"], ".0f"), r["finetune_steps"]),
         (f'<span class="status-{esc(r["status"])}" title="{esc(STATUS_HELP.get(r["status"], ""))}">'
-         f'{esc(r["status"])}</span>' + (f' <small>{esc(r["errors"])}</small>' if r["errors"] else ""), r["status"]),
+         f'{esc(r["status"])}</span>' + (f' <small>{esc(detail)}</small>' if detail else ""), r["status"]),
         (str(r["seeds"]), r["seeds"]), (links, None),
     ]
     tds = []
@@ -143,15 +165,18 @@ def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records:
              'different devices are never averaged together. Click a column header to sort; choose a method, target '
              'or status to filter. Top-1 is mean ± 95 % t-interval over seeds (no interval with one seed); the '
              'measured-speedup interval is the t-interval over seeds, or the run\'s bootstrap interval with one '
-             'seed. Runs that missed their target, diverged or failed are listed with their status and never '
-             'enter an "ok" row. What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
+             'seed. Runs that missed their target, diverged or failed, and runs whose record shows that the '
+             'method\'s defining mechanism did not act (<code>did_not_act</code>: their number is their starting '
+             'point\'s, not the method\'s), are listed apart under each table with their status and reason, never '
+             'ranked. <i>mechanism</i> says whether the method\'s mechanism acted in every seed, or the row is a '
+             'null control (the mechanism switched off); <i>Δ control</i> is a row\'s paired top-1 difference to '
+             'its null control. What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
     if summary.empty:
         parts.append('<p id="empty">No run records with a result in this directory: nothing to rank yet.</p>')
         return _page(title, "\n".join(parts))
     parts.append('<div class="filters">' + _select("method", sorted(summary["method"].unique()))
                  + _select("target", sorted(summary["target_label"].unique(), key=_label_key))
-                 + _select("status", [s for s in ("ok", "missed_target", "diverged", "failed")
-                                      if s in set(summary["status"])]) + "</div>")
+                 + _select("status", [s for s in STATUSES if s in set(summary["status"])]) + "</div>")
     head = "".join(
         f'<th class="{cls}"' + (f' data-type="{typ}"' if typ else "") + f' title="{esc(tip)}">{esc(name)}</th>'
         for name, typ, cls, tip in COLUMNS)
@@ -159,9 +184,16 @@ def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records:
         tid = f"board-{i}"
         parts.append(f'<h2 id="{esc(slug(model, dataset, device))}">{esc(model)} on {esc(dataset)} · {esc(device)}'
                      f'<span class="count" id="{tid}-count"></span></h2>')
-        rows = "\n".join(_row(r) for _, r in part.iterrows())
-        parts.append(f'<div class="scroll"><table class="board" id="{tid}" data-rows="{len(part)}"><thead><tr>{head}'
+        ok, left = part[part["status"] == "ok"], part[part["status"] != "ok"]
+        rows = "\n".join(_row(r) for _, r in ok.iterrows())
+        parts.append(f'<div class="scroll"><table class="board" id="{tid}" data-rows="{len(ok)}"><thead><tr>{head}'
                      f'</tr></thead><tbody>\n{rows}\n</tbody></table></div>')
+        if not left.empty:       # never sorted among the ranked rows: a table of their own
+            rows = "\n".join(_row(r) for _, r in left.iterrows())
+            parts.append(f'<h3 class="left-out">Left out of the means: missed target, diverged, failed, or mechanism '
+                         f'did not act<span class="count" id="{tid}-left-count"></span></h3>'
+                         f'<div class="scroll"><table class="board left-out" id="{tid}-left" data-rows="{len(left)}">'
+                         f'<thead><tr>{head}</tr></thead><tbody>\n{rows}\n</tbody></table></div>')
     if summary["method"].str.contains("skip_first=False|skip_last=False").any():
         parts.append('<p class="note">† pruned the input layer (first conv / patch embedding) and the classifier '
                      'too (<code>skip_first=False, skip_last=False</code>): these records predate today\'s default, '
@@ -199,10 +231,112 @@ def _kv(items: Dict[str, object]) -> str:
     return '<dl class="kv">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in items.items()) + "</dl>"
 
 
-def _run_page(record: RunRecord, row: Dict[str, object]) -> str:
+VERDICT_HELP = {
+    "acted": "the method's defining mechanism acted: every declared metric reached its bound",
+    "did not act": "the method's defining mechanism did not act: its result is its starting point's, not the "
+                   "method's; left out of the means",
+    "control": "a null control: the method with its defining mechanism switched off, everything else equal",
+    "not recorded": "no verdict in this record: it predates mechanism telemetry (schema < 3), or the run ended "
+                    "before the method returned",
+}
+SHOWN_ITEMS = 24            # a longer list shows its first and last values and its length
+
+
+def _verdict(record: RunRecord) -> str:
+    m = record.mechanism
+    if m is None:
+        return "not recorded"
+    return {"none": "baseline: no mechanism"}.get(m.label, m.label)
+
+
+def _short(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        items = [_short(x) if not isinstance(x, (list, tuple, dict)) else
+                 ("[" + _short(x) + "]" if isinstance(x, (list, tuple)) else json.dumps(x, default=str))
+                 for x in v]
+        if len(items) > SHOWN_ITEMS:
+            items = items[:SHOWN_ITEMS - 4] + ["…"] + items[-3:] + [f"({len(v)} values)"]
+        return ", ".join(items)
+    if isinstance(v, dict):
+        return json.dumps(v, default=str)
+    return "–" if v is None else str(v)
+
+
+def _bound(threshold) -> Optional[tuple]:
+    """(op, bound) from a record's threshold: `[op, bound]`, or a bare minimum."""
+    if isinstance(threshold, (list, tuple)) and len(threshold) == 2:
+        return str(threshold[0]), threshold[1]
+    return (">=", threshold) if as_float(threshold) is not None else None
+
+
+def _meets(value, bound: Optional[tuple]) -> str:
+    v = as_float(value) if not isinstance(value, (list, dict, bool)) else None
+    if bound is None or v is None or as_float(bound[1]) is None:
+        return "–" if bound is None else "not measured"
+    ok = v >= float(bound[1]) if bound[0] == ">=" else v <= float(bound[1])
+    return '<span class="meets">✓ meets</span>' if ok else '<span class="fails">✗ fails</span>'
+
+
+def _metric_rows(metrics: Dict[str, object], thresholds: Dict[str, object], depth: int = 0, prefix: str = "") -> str:
+    rows = []
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        bound = _bound(thresholds.get(name)) if depth == 0 else None
+        op = {">=": "≥", "<=": "≤"}.get(bound[0], bound[0]) if bound else ""
+        limit = f"{op} {_short(bound[1])}" if bound else ""
+        pad = f' style="padding-left:{0.55 + 1.4 * depth:.2f}em"' if depth else ""
+        if isinstance(value, dict) and depth < 2 and value:
+            rows.append(f'<tr class="group"><td class="text"{pad}>{esc(key)}</td><td class="text"></td>'
+                        f'<td class="text">{esc(limit)}</td><td class="text"></td></tr>')
+            rows.append(_metric_rows(value, {}, depth + 1, prefix=f"{name}."))
+            continue
+        verdict = _meets(value, bound) if bound else ""
+        rows.append(f'<tr><td class="text"{pad}>{esc(key)}</td><td class="text metric">{esc(_short(value))}</td>'
+                    f'<td class="text">{esc(limit)}</td><td class="text">{verdict}</td></tr>')
+    return "".join(rows)
+
+
+def _mechanism_section(record: RunRecord) -> str:
+    verdict = _verdict(record)
+    m = record.mechanism
+    cls = verdict.split(":")[0].replace(" ", "-")
+    head = (f'<p id="verdict" class="verdict verdict-{esc(cls)}"><b>{esc(verdict)}</b>'
+            f'{" — " + esc(m.reason) if m is not None and m.reason else ""}</p>'
+            + (f'<p class="note">{esc(VERDICT_HELP[verdict])}.</p>' if verdict in VERDICT_HELP else ""))
+    if m is None or not (m.metrics or m.thresholds):
+        return head + ('<p class="note">No telemetry metrics in this record.</p>' if m is not None and m.declared
+                       else "")
+    missing = {k: None for k in m.thresholds if k not in m.metrics}       # declared but never measured
+    table = ('<table class="mechanism"><thead><tr><th class="text">metric</th><th class="text">value</th>'
+             '<th class="text">threshold</th><th class="text">verdict</th></tr></thead><tbody>'
+             + _metric_rows({**m.metrics, **missing}, m.thresholds) + "</tbody></table>")
+    return head + table
+
+
+def _curve_section(record: RunRecord, files: Dict[str, str]) -> str:
+    if not files:
+        return '<p id="no-curve">No curve recorded (records before schema 3 have none).</p>'
+    parts = []
+    for stage, rel in files.items():
+        c = record.curves[stage]
+        n_events = len(c.get("events") or []) + int(c.get("events_dropped") or 0)
+        parts.append(f'<figure class="curve"><a href="{esc(rel)}"><img src="{esc(rel)}" alt="{esc(stage)} stage: '
+                     f'training loss, learning rate, validation top-1 and events against step"></a>'
+                     f'<figcaption>{esc(stage)} stage: {len(c.get("step") or [])} points '
+                     f'({c.get("steps_per_point") or 1} steps each), {len(c.get("val") or [])} validation points, '
+                     f'{n_events} events</figcaption></figure>')
+    return '<div class="curves">' + "".join(parts) + "</div>"
+
+
+def _run_page(record: RunRecord, row: Dict[str, object], curve_files: Dict[str, str]) -> str:
     d = run_details(record)
     numbers = {
-        "status": f"{row['status']} ({STATUS_HELP.get(row['status'], '')})",
+        "status": f"{row['status']} ({STATUS_HELP.get(row['status'], '')})" + (
+            "; left out of the means: its mechanism did not act" if row["mechanism"] == "did not act" else ""),
         "target": row["target_label"], "tolerance": d["tolerance"] or "–",
         "achieved sparsity": _fmt(row["sparsity"], ".4f"), "achieved FLOPs ratio": _fmt(row["flops"], ".4f"),
         "test top-1 (%)": _fmt(row["top1"], ".2f"), "test top-5 (%)": _fmt(row["top5"], ".2f"),
@@ -242,6 +376,8 @@ def _run_page(record: RunRecord, row: Dict[str, object]) -> str:
 <p class="note">Same spec as this record (same hash) when run with the same sparsebench version; the dense
 checkpoint is trained on first use and cached under the output directory.</p>
 <h2>Numbers</h2>{_kv(numbers)}
+<h2 id="mechanism">Mechanism</h2>{_mechanism_section(record)}
+<h2 id="curves">Training curves</h2>{_curve_section(record, curve_files)}
 <h2>Kept structure / per-layer sparsity</h2>{struct_html}
 <h2>Spec</h2><pre>{esc(json.dumps(d['spec'], indent=2, sort_keys=True))}</pre>
 <h2>Environment</h2>{_kv(d['environment'])}
@@ -311,6 +447,19 @@ is no interval on accuracy, so read single-seed differences of a point or two as
 Each record stores the target and the achieved values and a tolerance; a run whose achieved value falls outside it is
 <code>missed_target</code>, a run with a non-finite loss is <code>diverged</code>, a run that raised is <code>failed</code>.
 Only <code>ok</code> runs are ranked and plotted; the others are listed with their status.</p>
+<h2>Mechanism verdict and null controls</h2>
+<p>A method with a defining mechanism (a search, a regrowth, a topology update) measures, during its run, the numbers
+that show the mechanism acted (units moved, scores changed, weights swapped per update) and declares the bound each
+must reach; the record's <b>mechanism verdict</b> is <code>acted</code> when every declared metric reaches its bound,
+else <code>did not act</code>, with a one-line reason naming the number that decided it. A run whose mechanism did
+not act met its target with its starting point's number, not the method's: it is listed apart
+(<code>did_not_act</code>) and never enters the means. Baselines have no mechanism beyond their criterion
+(<code>–</code>); records before schema 3 say <code>not recorded</code>. A method's <b>null control</b> is the same
+method with the Config values that switch its mechanism off, everything else equal (same dense checkpoint, budget,
+fine-tune and seeds); suites with <code>controls: true</code> run it beside the method, and <b>Δ control</b> is the
+paired top-1 difference, method − control, over the seeds both have, with its 95 % t-interval and the number of
+pairs. Each run page shows the verdict, the telemetry beside its thresholds, and the training curves (loss, learning
+rate, validation top-1 and the method's update events against step).</p>
 <h2>Prunable set</h2>
 <p>Sparsity is stated over the prunable set: the conv and linear weights a method may touch. By default unstructured
 methods leave the model card's <b>first conv (input layer) and classifier dense</b>; records say which policy they used
@@ -365,7 +514,13 @@ def build_site(records: Iterable[RunRecord], out: Path, title: str = "sparsebenc
     write("protocol.html", _protocol(runs, records))
     by_id = {r["run_id"]: r for r in runs.to_dict("records")} if not runs.empty else {}
     for record in records:
-        write(f"runs/{slug(record.run_id)}.html", _run_page(record, by_id[record.run_id]))
+        name = slug(record.run_id)
+        curve_files = {}
+        for stage in curve_stages(record.curves):
+            rel = f"{name}__curve_{slug(stage)}.svg"
+            write(f"runs/{rel}", curve_svg(stage, record.curves[stage]))
+            curve_files[stage] = rel
+        write(f"runs/{name}.html", _run_page(record, by_id[record.run_id], curve_files))
     return written
 
 

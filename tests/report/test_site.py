@@ -27,13 +27,15 @@ def site(tmp_path_factory):
 
 
 def expected_rows():
-    """(model) -> distinct (method, its arguments, target) in the raw record files."""
+    """(model) -> distinct (method, its arguments, target, standing) in the raw record files; the
+    standing is the status, or "did_not_act" for an ok run whose mechanism did not act."""
     rows = Counter()
     for path in (QUICK / "records").glob("*.json"):
         d = json.loads(path.read_text())
-        rows[d["model"]] += 0
+        m = d.get("mechanism") or {}
+        idle = d["status"] == "ok" and m.get("declared") and not m.get("control") and not m.get("acted")
         rows[(d["model"], d["method"], json.dumps(d["spec"]["method_args"], sort_keys=True),
-              d["target"]["kind"], d["target"]["value"])] += 1
+              d["target"]["kind"], d["target"]["value"], "did_not_act" if idle else d["status"])] += 1
     per_model = Counter(k[0] for k in rows if isinstance(k, tuple))
     return per_model
 
@@ -48,9 +50,11 @@ def chromium():
 PROBE = """
 <script>
 window.addEventListener("load", function () {
-  var out = {tables: {}, images: [], sorted: null, filtered: {}, counts: {}};
-  document.querySelectorAll("table.board").forEach(function (t) {
-    out.tables[t.id] = t.tBodies[0].rows.length;
+  var out = {tables: {}, raw: {}, images: [], sorted: null, filtered: {}, counts: {}};
+  document.querySelectorAll("table.board").forEach(function (t) {   // ranked rows and left-out rows, per board
+    var id = t.id.replace(/-left$/, "");
+    out.raw[t.id] = t.tBodies[0].rows.length;
+    out.tables[id] = (out.tables[id] || 0) + t.tBodies[0].rows.length;
   });
   document.querySelectorAll("img").forEach(function (img) {
     out.images.push([img.getAttribute("src"), img.complete && img.naturalWidth > 0]);
@@ -117,11 +121,11 @@ def test_front_page_in_chromium_sorts_filters_and_loads_plots(site):
     assert result["images"] and all(ok for _, ok in result["images"]), result["images"]
     assert result["sortDir"] == "descending"
     values = [v for v in result["sorted"] if v is not None]
-    first = result["tables"]["board-0"]
+    first = result["raw"]["board-0"]                    # the ranked rows; left-out ones are in "board-0-left"
     assert values == sorted(values, reverse=True) and len(values) == first
     for tid, rows in result["filtered"].items():
-        assert rows and all(r.startswith("l1-channel ") for r in rows), rows
-        assert result["counts"][tid] == f"{len(rows)} of {result['tables'][tid]} rows"
+        assert (rows or tid.endswith("-left")) and all(r.startswith("l1-channel ") for r in rows), rows
+        assert result["counts"][tid] == f"{len(rows)} of {result['raw'][tid]} rows"
     assert result["both"] == 1
     ok_rows = sum(1 for p in (QUICK / "records").glob("*.json") if json.loads(p.read_text())["status"] == "ok")
     assert ok_rows == len(list((QUICK / "records").glob("*.json")))      # every committed run met its target
@@ -166,6 +170,7 @@ def test_run_pages_give_the_command_that_reproduces_the_spec(site):
 def test_protocol_page_says_what_the_numbers_mean(site):
     text = (site / "protocol.html").read_text()
     for words in ("Budgets", "Splits and selection", "Seeds", "Prunable set", "Measurement", "not realizable",
+                  "Mechanism verdict and null controls", "Δ control",
                   "first conv (input layer) and classifier dense", "1211"):
         assert words in text, words
 
@@ -191,3 +196,104 @@ def test_report_command_writes_the_site_and_lists_every_file(tmp_path, capsys):
     assert out.startswith(f"wrote {len(written)} files")
     for p in written:
         assert p.name in out
+
+
+# --- mechanism and curves, on made-up records (fast; no Chromium) --------------------------------
+def _curve(points=40, events=5, values=False):
+    c = {"step": list(range(0, 3 * points, 3)), "loss": [2.3 * 0.97 ** i for i in range(points)],
+         "lr": [0.1 * (1 - i / points) for i in range(points)], "steps_per_point": 3,
+         "val": [[30, 0.81], [60, 0.9], [117, 0.93]],
+         "events": [[i * 20, "topology_update", {"swapped": 120 - i}] for i in range(events)]}
+    if values:
+        c["values"] = {"masked_val_top1": [[s, 0.5 + s / 300] for s in range(0, 120, 15)]}
+    return c
+
+
+def _mechanism(**kw):
+    from sparsebench.store import Mechanism
+
+    return Mechanism(**{"declared": True, "acted": True, "reason": "acted: swapped_fraction = 0.1235 (>= 0.01)",
+                        **kw})
+
+
+def test_run_page_shows_the_verdict_the_metrics_beside_their_thresholds_and_the_curves(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from sparsebench.report.site import build_site
+    from conftest import make_record
+
+    mechanism = _mechanism(
+        metrics={"swapped_fraction": 0.1234567, "per_phase": [0.31234, 0.2, 0.1], "per_layer": {"conv1": 10, "fc": 2},
+                 "long": list(range(40))},
+        thresholds={"swapped_fraction": [">=", 0.01], "score_change": ["<=", 0.5]})
+    record = make_record("rigl", mechanism=mechanism,
+                         curves={"method": _curve(values=True), "finetune": _curve(points=10, events=0)})
+    written = build_site([record], tmp_path)
+    page = (tmp_path / "runs" / f"{record.run_id}.html").read_text()
+    mech = page[page.index('id="mechanism"'):page.index('id="curves"')]
+    assert '<b>acted</b>' in mech and "acted: swapped_fraction = 0.1235 (&gt;= 0.01)" in mech
+    row = re.search(r"<tr><td[^>]*>swapped_fraction</td>(.*?)</tr>", mech).group(1)
+    assert "0.1235" in row and "≥ 0.01" in row and "meets" in row                  # threshold beside its metric
+    assert re.search(r"score_change</td><td[^>]*>–</td><td[^>]*>≤ 0.5</td><td[^>]*>not measured", mech)
+    assert "0.3123, 0.2, 0.1" in mech                                               # a per-phase list, compact
+    assert re.search(r">conv1</td><td[^>]*>10<", mech) and re.search(r">fc</td><td[^>]*>2<", mech)   # sub-rows
+    assert "0, 1, 2" in mech and "…, 37, 38, 39, (40 values)" in mech
+    for stage, events, series in (("method", 5, True), ("finetune", 0, False)):
+        svg = tmp_path / "runs" / f"{record.run_id}__curve_{stage}.svg"
+        assert svg in written and f'src="{svg.name}"' in page
+        root = ET.parse(svg).getroot()                                              # well-formed, standalone SVG
+        texts = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+        assert ("topology_update (5)" in texts) == bool(events)
+        assert ("masked_val_top1" in texts) == series and "validation top-1" in texts and "learning rate" in texts
+
+
+def test_a_schema_2_record_without_mechanism_or_curves_still_renders(tmp_path):
+    from sparsebench.report.site import build_site
+    from sparsebench.store.record import RunRecord
+    from conftest import make_record
+
+    d = make_record("magnitude-global").to_dict()
+    for key in ("mechanism", "curves"):
+        d.pop(key, None)
+    record = RunRecord.from_dict({**d, "schema": 2})
+    assert record.mechanism is None and record.curves is None
+    build_site([record], tmp_path)
+    page = (tmp_path / "runs" / f"{record.run_id}.html").read_text()
+    assert "<b>not recorded</b>" in page and 'id="no-curve"' in page and "No curve recorded" in page
+    assert not list((tmp_path / "runs").glob("*.svg"))
+    assert ">not recorded<" in (tmp_path / "index.html").read_text()               # the table's mechanism column
+
+
+def test_a_run_whose_mechanism_did_not_act_is_listed_apart_never_ranked(tmp_path, monkeypatch):
+    from sparsebench.methods import METHODS
+    from sparsebench.report.leaderboard import ranked, records_frame
+    from sparsebench.report.runs import runs_frame, summarize
+    from sparsebench.report.site import build_site
+    from conftest import make_record
+
+    monkeypatch.setattr(METHODS.get("rigl").factory, "null_control", {"update_topology": False})
+    idle = _mechanism(acted=False, reason="did not act: swapped = 0 (needs >= 1)")
+    control = _mechanism(acted=False, reason="null control", control=True)
+    records = [make_record("rigl", s, t, mechanism=_mechanism()) for s, t in enumerate([0.80, 0.84, 0.82])]
+    records += [make_record("rigl", 3, 0.95, mechanism=idle)]
+    records += [make_record("rigl", s, t, mechanism=control, spec={"method_args": {"update_topology": False}},
+                            run_id=f"ctl-{s}") for s, t in enumerate([0.78, 0.80, 0.80])]
+
+    summary = summarize(runs_frame(records))      # the site's means take the runs the leaderboard ranks
+    ok = summary[summary["status"] == "ok"]
+    assert sorted(rid for ids in ok["run_ids"] for rid in ids) == sorted(ranked(records_frame(records))["run_id"])
+    rigl = ok.set_index("method").loc["rigl"]
+    assert rigl["top1"] == pytest.approx(82.0) and rigl["control_pairs"] == 3
+    assert rigl["control_delta"] == pytest.approx(8 / 3)
+
+    build_site(records, tmp_path)
+    index = (tmp_path / "index.html").read_text()
+    board = re.search(r'<table class="board" id="board-0".*?</table>', index, re.S).group(0)
+    left = re.search(r'<table class="board left-out" id="board-0-left".*?</table>', index, re.S).group(0)
+    assert "rigl-3-0.5-cpu.html" not in board and "rigl-3-0.5-cpu.html" in left
+    assert "left out of the means: its mechanism did not act" in (tmp_path / "runs" / "rigl-3-0.5-cpu.html").read_text()
+    assert 'data-status="did_not_act"' in left and "swapped = 0 (needs &gt;= 1)" in left and ">did not act<" in left
+    assert len(re.findall(r"<tr ", board)) == 2 and 'data-status="did_not_act"' not in board
+    rigl_row = re.search(r'<tr data-method="rigl" .*?</tr>', board, re.S).group(0)
+    assert ">acted<" in rigl_row and "+2.67 ± " in rigl_row and "(n=3)" in rigl_row
+    assert '<option value="did_not_act">' in index                                   # the status filter offers it
