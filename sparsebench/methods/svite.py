@@ -577,10 +577,17 @@ class S2ViTE(_ViTSparseTraining):
         )
 
     def judge(self, metrics: dict):
-        note = ""
+        """Names the unit kinds whose growth moved nothing: an inactive neuron's grow score is
+        exactly 0 under the gradient criterion (its fc2 column and fc1 bias stay 0), so only
+        heads can ever move; when neither did, the verdict is "did not act"."""
+        idle = [kind for kind in ("heads", "neurons")
+                if metrics[f"{kind}_swapped_total"] and not metrics[f"{kind}_moved_total"]]
         if metrics["updates"] and not metrics["units_moved_total"]:
-            note = ("growth moved nothing: every pruned unit was regrown at once (an inactive unit's "
-                    "grow score is 0 under the official gradient criterion)")
+            note = "growth moved nothing: every pruned head and neuron was regrown at once"
+        elif idle:
+            note = f"{' and '.join(idle)} growth moved nothing: every pruned one was regrown at once"
+        else:
+            note = ""
         return judge_mechanism(self, metrics, note)
 
 
