@@ -69,7 +69,11 @@ class GradualPruning(TrainerHook):
 
 @register_method("gmp")
 class GMP(Method):
-    """Gradual magnitude pruning with the cubic schedule (Zhu & Gupta 2017)."""
+    """Gradual magnitude pruning with the cubic schedule (Zhu & Gupta 2017).
+
+    No declared mechanism or null control: the schedule is its criterion (a baseline-like
+    method; its record says "no mechanism"), and switching the schedule off leaves one-shot
+    magnitude pruning, which the benchmark runs as its own baseline."""
 
     granularity = "unstructured"
 
