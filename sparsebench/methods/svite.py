@@ -522,11 +522,13 @@ class SViTE(_ViTSparseTraining):
 class S2ViTE(_ViTSparseTraining):
     """S²ViTE: structured prune-and-grow of attention heads and MLP neurons, exported as a smaller ViT.
 
-    Observed on vit_cifar_tiny: gradient growth only ever re-selects the units it just pruned
-    (`notes["updates"][i]["moved"]` stays 0), so the kept set is the random initial one. A
-    neuron that was never active has exactly 0 gradients (its fc2 column is 0 and its fc1
-    bias is still the initial 0), and an inactive head's `proj` columns see a constant input
-    and decay under AdamW. This follows from the spec's criteria; `grow="random"` is the ablation.
+    Observed on vit_cifar_tiny: gradient growth re-selects the units it just pruned
+    (`notes["updates"][i]["moved"]` stays 0 at the quick suite's budget), so the kept set is
+    the random initial one. A neuron that was never active has exactly 0 gradients (its fc2
+    column is 0 and its fc1 bias is still the initial 0; so are the dense gradients of its
+    masked weights, so no gradient criterion can revive it), and an inactive head's `proj`
+    columns see a constant input and decay under AdamW; a head moves only now and then, on
+    a few-step budget. This follows from the spec's criteria; `grow="random"` is the ablation.
 
     Mechanism: prune-and-grow of units. It acted when ≥ 1 update ran and ≥ 1 unit (head or
     neuron) was grown where it was inactive before (`units_moved_total`); updates that only
