@@ -27,7 +27,7 @@ from sparsebench.training.masks import (
     DynamicSparsity, MaskSet, global_topk_masks, initial_masks, keep_counts, layer_densities, layerwise_topk_masks,
     prunable_weights,
 )
-from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 
 
 def cubic_sparsity(t: int, s_initial: float, s_final: float, t0: int, span: int) -> float:
@@ -69,7 +69,11 @@ class GradualPruning(TrainerHook):
 
 @register_method("gmp")
 class GMP(Method):
-    """Gradual magnitude pruning with the cubic schedule (Zhu & Gupta 2017)."""
+    """Gradual magnitude pruning with the cubic schedule (Zhu & Gupta 2017).
+
+    No declared mechanism or null control: the schedule is its criterion (a baseline-like
+    method; its record says "no mechanism"), and switching the schedule off leaves one-shot
+    magnitude pruning, which the benchmark runs as its own baseline."""
 
     granularity = "unstructured"
 
@@ -140,6 +144,8 @@ class DynamicSparseConfig:
     distribution: Literal["uniform", "er", "erk"] = "erk"
     skip_first: Optional[bool] = None     # None: True (input layer dense), see resolve_skips
     skip_last: Optional[bool] = None
+    # False: the null control, static sparse training (same ERK masks, budget and fine-tune, no update)
+    topology_updates: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.alpha <= 1.0:
@@ -151,9 +157,18 @@ class DynamicSparseConfig:
 
 
 class _DynamicSparseTraining(Method):
+    """Mechanism: the topology updates. Telemetry (`DynamicSparsity.telemetry`): per update the
+    weights swapped (dropped and regrown) and those regrown at new positions; `mask_changed`,
+    the fraction of the final active set the initial random mask did not hold. It acted when
+    at least one update ran and `mask_changed` >= 0.01 (1 % of the kept weights moved: an
+    update that only regrows what it dropped changes nothing). Null control:
+    `topology_updates=False`, static sparse training from the same masks."""
+
     granularity = "unstructured"
     starts_from = "scratch"
     Config = DynamicSparseConfig
+    null_control = {"topology_updates": False}
+    mechanism_thresholds = {"updates": 1, "mask_changed": 0.01}
 
     def schedule(self, budget: int, steps_per_epoch: int) -> tuple:
         """(ΔT, T_end) in optimizer steps of this run's budget."""
@@ -164,7 +179,7 @@ class _DynamicSparseTraining(Method):
 
     def topology_hook(self, masks: MaskSet, delta: int, t_end: int, generator) -> DynamicSparsity:
         cfg = self.config
-        return DynamicSparsity(masks, delta, t_end, cfg.alpha, cfg.grow, generator)
+        return DynamicSparsity(masks, delta, t_end, cfg.alpha, cfg.grow, generator, updates=cfg.topology_updates)
 
     def run(self, ctx: MethodContext) -> Outcome:
         cfg = self.config
@@ -182,7 +197,8 @@ class _DynamicSparseTraining(Method):
         return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params),
                        notes={"schedule": {"delta_t": delta, "t_end": t_end, "alpha": cfg.alpha, "grow": cfg.grow},
                               "distribution": cfg.distribution, "skip_first": skip_first, "skip_last": skip_last,
-                              "updates": topology.history, "layer_sparsity": masks.layer_sparsity()})
+                              "updates": topology.history, "layer_sparsity": masks.layer_sparsity()},
+                       mechanism=judge_mechanism(self, topology.telemetry()))
 
 
 @register_method("rigl")
@@ -210,4 +226,4 @@ class SET(_DynamicSparseTraining):
         if not cfg.set_original:
             return super().topology_hook(masks, delta, t_end, generator)
         return DynamicSparsity(masks, delta, t_end, cfg.alpha, cfg.grow, generator,
-                               drop_fraction=lambda t: cfg.alpha, grow_init="random")
+                               drop_fraction=lambda t: cfg.alpha, grow_init="random", updates=cfg.topology_updates)

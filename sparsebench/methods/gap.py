@@ -14,6 +14,14 @@ steps and *pruned back* to s by magnitude; then the next partition grows.
   after another on one device (no torch.distributed yet); compute is κ × replica steps and
   the budget is charged that way.
 
+Mechanism: the regrowth. At every prune-back we measure the fraction of the partition's kept
+set that changed (weights kept now that were pruned before the partition grew); GaP acted
+when at least one prune-back ran and the mean over phases is >= 0.01 (1 % of the kept
+weights of a grown partition moved; a prune-back that restores the old mask regrew
+nothing). Null control `regrow=False`: static sparse training of the same initial masks
+for the same optimizer steps (P-GaP: κ × replica steps on one model) and the same
+fine-tune.
+
 T = ⌊B / (R·κ)⌋ optimizer steps from the run's budget B (not the paper's epoch counts). The
 harness fine-tune, masks fixed, is the paper's final fixed-mask phase. Masks, their
 application to weights, gradients and optimizer state, and exact top-k live in
@@ -39,7 +47,7 @@ from sparsebench.measure.sparse24 import GROUP, mask_2to4
 from sparsebench.training.masks import (
     MaskSet, global_topk_masks, initial_masks, prunable_weights, topk_mask,
 )
-from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 from sparsebench.methods.dst import resolve_skips
 
 
@@ -177,6 +185,18 @@ def prune_back(masks: MaskSet, partition: Partition, keep: Dict[str, int], scope
         masks.mask_optimizer_state(optimizer)
 
 
+def kept_change(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> float:
+    """Fraction of the kept set `after` that was not kept `before` (0: the prune-back restored
+    the old mask; 1: every kept weight is new)."""
+    kept = sum(int(m.sum()) for m in after.values())
+    new = sum(int((m & ~before[n]).sum()) for n, m in after.items())
+    return new / kept if kept else 0.0
+
+
+def _snapshot(masks: MaskSet, partition: Partition) -> Dict[str, torch.Tensor]:
+    return {n: masks.masks[n].clone() for n in partition.names}
+
+
 @torch.no_grad()
 def merge_replicas(model: nn.Module, replicas: Sequence[nn.Module], partitions: Sequence[Partition],
                    shared: str = "average") -> None:
@@ -221,6 +241,7 @@ class GaPConfig:
     faithful_masking: bool = False                         # official code: mask weights only
     merge_shared: Literal["average", "replica0", "fresh"] = "average"   # P-GaP tensors outside partitions
     pattern: Literal["none", "2:4"] = "none"               # 2:4 prune-back (not in the paper)
+    regrow: bool = True                                    # False: the null control, static sparse training
 
     def __post_init__(self):
         if self.num_groups < 1:
@@ -234,6 +255,8 @@ class _GaP(Method):
     starts_from = "scratch"
     Config = GaPConfig
     variant = ""
+    null_control = {"regrow": False}
+    mechanism_thresholds = {"prune_backs": 1, "mean_changed": 0.01}
 
     def run(self, ctx: MethodContext) -> Outcome:
         cfg, s = self.config, ctx.target.value
@@ -263,7 +286,10 @@ class _GaP(Method):
                                                  generator), weights_only=cfg.faithful_masking)
         keep = masks.nnz()                                   # per-layer counts every prune-back restores
         total = sum(p.numel() for p in params.values())
-        loop = self.parallel if self.variant == "parallel" else self.cyclic
+        if not cfg.regrow:
+            loop = self.static
+        else:
+            loop = self.parallel if self.variant == "parallel" else self.cyclic
         log = loop(ctx, masks, schedule, keep, phase_steps, generator)
         notes = {
             "variant": self.variant, "num_groups": kappa, "rounds": rounds, "phase_steps": phase_steps,
@@ -277,7 +303,11 @@ class _GaP(Method):
             notes["replica_steps"] = rounds * kappa * phase_steps
             notes["compute"] = (f"{kappa} replicas trained one after another; optimizer steps = "
                                 f"{kappa} x replica steps, all charged to the budget")
-        return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params), notes=notes)
+        changed = [round(e["changed"], 4) for e in log if "changed" in e]
+        metrics = {"phases": len(log), "rounds": rounds if cfg.regrow else 0, "prune_backs": len(changed),
+                   "changed": changed, "mean_changed": round(sum(changed) / len(changed), 4) if changed else 0.0}
+        return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params), notes=notes,
+                       mechanism=judge_mechanism(self, metrics))
 
     def _schedule(self, trainer, phase_steps: int, total_phases: int, elapsed: int) -> None:
         # one global cosine over all phases unless lr_restart (the Transformer scripts restart per phase)
@@ -290,11 +320,19 @@ class _GaP(Method):
         """C-GaP: grow P_k, train T steps, prune it back; rotate."""
         cfg, log = self.config, []
         trainer = ctx.make_trainer(hooks=[masks])
-        grown = None
+
+        def prune_back_and_measure(partition, before, entry):
+            prune_back(masks, partition, keep, cfg.prune_scope, cfg.pattern, generator, trainer.optimizer)
+            entry["changed"] = kept_change(before, _snapshot(masks, partition))
+            trainer.event("prune_back", phase=entry["phase"], changed=round(entry["changed"], 4))
+
+        grown, before = None, None
         for i, partition in enumerate(schedule):
             if grown is not None:
-                prune_back(masks, grown, keep, cfg.prune_scope, cfg.pattern, generator, trainer.optimizer)
+                prune_back_and_measure(grown, before, log[-1])
+            before = _snapshot(masks, partition)
             grow(masks, partition, trainer.optimizer)
+            trainer.event("grow", phase=i, size=partition.size)
             if cfg.restart_optimizer:
                 trainer.reset_optimizer()
             self._schedule(trainer, phase_steps, len(schedule), i * phase_steps)
@@ -303,8 +341,16 @@ class _GaP(Method):
             log.append({"round": i // cfg.num_groups, "phase": i, "grown": list(partition.names),
                         "grown_size": partition.size, "steps": phase_steps})
             grown = partition
-        prune_back(masks, grown, keep, cfg.prune_scope, cfg.pattern, generator, trainer.optimizer)
+        prune_back_and_measure(grown, before, log[-1])
         return log
+
+    def static(self, ctx, masks, schedule, keep, phase_steps, generator) -> List[dict]:
+        """The null control: the initial masks trained, fixed, for as many optimizer steps as
+        the phases take (R·κ·T; P-GaP's κ replicas take as many), one cosine schedule."""
+        trainer = ctx.make_trainer(hooks=[masks])
+        trainer.fit(len(schedule) * phase_steps, progress=ctx.progress, desc="gap static")
+        return [{"round": i // self.config.num_groups, "phase": i, "grown": [], "grown_size": 0, "steps": phase_steps}
+                for i in range(len(schedule))]
 
     def parallel(self, ctx, masks, schedule, keep, phase_steps, generator) -> List[dict]:
         """P-GaP: κ replicas grow different partitions from the same model; merge; prune back."""
@@ -319,17 +365,23 @@ class _GaP(Method):
                                         weights_only=cfg.faithful_masking)
                 trainer = ctx.make_trainer(replica, hooks=[replica_masks])   # a fresh optimizer per replica
                 grow(replica_masks, partition, trainer.optimizer)
+                trainer.event("grow", phase=r * kappa + k, size=partition.size)
                 self._schedule(trainer, phase_steps, cfg.rounds, r * phase_steps)
                 trainer.phase(f"gap-grow:{r}:{k}")
                 trainer.fit(phase_steps, progress=ctx.progress, desc=f"gap round {r} replica {k}")
                 log.append({"round": r, "phase": r * kappa + k, "replica": k, "grown": list(partition.names),
                             "grown_size": partition.size, "steps": phase_steps})
                 replicas.append(replica)
+            before = [_snapshot(masks, partition) for partition in partitions]
             for partition in partitions:
                 grow(masks, partition, None)              # unmask first: merged weights must not be zeroed
             merge_replicas(ctx.model, replicas, partitions, cfg.merge_shared)
-            for partition in partitions:
+            for k, partition in enumerate(partitions):
                 prune_back(masks, partition, keep, cfg.prune_scope, cfg.pattern, generator)
+                entry = log[len(log) - kappa + k]
+                entry["changed"] = kept_change(before[k], _snapshot(masks, partition))
+                ctx.curve.add_event(ctx.budget.used, "prune_back", phase=entry["phase"],
+                                    changed=round(entry["changed"], 4))
         return log
 
 

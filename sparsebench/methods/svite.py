@@ -33,7 +33,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sparsebench.errors import SpecError
-from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 from sparsebench.training.importance import HeadOutputTaylor
 from sparsebench.training.masks import (
     DynamicSparsity, MaskSet, drop_and_grow, initial_masks, layer_densities, prunable_weights,
@@ -111,22 +111,27 @@ class UnitPruneAndGrow(TrainerHook):
 
     Scores come from the single minibatch of the update step (spec §3): the head capture is
     armed only for that batch, and the neuron gradients are read before `MaskSet` zeroes
-    them (`HookOrder.READS_DENSE_GRADIENTS`).
+    them (`HookOrder.READS_DENSE_GRADIENTS`). `updates=False` keeps the initial structure
+    (the null control). Every update appends to `history` and marks a `structure` event:
+    units swapped (pruned and regrown) and units moved (grown where inactive before the
+    prune). Unit masks, history and generator are in `state_dict` for an exact resume.
     """
 
     order = HookOrder.READS_DENSE_GRADIENTS
 
     def __init__(self, model: VisionTransformer, masks: MaskSet, heads: List[torch.Tensor],
-                 neurons: List[torch.Tensor], total: int, every: int, cfg, generator: torch.Generator):
+                 neurons: List[torch.Tensor], total: int, every: int, cfg, generator: torch.Generator,
+                 updates: bool = True):
         self.model, self.masks, self.heads, self.neurons = model, masks, heads, neurons
+        self.initial = ([h.clone() for h in heads], [j.clone() for j in neurons])
         self.generator = generator
-        self.total, self.every, self.cfg = total, every, cfg
+        self.total, self.every, self.cfg, self.updates = total, every, cfg, updates
         self.capture = HeadOutputTaylor(model)
         self.neuron_grads: Optional[List[torch.Tensor]] = None
         self.history: List[dict] = []
 
     def _due(self, t: int) -> bool:
-        return is_update_step(t, self.total, self.every, self.cfg.t_end)
+        return self.updates and is_update_step(t, self.total, self.every, self.cfg.t_end)
 
     def before_forward(self, trainer: Trainer, inputs, targets):
         if self._due(trainer.step + 1):
@@ -166,6 +171,39 @@ class UnitPruneAndGrow(TrainerHook):
         for name, m in unit_weight_masks(self.model, self.heads, self.neurons).items():
             self.masks.update(name, m, trainer.optimizer)
         self.history.append({"step": t, "drop_fraction": dr, "swapped": swapped, "moved": moved})
+        trainer.event("structure", heads_swapped=swapped["heads"], heads_moved=moved["heads"],
+                      neurons_swapped=swapped["neurons"], neurons_moved=moved["neurons"], drop_fraction=dr)
+
+    def telemetry(self) -> dict:
+        """Units pruned-and-regrown and units moved (grown where inactive before) per update and
+        in total; `units_changed`: the fraction of the final kept units the initial structure
+        did not hold."""
+        def series(kind, what):
+            return [int(h[what][kind]) for h in self.history]
+
+        kept = sum(int(h.sum()) for h in self.heads) + sum(int(j.sum()) for j in self.neurons)
+        changed = sum(int((h & ~h0).sum()) for h, h0 in zip(self.heads, self.initial[0])) + \
+            sum(int((j & ~j0).sum()) for j, j0 in zip(self.neurons, self.initial[1]))
+        out = {"updates": len(self.history), "update_steps": [int(h["step"]) for h in self.history]}
+        for kind in ("heads", "neurons"):
+            out[f"{kind}_swapped"], out[f"{kind}_moved"] = series(kind, "swapped"), series(kind, "moved")
+            out[f"{kind}_swapped_total"] = sum(out[f"{kind}_swapped"])
+            out[f"{kind}_moved_total"] = sum(out[f"{kind}_moved"])
+        out["units_moved_total"] = out["heads_moved_total"] + out["neurons_moved_total"]
+        out["units_changed"] = round(changed / kept, 4) if kept else 0.0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"heads": [h.clone() for h in self.heads], "neurons": [j.clone() for j in self.neurons],
+                "initial": ([h.clone() for h in self.initial[0]], [j.clone() for j in self.initial[1]]),
+                "history": [dict(h) for h in self.history], "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.heads[:] = [h.clone() for h in state["heads"]]       # in place: the method reads these lists
+        self.neurons[:] = [j.clone() for j in state["neurons"]]
+        self.initial = ([h.clone() for h in state["initial"][0]], [j.clone() for j in state["initial"][1]])
+        self.history = [dict(h) for h in state["history"]]
+        self.generator.set_state(state["generator"])
 
     def remove(self) -> None:
         self.capture.remove()
@@ -227,6 +265,11 @@ class TokenSelector(nn.Module):
     scorer keeps a gradient), after the prefix tokens: the sequence really is k long.
     Evaluation: deterministic top-k of ℓ (`eval_noise=False`); the official code evaluates
     with Gumbel noise at τ = 1 (`eval_noise=True`), which is stochastic (defect 6).
+
+    `fix_tokens(indices)` replaces the learned choice by a fixed patch subset (the null
+    control): the same positions for every image, the scorer unused. In training, the
+    selector keeps `last_entropy`, the mean entropy of softmax(ℓ) over the patch tokens
+    (no noise, τ = 1): the telemetry of what the scorer has learned.
     """
 
     def __init__(self, dim: int, keep: int, num_prefix: int = 1, mode: str = "mask", eval_noise: bool = False):
@@ -238,12 +281,22 @@ class TokenSelector(nn.Module):
         self.scorer = nn.Linear(dim, 1)
         self.keep, self.num_prefix, self.mode, self.eval_noise = keep, num_prefix, mode, eval_noise
         self.tau = 10.0
+        self.register_buffer("fixed", None)              # patch indices of a fixed subset (null control)
+        self.last_entropy: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"keep={self.keep}, mode={self.mode!r}, tau={self.tau:g}"
+        return f"keep={self.keep}, mode={self.mode!r}, tau={self.tau:g}" + (", fixed" if self.fixed is not None else "")
+
+    def fix_tokens(self, indices: torch.Tensor) -> None:
+        if len(indices) != self.keep - self.num_prefix:
+            raise ValueError(f"a fixed subset needs {self.keep - self.num_prefix} patch indices, got {len(indices)}")
+        self.fixed = indices.sort().values.to(self.scorer.weight.device)
 
     def soft_scores(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.scorer(x).squeeze(-1).float()
+        if self.training:
+            with torch.no_grad():
+                self.last_entropy = torch.special.entr(F.softmax(logits[:, self.num_prefix:], dim=1)).sum(1).mean()
         if not (self.training or self.eval_noise):
             return logits                       # top-k of the logits = top-k of their log-softmax
         logits = F.log_softmax(logits, dim=1)
@@ -254,6 +307,12 @@ class TokenSelector(nn.Module):
         n, p = x.shape[1], self.num_prefix
         if self.keep >= n:
             return x
+        if self.fixed is not None:
+            if self.mode == "drop":
+                return torch.cat([x[:, :p], x[:, p + self.fixed]], dim=1)
+            m = torch.zeros(n, dtype=x.dtype, device=x.device)
+            m[:p], m[p + self.fixed] = 1.0, 1.0
+            return x * m[None, :, None]
         y = self.soft_scores(x)
         straight_through = torch.is_grad_enabled() and y.requires_grad and (self.training or self.eval_noise)
         if self.mode == "mask":
@@ -310,6 +369,58 @@ class TemperatureSchedule(TrainerHook):
         return None
 
 
+class SelectorTelemetry(TrainerHook):
+    """The selector's entropy over training (every step in `entropies`; on the curve as
+    `selector_entropy` at about 100 points); kept in `state_dict` for a resume."""
+
+    def __init__(self, selector: TokenSelector, total: int):
+        self.selector, self.every = selector, max(1, total // 100)
+        self.entropies: List[float] = []
+
+    def after_step(self, trainer: Trainer) -> None:
+        if self.selector.last_entropy is None:
+            return
+        value = float(self.selector.last_entropy)
+        self.selector.last_entropy = None
+        self.entropies.append(value)
+        if len(self.entropies) % self.every == 1 or self.every == 1:
+            trainer.curve.add_value("selector_entropy", trainer.position, value)
+
+    def state_dict(self) -> dict:
+        return {"entropies": list(self.entropies)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.entropies = list(state["entropies"])
+
+
+@torch.no_grad()
+def distinct_picks(model: VisionTransformer, images: torch.Tensor) -> int:
+    """How many distinct patch positions the (deterministic) selector keeps over a batch of
+    images: k − prefix if it picks the same positions for all, more if its choice depends on
+    the image."""
+    selector = selector_of(model)
+    seen = {}
+    handle = selector.register_forward_pre_hook(lambda mod, inputs: seen.setdefault("x", inputs[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        with noiseless_selectors(model):
+            model(images)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    p = selector.num_prefix
+    if selector.fixed is not None:
+        return int(selector.fixed.numel())
+    logits = selector.scorer(seen["x"]).squeeze(-1).float()
+    if selector.mode == "mask":
+        idx = logits.topk(selector.keep, dim=1).indices
+        idx = idx[idx >= p]
+    else:
+        idx = logits[:, p:].topk(selector.keep - p, dim=1).indices + p
+    return int(idx.unique().numel())
+
+
 # --- the methods --------------------------------------------------------------------------------
 def _require_vit(model: nn.Module, name: str) -> None:
     if not isinstance(model, VisionTransformer):
@@ -326,6 +437,8 @@ class ScheduleConfig:
     update_every: Optional[int] = None                   # ΔT in steps; None: update_fraction of T
     update_fraction: float = 0.08
     grow: Literal["gradient", "random"] = "gradient"
+    # False: the null control, no prune-and-grow (static masks / structure, same budget and fine-tune)
+    topology_updates: bool = True
 
     def __post_init__(self):
         if not 0.0 < self.t_end <= 1.0:
@@ -335,7 +448,11 @@ class ScheduleConfig:
 
 
 class _ViTSparseTraining(Method):
+    """Mechanism: the prune-and-grow updates; null control `topology_updates=False` (the
+    initial random masks or structure, fixed, for the same budget and fine-tune)."""
+
     starts_from = "scratch"
+    null_control = {"topology_updates": False}
 
     def supports(self, model: nn.Module, family: str) -> bool:
         return isinstance(model, VisionTransformer)
@@ -367,6 +484,8 @@ class SViTE(_ViTSparseTraining):
     """SViTE: unstructured sparse training of a ViT from scratch (ERK, prune by |w|, grow by gradient)."""
 
     granularity = "unstructured"
+    # as RigL's (`DynamicSparsity.telemetry`): ≥ 1 update, ≥ 1 % of the kept weights at new positions
+    mechanism_thresholds = {"updates": 1, "mask_changed": 0.01}
 
     @dataclass(frozen=True)
     class Config(ScheduleConfig):
@@ -389,26 +508,36 @@ class SViTE(_ViTSparseTraining):
         updates = DynamicSparsity(
             masks, delta_t=every, t_end=math.ceil(cfg.t_end * total), alpha=cfg.alpha, grow=cfg.grow,
             generator=generator, rounding="ceil",
-            drop_fraction=lambda t: drop_fraction(t, total, cfg.alpha, cfg.floor, cfg.t_end, cfg.decay_over))
+            drop_fraction=lambda t: drop_fraction(t, total, cfg.alpha, cfg.floor, cfg.t_end, cfg.decay_over),
+            updates=cfg.topology_updates)
         trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
         trainer.fit(total, progress=ctx.progress, desc=self.name)
         return Outcome(model=model, realization="masked", masks=masks, prunable=list(params),
                        notes={"update_every": every, "init": cfg.init, "layer_sparsity": masks.layer_sparsity(),
-                              "updates": updates.history})
+                              "updates": updates.history},
+                       mechanism=judge_mechanism(self, updates.telemetry()))
 
 
 @register_method("s2vite")
 class S2ViTE(_ViTSparseTraining):
     """S²ViTE: structured prune-and-grow of attention heads and MLP neurons, exported as a smaller ViT.
 
-    Observed on vit_cifar_tiny: gradient growth only ever re-selects the units it just pruned
-    (`notes["updates"][i]["moved"]` stays 0), so the kept set is the random initial one. A
-    neuron that was never active has exactly 0 gradients (its fc2 column is 0 and its fc1
-    bias is still the initial 0), and an inactive head's `proj` columns see a constant input
-    and decay under AdamW. This follows from the spec's criteria; `grow="random"` is the ablation.
+    Observed on vit_cifar_tiny: gradient growth re-selects the units it just pruned
+    (`notes["updates"][i]["moved"]` stays 0 at the quick suite's budget), so the kept set is
+    the random initial one. A neuron that was never active has exactly 0 gradients (its fc2
+    column is 0 and its fc1 bias is still the initial 0; so are the dense gradients of its
+    masked weights, so no gradient criterion can revive it), and an inactive head's `proj`
+    columns see a constant input and decay under AdamW; a head moves only now and then, on
+    a few-step budget. This follows from the spec's criteria; `grow="random"` is the ablation.
+
+    Mechanism: prune-and-grow of units. It acted when ≥ 1 update ran and ≥ 1 unit (head or
+    neuron) was grown where it was inactive before (`units_moved_total`); updates that only
+    regrow what they pruned leave the random initial structure, and the verdict says
+    "growth moved nothing".
     """
 
     granularity = "head"
+    mechanism_thresholds = {"updates": 1, "units_moved_total": 1}
 
     @dataclass(frozen=True)
     class Config(ScheduleConfig):
@@ -428,7 +557,8 @@ class S2ViTE(_ViTSparseTraining):
         neurons = [random_units(blk.mlp.fc1.out_features, m, generator) for blk in model.blocks]
         masks = MaskSet(model, unit_weight_masks(model, heads, neurons))
         every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
-        updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator)
+        updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator,
+                                   updates=cfg.topology_updates)
         trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
         try:
             trainer.fit(total, progress=ctx.progress, desc=self.name)
@@ -445,7 +575,22 @@ class S2ViTE(_ViTSparseTraining):
             notes={"heads_per_block": h, "mlp_per_block": m, "update_every": every,
                    "closed_form_flops_ratio": (extra_macs + space.macs([int(k.sum()) for k in kept])) / dense_macs,
                    "compaction_max_abs_error": error, "updates": updates.history},
+            mechanism=self.judge(updates.telemetry()),
         )
+
+    def judge(self, metrics: dict):
+        """Names the unit kinds whose growth moved nothing: an inactive neuron's grow score is
+        exactly 0 under the gradient criterion (its fc2 column and fc1 bias stay 0), so only
+        heads can ever move; when neither did, the verdict is "did not act"."""
+        idle = [kind for kind in ("heads", "neurons")
+                if metrics[f"{kind}_swapped_total"] and not metrics[f"{kind}_moved_total"]]
+        if metrics["updates"] and not metrics["units_moved_total"]:
+            note = "growth moved nothing: every pruned head and neuron was regrown at once"
+        elif idle:
+            note = f"{' and '.join(idle)} growth moved nothing: every pruned one was regrown at once"
+        else:
+            note = ""
+        return judge_mechanism(self, metrics, note)
 
 
 @register_method("svite-plus")
@@ -454,6 +599,16 @@ class SViTEPlus(Method):
 
     granularity = "token"
     starts_from = "scratch"
+    # Mechanism: the learned, image-dependent token choice. Null control: a fixed random
+    # subset of patch positions at the same keep count (the same sequence length, cost,
+    # base sparse training and fine-tune), so only *which* tokens are kept differs. (A frozen
+    # scorer would still choose per image through a random projection: not "off".)
+    null_control = {"token_selection": "fixed_random"}
+    # acted: the deployed selector keeps different positions for different images
+    # (`distinct_extra` = distinct patch positions kept over a validation batch − (k − prefix)
+    # ≥ 1) and its scores moved away from the initial near-uniform ones
+    # (`entropy_drop` = mean entropy of the first 10 steps − of the last 10, ≥ 0.01 nats).
+    mechanism_thresholds = {"distinct_extra": 1, "entropy_drop": 0.01}
 
     @dataclass(frozen=True)
     class Config(S2ViTE.Config):
@@ -463,6 +618,7 @@ class SViTEPlus(Method):
         tau_start: float = 10.0
         tau_end: float = 0.1
         eval_noise: bool = False
+        token_selection: Literal["learned", "fixed_random"] = "learned"   # fixed_random: the null control
         # svite's knobs, used when base="svite"
         init: Literal["erk_exact", "erk_bernoulli", "uniform"] = "erk_exact"
         include_head: bool = True
@@ -492,14 +648,18 @@ class SViTEPlus(Method):
         n = num_tokens(model, ctx.input_size)
         k = self.keep_count(model, ctx.input_size)
         selector = TokenSelector(model.embed_dim, k, model.num_prefix_tokens, cfg.token_mode, cfg.eval_noise)
+        if cfg.token_selection == "fixed_random":
+            patches = n - model.num_prefix_tokens
+            selector.fix_tokens(torch.randperm(patches, generator=torch.Generator().manual_seed(ctx.seed))[:k - selector.num_prefix])
         insert_selector(model, selector.to(ctx.device))
         selector_macs = n * model.embed_dim                # Linear(D, 1) on every token
         tau = TemperatureSchedule(selector, ctx.budget.left, cfg.tau_start, cfg.tau_end)
+        watch = SelectorTelemetry(selector, ctx.budget.left)
         base = S2ViTE(S2ViTE.Config(**_fields_of(cfg, S2ViTE.Config))) if cfg.base == "s2vite" else \
             SViTE(SViTE.Config(**_fields_of(cfg, SViTE.Config)))
         base.name = cfg.base
         drop = cfg.token_mode == "drop"
-        outcome = base.train(ctx, base.config, hooks=[tau], no_weight_decay=list(selector.parameters()),
+        outcome = base.train(ctx, base.config, hooks=[tau, watch], no_weight_decay=list(selector.parameters()),
                              tokens=k if drop else None, extra_macs=selector_macs if drop else 0)
         deployed = selector_of(outcome.model)
         deployed.tau = cfg.tau_end
@@ -518,8 +678,27 @@ class SViTEPlus(Method):
         if not drop:
             outcome.notes["token_drop_theoretical_macs"] = _macs_with_tokens_dropped(outcome.model, ctx.input_size)
         outcome.structure = {**(outcome.structure or {}), "token_selector": {
-            "mode": cfg.token_mode, "keep": k, "of": n, "after": "pos_embed (norm_pre)"}}
+            "mode": cfg.token_mode, "keep": k, "of": n, "after": "pos_embed (norm_pre)",
+            **({"fixed": deployed.fixed.tolist()} if deployed.fixed is not None else {})}}
+        outcome.mechanism = judge_mechanism(self, self.telemetry(ctx, outcome, watch.entropies, k, n))
         return outcome
+
+    def telemetry(self, ctx: MethodContext, outcome: Outcome, entropies: List[float], k: int, n: int) -> dict:
+        p = selector_of(outcome.model).num_prefix
+        images = next(iter(ctx.val_loader))[0].to(ctx.device)
+        distinct = distinct_picks(outcome.model, images)
+        out = {"keep_ratio": round(k / n, 4), "token_keep": k, "tokens": n, "distinct_tokens": distinct,
+               "distinct_extra": distinct - (k - p), "patches": n - p, "images": len(images)}
+        if entropies:
+            window = max(1, min(10, len(entropies) // 2))
+            first, last = sum(entropies[:window]) / window, sum(entropies[-window:]) / window
+            out.update({"entropy_first": round(first, 4), "entropy_last": round(last, 4),
+                        "entropy_mean": round(sum(entropies) / len(entropies), 4),
+                        "entropy_max": round(math.log(n - p), 4), "entropy_drop": round(first - last, 4)})
+        if outcome.mechanism is not None:                # the base's prune-and-grow, for the record
+            out["base"] = {key: v for key, v in outcome.mechanism.metrics.items() if not isinstance(v, list)}
+            out["base"]["acted"] = outcome.mechanism.acted
+        return out
 
 
 def _fields_of(cfg, target_cls) -> dict:

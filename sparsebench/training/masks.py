@@ -262,7 +262,7 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_scores: torch.T
     seeded noise, so counts are exact.
     """
     n_active = int(mask.sum())
-    k = max(0, min(k, n_active, mask.numel() - n_active))
+    k = swap_size(mask, k)
     if k == 0:
         return mask.clone()
     # |w| and grow scores are >= 0, so -1 ranks an excluded entry below every candidate
@@ -273,15 +273,26 @@ def drop_and_grow(mask: torch.Tensor, weight: torch.Tensor, grow_scores: torch.T
     return kept | grown
 
 
+def swap_size(mask: torch.Tensor, k: int) -> int:
+    """How many entries `drop_and_grow` really swaps for a requested k: never more than are
+    active, nor more than are inactive."""
+    n_active = int(mask.sum())
+    return max(0, min(k, n_active, mask.numel() - n_active))
+
+
 def prune_and_grow(masks: "MaskSet", fraction: float, grow_scores: Dict[str, torch.Tensor],
                    optimizer: Optional[torch.optim.Optimizer] = None,
-                   generator: Optional[torch.Generator] = None, rounding: str = "floor") -> Dict[str, int]:
+                   generator: Optional[torch.Generator] = None, rounding: str = "floor",
+                   swapped: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """Apply `drop_and_grow` to every tensor of `masks` with k = ⌊fraction·n_active⌋
     (`rounding="ceil"`: ⌈fraction·n_active⌉, SViTE's, which swaps ≥ 1 entry per layer while
     fraction > 0).
 
     Grown weights start at 0 with zeroed optimizer state (`MaskSet.update`); dropped weights
-    and their optimizer state are zeroed. Returns the number of entries moved per tensor.
+    and their optimizer state are zeroed. Returns the number of entries moved per tensor
+    (grown where the mask was inactive before the drop); `swapped`, if given, receives the
+    number dropped-and-regrown per tensor (a just-dropped entry that is regrown counts here,
+    not as moved).
     """
     if rounding not in ("floor", "ceil"):
         raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
@@ -291,6 +302,8 @@ def prune_and_grow(masks: "MaskSet", fraction: float, grow_scores: Dict[str, tor
         k = int(round_k(fraction * int(mask.sum())))
         new = drop_and_grow(mask, masks.params[name], grow_scores[name], k, generator)
         moved[name] = int((new & ~mask).sum())
+        if swapped is not None:
+            swapped[name] = swap_size(mask, k)
         masks.update(name, new, optimizer)
     if optimizer is not None:
         masks.mask_optimizer_state(optimizer)
@@ -311,6 +324,15 @@ class DynamicSparsity(TrainerHook):
     (after the optimizer step of the update iteration), before `MaskSet` re-applies masks.
     `grow_init` "zero" (RigL, default SET) or "random" (original SET: new weights drawn
     from N(0, std of the layer's surviving weights)). `rounding`: k = ⌊·⌋ (RigL) or ⌈·⌉ (SViTE).
+
+    `updates=False` is static sparse training (a null control): the same hook, masks and
+    telemetry, but no update ever runs.
+
+    Telemetry: every update appends to `history` (step, drop fraction, `swapped` = weights
+    dropped and regrown, `regrown_new` = of those, grown where the mask was inactive just
+    before the drop) and marks a `topology` event on the trainer's curve; `telemetry()`
+    sums them up. History, generator and the initial masks are in `state_dict`, so a
+    resumed run updates, and reports, exactly as an uninterrupted one.
     """
 
     order = HookOrder.READS_DENSE_GRADIENTS
@@ -318,7 +340,7 @@ class DynamicSparsity(TrainerHook):
     def __init__(self, masks: "MaskSet", delta_t: int, t_end: int, alpha: float = 0.3, grow: str = "gradient",
                  generator: Optional[torch.Generator] = None,
                  drop_fraction: Optional[Callable[[int], float]] = None, grow_init: str = "zero",
-                 rounding: str = "floor"):
+                 rounding: str = "floor", updates: bool = True):
         if grow not in GROW_CRITERIA:
             raise SpecError(f"unknown grow criterion {grow!r}; allowed: {', '.join(GROW_CRITERIA)}")
         if grow_init not in ("zero", "random"):
@@ -330,12 +352,14 @@ class DynamicSparsity(TrainerHook):
         self.drop_fraction = drop_fraction or (lambda t: cosine_drop_fraction(t, alpha, t_end))
         self.grow_init = grow_init
         self.rounding = rounding
+        self.updates = updates
+        self.initial = {n: m.clone() for n, m in masks.masks.items()}
         self._gradients: Optional[Dict[str, torch.Tensor]] = None
         self.history: List[dict] = []
 
     def is_update_step(self, step: int) -> bool:
         """Whether the topology changes after optimizer step `step` (counted from 1)."""
-        return step % self.delta_t == 0 and step < self.t_end
+        return self.updates and step % self.delta_t == 0 and step < self.t_end
 
     def after_backward(self, trainer: Trainer) -> None:
         if self.grow == "gradient" and self.is_update_step(trainer.step + 1):
@@ -346,6 +370,9 @@ class DynamicSparsity(TrainerHook):
         if not self.is_update_step(trainer.step):
             return
         self.update(trainer.step, trainer.optimizer)
+        last = self.history[-1]
+        trainer.event("topology", swapped=last["swapped"], regrown_new=last["moved"],
+                      drop_fraction=last["drop_fraction"])
 
     @torch.no_grad()
     def update(self, step: int, optimizer: Optional[torch.optim.Optimizer] = None,
@@ -359,7 +386,8 @@ class DynamicSparsity(TrainerHook):
                       for n, p in self.masks.params.items()}
         fraction = self.drop_fraction(step)
         before = {n: m.clone() for n, m in self.masks.masks.items()} if self.grow_init == "random" else None
-        moved = prune_and_grow(self.masks, fraction, scores, optimizer, self.generator, self.rounding)
+        swapped: Dict[str, int] = {}
+        moved = prune_and_grow(self.masks, fraction, scores, optimizer, self.generator, self.rounding, swapped)
         if before is not None:
             for n, p in self.masks.params.items():
                 grown = self.masks.masks[n] & ~before[n]
@@ -367,5 +395,33 @@ class DynamicSparsity(TrainerHook):
                 std = float(alive.std()) if alive.numel() > 1 else 0.0
                 p[grown] = torch.randn(int(grown.sum()), generator=self.generator).to(p) * std
         self._gradients = None
-        self.history.append({"step": step, "drop_fraction": fraction, "moved": sum(moved.values())})
+        self.history.append({"step": step, "drop_fraction": fraction, "swapped": sum(swapped.values()),
+                             "moved": sum(moved.values())})
         return moved
+
+    def telemetry(self) -> Dict[str, object]:
+        """What the topology updates did: counts per update and in total, the share of swapped
+        weights regrown at new positions, and `mask_changed`, the fraction of the active set
+        now at positions the initial mask did not hold (net topology change)."""
+        swapped = [int(h["swapped"]) for h in self.history]
+        new = [int(h["moved"]) for h in self.history]
+        active = sum(int(m.sum()) for m in self.masks.masks.values())
+        changed = sum(int((m & ~self.initial[n]).sum()) for n, m in self.masks.masks.items())
+        return {
+            "updates": len(self.history),
+            "update_steps": [int(h["step"]) for h in self.history],
+            "swapped": swapped, "regrown_new": new,
+            "swapped_total": sum(swapped), "regrown_new_total": sum(new),
+            "regrown_new_share": round(sum(new) / sum(swapped), 4) if sum(swapped) else 0.0,
+            "active": active,
+            "mask_changed": round(changed / active, 4) if active else 0.0,
+        }
+
+    def state_dict(self) -> dict:
+        return {"history": [dict(h) for h in self.history], "generator": self.generator.get_state(),
+                "initial": {n: m.clone() for n, m in self.initial.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(h) for h in state["history"]]
+        self.generator.set_state(state["generator"])
+        self.initial = {n: m.to(self.masks.masks[n].device) for n, m in state["initial"].items()}

@@ -41,6 +41,7 @@ def test_gmp_is_deterministic():
 
 
 # --- RigL / SET ---------------------------------------------------------------------------------
+import copy
 import math
 
 import torch
@@ -190,3 +191,47 @@ def test_rigl_and_set_run_end_to_end_through_the_pipeline(tmp_path, name):
     assert record.achieved_sparsity == pytest.approx(0.9, abs=1e-3)
     assert record.cost.method_steps <= record.cost.method_budget_steps
     assert record.notes["updates"]
+
+
+# --- mechanism telemetry and the null control ------------------------------------------------------
+@pytest.mark.parametrize("name", ["rigl", "set"])
+def test_topology_updates_are_measured_and_the_null_control_never_changes_its_masks(name):
+    outcome, ctx = _run(name, budget=30)
+    control, control_ctx = _run(name, budget=30, topology_updates=False)
+    m, c = outcome.mechanism, control.mechanism
+    assert m.acted and not m.control and c.control and not c.acted
+    events = ctx.curve.events_of("topology")
+    assert len(events) == m.metrics["updates"] == len(outcome.notes["updates"]) >= 1
+    assert [e["swapped"] for e in events] == m.metrics["swapped"]
+    assert [e["regrown_new"] for e in events] == m.metrics["regrown_new"]
+    assert 0 < m.metrics["regrown_new_total"] <= m.metrics["swapped_total"]
+    # the same initial masks: the method's moved by exactly `mask_changed`, the control's never changed
+    assert control.masks.version == 0 and not control_ctx.curve.events_of("topology")
+    assert c.metrics["updates"] == 0 and c.metrics["mask_changed"] == 0.0
+    active = sum(int(mask.sum()) for mask in outcome.masks.masks.values())
+    moved = sum(int((outcome.masks.masks[n] & ~control.masks.masks[n]).sum()) for n in outcome.masks.masks)
+    assert moved / active == pytest.approx(m.metrics["mask_changed"], abs=1e-4) and moved > 0
+    assert control_ctx.budget.used == ctx.budget.used == 30
+    assert outcome.masks.nnz() == control.masks.nnz()                 # same distribution
+
+
+def test_dynamic_sparsity_resumes_its_generator_history_and_initial_masks():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        g = torch.Generator().manual_seed(0)
+        masks = MaskSet(model, initial_masks(prunable_weights(model), 0.7, "erk", "random", g))
+        return model, masks, DynamicSparsity(masks, delta_t=1, t_end=10, grow="random", generator=g)
+
+    model, masks, hook = build()
+    hook.update(1)
+    saved, saved_masks, weights = hook.state_dict(), masks.state_dict(), copy.deepcopy(model.state_dict())
+    hook.update(2)
+    expected = {n: m.clone() for n, m in masks.masks.items()}
+    model2, masks2, hook2 = build()
+    model2.load_state_dict(weights)
+    masks2.load_state_dict(saved_masks)
+    hook2.load_state_dict(saved)
+    hook2.update(2)
+    assert all(torch.equal(masks2.masks[n], expected[n]) for n in expected)
+    assert hook2.telemetry() == hook.telemetry()

@@ -272,3 +272,22 @@ def test_gap_runs_end_to_end_through_the_pipeline(tmp_path, name, model):
     assert record.achieved_sparsity == pytest.approx(S, abs=1e-3)
     assert record.cost.method_steps <= record.cost.method_budget_steps
     assert record.notes["phases"] and record.realization.realizable is False
+
+
+@pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
+def test_prune_back_change_is_measured_and_the_null_control_keeps_its_masks(name):
+    method, ctx = _context(name, budget=24)
+    outcome = method.run(ctx)
+    control_method, control_ctx = _context(name, budget=24, regrow=False)
+    control = control_method.run(control_ctx)
+    m, c = outcome.mechanism, control.mechanism
+    phases = method.config.rounds * method.config.num_groups
+    assert m.acted and m.metrics["prune_backs"] == m.metrics["phases"] == phases == len(m.metrics["changed"])
+    assert m.metrics["mean_changed"] == pytest.approx(sum(m.metrics["changed"]) / phases, abs=1e-4)
+    events = ctx.curve.events_of("prune_back")
+    assert [e["changed"] for e in events] == m.metrics["changed"] and len(ctx.curve.events_of("grow")) == phases
+    assert c.control and not c.acted and c.metrics["prune_backs"] == 0
+    assert control.masks.version == 0 and not control_ctx.curve.events_of("prune_back")
+    assert control_ctx.budget.used == ctx.budget.used
+    assert outcome.masks.nnz() == control.masks.nnz()
+    assert any(not torch.equal(outcome.masks.masks[n], control.masks.masks[n]) for n in outcome.masks.masks)

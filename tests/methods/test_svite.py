@@ -382,3 +382,85 @@ def test_s2vite_random_growth_moves_units_and_keeps_counts():
     assert sum(u["moved"]["neurons"] for u in out.notes["updates"]) > 0
     assert out.structure["summary"]["mlp"] == [out.notes["mlp_per_block"]] * 4
     assert out.notes["compaction_max_abs_error"] < 1e-5
+
+
+# --- mechanism telemetry and null controls ---------------------------------------------------------
+def _mask_updates(monkeypatch):
+    calls = []
+    update = MaskSet.update
+
+    def counting(self, name, new_mask, optimizer=None):
+        calls.append(name)
+        return update(self, name, new_mask, optimizer)
+
+    monkeypatch.setattr(MaskSet, "update", counting)
+    return calls
+
+
+def test_svite_topology_telemetry_and_static_control():
+    method = create_method("svite", update_every=3)
+    ctx = make_context("vit_cifar_tiny", "sparsity=0.5", method, budget=10)
+    out = method.run(ctx)
+    control = create_method("svite", update_every=3, topology_updates=False)
+    control_ctx = make_context("vit_cifar_tiny", "sparsity=0.5", control, budget=10)
+    static = control.run(control_ctx)
+    m = out.mechanism.metrics
+    assert out.mechanism.acted and m["updates"] == 2 == len(ctx.curve.events_of("topology"))
+    assert 0 < m["regrown_new_total"] <= m["swapped_total"] and m["mask_changed"] > 0
+    assert static.mechanism.control and not static.mechanism.acted and static.masks.version == 0
+    assert not control_ctx.curve.events_of("topology")
+    assert any(not torch.equal(out.masks.masks[n], static.masks.masks[n]) for n in out.masks.masks)
+
+
+def test_s2vite_official_growth_never_moves_a_neuron_and_says_so():
+    method = create_method("s2vite", update_every=3)
+    ctx = make_context("vit_cifar_tiny", "flops=0.6", method, budget=10)
+    out = method.run(ctx)
+    mech = out.mechanism
+    events = ctx.curve.events_of("structure")
+    assert mech.metrics["updates"] == len(events) == 2 and mech.metrics["neurons_swapped_total"] > 0
+    # an inactive neuron has exactly zero gradient: gradient growth re-selects the neurons it pruned
+    assert mech.metrics["neurons_moved_total"] == 0 and "neurons growth moved nothing" in mech.reason
+    assert mech.acted == (mech.metrics["heads_moved_total"] >= 1)
+
+
+def test_s2vite_null_control_keeps_its_structure_and_random_growth_moves_it(monkeypatch):
+    calls = _mask_updates(monkeypatch)
+    control = create_method("s2vite", grow="random", alpha=0.9, update_every=2, topology_updates=False)
+    control_ctx = make_context("vit_cifar_tiny", "flops=0.6", control, budget=8)
+    static = control.run(control_ctx)
+    assert calls == [] and static.mechanism.control and not static.mechanism.acted
+    assert not control_ctx.curve.events_of("structure") and static.mechanism.metrics["units_changed"] == 0.0
+    method = create_method("s2vite", grow="random", alpha=0.9, update_every=2)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=8))
+    assert calls and out.mechanism.acted and out.mechanism.metrics["units_moved_total"] > 0
+    assert out.structure["blocks"] != static.structure["blocks"]
+
+
+def test_svite_plus_selector_telemetry_and_fixed_random_control():
+    args = dict(token_mode="drop", token_keep=0.75, update_every=4)
+    method = create_method("svite-plus", **args)
+    ctx = make_context("vit_cifar_tiny", "sparsity=0.5", method, budget=12)
+    out = method.run(ctx)
+    m = out.mechanism.metrics
+    k, n = m["token_keep"], m["tokens"]
+    assert k == 13 and n == 17 and m["keep_ratio"] == round(13 / 17, 4)
+    assert len(ctx.curve.values["selector_entropy"]) == 12
+    assert 0 < m["entropy_last"] <= m["entropy_max"] and "entropy_drop" in m and m["base"]["updates"] == 2
+    assert k - 1 <= m["distinct_tokens"] <= m["patches"]
+
+    control = create_method("svite-plus", token_selection="fixed_random", **args)
+    control_ctx = make_context("vit_cifar_tiny", "sparsity=0.5", control, budget=12)
+    static = control.run(control_ctx)
+    selector = selector_of(static.model)
+    fixed = selector.fixed.tolist()
+    assert static.mechanism.control and not static.mechanism.acted
+    assert static.mechanism.metrics["distinct_extra"] == 0 and "selector_entropy" not in control_ctx.curve.values
+    assert static.structure["token_selector"]["fixed"] == fixed and len(fixed) == k - 1
+    x = torch.randn(5, 3, 16, 16)
+    seen = []
+    handle = selector.register_forward_hook(lambda mod, inp, outp: seen.append((inp[0], outp)))
+    static.model.eval()(x)
+    handle.remove()
+    tokens_in, tokens_out = seen[0]
+    assert torch.equal(tokens_out[:, 1:], tokens_in[:, 1:][:, fixed])   # the same positions for every image

@@ -84,3 +84,53 @@ def test_record_states_training_macs(tmp_path, kept_gmp):
         record.cost.finetune_steps * spec.recipe.batch_size * record.macs.effective, rel=1e-4)
     assert "backward = 2 x forward" in macs["convention"]
     assert not (tmp_path / "partial").exists()
+
+
+@pytest.fixture
+def kept_rigl():
+    from sparsebench.methods.dst import RigL
+
+    @register_method("test-kept-rigl")
+    class KeptRigL(RigL):
+        """RigL that lets the test read its final masks."""
+
+        def run(self, ctx):
+            outcome = super().run(ctx)
+            KEPT.append(outcome)
+            return outcome
+
+    try:
+        yield
+    finally:
+        METHODS._entries.pop("test-kept-rigl")
+        KEPT.clear()
+
+
+@pytest.mark.parametrize("method, model, target, args", [
+    ("test-kept-rigl", "resnet20_tiny", "sparsity=0.8", {"delta_t": 3}),
+    ("s2vite", "vit_cifar_tiny", "flops=0.6", {"grow": "random", "alpha": 0.9, "update_every": 3}),
+    ("gap-cyclic", "resnet20_tiny", "sparsity=0.8", {}),          # killed in its second phase
+])
+def test_a_run_killed_between_topology_updates_resumes_to_the_same_topology(tmp_path, monkeypatch, kept_rigl,
+                                                                            method, model, target, args):
+    """The kill falls after the method's checkpoint at step 4 and before step 8: the updates at
+    steps 6 (and 3 for S²ViTE) must replay from the hook's saved generator, history and masks;
+    GaP's finished phase replays from its fit's final checkpoint."""
+    spec = tiny_spec(method, model=model, target=target, method_args=tuple(sorted(args.items())),
+                     measure=MeasureSpec(latency=False, threads=1))
+    reference = execute(spec, RunOptions(out=tmp_path / "ref", checkpoint_every=4))
+    reference_masks = KEPT[-1].masks.masks if KEPT else None
+    options = RunOptions(out=tmp_path / "run", checkpoint_every=4)
+    restore = kill_after(monkeypatch, reference.cost.dense_pretrain_steps + 7)   # the method's 7th step
+    with pytest.raises(Killed):
+        execute(spec, options)
+    restore()
+    resumed = execute(spec, options)
+    assert resumed.cost.resumed_fits >= 1
+    mech, ref = resumed.mechanism, reference.mechanism
+    assert mech.metrics == ref.metrics and mech.acted
+    assert mech.metrics.get("updates", mech.metrics.get("prune_backs")) >= 2
+    assert resumed.curves["method"]["events"] == reference.curves["method"]["events"]
+    assert resumed.structure == reference.structure and resumed.test_top1 == reference.test_top1
+    if reference_masks is not None:
+        assert all(torch.equal(KEPT[-1].masks.masks[n], m) for n, m in reference_masks.items())
