@@ -45,7 +45,7 @@ from sparsebench.training.trainer import Trainer, TrainerHook
 from sparsebench.training.masks import prunable_weights
 from sparsebench.training.vit_slim import BlockStructure, ViTStructure, check_supported
 from sparsebench.training.vit_widths import ViTWidthMasks, slim_vit_scaled
-from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 
 
 # --- search space (spec §2) ------------------------------------------------------------------
@@ -87,6 +87,7 @@ class SearchGroup:
         S = torch.empty(shape)
         nn.init.trunc_normal_(S, std=0.2, a=-0.4, b=0.4, generator=generator)
         self.S = nn.Parameter(S.to(device))
+        self.S_init = self.S.detach().clone()          # for the telemetry: did importance move?
         self.alpha = nn.Parameter(torch.rand(len(cells), generator=generator).to(device))
         self.active = torch.ones(len(cells), dtype=torch.bool, device=device)
         self.alive = torch.ones(shape, dtype=torch.bool, device=device)
@@ -141,6 +142,21 @@ class SearchGroup:
         """Alive := the top n rows and, within each, the top r columns (by the current ranks)."""
         row_rank, col_rank = self.ranks()
         self.alive = (row_rank[:, None] < n) & (col_rank < r) & self.alive
+
+    def initial_top(self) -> torch.Tensor:
+        """The units the final cell would keep if ranked by the *initial* scores (telemetry)."""
+        n, r = (int(v) for v in self.cells[self.active][0])
+        with torch.no_grad():
+            S = self.S_init
+            row_rank = torch.empty(self.shape[0], dtype=torch.long, device=S.device)
+            row_rank[torch.argsort(torch.sigmoid(S).sum(1), descending=True, stable=True)] = torch.arange(
+                self.shape[0], device=S.device)
+            col_rank = torch.argsort(torch.argsort(S, dim=1, descending=True, stable=True), dim=1)
+        return (row_rank[:, None] < n) & (col_rank < r)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{'' if self.block is None else self.block}"
 
     def eliminate(self, thresh: float, step: int) -> Optional[str]:
         """Drop cells with p ≤ thresh/K; finalise at one cell; shrink if the largest went."""
@@ -301,8 +317,11 @@ class BiMaskSearch(TrainerHook):
                 trainer.optimizer.state.pop(g.S, None)
                 g.alpha.requires_grad_(False)
             if event:
-                self.events.append({"step": trainer.step, "group": f"{g.kind}{'' if g.block is None else g.block}",
-                                    "event": event, "active": int(g.active.sum())})
+                self.events.append({"step": trainer.step, "group": g.name, "event": event,
+                                    "active": int(g.active.sum())})
+                n, r = (int(v) for v in g.cells[g.active].max(0).values)
+                trainer.event("eliminate", group=g.name, result=event, active=int(g.active.sum()),
+                              width=n * r, final=int(event == "final"))
 
     def force_finalize(self, step: int) -> List[str]:
         """[not official] The budget ended before every group settled (the official search trains
@@ -312,7 +331,7 @@ class BiMaskSearch(TrainerHook):
         choice = self.budget_choice(open_groups)
         for g in open_groups:
             g.finalize(step, forced=True, cell=choice[id(g)])
-        return [f"{g.kind}{'' if g.block is None else g.block}" for g in open_groups]
+        return [g.name for g in open_groups]
 
     def _macs_with(self, choice: dict) -> float:
         """Analytic MACs if each open group in `choice` kept its chosen cell (others as they are)."""
@@ -472,6 +491,54 @@ class PMIM(TrainerHook):
         self.decoder.requires_grad_(False)
 
 
+# --- how far the search moved importance (the record's mechanism telemetry) -----------------
+# The official S learns at 1e-3 through a 20-epoch ImageNet warm-up (20 × 1252 steps at batch
+# 1024): S may travel lr × steps ≈ 25 while λ still weights σ(S), over 100 times its init std.
+OFFICIAL_SCORE_LR, OFFICIAL_WARMUP_STEPS = 1e-3, 20 * 1252
+
+
+def score_lr_rule(steps: int, clip: float) -> float:
+    """[reconstructed] S's rate for a search of `steps`: the official rate × official warm-up
+    steps / our steps (the same travel of S), clipped to `clip` so Adam's per-step moves stay a
+    fraction of S's init std (0.2). Without it, S at 1e-3 moves < 0.1 std in 100 steps and the
+    kept units are the top-k of the random initialisation."""
+    return min(clip, max(OFFICIAL_SCORE_LR, OFFICIAL_SCORE_LR * OFFICIAL_WARMUP_STEPS / max(1, steps)))
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two score tensors (ties broken by position)."""
+    ra = torch.argsort(torch.argsort(a.flatten(), stable=True)).double()
+    rb = torch.argsort(torch.argsort(b.flatten(), stable=True)).double()
+    if ra.numel() < 2:
+        return 1.0
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def search_telemetry(groups: List[SearchGroup], achieved_ratio: float, target_ratio: float) -> dict:
+    """Did the search act? Groups final by elimination vs forced by the budget; per group, the
+    rank correlation of S (initial vs final) and the share of the kept units that the top-k of
+    the initial S (same cell, same ranking rule) would also have kept."""
+    rho, overlap, kept, shared = {}, {}, 0, 0
+    for g in groups:
+        rho[g.name] = round(spearman(g.S_init, g.S.detach()), 4)
+        both = int((g.alive & g.initial_top()).sum())
+        overlap[g.name] = round(both / max(1, int(g.alive.sum())), 4)
+        kept, shared = kept + int(g.alive.sum()), shared + both
+    eliminated = sum(1 for g in groups if g.final and not g.forced)
+    values = list(rho.values())
+    return {
+        "groups": len(groups), "eliminated_groups": eliminated, "forced_groups": len(groups) - eliminated,
+        "eliminated_fraction": round(eliminated / len(groups), 4),
+        "spearman_S": rho, "spearman_S_min": min(values), "spearman_S_mean": round(sum(values) / len(values), 4),
+        "spearman_S_max": max(values),
+        "kept_overlap_initial_topk": overlap,
+        "kept_overlap_initial_topk_mean": round(sum(overlap.values()) / len(overlap), 4),
+        "kept_overlap_initial_topk_overall": round(shared / max(1, kept), 4),
+        "flops_ratio_target": round(target_ratio, 4), "flops_ratio_achieved": round(achieved_ratio, 4),
+    }
+
+
 # --- the method ------------------------------------------------------------------------------
 @register_method("ofb")
 class OFB(Method):
@@ -479,6 +546,8 @@ class OFB(Method):
 
     granularity = "head"
     starts_from = "pretrained"
+    null_control = {"search": False}
+    mechanism_thresholds = {"eliminated_fraction": 0.5, "kept_overlap_initial_topk_overall": ("<=", 0.9)}
 
     @dataclass(frozen=True)
     class Config:
@@ -492,7 +561,10 @@ class OFB(Method):
         lambda_schedule: Literal["official", "importance_only", "sparsity_only"] = "official"
         lambda_start: float = 0.99
         lambda_end: float = 0.1
-        lr: float = 1e-3                      # weights, S, mask token
+        lr: float = 1e-3                      # weights, mask token
+        score_lr: Optional[float] = None      # S; None: `score_lr_rule` of the search length
+        score_lr_max: float = 0.05            # the rule's clip
+        search: bool = True                   # False: the null control, S and α frozen at their initialisation
         weight_decay: float = 1e-3
         arch_lr: float = 0.2                  # α: official 1e-3 (ImageNet), spec's tiny 5e-2; [reconstructed]
                                               # 0.2 settles the argmax within a ~20-step search budget
@@ -564,9 +636,16 @@ class OFB(Method):
         search = BiMaskSearch(model, masks, groups, cfg, warmup, target_macs=0.0, input_size=ctx.input_size)
         search.target_macs = ctx.target.value * search.dense_macs
         hooks: List[TrainerHook] = [search]
-        extra = [{"params": [g.S for g in groups], "weight_decay": 0.0, "lr": cfg.lr},
-                 {"params": [g.alpha for g in groups], "weight_decay": 0.0, "lr": cfg.arch_lr,
-                  "betas": (cfg.arch_beta1, 0.999)}]
+        score_lr = cfg.score_lr if cfg.score_lr is not None else score_lr_rule(steps, cfg.score_lr_max)
+        extra = []
+        if cfg.search:
+            extra += [{"params": [g.S for g in groups], "weight_decay": 0.0, "lr": score_lr},
+                      {"params": [g.alpha for g in groups], "weight_decay": 0.0, "lr": cfg.arch_lr,
+                       "betas": (cfg.arch_beta1, 0.999)}]
+        else:
+            for g in groups:                       # the null control: importance and widths stay as drawn
+                g.S.requires_grad_(False)
+                g.alpha.requires_grad_(False)
         pmim = None
         if cfg.pmim:
             pmim = PMIM(model, masks, cfg, warmup, ctx.input_size[-1], generator)
@@ -607,15 +686,21 @@ class OFB(Method):
             "analytic_macs": {"convention": "OFB: patch tokens only, LayerNorm and element-wise terms",
                               "dense": search.dense_macs, "target": search.target_macs, "achieved": achieved,
                               "achieved_ratio": achieved / search.dense_macs},
+            "score_lr": score_lr, "search_max_steps": steps,
             "groups": [g.describe() for g in groups],
             "events": search.events,
             "export_max_abs_error": error,
             "training_macs": self.training_macs(ctx, trainer.step, pmim),
             "ablation": {"pmim": cfg.pmim, "one_hot_loss": cfg.one_hot_loss, "lambda_schedule": cfg.lambda_schedule},
         }
+        metrics = search_telemetry(groups, achieved / search.dense_macs, ctx.target.value)
+        metrics.update(search_steps=trainer.step, search_max_steps=steps)
+        note = f"{metrics['eliminated_groups']} of {len(groups)} groups final by elimination, " \
+               f"{metrics['forced_groups']} forced, in {trainer.step} of {steps} search steps"
         return Outcome(model=slim, realization="compacted",
                        structure={**structure.to_dict(), "summary": structure.summary()},
-                       prunable=list(prunable_weights(ctx.model)), notes=notes)
+                       prunable=list(prunable_weights(ctx.model)), notes=notes,
+                       mechanism=judge_mechanism(self, metrics, note))
 
     @staticmethod
     def export(model: VisionTransformer, search: BiMaskSearch, lam: float):
