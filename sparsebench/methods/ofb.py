@@ -18,15 +18,30 @@ the warm-up. One joint update minimises
 with PMIM = progressively masked patch tokens reconstructed by a light pixel decoder.
 Every few steps `eliminate` drops candidates with p ≤ thresh/K; a group left with one is
 finalised to its top-scoring units (the mask becomes a learnable scale λσ(S) + 1 − λ).
-The search ends when every group is final; if the budget ends first, `force_finalize`
-gives each open group its most likely live cell under the FLOPs target (a greedy MAP under the
+The search ends when every group is final, within `max_search_steps` (default: the method's
+step budget, i.e. the suite's `search_epochs`); the steps it took are the method's cost.
+When only `settle_open` groups remain open, or the budget ends first, `force_finalize` gives
+each open group its most likely live cell under the FLOPs target (a greedy MAP under the
 budget, `budget_choice`; not official — the official search trains on until every group
-settles; the record counts the forced groups).
+settles, and its soft FLOPs term lands up to 10 % off its target; the record counts these
+groups as forced).
 The result is exported to a physically smaller stock timm ViT (`slim_vit_scaled`).
 
+Did it act? (`search_telemetry`, the record's `mechanism`.) Thresholds: at least half the
+groups final by elimination (`eliminated_fraction >= 0.5`); S re-ranked in every group
+(`spearman_S_max <= 0.9`, Spearman of initial vs final S per group); the kept units are not the
+top-k of the random initial S (`kept_overlap_initial_topk_overall <= 0.95`, the share of
+kept units that the same cells ranked by the initial S would keep; the overlap a random set
+of the same sizes would have is `kept_overlap_chance_overall`). The null control
+(`search=False`) freezes S and α at their initialisation and spends the same steps on the
+weights, so its structure is the initial S/α through the same fallback (overlap 1, Spearman 1).
+
 Deviations, marked where they happen: dense emulation with hard `alive` sets instead of
-slicing tensors mid-search (exact, see `training.vit_widths`); `force_finalize`;
-`full_head_candidate` keeps H in the head grid for odd H.
+slicing tensors mid-search (exact, see `training.vit_widths`); `force_finalize` and
+`settle_open`; `full_head_candidate` keeps H in the head grid for odd H; S's learning rate
+`score_lr_rule` (official 1e-3 moves S by < 0.1 of its init std in a 100-step search, so the
+kept units would be the top-k of the random draw); α's rate and `w_flops` scaled for short
+searches (Config).
 """
 from __future__ import annotations
 
@@ -85,7 +100,7 @@ class SearchGroup:
         self.kind, self.block, self.shape = kind, block, shape
         self.cells = torch.tensor(cells, dtype=torch.long, device=device)                 # (K, 2)
         S = torch.empty(shape)
-        nn.init.trunc_normal_(S, std=0.2, a=-0.4, b=0.4, generator=generator)
+        nn.init.trunc_normal_(S, std=0.2, a=-2.0, b=2.0, generator=generator)    # official: timm's default bounds
         self.S = nn.Parameter(S.to(device))
         self.S_init = self.S.detach().clone()          # for the telemetry: did importance move?
         self.alpha = nn.Parameter(torch.rand(len(cells), generator=generator).to(device))
@@ -528,12 +543,13 @@ def search_telemetry(groups: List[SearchGroup], achieved_ratio: float, target_ra
     """Did the search act? Groups final by elimination vs forced by the budget; per group, the
     rank correlation of S (initial vs final) and the share of the kept units that the top-k of
     the initial S (same cell, same ranking rule) would also have kept."""
-    rho, overlap, kept, shared = {}, {}, 0, 0
+    rho, overlap, kept, shared, chance = {}, {}, 0, 0, 0.0
     for g in groups:
         rho[g.name] = round(spearman(g.S_init, g.S.detach()), 4)
+        k = int(g.alive.sum())
         both = int((g.alive & g.initial_top()).sum())
-        overlap[g.name] = round(both / max(1, int(g.alive.sum())), 4)
-        kept, shared = kept + int(g.alive.sum()), shared + both
+        overlap[g.name] = round(both / max(1, k), 4)
+        kept, shared, chance = kept + k, shared + both, chance + k * k / g.alive.numel()
     eliminated = sum(1 for g in groups if g.final and not g.forced)
     values = list(rho.values())
     return {
@@ -544,6 +560,7 @@ def search_telemetry(groups: List[SearchGroup], achieved_ratio: float, target_ra
         "kept_overlap_initial_topk": overlap,
         "kept_overlap_initial_topk_mean": round(sum(overlap.values()) / len(overlap), 4),
         "kept_overlap_initial_topk_overall": round(shared / max(1, kept), 4),
+        "kept_overlap_chance_overall": round(chance / max(1, kept), 4),     # a random kept set of the same sizes
         "flops_ratio_target": round(target_ratio, 4), "flops_ratio_achieved": round(achieved_ratio, 4),
     }
 
@@ -556,13 +573,15 @@ class OFB(Method):
     granularity = "head"
     starts_from = "pretrained"
     null_control = {"search": False}
-    mechanism_thresholds = {"eliminated_fraction": 0.5, "kept_overlap_initial_topk_overall": ("<=", 0.9)}
+    mechanism_thresholds = {"eliminated_fraction": 0.5, "spearman_S_max": ("<=", 0.9),
+                            "kept_overlap_initial_topk_overall": ("<=", 0.95)}
 
     @dataclass(frozen=True)
     class Config:
-        # [reconstructed] official 5 (spec's tiny 50). At the harness's 16-px, ≤ 90-step scale, 50
-        # left E[F] on target but the argmax architecture 30 % above it; 1000 lands within 2 %.
-        w_flops: float = 1000.0
+        # [reconstructed] official 5 (spec's tiny 50). Measured on vit_cifar_tiny/digits, search_epochs 5 (95
+        # steps): 50 leaves the target 23 % over (0.61 at 0.5) when groups settle by α alone; 100 with
+        # `settle_open` meets it. The earlier 1000 served a 19-step search that never eliminated.
+        w_flops: float = 100.0
         thresh: float = 0.2                   # eliminate cells with p <= thresh / K
         # [reconstructed] the search aims at target − margin (of dense MACs), the middle of the harness's
         # admitted band [target − 0.03, target + 0.01]: the official FLOPs term is soft, and a search
@@ -580,8 +599,8 @@ class OFB(Method):
         score_lr_max: float = 0.05            # the rule's clip
         search: bool = True                   # False: the null control, S and α frozen at their initialisation
         weight_decay: float = 1e-3
-        arch_lr: float = 0.2                  # α: official 1e-3 (ImageNet), spec's tiny 5e-2; [reconstructed]
-                                              # 0.2 settles the argmax within a ~20-step search budget
+        arch_lr: float = 0.1                  # α: official 1e-3 over ~60k steps, spec's tiny 5e-2; [reconstructed]
+                                              # at 95 steps 0.05 eliminates nothing, 0.1 settles 6 of 9 groups
         arch_beta1: float = 0.5
         decoder_lr: float = 1e-3
         label_smoothing: float = 0.1
