@@ -700,7 +700,8 @@ class OFB(Method):
         if bar is not None:
             bar.close()
         finished_by_itself = search.finished
-        forced = search.settled + search.force_finalize(trainer.step)
+        at_end = search.force_finalize(trainer.step)
+        forced = search.settled + at_end
         if pmim is not None:
             pmim.stop()
 
@@ -713,8 +714,11 @@ class OFB(Method):
         notes = {
             "search_steps": trainer.step, "finished_by_itself": finished_by_itself,
             "forced_groups": len(forced), "forced": forced,
-            "forced_note": ("search budget ended before every group was final: open groups took their most likely "
-                            "live cells under the FLOPs target (budget_choice; not official)" if forced else None),
+            "settled_groups": search.settled, "forced_at_budget_end": at_end,
+            "forced_note": ("groups not final by elimination took their most likely live cells under the FLOPs target "
+                            f"(budget_choice; not official): {len(search.settled)} as the last open groups "
+                            f"(settle_open={cfg.settle_open}), {len(at_end)} when the search budget ended"
+                            if forced else None),
             "lambda_final": lam,
             "analytic_macs": {"convention": "OFB: patch tokens only, LayerNorm and element-wise terms",
                               "dense": search.dense_macs, "target": ctx.target.value * search.dense_macs,
