@@ -295,7 +295,7 @@ def test_kept_units_are_not_the_top_k_of_the_initial_scores(searched):
     outcome, _ = searched
     metrics = outcome.mechanism.metrics
     # some group keeps a unit that the top-k of its random initial S would have dropped
-    assert metrics["kept_overlap_initial_topk_overall"] < 1.0
+    assert metrics["kept_overlap_initial_topk_overall"] < 0.95
     assert min(metrics["kept_overlap_initial_topk"].values()) < 0.95
     # S re-ranked in every group, not only nudged
     assert metrics["spearman_S_max"] < 0.95
