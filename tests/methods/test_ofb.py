@@ -279,3 +279,81 @@ def test_a_search_cut_short_settles_under_the_flops_target():
         assert macs >= (target - 0.05) * search.dense_macs          # and not far below it
         assert all(bool(g.active[choice[id(g)]]) for g in groups)
     masks.remove()
+
+
+# --- the mechanism: S learns, groups settle by elimination, the null control does neither ------
+@pytest.fixture(scope="module")
+def searched():
+    """A search long enough for groups to settle by elimination on the tiny ViT (60 steps; the
+    quick suite's default is search_epochs 5, 95 steps at batch 64)."""
+    method = create_method("ofb")
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=60)
+    return method.run(ctx), ctx
+
+
+def test_kept_units_are_not_the_top_k_of_the_initial_scores(searched):
+    outcome, _ = searched
+    metrics = outcome.mechanism.metrics
+    # some group keeps a unit that the top-k of its random initial S would have dropped
+    assert metrics["kept_overlap_initial_topk_overall"] < 0.95
+    assert min(metrics["kept_overlap_initial_topk"].values()) < 0.95
+    # S re-ranked in every group, not only nudged
+    assert metrics["spearman_S_max"] < 0.95
+
+
+def test_mechanism_telemetry_is_present_and_consistent(searched):
+    outcome, ctx = searched
+    mech, metrics, notes = outcome.mechanism, outcome.mechanism.metrics, outcome.notes
+    assert mech.declared and not mech.control
+    assert metrics["groups"] == len(notes["groups"]) == 9
+    assert metrics["eliminated_groups"] + metrics["forced_groups"] == metrics["groups"]
+    assert metrics["forced_groups"] == notes["forced_groups"] == sum(g["forced"] for g in notes["groups"])
+    assert metrics["eliminated_fraction"] == pytest.approx(metrics["eliminated_groups"] / metrics["groups"], abs=1e-4)
+    assert set(metrics["spearman_S"]) == set(metrics["kept_overlap_initial_topk"]) == {
+        f"{g['kind']}{'' if g['block'] is None else g['block']}" for g in notes["groups"]}
+    assert metrics["spearman_S_min"] <= metrics["spearman_S_mean"] <= metrics["spearman_S_max"] <= 1.0
+    assert all(0.0 <= v <= 1.0 for v in metrics["kept_overlap_initial_topk"].values())
+    assert metrics["search_steps"] == notes["search_steps"] <= metrics["search_max_steps"] == 60
+    assert metrics["flops_ratio_target"] == 0.5
+    assert metrics["flops_ratio_achieved"] == pytest.approx(notes["analytic_macs"]["achieved_ratio"], abs=1e-4)
+    # the verdict follows the declared thresholds
+    acted = (metrics["eliminated_fraction"] >= 0.5 and metrics["spearman_S_max"] <= 0.9
+             and metrics["kept_overlap_initial_topk_overall"] <= 0.95)
+    assert metrics["kept_overlap_chance_overall"] < 1.0
+    assert mech.acted == acted and set(mech.thresholds) == set(OFB.mechanism_thresholds)
+    # every elimination is a curve event; groups that finalised by elimination have a "final" one
+    events = ctx.curve.events_of("eliminate")
+    assert len(events) == len(notes["events"])
+    finals = {e["group"] for e in events if e["final"]}
+    assert len(finals) == metrics["eliminated_groups"]
+
+
+def test_null_control_keeps_scores_and_logits_at_their_initialisation(monkeypatch):
+    method = create_method("ofb", search=False)
+    assert method.is_control and OFB.null_control == {"search": False}
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=12)
+    seen = {}
+    build = OFB.build_groups
+
+    def spy(self, *args):
+        seen["groups"] = build(self, *args)
+        seen["init"] = [(g.S.detach().clone(), g.alpha.detach().clone()) for g in seen["groups"]]
+        return seen["groups"]
+
+    monkeypatch.setattr(OFB, "build_groups", spy)
+    outcome = method.run(ctx)
+    for g, (S, alpha) in zip(seen["groups"], seen["init"]):
+        assert torch.equal(g.S.detach(), S) and torch.equal(g.alpha.detach(), alpha)
+    metrics = outcome.mechanism.metrics
+    assert outcome.mechanism.control and not outcome.mechanism.acted
+    assert metrics["eliminated_groups"] == 0 and metrics["forced_groups"] == 9
+    assert metrics["spearman_S_min"] == 1.0 and metrics["kept_overlap_initial_topk_overall"] == 1.0
+    assert outcome.notes["search_steps"] == 12                     # the same budget, spent on the weights
+    assert outcome.notes["export_max_abs_error"] < 1e-5
+
+
+def test_score_lr_rule_scales_with_the_search_length():
+    from sparsebench.methods.ofb import score_lr_rule
+    assert score_lr_rule(95, 0.05) == 0.05                           # clipped at our budgets
+    assert score_lr_rule(25040, 0.05) == pytest.approx(1e-3)          # the official schedule: 1e-3
+    assert score_lr_rule(2000, 0.05) == pytest.approx(1e-3 * 25040 / 2000)
