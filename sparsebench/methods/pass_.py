@@ -72,7 +72,7 @@ from sparsebench.training.gates import straight_through
 from sparsebench.training.importance import MagnitudeImportance
 from sparsebench.training.masks import prunable_weights
 from sparsebench.training.trainer import TrainerHook
-from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 
 HYPERNET_FORMAT = "sparsebench-pass-hypernet/1"
 
@@ -153,10 +153,14 @@ class PromptEncoder(nn.Module):
 
 class RecurrentHyperNetwork(nn.Module):
     """θ: E_i (statistics → d), A_i (previous scores → d), an LSTMCell (or per-layer MLPs),
-    P_i (d → C_i) and the learned score offsets b_i − s_i."""
+    P_i (d → C_i) and the learned score offsets; units come in forward-execution order.
+
+    r_i = α·b_i + P_i(h_i) + o_i: b_i the statistics prior, α = `prior_weight` (1 unless the
+    search anneals it), P_i(h_i) + o_i the learned part."""
 
     def __init__(self, stats: List[torch.Tensor], bias_init: List[torch.Tensor], hidden: int,
-                 recurrent: bool = True, feedback: bool = True, temperature: float = 0.5):
+                 recurrent: bool = True, feedback: bool = True, temperature: float = 0.5,
+                 head_init_scale: float = 0.01):
         super().__init__()
         sizes = [s.shape[0] for s in stats]
         self.recurrent, self.feedback, self.temperature = recurrent, feedback and recurrent, temperature
@@ -168,8 +172,11 @@ class RecurrentHyperNetwork(nn.Module):
             self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh()) for _ in sizes)
         self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in sizes)                             # P_i
         with torch.no_grad():
+            # the learned part starts near 0 (the search starts at the prior's ranking) but not
+            # at exactly 0, so gradients reach the LSTM, E_i, ω and V from the first step; Adam's
+            # step size does not depend on this scale, so it damps nothing after step one
             for head in self.heads:
-                head.weight.mul_(0.1)
+                head.weight.mul_(head_init_scale)
                 head.bias.zero_()
         self.offsets = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in sizes)
         for i, (s, b) in enumerate(zip(stats, bias_init)):
@@ -177,10 +184,16 @@ class RecurrentHyperNetwork(nn.Module):
             self.register_buffer(f"stats_{i}", s.flatten().float(), persistent=False)
             self.register_buffer(f"stats_bias_{i}", b.float(), persistent=False)
         self.sizes = sizes
+        self.prior_weight = 1.0
 
-    def forward(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
+    def prior(self) -> List[torch.Tensor]:
+        return [getattr(self, f"stats_bias_{i}") for i in range(len(self.sizes))]
+
+    def learned(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
+        """P_i(h_i) + o_i per unit, stepping through the units in order (the feedback reads
+        the full score r_{i−1} of the previous unit)."""
         h, c = state
-        scores, previous = [], torch.zeros_like(h)
+        learned, previous = [], torch.zeros_like(h)
         for i in range(len(self.sizes)):
             z = torch.cat([self.embed[i](getattr(self, f"stats_{i}"))[None], previous], dim=1)
             if self.recurrent:
@@ -188,26 +201,51 @@ class RecurrentHyperNetwork(nn.Module):
                 out = h
             else:
                 out = self.mlps[i](torch.cat([z[:, : h.shape[1]], state[0]], dim=1))
-            r = self.heads[i](out)[0] + getattr(self, f"stats_bias_{i}") + self.offsets[i]
-            scores.append(r)
+            part = self.heads[i](out)[0] + self.offsets[i]
+            learned.append(part)
             if self.feedback and i + 1 < len(self.sizes):
+                r = self.prior_weight * getattr(self, f"stats_bias_{i}") + part
                 previous = self.previous[i](torch.sigmoid(r / self.temperature))[None]
-        return scores
+        return learned
+
+    def forward(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
+        return [self.prior_weight * b + part for b, part in zip(self.prior(), self.learned(state))]
 
 
 class PASSSearch(nn.Module):
-    """Everything the search learns: the prompt V, the encoder ω and the hypernetwork θ."""
+    """Everything the search learns: the prompt V, the encoder ω and the hypernetwork θ.
+
+    The hypernetwork steps through the units in `order` (forward execution); `scores` and
+    `learned` hand them back in the channel space's group order."""
 
     def __init__(self, prompt: PadPrompt, encoder: PromptEncoder, hypernet: RecurrentHyperNetwork,
-                 use_prompt: bool = True):
+                 use_prompt: bool = True, order: Optional[Sequence[int]] = None):
         super().__init__()
         self.prompt, self.encoder, self.hypernet, self.use_prompt = prompt, encoder, hypernet, use_prompt
+        self.order = list(order) if order is not None else list(range(len(hypernet.sizes)))
 
-    def scores(self) -> List[torch.Tensor]:
+    def _state(self):
         v = self.prompt.visible()[None]
         if not self.use_prompt:
             v = torch.zeros_like(v)
-        return self.hypernet(self.encoder(v))
+        return self.encoder(v)
+
+    def _space_order(self, per_step: List[torch.Tensor]) -> List[torch.Tensor]:
+        out: List[Optional[torch.Tensor]] = [None] * len(per_step)
+        for step, group in enumerate(self.order):
+            out[group] = per_step[step]
+        return out
+
+    def scores(self) -> List[torch.Tensor]:
+        return self._space_order(self.hypernet(self._state()))
+
+    def learned(self) -> List[torch.Tensor]:
+        """The learned part of each score (z-units), in group order."""
+        return self._space_order(self.hypernet.learned(self._state()))
+
+    def prior(self) -> List[torch.Tensor]:
+        """The statistics prior b_i, in group order."""
+        return self._space_order(self.hypernet.prior())
 
     def prompted(self, x: torch.Tensor) -> torch.Tensor:
         return self.prompt(x) if self.use_prompt else x
@@ -253,17 +291,66 @@ def soft_threshold(scores: List[torch.Tensor], kept: List[torch.Tensor], scope: 
     return [midpoint([(s, k)]) for s, k in zip(scores, kept)]
 
 
+# --- adaptive BN, masked accuracy ---------------------------------------------------------------
+def recalibrate_bn(model: nn.Module, batches, transform=lambda x: x) -> int:
+    """Adaptive BN: re-estimate every BN layer's running statistics under the masks now on the
+    model, from forward passes only (no gradient, weights untouched), as a cumulative average
+    over `batches` (momentum None); the model is left in eval mode. Returns the images used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    images = 0
+    with torch.no_grad():
+        for x in batches:
+            model(transform(x))
+            images += len(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return images
+
+
+@torch.no_grad()
+def masked_accuracy(model: nn.Module, loader, device: torch.device, transform=lambda x: x) -> float:
+    """Top-1 of `model` as it is now (masks applied by the caller), eval mode."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += int((model(transform(x)).argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(1, total)
+
+
+def units_changed(kept: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> int:
+    """Channels kept by one selection and pruned by the other."""
+    return int(sum(int((a != b).sum()) for a, b in zip(kept, reference)))
+
+
 # --- the search, as trainer hooks ------------------------------------------------------------
 class MaskedPromptSearch(TrainerHook):
-    """Each step: prompt the batch, score channels, set straight-through masks on the gates."""
+    """Each step: prompt the batch, score channels, set straight-through masks on the gates.
+
+    Every `bn_every` steps (from step 0) it first recalibrates BN under the current hard masks
+    (`bn_batches` train batches, counted as search MACs) and measures the masked network's
+    validation accuracy; `bn_every=0` keeps BN frozen at the dense statistics."""
 
     def __init__(self, search: PASSSearch, space: ChannelSpace, gates, flops_ratio: float, scope: str,
-                 min_channels: int, temperature: float, lambda_flops: float):
+                 min_channels: int, temperature: float, lambda_flops: float, bn_every: int = 0,
+                 bn_batches: int = 0, val_loader=None, prior_final: float = 1.0, total_steps: int = 0):
         self.search, self.space, self.gates = search, space, gates
         self.flops_ratio, self.scope, self.min_channels = flops_ratio, scope, min_channels
         self.temperature, self.lambda_flops = temperature, lambda_flops
+        self.bn_every, self.bn_batches, self.val_loader = bn_every, bn_batches, val_loader
+        self.prior_final, self.total_steps = prior_final, total_steps
         self.soft: List[torch.Tensor] = []
         self.last_masks: List[torch.Tensor] = []
+        self.recalibrated: Optional[List[torch.Tensor]] = None     # masks at the last recalibration
+        self.losses: List[float] = []
+        self.masked_val: List[Tuple[int, float]] = []
 
     def masks(self) -> List[torch.Tensor]:
         scores = self.search.scores()
@@ -274,8 +361,33 @@ class MaskedPromptSearch(TrainerHook):
         self.last_masks = kept
         return [straight_through(k.to(s.device), s) for k, s in zip(kept, self.soft)]
 
+    def anneal(self, step: int) -> None:
+        """α: 1 at step 0 → `prior_final` at the last step (constant 1 by default)."""
+        t = min(1.0, step / max(1, self.total_steps - 1))
+        self.search.hypernet.prior_weight = 1.0 + (self.prior_final - 1.0) * t
+
+    def adapt_bn(self, trainer) -> None:
+        model, kept = trainer.model, self.last_masks
+        self.gates.set([k.float().to(trainer.device) for k in kept])
+        batches = (trainer.next_batch()[0] for _ in range(self.bn_batches))
+        images = recalibrate_bn(model, batches, self.search.prompted)
+        trainer.add_macs(forward=images * self.space.macs([int(k.sum()) for k in kept]))
+        flipped = units_changed(kept, self.recalibrated) if self.recalibrated is not None else 0
+        self.recalibrated = [k.clone() for k in kept]
+        numbers = {"images": images, "flipped_since_last": flipped}
+        if self.val_loader is not None:
+            acc = masked_accuracy(model, self.val_loader, trainer.device, self.search.prompted)
+            trainer.curve.add_value("masked_val_top1", trainer.position, acc)
+            self.masked_val.append((trainer.position, acc))
+            numbers["masked_val_top1"] = acc
+        trainer.event("bn_recalibration", **numbers)
+
     def before_forward(self, trainer, inputs, targets):
-        self.gates.set(self.masks())
+        self.anneal(trainer.step)
+        values = self.masks()
+        if self.bn_every and trainer.step % self.bn_every == 0:
+            self.adapt_bn(trainer)
+        self.gates.set(values)
         return self.search.prompted(inputs), targets
 
     def extra_loss(self, trainer, inputs, outputs, targets):
@@ -283,6 +395,9 @@ class MaskedPromptSearch(TrainerHook):
             return None
         soft_macs = self.space.macs([s.sum() for s in self.soft])
         return self.lambda_flops * torch.log(soft_macs / (self.flops_ratio * self.space.dense_macs)).abs()
+
+    def after_step(self, trainer) -> None:
+        self.losses.append(float(trainer.loss.detach()))
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -293,22 +408,29 @@ class PASS(Method):
     granularity = "channel"
     starts_from = "pretrained"
 
+    null_control = {"search": False}
+    mechanism_thresholds = {"units_changed_fraction": 0.05, "score_change_mean": 0.25}
+
     @dataclass(frozen=True)
     class Config:
         residual_mode: Literal["internal", "coupled"] = "internal"  # compare with l1-channel at the same mode
         scope: Literal["global", "uniform"] = "global"     # one ranking across layers, or a per-layer keep ratio
+        search: bool = True                                # False: the null control, the prior's selection alone
         use_prompt: bool = True
         recurrent: bool = True                             # False: independent per-layer MLPs
         feedback: bool = True                              # previous unit's scores as LSTM input
-        stats: Literal["l2", "l1", "bn", "all"] = "l2"
+        stats: Literal["l2", "l1", "bn", "all", "quantile"] = "l2"
         init_bias_from_stats: bool = True                  # b_i = s_i: start from the magnitude ranking
+        prior_final: float = 1.0                           # prior weight α at the end of the search (1: no annealing)
         pad_size: Optional[int] = None                     # None: min(16, H // 8)
         hidden: int = 64                                   # d
         encoder_channels: Tuple[int, ...] = (16, 32)
         ste_temperature: float = 0.5                       # T
         lambda_flops: float = 0.0
-        lr: float = 1e-3                                   # θ and ω
-        prompt_lr: float = 1e-3                            # V
+        lr: float = 1e-2                                   # θ and ω
+        prompt_lr: float = 1e-2                            # V
+        bn_every: int = 5                                  # adaptive BN every k search steps (0: BN frozen)
+        bn_batches: int = 4                                # train batches per recalibration
         min_channels: int = 1
         keep_prompt: bool = False
         init_hypernet_from: Optional[str] = None           # transfer: a file saved by save_hypernet
@@ -319,6 +441,10 @@ class PASS(Method):
                 raise ValueError("hidden and min_channels must be >= 1 and ste_temperature > 0")
             if self.lambda_flops < 0:
                 raise ValueError(f"lambda_flops must be >= 0, got {self.lambda_flops}")
+            if self.bn_every < 0 or self.bn_batches < 0 or (self.bn_every and not self.bn_batches):
+                raise ValueError("bn_every and bn_batches must be >= 0, and bn_batches >= 1 when bn_every > 0")
+            if self.lr <= 0 or self.prompt_lr <= 0:
+                raise ValueError("lr and prompt_lr must be > 0")
 
     def supports(self, model: nn.Module, family: str) -> bool:
         return family == "cnn"
@@ -329,20 +455,21 @@ class PASS(Method):
         c, h, w = ctx.input_size
         mean, std = input_normalisation(ctx)
         pad = cfg.pad_size if cfg.pad_size is not None else min(16, max(1, min(h, w) // 8))
+        order = space.forward_order()                      # the LSTM walks the network as it executes
         stats = weight_statistics(ctx.model, space, cfg.stats)
         bias = [s[:, 0] if cfg.init_bias_from_stats else torch.zeros(len(s)) for s in stats]
         torch.manual_seed(ctx.seed)
         search = PASSSearch(PadPrompt(ctx.input_size, pad, mean, std),
                             PromptEncoder(c, cfg.encoder_channels, cfg.hidden),
-                            RecurrentHyperNetwork(stats, bias, cfg.hidden, cfg.recurrent, cfg.feedback,
-                                                  cfg.ste_temperature),
-                            use_prompt=cfg.use_prompt)
+                            RecurrentHyperNetwork([stats[i] for i in order], [bias[i] for i in order], cfg.hidden,
+                                                  cfg.recurrent, cfg.feedback, cfg.ste_temperature),
+                            use_prompt=cfg.use_prompt, order=order)
         return search.to(ctx.device)
 
     def signature(self, space: ChannelSpace, search: PASSSearch) -> dict:
         """What a saved hypernetwork must share with the model it is loaded onto."""
         cfg = self.config
-        return {"groups": [g.size for g in space.groups], "residual_mode": space.residual_mode,
+        return {"groups": [space.groups[i].size for i in search.order], "residual_mode": space.residual_mode,
                 "stats": cfg.stats, "hidden": cfg.hidden, "recurrent": cfg.recurrent,
                 "encoder_channels": list(cfg.encoder_channels), "prompt": list(search.prompt.prompt.shape),
                 "pad_size": search.prompt.pad}
@@ -378,18 +505,27 @@ class PASS(Method):
         trainable = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)                        # the backbone is not a search variable
+        dense_buffers = {n: b.clone() for n, b in model.named_buffers()}
         space = ChannelSpace(model, ctx.input_size, cfg.residual_mode)
         search = self.build(ctx, space)
         notes = {"faithfulness": "reconstruction", "residual_mode": cfg.residual_mode, "scope": cfg.scope,
                  "units": space.describe(), "groups": len(space.groups), "pad_size": search.prompt.pad,
-                 "search_params": sum(p.numel() for p in search.parameters())}
+                 "search_params": sum(p.numel() for p in search.parameters()),
+                 "lstm_order": [space.groups[i].root for i in search.order]}
         if cfg.init_hypernet_from:
             notes["init_hypernet_from"] = {"path": cfg.init_hypernet_from,
                                            **self.load(cfg.init_hypernet_from, space, search)}
+        # the search-free selection: the same selection code on the statistics alone
+        prior = [s[:, 0] for s in weight_statistics(model, space, "l2" if cfg.stats == "quantile" else cfg.stats)]
+        prior_kept = space.select(prior, rho, scope=cfg.scope, min_units=cfg.min_channels)
+        with torch.no_grad():
+            learned_start = [r.detach().cpu() for r in search.learned()]
 
         gates = space.gate(model)
+        steps = ctx.budget.left if cfg.search else 0
         hook = MaskedPromptSearch(search, space, gates, rho, cfg.scope, cfg.min_channels, cfg.ste_temperature,
-                                  cfg.lambda_flops)
+                                  cfg.lambda_flops, cfg.bn_every, cfg.bn_batches, ctx.val_loader,
+                                  cfg.prior_final, steps)
         hyper = [p for n, p in search.named_parameters() if not n.startswith("prompt.")]
         groups = [{"params": hyper, "lr": cfg.lr, "weight_decay": 0.0}]
         if cfg.use_prompt:
@@ -397,20 +533,37 @@ class PASS(Method):
         recipe = dataclasses.replace(ctx.recipe, optimizer="adamw")
         trainer = ctx.make_trainer(model, hooks=[hook], param_groups=groups, train_model_params=False,
                                    model_mode="eval", recipe=recipe, lr=cfg.lr)
-        start, steps = time.perf_counter(), ctx.budget.left
+        start = time.perf_counter()
         try:
+            gates.set([k.float().to(ctx.device) for k in prior_kept])
+            frozen_bn_val = masked_accuracy(model, ctx.val_loader, ctx.device)   # the prior's masks, dense BN
+            gates.clear()
             if steps > 0:
                 trainer.fit(steps, progress=ctx.progress, desc="pass search")
+            search.eval()
+            with torch.no_grad():                          # extraction: one deterministic forward
+                hook.anneal(steps)
+                scores = [r.cpu() for r in search.scores()]
+                learned_end = [r.detach().cpu() for r in search.learned()]
+            kept = space.select(scores, rho, scope=cfg.scope, min_units=cfg.min_channels)
+            # telemetry: each selection with BN recalibrated under its own masks, unprompted (as deployed)
+            final_val = {}
+            for name, masks in (("searched", kept), ("prior", prior_kept)):
+                gates.set([k.float().to(ctx.device) for k in masks])
+                batches = (trainer.next_batch()[0] for _ in range(max(1, cfg.bn_batches)))
+                recalibrate_bn(model, batches)
+                final_val[name] = masked_accuracy(model, ctx.val_loader, ctx.device)
+                gates.clear()
         finally:
             gates.remove()
+            with torch.no_grad():                          # the extracted model keeps the dense BN statistics
+                for n, b in model.named_buffers():
+                    b.copy_(dense_buffers[n])
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
         notes.update(search_steps=trainer.step, search_seconds=round(time.perf_counter() - start, 3))
+        notes["bn_recalibrations"] = len(ctx.curve.events_of("bn_recalibration"))
 
-        search.eval()
-        with torch.no_grad():                              # extraction: one deterministic forward
-            scores = [r.cpu() for r in search.scores()]
-        kept = space.select(scores, rho, scope=cfg.scope, min_units=cfg.min_channels)
         compact = space.compact(model, kept)
         x = next(iter(ctx.val_loader))[0].to(ctx.device)
         notes["compaction_max_abs_error"] = space.check_compaction(model, kept, compact, x)
@@ -427,5 +580,33 @@ class PASS(Method):
                 "params": search.prompt.prompt.numel(),
                 "counted_in_macs": False,
                 "why": "element-wise ops are excluded from headline MACs by convention (measure/flops.py)"}
+        metrics = self.telemetry(space, kept, prior_kept, learned_start, learned_end, search, hook,
+                                 frozen_bn_val, final_val)
         return Outcome(model=compact, realization="compacted", structure=space.structure(kept),
-                       prunable=list(prunable_weights(model)), notes=notes)
+                       prunable=list(prunable_weights(model)), notes=notes,
+                       mechanism=judge_mechanism(self, metrics))
+
+    @staticmethod
+    def telemetry(space, kept, prior_kept, learned_start, learned_end, search, hook, frozen_bn_val,
+                  final_val) -> dict:
+        """What the record's `mechanism` judges: did the search move the selection off the prior?"""
+        total = sum(g.size for g in space.groups)
+        changed = units_changed(kept, prior_kept)
+        delta = torch.cat([(b - a).abs() for a, b in zip(learned_start, learned_end)])
+        visible = search.prompt.visible().detach()
+        losses = hook.losses
+        tenth = max(1, len(losses) // 10)
+        r = lambda v, n=4: None if v is None else round(float(v), n)
+        return {
+            "units_changed": changed, "units_total": total, "units_changed_fraction": r(changed / total),
+            "score_change_mean": r(delta.mean()), "score_change_max": r(delta.max()),
+            "prompt_norm": r(visible.norm()), "prompt_max_abs": r(visible.abs().max()),
+            "search_steps": len(losses),
+            "search_loss_first": r(sum(losses[:tenth]) / tenth) if losses else None,
+            "search_loss_last": r(sum(losses[-tenth:]) / tenth) if losses else None,
+            "masked_val_top1_frozen_bn": r(frozen_bn_val),           # the prior's masks, dense BN statistics
+            "masked_val_top1_during": [[step, r(acc)] for step, acc in hook.masked_val],
+            "masked_val_top1_searched": r(final_val["searched"]),    # adaptive BN, no prompt
+            "masked_val_top1_prior": r(final_val["prior"]),
+            "bn_recalibrations": len(hook.masked_val) if hook.val_loader is not None else 0,
+        }
