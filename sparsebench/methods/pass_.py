@@ -74,7 +74,8 @@ from sparsebench.training.masks import prunable_weights
 from sparsebench.training.trainer import TrainerHook
 from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 
-HYPERNET_FORMAT = "sparsebench-pass-hypernet/1"
+HYPERNET_FORMAT = "sparsebench-pass-hypernet/2"     # /2: units stepped in forward-execution order
+QUANTILES = 16                                        # stats="quantile": values per pooled statistic
 
 
 def input_normalisation(ctx: MethodContext) -> Tuple[Sequence[float], Sequence[float]]:
@@ -151,37 +152,61 @@ class PromptEncoder(nn.Module):
         return h0, c0
 
 
+def quantile_pool(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The n evenly spaced quantiles (0 … 1) of each column of x (C × k) → (n·k,): a layer's
+    statistics as a fixed-size vector, whatever its width."""
+    levels = torch.linspace(0, 1, n, device=x.device)
+    return torch.quantile(x.reshape(x.shape[0], -1).float(), levels, dim=0).t().flatten()
+
+
 class RecurrentHyperNetwork(nn.Module):
     """θ: E_i (statistics → d), A_i (previous scores → d), an LSTMCell (or per-layer MLPs),
-    P_i (d → C_i) and the learned score offsets; units come in forward-execution order.
+    P_i (d → C_i) and the learned score offsets o_i; units come in forward-execution order.
 
     r_i = α·b_i + P_i(h_i) + o_i: b_i the statistics prior, α = `prior_weight` (1 unless the
-    search anneals it), P_i(h_i) + o_i the learned part."""
+    search anneals it), P_i(h_i) + o_i the learned part.
+
+    `quantiles` = n > 0 (stats="quantile"): nothing is shape-bound. One shared E reads each
+    layer's statistics pooled to n sorted quantiles per column, one shared A the n quantiles
+    of σ(r_{i−1}/T), and one shared head maps h_i to a weight per statistic and a shift, so
+    the learned part of channel j is w(h_i)·s_i[j] + c(h_i) (no per-channel offsets): a saved
+    hypernetwork then transfers across architectures."""
 
     def __init__(self, stats: List[torch.Tensor], bias_init: List[torch.Tensor], hidden: int,
                  recurrent: bool = True, feedback: bool = True, temperature: float = 0.5,
-                 head_init_scale: float = 0.01):
+                 head_init_scale: float = 0.01, quantiles: int = 0):
         super().__init__()
         sizes = [s.shape[0] for s in stats]
+        columns = stats[0].shape[1]
         self.recurrent, self.feedback, self.temperature = recurrent, feedback and recurrent, temperature
-        self.embed = nn.ModuleList(nn.Linear(s.numel(), hidden) for s in stats)                      # E_i
-        self.previous = nn.ModuleList(nn.Linear(c, hidden) for c in sizes[:-1])                     # A_i
+        self.quantiles = quantiles
+        if quantiles:
+            self.embed = nn.Linear(quantiles * columns, hidden)                                   # E (shared)
+            self.previous = nn.Linear(quantiles, hidden)                                          # A (shared)
+            self.heads = nn.Linear(hidden, columns + 1)                                           # P (shared)
+            heads = [self.heads]
+        else:
+            self.embed = nn.ModuleList(nn.Linear(s.numel(), hidden) for s in stats)               # E_i
+            self.previous = nn.ModuleList(nn.Linear(c, hidden) for c in sizes[:-1])              # A_i
+            self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in sizes)                      # P_i
+            self.offsets = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in sizes)        # o_i
+            heads = list(self.heads)
         if recurrent:
             self.cell = nn.LSTMCell(2 * hidden, hidden)
         else:
             self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh()) for _ in sizes)
-        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in sizes)                             # P_i
         with torch.no_grad():
             # the learned part starts near 0 (the search starts at the prior's ranking) but not
             # at exactly 0, so gradients reach the LSTM, E_i, ω and V from the first step; Adam's
             # step size does not depend on this scale, so it damps nothing after step one
-            for head in self.heads:
+            for head in heads:
                 head.weight.mul_(head_init_scale)
                 head.bias.zero_()
-        self.offsets = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in sizes)
         for i, (s, b) in enumerate(zip(stats, bias_init)):
             # statistics belong to the model being pruned, not to a saved hypernetwork
-            self.register_buffer(f"stats_{i}", s.flatten().float(), persistent=False)
+            embedded = quantile_pool(s, quantiles) if quantiles else s.flatten()
+            self.register_buffer(f"stats_{i}", embedded.float(), persistent=False)
+            self.register_buffer(f"units_{i}", s.float(), persistent=False)
             self.register_buffer(f"stats_bias_{i}", b.float(), persistent=False)
         self.sizes = sizes
         self.prior_weight = 1.0
@@ -189,23 +214,38 @@ class RecurrentHyperNetwork(nn.Module):
     def prior(self) -> List[torch.Tensor]:
         return [getattr(self, f"stats_bias_{i}") for i in range(len(self.sizes))]
 
+    def _embed(self, i: int) -> torch.Tensor:
+        embed = self.embed if self.quantiles else self.embed[i]
+        return embed(getattr(self, f"stats_{i}"))[None]
+
+    def _head(self, i: int, out: torch.Tensor) -> torch.Tensor:
+        if self.quantiles:
+            w = self.heads(out)[0]
+            return getattr(self, f"units_{i}") @ w[:-1] + w[-1]
+        return self.heads[i](out)[0] + self.offsets[i]
+
+    def _feedback(self, i: int, r: torch.Tensor) -> torch.Tensor:
+        soft = torch.sigmoid(r / self.temperature)
+        if self.quantiles:
+            return self.previous(quantile_pool(soft[:, None], self.quantiles))[None]
+        return self.previous[i](soft)[None]
+
     def learned(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
-        """P_i(h_i) + o_i per unit, stepping through the units in order (the feedback reads
+        """The learned part per unit, stepping through the units in order (the feedback reads
         the full score r_{i−1} of the previous unit)."""
         h, c = state
         learned, previous = [], torch.zeros_like(h)
         for i in range(len(self.sizes)):
-            z = torch.cat([self.embed[i](getattr(self, f"stats_{i}"))[None], previous], dim=1)
+            z = torch.cat([self._embed(i), previous], dim=1)
             if self.recurrent:
                 h, c = self.cell(z, (h, c))
                 out = h
             else:
                 out = self.mlps[i](torch.cat([z[:, : h.shape[1]], state[0]], dim=1))
-            part = self.heads[i](out)[0] + self.offsets[i]
+            part = self._head(i, out)
             learned.append(part)
             if self.feedback and i + 1 < len(self.sizes):
-                r = self.prior_weight * getattr(self, f"stats_bias_{i}") + part
-                previous = self.previous[i](torch.sigmoid(r / self.temperature))[None]
+                previous = self._feedback(i, self.prior_weight * getattr(self, f"stats_bias_{i}") + part)
         return learned
 
     def forward(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
@@ -266,11 +306,12 @@ def _bn_gamma(model: nn.Module, space: ChannelSpace) -> List[torch.Tensor]:
 
 
 def weight_statistics(model: nn.Module, space: ChannelSpace, kind: str) -> List[torch.Tensor]:
-    """s_i per group: (C_i, n_stats), each statistic z-scored within the group; column 0 is b_i's init."""
+    """s_i per group: (C_i, n_stats), each statistic z-scored within the group; column 0 is b_i's init.
+    `quantile` takes all three (the hypernetwork pools them to quantiles)."""
     table = {"l2": lambda: MagnitudeImportance(p=2)(model, space),
              "l1": lambda: MagnitudeImportance(p=1)(model, space),
              "bn": lambda: _bn_gamma(model, space)}
-    kinds = ["l2", "l1", "bn"] if kind == "all" else [kind]
+    kinds = ["l2", "l1", "bn"] if kind in ("all", "quantile") else [kind]
     columns = [table[k]() for k in kinds]
     return [torch.stack([_zscore(col[g]) for col in columns], dim=1) for g in range(len(space.groups))]
 
@@ -462,16 +503,18 @@ class PASS(Method):
         search = PASSSearch(PadPrompt(ctx.input_size, pad, mean, std),
                             PromptEncoder(c, cfg.encoder_channels, cfg.hidden),
                             RecurrentHyperNetwork([stats[i] for i in order], [bias[i] for i in order], cfg.hidden,
-                                                  cfg.recurrent, cfg.feedback, cfg.ste_temperature),
+                                                  cfg.recurrent, cfg.feedback, cfg.ste_temperature,
+                                                  quantiles=QUANTILES if cfg.stats == "quantile" else 0),
                             use_prompt=cfg.use_prompt, order=order)
         return search.to(ctx.device)
 
     def signature(self, space: ChannelSpace, search: PASSSearch) -> dict:
         """What a saved hypernetwork must share with the model it is loaded onto."""
         cfg = self.config
-        return {"groups": [space.groups[i].size for i in search.order], "residual_mode": space.residual_mode,
-                "stats": cfg.stats, "hidden": cfg.hidden, "recurrent": cfg.recurrent,
-                "encoder_channels": list(cfg.encoder_channels), "prompt": list(search.prompt.prompt.shape),
+        shape_free = cfg.stats == "quantile" and cfg.recurrent
+        groups = None if shape_free else [space.groups[i].size for i in search.order]
+        return {"groups": groups, "residual_mode": space.residual_mode, "stats": cfg.stats, "hidden": cfg.hidden,
+                "recurrent": cfg.recurrent, "encoder_channels": list(cfg.encoder_channels), "prompt": list(search.prompt.prompt.shape),
                 "pad_size": search.prompt.pad}
 
     def save(self, path: str, space: ChannelSpace, search: PASSSearch, ctx: MethodContext) -> None:
@@ -516,7 +559,7 @@ class PASS(Method):
             notes["init_hypernet_from"] = {"path": cfg.init_hypernet_from,
                                            **self.load(cfg.init_hypernet_from, space, search)}
         # the search-free selection: the same selection code on the statistics alone
-        prior = [s[:, 0] for s in weight_statistics(model, space, "l2" if cfg.stats == "quantile" else cfg.stats)]
+        prior = [s[:, 0] for s in weight_statistics(model, space, cfg.stats)]
         prior_kept = space.select(prior, rho, scope=cfg.scope, min_units=cfg.min_channels)
         with torch.no_grad():
             learned_start = [r.detach().cpu() for r in search.learned()]
