@@ -489,6 +489,16 @@ class MaskedPromptSearch(TrainerHook):
     def after_step(self, trainer) -> None:
         self.losses.append(float(trainer.loss.detach()))
 
+    def state_dict(self) -> dict:
+        """The telemetry so far, so a resumed search reports all of its steps."""
+        return {"losses": list(self.losses), "masked_val": [list(p) for p in self.masked_val],
+                "recalibrated": None if self.recalibrated is None else [k.clone() for k in self.recalibrated]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = list(state["losses"])
+        self.masked_val = [tuple(p) for p in state["masked_val"]]
+        self.recalibrated = state["recalibrated"]
+
 
 # --- the method ---------------------------------------------------------------------------------
 @register_method("pass")
