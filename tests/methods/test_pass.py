@@ -1,6 +1,8 @@
 """PASS (reconstruction): budget, exact straight-through masks equal to the compacted model,
-gradients only into the search variables, coupling, determinism, ablations, transfer, and the
-tiny configuration through the real pipeline."""
+gradients only into the search variables, coupling, determinism, ablations, transfer (also
+across architectures with quantile statistics), forward-order recurrence, a search that moves
+the selection off the prior, the null control, adaptive BN, and the tiny configuration
+through the real pipeline."""
 import dataclasses
 
 import pytest
@@ -221,6 +223,11 @@ def test_tiny_configuration_runs_end_to_end(tmp_path):
     assert 0.48 <= record.achieved_flops_ratio <= 0.5
     assert record.notes["faithfulness"] == "reconstruction"
     assert record.notes["search_steps"] == record.cost.method_budget_steps > 0
+    assert record.mechanism.declared and not record.mechanism.control
+    assert record.mechanism.metrics["search_steps"] == record.notes["search_steps"]
+    curve = record.curves["method"]
+    recalibrations = [e for e in curve["events"] if e[1] == "bn_recalibration"]
+    assert len(recalibrations) == len(curve["values"]["masked_val_top1"]) == record.notes["bn_recalibrations"] > 0
 
 
 def test_the_lstm_steps_through_the_units_in_forward_order():
