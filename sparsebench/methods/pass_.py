@@ -104,6 +104,7 @@ prior's masks, each with BN recalibrated on the same 8 train batches and no prom
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,7 @@ from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mecha
 
 HYPERNET_FORMAT = "sparsebench-pass-hypernet/2"     # /2: units stepped in forward-execution order
 FINAL_BN_BATCHES = 8                                  # telemetry: BN batches when comparing searched and prior masks
+VAL_POINTS = 8                                        # telemetry: masked val measurements per search (about)
 QUANTILES = 16                                        # stats="quantile": values per pooled statistic
 
 
@@ -465,7 +467,9 @@ class MaskedPromptSearch(TrainerHook):
         flipped = units_changed(kept, self.recalibrated) if self.recalibrated is not None else 0
         self.recalibrated = [k.clone() for k in kept]
         numbers = {"images": images, "flipped_since_last": flipped}
-        if self.val_loader is not None:
+        recalibrations = math.ceil(max(1, self.total_steps) / self.bn_every)
+        stride = max(1, math.ceil(recalibrations / VAL_POINTS))
+        if self.val_loader is not None and (trainer.step // self.bn_every) % stride == 0:
             acc = masked_accuracy(model, self.val_loader, trainer.device, self.search.prompted)
             trainer.curve.add_value("masked_val_top1", trainer.position, acc)
             self.masked_val.append((trainer.position, acc))
