@@ -96,10 +96,10 @@ least 0.20 z-units on average from its value at step 0 (`score_change_mean`). Th
 configuration the review measured (5 % of the channels, 0.09 z-units) fails both. Telemetry
 also gives the largest score change, the visible prompt's norm and max |V|, the search loss
 (mean of the first and last 10 % of steps), and the masked validation top-1: with the prior's
-masks and dense BN (`masked_val_top1_frozen_bn`), at every recalibration during the search
-(prompted; also the curve's `masked_val_top1`), and at the end for the searched and the
-prior's masks, each with BN recalibrated on the same 8 train batches and no prompt
-(`masked_val_top1_searched`, `masked_val_top1_prior`).
+masks and dense BN (`masked_val_top1_frozen_bn`), right after about 8 evenly spaced
+recalibrations during the search (prompted; also the curve's `masked_val_top1`), and at the
+end for the searched and the prior's masks, each with BN recalibrated on the same 8 train
+batches and no prompt (`masked_val_top1_searched`, `masked_val_top1_prior`).
 """
 from __future__ import annotations
 
