@@ -105,8 +105,8 @@ Measured (resnet20_tiny, digits, coupled, global, 38 search steps, seeds 0–2):
 acts at FLOPs 0.5, 0.3 and 0.25 (16–34 of 112 channels off the prior, 0.37–0.77 z-units),
 but the searched structure is not better than the prior's: it narrows the last residual
 stream (e.g. 7–10 of 32 channels kept at FLOPs 0.25 where the prior keeps 14–17), and after
-the harness's fine-tune it scores about the same as the null control at FLOPs 0.5 and lower
-at 0.3 and 0.25. The search's loss is that of the frozen masked network, which cannot see
+the harness's fine-tune it scores as the null control does at FLOPs 0.5 (±2 points), lower
+on 2 of 3 seeds at 0.3 and on every seed at 0.25 (by 8–26 points). The search's loss is that of the frozen masked network, which cannot see
 what fine-tuning recovers; the evidence suite measures this over 5 seeds.
 """
 from __future__ import annotations
