@@ -4,20 +4,21 @@ LSTM hypernetwork that steps through the network and scores every channel; a glo
 ranking under the FLOPs budget turns the scores into masks.
 
     search (backbone frozen, BN in eval), for each step:
+        every k steps: adaptive BN under the current masks (forward passes only)
         (h0, c0) = g_ω(V ⊙ B_p)                          prompt encoder sets the LSTM state
-        for unit i = 1..L in network order:
+        for unit i = 1..L in forward-execution order:
             z_i = [E_i(s_i) ; A_i(σ(r_{i-1}/T))]          weight statistics + previous scores
             (h_i, c_i) = LSTMCell(z_i, (h_{i-1}, c_{i-1}))
-            r_i = P_i(h_i) + b_i                          channel scores
+            r_i = α·b_i + P_i(h_i) + o_i                  channel scores: prior + learned part
         m = global_threshold(r, ρ)                       hard masks under the FLOPs budget
         m ← m + σ((r − τ)/T) − sg(σ((r − τ)/T))           straight-through
-        L = CE(f(prompt(x); W ⊙ M), y) [+ λ·|log(F̂/ρF)|]  → Adam on θ, ω, V
+        L = CE(f(prompt(x); W ⊙ M), y) [+ λ·|log(F̂/ρF)|]  → Adam on θ, ω (lr) and V (prompt_lr)
     extraction: one deterministic forward → masks → compacted CNN → harness fine-tune
 
 There is no public code. Every record says `faithfulness: "reconstruction"`; the choices
-below follow /work/shared/specs/pass.md, where [paper] items come from the abstract and
-public reviews, [VPNs] from the authors' sibling project UNITES-Lab/VPNs, and the rest is
-ours. Reconstructed here, with the reason:
+below follow /work/shared/specs/pass.md (with its amendments after the first measurements),
+where [paper] items come from the abstract and public reviews, [VPNs] from the authors'
+sibling project UNITES-Lab/VPNs, and the rest is ours. Reconstructed here, with the reason:
 
 - prompt [VPNs]: a pad prompt, a learnable V ∈ ℝ^{C×H×W} visible only on a border of width p
   (default min(16, H//8): 16 at 224 px as in VPNs, 4 at 32 px), added in pixel space and
@@ -27,35 +28,91 @@ ours. Reconstructed here, with the reason:
   exactly zero, which would give g_ω's first conv no gradient until V moves.
 - weight statistics: per-channel ‖W‖₂ (summed over a coupled group's producers), z-scored
   within the group; options ‖W‖₁, |γ_BN|, or all three. Computed once: the backbone is frozen.
+  `quantile` [spec §5]: the three statistics pooled to 16 sorted quantiles per layer, read by
+  one shared E; A reads the 16 quantiles of σ(r_{i−1}/T), and one shared head maps h_i to a
+  weight per statistic and a shift (learned part of channel j = w(h_i)·s_i[j] + c(h_i), no
+  per-channel offsets), so nothing is shape-bound and a saved hypernetwork transfers across
+  architectures (with per-channel heads, P_i is bound to C_i).
+- network order [spec amendment]: the LSTM steps through the units in forward-execution
+  order (`ChannelSpace.forward_order`: the first producing conv of each group, traced on a
+  dummy input), not torch-pruning's group listing, which runs VGG last layer first and
+  lists a coupled ResNet's residual streams in reverse before its internal layers; the
+  "previous unit" of the recurrence is then the previous layer. Scores are handed back in
+  the space's group order.
 - encoder g_ω: strided 3×3 convs + global pool + Linear(·, 2d), split into (h0, c0).
 - hypernetwork: LSTMCell(2d, d); its input concatenates E_i(s_i) with A_i(σ(r_{i−1}/T)), a
-  soft feedback of the previous unit's scores (autoregressive). P_i's weights start ×0.1
-  and b_i = s_i (kept as a fixed s_i plus a learned offset, so a transferred offset lands on
-  the target model's own statistics), so the search starts from a global magnitude ranking,
-  which is stable when the search is short.
+  soft feedback of the previous unit's scores (autoregressive). b_i = s_i (a fixed buffer;
+  the learned part is P_i(h_i) + o_i, so a transferred hypernetwork lands on the target
+  model's own statistics): the search starts at the global magnitude ranking. P_i's weights
+  start ×0.01 and its bias at 0, so the selection at step 0 is the prior's, yet gradients
+  reach the LSTM, E_i, ω and V from the first step. There is no fixed damping of the learned
+  part [spec amendment]: Adam's step size does not depend on the init scale, and the learned
+  part moves about lr·d per step. `prior_final` < 1 anneals the prior weight α linearly from
+  1 to that value over the search (default 1: no annealing; the learned part moves units
+  across the threshold without it within the quick budget, see below).
 - masks: the global threshold with bisection and greedy fill (`ChannelSpace.select`, exact
   closed-form MACs) gives the hard masks at every step and at extraction; τ for the soft
   gate is the midpoint between the lowest kept and the highest pruned score.
+- adaptive BN [spec amendment]: with channels masked and BN frozen at the dense statistics,
+  the masked network scores at chance (9.6 % val on resnet20_tiny/digits at FLOPs 0.5) and
+  the search loss says "repair BN" rather than "which channels matter". Every `bn_every`
+  steps (from step 0) the hook recalibrates every BN layer's running statistics under the
+  current hard masks: `bn_batches` train batches (prompted, as the search sees them) in
+  train mode with momentum None (a cumulative average), no gradient, weights untouched; the
+  forward MACs count as search cost (`Trainer.add_macs`), and each recalibration is a
+  `bn_recalibration` event (images, channels flipped since the last one, masked val top-1).
+  The extracted model keeps the *dense* BN statistics: l1-channel and the null control
+  start their fine-tune from the dense statistics too, so the comparison differs only in
+  which channels are kept (the harness's fine-tune re-estimates BN anyway).
 - loss: cross-entropy only by default (λ = 0: the projection already meets the budget);
   `lambda_flops` > 0 adds λ·|log(F̂/ρF)| with F̂ the closed-form MACs at soft counts.
-- optimiser: Adam(W) without weight decay, lr 1e-3 for θ, ω and V, the harness's warm-up +
-  cosine schedule over the method's step budget.
+- optimiser: Adam(W) without weight decay, the harness's warm-up + cosine schedule over the
+  method's step budget; `lr` (θ, ω) and `prompt_lr` (V) are separate knobs, both 3e-3 by
+  default, set for the suites' search of 2 epochs (38 steps on digits at batch 64). At
+  1e-3 over 19 steps the learned part moved 0.09 z-units and changed 6 of 112 channels (and
+  turning the prompt off selected the same channels); at 1e-2 it moved ~1 z-unit, Adam's
+  sign-like steps then mostly add noise, and the search loss rose (resnet20_tiny, FLOPs 0.5).
+- null control [spec amendment] `search=False`: the prior alone (the same statistics, the
+  same selection code and fill, the same fine-tune), no search steps.
 - residual handling [spec]: `"internal"` (default) prunes block-internal channels only, so
   residual-stream widths stay fixed; `"coupled"` gives each dependency group (a residual
   stream with every conv writing to it) one LSTM step, one statistic (summed over its
   producers) and one shared mask. The l1-channel control defaults to `coupled`: compare at
-  the same `residual_mode` (the quick suite runs PASS coupled for that reason); the record
-  stores it. Internal-only pruning has a high FLOPs floor on some nets (0.62 on
-  resnet50_tiny), below which the run stops with one clear error.
+  the same `residual_mode` and `scope` (the suites run PASS coupled and global, beside
+  l1-channel at scope global and uniform); the record stores both. Internal-only pruning
+  has a high FLOPs floor on some nets (0.62 on resnet50_tiny), below which the run stops
+  with one clear error.
 - `keep_prompt` (default False): the deployed model is then a plain compacted CNN. True
   attaches the prompt to the compacted model as an input operation; its C·H·W additions
   per image are element-wise and excluded from MACs by convention (recorded in the notes).
 - `recurrent=False` (ablation): an independent per-layer MLP on [E_i(s_i); h0] replaces the
   LSTM (no feedback); `use_prompt=False`: g_ω sees zeros and inputs stay unprompted.
+
+Mechanism (the record's `mechanism`, thresholds in `mechanism_thresholds`): the search
+acted when the extracted selection differs from the prior's (the same selection code on the
+statistics alone) in at least 10 % of the channels (`units_changed_fraction`, counting
+channels kept by one and pruned by the other) and the learned part of the scores moved at
+least 0.20 z-units on average from its value at step 0 (`score_change_mean`). The
+configuration the review measured (5 % of the channels, 0.09 z-units) fails both. Telemetry
+also gives the largest score change, the visible prompt's norm and max |V|, the search loss
+(mean of the first and last 10 % of steps), and the masked validation top-1: with the prior's
+masks and dense BN (`masked_val_top1_frozen_bn`), right after about 8 evenly spaced
+recalibrations during the search (prompted; also the curve's `masked_val_top1`), and at the
+end for the searched and the prior's masks, each with BN recalibrated on the same 8 train
+batches and no prompt (`masked_val_top1_searched`, `masked_val_top1_prior`).
+
+Measured (resnet20_tiny, digits, coupled, global, 38 search steps, seeds 0–2): the search
+acts at FLOPs 0.5, 0.3 and 0.25 (16–34 of 112 channels off the prior, 0.37–0.77 z-units),
+but the searched structure is not better than the prior's: it narrows the last residual
+stream (e.g. 7–10 of 32 channels kept at FLOPs 0.25 where the prior keeps 14–17), and after
+the harness's fine-tune it scores as the null control does at FLOPs 0.5 (±2 points), lower
+on 2 of 3 seeds at 0.3 and on every seed at 0.25 (by 8–26 points). The search's loss is that of the frozen masked network, which cannot see
+what fine-tuning recovers; the evidence suite measures this over 5 seeds.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,9 +129,12 @@ from sparsebench.training.gates import straight_through
 from sparsebench.training.importance import MagnitudeImportance
 from sparsebench.training.masks import prunable_weights
 from sparsebench.training.trainer import TrainerHook
-from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 
-HYPERNET_FORMAT = "sparsebench-pass-hypernet/1"
+HYPERNET_FORMAT = "sparsebench-pass-hypernet/2"     # /2: units stepped in forward-execution order
+FINAL_BN_BATCHES = 8                                  # telemetry: BN batches when comparing searched and prior masks
+VAL_POINTS = 8                                        # telemetry: masked val measurements per search (about)
+QUANTILES = 16                                        # stats="quantile": values per pooled statistic
 
 
 def input_normalisation(ctx: MethodContext) -> Tuple[Sequence[float], Sequence[float]]:
@@ -151,63 +211,140 @@ class PromptEncoder(nn.Module):
         return h0, c0
 
 
+def quantile_pool(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The n evenly spaced quantiles (0 … 1) of each column of x (C × k) → (n·k,): a layer's
+    statistics as a fixed-size vector, whatever its width."""
+    levels = torch.linspace(0, 1, n, device=x.device)
+    return torch.quantile(x.reshape(x.shape[0], -1).float(), levels, dim=0).t().flatten()
+
+
 class RecurrentHyperNetwork(nn.Module):
     """θ: E_i (statistics → d), A_i (previous scores → d), an LSTMCell (or per-layer MLPs),
-    P_i (d → C_i) and the learned score offsets b_i − s_i."""
+    P_i (d → C_i) and the learned score offsets o_i; units come in forward-execution order.
+
+    r_i = α·b_i + P_i(h_i) + o_i: b_i the statistics prior, α = `prior_weight` (1 unless the
+    search anneals it), P_i(h_i) + o_i the learned part.
+
+    `quantiles` = n > 0 (stats="quantile"): nothing is shape-bound. One shared E reads each
+    layer's statistics pooled to n sorted quantiles per column, one shared A the n quantiles
+    of σ(r_{i−1}/T), and one shared head maps h_i to a weight per statistic and a shift, so
+    the learned part of channel j is w(h_i)·s_i[j] + c(h_i) (no per-channel offsets): a saved
+    hypernetwork then transfers across architectures."""
 
     def __init__(self, stats: List[torch.Tensor], bias_init: List[torch.Tensor], hidden: int,
-                 recurrent: bool = True, feedback: bool = True, temperature: float = 0.5):
+                 recurrent: bool = True, feedback: bool = True, temperature: float = 0.5,
+                 head_init_scale: float = 0.01, quantiles: int = 0):
         super().__init__()
         sizes = [s.shape[0] for s in stats]
+        columns = stats[0].shape[1]
         self.recurrent, self.feedback, self.temperature = recurrent, feedback and recurrent, temperature
-        self.embed = nn.ModuleList(nn.Linear(s.numel(), hidden) for s in stats)                      # E_i
-        self.previous = nn.ModuleList(nn.Linear(c, hidden) for c in sizes[:-1])                     # A_i
+        self.quantiles = quantiles
+        if quantiles:
+            self.embed = nn.Linear(quantiles * columns, hidden)                                   # E (shared)
+            self.previous = nn.Linear(quantiles, hidden)                                          # A (shared)
+            self.heads = nn.Linear(hidden, columns + 1)                                           # P (shared)
+            heads = [self.heads]
+        else:
+            self.embed = nn.ModuleList(nn.Linear(s.numel(), hidden) for s in stats)               # E_i
+            self.previous = nn.ModuleList(nn.Linear(c, hidden) for c in sizes[:-1])              # A_i
+            self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in sizes)                      # P_i
+            self.offsets = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in sizes)        # o_i
+            heads = list(self.heads)
         if recurrent:
             self.cell = nn.LSTMCell(2 * hidden, hidden)
         else:
             self.mlps = nn.ModuleList(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.Tanh()) for _ in sizes)
-        self.heads = nn.ModuleList(nn.Linear(hidden, c) for c in sizes)                             # P_i
         with torch.no_grad():
-            for head in self.heads:
-                head.weight.mul_(0.1)
+            # the learned part starts near 0 (the search starts at the prior's ranking) but not
+            # at exactly 0, so gradients reach the LSTM, E_i, ω and V from the first step; Adam's
+            # step size does not depend on this scale, so it damps nothing after step one
+            for head in heads:
+                head.weight.mul_(head_init_scale)
                 head.bias.zero_()
-        self.offsets = nn.ParameterList(nn.Parameter(torch.zeros(c)) for c in sizes)
         for i, (s, b) in enumerate(zip(stats, bias_init)):
             # statistics belong to the model being pruned, not to a saved hypernetwork
-            self.register_buffer(f"stats_{i}", s.flatten().float(), persistent=False)
+            embedded = quantile_pool(s, quantiles) if quantiles else s.flatten()
+            self.register_buffer(f"stats_{i}", embedded.float(), persistent=False)
+            self.register_buffer(f"units_{i}", s.float(), persistent=False)
             self.register_buffer(f"stats_bias_{i}", b.float(), persistent=False)
         self.sizes = sizes
+        self.prior_weight = 1.0
 
-    def forward(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
+    def prior(self) -> List[torch.Tensor]:
+        return [getattr(self, f"stats_bias_{i}") for i in range(len(self.sizes))]
+
+    def _embed(self, i: int) -> torch.Tensor:
+        embed = self.embed if self.quantiles else self.embed[i]
+        return embed(getattr(self, f"stats_{i}"))[None]
+
+    def _head(self, i: int, out: torch.Tensor) -> torch.Tensor:
+        if self.quantiles:
+            w = self.heads(out)[0]
+            return getattr(self, f"units_{i}") @ w[:-1] + w[-1]
+        return self.heads[i](out)[0] + self.offsets[i]
+
+    def _feedback(self, i: int, r: torch.Tensor) -> torch.Tensor:
+        soft = torch.sigmoid(r / self.temperature)
+        if self.quantiles:
+            return self.previous(quantile_pool(soft[:, None], self.quantiles))[None]
+        return self.previous[i](soft)[None]
+
+    def learned(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
+        """The learned part per unit, stepping through the units in order (the feedback reads
+        the full score r_{i−1} of the previous unit)."""
         h, c = state
-        scores, previous = [], torch.zeros_like(h)
+        learned, previous = [], torch.zeros_like(h)
         for i in range(len(self.sizes)):
-            z = torch.cat([self.embed[i](getattr(self, f"stats_{i}"))[None], previous], dim=1)
+            z = torch.cat([self._embed(i), previous], dim=1)
             if self.recurrent:
                 h, c = self.cell(z, (h, c))
                 out = h
             else:
                 out = self.mlps[i](torch.cat([z[:, : h.shape[1]], state[0]], dim=1))
-            r = self.heads[i](out)[0] + getattr(self, f"stats_bias_{i}") + self.offsets[i]
-            scores.append(r)
+            part = self._head(i, out)
+            learned.append(part)
             if self.feedback and i + 1 < len(self.sizes):
-                previous = self.previous[i](torch.sigmoid(r / self.temperature))[None]
-        return scores
+                previous = self._feedback(i, self.prior_weight * getattr(self, f"stats_bias_{i}") + part)
+        return learned
+
+    def forward(self, state: Tuple[torch.Tensor, torch.Tensor]) -> List[torch.Tensor]:
+        return [self.prior_weight * b + part for b, part in zip(self.prior(), self.learned(state))]
 
 
 class PASSSearch(nn.Module):
-    """Everything the search learns: the prompt V, the encoder ω and the hypernetwork θ."""
+    """Everything the search learns: the prompt V, the encoder ω and the hypernetwork θ.
+
+    The hypernetwork steps through the units in `order` (forward execution); `scores` and
+    `learned` hand them back in the channel space's group order."""
 
     def __init__(self, prompt: PadPrompt, encoder: PromptEncoder, hypernet: RecurrentHyperNetwork,
-                 use_prompt: bool = True):
+                 use_prompt: bool = True, order: Optional[Sequence[int]] = None):
         super().__init__()
         self.prompt, self.encoder, self.hypernet, self.use_prompt = prompt, encoder, hypernet, use_prompt
+        self.order = list(order) if order is not None else list(range(len(hypernet.sizes)))
 
-    def scores(self) -> List[torch.Tensor]:
+    def _state(self):
         v = self.prompt.visible()[None]
         if not self.use_prompt:
             v = torch.zeros_like(v)
-        return self.hypernet(self.encoder(v))
+        return self.encoder(v)
+
+    def _space_order(self, per_step: List[torch.Tensor]) -> List[torch.Tensor]:
+        out: List[Optional[torch.Tensor]] = [None] * len(per_step)
+        for step, group in enumerate(self.order):
+            out[group] = per_step[step]
+        return out
+
+    def scores(self) -> List[torch.Tensor]:
+        return self._space_order(self.hypernet(self._state()))
+
+    def learned(self) -> List[torch.Tensor]:
+        """The learned part of each score (z-units), in group order."""
+        return self._space_order(self.hypernet.learned(self._state()))
+
+    def prior(self) -> List[torch.Tensor]:
+        """The statistics prior b_i, in group order."""
+        return self._space_order(self.hypernet.prior())
 
     def prompted(self, x: torch.Tensor) -> torch.Tensor:
         return self.prompt(x) if self.use_prompt else x
@@ -228,11 +365,12 @@ def _bn_gamma(model: nn.Module, space: ChannelSpace) -> List[torch.Tensor]:
 
 
 def weight_statistics(model: nn.Module, space: ChannelSpace, kind: str) -> List[torch.Tensor]:
-    """s_i per group: (C_i, n_stats), each statistic z-scored within the group; column 0 is b_i's init."""
+    """s_i per group: (C_i, n_stats), each statistic z-scored within the group; column 0 is b_i's init.
+    `quantile` takes all three (the hypernetwork pools them to quantiles)."""
     table = {"l2": lambda: MagnitudeImportance(p=2)(model, space),
              "l1": lambda: MagnitudeImportance(p=1)(model, space),
              "bn": lambda: _bn_gamma(model, space)}
-    kinds = ["l2", "l1", "bn"] if kind == "all" else [kind]
+    kinds = ["l2", "l1", "bn"] if kind in ("all", "quantile") else [kind]
     columns = [table[k]() for k in kinds]
     return [torch.stack([_zscore(col[g]) for col in columns], dim=1) for g in range(len(space.groups))]
 
@@ -253,17 +391,66 @@ def soft_threshold(scores: List[torch.Tensor], kept: List[torch.Tensor], scope: 
     return [midpoint([(s, k)]) for s, k in zip(scores, kept)]
 
 
+# --- adaptive BN, masked accuracy ---------------------------------------------------------------
+def recalibrate_bn(model: nn.Module, batches, transform=lambda x: x) -> int:
+    """Adaptive BN: re-estimate every BN layer's running statistics under the masks now on the
+    model, from forward passes only (no gradient, weights untouched), as a cumulative average
+    over `batches` (momentum None); the model is left in eval mode. Returns the images used."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    images = 0
+    with torch.no_grad():
+        for x in batches:
+            model(transform(x))
+            images += len(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.eval()
+    return images
+
+
+@torch.no_grad()
+def masked_accuracy(model: nn.Module, loader, device: torch.device, transform=lambda x: x) -> float:
+    """Top-1 of `model` as it is now (masks applied by the caller), eval mode."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        correct += int((model(transform(x)).argmax(1) == y).sum())
+        total += len(y)
+    return correct / max(1, total)
+
+
+def units_changed(kept: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> int:
+    """Channels kept by one selection and pruned by the other."""
+    return int(sum(int((a != b).sum()) for a, b in zip(kept, reference)))
+
+
 # --- the search, as trainer hooks ------------------------------------------------------------
 class MaskedPromptSearch(TrainerHook):
-    """Each step: prompt the batch, score channels, set straight-through masks on the gates."""
+    """Each step: prompt the batch, score channels, set straight-through masks on the gates.
+
+    Every `bn_every` steps (from step 0) it first recalibrates BN under the current hard masks
+    (`bn_batches` train batches, counted as search MACs) and measures the masked network's
+    validation accuracy; `bn_every=0` keeps BN frozen at the dense statistics."""
 
     def __init__(self, search: PASSSearch, space: ChannelSpace, gates, flops_ratio: float, scope: str,
-                 min_channels: int, temperature: float, lambda_flops: float):
+                 min_channels: int, temperature: float, lambda_flops: float, bn_every: int = 0,
+                 bn_batches: int = 0, val_loader=None, prior_final: float = 1.0, total_steps: int = 0):
         self.search, self.space, self.gates = search, space, gates
         self.flops_ratio, self.scope, self.min_channels = flops_ratio, scope, min_channels
         self.temperature, self.lambda_flops = temperature, lambda_flops
+        self.bn_every, self.bn_batches, self.val_loader = bn_every, bn_batches, val_loader
+        self.prior_final, self.total_steps = prior_final, total_steps
         self.soft: List[torch.Tensor] = []
         self.last_masks: List[torch.Tensor] = []
+        self.recalibrated: Optional[List[torch.Tensor]] = None     # masks at the last recalibration
+        self.losses: List[float] = []
+        self.masked_val: List[Tuple[int, float]] = []
 
     def masks(self) -> List[torch.Tensor]:
         scores = self.search.scores()
@@ -274,8 +461,35 @@ class MaskedPromptSearch(TrainerHook):
         self.last_masks = kept
         return [straight_through(k.to(s.device), s) for k, s in zip(kept, self.soft)]
 
+    def anneal(self, step: int) -> None:
+        """α: 1 at step 0 → `prior_final` at the last step (constant 1 by default)."""
+        t = min(1.0, step / max(1, self.total_steps - 1))
+        self.search.hypernet.prior_weight = 1.0 + (self.prior_final - 1.0) * t
+
+    def adapt_bn(self, trainer) -> None:
+        model, kept = trainer.model, self.last_masks
+        self.gates.set([k.float().to(trainer.device) for k in kept])
+        batches = (trainer.next_batch()[0] for _ in range(self.bn_batches))
+        images = recalibrate_bn(model, batches, self.search.prompted)
+        trainer.add_macs(forward=images * self.space.macs([int(k.sum()) for k in kept]))
+        flipped = units_changed(kept, self.recalibrated) if self.recalibrated is not None else 0
+        self.recalibrated = [k.clone() for k in kept]
+        numbers = {"images": images, "flipped_since_last": flipped}
+        recalibrations = math.ceil(max(1, self.total_steps) / self.bn_every)
+        stride = max(1, math.ceil(recalibrations / VAL_POINTS))
+        if self.val_loader is not None and (trainer.step // self.bn_every) % stride == 0:
+            acc = masked_accuracy(model, self.val_loader, trainer.device, self.search.prompted)
+            trainer.curve.add_value("masked_val_top1", trainer.position, acc)
+            self.masked_val.append((trainer.position, acc))
+            numbers["masked_val_top1"] = acc
+        trainer.event("bn_recalibration", **numbers)
+
     def before_forward(self, trainer, inputs, targets):
-        self.gates.set(self.masks())
+        self.anneal(trainer.step)
+        values = self.masks()
+        if self.bn_every and trainer.step % self.bn_every == 0:
+            self.adapt_bn(trainer)
+        self.gates.set(values)
         return self.search.prompted(inputs), targets
 
     def extra_loss(self, trainer, inputs, outputs, targets):
@@ -283,6 +497,19 @@ class MaskedPromptSearch(TrainerHook):
             return None
         soft_macs = self.space.macs([s.sum() for s in self.soft])
         return self.lambda_flops * torch.log(soft_macs / (self.flops_ratio * self.space.dense_macs)).abs()
+
+    def after_step(self, trainer) -> None:
+        self.losses.append(float(trainer.loss.detach()))
+
+    def state_dict(self) -> dict:
+        """The telemetry so far, so a resumed search reports all of its steps."""
+        return {"losses": list(self.losses), "masked_val": [list(p) for p in self.masked_val],
+                "recalibrated": None if self.recalibrated is None else [k.clone() for k in self.recalibrated]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.losses = list(state["losses"])
+        self.masked_val = [tuple(p) for p in state["masked_val"]]
+        self.recalibrated = state["recalibrated"]
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -293,22 +520,29 @@ class PASS(Method):
     granularity = "channel"
     starts_from = "pretrained"
 
+    null_control = {"search": False}
+    mechanism_thresholds = {"units_changed_fraction": 0.10, "score_change_mean": 0.20}
+
     @dataclass(frozen=True)
     class Config:
         residual_mode: Literal["internal", "coupled"] = "internal"  # compare with l1-channel at the same mode
         scope: Literal["global", "uniform"] = "global"     # one ranking across layers, or a per-layer keep ratio
+        search: bool = True                                # False: the null control, the prior's selection alone
         use_prompt: bool = True
         recurrent: bool = True                             # False: independent per-layer MLPs
         feedback: bool = True                              # previous unit's scores as LSTM input
-        stats: Literal["l2", "l1", "bn", "all"] = "l2"
+        stats: Literal["l2", "l1", "bn", "all", "quantile"] = "l2"
         init_bias_from_stats: bool = True                  # b_i = s_i: start from the magnitude ranking
+        prior_final: float = 1.0                           # prior weight α at the end of the search (1: no annealing)
         pad_size: Optional[int] = None                     # None: min(16, H // 8)
         hidden: int = 64                                   # d
         encoder_channels: Tuple[int, ...] = (16, 32)
         ste_temperature: float = 0.5                       # T
         lambda_flops: float = 0.0
-        lr: float = 1e-3                                   # θ and ω
-        prompt_lr: float = 1e-3                            # V
+        lr: float = 3e-3                                   # θ and ω
+        prompt_lr: float = 3e-3                            # V
+        bn_every: int = 5                                  # adaptive BN every k search steps (0: BN frozen)
+        bn_batches: int = 4                                # train batches per recalibration
         min_channels: int = 1
         keep_prompt: bool = False
         init_hypernet_from: Optional[str] = None           # transfer: a file saved by save_hypernet
@@ -319,6 +553,10 @@ class PASS(Method):
                 raise ValueError("hidden and min_channels must be >= 1 and ste_temperature > 0")
             if self.lambda_flops < 0:
                 raise ValueError(f"lambda_flops must be >= 0, got {self.lambda_flops}")
+            if self.bn_every < 0 or self.bn_batches < 0 or (self.bn_every and not self.bn_batches):
+                raise ValueError("bn_every and bn_batches must be >= 0, and bn_batches >= 1 when bn_every > 0")
+            if self.lr <= 0 or self.prompt_lr <= 0:
+                raise ValueError("lr and prompt_lr must be > 0")
 
     def supports(self, model: nn.Module, family: str) -> bool:
         return family == "cnn"
@@ -329,22 +567,25 @@ class PASS(Method):
         c, h, w = ctx.input_size
         mean, std = input_normalisation(ctx)
         pad = cfg.pad_size if cfg.pad_size is not None else min(16, max(1, min(h, w) // 8))
+        order = space.forward_order()                      # the LSTM walks the network as it executes
         stats = weight_statistics(ctx.model, space, cfg.stats)
         bias = [s[:, 0] if cfg.init_bias_from_stats else torch.zeros(len(s)) for s in stats]
         torch.manual_seed(ctx.seed)
         search = PASSSearch(PadPrompt(ctx.input_size, pad, mean, std),
                             PromptEncoder(c, cfg.encoder_channels, cfg.hidden),
-                            RecurrentHyperNetwork(stats, bias, cfg.hidden, cfg.recurrent, cfg.feedback,
-                                                  cfg.ste_temperature),
-                            use_prompt=cfg.use_prompt)
+                            RecurrentHyperNetwork([stats[i] for i in order], [bias[i] for i in order], cfg.hidden,
+                                                  cfg.recurrent, cfg.feedback, cfg.ste_temperature,
+                                                  quantiles=QUANTILES if cfg.stats == "quantile" else 0),
+                            use_prompt=cfg.use_prompt, order=order)
         return search.to(ctx.device)
 
     def signature(self, space: ChannelSpace, search: PASSSearch) -> dict:
         """What a saved hypernetwork must share with the model it is loaded onto."""
         cfg = self.config
-        return {"groups": [g.size for g in space.groups], "residual_mode": space.residual_mode,
-                "stats": cfg.stats, "hidden": cfg.hidden, "recurrent": cfg.recurrent,
-                "encoder_channels": list(cfg.encoder_channels), "prompt": list(search.prompt.prompt.shape),
+        shape_free = cfg.stats == "quantile" and cfg.recurrent
+        groups = None if shape_free else [space.groups[i].size for i in search.order]
+        return {"groups": groups, "residual_mode": space.residual_mode, "stats": cfg.stats, "hidden": cfg.hidden,
+                "recurrent": cfg.recurrent, "encoder_channels": list(cfg.encoder_channels), "prompt": list(search.prompt.prompt.shape),
                 "pad_size": search.prompt.pad}
 
     def save(self, path: str, space: ChannelSpace, search: PASSSearch, ctx: MethodContext) -> None:
@@ -378,18 +619,27 @@ class PASS(Method):
         trainable = {p: p.requires_grad for p in model.parameters()}
         for p in model.parameters():
             p.requires_grad_(False)                        # the backbone is not a search variable
+        dense_buffers = {n: b.clone() for n, b in model.named_buffers()}
         space = ChannelSpace(model, ctx.input_size, cfg.residual_mode)
         search = self.build(ctx, space)
         notes = {"faithfulness": "reconstruction", "residual_mode": cfg.residual_mode, "scope": cfg.scope,
                  "units": space.describe(), "groups": len(space.groups), "pad_size": search.prompt.pad,
-                 "search_params": sum(p.numel() for p in search.parameters())}
+                 "search_params": sum(p.numel() for p in search.parameters()),
+                 "lstm_order": [space.groups[i].root for i in search.order]}
         if cfg.init_hypernet_from:
             notes["init_hypernet_from"] = {"path": cfg.init_hypernet_from,
                                            **self.load(cfg.init_hypernet_from, space, search)}
+        # the search-free selection: the same selection code on the statistics alone
+        prior = [s[:, 0] for s in weight_statistics(model, space, cfg.stats)]
+        prior_kept = space.select(prior, rho, scope=cfg.scope, min_units=cfg.min_channels)
+        with torch.no_grad():
+            learned_start = [r.detach().cpu() for r in search.learned()]
 
         gates = space.gate(model)
+        steps = ctx.budget.left if cfg.search else 0
         hook = MaskedPromptSearch(search, space, gates, rho, cfg.scope, cfg.min_channels, cfg.ste_temperature,
-                                  cfg.lambda_flops)
+                                  cfg.lambda_flops, cfg.bn_every, cfg.bn_batches, ctx.val_loader,
+                                  cfg.prior_final, steps)
         hyper = [p for n, p in search.named_parameters() if not n.startswith("prompt.")]
         groups = [{"params": hyper, "lr": cfg.lr, "weight_decay": 0.0}]
         if cfg.use_prompt:
@@ -397,20 +647,36 @@ class PASS(Method):
         recipe = dataclasses.replace(ctx.recipe, optimizer="adamw")
         trainer = ctx.make_trainer(model, hooks=[hook], param_groups=groups, train_model_params=False,
                                    model_mode="eval", recipe=recipe, lr=cfg.lr)
-        start, steps = time.perf_counter(), ctx.budget.left
+        start = time.perf_counter()
         try:
+            gates.set([k.float().to(ctx.device) for k in prior_kept])
+            frozen_bn_val = masked_accuracy(model, ctx.val_loader, ctx.device)   # the prior's masks, dense BN
+            gates.clear()
             if steps > 0:
                 trainer.fit(steps, progress=ctx.progress, desc="pass search")
+            search.eval()
+            with torch.no_grad():                          # extraction: one deterministic forward
+                hook.anneal(steps)
+                scores = [r.cpu() for r in search.scores()]
+                learned_end = [r.detach().cpu() for r in search.learned()]
+            kept = space.select(scores, rho, scope=cfg.scope, min_units=cfg.min_channels)
+            # telemetry: each selection with BN recalibrated under its own masks, unprompted (as deployed)
+            final_val, batches = {}, [trainer.next_batch()[0] for _ in range(FINAL_BN_BATCHES)]
+            for name, masks in (("searched", kept), ("prior", prior_kept)):
+                gates.set([k.float().to(ctx.device) for k in masks])
+                recalibrate_bn(model, batches)           # the same batches for both: only the masks differ
+                final_val[name] = masked_accuracy(model, ctx.val_loader, ctx.device)
+                gates.clear()
         finally:
             gates.remove()
+            with torch.no_grad():                          # the extracted model keeps the dense BN statistics
+                for n, b in model.named_buffers():
+                    b.copy_(dense_buffers[n])
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
         notes.update(search_steps=trainer.step, search_seconds=round(time.perf_counter() - start, 3))
+        notes["bn_recalibrations"] = len(ctx.curve.events_of("bn_recalibration"))
 
-        search.eval()
-        with torch.no_grad():                              # extraction: one deterministic forward
-            scores = [r.cpu() for r in search.scores()]
-        kept = space.select(scores, rho, scope=cfg.scope, min_units=cfg.min_channels)
         compact = space.compact(model, kept)
         x = next(iter(ctx.val_loader))[0].to(ctx.device)
         notes["compaction_max_abs_error"] = space.check_compaction(model, kept, compact, x)
@@ -427,5 +693,33 @@ class PASS(Method):
                 "params": search.prompt.prompt.numel(),
                 "counted_in_macs": False,
                 "why": "element-wise ops are excluded from headline MACs by convention (measure/flops.py)"}
+        metrics = self.telemetry(space, kept, prior_kept, learned_start, learned_end, search, hook,
+                                 frozen_bn_val, final_val)
         return Outcome(model=compact, realization="compacted", structure=space.structure(kept),
-                       prunable=list(prunable_weights(model)), notes=notes)
+                       prunable=list(prunable_weights(model)), notes=notes,
+                       mechanism=judge_mechanism(self, metrics))
+
+    @staticmethod
+    def telemetry(space, kept, prior_kept, learned_start, learned_end, search, hook, frozen_bn_val,
+                  final_val) -> dict:
+        """What the record's `mechanism` judges: did the search move the selection off the prior?"""
+        total = sum(g.size for g in space.groups)
+        changed = units_changed(kept, prior_kept)
+        delta = torch.cat([(b - a).abs() for a, b in zip(learned_start, learned_end)])
+        visible = search.prompt.visible().detach()
+        losses = hook.losses
+        tenth = max(1, len(losses) // 10)
+        r = lambda v, n=4: None if v is None else round(float(v), n)
+        return {
+            "units_changed": changed, "units_total": total, "units_changed_fraction": r(changed / total),
+            "score_change_mean": r(delta.mean()), "score_change_max": r(delta.max()),
+            "prompt_norm": r(visible.norm()), "prompt_max_abs": r(visible.abs().max()),
+            "search_steps": len(losses),
+            "search_loss_first": r(sum(losses[:tenth]) / tenth) if losses else None,
+            "search_loss_last": r(sum(losses[-tenth:]) / tenth) if losses else None,
+            "masked_val_top1_frozen_bn": r(frozen_bn_val),           # the prior's masks, dense BN statistics
+            "masked_val_top1_during": [[step, r(acc)] for step, acc in hook.masked_val],
+            "masked_val_top1_searched": r(final_val["searched"]),    # adaptive BN, no prompt
+            "masked_val_top1_prior": r(final_val["prior"]),
+            "bn_recalibrations": len(hook.masked_val) if hook.val_loader is not None else 0,
+        }

@@ -238,13 +238,14 @@ class ChannelSpace(UnitSpace):
     def _layer_costs(self, model: nn.Module, example: torch.Tensor) -> List[_LayerCost]:
         out_of = {n: g.index for g in self.groups for n in g.out_members}
         in_of = {n: g.index for g in self.groups for n in g.in_members}
-        shapes: Dict[str, torch.Size] = {}
+        shapes: Dict[str, torch.Size] = {}       # insertion order = the order the layers execute
         hooks = [m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, o.shape))
                  for n, m in model.named_modules() if isinstance(m, _LAYERS)]
         with torch.no_grad():
             model(example)
         for h in hooks:
             h.remove()
+        self._executed = {name: i for i, name in enumerate(shapes)}
         layers = []
         for name, m in model.named_modules():
             if not isinstance(m, _LAYERS) or name not in shapes:
@@ -280,6 +281,22 @@ class ChannelSpace(UnitSpace):
                 per_group = cin if layer.groups == 1 else cin // layer.groups
                 total += layer.positions * layer.kernel * per_group * cout
         return total
+
+    def forward_order(self) -> List[int]:
+        """Group indices in the order the network executes them: by the forward-execution index
+        of each group's first producing conv/linear (traced with hooks on one dummy input).
+
+        `groups` keeps torch-pruning's listing order (records, compaction and saved
+        signatures read it); that order is not the network's (VGG comes out last layer first,
+        coupled ResNets list the residual streams in reverse before the internal layers), so
+        code that walks layer by layer (PASS's recurrent hypernetwork) asks for this order."""
+        never = len(self._executed)
+
+        def first_producer(g: ChannelGroup) -> int:
+            ran = [self._executed[n] for n in g.out_members if n in self._executed]
+            return min(ran) if ran else never
+
+        return sorted(range(len(self.groups)), key=lambda i: (first_producer(self.groups[i]), i))
 
     # --- masks and compaction ---------------------------------------------------------------
     def apply_masks(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> List[torch.utils.hooks.RemovableHandle]:

@@ -1,6 +1,8 @@
 """PASS (reconstruction): budget, exact straight-through masks equal to the compacted model,
-gradients only into the search variables, coupling, determinism, ablations, transfer, and the
-tiny configuration through the real pipeline."""
+gradients only into the search variables, coupling, determinism, ablations, transfer (also
+across architectures with quantile statistics), forward-order recurrence, a search that moves
+the selection off the prior, the null control, adaptive BN, and the tiny configuration
+through the real pipeline."""
 import dataclasses
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 from sparsebench.errors import SpecError
 from sparsebench.measure.flops import count_macs
 from sparsebench.methods import create_method
-from sparsebench.methods.pass_ import MaskedPromptSearch, PASS
+from sparsebench.methods.pass_ import MaskedPromptSearch, PASS, recalibrate_bn, units_changed, weight_statistics
 from sparsebench.training.channels import ChannelSpace
 
 from conftest import make_context, randomize_norms, tiny_spec
@@ -137,7 +139,8 @@ def test_same_seed_same_masks_and_logits():
 
 
 @pytest.mark.parametrize("args", [{"use_prompt": False}, {"recurrent": False}, {"scope": "uniform"},
-                                  {"feedback": False}, {"stats": "all"}, {"init_bias_from_stats": False},
+                                  {"feedback": False}, {"stats": "all"}, {"stats": "quantile"},
+                                  {"init_bias_from_stats": False}, {"prior_final": 0.0}, {"bn_every": 0},
                                   {"lambda_flops": 1.0}])
 def test_ablations_run_and_meet_budget(args):
     _, ctx, outcome = run_pass(residual_mode="coupled", budget=3, **args)
@@ -220,3 +223,102 @@ def test_tiny_configuration_runs_end_to_end(tmp_path):
     assert 0.48 <= record.achieved_flops_ratio <= 0.5
     assert record.notes["faithfulness"] == "reconstruction"
     assert record.notes["search_steps"] == record.cost.method_budget_steps > 0
+    assert record.mechanism.declared and not record.mechanism.control
+    assert record.mechanism.metrics["search_steps"] == record.notes["search_steps"]
+    curve = record.curves["method"]
+    recalibrations = [e for e in curve["events"] if e[1] == "bn_recalibration"]
+    assert len(recalibrations) == len(curve["values"]["masked_val_top1"]) == record.notes["bn_recalibrations"] > 0
+
+
+def test_the_lstm_steps_through_the_units_in_forward_order():
+    _, ctx, space, search, gates, _ = search_pieces("vgg16_bn_tiny", residual_mode="coupled")
+    gates.remove()
+    order = space.forward_order()
+    assert search.order == order and order != list(range(len(order)))   # VGG: torch-pruning lists it backwards
+    first = order[0]
+    assert space.groups[first].root == "features.0"
+    stats = weight_statistics(ctx.model, space, "l2")
+    # the LSTM's first step reads the first layer's statistics, its last step the last layer's
+    assert torch.equal(search.hypernet.stats_0, stats[first].flatten().float())
+    last = len(order) - 1
+    assert torch.equal(getattr(search.hypernet, f"stats_{last}"), stats[order[-1]].flatten().float())
+    assert [s.shape[0] for s in search.scores()] == [g.size for g in space.groups]   # handed back in group order
+
+
+def test_search_starts_at_the_prior_and_moves_off_it():
+    """The learned part starts near 0 (the prior's selection), and a short search changes the
+    selection: this fails if the search leaves the channels equal to the prior's."""
+    method, ctx, outcome = run_pass(residual_mode="coupled", budget=10, bn_every=5, bn_batches=1)
+    m = outcome.mechanism.metrics
+    assert m["search_steps"] == outcome.notes["search_steps"] == 10
+    assert m["units_changed"] > 0 and m["score_change_mean"] > 0.05
+    assert 0 < m["units_changed_fraction"] <= 1 and m["score_change_max"] >= m["score_change_mean"]
+    assert m["prompt_norm"] > 0 and len(m["masked_val_top1_during"]) == 2
+    assert outcome.mechanism.declared and not outcome.mechanism.control
+    # at step 0 the selection is the prior's: the initial learned part is too small to reorder channels
+    _, ctx0, space, search, gates, hook = search_pieces(residual_mode="coupled")
+    gates.remove()
+    prior = [s[:, 0] for s in weight_statistics(ctx0.model, space, "l2")]
+    hook.masks()
+    assert units_changed(hook.last_masks, space.select(prior, 0.5, scope="global")) == 0
+
+
+def test_null_control_is_the_prior_alone_without_search_steps():
+    method, ctx, outcome = run_pass(residual_mode="coupled", budget=6, search=False)
+    assert method.is_control and create_method("pass").null_control == {"search": False}
+    assert outcome.notes["search_steps"] == 0 and ctx.budget.used == 0
+    space = ChannelSpace(ctx.model, ctx.input_size, "coupled")
+    prior = [s[:, 0] for s in weight_statistics(ctx.model, space, "l2")]
+    kept = space.select(prior, 0.5, scope="global")
+    assert [g["kept"] for g in outcome.structure["groups"]] == [int(k.sum()) for k in kept]
+    assert outcome.mechanism.control and outcome.mechanism.metrics["units_changed"] == 0
+
+
+def test_adaptive_bn_recalibrates_from_forwards_only_and_the_run_restores_dense_statistics():
+    _, ctx, space, search, gates, hook = search_pieces(residual_mode="coupled")
+    weights = {n: p.clone() for n, p in ctx.model.named_parameters()}
+    x = next(iter(ctx.train_loader))[0]
+    seen = {}
+    handle = ctx.model.bn1.register_forward_hook(lambda m, i, o: seen.__setitem__("in", i[0].detach()))
+    assert recalibrate_bn(ctx.model, [x]) == len(x)
+    handle.remove()
+    gates.remove()
+    assert not ctx.model.training
+    assert torch.allclose(ctx.model.bn1.running_mean, seen["in"].mean(dim=(0, 2, 3)), atol=1e-5)
+    assert all(torch.equal(p, weights[n]) for n, p in ctx.model.named_parameters())
+    # a whole run recalibrates (events, counted MACs) but hands back the dense BN statistics
+    method = create_method("pass", residual_mode="coupled", bn_every=2, bn_batches=1)
+    ctx = make_context("resnet20_tiny", "flops=0.5", method, budget=4)
+    before = {n: b.clone() for n, b in ctx.model.named_buffers()}
+    outcome = method.run(ctx)
+    events = ctx.curve.events_of("bn_recalibration")
+    assert len(events) == 2 == outcome.notes["bn_recalibrations"]
+    assert all(torch.equal(b, before[n]) for n, b in ctx.model.named_buffers())
+    frozen = create_method("pass", residual_mode="coupled", bn_every=0)
+    ctx0 = make_context("resnet20_tiny", "flops=0.5", frozen, budget=4)
+    frozen.run(ctx0)
+    images = sum(e["images"] for e in events)
+    assert images == 2 * 64 and ctx.compute.forward > ctx0.compute.forward
+
+
+def test_quantile_statistics_pool_to_a_fixed_size_and_transfer_across_architectures(tmp_path):
+    from sparsebench.methods.pass_ import QUANTILES, quantile_pool
+
+    x = torch.tensor([[3.0], [1.0], [2.0], [0.0], [4.0]])
+    pooled = quantile_pool(x, 5)
+    assert torch.allclose(pooled, torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]))       # sorted quantiles
+    path = str(tmp_path / "hyper.pt")
+    _, _, first = run_pass(residual_mode="coupled", stats="quantile", save_hypernet=path, budget=2)
+    saved = torch.load(path, weights_only=True)
+    assert saved["signature"]["groups"] is None
+    assert not any("offsets" in k for k in saved["state"])
+    # every shared piece is independent of the layer widths: the VGG's search loads it as it is
+    method = create_method("pass", residual_mode="coupled", stats="quantile", init_hypernet_from=path)
+    ctx = make_context("vgg16_bn_tiny", "flops=0.5", method, budget=2)
+    space = ChannelSpace(ctx.model, ctx.input_size, "coupled")
+    search = method.build(ctx, space)
+    method.load(path, space, search)
+    assert all(torch.equal(v, saved["state"][k]) for k, v in search.state_dict().items())
+    assert search.hypernet.embed.in_features == 3 * QUANTILES
+    outcome = method.run(ctx)
+    assert outcome.notes["init_hypernet_from"]["model"] == "resnet20_tiny"

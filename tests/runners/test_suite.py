@@ -74,3 +74,18 @@ def test_controls_add_each_seed_methods_null_control_and_entries_take_their_own_
         expand({**raw, "controls": "yes"})
     with pytest.raises(SpecError, match="recipe: unknown key 'epochs'"):
         expand({**raw, "methods": [{"name": "rigl", "recipe": {"epochs": 2}}]})
+
+
+def test_pass_suites_give_the_search_its_budget_and_pair_it_with_its_control():
+    quick = [s for s in load_suite("benchmarks/quick.yaml").specs if s.method == "pass"]
+    assert quick and {s.recipe.search_epochs for s in quick} == {2}
+    evidence = load_suite("benchmarks/evidence/pass.yaml").specs
+    args = lambda s: dict(s.method_args)
+    passes = [s for s in evidence if s.method == "pass"]
+    controls = [s for s in passes if not args(s).get("search", True)]
+    searched = [s for s in passes if args(s).get("search", True)]
+    assert {s.recipe.search_epochs for s in passes} == {2} and len(controls) == len(searched) > 0
+    assert ("global", "coupled") in {(args(s)["scope"], args(s)["residual_mode"]) for s in searched}
+    l1 = {(args(s)["scope"], args(s)["residual_mode"]) for s in evidence if s.method == "l1-channel"}
+    assert l1 == {("global", "coupled"), ("uniform", "coupled")}
+    assert {s.seed for s in evidence} == {0, 1, 2, 3, 4} and {s.target.value for s in evidence} == {0.5, 0.3}
