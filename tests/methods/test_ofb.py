@@ -256,7 +256,7 @@ def test_tiny_run_end_to_end_through_the_pipeline(tmp_path):
     assert record.structure["summary"]["embed_dim"] is not None
     assert 0.3 < record.achieved_flops_ratio < 0.8
     assert record.notes["training_macs"]["extra_forward_macs"] > 0
-    assert record.cost.method_steps == record.notes["search_steps"]
+    assert record.cost.method_steps == record.notes["search_steps"] + record.notes["steps_after_search"]
 
 
 def test_a_search_cut_short_settles_under_the_flops_target():
