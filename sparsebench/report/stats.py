@@ -52,6 +52,13 @@ def _r(x: Optional[float], digits: int = 4) -> Optional[float]:
     return None if math.isnan(x) else round(x, digits)
 
 
+def _rp(p: Optional[float]) -> Optional[float]:
+    """A p-value for JSON: four significant digits (a tiny p keeps its size)."""
+    if p is None or math.isnan(float(p)):
+        return None
+    return float(f"{float(p):.4g}")
+
+
 # --- two runs on the same test set ----------------------------------------------------------------
 def mcnemar_exact(a_only: int, b_only: int) -> float:
     """Two-sided exact McNemar p-value: under no difference each discordant sample is A's or B's
@@ -91,7 +98,7 @@ class RunPair:
 
     def to_dict(self) -> Dict[str, object]:
         d = asdict(self)
-        return {k: _r(v, 6 if k == "p_mcnemar" else 4) if isinstance(v, float) else v for k, v in d.items()}
+        return {k: (_rp(v) if k == "p_mcnemar" else _r(v)) if isinstance(v, float) else v for k, v in d.items()}
 
 
 def pairing_problem(a: RunRecord, b: RunRecord) -> Optional[str]:
@@ -175,7 +182,7 @@ class SeedDifference:
     def to_dict(self) -> Dict[str, object]:
         return {"pairs": self.pairs, "seeds": list(self.seeds), "differences": [_r(d) for d in self.differences],
                 "mean": _r(self.mean), "low": _r(self.low), "high": _r(self.high), "sd": _r(self.sd),
-                "p_t": _r(self.p_t, 6), "p_sign_flip": _r(self.p_sign_flip, 6), "seeds_needed": self.seeds_needed,
+                "p_t": _rp(self.p_t), "p_sign_flip": _rp(self.p_sign_flip), "seeds_needed": self.seeds_needed,
                 "seeds_needed_for": RESOLVE_POINTS}
 
 
@@ -226,7 +233,7 @@ class Comparison:
         return self.seed_level.pairs
 
     def to_dict(self) -> Dict[str, object]:
-        return {**self.seed_level.to_dict(), "p_value": _r(self.p_value, 6), "basis": self.basis,
+        return {**self.seed_level.to_dict(), "p_value": _rp(self.p_value), "basis": self.basis,
                 "per_seed": {str(s): (p.to_dict() if isinstance(p, RunPair) else {"unpaired": p})
                              for s, p in sorted(self.per_seed.items())}}
 

@@ -172,3 +172,54 @@ def test_binomial_reference_is_scipy_free():
     n = b + c
     p = 2 * sum(special.comb(n, k, exact=True) for k in range(min(b, c) + 1)) / 2 ** n
     assert mcnemar_exact(b, c) == pytest.approx(min(1.0, p), rel=1e-12)
+
+
+def write_records(root, records):
+    from sparsebench.store.records import RecordStore
+
+    store = RecordStore(root)
+    for r in records:
+        store.write(r)
+    return root
+
+
+def test_compare_command_pairs_by_seed_and_gives_sample_level_tests(tmp_path, capsys):
+    import json
+
+    from sparsebench.cli import main
+
+    a_hits = [hits(range(20 + s)) for s in range(3)]
+    b_hits = [hits(range(40 + 3 * s)) for s in range(3)]
+    records = [record("gap", s, v) for s, v in enumerate(a_hits)] + [record("rigl", s, v) for s, v in enumerate(b_hits)]
+    records += [make_record("rigl", 0, 0.5, target=0.9, run_id="rigl-0.9")]          # no partner: not listed
+    root = write_records(tmp_path, records)
+    assert main(["compare", str(root), "gap", "rigl", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1
+    row = rows[0]
+    d = [100 * (np.mean(x) - np.mean(y)) for x, y in zip(a_hits, b_hits)]
+    ref = stats.ttest_1samp(d, 0.0)
+    assert row["pairs"] == 3 and row["target"] == "sparsity=0.5"
+    assert row["mean"] == pytest.approx(np.mean(d), abs=1e-4)
+    assert (row["low"], row["high"]) == pytest.approx(tuple(ref.confidence_interval(0.95)), abs=1e-4)
+    assert row["p_t"] == pytest.approx(ref.pvalue, rel=1e-3) and row["p_sign_flip"] == pytest.approx(0.25)
+    seed0 = row["per_seed"]["0"]
+    assert (seed0["a_only"], seed0["b_only"]) == (20, 0)
+    assert seed0["p_mcnemar"] == pytest.approx(stats.binomtest(20, 20, 0.5).pvalue, rel=1e-3)
+    assert main(["compare", str(root), "gap", "rigl"]) == 0
+    text = capsys.readouterr().out
+    assert "A = gap  vs  B = rigl" in text and "20 / 0" in text
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["gap", "nosuch"], "unknown method 'nosuch'; allowed: gap, rigl"),
+    (["gap", "rigl", "--target", "sparsity=0.9"], "no (model, dataset, target, device) where both"),
+    (["gap", "gap"], "name two different methods"),
+])
+def test_compare_command_errors_are_one_line_exit_2(tmp_path, capsys, argv, words):
+    from sparsebench.cli import main
+
+    root = write_records(tmp_path, [make_record("gap", 0, 0.9, run_id="g"), make_record("rigl", 0, 0.8, run_id="r")])
+    assert main(["compare", str(root), *argv]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1
