@@ -190,3 +190,37 @@ def compare_methods_text(rows: List[dict]) -> str:
               "run got right, and the paired bootstrap interval of the difference (test-set noise of the two "
               "trained models, not seed-to-seed noise).", ""]
     return "\n".join(lines)
+
+
+def comparison_data(runs: pd.DataFrame) -> dict:
+    """Every pair of methods at every setting both ran, for the site's comparison page: the runs
+    frame of `runs.runs_frame` in, {"methods", "settings", "pairs"} out. `pairs["A\\tB"]` (A < B)
+    lists [setting index, pairs, mean A − B, low, high, p (t), p (sign-flip), seeds needed,
+    mean A, mean B]; the page negates it for B − A."""
+    from itertools import combinations
+
+    from sparsebench.report.leaderboard import ranked, seed_runs
+    from sparsebench.report.stats import compare_runs
+
+    empty = {"methods": [], "settings": [], "pairs": {}}
+    if runs.empty:
+        return empty
+    entered = ranked(runs)
+    if entered.empty:
+        return empty
+    entered = entered.assign(test_top1=entered["top1"])
+    setting = ["model", "dataset", "device", "target_kind", "target_label"]
+    by_run = seed_runs(entered, setting)
+    settings, pairs = [], {}
+    for at, part in entered.groupby(setting, sort=True):
+        index = len(settings)
+        settings.append({"model": at[0], "dataset": at[1], "device": at[2], "target": at[4]})
+        for a, b in combinations(sorted(set(part["method"])), 2):
+            x, y = by_run[(at, a)], by_run[(at, b)]
+            level = compare_runs(x, y, per_sample="none").seed_level
+            d = level.to_dict()
+            pairs.setdefault(f"{a}\t{b}", []).append(
+                [index, d["pairs"], d["mean"], d["low"], d["high"], d["p_t"], d["p_sign_flip"], d["seeds_needed"],
+                 round(float(np.mean([r.top1 for r in x.values()])), 4),
+                 round(float(np.mean([r.top1 for r in y.values()])), 4)])
+    return {"methods": sorted(set(entered["method"])), "settings": settings, "pairs": pairs}

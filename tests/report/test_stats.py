@@ -87,7 +87,8 @@ def test_seeds_needed_reaches_80_percent_power_and_one_fewer_does_not():
     for sd in (0.5, 2.0, 3.7):
         n = seeds_needed(sd)
         assert power(n, sd) >= 0.8 and (n == 2 or power(n - 1, sd) < 0.8)
-    assert seeds_needed(float("nan")) is None and seeds_needed(100.0) is None
+    assert seeds_needed(float("nan")) is None and seeds_needed(1000.0) is None
+    assert seeds_needed(30.0) == pytest.approx(7066, abs=3)       # ≈ ((1.96 + 0.84) × 30)² + 2
 
 
 def test_holm_against_hand_computation():
