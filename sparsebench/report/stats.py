@@ -109,14 +109,15 @@ def pairing_problem(a: RunRecord, b: RunRecord) -> Optional[str]:
     return a.per_sample.unpairable_with(b.per_sample)
 
 
-def pair_samples(a: PerSample, b: PerSample, seed: int = 0) -> RunPair:
-    """McNemar and the bootstrap interval for two per-sample results; `Unpairable` if their test sets differ."""
+def pair_samples(a: PerSample, b: PerSample, seed: int = 0, interval: bool = True) -> RunPair:
+    """McNemar and the bootstrap interval (NaN without `interval`) for two per-sample results;
+    `Unpairable` if their test sets differ."""
     reason = a.unpairable_with(b)
     if reason:
         raise Unpairable(reason)
     x, y = a.vector(), b.vector()
     a_only, b_only = int((x & ~y).sum()), int((~x & y).sum())
-    low, high = bootstrap_difference(x, y, seed=seed)
+    low, high = bootstrap_difference(x, y, seed=seed) if interval else (float("nan"), float("nan"))
     return RunPair(n=int(x.size), a_only=a_only, b_only=b_only, difference=100.0 * (x.mean() - y.mean()),
                    low=low, high=high, p_mcnemar=mcnemar_exact(a_only, b_only))
 
@@ -243,9 +244,10 @@ class Comparison:
 
 
 def compare_runs(a: Mapping[int, SeedRun], b: Mapping[int, SeedRun], per_sample: str = "single",
-                 with_permutation: bool = True) -> Comparison:
+                 with_permutation: bool = True, interval: bool = True) -> Comparison:
     """A against B, pairing runs by seed. `per_sample`: "all" pairs every seed sample by sample
-    (McNemar, bootstrap), "single" only when exactly one seed pairs (the only test then), "none" never."""
+    (McNemar, bootstrap), "single" only when exactly one seed pairs (the only test then), "none" never.
+    `interval`: draw the bootstrap intervals (ranking needs only McNemar's p)."""
     seeds = sorted(set(a) & set(b))
     level = over_seeds(seeds, [a[s].top1 - b[s].top1 for s in seeds], with_permutation)
     per_seed: Dict[int, object] = {}
@@ -257,7 +259,7 @@ def compare_runs(a: Mapping[int, SeedRun], b: Mapping[int, SeedRun], per_sample:
                 per_seed[s] = f"run {missing.run_id or '?'} has no per-sample results (recorded before they were kept)"
                 continue
             try:
-                per_seed[s] = pair_samples(x.per_sample, y.per_sample, seed=s)
+                per_seed[s] = pair_samples(x.per_sample, y.per_sample, seed=s, interval=interval)
             except Unpairable as e:
                 per_seed[s] = str(e)
     comparison = Comparison(level, per_seed)
@@ -298,7 +300,7 @@ def rank_rows(means: Sequence[float], runs: Sequence[Mapping[int, SeedRun]], alp
     if not order:
         return []
     best = order[0]
-    comparisons = {i: compare_runs(runs[best], runs[i], with_permutation=False) for i in order[1:]}
+    comparisons = {i: compare_runs(runs[best], runs[i], with_permutation=False, interval=False) for i in order[1:]}
     tested = [i for i in order[1:] if comparisons[i].p_value is not None]
     adjusted = dict(zip(tested, holm([comparisons[i].p_value for i in tested])))
     ranks: Dict[int, Rank] = {best: Rank("1", None, "best", 0, None)}
