@@ -175,9 +175,9 @@ def compare_methods_text(rows: List[dict]) -> str:
                 refused.append(f"{r['model']} {r['dataset']} {r['target']} seed {seed}: {s['unpaired']}")
     lines = [f"## A = {a}  vs  B = {b}", "",
              "Paired by seed (same dense checkpoint, data split and test set): A − B in top-1 points.", "",
-             pd.DataFrame(settings).to_markdown(index=False), ""]
+             pd.DataFrame(settings).to_markdown(index=False, disable_numparse=True), ""]
     if seeds:
-        lines += ["### Per seed, sample by sample", "", pd.DataFrame(seeds).to_markdown(index=False), ""]
+        lines += ["### Per seed, sample by sample", "", pd.DataFrame(seeds).to_markdown(index=False, disable_numparse=True), ""]
     lines += [f"not paired sample by sample: {line}" for line in refused]
     if older:
         lines += [f"{older} seed pair(s) without a sample-level test: a record predates per-sample results."]
