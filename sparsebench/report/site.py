@@ -190,7 +190,11 @@ def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records:
              'point\'s, not the method\'s), are listed apart under each table with their status and reason, never '
              'ranked. <i>mechanism</i> says whether the method\'s mechanism acted in every seed, or the row is a '
              'null control (the mechanism switched off); <i>Δ control</i> is a row\'s paired top-1 difference to '
-             'its null control. What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
+             'its null control. <i>rank</i>: by mean top-1, with <code>1=</code> for rows not distinguishable from '
+             'the best at 95 % (paired over seeds, Holm-corrected) and <code>(unpaired)</code> for rows with no seed '
+             'in common with it; <i>Δ baseline</i>: a seed method\'s paired difference to the strongest baseline at '
+             'the same target; any two methods side by side: <a href="compare.html">compare</a>. '
+             'What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
     if summary.empty:
         parts.append('<p id="empty">No run records with a result in this directory: nothing to rank yet.</p>')
         return _page(title, "\n".join(parts))
