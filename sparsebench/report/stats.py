@@ -141,17 +141,26 @@ def seeds_needed(sd: float, difference: float = RESOLVE_POINTS, power: float = P
         return None
     if sd == 0:
         return 2
-    # the normal approximation never asks for more seeds than the t-test: start there, count up
-    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
-    n = max(2, int((z * sd / difference) ** 2))
-    while n <= most:
+
+    def powered(n: int) -> bool:
         df = n - 1
         t_crit = stats.t.ppf(1 - alpha / 2, df)
         shift = difference / (sd / math.sqrt(n))
-        if stats.nct.sf(t_crit, df, shift) + stats.nct.cdf(-t_crit, df, shift) >= power:
-            return n
-        n += 1
-    return None
+        wrong_side = stats.nct.cdf(-t_crit, df, shift)        # NaN where it underflows far below 1e-300
+        return stats.nct.sf(t_crit, df, shift) + (0.0 if math.isnan(wrong_side) else wrong_side) >= power
+
+    # power grows with n: bracket from the normal approximation (never more than the t-test needs), bisect
+    z = stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)
+    low = max(1, int((z * sd / difference) ** 2) - 1)      # low < n_needed (n = 1 has no test)
+    if low >= most or not powered(most):
+        return None
+    high = min(most, max(2, 2 * low))
+    while not powered(high):
+        low, high = high, min(most, 2 * high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if powered(mid) else (mid, high)
+    return high
 
 
 def sign_flip_p(differences: Sequence[float], seed: int = 0) -> float:

@@ -87,6 +87,7 @@ def test_seeds_needed_reaches_80_percent_power_and_one_fewer_does_not():
     for sd in (0.5, 2.0, 3.7):
         n = seeds_needed(sd)
         assert power(n, sd) >= 0.8 and (n == 2 or power(n - 1, sd) < 0.8)
+    assert seeds_needed(20.0) == 3142                         # scipy's nct lower tail underflows to NaN here
     assert seeds_needed(float("nan")) is None and seeds_needed(1000.0) is None
     assert seeds_needed(30.0) == pytest.approx(7066, abs=3)       # ≈ ((1.96 + 0.84) × 30)² + 2
 
@@ -123,6 +124,11 @@ def test_grouping_merges_identical_results_and_separates_a_10_percent_difference
     assert table.loc["set", "rank_p"] == pytest.approx(min(1.0, 2 * 2 * 0.5 ** 45), rel=1e-6)  # Holm x2
     md = to_markdown(Leaderboard.of(records).table)
     assert "| 1=" in md and "| 3 " in md
+    # three seeds, the same per-sample results each seed: merged; 10 % worse each seed: separated
+    records = [record(m, s, v) for s in range(3) for m, v in (("gap", base), ("rigl", same), ("set", worse))]
+    table = Leaderboard.of(records).table.set_index("method")
+    assert {table.loc["gap", "rank"], table.loc["rigl", "rank"]} == {"1", "1="}
+    assert table.loc["set", "rank"] == "3" and table.loc["set", "rank_basis"] == "paired t over 3 seeds"
 
 
 def test_grouping_over_seeds_holm_corrected():
