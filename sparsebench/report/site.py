@@ -124,7 +124,7 @@ def _row(r: pd.Series) -> str:
                 f"{display_method(r['baseline'])} (n={base_pairs})") if base_pairs else "–"
     detail = r["errors"] or (r.get("mechanism_reasons") if r["status"] == "did_not_act" else "")
     cells = [
-        (f'<span title="{esc(r.get("rank_basis") or "")}">{esc(rank)}</span>' if rank else "–",
+        (f'<span title="{esc(_rank_title(r))}">{esc(rank)}</span>' if rank else "–",
          rank_sort(rank, r["top1"]) if rank else None),
         (f'<span title="{esc(r["method"])}">{esc(display_method(r["method"]))}</span>', r["method"]),
         (r["target_label"], _target_sort(r)),
@@ -153,6 +153,12 @@ def _row(r: pd.Series) -> str:
     dense = ' class="dense"' if r["target_kind"] == "none" else ""
     return (f'<tr{dense} data-method="{esc(r["method"])}" data-target="{esc(r["target_label"])}" '
             f'data-status="{esc(r["status"])}">' + "".join(tds) + "</tr>")
+
+
+def _rank_title(r) -> str:
+    """How the row was compared with the best, and the Holm-adjusted p-value."""
+    p = as_float(r.get("rank_p"))
+    return (r.get("rank_basis") or "") + ("" if p is None else f"; Holm-adjusted p = {p:.3g}")
 
 
 def rank_sort(rank: str, top1) -> str:

@@ -337,7 +337,7 @@ def test_compare_page_pairs_two_methods_and_tables_show_ranks(tmp_path):
     build_site(records, tmp_path, svg=False)
     index = (tmp_path / "index.html").read_text()
     assert re.search(r'data-method="gap".*?<td class="text" data-sort="[\d.]+"><span title="best">1</span>', index)
-    assert re.search(r'data-method="rigl".*?<span title="paired t over 3 seeds">2</span>', index)
+    assert re.search(r'data-method="rigl".*?<span title="paired t over 3 seeds; Holm-adjusted p = 0.0[\d]+">2</span>', index)
     assert "seeds needed (median)" in (tmp_path / "protocol.html").read_text()
 
     exe = chromium()
