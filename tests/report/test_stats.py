@@ -230,3 +230,14 @@ def test_compare_command_errors_are_one_line_exit_2(tmp_path, capsys, argv, word
     assert main(["compare", str(root), *argv]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1
+
+
+def test_compare_text_names_pairs_refused_for_different_test_sets(tmp_path, capsys):
+    from sparsebench.cli import main
+
+    v = hits(range(30))
+    records = [record("gap", 0, v),
+               make_record("rigl", 0, 0.9, per_sample=per_sample(v, split_seed=1), run_id="rigl-0")]
+    assert main(["compare", str(write_records(tmp_path, records)), "gap", "rigl"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("not paired sample by sample")]
+    assert len(lines) == 1 and "seed 0: different test sets: split_seed 0 vs 1" in lines[0]
