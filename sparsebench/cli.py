@@ -4,6 +4,7 @@
     sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--launcher local|ray [--address A]]
                       [--retry-failed] [--dry-run]
     sparsebench leaderboard DIR          sparsebench plot DIR          sparsebench report DIR --out SITE
+    sparsebench compare DIR A B [--target sparsity=0.9] [--model M] [--format text|json]
     sparsebench list [methods|models|datasets]
     sparsebench check-data DATASET [--data-root DIR] [--img-size N]
     sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
@@ -486,6 +487,19 @@ def cmd_leaderboard(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Two methods of one results directory, paired by seed at every setting both ran."""
+    from sparsebench.report.compare import CompareError, compare_methods, compare_methods_text
+
+    records = _readable_records(args.dir)
+    try:
+        rows = compare_methods(records, args.a, args.b, target=args.target, model=args.model)
+    except CompareError as e:
+        raise CliError(str(e)) from None
+    print(json.dumps(rows, indent=2) if args.format == "json" else compare_methods_text(rows))
+    return 0
+
+
 def cmd_plot(args) -> int:
     from sparsebench.report import Leaderboard
     from sparsebench.report.plots import plot
@@ -680,6 +694,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("md", "csv", "html"), default="md")
     p.add_argument("--output", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("compare", help="two methods of DIR paired by seed: difference, interval, p-values, seeds needed")
+    p.add_argument("dir")
+    p.add_argument("a", metavar="A", help="method label as the leaderboard prints it, e.g. pass[residual_mode=coupled]")
+    p.add_argument("b", metavar="B", help="the method to compare A with")
+    p.add_argument("--target", help="only this target (sparsity=S, flops=F, or dense)")
+    p.add_argument("--model", help="only this model")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="static HTML report (leaderboards, plots, run pages, protocol) from DIR's records")
     p.add_argument("dir")

@@ -235,8 +235,8 @@ def test_sweep_on_missing_data_is_one_error(tmp_path, capsys):
 def test_readers_of_an_empty_results_folder_say_so_in_one_line(tmp_path, capsys):
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "broken.json").write_text("{")
-    for command in (["leaderboard"], ["plot"], ["report"]):
-        assert main([*command, str(tmp_path)]) == 2
+    for command, tail in ((["leaderboard"], []), (["plot"], []), (["report"], []), (["compare"], ["a", "b"])):
+        assert main([*command, str(tmp_path), *tail]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1] == f"sparsebench: error: no readable run records in '{tmp_path}' (expected JSON records " \
                           f"under '{tmp_path / 'records'}')"

@@ -18,19 +18,33 @@ row is a null control ("control": the method with its mechanism switched off), o
 is a baseline ("–"). `Δ control` is a seed-method row's paired difference to its own null
 control at the same setting: the mean over the seeds both have of (method − control) top-1,
 with its 95 % t-interval (none with one pair) and the number of pairs.
+
+`rank` ties rows that cannot be told apart (`report/stats.py`): within each (dataset, model,
+target, device) table rows are ordered by mean top-1; each row is compared with the best row,
+paired by seed (the paired t-test over the seeds both have; McNemar's exact test on the
+per-sample results when a single seed pairs), and Holm's correction is applied over those
+comparisons. A row not distinguishable from the best at 95 % shares its rank ("1="); the
+others keep their place ("3"); a row that cannot be paired with the best (no common seed, or
+one seed without per-sample results, as in older records) keeps its place by mean, marked
+"(unpaired)". `seeds needed` is the number of seeds a paired t-test would need to resolve a
+1-point difference from the best row at 80 % power, from the observed spread of the per-seed
+differences. `Δ baseline` is a seed-method row's paired difference to the strongest baseline
+at its setting: the best-mean row whose records say it is a baseline (mechanism "–"), dense
+excluded.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from sparsebench.methods.base import METHODS, build_config, config_dict
-from sparsebench.store.record import RunRecord
+from sparsebench.report.stats import SeedRun, compare_runs, rank_rows
+from sparsebench.store.record import PerSample, RunRecord
 
 
 def method_label(record: RunRecord) -> str:
@@ -93,6 +107,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "mechanism": mechanism_of(r),
             "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
             "control_of_row": control_label(r),
+            "per_sample": r.per_sample,
         }
         if r.has_result:
             row.update({
@@ -148,6 +163,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         mechanism=("mechanism", row_mechanism),
     ).reset_index()
     out = with_control_differences(out, df, keys)
+    setting = [k for k in keys if k not in ("method", "granularity")]
+    out = with_baseline_differences(with_ranks(out, df, setting), df, setting)
     out["target"] = out["target"].replace(-1.0, np.nan)
     kind_order = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2})
     return (out.assign(_kind=kind_order)
@@ -192,6 +209,75 @@ def with_control_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[s
         cis.append(ci95(d) if len(d) else float("nan"))
         pairs.append(len(d))
     return out.assign(control_delta=deltas, control_delta_ci=cis, control_pairs=pairs)
+
+
+def seed_runs(runs: pd.DataFrame, setting: List[str]) -> Dict[tuple, Dict[int, SeedRun]]:
+    """{(setting values, method): {seed: SeedRun}} of the runs that enter the means (`test_top1` in points)."""
+    out: Dict[tuple, Dict[int, SeedRun]] = {}
+    for _, r in runs.iterrows():
+        top1 = as_float(r.get("test_top1"))
+        if top1 is None:
+            continue
+        ps = r.get("per_sample")
+        out.setdefault((tuple(r[k] for k in setting), r["method"]), {})[int(r["seed"])] = SeedRun(
+            top1, ps if isinstance(ps, PerSample) else None, str(r.get("run_id") or ""))
+    return out
+
+
+def with_ranks(out: pd.DataFrame, runs: pd.DataFrame, setting: List[str], rankable=None) -> pd.DataFrame:
+    """Add `rank` ("1", "1=", "3", "4 (unpaired)"), `rank_p` (Holm-adjusted p against the best row),
+    `rank_basis`, `rank_pairs` and `seeds_needed` (to resolve 1 point against the best at 80 % power)
+    per (setting) table. `rankable`: a boolean mask of the rows to rank (default all)."""
+    columns = {"rank": "", "rank_p": float("nan"), "rank_basis": "", "rank_pairs": 0, "seeds_needed": float("nan")}
+    out = out.assign(**columns)
+    if out.empty:
+        return out
+    by_run = seed_runs(runs, setting)
+    mask = pd.Series(True, index=out.index) if rankable is None else rankable
+    for at, part in out[mask].groupby(setting, sort=False, dropna=False):
+        at = at if isinstance(at, tuple) else (at,)
+        ranks = rank_rows(list(part["top1"].astype(float)),
+                          [by_run.get((tuple(at), m), {}) for m in part["method"]])
+        for index, rank in zip(part.index, ranks):
+            out.at[index, "rank"] = rank.label
+            out.at[index, "rank_p"] = float("nan") if rank.p_adjusted is None else rank.p_adjusted
+            out.at[index, "rank_basis"] = rank.basis
+            out.at[index, "rank_pairs"] = rank.pairs
+            out.at[index, "seeds_needed"] = float("nan") if rank.seeds_needed is None else rank.seeds_needed
+    return out
+
+
+def is_baseline_row(method: str, mechanism: str) -> bool:
+    """A baseline for `Δ baseline`: its records say it has no mechanism ("–"); the dense reference excluded."""
+    return mechanism == "–" and method.split("[", 1)[0] != "dense"
+
+
+def with_baseline_differences(out: pd.DataFrame, runs: pd.DataFrame, setting: List[str], rankable=None) -> pd.DataFrame:
+    """Add `baseline` (the strongest baseline's label at the row's setting), `baseline_delta`,
+    `baseline_delta_ci` (95 % t half-width) and `baseline_pairs` to each seed-method row (its
+    mechanism acted, or acted in some seeds): paired over the seeds both have."""
+    out = out.assign(baseline=None, baseline_delta=float("nan"), baseline_delta_ci=float("nan"), baseline_pairs=0)
+    if out.empty:
+        return out
+    by_run = seed_runs(runs, setting)
+    mask = pd.Series(True, index=out.index) if rankable is None else rankable
+    for at, part in out[mask].groupby(setting, sort=False, dropna=False):
+        at = tuple(at) if isinstance(at, tuple) else (at,)
+        bases = part[[is_baseline_row(m, k) for m, k in zip(part["method"], part["mechanism"])]]
+        if bases.empty:
+            continue
+        strongest = bases.loc[bases["top1"].astype(float).idxmax(), "method"]
+        for index, row in part[part["mechanism"].isin(["acted", "mixed"])].iterrows():
+            c = compare_runs(by_run.get((at, row["method"]), {}), by_run.get((at, strongest), {}),
+                             per_sample="none", with_permutation=False)
+            if not c.pairs:
+                continue
+            level = c.seed_level
+            out.at[index, "baseline"] = strongest
+            out.at[index, "baseline_delta"] = level.mean
+            out.at[index, "baseline_delta_ci"] = (level.high - level.low) / 2
+            out.at[index, "baseline_pairs"] = level.pairs
+    return out
 
 
 def excluded(df: pd.DataFrame) -> pd.DataFrame:
@@ -251,7 +337,8 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
         measured = (plus_minus(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×") if r["realizable"] \
             else "not realizable"
         rows.append({
-            "dataset": r["dataset"], "model": r["model"], "target": target, "method": r["method"],
+            "dataset": r["dataset"], "model": r["model"], "target": target, "rank": r.get("rank") or "",
+            "method": r["method"],
             "top1 (%)": plus_minus(r["top1"], r["top1_ci"], ".2f"),
             "Δ dense": plus_minus(r["delta"], r["delta_ci"], "+.2f"),
             "sparsity": f"{r['sparsity']:.3f}", "FLOPs ratio": f"{r['flops']:.3f}",
@@ -260,6 +347,8 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "train GMACs": "–" if pd.isna(r.get("train_macs")) else f"{r['train_macs'] / 1e9:.1f}",
             "mechanism": r.get("mechanism", "not recorded"),
             "Δ control": _control_cell(r),
+            "Δ baseline": baseline_cell(r),
+            "seeds needed": seeds_needed_cell(r.get("seeds_needed")),
             "device": r["device"], "seeds": int(r["seeds"]),
         })
     return pd.DataFrame(rows)
@@ -271,6 +360,19 @@ def _control_cell(r) -> str:
     if not n:
         return "–"
     return f"{plus_minus(r['control_delta'], r['control_delta_ci'], '+.2f')} (n={n})"
+
+
+def baseline_cell(r) -> str:
+    """"+1.23 ± 0.45 vs l1-channel (n=3)" for a seed-method row with a baseline at its setting, else "–"."""
+    n = int(as_float(r.get("baseline_pairs")) or 0)
+    if not n:
+        return "–"
+    return f"{plus_minus(r['baseline_delta'], r['baseline_delta_ci'], '+.2f')} vs {r['baseline']} (n={n})"
+
+
+def seeds_needed_cell(v) -> str:
+    f = as_float(v)
+    return "–" if f is None else f"{f:.0f}"
 
 
 def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.DataFrame = None) -> str:
@@ -297,7 +399,13 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "mechanism: acted (the method's defining mechanism acted in every seed, by the thresholds it declares), "
         "control (its null control: the mechanism switched off, all else equal), – (a baseline); a run whose "
         "mechanism did not act is left out of the means. Δ control: paired difference (method − its null "
-        "control) in top-1 points over the seeds both have, 95 % t-interval, n pairs.",
+        "control) in top-1 points over the seeds both have, 95 % t-interval, n pairs. "
+        "rank: by mean top-1; \"1=\" is not distinguishable from the best row at 95 % (paired t-test over seeds, or "
+        "exact McNemar on the per-sample results of a single seed; Holm-corrected over the comparisons with the "
+        "best); \"(unpaired)\": no seed pairs with the best, ranked by mean alone. Δ baseline: paired difference to "
+        "the strongest baseline at the same target (best-mean row without a mechanism, dense excluded). "
+        "seeds needed: seeds a paired t-test would need to resolve 1 point against the best row at 80 % power, "
+        "from the observed spread of the per-seed differences.",
         "",
     ]
     return "\n".join(lines)

@@ -20,7 +20,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.leaderboard import (
-    as_float, ci95, control_label, mechanism_of, method_label, ranked, row_mechanism, with_control_differences,
+    as_float, ci95, control_label, mechanism_of, method_label, ranked, row_mechanism, with_baseline_differences,
+    with_control_differences, with_ranks,
 )
 from sparsebench.store.record import RunRecord
 
@@ -83,7 +84,7 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
         "macs_dense": None, "macs_is": None, "theoretical_speedup": None, "measured_speedup": None,
         "speedup_lo": lo, "speedup_hi": hi, "realizable": None, "realization_kind": None, "realization_reason": None,
         "mechanism": mechanism_of(r), "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
-        "control_of_row": control_label(r),
+        "control_of_row": control_label(r), "per_sample": r.per_sample,
     }
     if r.has_result:
         row.update(
@@ -113,7 +114,9 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     standing: "ok" for the runs that enter the means (`leaderboard.ranked`), "did_not_act" for
     runs that met their target but whose mechanism did not act, else the record's status.
     Each row has the leaderboard's `mechanism` word and, for a seed-method "ok" row, its
-    paired difference to its null control (`control_delta`, `_ci`, `control_pairs`)."""
+    paired difference to its null control (`control_delta`, `_ci`, `control_pairs`); "ok" rows carry
+    the leaderboard's `rank` within their (dataset, model, device, target) table and, for a
+    seed-method row, its paired difference to the strongest baseline (`baseline_delta`, ...)."""
     if runs.empty:
         return pd.DataFrame()
     entered = ranked(runs)
@@ -148,7 +151,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
         else:
             row["speedup_lo"], row["speedup_hi"] = _mean(g["speedup_lo"]), _mean(g["speedup_hi"])
         rows.append(row)
-    out = with_control_differences(pd.DataFrame(rows), entered.assign(test_top1=entered["top1"]), keys)
+    entered = entered.assign(test_top1=entered["top1"])
+    out = with_control_differences(pd.DataFrame(rows), entered, keys)
+    setting, ok = ["dataset", "model", "device", "target_kind", "target_label"], out["status"] == "ok"
+    out = with_baseline_differences(with_ranks(out, entered, setting, ok), entered, setting, ok)
     kind = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2}).fillna(3)
     status = out["status"].map({"ok": 0, "missed_target": 1, "diverged": 2, "failed": 3}).fillna(4)
     return (out.assign(_k=kind, _s=status, _t=out["target"].astype(float).fillna(-1))

@@ -64,7 +64,7 @@ def _page(title: str, body: str, depth: int = 0) -> str:
 <script src="{up}assets/site.js" defer></script>
 </head><body>
 <header><h1>{esc(title)}</h1>
-<nav><a href="{up}index.html">Leaderboard</a><a href="{up}index.html#plots">Plots</a><a href="{up}protocol.html">Protocol</a></nav>
+<nav><a href="{up}index.html">Leaderboard</a><a href="{up}index.html#plots">Plots</a><a href="{up}compare.html">Compare</a><a href="{up}protocol.html">Protocol</a></nav>
 </header>
 {body}
 <footer><p class="note">Built by <code>sparsebench report</code> from run records only.</p></footer>
@@ -74,6 +74,8 @@ def _page(title: str, body: str, depth: int = 0) -> str:
 
 # --- front page ---------------------------------------------------------------------------------
 COLUMNS = [  # (header, data-type, css class, title)
+    ("rank", "num", "text", "by mean top-1; 1=: not distinguishable from the best row at 95 % (paired over seeds, "
+                            "Holm-corrected); (unpaired): no seed pairs with the best, placed by mean alone"),
     ("method", "text", "text", "method name, with the arguments that differ from its defaults"),
     ("target", "text", "text", "sparsity=S: fraction of prunable weights zero; flops=F: MACs kept"),
     ("sparsity", "num", "", "achieved sparsity of the prunable weights"),
@@ -85,6 +87,10 @@ COLUMNS = [  # (header, data-type, css class, title)
                                   "switched off; –: a baseline; not recorded: an older record"),
     ("Δ control", "num", "", "paired top-1 difference to the method's null control at this setting, mean ± 95 % "
                              "t-interval over the seeds both have (n pairs)"),
+    ("Δ baseline", "num", "", "paired top-1 difference to the strongest baseline at this target (best-mean row "
+                              "without a mechanism, dense excluded), mean ± 95 % t-interval (n pairs)"),
+    ("seeds needed", "num", "", "seeds a paired t-test would need to resolve 1 point against the best row at 80 % "
+                                "power, from the observed spread of the per-seed differences"),
     ("params", "num", "", "non-zero parameters"),
     ("MMACs", "num", "", "MACs per image, millions (theoretical for masked runs)"),
     ("theor. speedup", "num", "", "dense MACs / realized MACs"),
@@ -112,8 +118,14 @@ def _row(r: pd.Series) -> str:
     mechanism = r.get("mechanism") or "not recorded"
     pairs = int(as_float(r.get("control_pairs")) or 0)
     control = f"{plus_minus(r['control_delta'], r['control_delta_ci'], '+.2f')} (n={pairs})" if pairs else "–"
+    rank = r.get("rank") if isinstance(r.get("rank"), str) else ""
+    base_pairs = int(as_float(r.get("baseline_pairs")) or 0)
+    baseline = (f"{plus_minus(r['baseline_delta'], r['baseline_delta_ci'], '+.2f')} vs "
+                f"{display_method(r['baseline'])} (n={base_pairs})") if base_pairs else "–"
     detail = r["errors"] or (r.get("mechanism_reasons") if r["status"] == "did_not_act" else "")
     cells = [
+        (f'<span title="{esc(_rank_title(r))}">{esc(rank)}</span>' if rank else "–",
+         rank_sort(rank, r["top1"]) if rank else None),
         (f'<span title="{esc(r["method"])}">{esc(display_method(r["method"]))}</span>', r["method"]),
         (r["target_label"], _target_sort(r)),
         (_fmt(r["sparsity"], ".3f"), r["sparsity"]), (_fmt(r["flops"], ".3f"), r["flops"]),
@@ -121,6 +133,8 @@ def _row(r: pd.Series) -> str:
         (_fmt(r["delta"], "+.2f"), r["delta"]),
         (f'<span title="{esc(MECHANISM_HELP.get(mechanism, ""))}">{esc(mechanism)}</span>', mechanism),
         (control, r["control_delta"] if pairs else None),
+        (baseline, r["baseline_delta"] if base_pairs else None),
+        (_fmt(r.get("seeds_needed"), ".0f"), r.get("seeds_needed")),
         (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),
         (_fmt(as_float(r["macs"]) and r["macs"] / 1e6, ".3f"), r["macs"]),
         (_fmt(r["theoretical_speedup"], ".2f", "×"), r["theoretical_speedup"]), (speed, speed_sort),
@@ -139,6 +153,18 @@ def _row(r: pd.Series) -> str:
     dense = ' class="dense"' if r["target_kind"] == "none" else ""
     return (f'<tr{dense} data-method="{esc(r["method"])}" data-target="{esc(r["target_label"])}" '
             f'data-status="{esc(r["status"])}">' + "".join(tds) + "</tr>")
+
+
+def _rank_title(r) -> str:
+    """How the row was compared with the best, and the Holm-adjusted p-value."""
+    p = as_float(r.get("rank_p"))
+    return (r.get("rank_basis") or "") + ("" if p is None else f"; Holm-adjusted p = {p:.3g}")
+
+
+def rank_sort(rank: str, top1) -> str:
+    """Sort key of a rank cell: the group (1 for "1="), then the mean, so ties keep their order."""
+    group = 1 if rank in ("1", "1=") else int(rank.split()[0])
+    return f"{group + (1 - (as_float(top1) or 0) / 1000):.6f}"
 
 
 def _seed_of(run_id: str) -> str:
@@ -170,7 +196,11 @@ def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records:
              'point\'s, not the method\'s), are listed apart under each table with their status and reason, never '
              'ranked. <i>mechanism</i> says whether the method\'s mechanism acted in every seed, or the row is a '
              'null control (the mechanism switched off); <i>Δ control</i> is a row\'s paired top-1 difference to '
-             'its null control. What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
+             'its null control. <i>rank</i>: by mean top-1, with <code>1=</code> for rows not distinguishable from '
+             'the best at 95 % (paired over seeds, Holm-corrected) and <code>(unpaired)</code> for rows with no seed '
+             'in common with it; <i>Δ baseline</i>: a seed method\'s paired difference to the strongest baseline at '
+             'the same target; any two methods side by side: <a href="compare.html">compare</a>. '
+             'What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
     if summary.empty:
         parts.append('<p id="empty">No run records with a result in this directory: nothing to rank yet.</p>')
         return _page(title, "\n".join(parts))
@@ -390,8 +420,54 @@ checkpoint is trained on first use and cached under the output directory.</p>
     return _page(f"Run {record.run_id}", body, depth=1)
 
 
+# --- comparison ---------------------------------------------------------------------------------
+def _compare_page(runs: pd.DataFrame) -> str:
+    from sparsebench.report.compare import comparison_data
+
+    data = comparison_data(runs)
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
+    options = "".join(f'<option value="{esc(m)}">{esc(display_method(m))}</option>' for m in data["methods"])
+    head = "".join(f'<th class="{cls}" title="{esc(tip)}">{esc(name)}</th>' for name, cls, tip in (
+        ("model", "text", ""), ("dataset", "text", ""), ("target", "text", ""), ("device", "text", ""),
+        ("pairs", "", "seeds both methods ran"), ("A mean", "", "top-1 (%) over A's seeds"),
+        ("B mean", "", "top-1 (%) over B's seeds"), ("Δ (A − B)", "", "mean per-seed difference, top-1 points"),
+        ("95 % CI", "", "t-interval of the mean difference (none with one pair)"),
+        ("p (t)", "", "paired t-test"), ("p (sign-flip)", "", "exact sign-flip permutation test"),
+        ("seeds needed", "", "seeds to resolve 1 point at 80 % power")))
+    body = f"""
+<p class="note">Pick two methods: each row is a (model, dataset, target, device) where both have ranked runs, with the
+per-seed paired difference A − B in top-1 points (same seed: same dense checkpoint, data split and test set), its
+95 % t-interval, the paired t-test and exact sign-flip p-values, and the seeds a paired t-test would need to resolve
+1 point at 80 % power. With n seeds the sign-flip p cannot fall below 2/2^n (0.25 with 3 seeds). Sample-level tests
+for two runs of one seed (exact McNemar, paired bootstrap): <code>sparsebench compare DIR A B</code>.</p>
+<div class="filters"><label>A <select id="compare-a">{options}</select></label>
+<label>B <select id="compare-b">{options}</select></label></div>
+<p id="compare-empty" class="note" hidden>These two methods share no setting.</p>
+<div class="scroll"><table class="compare" id="compare-table"><thead><tr>{head}</tr></thead><tbody></tbody></table></div>
+<noscript><p>The comparison view needs JavaScript (no network); the same numbers: <code>sparsebench compare DIR A B
+--format json</code>.</p></noscript>
+<script type="application/json" id="comparisons">{payload}</script>
+"""
+    return _page("Compare two methods", body)
+
+
 # --- protocol -----------------------------------------------------------------------------------
-def _protocol(runs: pd.DataFrame, records: List[RunRecord]) -> str:
+def _seeds_needed_rows(summary: pd.DataFrame) -> List[List[object]]:
+    """Per table: rows paired with the best, and the seeds needed against it (median and largest)."""
+    if summary.empty or "seeds_needed" not in summary:
+        return []
+    rows = []
+    ok = summary[summary["status"] == "ok"]
+    for (dataset, model, device, label), part in ok.groupby(["dataset", "model", "device", "target_label"], sort=True):
+        need = pd.to_numeric(part["seeds_needed"], errors="coerce").dropna()
+        ties = int((part["rank"] == "1=").sum())
+        seeds = int(part["seeds"].max())
+        rows.append([model, dataset, label, device, len(part), seeds, ties,
+                     "–" if need.empty else f"{need.median():.0f}", "–" if need.empty else f"{need.max():.0f}"])
+    return rows
+
+
+def _protocol(runs: pd.DataFrame, records: List[RunRecord], summary: pd.DataFrame = None) -> str:
     recipes, splits, measures, seeds, policies = {}, {}, {}, set(), {}
     for r in records:
         recipes.setdefault((r.model, r.dataset), r.spec.get("recipe", {}))
@@ -460,6 +536,22 @@ fine-tune and seeds); suites with <code>controls: true</code> run it beside the 
 paired top-1 difference, method − control, over the seeds both have, with its 95 % t-interval and the number of
 pairs. Each run page shows the verdict, the telemetry beside its thresholds, and the training curves (loss, learning
 rate, validation top-1 and the method's update events against step).</p>
+<h2 id="ties">Ties, paired tests and seeds needed</h2>
+<p>Runs of one seed share the dense checkpoint, the data split and the test set, so two methods pair seed by seed.
+Within each (model, dataset, target, device) table the rows are ordered by mean top-1 and each row is compared with
+the best row: the paired t-test over the seeds both have (the difference that matters is across training seeds), or,
+when a single seed pairs, the exact McNemar test on the test samples only one of the two runs got right (records
+keep each test sample's correctness, keyed to the test set's identity; two runs pair only when they saw the same
+samples). Holm's correction is applied over the comparisons with the best. <b>rank</b> <code>1=</code>: not
+distinguishable from the best at 95 %; a plain number: distinguishable, placed by mean; <code>(unpaired)</code>: no
+seed pairs with the best (one seed without per-sample results, as in older records), placed by mean alone, with no
+claim either way. <b>Δ baseline</b>: a seed-method row's paired difference to the strongest baseline at the same
+target (the best-mean row whose records say it has no mechanism, dense excluded). <b>Seeds needed</b>: from the
+standard deviation of the per-seed differences to the best row, the number of seeds at which a paired t-test would
+detect a 1-point difference with 80 % power (noncentral t). The <a href="compare.html">comparison page</a> pairs any
+two methods.</p>
+{table(["model", "dataset", "target", "device", "rows", "seeds", "rows tied with the best",
+        "seeds needed (median)", "seeds needed (largest)"], _seeds_needed_rows(summary if summary is not None else pd.DataFrame()))}
 <h2>Prunable set</h2>
 <p>Sparsity is stated over the prunable set: the conv and linear weights a method may touch. By default unstructured
 methods leave the model card's <b>first conv (input layer) and classifier dense</b>; records say which policy they used
@@ -511,7 +603,8 @@ def build_site(records: Iterable[RunRecord], out: Path, title: str = "sparsebenc
                 files[kind] = rel
             plots[(dataset, model)] = files
     write("index.html", _index(summary, plots, len(records), title, svg))
-    write("protocol.html", _protocol(runs, records))
+    write("protocol.html", _protocol(runs, records, summary))
+    write("compare.html", _compare_page(runs))
     by_id = {r["run_id"]: r for r in runs.to_dict("records")} if not runs.empty else {}
     for record in records:
         name = slug(record.run_id)

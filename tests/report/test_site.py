@@ -137,7 +137,7 @@ def test_front_page_in_chromium_sorts_filters_and_loads_plots(site):
 
 def test_every_link_and_image_resolves(site):
     pages = list(site.rglob("*.html"))
-    assert len(pages) == 2 + len(list((QUICK / "records").glob("*.json")))
+    assert len(pages) == 3 + len(list((QUICK / "records").glob("*.json")))
     for page in pages:
         text = page.read_text()
         for ref in re.findall(r'(?:href|src)="([^"]+)"', text):
@@ -297,3 +297,61 @@ def test_a_run_whose_mechanism_did_not_act_is_listed_apart_never_ranked(tmp_path
     rigl_row = re.search(r'<tr data-method="rigl" .*?</tr>', board, re.S).group(0)
     assert ">acted<" in rigl_row and "+2.67 ± " in rigl_row and "(n=3)" in rigl_row
     assert '<option value="did_not_act">' in index                                   # the status filter offers it
+
+
+COMPARE_PROBE = """
+<script>
+window.addEventListener("load", function () {
+  var out = {};
+  function rows() {
+    return Array.prototype.map.call(document.getElementById("compare-table").tBodies[0].rows, function (r) {
+      return Array.prototype.map.call(r.cells, function (c) { return c.textContent; });
+    });
+  }
+  var a = document.getElementById("compare-a"), b = document.getElementById("compare-b");
+  a.value = "rigl"; b.value = "gap"; b.dispatchEvent(new Event("change"));
+  out.reversed = rows();
+  a.value = "gap"; b.value = "rigl"; b.dispatchEvent(new Event("change"));
+  out.forward = rows();
+  out.errors = window.__errors;
+  var pre = document.createElement("pre");
+  pre.id = "probe-result";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
+
+
+def test_compare_page_pairs_two_methods_and_tables_show_ranks(tmp_path):
+    """Three seeds of two methods: the comparison page shows the paired difference both ways round,
+    with the t-interval scipy gives; the front page ranks them; the protocol lists the seeds needed."""
+    import numpy as np
+    from scipy import stats
+
+    from conftest import make_record
+    from sparsebench.report.site import build_site
+
+    tops = {"gap": [0.90, 0.93, 0.91], "rigl": [0.85, 0.86, 0.88]}
+    records = [make_record(m, s, t, run_id=f"{m}-{s}") for m, ts in tops.items() for s, t in enumerate(ts)]
+    build_site(records, tmp_path, svg=False)
+    index = (tmp_path / "index.html").read_text()
+    assert re.search(r'data-method="gap".*?<td class="text" data-sort="[\d.]+"><span title="best">1</span>', index)
+    assert re.search(r'data-method="rigl".*?<span title="paired t over 3 seeds; Holm-adjusted p = 0.0[\d]+">2</span>', index)
+    assert "seeds needed (median)" in (tmp_path / "protocol.html").read_text()
+
+    exe = chromium()
+    html = (tmp_path / "compare.html").read_text()
+    probe = tmp_path / "probe.html"
+    probe.write_text(html.replace("<head>", "<head>" + CATCH, 1).replace("</body>", COMPARE_PROBE + "</body>", 1))
+    dom, log = dump_dom(exe, probe)
+    found = re.search(r'<pre id="probe-result">(.*?)</pre>', dom, re.S)
+    assert found, f"probe did not run; chromium said:\n{log[-2000:]}"
+    result = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    d = 100 * (np.array(tops["gap"]) - np.array(tops["rigl"]))
+    ci = stats.ttest_1samp(d, 0.0).confidence_interval(0.95)
+    (forward,), (reversed_,) = result["forward"], result["reversed"]
+    assert forward[4] == "3" and forward[7] == f"+{d.mean():.2f}"
+    assert forward[8] == f"[+{ci.low:.2f}, +{ci.high:.2f}]"
+    assert reversed_[7] == f"-{d.mean():.2f}" and reversed_[8] == f"[-{ci.high:.2f}, -{ci.low:.2f}]"
+    assert reversed_[5] == forward[6] and result["errors"] == []
