@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence
 
@@ -147,6 +148,7 @@ class UnitPruneAndGrow(TrainerHook):
         if self.revival and shadow is None:
             raise ValueError('grow="revival" needs the shadow weights read before the initial masks')
         self.shadow, self.dense_macs, self.revival_macs = shadow, int(dense_macs), 0
+        self.revival_seconds = 0.0
         self.initial = ([h.clone() for h in heads], [j.clone() for j in neurons])
         self.generator = generator
         self.total, self.every, self.cfg, self.updates = total, every, cfg, updates
@@ -207,6 +209,7 @@ class UnitPruneAndGrow(TrainerHook):
 
     def _revival_scores(self, trainer: Trainer) -> tuple:
         """|∂L/∂g| per unit on the update batch, every unit active with its shadow weights."""
+        start = time.perf_counter()
         x, y = trainer.batch
         self.shadow.record(self.masks)                   # active units: their weights now
 
@@ -220,6 +223,7 @@ class UnitPruneAndGrow(TrainerHook):
         macs = x.shape[0] * self.dense_macs
         trainer.add_macs(forward=macs, backward=macs)
         self.revival_macs += 2 * macs
+        self.revival_seconds += time.perf_counter() - start
         return heads, neurons
 
     def telemetry(self) -> dict:
@@ -647,7 +651,8 @@ class S2ViTE(_ViTSparseTraining):
                    "closed_form_flops_ratio": (extra_macs + space.macs([int(k.sum()) for k in kept])) / dense_macs,
                    "compaction_max_abs_error": error, "updates": updates.history, "grow": cfg.grow,
                    **({"faithfulness": "ablation: non-official growth criterion",
-                       "revival_macs": updates.revival_macs} if cfg.grow == "revival" else {})},
+                       "revival_macs": updates.revival_macs,
+                       "revival_seconds": round(updates.revival_seconds, 3)} if cfg.grow == "revival" else {})},
             mechanism=self.judge(updates.telemetry()),
         )
 
