@@ -224,7 +224,7 @@ class MaskSet(TrainerHook):
         return list(self.masks)
 
 
-# --- initial masks ---------------------------------------------------------------------------
+# --- weights of masked entries, kept aside ---------------------------------------------------
 class ShadowWeights:
     """The last active values of masked weights, kept aside while their entries are masked.
 
@@ -276,6 +276,7 @@ class ShadowWeights:
         self.values = {n: state[n].clone().to(self.values[n].device) for n in self.values}
 
 
+# --- initial masks ---------------------------------------------------------------------------
 def initial_masks(params: Dict[str, torch.Tensor], sparsity: float, distribution: str = "uniform",
                   criterion: str = "random", generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
     """Masks at `sparsity` over `params`, exact per-layer counts.
