@@ -41,7 +41,7 @@ from sparsebench.training.masks import (
 )
 from sparsebench.training.trainer import HookOrder, Trainer, TrainerHook
 from sparsebench.training.vit_slim import check_supported, num_tokens
-from sparsebench.training.vit_units import ViTUnitSpace, unit_gate_gradients
+from sparsebench.training.vit_units import ViTUnitSpace
 
 
 # --- the schedule shared by both variants (spec §1) -------------------------------------------
@@ -125,9 +125,11 @@ class UnitPruneAndGrow(TrainerHook):
       unit's gate evaluated *as if the unit were active*. `shadow` keeps every unit's last
       active weights (its weights when it was pruned; for a unit never active, its initial
       weights before the first masks). On the update batch, after the optimizer step, every
-      unit is switched on with its shadow weights behind a gate g = 1, one forward and a
-      backward to the gates (no optimizer step, parameter gradients untouched) give |∂L/∂g|
-      per unit, and the top-k inactive ones are grown. Grown units get their **shadow
+      unit is switched on with its shadow weights behind a gate g = 1 that blends its output
+      from its pruned value (a head's v-bias, a neuron's 0: `ViTUnitSpace.gate_gradients`);
+      one forward and a backward to the gates (no optimizer step, parameter gradients
+      untouched) give |∂L/∂g| per unit (= the Taylor score |g·∂L/∂g| at g = 1), and the
+      top-k inactive ones are grown. Grown units get their **shadow
       weights back** (with fresh optimizer state), not zeros as in RigL: the score was
       measured with those weights, and a neuron grown at 0 has exactly zero gradient on
       both its fc1 row and fc2 column, so it could never train and would be pruned again.
@@ -140,13 +142,15 @@ class UnitPruneAndGrow(TrainerHook):
 
     def __init__(self, model: VisionTransformer, masks: MaskSet, heads: List[torch.Tensor],
                  neurons: List[torch.Tensor], total: int, every: int, cfg, generator: torch.Generator,
-                 updates: bool = True, shadow: Optional[ShadowWeights] = None, dense_macs: int = 0):
-        """`shadow`: the unit weights read before the initial masks (needed by `grow="revival"`);
-        `dense_macs`: per-image MACs of the model with every unit active (revival's extra pass)."""
+                 updates: bool = True, shadow: Optional[ShadowWeights] = None, space: Optional[ViTUnitSpace] = None,
+                 dense_macs: int = 0):
+        """`grow="revival"` needs `shadow` (the unit weights read before the initial masks) and
+        `space` (its unit gates); `dense_macs`: per-image MACs with every unit active."""
         self.model, self.masks, self.heads, self.neurons = model, masks, heads, neurons
         self.revival = cfg.grow == "revival"
-        if self.revival and shadow is None:
-            raise ValueError('grow="revival" needs the shadow weights read before the initial masks')
+        if self.revival and (shadow is None or space is None):
+            raise ValueError('grow="revival" needs the shadow weights read before the initial masks and the unit space')
+        self.space = space
         self.shadow, self.dense_macs, self.revival_macs = shadow, int(dense_macs), 0
         self.revival_seconds = 0.0
         self.initial = ([h.clone() for h in heads], [j.clone() for j in neurons])
@@ -219,7 +223,9 @@ class UnitPruneAndGrow(TrainerHook):
                 return F.cross_entropy(out.float(), y, label_smoothing=trainer.recipe.label_smoothing)
 
         with self.shadow.revived(self.masks):
-            heads, neurons = unit_gate_gradients(self.model, loss_fn)
+            scores = self.space.gate_gradients(self.model, loss_fn)
+        heads = [s for s, g in zip(scores, self.space.groups) if g.kind == "heads"]
+        neurons = [s for s, g in zip(scores, self.space.groups) if g.kind == "mlp"]
         macs = x.shape[0] * self.dense_macs
         trainer.add_macs(forward=macs, backward=macs)
         self.revival_macs += 2 * macs
@@ -632,7 +638,7 @@ class S2ViTE(_ViTSparseTraining):
         masks = MaskSet(model, unit_masks)
         every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
         updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator,
-                                   updates=cfg.topology_updates, shadow=shadow,
+                                   updates=cfg.topology_updates, shadow=shadow, space=space,
                                    dense_macs=extra_macs + space.dense_macs)
         trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
         try:

@@ -25,6 +25,7 @@ from sparsebench.training.vit_slim import (
     BlockStructure, ViTStructure, check_supported, default_input_size, emulate_structure, num_tokens, slim_vit,
 )
 from sparsebench.training.channels import UnitSpace
+from sparsebench.training.gates import UnitGates
 
 UNIT_KINDS = ("heads", "mlp")
 
@@ -57,47 +58,6 @@ def mlp_l1_scores(model: nn.Module) -> List[torch.Tensor]:
     """Per block, the L1 norm of each neuron's `fc1` row plus its `fc2` column."""
     return [(blk.mlp.fc1.weight.detach().abs().sum(1) + blk.mlp.fc2.weight.detach().abs().sum(0)).cpu()
             for blk in model.blocks]
-
-
-def unit_gate_gradients(model: nn.Module, loss_fn) -> tuple:
-    """|∂L/∂g| per head and per MLP neuron of every block, with a gate g = 1 on each unit.
-
-    Head h's gate scales its slice of `attn.proj`'s input (its output, fused attention or
-    not); neuron j's gate scales input j of `mlp.fc2` (its activation). `loss_fn(model)` runs
-    the forward and returns the loss; only the gates are differentiated (parameter `.grad`s
-    are untouched). At g = 1 this is also the Taylor score |g·∂L/∂g| of the unit's output.
-    Returns `(heads, neurons)`: one float tensor per block each (on the CPU).
-    """
-    check_supported(model)
-    device = next(model.parameters()).device
-    gates_h = [torch.ones(blk.attn.num_heads, device=device, requires_grad=True) for blk in model.blocks]
-    gates_j = [torch.ones(blk.mlp.fc2.in_features, device=device, requires_grad=True) for blk in model.blocks]
-
-    def head_gate(g):
-        def hook(module, inputs):
-            a = inputs[0]
-            b, n, width = a.shape
-            return (a.view(b, n, len(g), width // len(g)) * g.to(a.dtype)[:, None]).view(b, n, width),
-        return hook
-
-    def neuron_gate(g):
-        def hook(module, inputs):
-            return (inputs[0] * g.to(inputs[0].dtype)),
-        return hook
-
-    handles = []
-    try:
-        for blk, gh, gj in zip(model.blocks, gates_h, gates_j):
-            handles.append(blk.attn.proj.register_forward_pre_hook(head_gate(gh)))
-            handles.append(blk.mlp.fc2.register_forward_pre_hook(neuron_gate(gj)))
-        with torch.enable_grad():
-            loss = loss_fn(model)
-            grads = torch.autograd.grad(loss, gates_h + gates_j)
-    finally:
-        for h in handles:
-            h.remove()
-    k = len(gates_h)
-    return ([g.detach().abs().float().cpu() for g in grads[:k]], [g.detach().abs().float().cpu() for g in grads[k:]])
 
 
 class ViTUnitSpace(UnitSpace):
@@ -194,6 +154,23 @@ class ViTUnitSpace(UnitSpace):
 
                 handles.append(blk.mlp.fc2.register_forward_pre_hook(fc2_pre))
         return handles
+
+    def gate_gradients(self, model: nn.Module, loss_fn) -> List[torch.Tensor]:
+        """|∂L/∂g| per unit, in group order, with every gate at g = 1 (`gate_hooks`).
+
+        The gate blends a unit's output from the value it has when pruned (a head's v-bias,
+        a neuron's 0) to its output, so at g = 1 this is the first-order Taylor estimate of
+        the loss change from pruning the unit, whatever the weights in place. `loss_fn(model)`
+        runs the forward and returns the loss; only the gates are differentiated (parameter
+        `.grad`s are untouched). One tensor per group, float, on the CPU.
+        """
+        device = next(model.parameters()).device
+        values = [torch.ones(g.size, device=device, requires_grad=True) for g in self.groups]
+        with UnitGates(self, model) as gates:
+            gates.set(values)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss_fn(model), values)
+        return [g.detach().abs().float().cpu() for g in grads]
 
     def compact(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> nn.Module:
         """A new, physically smaller stock timm ViT (`slim_vit`)."""

@@ -20,7 +20,7 @@ from sparsebench.training.importance import HeadOutputTaylor
 from sparsebench.training.masks import DynamicSparsity, MaskSet, ShadowWeights, drop_and_grow, prunable_weights
 from sparsebench.training.trainer import TrainerHook
 from sparsebench.training.vit_slim import ViTStructure, slim_vit, vit_macs, vit_params
-from sparsebench.training.vit_units import ViTUnitSpace, unit_gate_gradients
+from sparsebench.training.vit_units import ViTUnitSpace
 
 from conftest import make_context, set_fused_attention, tiny_spec
 
@@ -387,24 +387,33 @@ def test_s2vite_random_growth_moves_units_and_keeps_counts():
 
 # --- the revival growth criterion (non-official ablation) ------------------------------------------
 def test_unit_gate_gradients_equal_weight_times_gradient_of_the_consuming_columns():
-    """Scaling input j of a Linear by g is scaling its column j, so ∂L/∂g = Σ_i W[i,j]·∂L/∂W[i,j]:
-    a reference from an ordinary backward (heads: summed over each head's proj columns)."""
+    """Scaling input j of a Linear by g is scaling its column j, so ∂L/∂g = Σ_i W[i,j]·∂L/∂W[i,j]
+    (a neuron); a head's gate blends from its v-bias, which subtracts Σ_c b_v[c]·Σ_i W[i,c]·∂L/∂b[i]:
+    a reference from an ordinary backward."""
     torch.manual_seed(0)
     model = create_model("vit_cifar_tiny", num_classes=10)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.bias.normal_()                             # a live v-bias to blend from
     x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 10, (5,))
+    space = ViTUnitSpace(model, (3, 32, 32))
 
     def loss_fn(m):
         return nn.functional.cross_entropy(m(x), y)
 
-    heads, neurons = unit_gate_gradients(model, loss_fn)
+    scores = space.gate_gradients(model, loss_fn)
     assert all(p.grad is None for p in model.parameters())           # only the gates were differentiated
     loss_fn(model).backward()
-    for b, blk in enumerate(model.blocks):
-        proj, fc2 = blk.attn.proj.weight, blk.mlp.fc2.weight
-        ref_h = (proj * proj.grad).sum(0).view(blk.attn.num_heads, -1).sum(1).abs()
-        ref_j = (fc2 * fc2.grad).sum(0).abs()
-        torch.testing.assert_close(heads[b], ref_h.detach(), rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(neurons[b], ref_j.detach(), rtol=1e-4, atol=1e-7)
+    for g, score in zip(space.groups, scores):
+        blk = model.blocks[g.block]
+        if g.kind == "heads":
+            proj, b_v = blk.attn.proj, blk.attn.qkv.bias.view(3, -1)[2]
+            per_column = (proj.weight * proj.weight.grad).sum(0) - b_v * (proj.weight * proj.bias.grad[:, None]).sum(0)
+            ref = per_column.view(g.size, -1).sum(1).abs()
+        else:
+            fc2 = blk.mlp.fc2.weight
+            ref = (fc2 * fc2.grad).sum(0).abs()
+        torch.testing.assert_close(score, ref.detach(), rtol=1e-4, atol=1e-6)
 
 
 def test_shadow_weights_keep_the_pruned_values_and_revive_exactly():
