@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Literal, Optional, Sequence
 
@@ -36,7 +37,7 @@ from sparsebench.errors import SpecError
 from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 from sparsebench.training.importance import HeadOutputTaylor
 from sparsebench.training.masks import (
-    DynamicSparsity, MaskSet, drop_and_grow, initial_masks, layer_densities, prunable_weights,
+    DynamicSparsity, MaskSet, ShadowWeights, drop_and_grow, initial_masks, layer_densities, prunable_weights,
 )
 from sparsebench.training.trainer import HookOrder, Trainer, TrainerHook
 from sparsebench.training.vit_slim import check_supported, num_tokens
@@ -115,14 +116,43 @@ class UnitPruneAndGrow(TrainerHook):
     (the null control). Every update appends to `history` and marks a `structure` event:
     units swapped (pruned and regrown) and units moved (grown where inactive before the
     prune). Unit masks, history and generator are in `state_dict` for an exact resume.
+
+    `cfg.grow` picks the grow score of the inactive units (just-pruned ones included):
+    - `"gradient"` (official): heads by Σ|∂L/∂A_h|, neurons by ‖∂L/∂W‖₁ of their rows and
+      columns. An inactive unit's score is (nearly) zero, so growth regrows what it pruned.
+    - `"random"`: uniform random scores (an ablation).
+    - `"revival"` (**ablation: non-official growth criterion**): the loss gradient of each
+      unit's gate evaluated *as if the unit were active*. `shadow` keeps every unit's last
+      active weights (its weights when it was pruned; for a unit never active, its initial
+      weights before the first masks). On the update batch, after the optimizer step, every
+      unit is switched on with its shadow weights behind a gate g = 1 that blends its output
+      from its pruned value (a head's v-bias, a neuron's 0: `ViTUnitSpace.gate_gradients`);
+      one forward and a backward to the gates (no optimizer step, parameter gradients
+      untouched) give |∂L/∂g| per unit (= the Taylor score |g·∂L/∂g| at g = 1), and the
+      top-k inactive ones are grown. Grown units get their **shadow
+      weights back** (with fresh optimizer state), not zeros as in RigL: the score was
+      measured with those weights, and a neuron grown at 0 has exactly zero gradient on
+      both its fc1 row and fc2 column, so it could never train and would be pruned again.
+      The extra pass costs B·M_dense forward + B·M_dense backward MACs (activation
+      gradients only), added with `trainer.add_macs`; `revival_macs` sums it. Prune scores
+      stay the official ones.
     """
 
     order = HookOrder.READS_DENSE_GRADIENTS
 
     def __init__(self, model: VisionTransformer, masks: MaskSet, heads: List[torch.Tensor],
                  neurons: List[torch.Tensor], total: int, every: int, cfg, generator: torch.Generator,
-                 updates: bool = True):
+                 updates: bool = True, shadow: Optional[ShadowWeights] = None, space: Optional[ViTUnitSpace] = None,
+                 dense_macs: int = 0):
+        """`grow="revival"` needs `shadow` (the unit weights read before the initial masks) and
+        `space` (its unit gates); `dense_macs`: per-image MACs with every unit active."""
         self.model, self.masks, self.heads, self.neurons = model, masks, heads, neurons
+        self.revival = cfg.grow == "revival"
+        if self.revival and (shadow is None or space is None):
+            raise ValueError('grow="revival" needs the shadow weights read before the initial masks and the unit space')
+        self.space = space
+        self.shadow, self.dense_macs, self.revival_macs = shadow, int(dense_macs), 0
+        self.revival_seconds = 0.0
         self.initial = ([h.clone() for h in heads], [j.clone() for j in neurons])
         self.generator = generator
         self.total, self.every, self.cfg, self.updates = total, every, cfg, updates
@@ -153,6 +183,8 @@ class UnitPruneAndGrow(TrainerHook):
             raise RuntimeError("S²ViTE scored no attention head on the update batch")
         dr = drop_fraction(t, self.total, self.cfg.alpha, self.cfg.floor, self.cfg.t_end, self.cfg.decay_over)
         neuron_w = neuron_l1(self.model)
+        if self.revival:
+            revive_h, revive_j = self._revival_scores(trainer)
         swapped, moved = {"heads": 0, "neurons": 0}, {"heads": 0, "neurons": 0}
         for b in range(len(self.heads)):
             h, j = self.heads[b], self.neurons[b]
@@ -161,6 +193,8 @@ class UnitPruneAndGrow(TrainerHook):
             grow_h, grow_j = self.capture.grad_l1[b], self.neuron_grads[b]
             if self.cfg.grow == "random":
                 grow_h, grow_j = torch.rand(len(h), generator=self.generator), torch.rand(len(j), generator=self.generator)
+            elif self.revival:
+                grow_h, grow_j = revive_h[b], revive_j[b]
             # the shared RigL primitive on unit masks: the Taylor / ℓ1 scores play |w|'s part
             self.heads[b] = drop_and_grow(h, self.capture.taylor[b], grow_h, kh, self.generator)
             self.neurons[b] = drop_and_grow(j, neuron_w[b], grow_j, kj, self.generator)
@@ -169,10 +203,34 @@ class UnitPruneAndGrow(TrainerHook):
             moved["heads"] += int((self.heads[b] & ~h).sum())
             moved["neurons"] += int((self.neurons[b] & ~j).sum())
         for name, m in unit_weight_masks(self.model, self.heads, self.neurons).items():
+            grown = m.to(self.masks.masks[name].device) & ~self.masks.masks[name]
             self.masks.update(name, m, trainer.optimizer)
+            if self.revival:
+                self.shadow.restore(name, grown)
         self.history.append({"step": t, "drop_fraction": dr, "swapped": swapped, "moved": moved})
         trainer.event("structure", heads_swapped=swapped["heads"], heads_moved=moved["heads"],
                       neurons_swapped=swapped["neurons"], neurons_moved=moved["neurons"], drop_fraction=dr)
+
+    def _revival_scores(self, trainer: Trainer) -> tuple:
+        """|∂L/∂g| per unit on the update batch, every unit active with its shadow weights."""
+        start = time.perf_counter()
+        x, y = trainer.batch
+        self.shadow.record(self.masks)                   # active units: their weights now
+
+        def loss_fn(model):
+            with trainer.autocast():
+                out = model(x)
+                return F.cross_entropy(out.float(), y, label_smoothing=trainer.recipe.label_smoothing)
+
+        with self.shadow.revived(self.masks):
+            scores = self.space.gate_gradients(self.model, loss_fn)
+        heads = [s for s, g in zip(scores, self.space.groups) if g.kind == "heads"]
+        neurons = [s for s, g in zip(scores, self.space.groups) if g.kind == "mlp"]
+        macs = x.shape[0] * self.dense_macs
+        trainer.add_macs(forward=macs, backward=macs)
+        self.revival_macs += 2 * macs
+        self.revival_seconds += time.perf_counter() - start
+        return heads, neurons
 
     def telemetry(self) -> dict:
         """Units pruned-and-regrown and units moved (grown where inactive before) per update and
@@ -194,9 +252,13 @@ class UnitPruneAndGrow(TrainerHook):
         return out
 
     def state_dict(self) -> dict:
-        return {"heads": [h.clone() for h in self.heads], "neurons": [j.clone() for j in self.neurons],
-                "initial": ([h.clone() for h in self.initial[0]], [j.clone() for j in self.initial[1]]),
-                "history": [dict(h) for h in self.history], "generator": self.generator.get_state()}
+        state = {"heads": [h.clone() for h in self.heads], "neurons": [j.clone() for j in self.neurons],
+                 "initial": ([h.clone() for h in self.initial[0]], [j.clone() for j in self.initial[1]]),
+                 "history": [dict(h) for h in self.history], "generator": self.generator.get_state()}
+        if self.shadow is not None:
+            state["shadow"] = self.shadow.state_dict()
+            state["revival_macs"] = self.revival_macs
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.heads[:] = [h.clone() for h in state["heads"]]       # in place: the method reads these lists
@@ -204,6 +266,9 @@ class UnitPruneAndGrow(TrainerHook):
         self.initial = ([h.clone() for h in state["initial"][0]], [j.clone() for j in state["initial"][1]])
         self.history = [dict(h) for h in state["history"]]
         self.generator.set_state(state["generator"])
+        if self.shadow is not None:
+            self.shadow.load_state_dict(state["shadow"])
+            self.revival_macs = int(state["revival_macs"])
 
     def remove(self) -> None:
         self.capture.remove()
@@ -436,7 +501,8 @@ class ScheduleConfig:
     decay_over: Literal["total", "t_end"] = "total"
     update_every: Optional[int] = None                   # ΔT in steps; None: update_fraction of T
     update_fraction: float = 0.08
-    grow: Literal["gradient", "random"] = "gradient"
+    # "revival" (S²ViTE only): a non-official ablation, see `UnitPruneAndGrow`
+    grow: Literal["gradient", "random", "revival"] = "gradient"
     # False: the null control, no prune-and-grow (static masks / structure, same budget and fine-tune)
     topology_updates: bool = True
 
@@ -493,6 +559,11 @@ class SViTE(_ViTSparseTraining):
         include_head: bool = True                        # official: every dim-2/4 parameter is masked
         include_patch_embed: bool = True
 
+        def __post_init__(self):
+            super().__post_init__()
+            if self.grow == "revival":
+                raise ValueError('grow="revival" grows heads and neurons: s2vite only')
+
     def train(self, ctx: MethodContext, cfg, hooks=(), no_weight_decay=(), tokens: Optional[int] = None,
               extra_macs: int = 0) -> Outcome:
         model = ctx.model
@@ -528,7 +599,12 @@ class S2ViTE(_ViTSparseTraining):
     column is 0 and its fc1 bias is still the initial 0; so are the dense gradients of its
     masked weights, so no gradient criterion can revive it), and an inactive head's `proj`
     columns see a constant input and decay under AdamW; a head moves only now and then, on
-    a few-step budget. This follows from the spec's criteria; `grow="random"` is the ablation.
+    a few-step budget. This follows from the spec's criteria; `grow="random"` and
+    `grow="revival"` are the ablations. `grow="revival"` (**ablation: non-official growth
+    criterion**, spec §12; the record's notes say `faithfulness: "ablation: non-official
+    growth criterion"`) scores each inactive unit by |∂L/∂g| of a gate on its output,
+    evaluated with every unit switched on with its last active (shadow) weights, and grows
+    the winners with those weights (`UnitPruneAndGrow`); it moves units.
 
     Mechanism: prune-and-grow of units. It acted when ≥ 1 update ran and ≥ 1 unit (head or
     neuron) was grown where it was inactive before (`units_moved_total`); updates that only
@@ -555,10 +631,15 @@ class S2ViTE(_ViTSparseTraining):
         generator = torch.Generator().manual_seed(ctx.seed)
         heads = [random_units(blk.attn.num_heads, h, generator) for blk in model.blocks]
         neurons = [random_units(blk.mlp.fc1.out_features, m, generator) for blk in model.blocks]
-        masks = MaskSet(model, unit_weight_masks(model, heads, neurons))
+        unit_masks = unit_weight_masks(model, heads, neurons)
+        params = dict(model.named_parameters())
+        # revival's shadow: the unit weights before the initial masks zero the inactive ones
+        shadow = ShadowWeights({n: params[n] for n in unit_masks}) if cfg.grow == "revival" else None
+        masks = MaskSet(model, unit_masks)
         every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
         updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator,
-                                   updates=cfg.topology_updates)
+                                   updates=cfg.topology_updates, shadow=shadow, space=space,
+                                   dense_macs=extra_macs + space.dense_macs)
         trainer = ctx.make_trainer(hooks=[updates, *hooks, masks], no_weight_decay=no_weight_decay)
         try:
             trainer.fit(total, progress=ctx.progress, desc=self.name)
@@ -574,7 +655,10 @@ class S2ViTE(_ViTSparseTraining):
             prunable=[n for n in prunable_weights(model) if not n.startswith("norm_pre")],
             notes={"heads_per_block": h, "mlp_per_block": m, "update_every": every,
                    "closed_form_flops_ratio": (extra_macs + space.macs([int(k.sum()) for k in kept])) / dense_macs,
-                   "compaction_max_abs_error": error, "updates": updates.history},
+                   "compaction_max_abs_error": error, "updates": updates.history, "grow": cfg.grow,
+                   **({"faithfulness": "ablation: non-official growth criterion",
+                       "revival_macs": updates.revival_macs,
+                       "revival_seconds": round(updates.revival_seconds, 3)} if cfg.grow == "revival" else {})},
             mechanism=self.judge(updates.telemetry()),
         )
 
@@ -628,6 +712,8 @@ class SViTEPlus(Method):
             super().__post_init__()
             if self.token_keep <= 0:
                 raise ValueError(f"token_keep must be > 0, got {self.token_keep}")
+            if self.grow == "revival" and self.base != "s2vite":
+                raise ValueError('grow="revival" grows heads and neurons: base="s2vite" only')
 
     @property
     def target_kind(self) -> str:

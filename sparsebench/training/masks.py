@@ -6,6 +6,7 @@ them to one `MaskSet`; none carries its own bookkeeping.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -221,6 +222,58 @@ class MaskSet(TrainerHook):
 
     def names(self) -> List[str]:
         return list(self.masks)
+
+
+# --- weights of masked entries, kept aside ---------------------------------------------------
+class ShadowWeights:
+    """The last active values of masked weights, kept aside while their entries are masked.
+
+    A `MaskSet` zeroes an entry when it is pruned; a growth criterion that asks what an
+    inactive unit *would* do (S²ViTE's `grow="revival"` ablation) needs its weights back.
+    `record(masks)` copies every currently active entry into the shadow (so an entry's shadow
+    is its value at the last record before it was pruned; entries never active keep their
+    value at construction, i.e. the weights before the initial masks were applied);
+    `revived(masks)` temporarily puts the shadow values into the inactive entries (exact
+    restore on exit); `restore(name, entries)` writes the shadow into entries being regrown.
+    """
+
+    def __init__(self, params: Dict[str, torch.Tensor]):
+        """`params`: name → parameter, read now (before any mask is applied)."""
+        self.params = dict(params)
+        self.values = {n: p.detach().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def record(self, masks: "MaskSet") -> None:
+        for n, p in self.params.items():
+            m = masks.masks[n]
+            self.values[n] = torch.where(m, p.detach(), self.values[n])
+
+    @torch.no_grad()
+    def restore(self, name: str, entries: torch.Tensor) -> None:
+        p = self.params[name]
+        p[entries] = self.values[name][entries].to(p.dtype)
+
+    @contextlib.contextmanager
+    def revived(self, masks: "MaskSet"):
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        try:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(torch.where(masks.masks[n], p, self.values[n].to(p.dtype)))
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+    def state_dict(self) -> dict:
+        return {n: v.clone() for n, v in self.values.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        unknown = set(state) ^ set(self.values)
+        if unknown:
+            raise KeyError(f"shadow weights do not match: {sorted(unknown)}")
+        self.values = {n: state[n].clone().to(self.values[n].device) for n in self.values}
 
 
 # --- initial masks ---------------------------------------------------------------------------

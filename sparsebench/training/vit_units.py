@@ -25,6 +25,7 @@ from sparsebench.training.vit_slim import (
     BlockStructure, ViTStructure, check_supported, default_input_size, emulate_structure, num_tokens, slim_vit,
 )
 from sparsebench.training.channels import UnitSpace
+from sparsebench.training.gates import UnitGates
 
 UNIT_KINDS = ("heads", "mlp")
 
@@ -153,6 +154,23 @@ class ViTUnitSpace(UnitSpace):
 
                 handles.append(blk.mlp.fc2.register_forward_pre_hook(fc2_pre))
         return handles
+
+    def gate_gradients(self, model: nn.Module, loss_fn) -> List[torch.Tensor]:
+        """|∂L/∂g| per unit, in group order, with every gate at g = 1 (`gate_hooks`).
+
+        The gate blends a unit's output from the value it has when pruned (a head's v-bias,
+        a neuron's 0) to its output, so at g = 1 this is the first-order Taylor estimate of
+        the loss change from pruning the unit, whatever the weights in place. `loss_fn(model)`
+        runs the forward and returns the loss; only the gates are differentiated (parameter
+        `.grad`s are untouched). One tensor per group, float, on the CPU.
+        """
+        device = next(model.parameters()).device
+        values = [torch.ones(g.size, device=device, requires_grad=True) for g in self.groups]
+        with UnitGates(self, model) as gates:
+            gates.set(values)
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss_fn(model), values)
+        return [g.detach().abs().float().cpu() for g in grads]
 
     def compact(self, model: nn.Module, masks: Sequence[torch.Tensor]) -> nn.Module:
         """A new, physically smaller stock timm ViT (`slim_vit`)."""

@@ -9,6 +9,7 @@ from torch import nn
 from sparsebench.errors import SpecError
 from sparsebench.methods import create_method
 from sparsebench.methods.svite import (
+    UnitPruneAndGrow,
     TemperatureSchedule, TokenSelector, drop_fraction, insert_selector, is_update_step, selector_of,
     svite_initial_masks, unit_weight_masks, update_interval,
 )
@@ -16,7 +17,7 @@ from sparsebench.measure.flops import count_macs
 from sparsebench.models import create_model
 from sparsebench.runners.pipeline import RunOptions, execute
 from sparsebench.training.importance import HeadOutputTaylor
-from sparsebench.training.masks import DynamicSparsity, MaskSet, drop_and_grow, prunable_weights
+from sparsebench.training.masks import DynamicSparsity, MaskSet, ShadowWeights, drop_and_grow, prunable_weights
 from sparsebench.training.trainer import TrainerHook
 from sparsebench.training.vit_slim import ViTStructure, slim_vit, vit_macs, vit_params
 from sparsebench.training.vit_units import ViTUnitSpace
@@ -382,6 +383,108 @@ def test_s2vite_random_growth_moves_units_and_keeps_counts():
     assert sum(u["moved"]["neurons"] for u in out.notes["updates"]) > 0
     assert out.structure["summary"]["mlp"] == [out.notes["mlp_per_block"]] * 4
     assert out.notes["compaction_max_abs_error"] < 1e-5
+
+
+# --- the revival growth criterion (non-official ablation) ------------------------------------------
+def test_unit_gate_gradients_equal_weight_times_gradient_of_the_consuming_columns():
+    """Scaling input j of a Linear by g is scaling its column j, so ∂L/∂g = Σ_i W[i,j]·∂L/∂W[i,j]
+    (a neuron); a head's gate blends from its v-bias, which subtracts Σ_c b_v[c]·Σ_i W[i,c]·∂L/∂b[i]:
+    a reference from an ordinary backward."""
+    torch.manual_seed(0)
+    model = create_model("vit_cifar_tiny", num_classes=10)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.bias.normal_()                             # a live v-bias to blend from
+    x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 10, (5,))
+    space = ViTUnitSpace(model, (3, 32, 32))
+
+    def loss_fn(m):
+        return nn.functional.cross_entropy(m(x), y)
+
+    scores = space.gate_gradients(model, loss_fn)
+    assert all(p.grad is None for p in model.parameters())           # only the gates were differentiated
+    loss_fn(model).backward()
+    for g, score in zip(space.groups, scores):
+        blk = model.blocks[g.block]
+        if g.kind == "heads":
+            proj, b_v = blk.attn.proj, blk.attn.qkv.bias.view(3, -1)[2]
+            per_column = (proj.weight * proj.weight.grad).sum(0) - b_v * (proj.weight * proj.bias.grad[:, None]).sum(0)
+            ref = per_column.view(g.size, -1).sum(1).abs()
+        else:
+            fc2 = blk.mlp.fc2.weight
+            ref = (fc2 * fc2.grad).sum(0).abs()
+        torch.testing.assert_close(score, ref.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_shadow_weights_keep_the_pruned_values_and_revive_exactly():
+    layer = nn.Linear(4, 6)
+    before = layer.weight.detach().clone()
+    shadow = ShadowWeights({"weight": layer.weight})
+    keep = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)[:, None].expand(-1, 4)
+    masks = MaskSet(layer, {"weight": keep.clone()})
+    with torch.no_grad():
+        layer.weight.add_(1.0)                                        # training moves the active rows
+    trained = layer.weight.detach().clone()
+    shadow.record(masks)
+    pruned = torch.tensor([0, 1, 1, 1, 0, 0], dtype=torch.bool)[:, None].expand(-1, 4)
+    masks.update("weight", pruned.clone())                            # row 0 pruned, row 3 grown at 0
+    assert torch.equal(shadow.values["weight"][0], trained[0])        # its value when pruned
+    assert torch.equal(shadow.values["weight"][4:], before[4:])       # never active: the initial value
+    now = layer.weight.detach().clone()
+    with shadow.revived(masks):
+        assert torch.equal(layer.weight[0], trained[0]) and torch.equal(layer.weight[4:], before[4:])
+        assert torch.equal(layer.weight[1:4], now[1:4])
+    assert torch.equal(layer.weight, now)
+    shadow.restore("weight", pruned & ~keep)
+    assert torch.equal(layer.weight[3], before[3]) and torch.equal(layer.weight[0], torch.zeros(4))
+
+
+def test_s2vite_revival_growth_revives_inactive_units(monkeypatch):
+    seen = []
+    after_step = UnitPruneAndGrow.after_step
+
+    def watching(self, trainer):
+        due = self._due(trainer.step)
+        if due:
+            weights = {n: p.detach().clone() for n, p in self.masks.params.items()}
+            old = {n: m.clone() for n, m in self.masks.masks.items()}
+        after_step(self, trainer)
+        if due:
+            seen.append((weights, old, {n: m.clone() for n, m in self.masks.masks.items()},
+                         {n: v.clone() for n, v in self.shadow.values.items()},
+                         {n: p.detach().clone() for n, p in self.masks.params.items()}))
+
+    monkeypatch.setattr(UnitPruneAndGrow, "after_step", watching)
+    method = create_method("s2vite", grow="revival", update_every=3)
+    ctx = make_context("vit_cifar_tiny", "flops=0.6", method, budget=10)
+    out = method.run(ctx)
+    m = out.mechanism.metrics
+    assert out.mechanism.acted and m["updates"] == len(ctx.curve.events_of("structure")) == 2 == len(seen)
+    # never-active neurons (exactly zero gradient under the official criterion) are grown
+    assert m["neurons_moved_total"] > 0 and m["units_changed"] > 0
+    assert out.notes["faithfulness"] == "ablation: non-official growth criterion"
+    assert out.structure["summary"]["mlp"] == [out.notes["mlp_per_block"]] * 4
+    assert out.notes["compaction_max_abs_error"] < 1e-5
+    # one extra forward and activation backward of the all-active model per update
+    dense = ViTUnitSpace(ctx.model, ctx.input_size).dense_macs
+    assert out.notes["revival_macs"] == 2 * 2 * ctx.train_loader.batch_size * dense
+    for weights, old, new, shadow, after in seen:
+        for n in old:
+            pruned, grown = old[n] & ~new[n], new[n] & ~old[n]
+            assert torch.equal(shadow[n][pruned], weights[n][pruned])     # the shadow: its weights when pruned
+            assert torch.equal(after[n][grown], shadow[n][grown])         # grown with its shadow weights
+            assert torch.equal(after[n][~new[n]], torch.zeros_like(after[n][~new[n]]))
+        assert any((new[n] & ~old[n]).any() for n in old)
+
+
+def test_s2vite_revival_is_s2vite_only_and_official_runs_keep_no_shadow():
+    with pytest.raises(ValueError):
+        create_method("svite", grow="revival")
+    with pytest.raises(ValueError):
+        create_method("svite-plus", base="svite", grow="revival")
+    method = create_method("s2vite", update_every=3)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=4))
+    assert "faithfulness" not in out.notes and out.notes["grow"] == "gradient"
 
 
 # --- mechanism telemetry and null controls ---------------------------------------------------------
