@@ -106,8 +106,22 @@ acts at FLOPs 0.5, 0.3 and 0.25 (16–34 of 112 channels off the prior, 0.37–0
 but the searched structure is not better than the prior's: it narrows the last residual
 stream (e.g. 7–10 of 32 channels kept at FLOPs 0.25 where the prior keeps 14–17), and after
 the harness's fine-tune it scores as the null control does at FLOPs 0.5 (±2 points), lower
-on 2 of 3 seeds at 0.3 and on every seed at 0.25 (by 8–26 points). The search's loss is that of the frozen masked network, which cannot see
-what fine-tuning recovers; the evidence suite measures this over 5 seeds.
+on 2 of 3 seeds at 0.3 and on every seed at 0.25 (by 8–26 points). The search's loss is that
+of the frozen masked network, which cannot see what fine-tuning recovers; the evidence suite
+measures this over 5 seeds.
+
+What the verdict does not show: that the search moves the selection *because of the task*.
+An independent check ran the search on randomly permuted labels (same dense checkpoint, seeds
+3, 4, hypernetwork seed 13): it passes both thresholds too (0.21–0.38 of the channels, i.e.
+about half as many moved, since a swap counts twice; 0.51–1.03 z-units), and the consistent
+part of the score changes correlates as well with the random-label search as with a second
+true-label search (r ≈ 0.5–0.8). So `acted` says the prompt and hypernetwork changed the
+structure (an lr of 1e-9 gives 0 and 0, "did not act"), not that they found a better one:
+that is the paired comparison with the null control (`Δ control` in the leaderboard).
+Also: a residual stream's position in the forward order is its first producer's, so in a
+block whose `downsample` runs before `conv1` the stream precedes that block's `conv1`; the
+encoder and hypernetwork sizes (`hidden=64`, `encoder_channels=(16, 32)`) are the spec's
+paper-scale values, not its tiny column (16, (8, 16)).
 """
 from __future__ import annotations
 
