@@ -47,6 +47,15 @@ def chromium():
     return exe
 
 
+# How a probe hands its findings back: JSON in a <pre> the test reads from the dumped DOM.
+PROBE_REPORT = """  out.errors = window.__errors;
+  var pre = document.createElement("pre");
+  pre.id = "probe-result";
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>
+"""
 PROBE = """
 <script>
 window.addEventListener("load", function () {
@@ -83,14 +92,7 @@ window.addEventListener("load", function () {
   method.value = ""; target.value = ""; status.value = "ok";
   status.dispatchEvent(new Event("change"));
   out.statusOk = Array.prototype.filter.call(table.tBodies[0].rows, function (r) { return !r.hidden; }).length;
-  out.errors = window.__errors;
-  var pre = document.createElement("pre");
-  pre.id = "probe-result";
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>
-"""
+""" + PROBE_REPORT
 CATCH = ('<script>window.__errors = []; window.addEventListener("error", function (e) {'
          ' window.__errors.push(e.message || ("failed to load " + (e.target && (e.target.src || e.target.href)))); },'
          ' true);</script>')
@@ -313,14 +315,7 @@ window.addEventListener("load", function () {
   out.reversed = rows();
   a.value = "gap"; b.value = "rigl"; b.dispatchEvent(new Event("change"));
   out.forward = rows();
-  out.errors = window.__errors;
-  var pre = document.createElement("pre");
-  pre.id = "probe-result";
-  pre.textContent = JSON.stringify(out);
-  document.body.appendChild(pre);
-});
-</script>
-"""
+""" + PROBE_REPORT
 
 
 def test_compare_page_pairs_two_methods_and_tables_show_ranks(tmp_path):

@@ -12,12 +12,11 @@ from conftest import Killed, kill_after, tiny_spec
 KEPT = []
 
 
-@pytest.fixture
-def kept_gmp():
-    @register_method("test-kept-gmp")
-    class KeptGMP(GMP):
-        """GMP that lets the test read its final model and masks."""
+def keeping(name, base):
+    """Register `base` under `name`, keeping each outcome (final model and masks) in KEPT for the test."""
 
+    @register_method(name)
+    class Kept(base):
         def run(self, ctx):
             outcome = super().run(ctx)
             KEPT.append(outcome)
@@ -26,8 +25,13 @@ def kept_gmp():
     try:
         yield
     finally:
-        METHODS._entries.pop("test-kept-gmp")
+        METHODS._entries.pop(name)
         KEPT.clear()
+
+
+@pytest.fixture
+def kept_gmp():
+    yield from keeping("test-kept-gmp", GMP)
 
 
 RESULT_KEYS = ("test_top1", "val_top1", "achieved_sparsity", "achieved_flops_ratio", "dense_test_top1",
@@ -90,20 +94,7 @@ def test_record_states_training_macs(tmp_path, kept_gmp):
 def kept_rigl():
     from sparsebench.methods.dst import RigL
 
-    @register_method("test-kept-rigl")
-    class KeptRigL(RigL):
-        """RigL that lets the test read its final masks."""
-
-        def run(self, ctx):
-            outcome = super().run(ctx)
-            KEPT.append(outcome)
-            return outcome
-
-    try:
-        yield
-    finally:
-        METHODS._entries.pop("test-kept-rigl")
-        KEPT.clear()
+    yield from keeping("test-kept-rigl", RigL)
 
 
 @pytest.mark.parametrize("method, model, target, args", [
