@@ -1,4 +1,5 @@
-"""Refresh the README's quick-suite leaderboard and speedup table from `results/` (run after a sweep).
+"""Refresh the README's quick-suite leaderboard, speedup table and the PASS / OFB evidence tables
+from `results/` (run after a sweep).
 
     python benchmarks/update_readme.py
 """
@@ -7,7 +8,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from sparsebench.report.leaderboard import Leaderboard, display_table
 from sparsebench.report.speedup import speedup_summary
+from sparsebench.runners.pipeline import resolve
+from sparsebench.runners.suite import load_suite
+from sparsebench.store import load_records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +24,26 @@ def replace_between(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+EVIDENCE_COLUMNS = ["target", "rank", "method", "top1 (%)", "Δ control", "Δ baseline", "FLOPs ratio",
+                    "measured speedup", "mechanism", "seeds"]
+
+
+def evidence_table(suite: str) -> str:
+    """The evidence suite's rows from results/evidence (only the runs the suite file plans), one
+    compact table per model, and the runs left out of the means with their reasons."""
+    planned = {resolve(s).hash for s in load_suite(ROOT / "benchmarks" / "evidence" / f"{suite}.yaml").specs}
+    records = [r for r in load_records(ROOT / "results" / "evidence") if r.spec_hash in planned]
+    board = Leaderboard.of(records)
+    table = display_table(board.table)
+    parts = [f"{len(records)} of {len(planned)} planned runs recorded.", ""]
+    for model, part in table.groupby("model", sort=False):
+        parts += [f"{model}", "", part[EVIDENCE_COLUMNS].to_markdown(index=False), ""]
+    if not board.excluded.empty:
+        left = board.excluded[["target", "method", "seed", "status", "detail"]]
+        parts += ["Left out of the means:", "", left.to_markdown(index=False), ""]
+    return "\n".join(parts).strip()
+
+
 def main() -> None:
     readme = (ROOT / "README.md").read_text()
     leaderboard = (ROOT / "results" / "quick" / "leaderboard.md").read_text()
@@ -27,6 +52,8 @@ def main() -> None:
     readme = replace_between(readme, "quick-leaderboard", body)
     readme = replace_between(readme, "speedup-table",
                              speedup_summary(ROOT / "results" / "speedup" / "cpu" / "speedup.csv"))
+    for suite in ("pass", "ofb"):
+        readme = replace_between(readme, f"evidence-{suite}", evidence_table(suite))
     (ROOT / "README.md").write_text(readme)
 
 
