@@ -1,4 +1,4 @@
-// sparsebench static report: sort any column, filter by method, target and status.
+// sparsebench static report: sort any column, filter by method, target and status; compare two methods.
 // Vanilla JS, no network; the tables are plain HTML, so the page reads without JS too.
 (function () {
   "use strict";
@@ -52,7 +52,57 @@
     });
   }
 
+  // The comparison page: every pair's numbers are computed by `sparsebench report` and embedded;
+  // choosing B − A instead of A − B only flips signs and swaps the interval's ends.
+  function fmt(v, digits, signed) {
+    if (v === null || v === undefined) return "–";
+    var s = v.toFixed(digits);
+    return signed && v >= 0 ? "+" + s : s;
+  }
+
+  function fmtP(p) {
+    if (p === null || p === undefined) return "–";
+    return p < 0.001 ? p.toExponential(1) : p.toFixed(3);
+  }
+
+  function renderComparison(data) {
+    var a = document.getElementById("compare-a").value, b = document.getElementById("compare-b").value;
+    var body = document.getElementById("compare-table").tBodies[0];
+    while (body.firstChild) body.removeChild(body.firstChild);
+    var flip = a > b, rows = data.pairs[flip ? b + "\t" + a : a + "\t" + b] || [];
+    document.getElementById("compare-empty").hidden = rows.length > 0 || a === b;
+    rows.forEach(function (r) {
+      var s = data.settings[r[0]], sign = flip ? -1 : 1;
+      var mean = r[2] === null ? null : sign * r[2];
+      var low = r[3] === null ? null : sign * (flip ? r[4] : r[3]);
+      var high = r[4] === null ? null : sign * (flip ? r[3] : r[4]);
+      var cells = [s.model, s.dataset, s.target, s.device, String(r[1]), fmt(flip ? r[9] : r[8], 2),
+                   fmt(flip ? r[8] : r[9], 2), r[1] ? fmt(mean, 2, true) : "no common seed",
+                   low === null ? "–" : "[" + fmt(low, 2, true) + ", " + fmt(high, 2, true) + "]",
+                   fmtP(r[5]), fmtP(r[6]), r[7] === null ? "–" : String(r[7])];
+      var tr = document.createElement("tr");
+      cells.forEach(function (text, i) {
+        var td = document.createElement("td");
+        td.textContent = text;
+        if (i < 4) td.className = "text";
+        tr.appendChild(td);
+      });
+      body.appendChild(tr);
+    });
+  }
+
+  function setupComparison() {
+    var holder = document.getElementById("comparisons");
+    if (!holder) return;
+    var data = JSON.parse(holder.textContent);
+    var a = document.getElementById("compare-a"), b = document.getElementById("compare-b");
+    if (data.methods.length > 1) b.selectedIndex = 1;
+    [a, b].forEach(function (s) { s.addEventListener("change", function () { renderComparison(data); }); });
+    renderComparison(data);
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    setupComparison();
     document.querySelectorAll("table.board th[data-type]").forEach(function (th) {
       th.tabIndex = 0;
       th.addEventListener("click", function () { sortTable(th.closest("table"), th); });
