@@ -1,4 +1,5 @@
 """`sweep --jobs N` under Ctrl-C and under a killed parent: stops within seconds, leaves no workers."""
+import contextlib
 import json
 import os
 import signal
@@ -82,14 +83,28 @@ POOL_SCRIPT = textwrap.dedent("""
     from sparsebench.runners.pool import run_pool
     try:
         run_pool(time.sleep, [600] * 4, 2, print)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print("stopped", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 130))
 """)
+
+
+def _workers(sid: int):
+    """The pool's workers in the session (not its parent, not multiprocessing's resource tracker)."""
+    found = []
+    for pid in _session_pids(sid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            found.append(pid)
+    return found
 
 
 def _start_pool():
     proc = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     deadline = time.monotonic() + 60
     while len(_session_pids(proc.pid)) < 3:                             # parent + two workers
         assert proc.poll() is None and time.monotonic() < deadline
@@ -99,17 +114,32 @@ def _start_pool():
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
-@pytest.mark.parametrize("to", ["group", "parent"])
-def test_interrupting_the_pool_ends_its_workers_now(to):
-    """Ten-minute tasks: SIGINT to the terminal's process group, or to the parent alone (kill -INT)."""
+@pytest.mark.parametrize("to,sig,times", [("group", signal.SIGINT, 1), ("parent", signal.SIGINT, 1),
+                                          ("workers", signal.SIGINT, 1), ("one worker", signal.SIGTERM, 1),
+                                          ("group", signal.SIGINT, 2), ("group", signal.SIGTERM, 1),
+                                          ("parent", signal.SIGTERM, 2)])
+def test_a_stop_signal_to_any_part_of_the_pool_ends_it_now(to, sig, times):
+    """Ten-minute tasks: the signal to the terminal's process group (Ctrl-C), to the parent alone
+    (kill -INT), to the workers alone, to one worker, once or twice in a row: the pool ends within
+    seconds, exit 128 + the signal, no process of it left, no traceback."""
     proc = _start_pool()
-    if to == "group":
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
-        os.kill(proc.pid, signal.SIGINT)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2
+    for _ in range(times):
+        if to == "group":
+            os.killpg(proc.pid, sig)
+        elif to == "parent":
+            os.kill(proc.pid, sig)
+        else:
+            for pid in workers[:1] if to == "one worker" else workers:
+                with contextlib.suppress(ProcessLookupError):    # the first one may have ended them all
+                    os.kill(pid, sig)
+        time.sleep(0.05)
     start = time.monotonic()
     try:
-        assert proc.wait(timeout=20) == 130 and time.monotonic() - start < 10
+        assert proc.wait(timeout=20) == 128 + sig and time.monotonic() - start < 10
+        err = proc.stderr.read()
+        assert err.count("stopped") == 1 and "Traceback" not in err, err
         assert _wait_gone(proc.pid, 5) == []
     finally:
         for pid in _session_pids(proc.pid):
