@@ -157,3 +157,60 @@ def test_killing_the_parent_leaves_no_orphan_workers(tmp_path):
     finally:
         for pid in _session_pids(proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+MIXED_SUITE = textwrap.dedent("""
+    name: mixed
+    methods:
+      - {name: magnitude-global, recipe: {pretrain_epochs: 0.3}}
+      - {name: magnitude-layerwise, recipe: {pretrain_epochs: 300}}
+    models: [resnet20_tiny]
+    datasets: [digits]
+    targets: {sparsity: [0.5]}
+    recipe: {finetune_epochs: 0.2, search_epochs: 0.2}
+    data: {img_size: 16}
+    measure: {latency: false}
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+def test_sigterm_twice_to_the_group_in_the_dense_phase_keeps_finished_runs_and_partial_checkpoints(tmp_path):
+    """One run finishes while the other's worker trains a long dense checkpoint: SIGTERM twice to
+    the whole group stops the sweep (143) with one summary line; the finished record stays as it
+    was, the unfinished run has no record, and its dense pretrain left a loadable mid-fit checkpoint
+    to resume from (and no temp file, no half-written cache file)."""
+    import torch
+
+    suite = tmp_path / "mixed.yaml"
+    suite.write_text(MIXED_SUITE)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsebench", "sweep", str(suite), "--out", str(out), "--jobs", "2",
+                             "--quiet", "--checkpoint-every", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 150
+    try:
+        while not (list(out.glob("records/*.json")) and list(out.glob("checkpoints/partial/dense-*/fit-0.pt"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        finished = {p.name: p.stat().st_mtime_ns for p in out.glob("records/*.json")}
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "1 done" in lines[0] and "1 unfinished" in lines[0] and "Traceback" not in err, err
+    assert _wait_gone(proc.pid, 5) == []
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("records/*.json")} == finished
+    assert len(finished) == 1
+    partial = sorted(out.glob("checkpoints/partial/dense-*/fit-0.pt"))
+    assert len(partial) == 1 and torch.load(partial[0], weights_only=True)["trainer"]["step"] > 0
+    assert len(list(out.glob("checkpoints/dense-*.pt"))) == 1           # only the finished run's dense model
+    assert not [p for p in out.rglob("*.tmp")]
