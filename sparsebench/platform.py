@@ -225,13 +225,6 @@ class LockHolder:
             return "state unknown"
         return PROCESS_STATES.get(code, f"state {code}")
 
-    def parent_pid(self) -> Optional[int]:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            return None
-
     def describe(self, now: Optional[float] = None) -> str:
         now = time.time() if now is None else now
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import os
 import time
 import traceback
 from collections import deque
@@ -170,7 +169,9 @@ class LockWaits:
 
 
 def _own(holder: Optional[LockHolder]) -> bool:
-    return holder is not None and holder.local() and os.getpid() in (holder.pid, holder.parent_pid())
+    from sparsebench.runners.pool import worker_pids
+
+    return holder is not None and holder.local() and holder.pid in worker_pids()
 
 
 def launch_local(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, policy: str = "missing",

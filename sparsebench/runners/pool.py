@@ -91,6 +91,14 @@ def stop_requested() -> Optional[int]:
     return _StopState.signum
 
 
+_running_pools: list = []
+
+
+def worker_pids() -> set:
+    """The pids of this process's pool workers now (a lock one of them holds is this sweep's own)."""
+    return {pid for pool in _running_pools for pid in (getattr(pool, "_processes", None) or {})}
+
+
 def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
              on_result: Callable[[Any], Optional[Iterable[Any]]]) -> None:
     """Run `fn` over `payloads` in `jobs` spawned workers, calling `on_result` as each finishes;
@@ -98,6 +106,7 @@ def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
     with stop_on_signals():
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                    initializer=_worker_init, initargs=(os.getpid(),))
+        _running_pools.append(pool)
         try:
             futures = _submit(pool, fn, payloads)
             while futures:
@@ -112,6 +121,8 @@ def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
         except BaseException:
             end_workers(pool)
             raise
+        finally:
+            _running_pools.remove(pool)
         pool.shutdown(wait=True)
 
 
