@@ -209,6 +209,19 @@ def _print_run_summary(r) -> None:
 
 # --- sweep ----------------------------------------------------------------------------------
 def cmd_sweep(args) -> int:
+    """The sweep; SIGINT or SIGTERM at any moment ends it with one line and exit 128 + the signal."""
+    from sparsebench.runners.pool import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _sweep(args)
+    except Stopped as e:
+        print(f"sparsebench: sweep interrupted by {e.name}; finished runs are saved, re-run the same command "
+              "to resume", file=sys.stderr)
+        return e.exit_code
+
+
+def _sweep(args) -> int:
     from sparsebench.runners.launchers import launch, wants_run
     from sparsebench.runners.pipeline import resolve
     from sparsebench.runners.pool import Stopped

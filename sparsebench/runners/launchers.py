@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import signal
 import time
 import traceback
 from collections import deque
@@ -244,7 +245,7 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
     one with `jobs` CPUs (or joins `address`) and shuts it down at the end."""
     import ray
 
-    from sparsebench.runners.pool import Stopped, stop_on_signals
+    from sparsebench.runners.pool import Stopped, stop_on_signals, stop_requested
 
     summary, start = SweepSummary("ray"), time.perf_counter()
     options = dataclasses.replace(options, progress=None, lock_patience=options.lock_patience or LOCK_PATIENCE_S)
@@ -252,12 +253,12 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
     own = not ray.is_initialized()
     pending = {}
     try:
-        with stop_on_signals():
-            if own:
-                if address:
-                    ray.init(address=address, log_to_driver=False)
-                else:
-                    ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+        if own:
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+        with stop_on_signals():         # after ray.init, which installs signal handlers of its own
             dense_remote = ray.remote(max_retries=max_retries)(_dense_task)
             run_remote = ray.remote(max_retries=max_retries)(_run_task)
             cache = cache_dir_of(options)
@@ -285,13 +286,14 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
                 summary.add(result)
                 if on_result is not None:
                     on_result(result)
-    except Stopped as e:
+    except KeyboardInterrupt as e:   # Ray's waits turn the handler's `Stopped` into a plain KeyboardInterrupt
+        stop = e if isinstance(e, Stopped) else Stopped(stop_requested() or signal.SIGINT)
         for ref in pending:                               # unfinished runs write no record; they resume
             with contextlib.suppress(Exception):
                 ray.cancel(ref, force=True)
         summary.seconds = time.perf_counter() - start
-        e.summary = summary
-        raise
+        stop.summary = summary
+        raise stop from None
     finally:
         if own and ray.is_initialized():
             ray.shutdown()
