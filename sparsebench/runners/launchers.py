@@ -33,7 +33,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import socket
+import threading
 import time
 import traceback
 from collections import deque
@@ -224,8 +227,24 @@ def resources(spec: RunSpec, options: RunOptions) -> dict:
             "num_gpus": 1 if str(options.device).startswith("cuda") else 0}
 
 
-def _dense_task(spec_dict: dict, options: RunOptions) -> Optional[str]:
+def _forward_stop_signals(driver: Optional[tuple]) -> None:
+    """In a Ray worker on the driver's host: a stop signal sent to the worker alone is passed on to the
+    driver, which stops the sweep and cancels this task (the worker inherited them blocked: unblocked)."""
+    if driver is None or driver[0] != socket.gethostname() or threading.current_thread() is not threading.main_thread():
+        return
+
+    def forward(signum, frame):
+        with contextlib.suppress(OSError):
+            os.kill(driver[1], signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _dense_task(spec_dict: dict, options: RunOptions, driver: Optional[tuple] = None) -> Optional[str]:
     """Train (or find) one dense checkpoint; its error as text, so the runs still run and record it."""
+    _forward_stop_signals(driver)
     try:
         prepare_dense(RunSpec.from_dict(spec_dict), options)
         return None
@@ -233,8 +252,10 @@ def _dense_task(spec_dict: dict, options: RunOptions) -> Optional[str]:
         return f"{type(e).__name__}: {e}"    # or waits on the lock / stops on the full disk itself
 
 
-def _run_task(spec_dict: dict, options: RunOptions, policy: str, dense_error: Optional[str]) -> RunResult:
+def _run_task(spec_dict: dict, options: RunOptions, policy: str, dense_error: Optional[str],
+              driver: Optional[tuple] = None) -> RunResult:
     del dense_error                 # the ref only orders this task after its dense task
+    _forward_stop_signals(driver)
     return run_one(spec_dict, options, policy)
 
 
@@ -245,7 +266,7 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
     one with `jobs` CPUs (or joins `address`) and shuts it down at the end."""
     import ray
 
-    from sparsebench.runners.pool import Stopped, stop_on_signals, stop_requested
+    from sparsebench.runners.pool import Stopped, signals_blocked, stop_on_signals, stop_requested, take_stop_signals
 
     summary, start = SweepSummary("ray"), time.perf_counter()
     options = dataclasses.replace(options, progress=None, lock_patience=options.lock_patience or LOCK_PATIENCE_S)
@@ -253,12 +274,18 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
     own = not ray.is_initialized()
     pending = {}
     try:
-        if own:
-            if address:
-                ray.init(address=address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
-        with stop_on_signals():         # after ray.init, which installs signal handlers of its own
+        with stop_on_signals():
+            if own:
+                # Ray's daemons and workers inherit the blocked mask: a signal to the whole process group
+                # (Ctrl-C, kill -TERM -PGID) is the driver's to act on, not theirs to die of (a dead raylet
+                # would end the driver at once, exit 1). ray.init sets handlers of its own: taken back.
+                with signals_blocked():
+                    if address:
+                        ray.init(address=address, log_to_driver=False)
+                    else:
+                        ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+                    take_stop_signals()
+            driver = (socket.gethostname(), os.getpid())
             dense_remote = ray.remote(max_retries=max_retries)(_dense_task)
             run_remote = ray.remote(max_retries=max_retries)(_run_task)
             cache = cache_dir_of(options)
@@ -268,9 +295,9 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
                 key = stable_hash(s.dense_key())
                 if key not in dense_refs:
                     dense_refs[key] = None if dense_path(s, cache).exists() else \
-                        dense_remote.options(**need).remote(s.to_dict(), options)
+                        dense_remote.options(**need).remote(s.to_dict(), options, driver)
                     summary.dense_tasks += dense_refs[key] is not None
-                ref = run_remote.options(**need).remote(s.to_dict(), options, policy, dense_refs[key])
+                ref = run_remote.options(**need).remote(s.to_dict(), options, policy, dense_refs[key], driver)
                 pending[ref] = s
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -281,7 +308,7 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
                     result = _record_failure(s.to_dict(), options, f"{type(e).__name__}: {str(e).splitlines()[0]}")
                 result = waits.final(result)
                 if result is None:                        # its dense lock is another process's: later
-                    pending[run_remote.options(**resources(s, options)).remote(s.to_dict(), options, policy, None)] = s
+                    pending[run_remote.options(**resources(s, options)).remote(s.to_dict(), options, policy, None, driver)] = s
                     continue
                 summary.add(result)
                 if on_result is not None:

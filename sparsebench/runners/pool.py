@@ -87,6 +87,13 @@ def _on_stop_signal(signum, frame) -> None:
     raise Stopped(signum)
 
 
+def take_stop_signals() -> None:
+    """Inside `stop_on_signals`: take the stop signals back from a library that set its own (Ray)."""
+    if _StopState.depth and threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, _on_stop_signal)
+
+
 def stop_requested() -> Optional[int]:
     return _StopState.signum
 
@@ -130,7 +137,7 @@ def _submit(pool: ProcessPoolExecutor, fn, payloads) -> set:
     # Workers are spawned inside submit(). The stop signals are blocked meanwhile: the children
     # inherit the mask, so a signal during their imports cannot interrupt them with a traceback
     # (their handler takes it once they are ready), and the parent gets it, pending, right after.
-    with _signals_blocked():
+    with signals_blocked():
         return {pool.submit(_in_worker, fn, p) for p in payloads}
 
 
@@ -151,7 +158,8 @@ def end_workers(pool: ProcessPoolExecutor, grace: float = 3.0) -> None:
 
 
 @contextlib.contextmanager
-def _signals_blocked():
+def signals_blocked():
+    """SIGINT and SIGTERM held back (pending) in this thread and in every process started meanwhile."""
     can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     if can:
         signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
