@@ -2,7 +2,7 @@
 
     sparsebench run --method gmp --model resnet20_tiny --dataset digits --target sparsity=0.9 --seed 0 --out DIR
     sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--launcher local|ray [--address A]]
-                      [--retry-failed] [--dry-run]
+                      [--retry-failed] [--dry-run] [--lock-timeout SECONDS]
     sparsebench leaderboard DIR          sparsebench plot DIR          sparsebench report DIR --out SITE
     sparsebench list [methods|models|datasets]
     sparsebench check-data DATASET [--data-root DIR] [--img-size N]
