@@ -5,8 +5,16 @@
             device is CUDA), on a Ray instance started for the sweep (`num_cpus = --jobs`) or an
             existing cluster (`--address`)
 
-Both call `run_one` for every run, and both stop on SIGINT or SIGTERM (`runners/pool.py`): the
-first one raises `Stopped` carrying the summary so far; unfinished runs write no record.
+Both call `run_one` for every run. It takes the run's lock without waiting (`RecordStore.lock`), and
+skips a run whose record exists (or that another sweep is running right now), so two overlapping
+sweeps on one store record every run exactly once. A run that raises is recorded with status
+"failed" and its error (no metrics, so leaderboards leave it out); the sweep goes on, and
+`--retry-failed` runs only those again.
+
+Both stop on SIGINT or SIGTERM (`runners/pool.py`): the first one raises `Stopped` carrying the
+summary so far; unfinished runs write no record. Ray's daemons and workers start with both signals
+blocked, so a signal to the whole group is the driver's to act on; one sent to a Ray worker alone is
+passed on to the driver.
 
 A run whose dense checkpoint is locked by another process waits a few seconds (`LOCK_PATIENCE_S`),
 then hands back ("waiting"): the launcher says once which lock, held by which pid on which host,
@@ -15,11 +23,7 @@ in what state and since when, runs the other runs meanwhile and comes back to it
 later sweep runs it) and leaves the lock to its holder. A lock held by this sweep's own worker
 (one checkpoint trained for several runs) is waited for without a word. A write the file system
 refuses (`StorageError`: full, read-only, no permission) stops the sweep: the next run would fail
-the same way. It takes the run's lock without waiting (`RecordStore.lock`), and
-skips a run whose record exists (or that another sweep is running right now), so two overlapping
-sweeps on one store record every run exactly once. A run that raises is recorded with status
-"failed" and its error (no metrics, so leaderboards leave it out); the sweep goes on, and
-`--retry-failed` runs only those again.
+the same way.
 
 The Ray launcher schedules each dense checkpoint once: one dense task per (model, data, seed,
 pretrain recipe) whose cache file is missing, and every run task takes its dense task's object ref
