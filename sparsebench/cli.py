@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import json
 import os
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import List, Optional
 
 ERROR_EXIT = 2
-WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class CliError(Exception):
@@ -771,7 +769,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from sparsebench.datasets import DataError
     from sparsebench.specs import SpecError
     from sparsebench.registry import UnknownNameError
-    from sparsebench.platform import LockTimeout, StorageError, storage_error
+    from sparsebench.platform import LockTimeout, StorageError, refused, storage_error
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -791,7 +789,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"sparsebench: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        if e.errno not in WRITE_REFUSED or not e.filename:
+        if not refused(e) or not e.filename:
             raise
         print(f"sparsebench: error: {storage_error(e, 'write', Path(e.filename))}", file=sys.stderr)
         return 1

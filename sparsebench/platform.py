@@ -119,6 +119,14 @@ class StorageError(OSError):
         return (type(self), (self.message, self.errno))
 
 
+# The errors that say the file system refuses writes altogether (any other OSError is one run's problem).
+WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def refused(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno in WRITE_REFUSED
+
+
 def storage_error(e: OSError, operation: str, path: Path) -> StorageError:
     code = errno.errorcode.get(e.errno, "") if e.errno else ""
     reason = (e.strerror or type(e).__name__) + (f" [{code}]" if code else "")
@@ -139,17 +147,16 @@ def what_is(path: Path) -> str:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, rename: readers never see half a file.
-    A refused write (ENOSPC, EROFS, EACCES, ...) removes the temp file and raises `StorageError`."""
+    A failed write removes the temp file; a refused one (ENOSPC, EROFS, EACCES, ...) raises `StorageError`."""
     path = Path(path)
     what = what_is(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise storage_error(e, f"create the folder of {what}", path) from None
-    try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise storage_error(e, f"write {what}", path) from None
+        if refused(e):
+            raise storage_error(e, f"write {what}", path) from None
+        raise
     try:
         os.fchmod(fd, 0o666 & ~current_umask())     # mkstemp makes 0600; a shared results dir needs the umask's mode
         with os.fdopen(fd, "wb") as f:
@@ -160,7 +167,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, StorageError):
+        if refused(e):
             raise storage_error(e, f"write {what}", path) from None
         raise
 
@@ -265,7 +272,9 @@ def file_lock(path: Path, blocking: bool = True, timeout: Optional[float] = None
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")
     except OSError as e:
-        raise storage_error(e, f"take {what}", path) from None
+        if refused(e):
+            raise storage_error(e, f"take {what}", path) from None
+        raise
     with f:
         start = time.monotonic()
         next_notice = notice_after

@@ -40,8 +40,9 @@ def specs(tmp_path, methods="[dense, magnitude-global]", pretrain=0.3):
 @pytest.fixture(scope="module")
 def local_ray():
     root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)     # where Ray itself may live
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
     try:
         yield
     finally:
