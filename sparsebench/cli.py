@@ -2,7 +2,7 @@
 
     sparsebench run --method gmp --model resnet20_tiny --dataset digits --target sparsity=0.9 --seed 0 --out DIR
     sparsebench sweep benchmarks/quick.yaml --out DIR [--jobs N] [--launcher local|ray [--address A]]
-                      [--retry-failed] [--dry-run]
+                      [--retry-failed] [--dry-run] [--lock-timeout SECONDS]
     sparsebench leaderboard DIR          sparsebench plot DIR          sparsebench report DIR --out SITE
     sparsebench compare DIR A B [--target sparsity=0.9] [--model M] [--format text|json]
     sparsebench list [methods|models|datasets]
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -207,8 +208,22 @@ def _print_run_summary(r) -> None:
 
 # --- sweep ----------------------------------------------------------------------------------
 def cmd_sweep(args) -> int:
+    """The sweep; SIGINT or SIGTERM at any moment ends it with one line and exit 128 + the signal."""
+    from sparsebench.runners.pool import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _sweep(args)
+    except Stopped as e:
+        print(f"sparsebench: sweep interrupted by {e.name}; finished runs are saved, re-run the same command "
+              "to resume", file=sys.stderr)
+        return e.exit_code
+
+
+def _sweep(args) -> int:
     from sparsebench.runners.launchers import launch, wants_run
     from sparsebench.runners.pipeline import resolve
+    from sparsebench.runners.pool import Stopped
     from sparsebench.runners.progress import SweepEta
     from sparsebench.runners.suite import load_suite
     from sparsebench.specs import RunSpec, stable_hash
@@ -230,7 +245,9 @@ def cmd_sweep(args) -> int:
             import ray  # noqa: F401
         except ImportError:
             raise CliError("--launcher ray needs Ray: pip install 'ray>=2'") from None
-    options = _options(args)
+    if args.lock_timeout <= 0:
+        raise CliError(f"bad --lock-timeout {args.lock_timeout:g}; allowed: seconds > 0")
+    options = dataclasses.replace(_options(args), lock_timeout=args.lock_timeout)
     out = Path(args.out)
     reference = _reference_records(args.compare, out)
     store = RecordStore(out)
@@ -268,7 +285,12 @@ def cmd_sweep(args) -> int:
         eta.finish(s, wall, record)
         bar.update(f"{s.method} {s.model} {s.target}")
 
-    summary = launch(args.launcher, todo, options, args.jobs, policy, args.address, finished)
+    try:
+        summary = launch(args.launcher, todo, options, args.jobs, policy, args.address, finished)
+    except Stopped as e:
+        bar.close()
+        print(_stopped_line(e, len(todo)), file=sys.stderr)
+        return e.exit_code
     bar.close()
     from sparsebench.report import write_reports
 
@@ -288,6 +310,15 @@ def cmd_sweep(args) -> int:
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
               f"seed {spec_dict['seed']}: {result.error}", file=sys.stderr)
     return 1 if summary.failures else 0
+
+
+def _stopped_line(stop, total: int) -> str:
+    s = stop.summary
+    counted = (s.done, s.failed, s.skipped, s.blocked) if s is not None else (0, 0, 0, 0)
+    return (f"sparsebench: sweep interrupted by {stop.name}"
+            + (f" after {s.seconds:.1f} s" if s is not None else "")
+            + f": {counted[0]} done, {counted[1]} failed, {counted[2]} skipped, {total - sum(counted)} unfinished; "
+            "finished runs are saved, re-run the same command to resume")
 
 
 def _reference_records(compare: Optional[str], out: Path):
@@ -682,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", metavar="DIR",
                    help="after the sweep, print your top-1 and measured speedup against DIR's records "
                         "(e.g. the committed reference results/quick)")
+    p.add_argument("--lock-timeout", type=float, default=24 * 3600.0, metavar="SECONDS",
+                   help="give up on a run after this long waiting for a dense checkpoint another process holds "
+                        "(the lock is left to its holder; other runs go on meanwhile)")
     p.add_argument("--progress-interval", type=float, default=15.0,
                    help="seconds between plain progress lines when output is not a terminal")
     p.add_argument("--assume-tflops", type=float, default=0.02,
@@ -758,6 +792,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from sparsebench.datasets import DataError
     from sparsebench.specs import SpecError
     from sparsebench.registry import UnknownNameError
+    from sparsebench.platform import LockTimeout, StorageError, refused, storage_error
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -773,9 +808,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sparsebench: error: {message}", file=sys.stderr)
         return ERROR_EXIT
-    except KeyboardInterrupt:
+    except (StorageError, LockTimeout) as e:        # a full or read-only disk, a lock its holder keeps
+        print(f"sparsebench: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if not refused(e) or not e.filename:
+            raise
+        print(f"sparsebench: error: {storage_error(e, 'write', Path(e.filename))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:                  # SIGINT, or `Stopped` by SIGINT/SIGTERM
         print("sparsebench: interrupted; finished runs are saved, re-run the same command to resume", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,23 @@ runners all ask it, never `torch.distributed` or a bare file write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import json
+import logging
 import os
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("sparsebench")
 
 
 @dataclass(frozen=True)
@@ -67,11 +74,11 @@ class Platform:
         return self.write_bytes(path, text.encode())
 
     @contextlib.contextmanager
-    def primary_lock(self, path: Path) -> Iterator[None]:
+    def primary_lock(self, path: Path, **wait) -> Iterator[None]:
         """The file lock, taken by the primary only: the other ranks of one run follow it in step
-        (they train together), so they must not queue behind it."""
+        (they train together), so they must not queue behind it. `wait`: `file_lock`'s timeout, what."""
         if self.is_primary:
-            with file_lock(path):
+            with file_lock(path, **wait):
                 yield
         else:
             yield
@@ -97,11 +104,59 @@ def init_distributed(device: str = "cpu", timeout_s: float = 1800.0) -> Platform
 
 
 # --- the file primitives every write goes through -------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, rename: readers never see half a file."""
+class StorageError(OSError):
+    """A write the file system refused (full, read-only, no permission): one line naming what was
+    being written and where. Nothing partial is left behind (the temp file is removed)."""
+
+    def __init__(self, message: str, errno_: int = 0):
+        super().__init__(errno_, message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):              # crosses process boundaries (pool workers) intact
+        return (type(self), (self.message, self.errno))
+
+
+# The errors that say the file system refuses writes altogether (any other OSError is one run's problem).
+WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def refused(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno in WRITE_REFUSED
+
+
+def storage_error(e: OSError, operation: str, path: Path) -> StorageError:
+    code = errno.errorcode.get(e.errno, "") if e.errno else ""
+    reason = (e.strerror or type(e).__name__) + (f" [{code}]" if code else "")
+    return StorageError(f"cannot {operation} {path}: {reason}", e.errno or 0)
+
+
+def what_is(path: Path) -> str:
+    """What a file under a results folder is, for error lines: record, checkpoint, report or file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.suffix == ".pt":
+        return "checkpoint"
+    if path.parent.name == "records" and path.suffix == ".json":
+        return "record"
+    if path.suffix in (".md", ".csv", ".html", ".svg", ".png", ".pdf", ".js", ".css"):
+        return "report"
+    return "file"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, rename: readers never see half a file.
+    A failed write removes the temp file; a refused one (ENOSPC, EROFS, EACCES, ...) raises `StorageError`."""
+    path = Path(path)
+    what = what_is(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        if refused(e):
+            raise storage_error(e, f"write {what}", path) from None
+        raise
     try:
         os.fchmod(fd, 0o666 & ~current_umask())     # mkstemp makes 0600; a shared results dir needs the umask's mode
         with os.fdopen(fd, "wb") as f:
@@ -109,9 +164,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if refused(e):
+            raise storage_error(e, f"write {what}", path) from None
         raise
 
 
@@ -129,20 +186,121 @@ def current_umask() -> int:
     return mask
 
 
+class LockTimeout(TimeoutError):
+    """A lock was not free within the time allowed; the message says which, held by whom, since when."""
+
+    def __init__(self, message: str, path: str = "", holder: Optional["LockHolder"] = None):
+        super().__init__(message)
+        self.message, self.path, self.holder = message, path, holder
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.path, self.holder))
+
+
+PROCESS_STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O", "T": "stopped",
+                  "t": "stopped by a debugger", "Z": "zombie", "X": "dead", "I": "idle", "P": "parked"}
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who took a lock, as its file records it: pid, host and when (epoch seconds)."""
+
+    pid: int
+    host: str
+    since: float
+
+    @classmethod
+    def me(cls) -> "LockHolder":
+        return cls(os.getpid(), socket.gethostname(), time.time())
+
+    def local(self) -> bool:
+        return self.host == socket.gethostname()
+
+    def state(self) -> str:
+        """The holder's process state from /proc (running, sleeping, stopped, zombie, ...)."""
+        if not self.local():
+            return "state unknown (another host)"
+        try:
+            with open(f"/proc/{self.pid}/stat") as f:
+                code = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return "no such process"
+        except (OSError, IndexError):
+            return "state unknown"
+        return PROCESS_STATES.get(code, f"state {code}")
+
+    def describe(self, now: Optional[float] = None) -> str:
+        now = time.time() if now is None else now
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
+        return f"held by pid {self.pid} on {self.host} ({self.state()}) since {when} ({now - self.since:.0f} s ago)"
+
+
+def lock_holder(path: Path) -> Optional[LockHolder]:
+    """The holder a lock file records, or None (never taken, unreadable, or an older format)."""
+    try:
+        raw = json.loads(Path(path).read_text() or "null")
+        return LockHolder(int(raw["pid"]), str(raw["host"]), float(raw["since"]))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def _holder_text(path: Path) -> str:
+    holder = lock_holder(path)
+    return holder.describe() if holder is not None else "held by a process that did not record itself"
+
+
+LOCK_POLL_S = 0.2
+LOCK_NOTICE_S = 5.0          # a blocking wait says what it waits for after this long, then every minute
+
+
 @contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[bool]:
-    """An exclusive advisory lock; yields False (without waiting) when `blocking` is off and
-    another process holds it. The kernel drops it when its holder dies, even by SIGKILL."""
+def file_lock(path: Path, blocking: bool = True, timeout: Optional[float] = None, what: str = "",
+              notice_after: Optional[float] = LOCK_NOTICE_S) -> Iterator[bool]:
+    """An exclusive advisory lock; the kernel drops it when its holder dies, even by SIGKILL, so a
+    dead holder's lock is simply taken. The file records the holder (pid, host, start time).
+
+    `blocking` off: yields False at once when another process holds it. Blocking: polls; after
+    `notice_after` seconds logs one line saying which lock, held by whom, in what process state,
+    since when (then once a minute); after `timeout` seconds raises `LockTimeout`, leaving the
+    lock to its holder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    what = f"{what} lock" if what else "lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path, "a+")
+    except OSError as e:
+        if refused(e):
+            raise storage_error(e, f"take {what}", path) from None
+        raise
+    with f:
+        start = time.monotonic()
+        next_notice = notice_after
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not blocking:
+                    yield False
+                    return
+            waited = time.monotonic() - start
+            if timeout is not None and waited >= timeout:
+                raise LockTimeout(f"gave up after {waited:.0f} s waiting for {what} {path}, {_holder_text(path)}; "
+                                  f"left to its holder", str(path), lock_holder(path))
+            if next_notice is not None and waited >= next_notice:
+                log.warning("sparsebench: waiting %.0f s for %s %s, %s", waited, what, path, _holder_text(path))
+                next_notice = waited + 60.0
+            time.sleep(LOCK_POLL_S)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
+            with contextlib.suppress(OSError):       # who holds it, for those who wait (a full disk must not stop the lock)
+                f.seek(0)
+                f.truncate()
+                me = LockHolder.me()
+                f.write(json.dumps({"pid": me.pid, "host": me.host, "since": round(me.since, 3)}))
+                f.flush()
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-

@@ -2,7 +2,8 @@
 
 Every method that starts from a trained model starts from this same file, and its
 accuracy is the dense reference stored in every record. Training is guarded by a file
-lock, so parallel workers train it once. Its fits checkpoint under
+lock, so parallel workers train it once; the lock file names its holder (pid, host, since when),
+and a wait for it is reported after a few seconds and bounded (`lock_wait`). Its fits checkpoint under
 `<cache>/partial/dense-<hash>/` like a run's (`training/resume.py`): a killed pretrain resumes,
 and the partial files go once the checkpoint is written. Under torch.distributed the ranks of one
 run train it together: the primary alone holds the lock, decides whether the cache is sound
@@ -66,12 +67,15 @@ def dense_checkpoint(
     progress=None,
     checkpoint_every: Optional[int] = None,
     resume: bool = True,
+    lock_wait: Optional[dict] = None,
 ) -> DenseCheckpoint:
+    """The cached checkpoint, or trained now under its lock. `lock_wait`: how the lock is waited for
+    (`file_lock`'s timeout, notice_after); a lock not taken in time raises `LockTimeout`."""
     key = spec.dense_key()
     digest = stable_hash(key)
     path = dense_path(spec, cache_dir)
     platform = current_platform()
-    with platform.primary_lock(path.with_suffix(".lock")):
+    with platform.primary_lock(path.with_suffix(".lock"), what="dense checkpoint", **(lock_wait or {})):
         meta = _cached_meta(path, key) if platform.is_primary and path.exists() else None
         meta = platform.broadcast(meta)
         if meta is not None:

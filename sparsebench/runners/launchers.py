@@ -11,6 +11,20 @@ sweeps on one store record every run exactly once. A run that raises is recorded
 "failed" and its error (no metrics, so leaderboards leave it out); the sweep goes on, and
 `--retry-failed` runs only those again.
 
+Both stop on SIGINT or SIGTERM (`runners/pool.py`): the first one raises `Stopped` carrying the
+summary so far; unfinished runs write no record. Ray's daemons and workers start with both signals
+blocked, so a signal to the whole group is the driver's to act on; one sent to a Ray worker alone is
+passed on to the driver.
+
+A run whose dense checkpoint is locked by another process waits a few seconds (`LOCK_PATIENCE_S`),
+then hands back ("waiting"): the launcher says once which lock, held by which pid on which host,
+in what state and since when, runs the other runs meanwhile and comes back to it. After
+`lock_timeout` seconds of such waits it gives up on the run ("blocked": not recorded, so a
+later sweep runs it) and leaves the lock to its holder. A lock held by this sweep's own worker
+(one checkpoint trained for several runs) is waited for without a word. A write the file system
+refuses (`StorageError`: full, read-only, no permission) stops the sweep: the next run would fail
+the same way.
+
 The Ray launcher schedules each dense checkpoint once: one dense task per (model, data, seed,
 pretrain recipe) whose cache file is missing, and every run task takes its dense task's object ref
 as an argument, so Ray starts the run only when its checkpoint exists. No two workers train the
@@ -20,12 +34,20 @@ checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import os
+import signal
+import socket
+import threading
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
+from sparsebench.platform import LockHolder, LockTimeout, StorageError
 from sparsebench.runners.checkpoints import dense_path
 from sparsebench.runners.pipeline import RunOptions, cache_dir_of, execute, failed_record, prepare_dense
 from sparsebench.specs import RunSpec, SpecError, stable_hash
@@ -35,14 +57,18 @@ LAUNCHERS = ("local", "ray")
 # Which existing records a sweep runs again: none, failed ones, or all (`--rerun`).
 POLICIES = ("missing", "failed", "all")
 RAY_MAX_RETRIES = 3            # a killed worker's run is retried; it resumes from its checkpoints
+LOCK_PATIENCE_S = 5.0          # a run waits this long on a busy dense-checkpoint lock before handing back
+log = logging.getLogger("sparsebench")
 
 
 @dataclass
 class RunResult:
     spec: dict
-    status: str                    # done | failed | skipped
+    status: str                    # done | failed | skipped | blocked (gave up on a lock) | waiting (comes back)
     seconds: float = 0.0
-    error: Optional[str] = None    # failed: why; skipped: why
+    error: Optional[str] = None    # failed: why; skipped, blocked, waiting: why
+    lock: Optional[str] = None     # waiting, blocked: the lock file
+    holder: Optional[LockHolder] = None
 
 
 @dataclass
@@ -51,18 +77,20 @@ class SweepSummary:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    blocked: int = 0               # given up on after --lock-timeout of lock waits (not recorded)
     dense_tasks: int = 0           # dense checkpoints scheduled as tasks of their own (ray)
     seconds: float = 0.0
     failures: List[RunResult] = field(default_factory=list)
 
     def add(self, result: RunResult) -> None:
         setattr(self, result.status, getattr(self, result.status) + 1)
-        if result.status == "failed":
+        if result.status in ("failed", "blocked"):
             self.failures.append(result)
 
     def line(self) -> str:
-        return (f"sweep ({self.launcher}): {self.done} done, {self.failed} failed, {self.skipped} skipped "
-                f"in {self.seconds:.1f} s" + (f"; {self.dense_tasks} dense checkpoints trained as tasks"
+        return (f"sweep ({self.launcher}): {self.done} done, {self.failed} failed, {self.skipped} skipped"
+                + (f", {self.blocked} gave up waiting on a lock" if self.blocked else "")
+                + f" in {self.seconds:.1f} s" + (f"; {self.dense_tasks} dense checkpoints trained as tasks"
                                                if self.dense_tasks else ""))
 
 
@@ -93,6 +121,11 @@ def run_one(spec_dict: dict, options: RunOptions, policy: str = "missing") -> Ru
         try:
             execute(spec, options)
             return RunResult(spec_dict, "done", time.perf_counter() - start)
+        except LockTimeout as e:        # its dense checkpoint is another process's for now
+            status = "waiting" if options.lock_patience is not None else "blocked"
+            return RunResult(spec_dict, status, time.perf_counter() - start, str(e), e.path, e.holder)
+        except StorageError:            # the disk refuses writes: every next run would fail alike
+            raise
         except (SpecError, DataError) as e:     # bad input for this run: its one line says it all
             error = f"{type(e).__name__}: {e}"
         except Exception as e:  # noqa: BLE001 -- a failed run must not stop the sweep
@@ -112,23 +145,77 @@ def _record_failure(spec_dict: dict, options: RunOptions, error: str) -> RunResu
 
 
 # --- local ------------------------------------------------------------------------------------
+class LockWaits:
+    """Runs handed back while another process holds their dense checkpoint's lock: said once per lock
+    (then once a minute), queued again, and given up after `timeout` seconds of waiting."""
+
+    def __init__(self, timeout: Optional[float], patience: float):
+        self.timeout, self.patience = timeout, patience
+        self.since: Dict[str, float] = {}
+        self.next_notice: Dict[str, float] = {}
+
+    def final(self, result: RunResult) -> Optional[RunResult]:
+        """None: run it again later; else the result to count (a give-up becomes "blocked")."""
+        if result.status != "waiting":
+            return result
+        if _own(result.holder):           # this sweep's other worker is training it: just wait
+            self.since.pop(result.lock, None)
+            return None
+        now = time.monotonic()
+        waited = now - self.since.setdefault(result.lock, now) + self.patience
+        holder = result.holder.describe() if result.holder else "held by a process that did not record itself"
+        if self.timeout is not None and waited >= self.timeout:
+            return dataclasses.replace(result, status="blocked", error=(
+                f"gave up after {waited:.0f} s waiting for dense checkpoint lock {result.lock}, {holder}; "
+                f"left to its holder, the run is not recorded (re-run the sweep once it is free)"))
+        if now >= self.next_notice.get(result.lock, 0.0):
+            self.next_notice[result.lock] = now + 60.0
+            log.warning("sparsebench: waiting %.0f s for dense checkpoint lock %s, %s; running other runs meanwhile"
+                        "%s", waited, result.lock, holder,
+                        f" (giving up after {self.timeout:.0f} s)" if self.timeout is not None else "")
+        return None
+
+
+def _own(holder: Optional[LockHolder]) -> bool:
+    from sparsebench.runners.pool import worker_pids
+
+    return holder is not None and holder.local() and holder.pid in worker_pids()
+
+
 def launch_local(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, policy: str = "missing",
                  on_result: Optional[Callable[[RunResult], None]] = None) -> SweepSummary:
-    summary, start = SweepSummary("local"), time.perf_counter()
+    from sparsebench.runners.pool import Stopped, run_pool, stop_on_signals
 
-    def collect(result: RunResult) -> None:
+    summary, start = SweepSummary("local"), time.perf_counter()
+    options = dataclasses.replace(options, lock_patience=options.lock_patience or LOCK_PATIENCE_S)
+    waits = LockWaits(options.lock_timeout, options.lock_patience)
+
+    def collect(result: RunResult) -> bool:
+        """Count a final result; False when the run is to be queued again."""
+        result = waits.final(result)
+        if result is None:
+            return False
         summary.add(result)
         if on_result is not None:
             on_result(result)
+        return True
 
-    if jobs > 1:
-        from sparsebench.runners.pool import run_pool
-
-        options = dataclasses.replace(options, progress=None)   # one bar per worker would interleave
-        run_pool(_run_payload, [(s.to_dict(), options, policy) for s in specs], jobs, collect)
-    else:
-        for s in specs:
-            collect(run_one(s.to_dict(), options, policy))
+    try:
+        with stop_on_signals():
+            if jobs > 1:
+                options = dataclasses.replace(options, progress=None)   # one bar per worker would interleave
+                run_pool(_run_payload, [(s.to_dict(), options, policy) for s in specs], jobs,
+                         lambda r: None if collect(r) else [(r.spec, options, policy)])
+            else:
+                queue = deque(s.to_dict() for s in specs)
+                while queue:
+                    spec_dict = queue.popleft()
+                    if not collect(run_one(spec_dict, options, policy)):
+                        queue.append(spec_dict)
+    except Stopped as e:
+        summary.seconds = time.perf_counter() - start
+        e.summary = summary
+        raise
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -144,17 +231,35 @@ def resources(spec: RunSpec, options: RunOptions) -> dict:
             "num_gpus": 1 if str(options.device).startswith("cuda") else 0}
 
 
-def _dense_task(spec_dict: dict, options: RunOptions) -> Optional[str]:
+def _forward_stop_signals(driver: Optional[tuple]) -> None:
+    """In a Ray worker on the driver's host: a stop signal sent to the worker alone is passed on to the
+    driver, which stops the sweep and cancels this task (the worker inherited them blocked: unblocked)."""
+    if driver is None or driver[0] != socket.gethostname() or threading.current_thread() is not threading.main_thread():
+        return
+
+    def forward(signum, frame):
+        with contextlib.suppress(OSError):
+            os.kill(driver[1], signum)
+
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _dense_task(spec_dict: dict, options: RunOptions, driver: Optional[tuple] = None) -> Optional[str]:
     """Train (or find) one dense checkpoint; its error as text, so the runs still run and record it."""
+    _forward_stop_signals(driver)
     try:
         prepare_dense(RunSpec.from_dict(spec_dict), options)
         return None
-    except Exception as e:  # noqa: BLE001 -- each run that needs it records the failure (or divergence)
-        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001 -- each run that needs it records the failure (or divergence),
+        return f"{type(e).__name__}: {e}"    # or waits on the lock / stops on the full disk itself
 
 
-def _run_task(spec_dict: dict, options: RunOptions, policy: str, dense_error: Optional[str]) -> RunResult:
+def _run_task(spec_dict: dict, options: RunOptions, policy: str, dense_error: Optional[str],
+              driver: Optional[tuple] = None) -> RunResult:
     del dense_error                 # the ref only orders this task after its dense task
+    _forward_stop_signals(driver)
     return run_one(spec_dict, options, policy)
 
 
@@ -165,41 +270,63 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
     one with `jobs` CPUs (or joins `address`) and shuts it down at the end."""
     import ray
 
+    from sparsebench.runners.pool import Stopped, signals_blocked, stop_on_signals, stop_requested, take_stop_signals
+
     summary, start = SweepSummary("ray"), time.perf_counter()
-    options = dataclasses.replace(options, progress=None)
+    options = dataclasses.replace(options, progress=None, lock_patience=options.lock_patience or LOCK_PATIENCE_S)
+    waits = LockWaits(options.lock_timeout, options.lock_patience)
     own = not ray.is_initialized()
-    if own:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+    pending = {}
     try:
-        dense_remote = ray.remote(max_retries=max_retries)(_dense_task)
-        run_remote = ray.remote(max_retries=max_retries)(_run_task)
-        cache = cache_dir_of(options)
-        dense_refs: Dict[str, object] = {}
-        pending = {}
-        for s in specs:
-            need = resources(s, options)
-            key = stable_hash(s.dense_key())
-            if key not in dense_refs:
-                dense_refs[key] = None if dense_path(s, cache).exists() else \
-                    dense_remote.options(**need).remote(s.to_dict(), options)
-                summary.dense_tasks += dense_refs[key] is not None
-            ref = run_remote.options(**need).remote(s.to_dict(), options, policy, dense_refs[key])
-            pending[ref] = s.to_dict()
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            spec_dict = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayError as e:      # the worker died past its retries
-                result = _record_failure(spec_dict, options, f"{type(e).__name__}: {str(e).splitlines()[0]}")
-            summary.add(result)
-            if on_result is not None:
-                on_result(result)
+        with stop_on_signals():
+            if own:
+                # Ray's daemons and workers inherit the blocked mask: a signal to the whole process group
+                # (Ctrl-C, kill -TERM -PGID) is the driver's to act on, not theirs to die of (a dead raylet
+                # would end the driver at once, exit 1). ray.init sets handlers of its own: taken back.
+                with signals_blocked():
+                    if address:
+                        ray.init(address=address, log_to_driver=False)
+                    else:
+                        ray.init(num_cpus=jobs, include_dashboard=False, log_to_driver=False)
+                    take_stop_signals()
+            driver = (socket.gethostname(), os.getpid())
+            dense_remote = ray.remote(max_retries=max_retries)(_dense_task)
+            run_remote = ray.remote(max_retries=max_retries)(_run_task)
+            cache = cache_dir_of(options)
+            dense_refs: Dict[str, object] = {}
+            for s in specs:
+                need = resources(s, options)
+                key = stable_hash(s.dense_key())
+                if key not in dense_refs:
+                    dense_refs[key] = None if dense_path(s, cache).exists() else \
+                        dense_remote.options(**need).remote(s.to_dict(), options, driver)
+                    summary.dense_tasks += dense_refs[key] is not None
+                ref = run_remote.options(**need).remote(s.to_dict(), options, policy, dense_refs[key], driver)
+                pending[ref] = s
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                s = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayError as e:      # the worker died past its retries
+                    result = _record_failure(s.to_dict(), options, f"{type(e).__name__}: {str(e).splitlines()[0]}")
+                result = waits.final(result)
+                if result is None:                        # its dense lock is another process's: later
+                    pending[run_remote.options(**resources(s, options)).remote(s.to_dict(), options, policy, None, driver)] = s
+                    continue
+                summary.add(result)
+                if on_result is not None:
+                    on_result(result)
+    except KeyboardInterrupt as e:   # Ray's waits turn the handler's `Stopped` into a plain KeyboardInterrupt
+        stop = e if isinstance(e, Stopped) else Stopped(stop_requested() or signal.SIGINT)
+        for ref in pending:                               # unfinished runs write no record; they resume
+            with contextlib.suppress(Exception):
+                ray.cancel(ref, force=True)
+        summary.seconds = time.perf_counter() - start
+        stop.summary = summary
+        raise stop from None
     finally:
-        if own:
+        if own and ray.is_initialized():
             ray.shutdown()
     summary.seconds = time.perf_counter() - start
     return summary

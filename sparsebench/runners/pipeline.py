@@ -49,6 +49,7 @@ from sparsebench.store.record import (
 from sparsebench.store.records import RecordStore
 
 EVAL_BATCH = 256
+LOCK_TIMEOUT_S = 24 * 3600.0      # generous: another sweep may be training a large dense checkpoint
 
 
 class StageError(RuntimeError):
@@ -68,6 +69,17 @@ class RunOptions:
     checkpoint_every: Optional[int] = 1000
     resume: bool = True                    # False: no checkpoints, a rerun starts over
     max_bad_samples: int = 0               # image files that fail to decode: skipped and counted up to this
+    # The dense checkpoint's lock: given up (LockTimeout) after `lock_timeout` s. With `lock_patience`
+    # (a sweep) a run waits that long, silently, then hands back so its launcher runs others meanwhile.
+    lock_timeout: Optional[float] = LOCK_TIMEOUT_S
+    lock_patience: Optional[float] = None
+
+
+def lock_wait(options: RunOptions) -> dict:
+    """How a run waits for the dense checkpoint's lock (`file_lock` arguments)."""
+    if options.lock_patience is not None:
+        return {"timeout": options.lock_patience, "notice_after": None}
+    return {"timeout": options.lock_timeout}
 
 
 def validate(spec: RunSpec) -> Method:
@@ -203,9 +215,10 @@ class DenseStage:
 
 
 def dense_stage(spec: RunSpec, data: DataStage, make_model, device: torch.device, cache_dir: Path,
-                progress=None, checkpoint_every: Optional[int] = None, resume: bool = True) -> DenseStage:
+                progress=None, checkpoint_every: Optional[int] = None, resume: bool = True,
+                lock: Optional[dict] = None) -> DenseStage:
     ckpt = dense_checkpoint(spec, cache_dir, make_model, data.loaders, data.info.num_classes, device,
-                            data.pretrain_steps, data.eval_every, progress, checkpoint_every, resume)
+                            data.pretrain_steps, data.eval_every, progress, checkpoint_every, resume, lock)
     dense = make_model()
     load_dense_weights(dense, ckpt)
     dense.eval()
@@ -490,7 +503,7 @@ def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
     cache = cache_dir_of(options)
     try:
         dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every,
-                            options.resume)
+                            options.resume, lock_wait(options))
     except Diverged as d:           # nothing cached; every run on this dense model says so in its record
         record = record_stage(spec, method, data, None, MethodStage(None, 0, 0, 0.0, d), FinetuneStage(),
                               None, None, device)
@@ -525,7 +538,7 @@ def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:
     data = data_stage(spec, options)
     return dense_checkpoint(spec, cache_dir_of(options), model_factory(spec, data.info, device), data.loaders,
                             data.info.num_classes, device, data.pretrain_steps, data.eval_every, options.progress,
-                            options.checkpoint_every, options.resume)
+                            options.checkpoint_every, options.resume, lock_wait(options))
 
 
 def cache_dir_of(options: RunOptions) -> Path:

@@ -1,10 +1,15 @@
 """The local process pool of `sweep --jobs N`: stops when asked and leaves no orphans.
 
-Ctrl-C reaches the whole foreground process group. Workers ignore it; the parent ends
-them (SIGTERM, then SIGKILL) and re-raises, so the sweep stops within seconds: finished
-runs keep their records, unfinished ones write none (records are written by atomic rename
-at the very end of a run). A worker also dies with its parent when the parent is killed
-outright: `PR_SET_PDEATHSIG` on Linux, and a thread that watches the parent's pid anywhere.
+SIGINT or SIGTERM may reach any subset of the sweep's process group: the parent alone
+(`kill -INT`), the workers alone, or all at once (Ctrl-C in a terminal), once or twice. The
+parent decides: a worker that gets one passes it on to the parent and ends its own run (the
+exception unwinds it, so temp files and locks are released), and the parent's first signal
+raises `Stopped`; later ones (forwarded copies, a second Ctrl-C) are noted and ignored while
+it ends every worker (SIGTERM, then SIGKILL) and re-raises. The sweep stops within seconds,
+exit 128 + the signal: finished runs keep their records, unfinished ones write none (records
+are written by atomic rename at the very end of a run) and resume from their checkpoints.
+A worker also dies with its parent when the parent is killed outright: `PR_SET_PDEATHSIG` on
+Linux, and a thread that watches the parent's pid anywhere.
 """
 from __future__ import annotations
 
@@ -17,32 +22,128 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Any, Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Iterable, Optional
 
 PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int, on_result: Callable[[Any], None]) -> None:
-    """Run `fn` over `payloads` in `jobs` spawned workers, calling `on_result` as each finishes."""
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                               initializer=_worker_init, initargs=(os.getpid(),))
+class Stopped(KeyboardInterrupt):
+    """The sweep was asked to stop by a signal; `exit_code` is 128 + its number (130, 143)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.summary = None            # what the launcher had finished, when it knows
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class _StopState:
+    signum: Optional[int] = None       # the first stop signal this process got
+    ending = False                     # ending the workers: their forwarded signals are expected
+    depth = 0
+
+
+def stop_on_signals():
+    """While inside: the first SIGINT or SIGTERM raises `Stopped` in the main thread, later ones are
+    ignored (so the cleanup that follows is never cut short). Nested uses share the outer one.
+    After a stop they stay ignored: the process is on its way out, and a second Ctrl-C must not
+    cut its summary short; without one the previous handlers come back."""
+    return _stop_on_signals()
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _StopState.depth += 1
+    previous = None
+    if _StopState.depth == 1:
+        _StopState.signum, _StopState.ending = None, False
+        previous = {s: signal.signal(s, _on_stop_signal) for s in STOP_SIGNALS}
     try:
-        # Workers are spawned inside submit(). SIGINT is blocked meanwhile: the children inherit the
-        # mask, so a Ctrl-C during their imports cannot interrupt them with a traceback (they ignore
-        # it once started), and the parent gets it, pending, as soon as the loop is done.
-        with _sigint_blocked():
-            futures = [pool.submit(fn, p) for p in payloads]
-        for f in as_completed(futures):
-            on_result(f.result())
-    except BaseException:
-        end_workers(pool)
-        raise
-    pool.shutdown(wait=True)
+        yield
+    finally:
+        _StopState.depth -= 1
+        if previous is not None and _StopState.signum is None:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if _StopState.signum is not None or _StopState.ending:
+        return
+    _StopState.signum = signum
+    raise Stopped(signum)
+
+
+def take_stop_signals() -> None:
+    """Inside `stop_on_signals`: take the stop signals back from a library that set its own (Ray)."""
+    if _StopState.depth and threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, _on_stop_signal)
+
+
+def stop_requested() -> Optional[int]:
+    return _StopState.signum
+
+
+_running_pools: list = []
+
+
+def worker_pids() -> set:
+    """The pids of this process's pool workers now (a lock one of them holds is this sweep's own)."""
+    return {pid for pool in _running_pools for pid in (getattr(pool, "_processes", None) or {})}
+
+
+def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
+             on_result: Callable[[Any], Optional[Iterable[Any]]]) -> None:
+    """Run `fn` over `payloads` in `jobs` spawned workers, calling `on_result` as each finishes;
+    the payloads `on_result` returns are queued again (a run that waits on a lock comes back later)."""
+    with stop_on_signals():
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))
+        _running_pools.append(pool)
+        try:
+            futures = _submit(pool, fn, payloads)
+            while futures:
+                done, futures = wait(futures, return_when=FIRST_COMPLETED)
+                for f in done:
+                    futures |= _submit(pool, fn, on_result(f.result()) or ())
+        except BrokenProcessPool:
+            end_workers(pool)
+            if stop_requested() is not None:      # a worker died of the stop signal before we saw it
+                raise Stopped(stop_requested()) from None
+            raise
+        except BaseException:
+            end_workers(pool)
+            raise
+        finally:
+            _running_pools.remove(pool)
+        pool.shutdown(wait=True)
+
+
+def _submit(pool: ProcessPoolExecutor, fn, payloads) -> set:
+    # Workers are spawned inside submit(). The stop signals are blocked meanwhile: the children
+    # inherit the mask, so a signal during their imports cannot interrupt them with a traceback
+    # (their handler takes it once they are ready), and the parent gets it, pending, right after.
+    with signals_blocked():
+        return {pool.submit(_in_worker, fn, p) for p in payloads}
 
 
 def end_workers(pool: ProcessPoolExecutor, grace: float = 3.0) -> None:
     """Cancel what has not started and end every worker now (their runs are unfinished)."""
+    _StopState.ending = True
     processes = list((getattr(pool, "_processes", None) or {}).values())   # no public handle on the workers
     pool.shutdown(wait=False, cancel_futures=True)
     for p in processes:
@@ -57,22 +158,60 @@ def end_workers(pool: ProcessPoolExecutor, grace: float = 3.0) -> None:
 
 
 @contextlib.contextmanager
-def _sigint_blocked():
+def signals_blocked():
+    """SIGINT and SIGTERM held back (pending) in this thread and in every process started meanwhile."""
     can = hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread()
     if can:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(STOP_SIGNALS))
     try:
         yield
     finally:
         if can:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))
+
+
+# --- in the worker -----------------------------------------------------------------------------
+class _WorkerStopped(BaseException):
+    """Unwinds a worker's run after a stop signal (never caught by a run's `except Exception`)."""
+
+
+class _Worker:
+    parent_pid = 0
+    busy = False
+    stopping = False
 
 
 def _worker_init(parent_pid: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides what Ctrl-C means
+    _Worker.parent_pid = parent_pid
+    for s in STOP_SIGNALS:
+        signal.signal(s, _worker_signal)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})   # a pending one is now discarded
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOP_SIGNALS))   # a pending one is taken now
     die_with_parent(parent_pid)
+
+
+def _worker_signal(signum, frame) -> None:
+    """The parent decides what a stop signal means: pass it on, then end this worker's run."""
+    if _Worker.stopping:
+        return
+    _Worker.stopping = True
+    with contextlib.suppress(OSError):
+        os.kill(_Worker.parent_pid, signum)
+    if not _Worker.busy:                      # between runs: nothing to unwind
+        os._exit(128 + signum)
+    raise _WorkerStopped(signum)
+
+
+def _in_worker(fn, payload):
+    if _Worker.stopping:
+        os._exit(1)
+    _Worker.busy = True
+    try:
+        return fn(payload)
+    except _WorkerStopped as e:               # the run is unwound (temp files gone, locks released)
+        os._exit(128 + e.args[0])
+    finally:
+        _Worker.busy = False
 
 
 def die_with_parent(parent_pid: int) -> None:

@@ -1,6 +1,7 @@
 """Sweep launchers on a real local Ray instance (2 CPUs): every run recorded exactly once, dense
 checkpoints trained once as tasks of their own, a killed worker's run retried and resumed, two
 overlapping sweeps on one store, failed runs recorded and `--retry-failed`."""
+import contextlib
 import os
 import signal
 import textwrap
@@ -39,8 +40,9 @@ def specs(tmp_path, methods="[dense, magnitude-global]", pretrain=0.3):
 @pytest.fixture(scope="module")
 def local_ray():
     root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)     # where Ray itself may live
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": root, "OMP_NUM_THREADS": "1"}})
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
     try:
         yield
     finally:
@@ -153,3 +155,60 @@ def test_local_launcher_summary_and_lock(tmp_path):
         summary = launch_local(todo, RunOptions(out=out))
     assert (summary.done, summary.failed, summary.skipped) == (0, 0, 1)
     assert _record_names(out) == []
+
+
+LONG = TINY.replace("seeds: [0, 1]", "seeds: [0]")
+
+
+def _session_pids(sid):
+    from tests.runners.test_pool import _session_pids as pids
+
+    return pids(sid)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+@pytest.mark.parametrize("to,sig", [("group", signal.SIGINT), ("workers", signal.SIGTERM)])
+def test_a_stop_signal_ends_a_ray_sweep_within_seconds(tmp_path, to, sig):
+    """Ctrl-C to the whole process group (driver, raylet, workers), or SIGTERM to the Ray workers
+    alone, twice: the sweep exits 128 + signal within seconds with one summary line, nothing of the
+    session is left, and the dense pretrains left mid-fit checkpoints (no record, no cache file)."""
+    import subprocess
+    import sys
+
+    suite = tmp_path / "long.yaml"
+    suite.write_text(LONG.format(methods="[dense, magnitude-global]", pretrain=300))
+    out = tmp_path / "out"
+    path = os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen([sys.executable, "-m", "sparsebench", "sweep", str(suite), "--out", str(out), "--jobs", "2",
+                             "--launcher", "ray", "--quiet", "--checkpoint-every", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 180
+    try:
+        while not list(out.glob("checkpoints/partial/dense-*/fit-0.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        for _ in range(2):
+            if to == "group":
+                os.killpg(proc.pid, sig)
+            else:
+                for stat in Path("/proc").glob("[0-9]*/cmdline"):
+                    with contextlib.suppress(OSError):
+                        if stat.read_bytes().startswith(b"ray::_"):
+                            os.kill(int(stat.parent.name), sig)
+            time.sleep(0.1)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 20
+    assert proc.returncode == 128 + sig, err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "2 unfinished" in lines[0] and "Traceback" not in err, err
+    wait_until = time.monotonic() + 10
+    while _session_pids(proc.pid) and time.monotonic() < wait_until:
+        time.sleep(0.2)
+    assert _session_pids(proc.pid) == []
+    assert not list(out.glob("records/*.json")) and not list(out.glob("checkpoints/dense-*.pt"))

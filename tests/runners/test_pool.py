@@ -1,4 +1,5 @@
 """`sweep --jobs N` under Ctrl-C and under a killed parent: stops within seconds, leaves no workers."""
+import contextlib
 import json
 import os
 import signal
@@ -82,14 +83,28 @@ POOL_SCRIPT = textwrap.dedent("""
     from sparsebench.runners.pool import run_pool
     try:
         run_pool(time.sleep, [600] * 4, 2, print)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as e:
+        print("stopped", file=sys.stderr)
+        sys.exit(getattr(e, "exit_code", 130))
 """)
+
+
+def _workers(sid: int):
+    """The pool's workers in the session (not its parent, not multiprocessing's resource tracker)."""
+    found = []
+    for pid in _session_pids(sid):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            found.append(pid)
+    return found
 
 
 def _start_pool():
     proc = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     deadline = time.monotonic() + 60
     while len(_session_pids(proc.pid)) < 3:                             # parent + two workers
         assert proc.poll() is None and time.monotonic() < deadline
@@ -99,17 +114,32 @@ def _start_pool():
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
-@pytest.mark.parametrize("to", ["group", "parent"])
-def test_interrupting_the_pool_ends_its_workers_now(to):
-    """Ten-minute tasks: SIGINT to the terminal's process group, or to the parent alone (kill -INT)."""
+@pytest.mark.parametrize("to,sig,times", [("group", signal.SIGINT, 1), ("parent", signal.SIGINT, 1),
+                                          ("workers", signal.SIGINT, 1), ("one worker", signal.SIGTERM, 1),
+                                          ("group", signal.SIGINT, 2), ("group", signal.SIGTERM, 1),
+                                          ("parent", signal.SIGTERM, 2)])
+def test_a_stop_signal_to_any_part_of_the_pool_ends_it_now(to, sig, times):
+    """Ten-minute tasks: the signal to the terminal's process group (Ctrl-C), to the parent alone
+    (kill -INT), to the workers alone, to one worker, once or twice in a row: the pool ends within
+    seconds, exit 128 + the signal, no process of it left, no traceback."""
     proc = _start_pool()
-    if to == "group":
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
-        os.kill(proc.pid, signal.SIGINT)
+    workers = _workers(proc.pid)
+    assert len(workers) == 2
+    for _ in range(times):
+        if to == "group":
+            os.killpg(proc.pid, sig)
+        elif to == "parent":
+            os.kill(proc.pid, sig)
+        else:
+            for pid in workers[:1] if to == "one worker" else workers:
+                with contextlib.suppress(ProcessLookupError):    # the first one may have ended them all
+                    os.kill(pid, sig)
+        time.sleep(0.05)
     start = time.monotonic()
     try:
-        assert proc.wait(timeout=20) == 130 and time.monotonic() - start < 10
+        assert proc.wait(timeout=20) == 128 + sig and time.monotonic() - start < 10
+        err = proc.stderr.read()
+        assert err.count("stopped") == 1 and "Traceback" not in err, err
         assert _wait_gone(proc.pid, 5) == []
     finally:
         for pid in _session_pids(proc.pid):
@@ -127,3 +157,60 @@ def test_killing_the_parent_leaves_no_orphan_workers(tmp_path):
     finally:
         for pid in _session_pids(proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+MIXED_SUITE = textwrap.dedent("""
+    name: mixed
+    methods:
+      - {name: magnitude-global, recipe: {pretrain_epochs: 0.3}}
+      - {name: magnitude-layerwise, recipe: {pretrain_epochs: 300}}
+    models: [resnet20_tiny]
+    datasets: [digits]
+    targets: {sparsity: [0.5]}
+    recipe: {finetune_epochs: 0.2, search_epochs: 0.2}
+    data: {img_size: 16}
+    measure: {latency: false}
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+def test_sigterm_twice_to_the_group_in_the_dense_phase_keeps_finished_runs_and_partial_checkpoints(tmp_path):
+    """One run finishes while the other's worker trains a long dense checkpoint: SIGTERM twice to
+    the whole group stops the sweep (143) with one summary line; the finished record stays as it
+    was, the unfinished run has no record, and its dense pretrain left a loadable mid-fit checkpoint
+    to resume from (and no temp file, no half-written cache file)."""
+    import torch
+
+    suite = tmp_path / "mixed.yaml"
+    suite.write_text(MIXED_SUITE)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sparsebench", "sweep", str(suite), "--out", str(out), "--jobs", "2",
+                             "--quiet", "--checkpoint-every", "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.monotonic() + 150
+    try:
+        while not (list(out.glob("records/*.json")) and list(out.glob("checkpoints/partial/dense-*/fit-0.pt"))):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        finished = {p.name: p.stat().st_mtime_ns for p in out.glob("records/*.json")}
+        os.killpg(proc.pid, signal.SIGTERM)
+        time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and "1 done" in lines[0] and "1 unfinished" in lines[0] and "Traceback" not in err, err
+    assert _wait_gone(proc.pid, 5) == []
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("records/*.json")} == finished
+    assert len(finished) == 1
+    partial = sorted(out.glob("checkpoints/partial/dense-*/fit-0.pt"))
+    assert len(partial) == 1 and torch.load(partial[0], weights_only=True)["trainer"]["step"] > 0
+    assert len(list(out.glob("checkpoints/dense-*.pt"))) == 1           # only the finished run's dense model
+    assert not [p for p in out.rglob("*.tmp")]
