@@ -84,6 +84,11 @@ def _on_stop_signal(signum, frame) -> None:
     if _StopState.signum is not None or _StopState.ending:
         return
     _StopState.signum = signum
+    # Later stop signals are ignored at the OS level, not by this handler: the interpreter resets
+    # Python-level handlers to the default at exit, and a second SIGTERM landing then would kill the
+    # process with -15 after its summary line. SIG_IGN survives finalisation.
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise Stopped(signum)
 
 
