@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 
 import pytest
 import torch
@@ -143,3 +144,20 @@ def kill_after(monkeypatch, n):
 
     monkeypatch.setattr(Trainer, "train_step", step)
     return lambda: monkeypatch.setattr(Trainer, "train_step", original)
+
+
+def two_run_suite(name: str, second_pretrain_epochs: float) -> str:
+    """A sweep of two one-shot runs on resnet20_tiny whose dense checkpoints differ (their pretrain
+    epochs), the second as long as a test needs it (e.g. long enough to be signalled or locked mid-way)."""
+    return textwrap.dedent(f"""
+        name: {name}
+        methods:
+          - {{name: magnitude-global, recipe: {{pretrain_epochs: 0.3}}}}
+          - {{name: magnitude-layerwise, recipe: {{pretrain_epochs: {second_pretrain_epochs}}}}}
+        models: [resnet20_tiny]
+        datasets: [digits]
+        targets: {{sparsity: [0.5]}}
+        recipe: {{finetune_epochs: 0.2, search_epochs: 0.2}}
+        data: {{img_size: 16}}
+        measure: {{latency: false}}
+    """)

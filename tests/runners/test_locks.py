@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import two_run_suite
+
 from sparsebench import platform
 from sparsebench.runners import launchers
 from sparsebench.runners.checkpoints import dense_path
@@ -86,18 +88,7 @@ def test_a_wait_on_a_stopped_holder_says_who_and_gives_up_then_a_dead_holders_lo
         _end(holder)
 
 
-SUITE = textwrap.dedent("""
-    name: locks
-    methods:
-      - {name: magnitude-global, recipe: {pretrain_epochs: 0.3}}
-      - {name: magnitude-layerwise, recipe: {pretrain_epochs: 0.4}}
-    models: [resnet20_tiny]
-    datasets: [digits]
-    targets: {sparsity: [0.5]}
-    recipe: {finetune_epochs: 0.2, search_epochs: 0.2}
-    data: {img_size: 16}
-    measure: {latency: false}
-""")
+SUITE = two_run_suite("locks", 0.4)
 
 
 @pytest.mark.slow

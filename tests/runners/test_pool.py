@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import two_run_suite
+
 
 LONG_SUITE = textwrap.dedent("""
     name: long
@@ -159,18 +161,7 @@ def test_killing_the_parent_leaves_no_orphan_workers(tmp_path):
             os.kill(pid, signal.SIGKILL)
 
 
-MIXED_SUITE = textwrap.dedent("""
-    name: mixed
-    methods:
-      - {name: magnitude-global, recipe: {pretrain_epochs: 0.3}}
-      - {name: magnitude-layerwise, recipe: {pretrain_epochs: 300}}
-    models: [resnet20_tiny]
-    datasets: [digits]
-    targets: {sparsity: [0.5]}
-    recipe: {finetune_epochs: 0.2, search_epochs: 0.2}
-    data: {img_size: 16}
-    measure: {latency: false}
-""")
+MIXED_SUITE = two_run_suite("mixed", 300)
 
 
 @pytest.mark.slow
