@@ -205,6 +205,9 @@ def judge_mechanism(method: Method, metrics: Dict[str, Any], note: str = "") -> 
         acted = not failed
         args = ", ".join(f"{k}={v}" for k, v in method.null_control.items())
         reason = f"null control ({args}): the mechanism is switched off"
+        if acted:                      # a control whose numbers pass: the switch did not switch it off
+            reason = (f"null control ({args}), but its telemetry passes every threshold: the mechanism "
+                      "was not switched off")
     elif failed:
         acted, reason = False, "did not act: " + "; ".join(failed)
     else:

@@ -346,9 +346,15 @@ class _GaP(Method):
 
     def static(self, ctx, masks, schedule, keep, phase_steps, generator) -> List[dict]:
         """The null control: the initial masks trained, fixed, for as many optimizer steps as
-        the phases take (R·κ·T; P-GaP's κ replicas take as many), one cosine schedule."""
+        the phases take (R·κ·T; P-GaP's κ replicas take as many), phase by phase with the same
+        learning-rate schedule and optimizer restarts as the method (`lr_restart`,
+        `restart_optimizer`), so only the regrowth differs."""
         trainer = ctx.make_trainer(hooks=[masks])
-        trainer.fit(len(schedule) * phase_steps, progress=ctx.progress, desc="gap static")
+        for i in range(len(schedule)):
+            if self.config.restart_optimizer:
+                trainer.reset_optimizer()
+            self._schedule(trainer, phase_steps, len(schedule), i * phase_steps)
+            trainer.fit(phase_steps, progress=ctx.progress, desc=f"gap static phase {i}")
         return [{"round": i // self.config.num_groups, "phase": i, "grown": [], "grown_size": 0, "steps": phase_steps}
                 for i in range(len(schedule))]
 

@@ -291,3 +291,16 @@ def test_prune_back_change_is_measured_and_the_null_control_keeps_its_masks(name
     assert control_ctx.budget.used == ctx.budget.used
     assert outcome.masks.nnz() == control.masks.nnz()
     assert any(not torch.equal(outcome.masks.masks[n], control.masks.masks[n]) for n in outcome.masks.masks)
+
+
+def test_the_null_control_follows_the_methods_learning_rate_restarts():
+    """With lr_restart, method and control both start a new warm-up + cosine every phase: their
+    learning rates agree step by step, and rise again at every phase boundary."""
+    method, ctx = _context("gap-cyclic", budget=24, lr_restart=True)
+    method.run(ctx)
+    control_method, control_ctx = _context("gap-cyclic", budget=24, lr_restart=True, regrow=False)
+    control_method.run(control_ctx)
+    assert control_ctx.curve.lr == pytest.approx(ctx.curve.lr)
+    lr, phases = ctx.curve.lr, method.config.rounds * method.config.num_groups
+    rises = sum(1 for a, b in zip(lr, lr[1:]) if b > a * 1.5)
+    assert rises >= phases - 1

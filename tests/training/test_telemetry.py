@@ -69,3 +69,8 @@ def test_the_verdict_needs_every_declared_threshold(metrics, acted):
 def test_a_null_control_is_marked_whatever_its_numbers():
     m = judge_mechanism(Toy(Toy.Config(search=False)), {"moved": 0, "correlation": 1.0})
     assert m.control and m.label == "control" and "search=False" in m.reason
+
+
+def test_a_control_whose_numbers_pass_says_its_mechanism_leaked():
+    m = judge_mechanism(Toy(Toy.Config(search=False)), {"moved": 5, "correlation": 0.1})
+    assert m.control and m.acted and "was not switched off" in m.reason
