@@ -299,6 +299,11 @@ class _GaP(Method):
             "layer_sparsity": masks.layer_sparsity(),
         }
         notes["mean_dense_fraction"] = sum(p["dense_fraction"] for p in notes["phases"]) / len(notes["phases"])
+        # P-GaP's replicas could train side by side: its sequential depth is R·T steps for κ·R·T
+        # optimizer steps in all (κ× the compute per sequential step); C-GaP and the control are sequential
+        parallel = replicas > 1 and cfg.regrow
+        notes["total_steps"] = len(log) * phase_steps
+        notes["sequential_steps"] = rounds * phase_steps if parallel else notes["total_steps"]
         if replicas > 1:
             notes["replica_steps"] = rounds * kappa * phase_steps
             notes["compute"] = (f"{kappa} replicas trained one after another; optimizer steps = "

@@ -304,3 +304,13 @@ def test_the_null_control_follows_the_methods_learning_rate_restarts():
     lr, phases = ctx.curve.lr, method.config.rounds * method.config.num_groups
     rises = sum(1 for a, b in zip(lr, lr[1:]) if b > a * 1.5)
     assert rises >= phases - 1
+
+
+@pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
+def test_records_state_sequential_depth_and_total_steps(name):
+    method, ctx = _context(name, budget=24)
+    notes = method.run(ctx).notes
+    cfg = method.config
+    assert notes["total_steps"] == ctx.budget.used == cfg.rounds * cfg.num_groups * notes["phase_steps"]
+    depth = cfg.rounds * notes["phase_steps"] if name == "gap-parallel" else notes["total_steps"]
+    assert notes["sequential_steps"] == depth
