@@ -48,8 +48,14 @@ from sparsebench.store.record import PerSample, RunRecord
 
 
 def method_label(record: RunRecord) -> str:
-    """Method name plus the config values that differ from its defaults (e.g. `random[distribution=erk]`)."""
-    return label_of(record.method, record.method_args)
+    """Method name plus the config values that differ from its defaults (e.g. `random[distribution=erk]`),
+    and "(κ× compute)" for a method whose optimizer steps run κ-wide rather than in sequence (P-GaP's
+    replicas: its record's `total_steps` over `sequential_steps`), so it never reads as an equal budget."""
+    label = label_of(record.method, record.method_args)
+    total, depth = record.notes.get("total_steps"), record.notes.get("sequential_steps")
+    if isinstance(total, int) and isinstance(depth, int) and 0 < depth < total:
+        label += f" ({total / depth:g}× compute)"
+    return label
 
 
 def control_label(record: RunRecord) -> Optional[str]:

@@ -143,3 +143,12 @@ def test_mechanism_verdicts_rank_and_pair_with_their_null_control(monkeypatch):
     assert list(left["status"]) == ["mechanism did not act"] and "swapped = 0" in left.iloc[0]["detail"]
     md = to_markdown(board.table, left_out=board.excluded)
     assert "+2.67 ± " in md and "(n=3)" in md and "mechanism did not act" in md
+
+
+def test_a_method_whose_steps_run_side_by_side_is_labelled_with_its_compute():
+    from sparsebench.report.leaderboard import method_label
+
+    wide = fake_record("gap-parallel", 0, 0.8, notes={"total_steps": 240, "sequential_steps": 60})
+    deep = fake_record("gap-cyclic", 0, 0.8, notes={"total_steps": 240, "sequential_steps": 240})
+    assert method_label(wide) == "gap-parallel (4× compute)" and method_label(deep) == "gap-cyclic"
+    assert method_label(fake_record("random", 0, 0.8)) == "random"
