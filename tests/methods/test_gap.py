@@ -314,3 +314,15 @@ def test_records_state_sequential_depth_and_total_steps(name):
     assert notes["total_steps"] == ctx.budget.used == cfg.rounds * cfg.num_groups * notes["phase_steps"]
     depth = cfg.rounds * notes["phase_steps"] if name == "gap-parallel" else notes["total_steps"]
     assert notes["sequential_steps"] == depth
+
+
+def test_gap_and_rigl_at_erk_keep_the_same_per_layer_densities():
+    """At one distribution GaP and RigL prune the same set (input layer and classifier dense) to the
+    same per-layer densities, so their comparison is about regrowth, not about where the weights sit."""
+    densities = {}
+    for name, args in (("gap-cyclic", {"distribution": "erk"}), ("rigl", {})):
+        method, ctx = _context(name, budget=24, **args)
+        masks = method.run(ctx).masks.masks
+        densities[name] = {n: round(float(m.float().mean()), 4) for n, m in masks.items()}
+    assert densities["gap-cyclic"] == densities["rigl"]
+    assert len(set(densities["rigl"].values())) > 2                # ERK: not one uniform density
