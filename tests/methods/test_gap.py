@@ -326,3 +326,16 @@ def test_gap_and_rigl_at_erk_keep_the_same_per_layer_densities():
         densities[name] = {n: round(float(m.float().mean()), 4) for n, m in masks.items()}
     assert densities["gap-cyclic"] == densities["rigl"]
     assert len(set(densities["rigl"].values())) > 2                # ERK: not one uniform density
+
+
+def test_five_rounds_with_restarts_restart_the_learning_rate_every_phase():
+    method, ctx = _context("gap-cyclic", budget=90, rounds=5, lr_restart=True, restart_optimizer=True)
+    method.run(ctx)
+    phases = 5 * method.config.num_groups
+    steps_per_phase = 90 // phases
+    lr = ctx.curve.lr
+    starts = [lr[i * steps_per_phase] for i in range(1, phases)]
+    ends = [lr[i * steps_per_phase - 1] for i in range(1, phases)]
+    assert len(lr) == phases * steps_per_phase
+    assert all(start > end for start, end in zip(starts, ends))     # a new warm-up + cosine each phase
+    assert len({round(x, 12) for x in starts}) == 1                 # the same schedule every phase
