@@ -194,26 +194,20 @@ def row_mechanism(labels: pd.Series) -> str:
 
 def with_control_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
     """Add `control_delta`, `control_delta_ci`, `control_pairs`: each seed-method row's paired
-    difference (method − its null control, top-1 points) over the seeds both have."""
+    difference (method − its null control, top-1 points) over the seeds both have, by the same
+    seed-level statistics as `Δ baseline` (`compare_runs`)."""
     setting = [k for k in keys if k not in ("method", "granularity")]
-    per_seed = runs.set_index([*setting, "method", "seed"])["test_top1"]
-    per_seed = per_seed[~per_seed.index.duplicated(keep="last")].sort_index()
+    by_run = seed_runs(runs, setting)
     control_of = runs.dropna(subset=["control_of_row"]).groupby("method")["control_of_row"].first()
     deltas, cis, pairs = [], [], []
     for _, row in out.iterrows():
         control = control_of.get(row["method"])
-        d = pd.Series(dtype=float)
-        if control is not None:
-            at = tuple(row[k] for k in setting)
-            try:
-                mine, theirs = per_seed.loc[(*at, row["method"])], per_seed.loc[(*at, control)]
-            except KeyError:
-                pass
-            else:
-                d = (mine - theirs).dropna()
-        deltas.append(float(d.mean()) if len(d) else float("nan"))
-        cis.append(ci95(d) if len(d) else float("nan"))
-        pairs.append(len(d))
+        at = tuple(row[k] for k in setting)
+        level = compare_runs(by_run.get((at, row["method"]), {}), by_run.get((at, control), {}) if control else {},
+                             per_sample="none", with_permutation=False).seed_level
+        deltas.append(level.mean)
+        cis.append((level.high - level.low) / 2)
+        pairs.append(level.pairs)
     return out.assign(control_delta=deltas, control_delta_ci=cis, control_pairs=pairs)
 
 
