@@ -398,8 +398,9 @@ class Trainer:
                 extra = h.extra_loss(self, x, outputs, y)
                 if extra is not None:
                     loss = loss + extra
-        if not bool(torch.isfinite(loss.detach())):
-            raise Diverged(self.stage, f"non-finite training loss ({float(loss.detach()):.3g}) at step {self.step + 1}")
+        loss_value = float(loss.detach())        # one device sync per step, for the check and the curve
+        if not math.isfinite(loss_value):
+            raise Diverged(self.stage, f"non-finite training loss ({loss_value:.3g}) at step {self.step + 1}")
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -409,7 +410,7 @@ class Trainer:
         for h in self.hooks:
             h.after_backward(self)
         self.optimizer.step()
-        self.curve.add_step(self.position, float(loss.detach()), self.optimizer.param_groups[0]["lr"])
+        self.curve.add_step(self.position, loss_value, self.optimizer.param_groups[0]["lr"])
         self.step += 1
         for h in self.hooks:
             h.after_step(self)
