@@ -45,7 +45,7 @@ from torch import nn
 from sparsebench.errors import SpecError
 from sparsebench.measure.sparse24 import GROUP, mask_2to4
 from sparsebench.training.masks import (
-    MaskSet, global_topk_masks, initial_masks, prunable_weights, topk_mask,
+    MaskSet, global_topk_masks, initial_masks, kept_change, prunable_weights, topk_mask,
 )
 from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 from sparsebench.methods.dst import resolve_skips
@@ -183,14 +183,6 @@ def prune_back(masks: MaskSet, partition: Partition, keep: Dict[str, int], scope
         masks.update(name, mask, optimizer)
     if optimizer is not None and not masks.weights_only:
         masks.mask_optimizer_state(optimizer)
-
-
-def kept_change(before: Dict[str, torch.Tensor], after: Dict[str, torch.Tensor]) -> float:
-    """Fraction of the kept set `after` that was not kept `before` (0: the prune-back restored
-    the old mask; 1: every kept weight is new)."""
-    kept = sum(int(m.sum()) for m in after.values())
-    new = sum(int((m & ~before[n]).sum()) for n, m in after.items())
-    return new / kept if kept else 0.0
 
 
 def _snapshot(masks: MaskSet, partition: Partition) -> Dict[str, torch.Tensor]:

@@ -37,7 +37,8 @@ from sparsebench.errors import SpecError
 from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 from sparsebench.training.importance import HeadOutputTaylor
 from sparsebench.training.masks import (
-    DynamicSparsity, MaskSet, ShadowWeights, drop_and_grow, initial_masks, layer_densities, prunable_weights,
+    DynamicSparsity, MaskSet, ShadowWeights, drop_and_grow, initial_masks, kept_change, layer_densities,
+    prunable_weights,
 )
 from sparsebench.training.trainer import HookOrder, Trainer, TrainerHook
 from sparsebench.training.vit_slim import check_supported, num_tokens
@@ -239,16 +240,15 @@ class UnitPruneAndGrow(TrainerHook):
         def series(kind, what):
             return [int(h[what][kind]) for h in self.history]
 
-        kept = sum(int(h.sum()) for h in self.heads) + sum(int(j.sum()) for j in self.neurons)
-        changed = sum(int((h & ~h0).sum()) for h, h0 in zip(self.heads, self.initial[0])) + \
-            sum(int((j & ~j0).sum()) for j, j0 in zip(self.neurons, self.initial[1]))
+        now = dict(enumerate(self.heads + self.neurons))
+        initial = dict(enumerate(self.initial[0] + self.initial[1]))
         out = {"updates": len(self.history), "update_steps": [int(h["step"]) for h in self.history]}
         for kind in ("heads", "neurons"):
             out[f"{kind}_swapped"], out[f"{kind}_moved"] = series(kind, "swapped"), series(kind, "moved")
             out[f"{kind}_swapped_total"] = sum(out[f"{kind}_swapped"])
             out[f"{kind}_moved_total"] = sum(out[f"{kind}_moved"])
         out["units_moved_total"] = out["heads_moved_total"] + out["neurons_moved_total"]
-        out["units_changed"] = round(changed / kept, 4) if kept else 0.0
+        out["units_changed"] = round(kept_change(initial, now), 4)
         return out
 
     def state_dict(self) -> dict:

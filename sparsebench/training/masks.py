@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -222,6 +222,14 @@ class MaskSet(TrainerHook):
 
     def names(self) -> List[str]:
         return list(self.masks)
+
+
+def kept_change(before: Mapping[Any, torch.Tensor], after: Mapping[Any, torch.Tensor]) -> float:
+    """Fraction of the kept set `after` that was not kept `before` (0: the same kept set, e.g. a
+    prune-back that restored the old mask; 1: every kept entry is new). Masks are matched by key."""
+    kept = sum(int(m.sum()) for m in after.values())
+    new = sum(int((m & ~before[n]).sum()) for n, m in after.items())
+    return new / kept if kept else 0.0
 
 
 # --- weights of masked entries, kept aside ---------------------------------------------------
@@ -459,7 +467,6 @@ class DynamicSparsity(TrainerHook):
         swapped = [int(h["swapped"]) for h in self.history]
         new = [int(h["moved"]) for h in self.history]
         active = sum(int(m.sum()) for m in self.masks.masks.values())
-        changed = sum(int((m & ~self.initial[n]).sum()) for n, m in self.masks.masks.items())
         return {
             "updates": len(self.history),
             "update_steps": [int(h["step"]) for h in self.history],
@@ -467,7 +474,7 @@ class DynamicSparsity(TrainerHook):
             "swapped_total": sum(swapped), "regrown_new_total": sum(new),
             "regrown_new_share": round(sum(new) / sum(swapped), 4) if sum(swapped) else 0.0,
             "active": active,
-            "mask_changed": round(changed / active, 4) if active else 0.0,
+            "mask_changed": round(kept_change(self.initial, self.masks.masks), 4),
         }
 
     def state_dict(self) -> dict:
