@@ -142,7 +142,7 @@ from sparsebench.training.channels import ChannelSpace
 from sparsebench.training.gates import straight_through
 from sparsebench.training.importance import MagnitudeImportance
 from sparsebench.training.masks import prunable_weights
-from sparsebench.training.trainer import TrainerHook
+from sparsebench.training.trainer import TrainerHook, evaluate
 from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 
 HYPERNET_FORMAT = "sparsebench-pass-hypernet/2"     # /2: units stepped in forward-execution order
@@ -427,18 +427,6 @@ def recalibrate_bn(model: nn.Module, batches, transform=lambda x: x) -> int:
     return images
 
 
-@torch.no_grad()
-def masked_accuracy(model: nn.Module, loader, device: torch.device, transform=lambda x: x) -> float:
-    """Top-1 of `model` as it is now (masks applied by the caller), eval mode."""
-    model.eval()
-    correct = total = 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        correct += int((model(transform(x)).argmax(1) == y).sum())
-        total += len(y)
-    return correct / max(1, total)
-
-
 def units_changed(kept: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> int:
     """Channels kept by one selection and pruned by the other."""
     return int(sum(int((a != b).sum()) for a, b in zip(kept, reference)))
@@ -492,7 +480,8 @@ class MaskedPromptSearch(TrainerHook):
         recalibrations = math.ceil(max(1, self.total_steps) / self.bn_every)
         stride = max(1, math.ceil(recalibrations / VAL_POINTS))
         if self.val_loader is not None and (trainer.step // self.bn_every) % stride == 0:
-            acc = masked_accuracy(model, self.val_loader, trainer.device, self.search.prompted)
+            acc = evaluate(model, self.val_loader, trainer.device, trainer.num_classes,
+                           transform=self.search.prompted).top1
             trainer.curve.add_value("masked_val_top1", trainer.position, acc)
             self.masked_val.append((trainer.position, acc))
             numbers["masked_val_top1"] = acc
@@ -664,7 +653,7 @@ class PASS(Method):
         start = time.perf_counter()
         try:
             gates.set([k.float().to(ctx.device) for k in prior_kept])
-            frozen_bn_val = masked_accuracy(model, ctx.val_loader, ctx.device)   # the prior's masks, dense BN
+            frozen_bn_val = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes).top1   # prior's masks, dense BN
             gates.clear()
             if steps > 0:
                 trainer.fit(steps, progress=ctx.progress, desc="pass search")
@@ -679,7 +668,7 @@ class PASS(Method):
             for name, masks in (("searched", kept), ("prior", prior_kept)):
                 gates.set([k.float().to(ctx.device) for k in masks])
                 recalibrate_bn(model, batches)           # the same batches for both: only the masks differ
-                final_val[name] = masked_accuracy(model, ctx.val_loader, ctx.device)
+                final_val[name] = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes).top1
                 gates.clear()
         finally:
             gates.remove()

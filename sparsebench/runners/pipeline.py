@@ -455,7 +455,7 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         environment=plain(_environment(device, spec.measure.threads)), code_version=plain(code_version()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
-        mechanism=mechanism_of(method, outcome) if outcome is not None else None,
+        mechanism=recorded_mechanism(method, outcome) if outcome is not None else None,
         per_sample=None if evaluation is None else PerSample.of(evaluation.test.correct, evaluation.test.labels,
                                                                 spec.dataset, spec.data.split_seed),
         curves=plain({k: v for k, v in (("method", method_result.curve), ("finetune", finetune.curve)) if v}) or None,
@@ -463,7 +463,7 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
     )
 
 
-def mechanism_of(method: Method, outcome: Outcome) -> Mechanism:
+def recorded_mechanism(method: Method, outcome: Outcome) -> Mechanism:
     """The record's `mechanism`: the method's own verdict; "no mechanism" for a baseline; and
     for a method that declares a mechanism but reported none, a verdict that it did not act."""
     if outcome.mechanism is not None:

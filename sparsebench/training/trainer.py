@@ -172,10 +172,11 @@ class Accuracy:
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             per_sample: bool = False) -> Accuracy:
+             per_sample: bool = False, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Accuracy:
     """Accuracy as sum of correct over sum of samples (never a mean of batch means).
     `per_sample` also keeps each sample's top-1 correctness and label, in loader order, so
-    that two models evaluated on the same (unshuffled) loader can be compared sample by sample."""
+    that two models evaluated on the same (unshuffled) loader can be compared sample by sample.
+    `transform` is applied to each input batch first (e.g. a visual prompt)."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -183,7 +184,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     hits, labels = [], []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = model(x)
+        logits = model(x if transform is None else transform(x))
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         top = logits.topk(min(5, num_classes), dim=1).indices
         correct1 += int((top[:, 0] == y).sum())
