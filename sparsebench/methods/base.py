@@ -44,7 +44,7 @@ from sparsebench.errors import Diverged
 from sparsebench.models import ModelCard, model_card
 
 from sparsebench.specs import Recipe, SpecError, Target, coerce_scalar
-from sparsebench.store.record import Mechanism
+from sparsebench.store.record import Mechanism, meets_threshold, threshold_bound
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.telemetry import TrainingCurve
 from sparsebench.training.trainer import ComputeMeter, StepBudget, Trainer, TrainerHook
@@ -193,14 +193,9 @@ def judge_mechanism(method: Method, metrics: Dict[str, Any], note: str = "") -> 
     """The record's `mechanism` from the telemetry a method measured, judged against its
     `mechanism_thresholds`: it acted when every metric reaches its bound. A null control is
     marked as such, whatever its numbers say. `note` adds a method's own remark."""
-    thresholds = {k: (tuple(v) if isinstance(v, (tuple, list)) else (">=", v))
-                  for k, v in method.mechanism_thresholds.items()}
-    failed = []
-    for key, (op, bound) in thresholds.items():
-        value = metrics.get(key)
-        ok = value is not None and (value >= bound if op == ">=" else value <= bound)
-        if not ok:
-            failed.append(f"{key} = {_short(value)} (needs {op} {bound:g})")
+    thresholds = {k: threshold_bound(v) for k, v in method.mechanism_thresholds.items()}
+    failed = [f"{key} = {_short(metrics.get(key))} (needs {op} {bound:g})"
+              for key, (op, bound) in thresholds.items() if not meets_threshold(metrics.get(key), (op, bound))]
     if method.is_control:
         acted = not failed
         args = ", ".join(f"{k}={v}" for k, v in method.null_control.items())

@@ -25,7 +25,7 @@ from sparsebench.report.leaderboard import plus_minus
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
 )
-from sparsebench.store.record import RunRecord
+from sparsebench.store.record import RunRecord, meets_threshold, threshold_bound
 from sparsebench.store.records import atomic_write_bytes, atomic_write_text
 
 STATUS_HELP = {"ok": "met its target within the recorded tolerance", "missed_target": "achieved value outside the "
@@ -298,16 +298,15 @@ def _short(v) -> str:
 
 def _bound(threshold) -> Optional[tuple]:
     """(op, bound) from a record's threshold: `[op, bound]`, or a bare minimum."""
-    if isinstance(threshold, (list, tuple)) and len(threshold) == 2:
-        return str(threshold[0]), threshold[1]
-    return (">=", threshold) if as_float(threshold) is not None else None
+    pair = isinstance(threshold, (list, tuple)) and len(threshold) == 2
+    return threshold_bound(threshold) if pair or as_float(threshold) is not None else None
 
 
 def _meets(value, bound: Optional[tuple]) -> str:
     v = as_float(value) if not isinstance(value, (list, dict, bool)) else None
     if bound is None or v is None or as_float(bound[1]) is None:
         return "–" if bound is None else "not measured"
-    ok = v >= float(bound[1]) if bound[0] == ">=" else v <= float(bound[1])
+    ok = meets_threshold(v, (bound[0], float(bound[1])))
     return '<span class="meets">✓ meets</span>' if ok else '<span class="fails">✗ fails</span>'
 
 

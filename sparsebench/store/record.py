@@ -174,6 +174,20 @@ class PerSample:
         return None
 
 
+def threshold_bound(threshold: Any) -> Tuple[str, float]:
+    """(op, bound) of a mechanism threshold: `[op, bound]` / `(op, bound)`, or a bare minimum."""
+    if isinstance(threshold, (list, tuple)):
+        op, bound = threshold
+        return str(op), bound
+    return ">=", threshold
+
+
+def meets_threshold(value: Any, threshold: Any) -> bool:
+    """Whether a telemetry value reaches its threshold (a missing value never does)."""
+    op, bound = threshold_bound(threshold)
+    return value is not None and (value >= bound if op == ">=" else value <= bound)
+
+
 # Nested fields with a type of their own; the rest are JSON scalars, lists or free dicts.
 _NESTED = {"macs": Macs, "params": Params, "cost": Cost, "prunable": Prunable, "tolerance": Tolerance,
            "mechanism": Mechanism, "per_sample": PerSample}
