@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from typing import List, Literal, Optional
 
 import torch
+from scipy import stats
 import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
@@ -543,13 +544,10 @@ def score_lr_rule(steps: int, clip: float) -> float:
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman rank correlation of two score tensors (ties broken by position)."""
-    ra = torch.argsort(torch.argsort(a.flatten(), stable=True)).double()
-    rb = torch.argsort(torch.argsort(b.flatten(), stable=True)).double()
-    if ra.numel() < 2:
+    """Spearman rank correlation of two score tensors (scipy; 1 for a single unit)."""
+    if a.numel() < 2:
         return 1.0
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+    return float(stats.spearmanr(a.detach().flatten().cpu().numpy(), b.detach().flatten().cpu().numpy()).statistic)
 
 
 def search_telemetry(groups: List[SearchGroup], achieved_ratio: float, target_ratio: float) -> dict:
