@@ -181,6 +181,13 @@ class Method:
         return True
 
     @property
+    def budget_scale(self) -> float:
+        """The multiple of the protocol's method budget this run trains for: 1 (equal steps)
+        unless a method offers extended training (RigL's 2×, 5× rows); the record's
+        `method_budget_steps` and training MACs carry the difference."""
+        return 1.0
+
+    @property
     def is_control(self) -> bool:
         """True when this instance is the method's null control (its mechanism switched off)."""
         return bool(self.null_control) and all(getattr(self.config, k) == v for k, v in self.null_control.items())

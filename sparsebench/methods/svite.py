@@ -38,7 +38,7 @@ from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mecha
 from sparsebench.training.importance import HeadOutputTaylor
 from sparsebench.training.masks import (
     DynamicSparsity, MaskSet, ShadowWeights, drop_and_grow, initial_masks, kept_change, layer_densities,
-    prunable_weights,
+    prunable_weights, update_interval,
 )
 from sparsebench.training.trainer import HookOrder, Trainer, TrainerHook
 from sparsebench.training.vit_slim import check_supported, num_tokens
@@ -58,14 +58,12 @@ def drop_fraction(t: int, total: int, alpha: float = 0.5, floor: float = 0.005, 
     return floor + (alpha - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def update_interval(total: int, t_end: float, every: Optional[int], fraction: float) -> int:
+def svite_update_interval(total: int, t_end: float, every: Optional[int], fraction: float) -> int:
     """ΔT: `every` steps if given, else `fraction` of the budget (the official 15k of 1.5M
-    iterations is ≈1 %; on a few hundred steps that would be a handful of steps, so the
-    tiny default is 8 %, ≥ 10 steps [reconstructed]), shortened so one update fits before t_end."""
-    if every is None:
-        every = max(10, int(round(fraction * total)))
-    last = math.ceil(t_end * total) - 1           # the last step t with t < t_end·T
-    return max(1, min(every, last)) if last >= 1 else max(1, every)
+    iterations, ≈1 %, ≈80 updates), by the shared rule for short budgets
+    (`training.masks.update_interval`: at least 20 updates where 10 steps between them allow
+    it, never fewer than 10 steps between two), shortened so one update fits before t_end."""
+    return update_interval(math.ceil(t_end * total), max(1, int(round(fraction * total))), every)
 
 
 def is_update_step(t: int, total: int, every: int, t_end: float) -> bool:
@@ -499,8 +497,8 @@ class ScheduleConfig:
     floor: float = 0.005                                 # final drop fraction
     t_end: float = 0.8                                   # no update at or after t_end·T
     decay_over: Literal["total", "t_end"] = "total"
-    update_every: Optional[int] = None                   # ΔT in steps; None: update_fraction of T
-    update_fraction: float = 0.08
+    update_every: Optional[int] = None                   # ΔT in steps; None: update_fraction of T, see svite_update_interval
+    update_fraction: float = 0.01                        # the official ≈1 % of training between updates
     # "revival" (S²ViTE only): a non-official ablation, see `UnitPruneAndGrow`
     grow: Literal["gradient", "random", "revival"] = "gradient"
     # False: the null control, no prune-and-grow (static masks / structure, same budget and fine-tune)
@@ -574,7 +572,7 @@ class SViTE(_ViTSparseTraining):
         params = {n: p for n, p in prunable_weights(model, exclude=exclude).items() if not n.startswith("norm_pre")}
         generator = torch.Generator().manual_seed(ctx.seed)
         masks = MaskSet(model, svite_initial_masks(params, ctx.target.value, cfg.init, generator))
-        every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
+        every = svite_update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
         # RigL's machinery with SViTE's schedule: prune |w|, grow |∂L/∂w| (dense), k = ⌈dr·n_active⌉
         updates = DynamicSparsity(
             masks, delta_t=every, t_end=math.ceil(cfg.t_end * total), alpha=cfg.alpha, grow=cfg.grow,
@@ -640,7 +638,7 @@ class S2ViTE(_ViTSparseTraining):
         # revival's shadow: the unit weights before the initial masks zero the inactive ones
         shadow = ShadowWeights({n: params[n] for n in unit_masks}) if cfg.grow == "revival" else None
         masks = MaskSet(model, unit_masks)
-        every = update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
+        every = svite_update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
         updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator,
                                    updates=cfg.topology_updates, shadow=shadow, space=space,
                                    dense_macs=extra_macs + space.dense_macs)

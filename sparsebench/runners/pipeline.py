@@ -3,7 +3,8 @@
     data_stage         splits and loaders; step counts of every phase
     dense_stage        the dense checkpoint for (model, dataset, seed), trained once and cached
     method_stage       the method within its step budget (pretrained start: the search budget;
-                       scratch start: the dense-pretrain budget, so nobody gets free epochs)
+                       scratch start: the dense-pretrain budget, so nobody gets free epochs;
+                       × `Method.budget_scale` for extended-training settings such as RigL 2×)
     finetune_stage     the identical fine-tune recipe, masks held, selecting on validation
     evaluation_stage   validation and the one test evaluation
     measurement_stage  params, MACs (dense and sparsity-aware), prunable set, realization, latency
@@ -244,6 +245,7 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
     else:
         torch.manual_seed(spec.seed)
         start_model, budget = make_model(), data.pretrain_steps
+    budget = max(1, int(round(budget * method.budget_scale)))
     ctx = MethodContext(
         model=start_model, model_name=spec.model, make_model=make_model,
         train_loader=data.loaders["train_method"], val_loader=data.loaders["val"], num_classes=data.info.num_classes,

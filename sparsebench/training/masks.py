@@ -308,6 +308,32 @@ def initial_masks(params: Dict[str, torch.Tensor], sparsity: float, distribution
 
 
 # --- dynamic sparse training: prune and grow (RigL, SET; reused by GaP and SViTE) -----------------
+# When topology updates happen (RigL, SET, SViTE, S²ViTE). The official schedules assume long
+# runs: RigL updates every 100 steps of ~32k-100k, SViTE every ~1 % of training (≈80 updates).
+# Our budgets are a few hundred steps, where "every 100 steps" gives 1–3 updates that each swap
+# a third of the network, and "1 %" an update every 3 steps, before the weights or the gradient
+# estimate have moved. Rule [reconstructed, the same for every dynamic method]: take the
+# official interval, shorten it until at least MIN_UPDATES updates fit before t_end, never below
+# MIN_UPDATE_INTERVAL steps (on a budget under MIN_UPDATE_INTERVAL·MIN_UPDATES steps the interval
+# wins: fewer updates, each still after meaningful training).
+MIN_UPDATE_INTERVAL = 10     # optimizer steps between two updates: ten batches of weight and gradient movement
+MIN_UPDATES = 20             # updates in a run: no handful of updates each swapping a large part of the network
+
+
+def update_interval(t_end: int, official: int, every: Optional[int] = None,
+                    min_interval: int = MIN_UPDATE_INTERVAL, min_updates: int = MIN_UPDATES) -> int:
+    """ΔT in optimizer steps for updates at steps ΔT, 2ΔT, ... < `t_end`.
+
+    `every`: an explicit interval, used as given. Otherwise `official` (the paper's interval
+    scaled to this run, in steps) shortened to ⌊t_end / min_updates⌋ when that is smaller,
+    never below `min_interval`, and never so long that no update fits before `t_end`.
+    """
+    if every is None:
+        every = max(min_interval, min(official, t_end // min_updates))
+    last = t_end - 1                                   # the last step at which an update may run
+    return max(1, min(every, last)) if last >= 1 else max(1, every)
+
+
 def cosine_drop_fraction(step: int, alpha: float, t_end: int) -> float:
     """RigL's drop fraction f(t) = α/2·(1 + cos(π·t/T_end)); 0 at and after T_end."""
     if step >= t_end:

@@ -235,3 +235,34 @@ def test_dynamic_sparsity_resumes_its_generator_history_and_initial_masks():
     hook2.update(2)
     assert all(torch.equal(masks2.masks[n], expected[n]) for n in expected)
     assert hook2.telemetry() == hook.telemetry()
+
+
+# --- the update schedule and extended training -------------------------------------------------------
+def test_rigl_interval_comes_from_the_budget_with_the_shared_minimums():
+    from sparsebench.training.masks import MIN_UPDATE_INTERVAL, MIN_UPDATES
+
+    method = create_method("rigl")
+    delta, t_end = method.schedule(285, 19)                # the CNN evidence budget
+    assert (delta, t_end) == (MIN_UPDATE_INTERVAL, 213) and len(range(delta, t_end, delta)) >= MIN_UPDATES
+    delta, t_end = method.schedule(570, 19)                # the ViT evidence budget: ≥ 20 updates
+    assert delta == 21 and len(range(delta, t_end, delta)) >= MIN_UPDATES
+    assert method.schedule(200_000, 390)[0] == 100         # a long run keeps RigL's official ΔT
+    assert method.schedule(60, 19)[0] == MIN_UPDATE_INTERVAL   # a short one: fewer updates, never < 10 steps apart
+    assert create_method("rigl", delta_t=3).schedule(285, 19)[0] == 3
+
+
+def test_budget_multiplier_trains_that_multiple_of_the_protocol_budget(tmp_path):
+    from sparsebench.runners.pipeline import RunOptions, execute
+    from sparsebench.specs import MeasureSpec
+    from conftest import tiny_spec
+
+    measure = MeasureSpec(latency=False, threads=1)
+    one = execute(tiny_spec("rigl", target="sparsity=0.9", measure=measure), RunOptions(out=tmp_path))
+    two = execute(tiny_spec("rigl", target="sparsity=0.9", method_args=(("budget_multiplier", 2.0),),
+                            measure=measure), RunOptions(out=tmp_path))
+    assert two.cost.method_budget_steps == 2 * one.cost.method_budget_steps
+    assert two.cost.method_steps == 2 * one.cost.method_steps
+    spent = [r.cost.train_macs["method"] for r in (one, two)]
+    assert spent[1]["forward"] == pytest.approx(2 * spent[0]["forward"], rel=0.02)
+    with pytest.raises(Exception, match="budget_multiplier"):
+        create_method("rigl", budget_multiplier=0)

@@ -16,6 +16,8 @@ S = 0.9
 
 
 def _context(name, model="resnet20_tiny", budget=24, seed=0, recipe=None, **args):
+    if name.startswith("gap"):
+        args.setdefault("rounds", 2)          # two rounds of tiny phases; the default R is tested on its own
     method = create_method(name, **args)
     ctx = make_context(model, f"sparsity={S}", method, seed=seed, budget=budget)
     if recipe:
@@ -189,7 +191,7 @@ def test_partitions_by_stage_balanced_and_vit_blocks(cpu_model_factory):
     ({"num_groups": 5, "partition": "balanced_params"}, 24, "exceeds the 3 prunable blocks"),
     ({"num_groups": 4}, 24, "by_stage"),
     ({"num_groups": 30, "partition": "random"}, 90, "exceeds the"),
-    ({}, 5, "too small for rounds·num_groups = 6 phases"),
+    ({"rounds": 2}, 5, "too small for rounds·num_groups = 6 phases"),
 ])
 def test_bad_configurations_are_one_line_spec_errors(args, budget, message):
     method, ctx = _context("gap-cyclic", budget=budget, **args)
@@ -208,7 +210,7 @@ def test_config_validation():
 
 @pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
 def test_budget_and_phase_log(name):
-    method, ctx = _context(name, budget=25)
+    method, ctx = _context(name, budget=25, rounds=2)
     outcome = method.run(ctx)
     notes = outcome.notes
     assert ctx.budget.used == 24 <= ctx.budget.limit and notes["steps_unused"] == 1
@@ -276,9 +278,9 @@ def test_gap_runs_end_to_end_through_the_pipeline(tmp_path, name, model):
 
 @pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
 def test_prune_back_change_is_measured_and_the_null_control_keeps_its_masks(name):
-    method, ctx = _context(name, budget=24)
+    method, ctx = _context(name, budget=24, rounds=2)
     outcome = method.run(ctx)
-    control_method, control_ctx = _context(name, budget=24, regrow=False)
+    control_method, control_ctx = _context(name, budget=24, rounds=2, regrow=False)
     control = control_method.run(control_ctx)
     m, c = outcome.mechanism, control.mechanism
     phases = method.config.rounds * method.config.num_groups
@@ -301,14 +303,14 @@ def test_the_null_control_follows_the_methods_learning_rate_restarts():
     control_method, control_ctx = _context("gap-cyclic", budget=24, lr_restart=True, regrow=False)
     control_method.run(control_ctx)
     assert control_ctx.curve.lr == pytest.approx(ctx.curve.lr)
-    lr, phases = ctx.curve.lr, method.config.rounds * method.config.num_groups
+    lr, phases = ctx.curve.lr, len(ctx.curve.events_of("grow"))
     rises = sum(1 for a, b in zip(lr, lr[1:]) if b > a * 1.5)
     assert rises >= phases - 1
 
 
 @pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
 def test_records_state_sequential_depth_and_total_steps(name):
-    method, ctx = _context(name, budget=24)
+    method, ctx = _context(name, budget=24, rounds=2)
     notes = method.run(ctx).notes
     cfg = method.config
     assert notes["total_steps"] == ctx.budget.used == cfg.rounds * cfg.num_groups * notes["phase_steps"]
@@ -326,6 +328,17 @@ def test_gap_and_rigl_at_erk_keep_the_same_per_layer_densities():
         densities[name] = {n: round(float(m.float().mean()), 4) for n, m in masks.items()}
     assert densities["gap-cyclic"] == densities["rigl"]
     assert len(set(densities["rigl"].values())) > 2                # ERK: not one uniform density
+
+
+def test_default_rounds_follow_the_official_ten_down_to_twenty_steps_per_phase():
+    assert gap.default_rounds(10_000, 3) == 10                       # official R where the budget allows
+    assert gap.default_rounds(285, 3) == 4 and gap.default_rounds(570, 3) == 9
+    assert gap.default_rounds(30, 3) == 1                            # never below one round
+    method, ctx = _context("gap-cyclic", budget=130, rounds=None)
+    notes = method.run(ctx).notes
+    assert notes["rounds"] == 2 and notes["phase_steps"] == 21 >= gap.MIN_PHASE_STEPS
+    cfg = method.config
+    assert cfg.lr_restart and cfg.restart_optimizer                    # the official per-phase restarts
 
 
 def test_five_rounds_with_restarts_restart_the_learning_rate_every_phase():

@@ -11,7 +11,7 @@ from sparsebench.methods import create_method
 from sparsebench.methods.svite import (
     UnitPruneAndGrow,
     TemperatureSchedule, TokenSelector, drop_fraction, insert_selector, is_update_step, selector_of,
-    svite_initial_masks, unit_weight_masks, update_interval,
+    svite_initial_masks, svite_update_interval, unit_weight_masks,
 )
 from sparsebench.measure.flops import count_macs
 from sparsebench.models import create_model
@@ -47,12 +47,17 @@ def test_drop_fraction_endpoints_and_horizons():
     assert drop_fraction(80, 100, decay_over="t_end") == pytest.approx(0.005)
 
 
-def test_update_interval_fits_before_t_end():
-    every = update_interval(300, 0.8, None, 0.08)
-    assert every == 24
-    steps = [t for t in range(301) if is_update_step(t, 300, every, 0.8)]
-    assert steps and max(steps) < 240 and len(steps) == 9
-    assert update_interval(20, 0.8, None, 0.08) == 10            # ≥ 10 steps, one update fits
+def test_update_interval_follows_the_official_one_percent_with_the_shared_minimums():
+    # a 570-step ViT budget: 1 % is 6 steps, under the 10-step minimum -> every 10 steps, 45 updates
+    every = svite_update_interval(570, 0.8, None, 0.01)
+    assert every == 10
+    steps = [t for t in range(571) if is_update_step(t, 570, every, 0.8)]
+    assert len(steps) == 45 and max(steps) < 456
+    # a long run keeps the official ≈1 % (≈80 updates over 0.8 of training)
+    every = svite_update_interval(150_000, 0.8, None, 0.01)
+    assert every == 1500 and len(range(every, 120_000, every)) == 79
+    assert svite_update_interval(20, 0.8, None, 0.01) == 10            # ≥ 10 steps, one update fits
+    assert svite_update_interval(300, 0.8, 4, 0.01) == 4               # an explicit interval is kept
 
 
 # --- criteria on hand-built tensors ----------------------------------------------------------------

@@ -99,6 +99,7 @@ def kept_rigl():
 
 @pytest.mark.parametrize("method, model, target, args", [
     ("test-kept-rigl", "resnet20_tiny", "sparsity=0.8", {"delta_t": 3}),
+    ("svite", "vit_cifar_tiny", "sparsity=0.7", {"update_every": 3}),
     ("s2vite", "vit_cifar_tiny", "flops=0.6", {"grow": "random", "alpha": 0.9, "update_every": 3}),
     ("s2vite", "vit_cifar_tiny", "flops=0.6", {"grow": "revival", "update_every": 3}),   # shadow weights
     ("gap-cyclic", "resnet20_tiny", "sparsity=0.8", {}),          # killed in its second phase
