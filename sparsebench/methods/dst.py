@@ -39,9 +39,10 @@ def cubic_sparsity(t: int, s_initial: float, s_final: float, t0: int, span: int)
 
 
 class GradualPruning(TrainerHook):
-    def __init__(self, masks: MaskSet, prune_steps: List[int], schedule, scope: str, generator):
+    def __init__(self, masks: MaskSet, prune_steps: List[int], schedule, scope: str, generator,
+                 distribution: str = "uniform"):
         self.masks, self.prune_steps, self.schedule = masks, set(prune_steps), schedule
-        self.scope, self.generator = scope, generator
+        self.scope, self.generator, self.distribution = scope, generator, distribution
         self.history: List[dict] = []
 
     def state_dict(self) -> dict:
@@ -60,7 +61,8 @@ class GradualPruning(TrainerHook):
         if self.scope == "global":
             new = global_topk_masks(scores, sparsity, self.generator)
         else:
-            new = layerwise_topk_masks(scores, keep_counts(params, layer_densities(params, sparsity)), self.generator)
+            densities = layer_densities(params, sparsity, self.distribution)
+            new = layerwise_topk_masks(scores, keep_counts(params, densities), self.generator)
         for n, m in new.items():
             self.masks.update(n, m, trainer.optimizer)
         self.masks.mask_optimizer_state(trainer.optimizer)
@@ -80,6 +82,9 @@ class GMP(Method):
     @dataclass(frozen=True)
     class Config:
         scope: Literal["layer", "global"] = "layer"
+        # per-layer sparsity when scope="layer": uniform (Zhu & Gupta) or ERK (the densities RigL
+        # and GaP at distribution=erk keep, so all compare at one distribution)
+        distribution: Literal["uniform", "erk"] = "uniform"
         initial_sparsity: float = 0.0
         start_fraction: float = 0.1      # t0 as a fraction of the step budget
         end_fraction: float = 0.75       # t0 + nΔt
@@ -117,12 +122,13 @@ class GMP(Method):
         pruning = GradualPruning(
             masks, [t0 + i * delta for i in range(n + 1)],
             lambda t: cubic_sparsity(t, cfg.initial_sparsity, s_final, t0, n * delta),
-            cfg.scope, torch.Generator().manual_seed(ctx.seed),
+            cfg.scope, torch.Generator().manual_seed(ctx.seed), cfg.distribution,
         )
         trainer = ctx.make_trainer(hooks=[pruning, masks])
         trainer.fit(budget, progress=ctx.progress, desc="gmp")
         return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params),
-                       notes={"schedule": {"t0": t0, "delta_t": delta, "n": n}, "prune_history": pruning.history})
+                       notes={"schedule": {"t0": t0, "delta_t": delta, "n": n}, "prune_history": pruning.history,
+                              "layer_sparsity": masks.layer_sparsity()})
 
 
 def resolve_skips(skip_first: Optional[bool], skip_last: Optional[bool]) -> tuple:

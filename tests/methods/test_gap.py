@@ -322,11 +322,11 @@ def test_gap_and_rigl_at_erk_keep_the_same_per_layer_densities():
     """At one distribution GaP and RigL prune the same set (input layer and classifier dense) to the
     same per-layer densities, so their comparison is about regrowth, not about where the weights sit."""
     densities = {}
-    for name, args in (("gap-cyclic", {"distribution": "erk"}), ("rigl", {})):
+    for name, args in (("gap-cyclic", {"distribution": "erk"}), ("rigl", {}), ("gmp", {"distribution": "erk"})):
         method, ctx = _context(name, budget=24, **args)
         masks = method.run(ctx).masks.masks
         densities[name] = {n: round(float(m.float().mean()), 4) for n, m in masks.items()}
-    assert densities["gap-cyclic"] == densities["rigl"]
+    assert densities["gap-cyclic"] == densities["rigl"] == densities["gmp"]
     assert len(set(densities["rigl"].values())) > 2                # ERK: not one uniform density
 
 
