@@ -98,6 +98,20 @@ def _train_macs(r: RunRecord):
     return float(sum(p["forward"] + p["backward"] for p in parts))
 
 
+def _total_cost(r: RunRecord):
+    """(optimizer steps, forward + backward MACs) of everything the run's result needed: the method
+    and the fine-tune, plus the dense pretrain for a method that starts from it (a scratch method
+    trained its own weights; a pruning method's result needed the pretrain). MACs None if uncounted."""
+    c = r.cost
+    pretrained = r.starts_from == "pretrained"
+    steps = c.method_steps + c.finetune_steps + (c.dense_pretrain_steps if pretrained else 0)
+    spent = c.train_macs or {}
+    parts = [spent.get("method"), spent.get("finetune")] + ([spent.get("dense_pretrain")] if pretrained else [])
+    if any(p is None or not p.get("complete", True) for p in parts):
+        return steps, None
+    return steps, float(sum(p["forward"] + p["backward"] for p in parts))
+
+
 def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per record; metric columns are empty for runs without a result (diverged)."""
     rows = []
@@ -109,6 +123,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "dense_top1": None if r.dense_test_top1 is None else 100 * r.dense_test_top1,   # None: dense diverged
             "method_steps": r.cost.method_steps, "method_seconds": r.cost.method_wall_seconds,
             "train_macs": _train_macs(r),
+            "total_steps": _total_cost(r)[0], "total_train_macs": _total_cost(r)[1],
             "tolerance": None if r.tolerance is None else f"-{r.tolerance.below:g}/+{r.tolerance.above:g}",
             "mechanism": mechanism_of(r),
             "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
@@ -143,19 +158,66 @@ def ranked(df: pd.DataFrame) -> pd.DataFrame:
     return df[(df["status"] == "ok") & (df["mechanism"] != "did not act")]
 
 
-def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+COST_VIEWS = {"steps": "total_steps", "macs": "total_train_macs"}
+
+
+def with_cost_groups(runs: pd.DataFrame, by: str, tolerance: float = 0.15) -> pd.DataFrame:
+    """Add `cost_group` to every run: rows of one (dataset, model, target, device) setting whose
+    mean total training cost (`by`: "steps" or "macs", see `_total_cost`) lies within a factor
+    1 + `tolerance` of the cheapest row of their group share a group, labelled by its mean cost.
+    Groups are formed greedily from the cheapest row up. A row whose cost was not counted is its
+    own group, "cost not recorded"."""
+    if by not in COST_VIEWS:
+        raise ValueError(f"unknown equal-cost view {by!r}; allowed: {', '.join(COST_VIEWS)}")
+    if not 0 <= tolerance < 1:
+        raise ValueError(f"cost tolerance must be in [0, 1), got {tolerance}")
+    column = COST_VIEWS[by]
+    setting = ["dataset", "model", "target_kind", "target", "device"]
+    runs = runs.assign(cost_group="cost not recorded")
+    if runs.empty:
+        return runs
+    costs = runs.assign(_cost=runs[column].astype(float)).groupby(setting + ["method"], dropna=False)["_cost"].mean()
+    labels = {}
+    for at, part in costs.groupby(level=list(range(len(setting))), dropna=False):
+        group, first = [], None
+        for key, cost in sorted(((k, v) for k, v in part.items() if not pd.isna(v)), key=lambda kv: kv[1]):
+            if first is None or cost > first * (1 + tolerance):
+                if group:
+                    labels.update(_cost_label(group, by))
+                group, first = [], cost
+            group.append((key, cost))
+        if group:
+            labels.update(_cost_label(group, by))
+    keys = [tuple(r) for r in runs[setting + ["method"]].itertuples(index=False)]
+    return runs.assign(cost_group=[labels.get(k, "cost not recorded") for k in keys])
+
+
+def _cost_label(group, by: str) -> Dict[tuple, str]:
+    mean = sum(c for _, c in group) / len(group)
+    label = f"≈{mean:,.0f} steps" if by == "steps" else f"≈{mean / 1e9:.1f} train GMACs"
+    return {key: label for key, _ in group}
+
+
+def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance: float = 0.15) -> pd.DataFrame:
     """One row per (dataset, model, method, target, device): means and 95 % CIs over the seeds
     whose run is "ok" (met its target, finite) and whose mechanism did not fail to act; other
-    runs are `excluded`'s. Seed-method rows carry their paired difference to their control."""
+    runs are `excluded`'s. Seed-method rows carry their paired difference to their control.
+
+    `equal_cost` ("steps" | "macs"): the equal-cost view. Rows of a setting are further split into
+    groups of equal total training cost (`with_cost_groups`), and ranks and `Δ baseline` are
+    computed within each group, so a method is ranked only against rows that spent as much;
+    `Δ control` still pairs each row with its control at the setting."""
     if not df.empty:
         df = ranked(df)
     if df.empty:
         return pd.DataFrame()
     keys = ["dataset", "model", "method", "granularity", "target_kind", "target", "device"]
+    if equal_cost is not None:
+        df = with_cost_groups(df.assign(target=df["target"].astype(float).fillna(-1.0)), equal_cost, cost_tolerance)
     df = df.assign(target=df["target"].astype(float).fillna(-1.0), delta=df["test_top1"] - df["dense_top1"],
                    measured_speedup=df["measured_speedup"].astype(float), realizable=df["realizable"].astype(bool))
-    grouped = df.groupby(keys, dropna=False)
-    out = grouped.agg(
+    groups = keys + ([] if equal_cost is None else ["cost_group"])
+    out = df.groupby(groups, dropna=False).agg(
         seeds=("seed", "nunique"),
         top1=("test_top1", "mean"), top1_ci=("test_top1", ci95),
         top5=("test_top5", "mean"),
@@ -166,16 +228,22 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         measured_speedup=("measured_speedup", "mean"), measured_speedup_ci=("measured_speedup", ci95),
         realizable=("realizable", "all"), method_steps=("method_steps", "mean"),
         train_macs=("train_macs", "mean"),
+        total_steps=("total_steps", "mean"), total_train_macs=("total_train_macs", "mean"),
         mechanism=("mechanism", row_mechanism),
     ).reset_index()
     out = with_control_differences(out, df, keys)
-    setting = [k for k in keys if k not in ("method", "granularity")]
+    setting = [k for k in keys if k not in ("method", "granularity")] + ([] if equal_cost is None else ["cost_group"])
     out = with_baseline_differences(with_ranks(out, df, setting), df, setting)
     out["target"] = out["target"].replace(-1.0, np.nan)
     kind_order = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2})
-    return (out.assign(_kind=kind_order)
-               .sort_values(["dataset", "model", "_kind", "target", "top1"], ascending=[True, True, True, False, False])
-               .drop(columns="_kind").reset_index(drop=True))
+    # within a target, equal-cost groups from the cheapest up (0 without the view), then by mean top-1
+    cost = (out[COST_VIEWS[equal_cost]].astype(float).fillna(float("inf")) if equal_cost is not None
+            else pd.Series(0.0, index=out.index))
+    group_cost = cost.groupby([out[k] for k in setting], dropna=False).transform("min")
+    return (out.assign(_kind=kind_order, _cost=group_cost)
+               .sort_values(["dataset", "model", "_kind", "target", "_cost", "top1"],
+                            ascending=[True, True, True, False, True, False])
+               .drop(columns=["_kind", "_cost"]).reset_index(drop=True))
 
 
 def row_mechanism(labels: pd.Series) -> str:
@@ -307,9 +375,11 @@ class Leaderboard:
     excluded: pd.DataFrame           # missed-target, diverged and failed runs, one row each
 
     @classmethod
-    def of(cls, records: Iterable[RunRecord]) -> "Leaderboard":
+    def of(cls, records: Iterable[RunRecord], equal_cost: Optional[str] = None,
+           cost_tolerance: float = 0.15) -> "Leaderboard":
+        """`equal_cost` "steps" | "macs": the equal-cost view (see `aggregate`)."""
         df = records_frame(records)
-        return cls(aggregate(df), excluded(df))
+        return cls(aggregate(df, equal_cost, cost_tolerance), excluded(df))
 
 
 def as_float(v) -> Optional[float]:
@@ -337,8 +407,9 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
         measured = (plus_minus(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×") if r["realizable"] \
             else "not realizable"
         rows.append({
-            "dataset": r["dataset"], "model": r["model"], "target": target, "rank": r.get("rank") or "",
-            "method": r["method"],
+            "dataset": r["dataset"], "model": r["model"], "target": target,
+            **({"cost": r["cost_group"]} if "cost_group" in r else {}),
+            "rank": r.get("rank") or "", "method": r["method"],
             "top1 (%)": plus_minus(r["top1"], r["top1_ci"], ".2f"),
             "Δ dense": plus_minus(r["delta"], r["delta_ci"], "+.2f"),
             "sparsity": f"{r['sparsity']:.3f}", "FLOPs ratio": f"{r['flops']:.3f}",
@@ -405,7 +476,11 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "best); \"(unpaired)\": no seed pairs with the best, ranked by mean alone. Δ baseline: paired difference to "
         "the strongest baseline at the same target (best-mean row without a mechanism, dense excluded). "
         "seeds needed: seeds a paired t-test would need to resolve 1 point against the best row at 80 % power, "
-        "from the observed spread of the per-seed differences.",
+        "from the observed spread of the per-seed differences."
+        + ("" if "cost" not in table.columns else
+           " cost (equal-cost view): rows grouped by total training cost (method + fine-tune, plus the dense "
+           "pretrain for methods that start from it), within 15 % of the group's cheapest row; ranks and "
+           "Δ baseline are within a group."),
         "",
     ]
     return "\n".join(lines)

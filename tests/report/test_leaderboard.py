@@ -152,3 +152,41 @@ def test_a_method_whose_steps_run_side_by_side_is_labelled_with_its_compute():
     deep = fake_record("gap-cyclic", 0, 0.8, notes={"total_steps": 240, "sequential_steps": 240})
     assert method_label(wide) == "gap-parallel (4× compute)" and method_label(deep) == "gap-cyclic"
     assert method_label(fake_record("random", 0, 0.8)) == "random"
+
+
+def test_equal_cost_views_rank_only_rows_that_spent_as_much():
+    """Two scratch methods at 100 steps, one at 2× (200 steps), and a pruning method whose result
+    needed the 100-step dense pretrain plus 20 fine-tune steps: at equal steps the 2× row is its
+    own group; at equal MACs the 2× sparse row joins the dense-training row that spent as much."""
+    from sparsebench.report.leaderboard import Leaderboard, with_cost_groups
+    from sparsebench.store.record import Cost
+
+    def cost(steps, macs, pretrain=0, pretrain_macs=0.0):
+        part = lambda m: {"forward": m / 3, "backward": 2 * m / 3, "complete": True}
+        return Cost(method_steps=steps, method_budget_steps=steps, method_wall_seconds=1.0, finetune_steps=0,
+                    finetune_wall_seconds=0.0, dense_pretrain_steps=pretrain, dense_pretrain_wall_seconds=1.0,
+                    train_macs={"method": part(macs), "finetune": part(0.0), "dense_pretrain": part(pretrain_macs)})
+
+    records = []
+    for seed in range(3):
+        records += [
+            fake_record("rigl", seed, 0.80 + 0.01 * seed, starts_from="scratch", cost=cost(100, 1e9)),
+            fake_record("set", seed, 0.70 + 0.01 * seed, starts_from="scratch", cost=cost(100, 1.05e9)),
+            fake_record("rigl2x", seed, 0.85 + 0.01 * seed, starts_from="scratch", cost=cost(200, 2e9)),
+            fake_record("gmp", seed, 0.90 + 0.01 * seed, starts_from="scratch", cost=cost(100, 2.1e9)),
+        ]
+    steps = Leaderboard.of(records, equal_cost="steps").table.set_index("method")
+    assert steps.loc["rigl2x", "cost_group"] != steps.loc["rigl", "cost_group"] == steps.loc["gmp", "cost_group"]
+    assert steps.loc["rigl2x", "rank"] == "1" and steps.loc["gmp", "rank"] == "1"     # each the best of its group
+    macs = Leaderboard.of(records, equal_cost="macs").table.set_index("method")
+    assert macs.loc["rigl", "cost_group"] == macs.loc["set", "cost_group"] == "≈1.0 train GMACs"
+    assert macs.loc["rigl2x", "cost_group"] == macs.loc["gmp", "cost_group"] == "≈2.0 train GMACs"
+    assert macs.loc["rigl", "rank"] == "1" and macs.loc["gmp", "rank"] == "1"
+    assert macs.loc["rigl2x", "rank"] == "2"                 # separated from gmp by 5 points on every seed
+    assert "| cost " in to_markdown(Leaderboard.of(records, equal_cost="macs").table)
+    # a method starting from the dense checkpoint is charged the pretrain its result needed
+    pruned = [fake_record("magnitude", s, 0.8, starts_from="pretrained", cost=cost(0, 0.0, 100, 3e9)) for s in range(2)]
+    frame = with_cost_groups(records_frame(pruned + records), "macs")
+    assert set(frame[frame["method"] == "magnitude"]["cost_group"]) == {"≈3.0 train GMACs"}
+    with pytest.raises(ValueError, match="unknown equal-cost view 'flops'"):
+        with_cost_groups(frame, "flops")
