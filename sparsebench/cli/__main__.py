@@ -1,0 +1,5 @@
+import sys
+
+from sparsebench.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,333 @@
+"""run and sweep: one run, or a suite of them, into a results directory."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from sparsebench.cli.common import (CliError, _check_device, _check_out_dir, _human, _kv, _progress_factory,
+                                    _wrote)
+
+
+def _spec_from_args(args):
+
+    from sparsebench.specs import DataSpec, MeasureSpec, RunSpec, Target
+    from sparsebench.runners.suite import recipe_for
+    from sparsebench.models import model_family
+
+    family = model_family(args.model)
+    recipe = recipe_for(family, _kv(args.recipe, "--recipe"), {})
+    measure = MeasureSpec(latency=not args.no_latency, threads=args.threads,
+                          **({"batch_sizes": tuple(args.batch_sizes)} if args.batch_sizes else {}),
+                          **_kv(getattr(args, "measure", None), "--measure"))
+    return RunSpec(
+        method=args.method, model=args.model, dataset=args.dataset, target=Target.parse(args.target),
+        seed=args.seed, method_args=tuple(sorted(_kv(args.method_arg, "--method-arg").items())),
+        recipe=recipe, data=DataSpec(img_size=args.img_size, val_fraction=args.val_fraction,
+                                     **_kv(getattr(args, "data", None), "--data")),
+        measure=measure, pretrained="hub" if args.pretrained else args.weights,
+    )
+
+
+def _options(args):
+    """Run options, after checking the device and that the output folders can be written."""
+    from sparsebench.runners.pipeline import RunOptions
+
+    _check_device(args.device)
+    if args.max_bad_samples < 0:
+        raise CliError(f"bad --max-bad-samples {args.max_bad_samples}; allowed: an integer >= 0")
+    _check_out_dir(Path(args.out), "--out")
+    if args.cache_dir:
+        _check_out_dir(Path(args.cache_dir), "--cache-dir")
+    return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
+                      cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
+                      progress=_progress_factory(args.quiet), checkpoint_every=args.checkpoint_every or None,
+                      resume=not args.no_resume, max_bad_samples=args.max_bad_samples)
+
+
+def cmd_run(args) -> int:
+    """One run; under `torchrun --nproc_per_node N` every process trains its share of each batch
+    (DDP) and rank 0 alone writes the record and prints."""
+    from sparsebench.platform import init_distributed
+    from sparsebench.runners.pipeline import execute, resolve
+    from sparsebench.store import RecordError, RecordStore
+
+    platform = init_distributed(args.device)
+    spec = resolve(_spec_from_args(args))
+    options = _options(args)
+    options.device = str(platform.device(args.device))
+    if not platform.is_primary:
+        options.progress = None
+    say = print if platform.is_primary else (lambda *a, **k: None)
+    store = RecordStore(Path(args.out))
+    record = None
+    if store.exists(spec.run_id) and not args.force:
+        try:
+            record = store.read(spec.run_id)
+            if record.status == "failed":          # a failure is no result: try again
+                record = None
+            else:
+                say(f"already done: {store.path(spec.run_id)}")
+        except RecordError as e:     # a damaged record is no finished run: run it again
+            say(f"sparsebench: warning: {store.path(spec.run_id)} is unreadable ({e}); re-running",
+                file=sys.stderr)
+    if platform.broadcast(record is None):          # every rank trains, or none does
+        record = execute(spec, options)
+        say(f"wrote {store.path(spec.run_id)}")
+    elif record is None:
+        record = store.read(spec.run_id)
+    platform.barrier()
+    if platform.is_primary:
+        _print_run_summary(record)
+    return 3 if record.status == "diverged" else 0      # the record is kept; scripts still see it failed
+
+
+def _print_run_summary(r) -> None:
+    head = f"{r.method} {r.model} {r.dataset} {r.target_label} seed {r.seed}"
+    if not r.has_result:
+        print(f"{head}: {r.status.upper()} ({r.error}); record kept, no metrics")
+        return
+    speed = f"{r.measured_speedup:.2f}× ({r.device})" if r.measured_speedup else r.realization.reason or "–"
+    missed = "" if r.target_met else (f"; MISSED TARGET (tolerance -{r.tolerance.below:g}/+{r.tolerance.above:g})")
+    print(f"{head}: top1 {100 * r.test_top1:.2f}% (dense {100 * r.dense_test_top1:.2f}%), "
+          f"sparsity {r.achieved_sparsity:.4f}, FLOPs ratio {r.achieved_flops_ratio:.4f}, "
+          f"theoretical {r.theoretical_speedup:.2f}×, measured {speed}{missed}")
+
+
+# --- sweep ----------------------------------------------------------------------------------
+def cmd_sweep(args) -> int:
+    """The sweep; SIGINT or SIGTERM at any moment ends it with one line and exit 128 + the signal."""
+    from sparsebench.runners.pool import Stopped, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            return _sweep(args)
+    except Stopped as e:
+        print(f"sparsebench: sweep interrupted by {e.name}; finished runs are saved, re-run the same command "
+              "to resume", file=sys.stderr)
+        return e.exit_code
+
+
+def _sweep(args) -> int:
+    from sparsebench.runners.launchers import launch, wants_run
+    from sparsebench.runners.pipeline import resolve
+    from sparsebench.runners.pool import Stopped
+    from sparsebench.runners.progress import SweepEta
+    from sparsebench.runners.suite import load_suite
+    from sparsebench.specs import RunSpec, stable_hash
+    from sparsebench.store import load_records
+    from sparsebench.store.records import RecordStore
+
+    suite = load_suite(Path(args.suite))
+    specs = [resolve(s) for s in suite.specs]
+    if args.dry_run:
+        return _dry_run(suite, specs, args)
+    if args.jobs < 1:
+        raise CliError(f"bad --jobs {args.jobs}; allowed: an integer >= 1")
+    if args.address and args.launcher != "ray":
+        raise CliError("--address needs --launcher ray")
+    if args.retry_failed and args.rerun:
+        raise CliError("--retry-failed and --rerun exclude each other (--rerun already redoes every run)")
+    if args.launcher == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise CliError("--launcher ray needs Ray: pip install 'ray>=2'") from None
+    if args.lock_timeout <= 0:
+        raise CliError(f"bad --lock-timeout {args.lock_timeout:g}; allowed: seconds > 0")
+    options = dataclasses.replace(_options(args), lock_timeout=args.lock_timeout)
+    out = Path(args.out)
+    reference = _reference_records(args.compare, out)
+    store = RecordStore(out)
+    if args.shard:
+        specs = _shard(specs, args.shard)
+    policy = "all" if args.rerun else "failed" if args.retry_failed else "missing"
+    done = [s for s in specs if store.exists(s.run_id)]
+    todo = [s for s in specs if wants_run(store, s.run_id, policy)]
+    print(f"suite {suite.name}: {len(specs)} runs, {len(done)} already done, {len(todo)} to run"
+          + (" (--rerun: finished runs are redone)" if args.rerun and done else "")
+          + (" (--retry-failed: only failed runs)" if args.retry_failed else "")
+          + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
+    _check_data(todo, options)
+    eta = SweepEta.plan(todo, reference=reference or [], assume_tflops=args.assume_tflops,
+                        done_dense={stable_hash(s.dense_key()) for s in done})
+    if todo:
+        print(f"estimated {_human(eta.total())} from "
+              + ("the reference records' measured step costs" if reference else "FLOPs at --assume-tflops")
+              + "; refined from each finished run")
+    bar = _sweep_progress(args, len(todo), suite.name, eta)
+    by_id = {s.run_id: s for s in todo}
+    last = [time.perf_counter()]
+    parallel = args.jobs > 1 or args.launcher == "ray"
+
+    def finished(result):
+        s = by_id[RunSpec.from_dict(result.spec).run_id]
+        now = time.perf_counter()
+        # runs overlap: the time between completions times the workers is one run's cost
+        wall = (now - last[0]) * args.jobs if parallel else result.seconds
+        last[0] = now
+        record = None
+        if result.status == "done":
+            with contextlib.suppress(Exception):
+                record = store.read(s.run_id)
+        eta.finish(s, wall, record)
+        bar.update(f"{s.method} {s.model} {s.target}")
+
+    try:
+        summary = launch(args.launcher, todo, options, args.jobs, policy, args.address, finished)
+    except Stopped as e:
+        bar.close()
+        print(_stopped_line(e, len(todo)), file=sys.stderr)
+        return e.exit_code
+    bar.close()
+    from sparsebench.report import write_reports
+
+    reports = write_reports(out, title=f"Leaderboard: {suite.name} suite")
+    print(reports["text"])
+    if reference is not None:
+        from sparsebench.report.compare import compare_text
+
+        print(compare_text(load_records(out), reference, args.compare))
+    print(_wrote(reports["files"], out))
+    print(f"open {reports['site'] / 'index.html'} in a browser for the sortable report")
+    print(f"sweep wall time {summary.seconds:.1f} s for {len(todo)} runs")
+    print(summary.line() + ("; `--retry-failed` runs the failed ones again" if summary.failed else ""))
+    for result in summary.failures:
+        spec_dict, t = result.spec, result.spec["target"]
+        target = "none" if t["kind"] == "none" else f"{t['kind']}={t['value']:g}"
+        print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
+              f"seed {spec_dict['seed']}: {result.error}", file=sys.stderr)
+    return 1 if summary.failures else 0
+
+
+def _stopped_line(stop, total: int) -> str:
+    s = stop.summary
+    counted = (s.done, s.failed, s.skipped, s.blocked) if s is not None else (0, 0, 0, 0)
+    return (f"sparsebench: sweep interrupted by {stop.name}"
+            + (f" after {s.seconds:.1f} s" if s is not None else "")
+            + f": {counted[0]} done, {counted[1]} failed, {counted[2]} skipped, {total - sum(counted)} unfinished; "
+            "finished runs are saved, re-run the same command to resume")
+
+
+def _reference_records(compare: Optional[str], out: Path):
+    """The records of `--compare DIR`, or None; DIR must not be the output directory itself."""
+    if not compare:
+        return None
+    from sparsebench.store import load_records
+
+    if Path(compare).resolve() == out.resolve():
+        raise CliError(f"--compare {compare!r} is the output directory; compare against another results directory")
+    return load_records(Path(compare))
+
+
+class _Bar:
+    """tqdm on a terminal, showing the phase-cost ETA instead of tqdm's run-rate guess."""
+
+    def __init__(self, total: int, name: str, eta):
+        from tqdm.auto import tqdm
+
+        self.eta = eta
+        self.bar = tqdm(total=total, desc=f"sweep {name}", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
+        self.bar.set_postfix_str(f"ETA {_human(eta.remaining())}")
+
+    def update(self, what: str) -> None:
+        self.bar.set_postfix_str(f"ETA {_human(self.eta.remaining())}, last {what}", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Silent:
+    def update(self, what: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _sweep_progress(args, total: int, name: str, eta):
+    from sparsebench.runners.progress import PlainProgress
+
+    if args.quiet or not total:
+        return _Silent()
+    if sys.stderr.isatty():
+        return _Bar(total, name, eta)
+    return PlainProgress(total, name, eta, interval=args.progress_interval)
+
+
+def _check_data(specs, options) -> None:
+    """Load every dataset the runs need once, and decode its image files (cached for the runs),
+    so missing or undecodable data is one error before any run, not one per run."""
+    from sparsebench.datasets import create_dataset
+    from sparsebench.datasets.integrity import screen
+
+    for dataset, img_size in sorted({(s.dataset, s.data.img_size) for s in specs}, key=str):
+        data = create_dataset(dataset, options.data_root, img_size, download=options.download)
+        screen(data, options.max_bad_samples, options.progress, Path(options.out) / "data-checks")
+
+
+def _shard(specs, text: str):
+    """`i/n`: this machine's share of the runs, chosen by spec hash, so n machines writing into
+    one results directory split a suite without overlap."""
+    index, sep, count = text.partition("/")
+    if not (sep and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise CliError(f"bad --shard {text!r}; expected i/n with 0 <= i < n")
+    return [s for s in specs if int(s.hash[:8], 16) % int(count) == int(index)]
+
+
+def _dry_run(suite, specs, args) -> int:
+    from sparsebench.runners.suite import count_dense_checkpoints, estimate_cost, human_seconds, steps_of_run
+    from sparsebench.methods import create_method
+
+    total_seconds = 0.0
+    cache = {}
+    print(f"suite {suite.name}: {len(specs)} runs, {count_dense_checkpoints(specs)} dense checkpoints "
+          f"(time assumes {args.assume_tflops:g} TFLOP/s sustained training throughput)")
+    print(f"{'run':<72} {'steps':>8} {'est.':>8}")
+    dense_seen = set()
+    summary = {}
+    for s in specs:
+        key = (s.model, s.dataset, s.data.img_size, s.recipe.batch_size)
+        if key not in cache:
+            cache[key] = estimate_cost(s, args.assume_tflops)
+        cost = cache[key]
+        method = create_method(s.method, **dict(s.method_args))
+        steps = steps_of_run(s, cost, method.starts_from, method.granularity != "none")
+        dense_key = json.dumps(s.dense_key(), sort_keys=True)
+        if dense_key not in dense_seen:
+            dense_seen.add(dense_key)
+            steps += cost["steps"]["pretrain"]
+        seconds = steps * cost["seconds_per_step"]
+        total_seconds += seconds
+        print(f"{s.run_id[:72]:<72} {steps:>8} {human_seconds(seconds):>8}")
+        per_pair = summary.setdefault((s.method + _args_label(s), s.model), [0, 0, 0.0])
+        per_pair[0] += 1
+        per_pair[1] += steps
+        per_pair[2] += seconds
+    for method, model, reason in suite.skipped:
+        print(f"skipped: {method} × {model} ({reason})")
+    print()
+    print(f"{'method':<44} {'model':<22} {'runs':>5} {'steps':>9} {'est.':>8}")
+    for (method, model), (runs, steps, seconds) in sorted(summary.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"{method[:44]:<44} {model[:22]:<22} {runs:>5} {steps:>9} {human_seconds(seconds):>8}")
+    print(f"total: {len(specs)} runs, {count_dense_checkpoints(specs)} dense checkpoints, "
+          f"{human_seconds(total_seconds)} estimated (dense pretraining counted in the first run of each checkpoint)")
+    return 0
+
+
+def _args_label(spec) -> str:
+    """The method arguments a suite set (not the defaults `resolve` filled in), for the summary."""
+    from sparsebench.methods.base import METHODS, build_config, config_dict
+
+    try:
+        defaults = config_dict(build_config(METHODS.get(spec.method).factory, {}))
+    except Exception:          # noqa: BLE001 — an unknown default: show every argument
+        defaults = {}
+    changed = [f"{k}={v}" for k, v in spec.method_args if defaults.get(k, object()) != v]
+    return f"[{','.join(changed)}]" if changed else ""

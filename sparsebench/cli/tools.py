@@ -1,0 +1,132 @@
+"""Tools: list the registries, check a dataset's files, count a model's FLOPs, time structured speedup."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sparsebench.cli.common import CliError, _check_device, _progress_factory
+
+
+def cmd_check_data(args) -> int:
+    """Decode every image file of a dataset (train and test), with a progress bar; list the bad ones."""
+    from sparsebench.datasets import create_dataset
+    from sparsebench.datasets.integrity import scan
+
+    data = create_dataset(args.dataset, args.data_root, args.img_size, download=False)
+    checked, bad = scan(data, _progress_factory(args.quiet), name=args.dataset)
+    if not checked:
+        print(f"{args.dataset}: held in memory, no image files to decode; nothing to check")
+        return 0
+    for b in bad:
+        print(f"bad {b.path}: {b.error}")
+    print(f"{args.dataset}: {checked} image files decoded, {len(bad)} bad"
+          + ("" if not bad else "; replace them, or run with --max-bad-samples N to skip and count them"))
+    return 1 if bad else 0
+
+
+def cmd_list(args) -> int:
+    from sparsebench.datasets import DATASETS
+    from sparsebench.methods import METHODS
+    from sparsebench.models import MODELS
+
+    kinds = {"methods": METHODS, "models": MODELS, "datasets": DATASETS}
+    for kind in [args.what] if args.what else list(kinds):
+        print(f"{kind}:")
+        for entry in kinds[kind]:
+            extra = ""
+            if kind == "methods":
+                cls = entry.factory
+                starts = cls.starts_from if isinstance(cls.starts_from, str) else "pretrained|scratch"
+                extra = f" [{cls.granularity}, from {starts}]"
+            elif kind == "models":
+                extra = f" [{entry.tags[0]}]"
+            print(f"  {entry.name:<22} {entry.description}{extra}")
+    return 0
+
+
+def cmd_flops(args) -> int:
+    from sparsebench.measure.flops import count_macs, count_params
+
+    model = _any_model(args.model, args.num_classes, args.img_size)
+    report = count_macs(model, (3, args.img_size, args.img_size), fused_attention=args.fused_attention)
+    params = count_params(model)
+    data = {"model": args.model, **report.as_dict(), **params,
+            "layers": {k: v.macs for k, v in report.layers.items()} if args.layers else None}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"{args.model} at {args.img_size}px: {report.macs / 1e9:.4f} GMACs ({report.flops / 1e9:.4f} GFLOPs), "
+              f"attention matmuls {report.attention_macs / 1e9:.4f} GMACs, params {params['params'] / 1e6:.3f} M")
+    if args.cross_check:
+        from sparsebench.measure.flops import fvcore_macs
+
+        if args.fused_attention:
+            raise CliError("--cross-check counts with fused attention off; drop --fused-attention")
+        theirs = fvcore_macs(model, (3, args.img_size, args.img_size))
+        print("conv + linear + matmul MACs per image, fused attention off:")
+        print(f"  sparsebench {report.macs:>15,d} MACs")
+        print(f"  fvcore      {theirs:>15,d} MACs")
+        print(f"  difference {report.macs - theirs:,d} MACs ({(report.macs - theirs) / max(1, theirs):+.4%})")
+    return 0
+
+
+def _any_model(name: str, num_classes: int, img_size: int):
+    """A registered sparsebench model, else a timm model, else a torchvision model."""
+    from sparsebench.models import MODELS, create_model
+
+    if name in MODELS:
+        return create_model(name, num_classes=num_classes, img_size=img_size)
+    import timm
+    import torchvision
+
+    if name in timm.list_models():
+        try:   # transformers take the resolution as an argument; CNNs take any input size
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size)
+        except TypeError:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    if name in torchvision.models.list_models():
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise CliError(f"unknown model {name!r}; allowed: a registered model ({', '.join(MODELS.names())}), "
+                   f"or any timm or torchvision model name")
+
+
+def cmd_speedup(args) -> int:
+    import pandas as pd
+
+    from sparsebench.runners.speedup import SpeedupConfig, speedup_environment, speedup_rows
+    from sparsebench.models import MODELS
+    from sparsebench.store.records import atomic_write_text
+
+    for name in args.models:
+        MODELS.get(name)
+    for f in args.flops:
+        if not 0 < f < 1:
+            raise CliError(f"flops target {f} is out of range; allowed: 0 < flops < 1")
+    _check_device(args.device)
+    config = SpeedupConfig(models=tuple(args.models), flops=tuple(args.flops), img_size=args.img_size,
+                           batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), device=args.device,
+                           dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
+                           min_run_time=args.min_run_time, rounds=args.rounds)
+
+    def report(row):
+        if not args.quiet:
+            print(f"  {row['model']:<14} flops={row['target_flops']:<5g} threads={row['threads']} "
+                  f"batch={row['batch']:<4} theoretical {row['theoretical_speedup']:.2f}x  "
+                  f"measured {row['measured_speedup']:.2f}x", flush=True)
+
+    table = pd.DataFrame(speedup_rows(config, progress=report))
+    columns = ["model", "target_flops", "achieved_flops_ratio", "threads", "batch", "dense_ms", "realized_ms",
+               "theoretical_speedup", "measured_speedup", "measured_over_theoretical"]
+    text = table[columns].to_markdown(index=False, floatfmt=".3f")
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        env = speedup_environment(config)
+        atomic_write_text(out / "speedup.csv", table.to_csv(index=False))
+        atomic_write_text(out / "environment.json", json.dumps(env, indent=2))
+        header = (f"# Structured speedup: theoretical vs measured ({env['device_name']}, {config.dtype})\n\n"
+                  f"L1 structured pruning ({config.method}), physically compacted; dense and compacted timed in one "
+                  f"process, alternating blocks, median of {config.rounds} blocks; torch {env['torch']}.\n\n")
+        atomic_write_text(out / "speedup.md", header + text + "\n")
+        print(f"wrote {out / 'speedup.md'}, {out / 'speedup.csv'}, {out / 'environment.json'}")
+    return 0
