@@ -262,3 +262,14 @@ def test_a_run_recorded_twice_counts_once_with_no_fake_interval(tmp_path, capsys
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if "| random" in line)
     assert "|         90 |" in row and "±" not in row               # one seed: no interval at all
+
+
+def test_leaderboard_equal_cost_view_and_a_bad_tolerance(tmp_path, capsys):
+    from sparsebench.store.records import RecordStore
+    from conftest import make_record
+
+    RecordStore(tmp_path).write(make_record("random", 0, 0.8))
+    code, out, _ = run_cli(capsys, "leaderboard", str(tmp_path), "--equal-cost", "steps")
+    assert code == 0 and "| cost " in out and "≈0 steps" in out
+    code, out, err = run_cli(capsys, "leaderboard", str(tmp_path), "--equal-cost", "macs", "--cost-tolerance", "1.5")
+    assert code == 2 and err.strip().count("\n") == 0 and "--cost-tolerance must be in [0, 1), got 1.5" in err

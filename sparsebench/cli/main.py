@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--format", choices=("md", "csv", "html"), default="md")
     p.add_argument("--output", help="write to this file instead of stdout")
+    p.add_argument("--equal-cost", choices=("steps", "macs"),
+                   help="equal-cost view: rank only rows whose total training steps (or forward+backward "
+                        "MACs) agree within --cost-tolerance; a pruning method is charged its dense pretrain")
+    p.add_argument("--cost-tolerance", type=float, default=0.15,
+                   help="relative cost spread within one equal-cost group (default 0.15)")
     p.set_defaults(func=cmd_leaderboard)
 
     p = sub.add_parser("compare", help="two methods of DIR paired by seed: difference, interval, p-values, seeds needed")

@@ -21,7 +21,9 @@ def cmd_report(args) -> int:
 def cmd_leaderboard(args) -> int:
     from sparsebench.report import Leaderboard, display_table, to_markdown
 
-    board = Leaderboard.of(_readable_records(args.dir))
+    if not 0 <= args.cost_tolerance < 1:
+        raise CliError(f"--cost-tolerance must be in [0, 1), got {args.cost_tolerance}")
+    board = Leaderboard.of(_readable_records(args.dir), equal_cost=args.equal_cost, cost_tolerance=args.cost_tolerance)
     agg = board.table
     if args.format == "csv":
         text = agg.to_csv(index=False)
