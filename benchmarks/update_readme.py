@@ -1,5 +1,6 @@
-"""Refresh the README's quick-suite leaderboard, speedup table and the PASS / OFB evidence tables
-from `results/` (run after a sweep).
+"""Refresh the README's quick-suite leaderboard, speedup table and the evidence tables (PASS, OFB,
+GaP/RigL/SET at equal steps and at equal training MACs, the SViTE family) from `results/` (run
+after a sweep).
 
     python benchmarks/update_readme.py
 """
@@ -28,16 +29,19 @@ EVIDENCE_COLUMNS = ["target", "rank", "method", "top1 (%)", "Δ control", "Δ ba
                     "measured speedup", "mechanism", "seeds"]
 
 
-def evidence_table(suite: str) -> str:
+def evidence_table(suite: str, equal_cost: str = None) -> str:
     """The evidence suite's rows from results/evidence (only the runs the suite file plans), one
-    compact table per model, and the runs left out of the means with their reasons."""
+    compact table per model, and the runs left out of the means with their reasons; `equal_cost`
+    ("macs"): the equal-training-MACs view, with its cost column."""
     planned = {resolve(s).hash for s in load_suite(ROOT / "benchmarks" / "evidence" / f"{suite}.yaml").specs}
     records = [r for r in load_records(ROOT / "results" / "evidence") if r.spec_hash in planned]
-    board = Leaderboard.of(records)
+    board = Leaderboard.of(records, equal_cost=equal_cost)
     table = display_table(board.table)
+    columns = EVIDENCE_COLUMNS if equal_cost is None else (
+        ["target", "cost", "rank", "method", "top1 (%)", "Δ baseline", "train GMACs", "mechanism", "seeds"])
     parts = [f"{len(records)} of {len(planned)} planned runs recorded.", ""]
     for model, part in table.groupby("model", sort=False):
-        parts += [f"{model}", "", part[EVIDENCE_COLUMNS].to_markdown(index=False), ""]
+        parts += [f"{model}", "", part[columns].to_markdown(index=False), ""]
     if not board.excluded.empty:
         left = board.excluded[["target", "method", "seed", "status", "detail"]]
         parts += ["Left out of the means:", "", left.to_markdown(index=False), ""]
@@ -52,8 +56,9 @@ def main() -> None:
     readme = replace_between(readme, "quick-leaderboard", body)
     readme = replace_between(readme, "speedup-table",
                              speedup_summary(ROOT / "results" / "speedup" / "cpu" / "speedup.csv"))
-    for suite in ("pass", "ofb"):
+    for suite in ("pass", "ofb", "gap", "svite"):
         readme = replace_between(readme, f"evidence-{suite}", evidence_table(suite))
+    readme = replace_between(readme, "evidence-gap-macs", evidence_table("gap", equal_cost="macs"))
     (ROOT / "README.md").write_text(readme)
 
 
