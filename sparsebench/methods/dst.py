@@ -94,6 +94,9 @@ class GMP(Method):
         skip_last: bool = True
 
         def __post_init__(self):
+            if self.scope == "global" and self.distribution != "uniform":
+                raise ValueError(f"distribution={self.distribution!r} sets per-layer sparsity; it needs "
+                                 f"scope='layer' (scope='global' ranks all weights together)")
             if not 0.0 <= self.start_fraction < self.end_fraction <= 1.0:
                 raise ValueError(f"need 0 <= start_fraction < end_fraction <= 1, got "
                                  f"{self.start_fraction}, {self.end_fraction}")
@@ -190,10 +193,15 @@ class _DynamicSparseTraining(Method):
 
     def schedule(self, budget: int, steps_per_epoch: int) -> tuple:
         """(ΔT, T_end) in optimizer steps of this run's budget; ΔT by the shared rule
-        (`training.masks.update_interval`: ≥ 20 updates where ≥ 10 steps apart allow it)."""
+        (`training.masks.update_interval`: ≥ 20 updates where ≥ 10 steps apart allow it) on the
+        protocol's 1× budget. As in RigL's `training_steps_multiplier`, extended training
+        stretches the run, its learning-rate schedule and T_end, not ΔT: a 2× run makes twice
+        as many updates."""
         cfg = self.config
         t_end = max(1, int(cfg.end_fraction * budget))
-        return update_interval(t_end, self.official_delta_t, cfg.delta_t), t_end
+        t_end_at_1x = max(1, int(cfg.end_fraction * budget / cfg.budget_multiplier))
+        delta = update_interval(t_end_at_1x, self.official_delta_t, cfg.delta_t)
+        return min(delta, max(1, t_end - 1)), t_end
 
     def topology_hook(self, masks: MaskSet, delta: int, t_end: int, generator) -> DynamicSparsity:
         cfg = self.config

@@ -23,12 +23,16 @@ for the same optimizer steps (P-GaP: κ × replica steps on one model) and the s
 fine-tune.
 
 T = ⌊B / (R·κ)⌋ optimizer steps from the run's budget B (not the paper's epoch counts). The
-defaults follow the official scripts (R = 10 rounds; a new learning-rate schedule, warm-up and
-cosine, and a fresh optimizer every phase) wherever the budget allows, by one rule: R is the
+defaults follow the official scripts (R = 10 rounds; a new learning-rate schedule and a fresh
+optimizer every phase, `--restart-training`) wherever the budget allows, by one rule: R is the
 official 10, lowered until every phase gets at least MIN_PHASE_STEPS = 20 optimizer steps
 (about an epoch of our small datasets: a grown partition must train before it is pruned back),
 and never below 1. `rounds=` fixes R. On the evidence budgets (285 steps on resnet20_tiny,
-570 on vit_cifar_tiny, κ = 3) this gives R = 4 and R = 9. The
+570 on vit_cifar_tiny, κ = 3) this gives R = 4 and R = 9. The per-phase schedule is the
+recipe's warm-up + cosine [reconstructed for CV; the official Transformer scripts restart
+fairseq's inverse-sqrt schedule with Adam], so each prune-back comes at the end of a cosine, at a
+learning rate near 0, and the next phase retrains the pruned partition from a restarted rate.
+The official script also grows P_0 once before its R rounds (31 phases for R = 10); we run R·κ. The
 harness fine-tune, masks fixed, is the paper's final fixed-mask phase. Masks, their
 application to weights, gradients and optimizer state, and exact top-k live in
 `training.masks`; this file decides partitions, schedule and merge.

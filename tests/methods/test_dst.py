@@ -249,6 +249,9 @@ def test_rigl_interval_comes_from_the_budget_with_the_shared_minimums():
     assert method.schedule(200_000, 390)[0] == 100         # a long run keeps RigL's official ΔT
     assert method.schedule(60, 19)[0] == MIN_UPDATE_INTERVAL   # a short one: fewer updates, never < 10 steps apart
     assert create_method("rigl", delta_t=3).schedule(285, 19)[0] == 3
+    # extended training keeps the 1× interval, as RigL's multiplier does: 2× makes twice the updates
+    delta2, t_end2 = create_method("rigl", budget_multiplier=2.0).schedule(570, 19)
+    assert (delta2, t_end2) == (10, 427) and len(range(delta2, t_end2, delta2)) == 42
 
 
 def test_budget_multiplier_trains_that_multiple_of_the_protocol_budget(tmp_path):
@@ -266,3 +269,5 @@ def test_budget_multiplier_trains_that_multiple_of_the_protocol_budget(tmp_path)
     assert spent[1]["forward"] == pytest.approx(2 * spent[0]["forward"], rel=0.02)
     with pytest.raises(Exception, match="budget_multiplier"):
         create_method("rigl", budget_multiplier=0)
+    with pytest.raises(Exception, match="needs scope='layer'"):
+        create_method("gmp", scope="global", distribution="erk")
