@@ -63,14 +63,17 @@ def export_model(loaded: LoadedModel, fmt: str, path: Path, batch: int = 8) -> E
 
 
 def _torchscript(model, x, file: str) -> torch.Tensor:
-    with torch.no_grad():
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():      # TorchScript announces torch.export as its successor
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, x, check_trace=False)
-    torch.jit.save(traced, file)
-    with torch.no_grad():
+        torch.jit.save(traced, file)
         return torch.jit.load(file)(x)
 
 
 def _torch_export(model, x, file: str) -> torch.Tensor:
+    """A program for the export batch size (`--batch`)."""
     program = torch.export.export(model, (x,))
     torch.export.save(program, file)
     with torch.no_grad():
