@@ -15,3 +15,8 @@ class Diverged(RuntimeError):
         super().__init__(f"diverged in {stage}: {reason}")
         self.stage = stage
         self.reason = reason
+
+
+class ArtifactError(ValueError):
+    """A saved model that cannot be written, found or trusted (missing, truncated, wrong hash,
+    no structure); the message is one line naming the run."""

@@ -9,6 +9,8 @@
     sparsebench check-data DATASET [--data-root DIR] [--img-size N]
     sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
     sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--out results/speedup/cpu]
+    sparsebench load RUN [--dir DIR] [--evaluate]      sparsebench export RUN --format onnx|torchscript|export
+    sparsebench retime DIR --device cpu|cuda [--dtype ...] [--batch-sizes ...]
 
 Bad input ends with one line on stderr naming the bad value and what is allowed, exit
 code 2, and nothing written to the results store.
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from sparsebench.cli import models as model_commands
 from sparsebench.cli.common import ERROR_EXIT, CliError
 from sparsebench.cli.results import cmd_compare, cmd_leaderboard, cmd_plot, cmd_report
 from sparsebench.cli.runs import cmd_run, cmd_sweep
@@ -41,6 +44,9 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--no-resume", action="store_true", help="no checkpoints: a killed run starts over")
     p.add_argument("--max-bad-samples", type=int, default=0,
                    help="image files that fail to decode: skip and count up to N (recorded); default 0 refuses any")
+    p.add_argument("--no-save-models", action="store_true",
+                   help="do not keep each run's final model (default: OUT/models/<run_id>.safetensors, "
+                        "named with its SHA-256 in the record)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write speedup.md / speedup.csv / environment.json here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_speedup)
+    model_commands.add_parsers(sub)
     return parser
 
 
@@ -172,6 +179,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from sparsebench.specs import SpecError
     from sparsebench.registry import UnknownNameError
     from sparsebench.platform import LockTimeout, StorageError, refused, storage_error
+    from sparsebench.errors import ArtifactError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -183,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 141                   # 128 + SIGPIPE, as a tool killed by the signal would report
-    except (CliError, SpecError, UnknownNameError, DataError, FileNotFoundError) as e:
+    except (CliError, SpecError, UnknownNameError, DataError, FileNotFoundError, ArtifactError) as e:
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"sparsebench: error: {message}", file=sys.stderr)
         return ERROR_EXIT

@@ -46,7 +46,8 @@ def _options(args):
     return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
                       progress=_progress_factory(args.quiet), checkpoint_every=args.checkpoint_every or None,
-                      resume=not args.no_resume, max_bad_samples=args.max_bad_samples)
+                      resume=not args.no_resume, max_bad_samples=args.max_bad_samples,
+                      save_model=not args.no_save_models)
 
 
 def cmd_run(args) -> int:
@@ -194,7 +195,7 @@ def _sweep(args) -> int:
         print(compare_text(load_records(out), reference, args.compare))
     print(_wrote(reports["files"], out))
     print(f"open {reports['site'] / 'index.html'} in a browser for the sortable report")
-    print(f"sweep wall time {summary.seconds:.1f} s for {len(todo)} runs")
+    print(f"sweep wall time {summary.seconds:.1f} s for {len(todo)} runs; " + _models_note(store, specs, options))
     print(summary.line() + ("; `--retry-failed` runs the failed ones again" if summary.failed else ""))
     for result in summary.failures:
         spec_dict, t = result.spec, result.spec["target"]
@@ -202,6 +203,20 @@ def _sweep(args) -> int:
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
               f"seed {spec_dict['seed']}: {result.error}", file=sys.stderr)
     return 1 if summary.failures else 0
+
+
+def _models_note(store, specs, options) -> str:
+    """How many of the suite's runs have a saved model, and their size on disk."""
+    if not options.save_model:
+        return "models not saved (--no-save-models)"
+    sizes = []
+    for s in specs:
+        with contextlib.suppress(Exception):
+            artifact = store.read(s.run_id).artifact
+            if artifact and artifact.get("path"):
+                sizes.append(artifact["bytes"])
+    return (f"{len(sizes)} of {len(specs)} runs' models saved under {store.root / 'models'}, "
+            f"{sum(sizes) / 1e6:.1f} MB ({max(sizes, default=0) / 1e6:.2f} MB the largest); --no-save-models skips them")
 
 
 def _stopped_line(stop, total: int) -> str:

@@ -139,7 +139,18 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
                 "realizable": r.realization.realizable,
             })
         rows.append(row)
+        rows.extend(retimed_rows(r, row))
     return pd.DataFrame(rows)
+
+
+def retimed_rows(r: RunRecord, row: dict) -> list:
+    """The run's row again for each device it was re-timed on (`sparsebench retime`): same accuracy,
+    that device's measured speedup, so each device is its own table and latencies never mix."""
+    if not r.has_result or not r.retimed:
+        return []
+    return [{**row, "device": label, "measured_speedup": entry.get("measured_speedup"),
+             "realizable": bool((entry.get("realization") or {}).get("realizable"))}
+            for label, entry in sorted(r.retimed.items())]
 
 
 def ci95(values: pd.Series) -> float:

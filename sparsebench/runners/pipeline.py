@@ -74,6 +74,8 @@ class RunOptions:
     # (a sweep) a run waits that long, silently, then hands back so its launcher runs others meanwhile.
     lock_timeout: Optional[float] = LOCK_TIMEOUT_S
     lock_patience: Optional[float] = None
+    # the final model as OUT/models/<run_id>.safetensors, named in the record (not in the spec hash)
+    save_model: bool = False
 
 
 def lock_wait(options: RunOptions) -> dict:
@@ -388,6 +390,27 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
     )
 
 
+# --- model artifact ---------------------------------------------------------------------------
+def model_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: DataStage, options: RunOptions) -> dict:
+    """The final model saved beside the record (`runners/artifacts.py`), written before the record so
+    the record never names a file that is not whole; the record's `artifact` entry. A model the file
+    format cannot rebuild exactly is not saved, and the entry says why."""
+    from sparsebench.runners.artifacts import ArtifactError, save_model
+
+    info = data.info
+    kwargs = dict(num_classes=info.num_classes, img_size=info.img_size, in_chans=info.in_chans,
+                  **dict(spec.model_args))
+    masks = outcome.masks.masks if outcome.masks is not None else None
+    try:
+        return save_model(options.out, spec.run_id, outcome.model, dense.model, spec.model, kwargs,
+                          outcome.realization, masks, data.input_size)
+    except ArtifactError as e:
+        import logging
+
+        logging.getLogger("sparsebench").warning("sparsebench: warning: %s", e)
+        return {"path": None, "reason": str(e)}
+
+
 # --- record -----------------------------------------------------------------------------------
 def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, method_result: MethodStage,
                  finetune: FinetuneStage, evaluation: Optional[EvaluationStage],
@@ -524,6 +547,8 @@ def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
             measured = measurement_stage(spec, method_result.outcome, dense, data, device)
     record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device,
                           partial.resumed if partial is not None else 0)
+    if options.save_model and evaluation is not None and current_platform().is_primary:
+        record = dataclasses.replace(record, artifact=model_stage(spec, method_result.outcome, dense, data, options))
     RecordStore(options.out).write(record)
     if partial is not None:
         partial.clear()

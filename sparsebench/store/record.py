@@ -12,7 +12,9 @@ accuracy and mask/structure events against step, per training stage) and `per_sa
 that two records pair only when they saw the same samples; `PerSample`). Older records are
 upgraded on read: schema 1 gets its status from the default tolerances and an unknown
 prunable policy; schemas 1 and 2 get `mechanism` and `curves` as "not recorded" (None).
-Any other schema is refused with a one-line reason.
+Any other schema is refused with a one-line reason. Two optional schema-3 fields came later
+and read as None where absent: `artifact` (the saved model file and its SHA-256) and
+`retimed` (latency re-measured from that file on other devices, keyed by device).
 """
 from __future__ import annotations
 
@@ -245,6 +247,13 @@ class RunRecord:
     # {stage: {"step": [...], "loss": [...], "lr": [...], "val": [[step, top1], ...], "events": [[step, kind], ...]}}
     curves: Optional[Dict[str, Any]] = None
     per_sample: Optional[PerSample] = None    # None: not recorded (schema < 3, or no result)
+    # the saved model (runners/artifacts.py): {"path": "models/<run_id>.safetensors", "sha256", "bytes", ...},
+    # or {"path": None, "reason": ...} when it could not be saved; None: not saved
+    artifact: Optional[Dict[str, Any]] = None
+    # latency re-measured later from the saved model (`sparsebench retime`), one entry per device label
+    # ("cuda: NVIDIA H100 80GB HBM3"): {"device", "latency", "measured_speedup", "measured_speedup_batch",
+    # "environment", "created"}; never merged with `latency`, which is the run's own device
+    retimed: Optional[Dict[str, Any]] = None
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self):
