@@ -262,27 +262,21 @@ def _sweep(args) -> int:
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
     _check_data(todo, options)
     eta = SweepEta.plan(todo, reference=reference or [], assume_tflops=args.assume_tflops,
-                        done_dense={stable_hash(s.dense_key()) for s in done})
+                        done_dense={stable_hash(s.dense_key()) for s in done}, workers=args.jobs)
     if todo:
         print(f"estimated {_human(eta.total())} from "
               + ("the reference records' measured step costs" if reference else "FLOPs at --assume-tflops")
               + "; refined from each finished run")
     bar = _sweep_progress(args, len(todo), suite.name, eta)
     by_id = {s.run_id: s for s in todo}
-    last = [time.perf_counter()]
-    parallel = args.jobs > 1 or args.launcher == "ray"
 
     def finished(result):
         s = by_id[RunSpec.from_dict(result.spec).run_id]
-        now = time.perf_counter()
-        # runs overlap: the time between completions times the workers is one run's cost
-        wall = (now - last[0]) * args.jobs if parallel else result.seconds
-        last[0] = now
         record = None
         if result.status == "done":
             with contextlib.suppress(Exception):
                 record = store.read(s.run_id)
-        eta.finish(s, wall, record)
+        eta.finish(s, result.seconds, record, result.phases)
         bar.update(f"{s.method} {s.model} {s.target}")
 
     try:
@@ -699,7 +693,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a suite file (YAML); finished runs are skipped")
     p.add_argument("suite")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    from sparsebench.runners.pool import jobs_arg
+    p.add_argument("--jobs", type=jobs_arg, default="auto", help="parallel worker processes (auto: one per core)")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
