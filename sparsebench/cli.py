@@ -235,7 +235,7 @@ def _sweep(args) -> int:
     if args.dry_run:
         return _dry_run(suite, specs, args)
     if args.jobs < 1:
-        raise CliError(f"bad --jobs {args.jobs}; allowed: an integer >= 1")
+        raise CliError(f"bad --jobs {args.jobs}; allowed: auto or an integer >= 1")
     if args.address and args.launcher != "ray":
         raise CliError("--address needs --launcher ray")
     if args.retry_failed and args.rerun:

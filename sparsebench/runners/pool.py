@@ -130,18 +130,15 @@ def _available_memory() -> Optional[int]:
 
 
 def jobs_arg(text: str) -> int:
-    """The value of `--jobs`: `auto` (`auto_jobs`) or a number of workers >= 1."""
+    """The value of `--jobs`: `auto` (`auto_jobs`) or an integer (the sweep checks that it is >= 1)."""
     import argparse
 
     if str(text).strip().lower() == "auto":
         return auto_jobs()
     try:
-        jobs = int(text)
+        return int(text)
     except ValueError:
-        jobs = 0
-    if jobs < 1:
-        raise argparse.ArgumentTypeError(f"bad --jobs {text!r}; allowed: auto or an integer >= 1")
-    return jobs
+        raise argparse.ArgumentTypeError(f"bad --jobs {text!r}; allowed: auto or an integer >= 1") from None
 
 
 _running_pools: list = []
