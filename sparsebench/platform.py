@@ -304,3 +304,113 @@ def file_lock(path: Path, blocking: bool = True, timeout: Optional[float] = None
             yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# --- the timing section --------------------------------------------------------------------------
+class TimingSection:
+    """A section shared by every process that trains into one results store on one host, so that a
+    latency measurement runs while no other worker computes.
+
+    Work (each training step, each evaluation batch) holds it shared; timing holds it exclusive.
+    Timing first closes a gate that new work must pass, then waits for the steps in flight to end,
+    so the other workers pause at their next step boundary and resume when the timing is done; a
+    stream of short steps cannot starve it (`flock` alone prefers no one). Two `flock` files:
+    `<path>.gate.lock` and `<path>.lock`; the kernel drops a dead holder's locks, so a killed worker
+    never leaves the others paused. `paused_seconds` is how long this process waited for others'
+    timing (a fit takes it out of its wall time: a method's cost is not another run's latency).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.paused_seconds = 0.0
+        self._files = None
+        self._depth = 0
+
+    def _open(self):
+        if self._files is None or self._files[0] != os.getpid():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._files = (os.getpid(), open(self.path.with_name(self.path.name + ".gate.lock"), "a+"),
+                           open(self.path.with_name(self.path.name + ".lock"), "a+"))
+        return self._files[1], self._files[2]
+
+    @contextlib.contextmanager
+    def work(self) -> Iterator[None]:
+        """Around one step of work: waits while another process times, then holds the section shared."""
+        if self._depth:                      # nested (an evaluation inside a step): already held
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        gate, lock = self._open()
+        start = time.perf_counter()
+        fcntl.flock(gate, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        self.paused_seconds += time.perf_counter() - start
+        self._depth = 1
+        try:
+            yield
+        finally:
+            self._depth = 0
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """The section alone (yields True): every other process's work waits until it is left."""
+        if self._depth:
+            raise RuntimeError("timing inside a step of work would wait for itself")
+        gate, lock = self._open()
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield True
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._files is not None and self._files[0] == os.getpid():
+            for f in self._files[1:]:
+                f.close()
+        self._files = None
+
+
+class _NoSection:
+    """Outside a results store's run (a test, a bare `Trainer`): work never waits, timing is not exclusive."""
+
+    paused_seconds = 0.0
+
+    def work(self):
+        return contextlib.nullcontext()
+
+    def exclusive(self):
+        return contextlib.nullcontext(False)
+
+
+_timing_section = [_NoSection()]
+
+
+def timing_section():
+    """The section this process's work and timing go through now (`use_timing_section`)."""
+    return _timing_section[-1]
+
+
+@contextlib.contextmanager
+def use_timing_section(path: Optional[Path]) -> Iterator[object]:
+    """Within: steps, evaluations and latency timing of this process use the section at `path`
+    (None: no section). One open section per path and process, reused across runs."""
+    section = _SECTIONS.setdefault(Path(path), TimingSection(Path(path))) if path is not None else _NoSection()
+    _timing_section.append(section)
+    try:
+        yield section
+    finally:
+        _timing_section.pop()
+
+
+_SECTIONS: dict = {}

@@ -168,5 +168,5 @@ def test_sweep_jobs_must_be_positive(tmp_path, capsys):
     suite.write_text("methods: [dense]\nmodels: [resnet20_tiny]\ndatasets: [digits]\n")
     code = main(["sweep", str(suite), "--out", str(tmp_path / "out"), "--jobs", "0", "--quiet"])
     err = capsys.readouterr().err
-    assert code == 2 and "bad --jobs 0; allowed: an integer >= 1" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and "bad --jobs 0; allowed: auto or an integer >= 1" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()

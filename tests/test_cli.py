@@ -99,7 +99,7 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     suite = tmp_path / "tiny.yaml"
     suite.write_text(TINY_SUITE)
     out = tmp_path / "out"
-    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--quiet")
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--jobs", "1", "--out", str(out), "--quiet")
     assert code == 0
     assert "6 runs, 0 already done, 6 to run" in text
     records = sorted((out / "records").glob("*.json"))
@@ -110,7 +110,7 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
         assert (out / name).exists()
     # a record deleted (as if its run was interrupted) is the only one re-run
     records[0].unlink()
-    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--quiet")
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--jobs", "1", "--out", str(out), "--quiet")
     assert code == 0 and "6 runs, 5 already done, 1 to run" in text
     assert [r.stat().st_mtime_ns for r in records[1:]] == mtimes[1:]
     assert len(list((out / "records").glob("*.json"))) == 6
@@ -123,7 +123,7 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     import shutil
 
     shutil.copytree(out / "records", tmp_path / "ref" / "records")
-    code, text, _ = run_cli(capsys, "sweep", str(suite), "--out", str(out), "--rerun", "--compare",
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--jobs", "1", "--out", str(out), "--rerun", "--compare",
                             str(tmp_path / "ref"), "--progress-interval", "0")
     assert code == 0 and "6 runs, 6 already done, 6 to run" in text
     assert [r.stat().st_mtime_ns for r in records[1:]] != mtimes[1:]
@@ -210,7 +210,7 @@ def test_a_failing_run_does_not_stop_the_sweep(tmp_path, capsys):
                                         "methods: [test-fails, magnitude-global]")
                      .replace("models: [resnet20_tiny, vit_cifar_tiny]", "models: [resnet20_tiny]"))
     try:
-        code, text, err = run_cli(capsys, "sweep", str(suite), "--out", str(tmp_path / "out"), "--quiet")
+        code, text, err = run_cli(capsys, "sweep", str(suite), "--jobs", "1", "--out", str(tmp_path / "out"), "--quiet")
     finally:
         METHODS._entries.pop("test-fails")
     assert code == 1 and "FAILED test-fails resnet20_tiny digits sparsity=0.5 seed 0: RuntimeError: method bug" in err

@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run a suite file (YAML); finished runs are skipped")
     p.add_argument("suite")
-    p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
+    from sparsebench.runners.pool import jobs_arg
+    p.add_argument("--jobs", type=jobs_arg, default="auto", help="parallel worker processes (auto: one per core)")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",

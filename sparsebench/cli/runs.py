@@ -5,7 +5,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -128,7 +127,7 @@ def _sweep(args) -> int:
     if args.dry_run:
         return _dry_run(suite, specs, args)
     if args.jobs < 1:
-        raise CliError(f"bad --jobs {args.jobs}; allowed: an integer >= 1")
+        raise CliError(f"bad --jobs {args.jobs}; allowed: auto or an integer >= 1")
     if args.address and args.launcher != "ray":
         raise CliError("--address needs --launcher ray")
     if args.retry_failed and args.rerun:
@@ -155,27 +154,21 @@ def _sweep(args) -> int:
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
     _check_data(todo, options)
     eta = SweepEta.plan(todo, reference=reference or [], assume_tflops=args.assume_tflops,
-                        done_dense={stable_hash(s.dense_key()) for s in done})
+                        done_dense={stable_hash(s.dense_key()) for s in done}, workers=args.jobs)
     if todo:
         print(f"estimated {_human(eta.total())} from "
               + ("the reference records' measured step costs" if reference else "FLOPs at --assume-tflops")
               + "; refined from each finished run")
     bar = _sweep_progress(args, len(todo), suite.name, eta)
     by_id = {s.run_id: s for s in todo}
-    last = [time.perf_counter()]
-    parallel = args.jobs > 1 or args.launcher == "ray"
 
     def finished(result):
         s = by_id[RunSpec.from_dict(result.spec).run_id]
-        now = time.perf_counter()
-        # runs overlap: the time between completions times the workers is one run's cost
-        wall = (now - last[0]) * args.jobs if parallel else result.seconds
-        last[0] = now
         record = None
         if result.status == "done":
             with contextlib.suppress(Exception):
                 record = store.read(s.run_id)
-        eta.finish(s, wall, record)
+        eta.finish(s, result.seconds, record, result.phases)
         bar.update(f"{s.method} {s.model} {s.target}")
 
     try:

@@ -5,10 +5,23 @@ on the device; warm-up; dense and realized timed in alternating blocks so drift 
 both; median and IQR over blocks; speedup = median_dense / median_realized with a
 bootstrap interval. CPU uses torch.utils.benchmark at a fixed thread count; CUDA uses
 CUDA events with synchronisation.
+
+`rounds` is the most blocks per model. Timing stops after `min_rounds` (an even number, so
+each model has led equally often) once the 95 % interval of the speedup is narrower than
+`stop_width` of it; each entry records the blocks it took. A CPU block is torch.utils.benchmark's
+`blocked_autorange` the first time (its warm-up finds the calls per timed run for that model
+and batch); later blocks reuse that number after a short warm-up of their own, the same
+measurement without re-searching it every block.
+
+The whole measurement runs in the process's timing section (`platform.timing_section`):
+inside a sweep, every other worker pauses at its next training step or evaluation batch
+until it is done, and each entry records `exclusive: true`.
 """
 from __future__ import annotations
 
 import statistics
+import time
+import timeit
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -16,13 +29,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsebench.platform import timing_section
+
 
 @dataclass(frozen=True)
 class LatencySettings:
     batch_sizes: Sequence[int] = (1, 64)
     threads: int = 1
     min_run_time: float = 0.1      # seconds per CPU block (blocked_autorange)
-    rounds: int = 6                # alternating blocks per model (even: each leads equally often)
+    rounds: int = 6                # alternating blocks per model, at most (even: each leads equally often)
+    min_rounds: int = 4            # blocks per model before timing may stop early
+    stop_width: float = 0.02       # stop once the speedup's 95 % interval is narrower than this × speedup
     warmup: int = 3                # CPU warm-up calls (GPU: cuda_warmup)
     cuda_warmup: int = 50
     cuda_iters: int = 200
@@ -74,10 +91,24 @@ def _benchmark_module():
     return benchmark
 
 
-def _time_block_cpu(model, x, settings: LatencySettings) -> float:
-    timer = _benchmark_module().Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=settings.threads)
-    measurement = timer.blocked_autorange(min_run_time=settings.min_run_time)
-    return measurement.median
+def _time_block_cpu(model, x, settings: LatencySettings, number: Optional[int] = None) -> tuple:
+    """(median seconds per call, calls per timed run). Without `number`: `blocked_autorange`, which
+    finds it. With it: a warm-up of a tenth of a run, then timed runs of `number` calls until
+    `min_run_time` is spent, as `blocked_autorange` times after its search."""
+    if number is None:
+        timer = _benchmark_module().Timer(stmt="model(x)", globals={"model": model, "x": x},
+                                          num_threads=settings.threads)
+        measurement = timer.blocked_autorange(min_run_time=settings.min_run_time)
+        return measurement.median, measurement.number_per_run
+    # the stdlib timer torch.utils.benchmark runs on CPU (GC off, perf_counter); threads are set by the caller
+    timer = timeit.Timer("model(x)", globals={"model": model, "x": x})
+    timer.timeit(max(1, number // 10))
+    times, total = [], 0.0
+    while total < settings.min_run_time:
+        t = max(timer.timeit(number), 1e-9)
+        times.append(t / number)
+        total += t
+    return statistics.median(times), number
 
 
 def _time_block_cuda(model, x, settings: LatencySettings) -> float:
@@ -117,29 +148,50 @@ def compare_latency(
     try:
         models = {"dense": _prepare(dense, device, settings), "realized": _prepare(realized, device, settings)}
         dtype = getattr(torch, settings.dtype)
-        for bs in settings.batch_sizes:
-            x = torch.randn(bs, *input_size, device=device, dtype=dtype)
-            if settings.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            timings = {k: Timing() for k in models}
-            with torch.inference_mode():
-                for m in models.values():
-                    for _ in range(settings.cuda_warmup if cuda else settings.warmup):
-                        m(x)
-                for r in range(settings.rounds):
-                    order = ("dense", "realized") if r % 2 == 0 else ("realized", "dense")
-                    for key in order:
-                        block = _time_block_cuda if cuda else _time_block_cpu
-                        timings[key].times.append(block(models[key], x, settings))
-            d, z = timings["dense"], timings["realized"]
-            lo, hi = bootstrap_ratio_ci(d.times, z.times)
-            results[str(bs)] = {
-                "batch_size": bs,
-                "dense_ms": d.median * 1e3, "dense_iqr_ms": d.iqr * 1e3,
-                "realized_ms": z.median * 1e3, "realized_iqr_ms": z.iqr * 1e3,
-                "measured_speedup": d.median / z.median, "speedup_ci95": [lo, hi],
-                "blocks": settings.rounds,
-            }
+        with timing_section().exclusive() as exclusive:
+            for bs in settings.batch_sizes:
+                x = torch.randn(bs, *input_size, device=device, dtype=dtype)
+                if settings.channels_last and x.dim() == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                results[str(bs)] = {"batch_size": bs, **_time_pair(models, x, settings, cuda),
+                                    "exclusive": bool(exclusive)}
     finally:
         torch.set_num_threads(old_threads)
     return results
+
+
+def _time_pair(models: Dict[str, nn.Module], x: torch.Tensor, settings: LatencySettings, cuda: bool) -> dict:
+    """Dense and realized at one input, in alternating blocks, until `rounds` or a tight interval."""
+    timings = {k: Timing() for k in models}
+    numbers: Dict[str, Optional[int]] = dict.fromkeys(models)
+    least = min(settings.rounds, max(2, settings.min_rounds + settings.min_rounds % 2))
+    start = time.perf_counter()
+    stopped_early = False
+    with torch.inference_mode():
+        for m in models.values():
+            for _ in range(settings.cuda_warmup if cuda else settings.warmup):
+                m(x)
+        for r in range(settings.rounds):
+            order = ("dense", "realized") if r % 2 == 0 else ("realized", "dense")
+            for key in order:
+                if cuda:
+                    timings[key].times.append(_time_block_cuda(models[key], x, settings))
+                else:
+                    t, numbers[key] = _time_block_cpu(models[key], x, settings, numbers[key])
+                    timings[key].times.append(t)
+            done = r + 1
+            if done >= least and done % 2 == 0 and done < settings.rounds:
+                d, z = timings["dense"], timings["realized"]
+                lo, hi = bootstrap_ratio_ci(d.times, z.times)
+                if hi - lo <= settings.stop_width * d.median / z.median:
+                    stopped_early = True
+                    break
+    d, z = timings["dense"], timings["realized"]
+    lo, hi = bootstrap_ratio_ci(d.times, z.times)
+    return {
+        "dense_ms": d.median * 1e3, "dense_iqr_ms": d.iqr * 1e3,
+        "realized_ms": z.median * 1e3, "realized_iqr_ms": z.iqr * 1e3,
+        "measured_speedup": d.median / z.median, "speedup_ci95": [lo, hi],
+        "blocks": len(d.times), "max_blocks": settings.rounds, "stopped_early": stopped_early,
+        "seconds": time.perf_counter() - start,
+    }

@@ -49,7 +49,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from sparsebench.platform import LockHolder, LockTimeout, StorageError
 from sparsebench.runners.checkpoints import dense_path
-from sparsebench.runners.pipeline import RunOptions, cache_dir_of, execute, failed_record, prepare_dense
+from sparsebench.runners.pipeline import (
+    TRAINING_PHASES, PhaseTimes, RunOptions, cache_dir_of, execute, failed_record, prepare_dense,
+)
 from sparsebench.specs import RunSpec, SpecError, stable_hash
 from sparsebench.store import RecordError, RecordStore
 
@@ -69,6 +71,7 @@ class RunResult:
     error: Optional[str] = None    # failed: why; skipped, blocked, waiting: why
     lock: Optional[str] = None     # waiting, blocked: the lock file
     holder: Optional[LockHolder] = None
+    phases: Dict[str, float] = field(default_factory=dict)   # done: seconds per phase (`PhaseTimes`)
 
 
 @dataclass
@@ -81,14 +84,30 @@ class SweepSummary:
     dense_tasks: int = 0           # dense checkpoints scheduled as tasks of their own (ray)
     seconds: float = 0.0
     failures: List[RunResult] = field(default_factory=list)
+    phases: Dict[str, float] = field(default_factory=dict)   # seconds per phase, summed over done runs
 
     def add(self, result: RunResult) -> None:
         setattr(self, result.status, getattr(self, result.status) + 1)
         if result.status in ("failed", "blocked"):
             self.failures.append(result)
+        for phase, seconds in result.phases.items():
+            self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+    def overhead_line(self) -> str:
+        """Where the done runs' time went besides training, in seconds per run (most first)."""
+        if not self.done or not self.phases:
+            return ""
+        rest = {k: v for k, v in self.phases.items() if k not in TRAINING_PHASES}
+        parts = ", ".join(f"{k} {v / self.done:.2f}" for k, v in sorted(rest.items(), key=lambda kv: -kv[1]))
+        train = ", ".join(f"{k} {self.phases[k] / self.done:.2f}" for k in TRAINING_PHASES if k in self.phases)
+        return (f"per run besides training: {sum(rest.values()) / self.done:.2f} s ({parts}); "
+                f"training: {train} s per run, over {self.done} runs")
 
     def line(self) -> str:
-        return (f"sweep ({self.launcher}): {self.done} done, {self.failed} failed, {self.skipped} skipped"
+        """The summary: the per-run overhead breakdown (when runs were done), then the counts line."""
+        overhead = self.overhead_line()
+        return ((f"{overhead}\n" if overhead else "")
+                + f"sweep ({self.launcher}): {self.done} done, {self.failed} failed, {self.skipped} skipped"
                 + (f", {self.blocked} gave up waiting on a lock" if self.blocked else "")
                 + f" in {self.seconds:.1f} s" + (f"; {self.dense_tasks} dense checkpoints trained as tasks"
                                                if self.dense_tasks else ""))
@@ -118,9 +137,10 @@ def run_one(spec_dict: dict, options: RunOptions, policy: str = "missing") -> Ru
             return RunResult(spec_dict, "skipped", error="another sweep is running it")
         if not wants_run(store, spec.run_id, policy):
             return RunResult(spec_dict, "skipped", error="already recorded")
+        times = PhaseTimes()
         try:
-            execute(spec, options)
-            return RunResult(spec_dict, "done", time.perf_counter() - start)
+            execute(spec, options, times)
+            return RunResult(spec_dict, "done", time.perf_counter() - start, phases=dict(times))
         except LockTimeout as e:        # its dense checkpoint is another process's for now
             status = "waiting" if options.lock_patience is not None else "blocked"
             return RunResult(spec_dict, status, time.perf_counter() - start, str(e), e.path, e.holder)

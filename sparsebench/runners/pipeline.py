@@ -16,10 +16,12 @@ still recorded, with status "diverged" and no metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
 import math
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from sparsebench.datasets import create_dataset
 from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
-from sparsebench.platform import current as current_platform
+from sparsebench.platform import current as current_platform, timing_section, use_timing_section
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
@@ -57,6 +59,32 @@ class StageError(RuntimeError):
     """A stage failed for a reason that is not bad input; the message names stage and method."""
 
 
+class PhaseTimes(dict):
+    """Seconds a run spent per phase, `{phase: seconds}`: `with times("evaluation"): ...` adds to it.
+    A sweep sums them over its runs (the per-run overhead breakdown of its summary)."""
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[phase] = self.get(phase, 0.0) + time.perf_counter() - start
+
+
+# The phases of a run that are training (found, waited for or trained: the dense checkpoint); the others
+# are the per-run overhead a sweep's summary breaks down.
+TRAINING_PHASES = ("dense checkpoint", "method", "finetune")
+
+
+class _NoTimes(PhaseTimes):
+    def __call__(self, phase: str):
+        return contextlib.nullcontext()
+
+
+NO_TIMES = _NoTimes()          # where nobody asked for the breakdown
+
+
 @dataclass
 class RunOptions:
     out: Path
@@ -76,6 +104,8 @@ class RunOptions:
     lock_patience: Optional[float] = None
     # the final model as OUT/models/<run_id>.safetensors, named in the record (not in the spec hash)
     save_model: bool = False
+    # Latency timed in the store's timing section: other runs into `out` on this host pause meanwhile.
+    exclusive_timing: bool = True
 
 
 def lock_wait(options: RunOptions) -> dict:
@@ -219,13 +249,19 @@ class DenseStage:
 
 def dense_stage(spec: RunSpec, data: DataStage, make_model, device: torch.device, cache_dir: Path,
                 progress=None, checkpoint_every: Optional[int] = None, resume: bool = True,
-                lock: Optional[dict] = None) -> DenseStage:
-    ckpt = dense_checkpoint(spec, cache_dir, make_model, data.loaders, data.info.num_classes, device,
-                            data.pretrain_steps, data.eval_every, progress, checkpoint_every, resume, lock)
-    dense = make_model()
-    load_dense_weights(dense, ckpt)
-    dense.eval()
-    return DenseStage(dense, ckpt, count_macs(dense, data.input_size), count_params(dense))
+                lock: Optional[dict] = None, times: PhaseTimes = NO_TIMES) -> DenseStage:
+    with times("dense checkpoint"):         # found in the cache, waited for, or trained now
+        ckpt = dense_checkpoint(spec, cache_dir, make_model, data.loaders, data.info.num_classes, device,
+                                data.pretrain_steps, data.eval_every, progress, checkpoint_every, resume, lock)
+    with times("dense load"):
+        dense = make_model()
+        load_dense_weights(dense, ckpt)
+        dense.eval()
+    with times("FLOPs counting"):
+        macs = count_macs(dense, data.input_size)
+    with times("params"):
+        params = count_params(dense)
+    return DenseStage(dense, ckpt, macs, params)
 
 
 # --- method -----------------------------------------------------------------------------------
@@ -256,7 +292,7 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         card=model_card(spec.model), data_info=data.info, checkpoints=checkpoints,
     )
     torch.manual_seed(spec.seed)
-    start = time.perf_counter()
+    start, paused = time.perf_counter(), timing_section().paused_seconds
     outcome, diverged = None, None
     try:
         outcome = method.run(ctx)
@@ -271,7 +307,9 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         else:
             raise StageError(f"method stage ({spec.method}): {(str(e).splitlines() or ['assertion failed'])[0]}") from e
     # a resumed run adds the time its loaded fits took before the interruption
-    wall = time.perf_counter() - start + (checkpoints.restored_seconds if checkpoints is not None else 0.0)
+    # and leaves out its pauses while other runs timed latency (their cost, not this method's)
+    wall = time.perf_counter() - start - (timing_section().paused_seconds - paused) \
+        + (checkpoints.restored_seconds if checkpoints is not None else 0.0)
     return MethodStage(outcome, budget, ctx.budget.used, wall, diverged, ctx.compute.as_dict(), ctx.curve.as_dict())
 
 
@@ -363,11 +401,30 @@ def sparsity_of(model: nn.Module, dense: nn.Module, prunable: List[str]) -> tupl
 
 
 def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: DataStage,
-                      device: torch.device) -> MeasurementStage:
+                      device: torch.device, times: PhaseTimes = NO_TIMES) -> MeasurementStage:
     model = outcome.model
     prunable = outcome.prunable or [n for n, p in dense.model.named_parameters() if p.ndim > 1]
-    sparsity, sparsity_all = sparsity_of(model, dense.model, prunable)
-    realized = realize(model, outcome.realization, device, spec.measure.dtype)
+    with times("params"):
+        sparsity, sparsity_all = sparsity_of(model, dense.model, prunable)
+        params = count_params(model)
+    with times("realization"):
+        realized = realize(model, outcome.realization, device, spec.measure.dtype)
+    with times("latency"):
+        latency = _latency(spec, realized, dense, data, device)
+    with times("FLOPs counting"):
+        macs = count_macs(model, data.input_size)
+    batch = max(spec.measure.batch_sizes)
+    return MeasurementStage(
+        macs=macs, params=params, sparsity=sparsity,
+        sparsity_all=sparsity_all, prunable=prunable_policy(prunable, model_card(spec.model)),
+        realization=Realization(realized.realizable, realized.kind, realized.reason, realized.dtype,
+                                plain(realized.details)),
+        latency=latency, measured_speedup=latency[str(batch)]["measured_speedup"] if latency else None,
+        measured_speedup_batch=batch if latency else None,
+    )
+
+
+def _latency(spec: RunSpec, realized, dense: DenseStage, data: DataStage, device: torch.device) -> Optional[dict]:
     latency = None
     # timed by the primary alone: the other ranks of a DDP run would share its cores, and it writes the record
     if spec.measure.latency and realized.realizable and current_platform().is_primary:
@@ -378,16 +435,12 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
         latency = compare_latency(dense.model, realized.model, data.input_size, settings, device)
         latency["settings"] = {"dtype": realized.dtype, "threads": m.threads, "batch_sizes": list(m.batch_sizes),
                                "channels_last": m.channels_last, "compile": m.compile, "device": str(device),
-                               "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events"}
-    batch = max(spec.measure.batch_sizes)
-    return MeasurementStage(
-        macs=count_macs(model, data.input_size), params=count_params(model), sparsity=sparsity,
-        sparsity_all=sparsity_all, prunable=prunable_policy(prunable, model_card(spec.model)),
-        realization=Realization(realized.realizable, realized.kind, realized.reason, realized.dtype,
-                                plain(realized.details)),
-        latency=latency, measured_speedup=latency[str(batch)]["measured_speedup"] if latency else None,
-        measured_speedup_batch=batch if latency else None,
-    )
+                               "rounds": m.rounds, "min_rounds": settings.min_rounds,
+                               "stop_width": settings.stop_width,
+                               "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events; "
+                                           "stops after min_rounds once the 95 % interval is narrower than "
+                                           "stop_width × speedup; exclusive: the sweep's other workers paused"}
+    return latency
 
 
 # --- model artifact ---------------------------------------------------------------------------
@@ -512,23 +565,42 @@ _NO_CHECKPOINT = DenseCheckpoint(path=None, hash=None, val_top1=None, test_top1=
 
 
 # --- the run ----------------------------------------------------------------------------------
-def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
-    """Run one spec end to end, stage by stage, and write its record; returns the record."""
-    method = validate(spec)
-    spec = _with_full_config(spec, method)
-    device = torch.device(options.device)
-    torch.set_num_threads(spec.measure.threads)
+def execute(spec: RunSpec, options: RunOptions, times: PhaseTimes = NO_TIMES) -> RunRecord:
+    """Run one spec end to end, stage by stage, and write its record; returns the record.
+    `times` receives the seconds spent per phase (`PhaseTimes`). Its training steps, evaluations
+    and latency timing go through the results store's timing section (`timing_section_path`)."""
+    with use_timing_section(timing_section_path(options)):
+        return _execute(spec, options, times)
+
+
+def timing_section_path(options: RunOptions) -> Optional[Path]:
+    """The timing section every run into `options.out` on this host shares (`platform.TimingSection`):
+    while one run times latency, the others pause at their next step. None under torchrun (the ranks
+    of one run step together; one paused mid-collective would hold the others) or when switched off."""
+    if not options.exclusive_timing or current_platform().world_size > 1:
+        return None
+    return Path(options.out) / ".locks" / f"timing-{socket.gethostname()}"
+
+
+def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord:
+    with times("setup"):
+        method = validate(spec)
+        spec = _with_full_config(spec, method)
+        device = torch.device(options.device)
+        torch.set_num_threads(spec.measure.threads)
     progress = options.progress
 
-    data = data_stage(spec, options)
-    make_model = model_factory(spec, data.info, device)
-    card = model_card(spec.model)
-    if not method.supports(make_model(), card.family):
-        raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
+    with times("data"):
+        data = data_stage(spec, options)
+    with times("setup"):
+        make_model = model_factory(spec, data.info, device)
+        card = model_card(spec.model)
+        if not method.supports(make_model(), card.family):
+            raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
     cache = cache_dir_of(options)
     try:
         dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every,
-                            options.resume, lock_wait(options))
+                            options.resume, lock_wait(options), times)
     except Diverged as d:           # nothing cached; every run on this dense model says so in its record
         record = record_stage(spec, method, data, None, MethodStage(None, 0, 0, 0.0, d), FinetuneStage(),
                               None, None, device)
@@ -538,20 +610,24 @@ def execute(spec: RunSpec, options: RunOptions) -> RunRecord:
     partial = RunCheckpoints(Path(options.out) / "partial" / spec.hash, options.checkpoint_every) \
         if options.resume else None
 
-    method_result = method_stage(spec, method, data, dense, make_model, device, progress, partial)
+    with times("method"):
+        method_result = method_stage(spec, method, data, dense, make_model, device, progress, partial)
     finetune, evaluation, measured = FinetuneStage(), None, None
     if method_result.diverged is None:
-        finetune = finetune_stage(spec, method_result.outcome, data, device, progress, partial)
+        with times("finetune"):
+            finetune = finetune_stage(spec, method_result.outcome, data, device, progress, partial)
         if finetune.diverged is None:
-            evaluation = evaluation_stage(method_result.outcome.model, data, device)
-            measured = measurement_stage(spec, method_result.outcome, dense, data, device)
-    record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device,
-                          partial.resumed if partial is not None else 0)
-    if options.save_model and evaluation is not None and current_platform().is_primary:
-        record = dataclasses.replace(record, artifact=model_stage(spec, method_result.outcome, dense, data, options))
-    RecordStore(options.out).write(record)
-    if partial is not None:
-        partial.clear()
+            with times("evaluation"):
+                evaluation = evaluation_stage(method_result.outcome.model, data, device)
+            measured = measurement_stage(spec, method_result.outcome, dense, data, device, times)
+    with times("record"):
+        record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device,
+                              partial.resumed if partial is not None else 0)
+        if options.save_model and evaluation is not None and current_platform().is_primary:
+            record = dataclasses.replace(record, artifact=model_stage(spec, method_result.outcome, dense, data, options))
+        RecordStore(options.out).write(record)
+        if partial is not None:
+            partial.clear()
     return record
 
 

@@ -103,6 +103,44 @@ def stop_requested() -> Optional[int]:
     return _StopState.signum
 
 
+WORKER_MEMORY_BYTES = 600 * 2**20     # a worker's peak on the quick suite is about 450 MB (torch, timm, one run)
+
+
+def auto_jobs(threads: int = 1) -> int:
+    """`--jobs auto`: one worker per core this process may use (each running `threads` threads), fewer
+    where the available memory holds fewer workers. On 2 cores this measured 1.7x faster than one worker."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:            # not Linux
+        cores = os.cpu_count() or 1
+    jobs = max(1, cores // max(1, threads))
+    available = _available_memory()
+    if available is not None:
+        jobs = min(jobs, max(1, available // WORKER_MEMORY_BYTES))
+    return jobs
+
+
+def _available_memory() -> Optional[int]:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def jobs_arg(text: str) -> int:
+    """The value of `--jobs`: `auto` (`auto_jobs`) or an integer (the sweep checks that it is >= 1)."""
+    import argparse
+
+    if str(text).strip().lower() == "auto":
+        return auto_jobs()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --jobs {text!r}; allowed: auto or an integer >= 1") from None
+
+
 _running_pools: list = []
 
 

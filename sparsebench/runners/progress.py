@@ -9,6 +9,12 @@ from the latency protocol's own arithmetic and is re-measured as runs finish. A 
 finished runs would be wrong by the factor between a 1-second one-shot prune and a
 35-second dense pretrain; this is not.
 
+With several workers (`workers`), training overlaps but latency timing does not: it runs in
+the sweep's exclusive timing section while the other workers pause. The remaining wall time is
+then the training of the unfinished runs divided among the workers, plus their fixed parts one
+after another. A finished run's fixed part is what its phases other than training took
+(`PhaseTimes`), so neither another run's overlap nor a pause for its timing is counted twice.
+
 `PlainProgress` prints one line per finished run, at most every `interval` seconds (and the
 last one), for logs and CI where a progress bar would be a wall of carriage returns.
 """
@@ -20,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from sparsebench.runners.pipeline import TRAINING_PHASES
 from sparsebench.runners.suite import estimate_cost, human_seconds
 from sparsebench.specs import RunSpec, stable_hash
 
@@ -41,11 +48,12 @@ class SweepEta:
     fixed: Dict[str, float] = field(default_factory=dict)                   # model -> s per run besides training
     dense_done: set = field(default_factory=set)
     finished: set = field(default_factory=set)
+    workers: int = 1
     _observed: Dict[Tuple[str, str], List[float]] = field(default_factory=dict)
 
     @classmethod
     def plan(cls, specs: Iterable[RunSpec], reference: Iterable = (), done_dense: Iterable[str] = (),
-             assume_tflops: float = 0.02) -> "SweepEta":
+             assume_tflops: float = 0.02, workers: int = 1) -> "SweepEta":
         from sparsebench.methods import create_method
 
         plans, costs = [], {}
@@ -60,7 +68,7 @@ class SweepEta:
                      "method": (c["pretrain"] if method.starts_from == "scratch" else c["search"]) if trains else 0,
                      "finetune": c["finetune"] if trains else 0}
             plans.append(RunPlan(s, steps, stable_hash(s.dense_key())))
-        eta = cls(plans, dense_done=set(done_dense))
+        eta = cls(plans, dense_done=set(done_dense), workers=max(1, workers))
         for key, c in costs.items():
             eta.fallback_per_step[key[0]] = c["seconds_per_step"]
         for s in (p.spec for p in plans):
@@ -90,25 +98,37 @@ class SweepEta:
             self.fallback_per_step.get(model, 0.01)
 
     def predicted(self, plan: RunPlan, dense_pending: Optional[set] = None) -> float:
+        return sum(self._parts(plan, dense_pending))
+
+    def _parts(self, plan: RunPlan, dense_pending: Optional[set] = None) -> Tuple[float, float]:
+        """(training seconds, fixed seconds) of one run."""
         s = plan.spec
-        total = self.fixed.get(s.model, 2.0)
-        total += plan.steps["method"] * self.seconds_per_step(s.model, "method")
-        total += plan.steps["finetune"] * self.seconds_per_step(s.model, "finetune")
+        train = plan.steps["method"] * self.seconds_per_step(s.model, "method")
+        train += plan.steps["finetune"] * self.seconds_per_step(s.model, "finetune")
         if dense_pending is not None and plan.dense_key in dense_pending:
             dense_pending.discard(plan.dense_key)
-            total += plan.steps["pretrain"] * self.seconds_per_step(s.model, "pretrain")
-        return total
+            train += plan.steps["pretrain"] * self.seconds_per_step(s.model, "pretrain")
+        return train, self.fixed.get(s.model, 2.0)
+
+    def _wall(self, plans: Iterable[RunPlan]) -> float:
+        pending = {p.dense_key for p in self.plans} - self.dense_done
+        parts = [self._parts(p, pending) for p in plans]
+        train, fixed = sum(t for t, _ in parts), sum(f for _, f in parts)
+        if self.workers == 1:
+            return train + fixed
+        # the workers share the training; the fixed parts (mostly exclusive latency timing) queue
+        longest = max((t + f for t, f in parts), default=0.0)
+        return max(longest, train / self.workers + fixed)
 
     def remaining(self) -> float:
-        pending = {p.dense_key for p in self.plans} - self.dense_done
-        return sum(self.predicted(p, pending) for p in self.plans if p.spec.run_id not in self.finished)
+        return self._wall(p for p in self.plans if p.spec.run_id not in self.finished)
 
     def total(self) -> float:
-        pending = {p.dense_key for p in self.plans} - self.dense_done
-        return sum(self.predicted(p, pending) for p in self.plans)
+        return self._wall(self.plans)
 
-    def finish(self, spec: RunSpec, wall: float, record=None) -> None:
-        """A run ended after `wall` seconds; learn its phase costs from its record."""
+    def finish(self, spec: RunSpec, wall: float, record=None, phases: Optional[Dict[str, float]] = None) -> None:
+        """A run ended after `wall` seconds; learn its phase costs from its record, and its fixed
+        part from its `phases` (seconds per `PhaseTimes` phase) where given."""
         self.finished.add(spec.run_id)
         plan = next((p for p in self.plans if p.spec.run_id == spec.run_id), None)
         trained_dense = plan is not None and plan.dense_key not in self.dense_done
@@ -117,11 +137,14 @@ class SweepEta:
         if record is None:
             return
         self._learn(record)
-        c = record.cost
-        trained = c.method_wall_seconds + c.finetune_wall_seconds
-        if trained_dense:
-            trained += c.dense_pretrain_wall_seconds
-        fixed = max(0.0, wall - trained)
+        if phases:
+            fixed = sum(v for k, v in phases.items() if k not in TRAINING_PHASES)
+        else:
+            c = record.cost
+            trained = c.method_wall_seconds + c.finetune_wall_seconds
+            if trained_dense:
+                trained += c.dense_pretrain_wall_seconds
+            fixed = max(0.0, wall - trained)
         old = self.fixed.get(spec.model)
         self.fixed[spec.model] = fixed if old is None else 0.5 * (old + fixed)
 

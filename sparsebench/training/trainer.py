@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparsebench.errors import Diverged
-from sparsebench.platform import current as current_platform
+from sparsebench.platform import current as current_platform, timing_section
 from sparsebench.specs import Recipe
 from sparsebench.training.resume import LoaderPosition, ResumeMismatch, RunCheckpoints, rng_state, set_rng_state
 from sparsebench.training.telemetry import TrainingCurve
@@ -184,7 +184,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     hits, labels = [], []
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = model(x if transform is None else transform(x))
+        with timing_section().work():      # as a training step: not while another worker times latency
+            logits = model(x if transform is None else transform(x))
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         top = logits.topk(min(5, num_classes), dim=1).indices
         correct1 += int((top[:, 0] == y).sum())
@@ -374,7 +375,12 @@ class Trainer:
         return x.to(self.device), y.to(self.device)
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step: forward, loss (+ hooks' terms), backward, hooks, step, hooks."""
+        """One optimizer step: forward, loss (+ hooks' terms), backward, hooks, step, hooks.
+        A step is work in the timing section: it waits while another worker times latency."""
+        with timing_section().work():
+            return self._train_step()
+
+    def _train_step(self) -> torch.Tensor:
         if self.schedule_steps is None:
             raise RuntimeError("no LR schedule: call fit(steps) or restart_schedule(steps) first")
         if self.budget is not None:
@@ -532,6 +538,7 @@ class Trainer:
         if self.schedule_steps is None:
             self.schedule_steps = steps
         start = time.perf_counter()
+        paused = timing_section().paused_seconds      # waits for other workers' timing are not this fit's cost
         result = TrainResult(steps=0, wall_seconds=0.0)
         best_state = None
         first, done, elapsed = self.step, 0, 0.0
@@ -547,7 +554,7 @@ class Trainer:
                 first, done, elapsed, best_state = saved["first"], saved["done"], saved["elapsed"], saved["best_state"]
 
         def progress_state(completed: bool, done: int) -> dict:
-            result.wall_seconds = elapsed + time.perf_counter() - start
+            result.wall_seconds = elapsed + time.perf_counter() - start - (timing_section().paused_seconds - paused)
             return {"signature": signature, "completed": completed, "first": first, "done": done,
                     "elapsed": result.wall_seconds, "best_state": None if completed else best_state,
                     "result": dataclasses.asdict(result)}
@@ -578,7 +585,7 @@ class Trainer:
         if best_state is not None:
             self.model.load_state_dict(best_state)
         result.steps = self.step - first
-        result.wall_seconds = elapsed + time.perf_counter() - start
+        result.wall_seconds = elapsed + time.perf_counter() - start - (timing_section().paused_seconds - paused)
         if index is not None:
             self._save(index, progress_state(True, steps))
         return result

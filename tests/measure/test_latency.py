@@ -44,3 +44,18 @@ def test_cuda_timing_path():
     settings = LatencySettings(batch_sizes=(1, 64), cuda_warmup=5, cuda_iters=20, rounds=2)
     result = compare_latency(dense, small, (3, 16, 16), settings, torch.device("cuda"))
     assert result["64"]["measured_speedup"] > 0
+
+
+def test_timing_stops_early_only_once_the_interval_is_tight_and_says_so(tmp_path):
+    from sparsebench.platform import use_timing_section
+
+    model = create_model("resnet20_tiny", img_size=16)
+    base = dict(batch_sizes=(1,), threads=1, min_run_time=0.01, rounds=6, min_rounds=4)
+    wide = compare_latency(model, model, (3, 16, 16), LatencySettings(**base, stop_width=10.0))["1"]
+    assert (wide["blocks"], wide["max_blocks"], wide["stopped_early"]) == (4, 6, True)   # any interval is tight
+    strict = compare_latency(model, model, (3, 16, 16), LatencySettings(**base, stop_width=0.0))["1"]
+    assert (strict["blocks"], strict["stopped_early"]) == (6, False)                    # none is: every block
+    assert wide["exclusive"] is False and strict["exclusive"] is False                  # no section outside a run
+    with use_timing_section(tmp_path / "timing"):
+        inside = compare_latency(model, model, (3, 16, 16), LatencySettings(**base, stop_width=0.0))["1"]
+    assert inside["exclusive"] is True

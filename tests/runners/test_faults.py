@@ -34,7 +34,7 @@ def _sweep(suite, out):
     os.dup2(devnull, 2)
     from sparsebench.cli import main
 
-    os._exit(main(["sweep", str(suite), "--out", str(out), "--quiet"]))
+    os._exit(main(["sweep", str(suite), "--jobs", "1", "--out", str(out), "--quiet"]))
 
 
 def _records(out):

@@ -105,7 +105,7 @@ def test_a_sweep_runs_the_other_runs_and_gives_up_on_the_locked_one(tmp_path, ca
     monkeypatch.setattr(launchers, "LOCK_PATIENCE_S", 0.5)
     try:
         with caplog.at_level(logging.WARNING, logger="sparsebench"):
-            code = main(["sweep", str(suite), "--out", str(out), "--quiet", "--lock-timeout", "3"])
+            code = main(["sweep", str(suite), "--jobs", "1", "--out", str(out), "--quiet", "--lock-timeout", "3"])
         assert holder.poll() is None and platform.lock_holder(lock).pid == holder.pid   # left to its holder
     finally:
         _end(holder)

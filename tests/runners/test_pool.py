@@ -205,3 +205,16 @@ def test_sigterm_twice_to_the_group_in_the_dense_phase_keeps_finished_runs_and_p
     assert len(partial) == 1 and torch.load(partial[0], weights_only=True)["trainer"]["step"] > 0
     assert len(list(out.glob("checkpoints/dense-*.pt"))) == 1           # only the finished run's dense model
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_jobs_auto_is_the_sweep_default_and_one_worker_per_usable_core(monkeypatch):
+    from sparsebench.cli import build_parser
+    from sparsebench.runners import pool
+
+    monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(pool, "_available_memory", lambda: 64 * 2**30)
+    assert pool.auto_jobs() == 3 and pool.jobs_arg("auto") == 3 and pool.jobs_arg("5") == 5
+    args = build_parser().parse_args(["sweep", "suite.yaml"])
+    assert args.jobs == 3
+    monkeypatch.setattr(pool, "_available_memory", lambda: pool.WORKER_MEMORY_BYTES * 2 + 1)
+    assert pool.auto_jobs() == 2                       # no more workers than the free memory holds

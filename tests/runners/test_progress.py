@@ -50,3 +50,17 @@ def test_plain_progress_prints_periodic_lines_and_always_the_last():
         progress.update(what)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and lines[0].startswith("[quick] 1/3 runs") and lines[-1].startswith("[quick] 3/3 runs")
+
+
+def test_eta_with_workers_shares_the_training_and_learns_the_fixed_part_from_phases():
+    specs = [spec("dense"), spec("magnitude-global", Target("sparsity", 0.5)),
+             spec("magnitude-global", Target("sparsity", 0.9))]
+    reference = [ref("dense", pretrain=(100, 10.0), finetune=(10, 1.0))]
+    serial = SweepEta.plan(specs, reference=reference)
+    two = SweepEta.plan(specs, reference=reference, workers=2)
+    assert serial.total() / 2 < two.total() < serial.total()
+    fixed = two.fixed["resnet20_tiny"]
+    # one run's phases: training (not fixed), and latency, evaluation... (fixed)
+    two.finish(specs[1], wall=99.0, record=ref("magnitude-global", finetune=(10, 1.0)),
+               phases={"method": 0.1, "finetune": 1.0, "dense checkpoint": 0.2, "latency": 2.0, "evaluation": 0.5})
+    assert two.fixed["resnet20_tiny"] == pytest.approx(0.5 * (fixed + 2.5))
