@@ -43,6 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from sparsebench.methods.base import METHODS, build_config, config_dict
+from sparsebench.report.references import NOTE as PUBLISHED_NOTE
 from sparsebench.report.stats import SeedRun, compare_runs, rank_rows
 from sparsebench.store.record import PerSample, RunRecord
 
@@ -351,7 +352,9 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "seeds needed": seeds_needed_cell(r.get("seeds_needed")),
             "device": r["device"], "seeds": int(r["seeds"]),
         })
-    return pd.DataFrame(rows)
+    from sparsebench.report.references import with_published
+
+    return with_published(pd.DataFrame(rows), agg)      # "published", "Δ published" where a reference matches
 
 
 def _control_cell(r) -> str:
@@ -405,7 +408,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "best); \"(unpaired)\": no seed pairs with the best, ranked by mean alone. Δ baseline: paired difference to "
         "the strongest baseline at the same target (best-mean row without a mechanism, dense excluded). "
         "seeds needed: seeds a paired t-test would need to resolve 1 point against the best row at 80 % power, "
-        "from the observed spread of the per-seed differences.",
+        "from the observed spread of the per-seed differences."
+        + (" " + PUBLISHED_NOTE if "published" in table.columns else ""),
         "",
     ]
     return "\n".join(lines)
