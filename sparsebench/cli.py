@@ -231,6 +231,12 @@ def _sweep(args) -> int:
     from sparsebench.store.records import RecordStore
 
     suite = load_suite(Path(args.suite))
+    if args.smoke:                 # every setting, tiny, on fabricated data (runners/smoke.py)
+        from sparsebench.report.references import load_references
+        from sparsebench.runners.smoke import smoke
+
+        load_references()          # a reference entry missing a field fails here, in one line
+        return smoke(suite)
     specs = [resolve(s) for s in suite.specs]
     if args.dry_run:
         return _dry_run(suite, specs, args)
@@ -701,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("suite")
     p.add_argument("--jobs", type=int, default=1, help="parallel worker processes")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
+    p.add_argument("--smoke", action="store_true",
+                   help="run every (method, model, dataset, target) for a few steps, tiny, on fabricated data; "
+                        "writes nothing to --out; exit 1 if any fails")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="local: a process pool of --jobs workers; ray: one Ray task per run, on a local Ray "
