@@ -5,7 +5,7 @@ end through the real pipeline (dense checkpoint, method, fine-tune, evaluation, 
 measurement, record), for a handful of optimizer steps, on:
 
 - the model's CPU-tiny variant (`resnet50` -> `resnet50_tiny`; every registered model has one;
-  the torchvision ResNets' at a quarter of their width), at 16 px, batch 8, one torch thread;
+  the torchvision ResNets' at a quarter of their width), at 16 px, batch 4, fp32 (bf16 autocast is a GPU setting), one torch thread;
 - fabricated data in the dataset's real on-disk format (`datasets.replicas`: the same folders,
   file names, pickles and annotation files as the official download, a few images per class;
   `digits` is embedded), read by the dataset's own loader;
@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, TextIO
 from sparsebench.specs import DataSpec, RunSpec, SpecError
 
 SMOKE_STEPS = 2             # optimizer steps per phase
-SMOKE_BATCH = 8
+SMOKE_BATCH = 4
 SMOKE_IMG = 16
 SMOKE_VAL_FRACTION = 0.25   # of a replica's few images: a validation split that is never empty
 PER_CLASS = 8               # training images per class in a fabricated replica
@@ -110,7 +110,8 @@ def smoke_spec(spec: RunSpec, steps_per_epoch: int) -> RunSpec:
 
     recipe = dataclasses.replace(r, batch_size=SMOKE_BATCH, precision="fp32", pretrain_epochs=epochs(r.pretrain_epochs, steps),
                                  finetune_epochs=epochs(r.finetune_epochs, SMOKE_STEPS),
-                                 search_epochs=epochs(r.search_epochs, SMOKE_STEPS), evals_per_epoch=1.0)
+                                 search_epochs=epochs(r.search_epochs, SMOKE_STEPS),
+                                 evals_per_epoch=1e-3)   # no validation passes inside the fits
     data = dataclasses.replace(spec.data, img_size=SMOKE_IMG, val_fraction=SMOKE_VAL_FRACTION, workers=0)
     measure = dataclasses.replace(spec.measure, latency=False, threads=1, batch_sizes=(1,), compile=False)
     model = tiny_model(spec.model)
