@@ -214,10 +214,10 @@ def execute_shared(spec: RunSpec, options, cache: Dict[tuple, tuple]):
             dense = p.dense_stage(spec, data, make_model, device, p.cache_dir_of(options))
         except Diverged as d:
             dense = d
-        cache[key] = (data, make_model, dense)
-    data, make_model, dense = cache[key]
+        cache[key] = (data, make_model, dense, make_model())
+    data, make_model, dense, probe = cache[key]
     card = model_card(spec.model)
-    if not method.supports(make_model(), card.family):
+    if not method.supports(probe, card.family):          # a fresh model per run costs more than the run
         raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
     if isinstance(dense, Diverged):
         return p.record_stage(spec, method, data, None, p.MethodStage(None, 0, 0, 0.0, dense), p.FinetuneStage(),
