@@ -89,7 +89,7 @@ def suite_cost(name: str, specs: List[RunSpec], records: Iterable = (), assume_t
 
 def hours(seconds: float) -> str:
     h = seconds / 3600
-    return f"{h:,.0f}" if h >= 100 else f"{h:,.1f}" if h >= 1 else f"{h:.2f}"
+    return f"{h:,.0f}" if h >= 100 else f"{h:,.1f}" if h >= 1 else f"{h:.2f}" if h >= 0.1 else f"{h:.4f}"
 
 
 def cost_report(cost: SuiteCost, gpus: Tuple[int, ...] = (8, 64)) -> str:
