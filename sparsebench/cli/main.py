@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     from sparsebench.runners.pool import jobs_arg
     p.add_argument("--jobs", type=jobs_arg, default="auto", help="parallel worker processes (auto: one per core)")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
+    p.add_argument("--smoke", action="store_true",
+                   help="run every (method, model, dataset, target) for a few steps, tiny, on fabricated data; "
+                        "writes nothing to --out; exit 1 if any fails")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="local: a process pool of --jobs workers; ray: one Ray task per run, on a local Ray "

@@ -123,6 +123,12 @@ def _sweep(args) -> int:
     from sparsebench.store.records import RecordStore
 
     suite = load_suite(Path(args.suite))
+    if args.smoke:                 # every setting, tiny, on fabricated data (runners/smoke.py)
+        from sparsebench.report.references import load_references
+        from sparsebench.runners.smoke import smoke
+
+        load_references()          # a reference entry missing a field fails here, in one line
+        return smoke(suite)
     specs = [resolve(s) for s in suite.specs]
     if args.dry_run:
         return _dry_run(suite, specs, args)
@@ -326,6 +332,13 @@ def _dry_run(suite, specs, args) -> int:
         print(f"{method[:44]:<44} {model[:22]:<22} {runs:>5} {steps:>9} {human_seconds(seconds):>8}")
     print(f"total: {len(specs)} runs, {count_dense_checkpoints(specs)} dense checkpoints, "
           f"{human_seconds(total_seconds)} estimated (dense pretraining counted in the first run of each checkpoint)")
+    from sparsebench.runners.cost import cost_report, suite_cost
+    from sparsebench.store import load_records
+
+    # device-hours per method and suite: measured step costs from --compare DIR and OUT's records where they exist
+    measured = (_reference_records(args.compare, Path(args.out)) or []) + \
+        (load_records(Path(args.out)) if Path(args.out).is_dir() else [])
+    print(cost_report(suite_cost(suite.name, specs, measured, args.assume_tflops)))
     return 0
 
 

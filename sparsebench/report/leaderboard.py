@@ -43,6 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from sparsebench.methods.base import METHODS, build_config, config_dict
+from sparsebench.report.references import NOTE as PUBLISHED_NOTE
 from sparsebench.report.stats import SeedRun, compare_runs, rank_rows
 from sparsebench.store.record import PerSample, RunRecord
 
@@ -433,7 +434,9 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "seeds needed": seeds_needed_cell(r.get("seeds_needed")),
             "device": r["device"], "seeds": int(r["seeds"]),
         })
-    return pd.DataFrame(rows)
+    from sparsebench.report.references import with_published
+
+    return with_published(pd.DataFrame(rows), agg)      # "published", "Δ published" where a reference matches
 
 
 def _control_cell(r) -> str:
@@ -491,7 +494,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         + ("" if "cost" not in table.columns else
            " cost (equal-cost view): rows grouped by total training cost (method + fine-tune, plus the dense "
            "pretrain for methods that start from it), within 15 % of the group's cheapest row; ranks and "
-           "Δ baseline are within a group."),
+           "Δ baseline are within a group.")
+        + (" " + PUBLISHED_NOTE if "published" in table.columns else ""),
         "",
     ]
     return "\n".join(lines)

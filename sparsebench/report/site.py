@@ -22,6 +22,7 @@ import pandas as pd
 
 from sparsebench.report.curves import curve_stages, curve_svg
 from sparsebench.report.leaderboard import plus_minus
+from sparsebench.report.references import published_html
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
 )
@@ -228,6 +229,7 @@ def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records:
         parts.append('<p class="note">† pruned the input layer (first conv / patch embedding) and the classifier '
                      'too (<code>skip_first=False, skip_last=False</code>): these records predate today\'s default, '
                      'which leaves both dense. Hover a method for its full label.</p>')
+    parts.append(published_html(summary))      # published numbers beside ours, where a reference matches
     parts.append('<h2 id="plots">Plots</h2><p class="note">Colour: method family ('
                  + "".join(f'<span class="swatch" style="background:{c}"></span>{esc(f)}'
                            for f, c in _family_colors().items() if f != "other")

@@ -10,7 +10,7 @@ def test_quick_suite_expands_with_family_recipes():
     # (ViT only) × 2 flops
     # + svite × 2 targets, s2vite grow=revival × 2 and svite-plus at one, on the ViT
     assert len(suite.specs) == 50
-    assert sorted((m, model) for m, model, _ in suite.skipped) == [("ofb", "resnet20_tiny"), ("pass", "vit_cifar_tiny")]
+    assert suite.skipped == []      # PASS and OFB name the one model each supports (`--smoke` fails on a skipped pair)
     vit = [s for s in suite.specs if s.model == "vit_cifar_tiny"]
     cnn = [s for s in suite.specs if s.model == "resnet20_tiny"]
     assert {s.recipe.optimizer for s in vit} == {"adamw"} and {s.recipe.pretrain_epochs for s in vit} == {30}

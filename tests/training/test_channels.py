@@ -100,3 +100,23 @@ def test_forward_order_is_the_execution_order_not_the_graph_listing(name, mode, 
     # torch-pruning lists these groups in another order, so the test fails if the listing is used
     if (name, mode) != ("resnet20_tiny", "internal"):       # one block per stage: the listing is in order there
         assert listing != sorted(listing)
+
+
+def test_the_compaction_check_scales_with_the_outputs_and_still_catches_a_wrong_model(cpu_model_factory):
+    """fp32 summation order differs by ~1e-7 of the outputs' size: a barely trained VGG in eval mode
+    has logits of 1e4, whose compaction is exact but differs by ~1e-3; a real mismatch still fails."""
+    model = randomize_norms(cpu_model_factory("vgg16_bn_tiny", img_size=16))
+    with torch.no_grad():
+        model.classifier.weight.mul_(1e5)
+    space = ChannelSpace(model, (3, 16, 16), "coupled")
+    g = torch.Generator().manual_seed(1)
+    masks = space.select([torch.rand(grp.size, generator=g) for grp in space.groups], 0.5)
+    compact = space.compact(model, masks)
+    x = torch.randn(8, 3, 16, 16, generator=g)
+    error = space.check_compaction(model, masks, compact, x)
+    with torch.no_grad():
+        assert model(x).abs().max() > 1e4
+        compact.classifier.bias.add_(1e-2 * compact(x).abs().max())     # a model that is really wrong
+    with pytest.raises(AssertionError, match="compacted model differs"):
+        space.check_compaction(model, masks, compact, x)
+    assert error >= 0
