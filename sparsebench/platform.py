@@ -404,13 +404,17 @@ def timing_section():
 @contextlib.contextmanager
 def use_timing_section(path: Optional[Path]) -> Iterator[object]:
     """Within: steps, evaluations and latency timing of this process use the section at `path`
-    (None: no section). One open section per path and process, reused across runs."""
+    (None: no section). One section per path and process, reused across runs; its lock files are
+    closed when the outermost use ends, so no run leaves a file open in the results store (a disk
+    that must be remounted, or a folder removed, after the run)."""
     section = _SECTIONS.setdefault(Path(path), TimingSection(Path(path))) if path is not None else _NoSection()
     _timing_section.append(section)
     try:
         yield section
     finally:
         _timing_section.pop()
+        if isinstance(section, TimingSection) and section not in _timing_section:
+            section.close()
 
 
 _SECTIONS: dict = {}
