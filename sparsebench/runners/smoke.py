@@ -80,7 +80,8 @@ def minimum_steps(spec: RunSpec) -> int:
     from sparsebench.runners.pipeline import resolve
 
     args = dict(resolve(spec).method_args)
-    phases = int(args.get("rounds", 1)) * int(args.get("num_groups", 1)) if "rounds" in args else 1
+    # GaP's rounds=None is chosen from the budget, at least one round: a smoke run gets one
+    phases = int(args.get("rounds") or 1) * int(args.get("num_groups") or 1) if "rounds" in args else 1
     return max(SMOKE_STEPS, phases)
 
 

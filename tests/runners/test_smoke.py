@@ -71,6 +71,15 @@ def test_a_phased_method_gets_a_step_per_phase(tmp_path):
         """))
     r = smoke_spec(suite.specs[0], steps_per_epoch=4).recipe
     assert r.steps(r.pretrain_epochs, 4 * SMOKE_BATCH) == 15
+    default = load_suite(write_suite(tmp_path, text="""
+        name: gap-default
+        methods: [gap-cyclic]
+        models: [resnet20]
+        datasets: [cifar10]
+        targets: {sparsity: [0.9]}
+        """))                                  # rounds=None, chosen from the budget: one round of 3 phases
+    r = smoke_spec(default.specs[0], steps_per_epoch=4).recipe
+    assert r.steps(r.pretrain_epochs, 4 * SMOKE_BATCH) >= 3
 
 
 def test_a_misspelled_method_argument_fails_in_one_line(tmp_path, capsys):
