@@ -8,8 +8,9 @@ raises `Stopped`; later ones (forwarded copies, a second Ctrl-C) are noted and i
 it ends every worker (SIGTERM, then SIGKILL) and re-raises. The sweep stops within seconds,
 exit 128 + the signal: finished runs keep their records, unfinished ones write none (records
 are written by atomic rename at the very end of a run) and resume from their checkpoints.
-A worker also dies with its parent when the parent is killed outright: `PR_SET_PDEATHSIG` on
-Linux, and a thread that watches the parent's pid anywhere.
+A worker also dies with the sweep when the sweep is killed outright: `PR_SET_PDEATHSIG` on
+Linux (workers are forked by a fork server, the sweep's child, that exits with it), and a thread
+that watches the sweep's pid anywhere.
 """
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
     """Run `fn` over `payloads` in `jobs` spawned workers, calling `on_result` as each finishes;
     the payloads `on_result` returns are queued again (a run that waits on a lock comes back later)."""
     with stop_on_signals():
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context(),
                                    initializer=_worker_init, initargs=(os.getpid(),))
         _running_pools.append(pool)
         try:
@@ -174,6 +175,17 @@ def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
         finally:
             _running_pools.remove(pool)
         pool.shutdown(wait=True)
+
+
+def worker_context():
+    """Workers are forked from a fork server that has imported torch, timm and the harness once
+    (`runners/_fork_server.py`): they share those imports' memory copy-on-write, where spawned
+    workers each held their own (about 400 MB each). Without a fork server (not POSIX): spawned."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["sparsebench.runners._fork_server"])
+    return context
 
 
 def _submit(pool: ProcessPoolExecutor, fn, payloads) -> set:
@@ -264,13 +276,25 @@ def die_with_parent(parent_pid: int) -> None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         except (OSError, AttributeError):
             pass
-    if os.getppid() != parent_pid:                    # the parent died before prctl took effect
+    # The sweep (`parent_pid`) is this worker's grandparent: the fork server between them exits with
+    # the sweep, and PDEATHSIG follows; the watch thread looks at the sweep itself.
+    if not _alive(parent_pid):                        # the sweep died before prctl took effect
         os._exit(1)
 
     def watch():
         while True:
             time.sleep(1.0)
-            if os.getppid() != parent_pid:
+            if not _alive(parent_pid):
                 os._exit(1)
 
     threading.Thread(target=watch, name="sparsebench-parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                           # exists, owned by someone else
+        return True
+    return True

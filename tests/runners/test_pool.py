@@ -92,14 +92,22 @@ POOL_SCRIPT = textwrap.dedent("""
 
 
 def _workers(sid: int):
-    """The pool's workers in the session (not its parent, not multiprocessing's resource tracker)."""
-    found = []
+    """The pool's workers in the session: the processes the fork server forked (not the sweep, not
+    the fork server, not multiprocessing's resource tracker); spawned workers where there is no
+    fork server."""
+    found, server = [], set()
+    info = {}
     for pid in _session_pids(sid):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+        info[pid] = (cmd, ppid)
+        if b"forkserver" in cmd and ppid == sid:
+            server.add(pid)
+    for pid, (cmd, ppid) in info.items():
+        if ppid in server or (b"spawn_main" in cmd and b"resource_tracker" not in cmd):
             found.append(pid)
     return found
 
@@ -108,7 +116,7 @@ def _start_pool():
     proc = subprocess.Popen([sys.executable, "-c", POOL_SCRIPT], start_new_session=True,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     deadline = time.monotonic() + 60
-    while len(_session_pids(proc.pid)) < 3:                             # parent + two workers
+    while len(_workers(proc.pid)) < 2:                                   # two workers forked
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.1)
     time.sleep(1.0)                                                      # workers past their initializer
