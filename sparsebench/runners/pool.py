@@ -152,7 +152,7 @@ def worker_pids() -> set:
 
 def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
              on_result: Callable[[Any], Optional[Iterable[Any]]]) -> None:
-    """Run `fn` over `payloads` in `jobs` spawned workers, calling `on_result` as each finishes;
+    """Run `fn` over `payloads` in `jobs` workers (`worker_context`), calling `on_result` as each finishes;
     the payloads `on_result` returns are queued again (a run that waits on a lock comes back later)."""
     with stop_on_signals():
         pool = ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context(),
@@ -189,7 +189,7 @@ def worker_context():
 
 
 def _submit(pool: ProcessPoolExecutor, fn, payloads) -> set:
-    # Workers are spawned inside submit(). The stop signals are blocked meanwhile: the children
+    # Workers are started inside submit(). The stop signals are blocked meanwhile: the children
     # inherit the mask, so a signal during their imports cannot interrupt them with a traceback
     # (their handler takes it once they are ready), and the parent gets it, pending, right after.
     with signals_blocked():
