@@ -296,6 +296,7 @@ def _shard(specs, text: str):
 
 
 def _dry_run(suite, specs, args) -> int:
+    from sparsebench.runners.cost import method_label
     from sparsebench.runners.suite import count_dense_checkpoints, estimate_cost, human_seconds, steps_of_run
     from sparsebench.methods import create_method
 
@@ -320,7 +321,7 @@ def _dry_run(suite, specs, args) -> int:
         seconds = steps * cost["seconds_per_step"]
         total_seconds += seconds
         print(f"{s.run_id[:72]:<72} {steps:>8} {human_seconds(seconds):>8}")
-        per_pair = summary.setdefault((s.method + _args_label(s), s.model), [0, 0, 0.0])
+        per_pair = summary.setdefault((method_label(s), s.model), [0, 0, 0.0])
         per_pair[0] += 1
         per_pair[1] += steps
         per_pair[2] += seconds
@@ -340,15 +341,3 @@ def _dry_run(suite, specs, args) -> int:
         (load_records(Path(args.out)) if Path(args.out).is_dir() else [])
     print(cost_report(suite_cost(suite.name, specs, measured, args.assume_tflops)))
     return 0
-
-
-def _args_label(spec) -> str:
-    """The method arguments a suite set (not the defaults `resolve` filled in), for the summary."""
-    from sparsebench.methods.base import METHODS, build_config, config_dict
-
-    try:
-        defaults = config_dict(build_config(METHODS.get(spec.method).factory, {}))
-    except Exception:          # noqa: BLE001 — an unknown default: show every argument
-        defaults = {}
-    changed = [f"{k}={v}" for k, v in spec.method_args if defaults.get(k, object()) != v]
-    return f"[{','.join(changed)}]" if changed else ""

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -291,3 +291,17 @@ def create_method(name: str, **args) -> Method:
 
 def config_dict(config: Any) -> Dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def method_label(name: str, args: Mapping[str, Any]) -> str:
+    """`name[k=v,...]` with the arguments that differ from the method's defaults, sorted by name
+    (e.g. `random[distribution=erk]`): how leaderboards, the dry run and records name a setting.
+    Tuples compare as lists (a record read back from JSON, a YAML value); a method no longer
+    installed shows every argument."""
+    try:
+        defaults = config_dict(build_config(METHODS.get(name).factory, {}))
+    except Exception:          # noqa: BLE001 -- an unknown method or default: show every argument
+        defaults = {}
+    plain = lambda v: list(v) if isinstance(v, tuple) else v    # noqa: E731
+    changed = [(k, v) for k, v in sorted(dict(args).items()) if k not in defaults or plain(defaults[k]) != plain(v)]
+    return name if not changed else f"{name}[{','.join(f'{k}={v}' for k, v in changed)}]"

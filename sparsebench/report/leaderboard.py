@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sparsebench.methods.base import METHODS, build_config, config_dict
+from sparsebench.methods.base import METHODS, method_label as args_label
 from sparsebench.report.references import NOTE as PUBLISHED_NOTE
 from sparsebench.report.stats import SeedRun, compare_runs, rank_rows
 from sparsebench.store.record import PerSample, RunRecord
@@ -52,7 +52,7 @@ def method_label(record: RunRecord) -> str:
     """Method name plus the config values that differ from its defaults (e.g. `random[distribution=erk]`),
     and "(κ× compute)" for a method whose optimizer steps run κ-wide rather than in sequence (P-GaP's
     replicas: its record's `total_steps` over `sequential_steps`), so it never reads as an equal budget."""
-    label = label_of(record.method, record.method_args)
+    label = args_label(record.method, record.method_args)
     total, depth = record.notes.get("total_steps"), record.notes.get("sequential_steps")
     if isinstance(total, int) and isinstance(depth, int) and 0 < depth < total:
         label += f" ({total / depth:g}× compute)"
@@ -70,7 +70,7 @@ def control_label(record: RunRecord) -> Optional[str]:
         return None
     if not off:
         return None
-    return label_of(record.method, {**record.method_args, **off})
+    return args_label(record.method, {**record.method_args, **off})
 
 
 def mechanism_of(record: RunRecord) -> str:
@@ -78,25 +78,19 @@ def mechanism_of(record: RunRecord) -> str:
     return "not recorded" if record.mechanism is None else record.mechanism.label
 
 
-def label_of(name: str, args: dict) -> str:
-    try:
-        defaults = config_dict(build_config(METHODS.get(name).factory, {}))
-    except Exception:          # a method no longer installed: show every argument
-        defaults = {}
-    # records are JSON: a tuple default (PASS's encoder_channels) comes back as a list
-    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
-    changed = {k: v for k, v in sorted(args.items()) if k not in plain or plain[k] != v}
-    return name if not changed else f"{name}[{','.join(f'{k}={v}' for k, v in changed.items())}]"
+def _spent_macs(r: RunRecord, stages) -> Optional[float]:
+    """Forward + backward MACs the record's `stages` spent; None if any went uncounted."""
+    spent = r.cost.train_macs or {}
+    parts = [spent.get(stage) for stage in stages]
+    if any(p is None or not p.get("complete", True) for p in parts):
+        return None
+    return float(sum(p["forward"] + p["backward"] for p in parts))
 
 
 def _train_macs(r: RunRecord):
     """Forward + backward MACs of the method and the fine-tune (the run's own training; the shared
     dense pretrain is the same for every method of a (model, seed) and stays out); None if uncounted."""
-    spent = r.cost.train_macs or {}
-    parts = [spent.get("method"), spent.get("finetune")]
-    if any(p is None or not p.get("complete", True) for p in parts):
-        return None
-    return float(sum(p["forward"] + p["backward"] for p in parts))
+    return _spent_macs(r, ("method", "finetune"))
 
 
 def _total_cost(r: RunRecord):
@@ -106,17 +100,14 @@ def _total_cost(r: RunRecord):
     c = r.cost
     pretrained = r.starts_from == "pretrained"
     steps = c.method_steps + c.finetune_steps + (c.dense_pretrain_steps if pretrained else 0)
-    spent = c.train_macs or {}
-    parts = [spent.get("method"), spent.get("finetune")] + ([spent.get("dense_pretrain")] if pretrained else [])
-    if any(p is None or not p.get("complete", True) for p in parts):
-        return steps, None
-    return steps, float(sum(p["forward"] + p["backward"] for p in parts))
+    return steps, _spent_macs(r, ("method", "finetune") + (("dense_pretrain",) if pretrained else ()))
 
 
 def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per record; metric columns are empty for runs without a result (diverged)."""
     rows = []
     for r in records:
+        total_steps, total_macs = _total_cost(r)
         row = {
             "dataset": r.dataset, "model": r.model, "method": method_label(r), "seed": r.seed,
             "granularity": r.granularity, "target_kind": r.target_kind, "target": r.target_value,
@@ -124,7 +115,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "dense_top1": None if r.dense_test_top1 is None else 100 * r.dense_test_top1,   # None: dense diverged
             "method_steps": r.cost.method_steps, "method_seconds": r.cost.method_wall_seconds,
             "train_macs": _train_macs(r),
-            "total_steps": _total_cost(r)[0], "total_train_macs": _total_cost(r)[1],
+            "total_steps": total_steps, "total_train_macs": total_macs,
             "tolerance": None if r.tolerance is None else f"-{r.tolerance.below:g}/+{r.tolerance.above:g}",
             "mechanism": mechanism_of(r),
             "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
@@ -224,10 +215,10 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
     if df.empty:
         return pd.DataFrame()
     keys = ["dataset", "model", "method", "granularity", "target_kind", "target", "device"]
-    if equal_cost is not None:
-        df = with_cost_groups(df.assign(target=df["target"].astype(float).fillna(-1.0)), equal_cost, cost_tolerance)
     df = df.assign(target=df["target"].astype(float).fillna(-1.0), delta=df["test_top1"] - df["dense_top1"],
                    measured_speedup=df["measured_speedup"].astype(float), realizable=df["realizable"].astype(bool))
+    if equal_cost is not None:
+        df = with_cost_groups(df, equal_cost, cost_tolerance)
     groups = keys + ([] if equal_cost is None else ["cost_group"])
     out = df.groupby(groups, dropna=False).agg(
         seeds=("seed", "nunique"),
@@ -252,10 +243,13 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
     cost = (out[COST_VIEWS[equal_cost]].astype(float).fillna(float("inf")) if equal_cost is not None
             else pd.Series(0.0, index=out.index))
     group_cost = cost.groupby([out[k] for k in setting], dropna=False).transform("min")
-    return (out.assign(_kind=kind_order, _cost=group_cost)
-               .sort_values(["dataset", "model", "_kind", "target", "_cost", "top1"],
-                            ascending=[True, True, True, False, True, False])
-               .drop(columns=["_kind", "_cost"]).reset_index(drop=True))
+    out = (out.assign(_kind=kind_order, _cost=group_cost)
+              .sort_values(["dataset", "model", "_kind", "target", "_cost", "top1"],
+                           ascending=[True, True, True, False, True, False])
+              .drop(columns=["_kind", "_cost"]).reset_index(drop=True))
+    if equal_cost is not None:
+        out.attrs["cost_tolerance"] = cost_tolerance       # the table's footnote states the grouping used
+    return out
 
 
 def row_mechanism(labels: pd.Series) -> str:
@@ -493,8 +487,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "from the observed spread of the per-seed differences."
         + ("" if "cost" not in table.columns else
            " cost (equal-cost view): rows grouped by total training cost (method + fine-tune, plus the dense "
-           "pretrain for methods that start from it), within 15 % of the group's cheapest row; ranks and "
-           "Δ baseline are within a group.")
+           f"pretrain for methods that start from it), within {100 * agg.attrs.get('cost_tolerance', 0.15):g} % of the "
+           "group's cheapest row; ranks and Δ baseline are within a group.")
         + (" " + PUBLISHED_NOTE if "published" in table.columns else ""),
         "",
     ]

@@ -17,6 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Tuple
 
+from sparsebench.methods.base import method_label as args_label
 from sparsebench.runners.progress import SweepEta
 from sparsebench.specs import RunSpec, stable_hash
 
@@ -51,14 +52,7 @@ class SuiteCost:
 
 def method_label(spec: RunSpec) -> str:
     """The method and the arguments a suite set (not its defaults), as the leaderboard labels it."""
-    from sparsebench.methods.base import METHODS, build_config, config_dict
-
-    try:
-        defaults = config_dict(build_config(METHODS.get(spec.method).factory, {}))
-    except Exception:  # noqa: BLE001 -- an unknown default: show every argument
-        defaults = {}
-    changed = [f"{k}={v}" for k, v in spec.method_args if defaults.get(k, object()) != v]
-    return spec.method + (f"[{','.join(changed)}]" if changed else "")
+    return args_label(spec.method, dict(spec.method_args))
 
 
 def suite_cost(name: str, specs: List[RunSpec], records: Iterable = (), assume_tflops: float = 20.0) -> SuiteCost:
