@@ -44,7 +44,7 @@ from scipy import stats
 
 from sparsebench.methods.base import METHODS, method_label as args_label
 from sparsebench.report.references import NOTE as PUBLISHED_NOTE
-from sparsebench.report.stats import SeedRun, compare_runs, rank_rows
+from sparsebench.report.stats import SeedRun, as_float, compare_runs, rank_rows
 from sparsebench.store.record import PerSample, RunRecord
 
 
@@ -386,15 +386,6 @@ class Leaderboard:
         """`equal_cost` "steps" | "macs": the equal-cost view (see `aggregate`)."""
         df = records_frame(records)
         return cls(aggregate(df, equal_cost, cost_tolerance), excluded(df))
-
-
-def as_float(v) -> Optional[float]:
-    """A number, or None for a missing, NaN or non-numeric value."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
 
 
 def plus_minus(mean, ci, fmt: str) -> str:

@@ -23,6 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import pandas as pd
 import yaml
 
+from sparsebench.report.stats import as_float
 from sparsebench.specs import SpecError, Target
 
 ENV = "SPARSEBENCH_REFERENCES"
@@ -164,7 +165,7 @@ def published_columns(rows: pd.DataFrame, references: Optional[List[Reference]] 
     published, delta, source = [], [], []
     for _, r in rows.iterrows():
         ref = reference_for(references, r["method"], r["model"], r["dataset"], r["target_kind"], r["target"])
-        ours = _number(r.get("top1"))
+        ours = as_float(r.get("top1"))
         published.append("" if ref is None else ref.cell)
         delta.append("" if ref is None or ref.top1 is None or ours is None else f"{ours - ref.top1:+.2f}")
         source.append("" if ref is None else ref.source)
@@ -208,7 +209,7 @@ def published_html(summary: pd.DataFrame, references: Optional[List[Reference]] 
         if not extra.at[index, "published"]:
             continue
         target = "dense" if r["target_kind"] == "none" else f"{r['target_kind']}={float(r['target']):g}"
-        ours = _number(r.get("top1"))
+        ours = as_float(r.get("top1"))
         cells = [r["dataset"], r["model"], r["method"], target, "–" if ours is None else f"{ours:.2f}",
                  extra.at[index, "published"], extra.at[index, "Δ published"] or "–", extra.at[index, "published source"]]
         lines.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
@@ -217,11 +218,3 @@ def published_html(summary: pd.DataFrame, references: Optional[List[Reference]] 
     return (f'<h2 id="published">Published numbers beside ours</h2><p class="note">{html.escape(NOTE)}</p>'
             f'<div class="scroll"><table class="published"><thead><tr>{head}</tr></thead><tbody>'
             + "\n".join(lines) + "</tbody></table></div>")
-
-
-def _number(v) -> Optional[float]:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f

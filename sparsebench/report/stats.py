@@ -32,6 +32,15 @@ from scipy import stats
 
 from sparsebench.store.record import PerSample, RunRecord
 
+
+def as_float(v) -> Optional[float]:
+    """A number, or None for a missing, NaN or non-numeric value."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(f) else f
+
 ALPHA = 0.05
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
