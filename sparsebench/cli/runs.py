@@ -313,7 +313,7 @@ def _dry_run(suite, specs, args) -> int:
             cache[key] = estimate_cost(s, args.assume_tflops)
         cost = cache[key]
         method = create_method(s.method, **dict(s.method_args))
-        steps = steps_of_run(s, cost, method.starts_from, method.granularity != "none", method.budget_scale)
+        steps = steps_of_run(s, cost, method)
         dense_key = json.dumps(s.dense_key(), sort_keys=True)
         if dense_key not in dense_seen:
             dense_seen.add(dense_key)

@@ -187,6 +187,11 @@ class Method:
         `method_budget_steps` and training MACs carry the difference."""
         return 1.0
 
+    def method_budget(self, pretrain_steps: int, search_steps: int) -> int:
+        """The optimizer steps this method may spend under the protocol: the dense-pretrain budget
+        from scratch, the search budget from a trained model, × `budget_scale`."""
+        return int(round((pretrain_steps if self.starts_from == "scratch" else search_steps) * self.budget_scale))
+
     @property
     def is_control(self) -> bool:
         """True when this instance is the method's null control (its mechanism switched off)."""

@@ -279,11 +279,11 @@ class MethodStage:
 def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, make_model,
                  device: torch.device, progress=None, checkpoints: Optional[RunCheckpoints] = None) -> MethodStage:
     if method.starts_from == "pretrained":
-        start_model, budget = copy.deepcopy(dense.model), data.search_steps
+        start_model = copy.deepcopy(dense.model)
     else:
         torch.manual_seed(spec.seed)
-        start_model, budget = make_model(), data.pretrain_steps
-    budget = max(1, int(round(budget * method.budget_scale)))
+        start_model = make_model()
+    budget = method.method_budget(data.pretrain_steps, data.search_steps)
     ctx = MethodContext(
         model=start_model, model_name=spec.model, make_model=make_model,
         train_loader=data.loaders["train_method"], val_loader=data.loaders["val"], num_classes=data.info.num_classes,

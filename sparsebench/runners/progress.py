@@ -65,8 +65,7 @@ class SweepEta:
             method = create_method(s.method, **dict(s.method_args))
             trains = method.granularity != "none"
             steps = {"pretrain": c["pretrain"],
-                     "method": round((c["pretrain"] if method.starts_from == "scratch" else c["search"])
-                                     * method.budget_scale) if trains else 0,
+                     "method": method.method_budget(c["pretrain"], c["search"]) if trains else 0,
                      "finetune": c["finetune"] if trains else 0}
             plans.append(RunPlan(s, steps, stable_hash(s.dense_key())))
         eta = cls(plans, dense_done=set(done_dense), workers=max(1, workers))

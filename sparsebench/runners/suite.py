@@ -255,11 +255,10 @@ def estimate_cost(spec: RunSpec, assume_tflops: float) -> dict:
             "seconds_per_step": per_step / (assume_tflops * 1e12)}
 
 
-def steps_of_run(spec: RunSpec, cost: dict, starts_from: str, finetune: bool, budget_scale: float = 1.0) -> int:
-    """Method steps (× the method's `budget_scale`, e.g. RigL 2×) plus the fine-tune's."""
+def steps_of_run(spec: RunSpec, cost: dict, method) -> int:
+    """The method's steps (`Method.method_budget`, e.g. RigL 2×) plus the fine-tune's."""
     s = cost["steps"]
-    method = round((s["pretrain"] if starts_from == "scratch" else s["search"]) * budget_scale)
-    return method + (s["finetune"] if finetune else 0)
+    return method.method_budget(s["pretrain"], s["search"]) + (s["finetune"] if method.granularity != "none" else 0)
 
 
 def human_seconds(seconds: float) -> str:
