@@ -22,10 +22,12 @@ from test_perf import SHORT, check_bound, finite
 
 SEEDS = [0, 1] if SHORT else [0, 1, 2]
 MODELS = ["resnet20_tiny"] if SHORT else ["resnet20_tiny", "vit_cifar_tiny"]
-# short: the 2 dense runs per mode (each its own tiny pretrain), 2 short timing blocks (seconds, not a measurement)
+# short: the 2 dense runs per mode (each its own tiny pretrain), 2 short timing blocks (seconds, not a measurement).
+# full: the quick suite's mix in small: pruning runs (mostly measurement) and scratch methods that train for the
+# pretrain budget (rigl, gmp), so the wall ratio weighs training as the quick suite does, not timing alone
 SUITE = f"""
 name: wall
-methods: {'[dense]' if SHORT else '[dense, magnitude-global, l1-channel]'}
+methods: {'[dense]' if SHORT else '[dense, magnitude-global, l1-channel, rigl, gmp]'}
 models: [{', '.join(MODELS)}]
 datasets: [digits]
 targets: {{sparsity: [0.5], flops: [0.5]}}
