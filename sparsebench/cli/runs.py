@@ -113,6 +113,17 @@ def cmd_sweep(args) -> int:
 
 
 def _sweep(args) -> int:
+    """The local pool's workers are forked first, from the sweep itself, once the harness is imported
+    and before anything is planned or run (`pool.workers_forked_here`): they share the imports' memory."""
+    import sparsebench.runners.launchers  # noqa: F401  (torch, timm, the harness: what a worker runs)
+    from sparsebench.runners.pool import workers_forked_here
+
+    local_pool = args.launcher == "local" and not (args.smoke or args.dry_run)
+    with workers_forked_here(args.jobs if local_pool else 1):
+        return _plan_and_run(args)
+
+
+def _plan_and_run(args) -> int:
     from sparsebench.runners.launchers import launch, wants_run
     from sparsebench.runners.pipeline import resolve
     from sparsebench.runners.pool import Stopped

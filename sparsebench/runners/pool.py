@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import gc
 import multiprocessing as mp
 import os
 import signal
@@ -152,12 +153,11 @@ def worker_pids() -> set:
 
 def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
              on_result: Callable[[Any], Optional[Iterable[Any]]]) -> None:
-    """Run `fn` over `payloads` in `jobs` workers (`worker_context`), calling `on_result` as each finishes;
-    the payloads `on_result` returns are queued again (a run that waits on a lock comes back later)."""
+    """Run `fn` over `payloads` in `jobs` workers, calling `on_result` as each finishes; the payloads
+    `on_result` returns are queued again (a run that waits on a lock comes back later). The workers are
+    the ones `workers_forked_here` started, where it did, else new ones (`worker_context`)."""
     with stop_on_signals():
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=worker_context(),
-                                   initializer=_worker_init, initargs=(os.getpid(),))
-        _running_pools.append(pool)
+        pool = _Prestarted.take(jobs) or _new_pool(jobs, worker_context())
         try:
             futures = _submit(pool, fn, payloads)
             while futures:
@@ -177,10 +177,68 @@ def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
         pool.shutdown(wait=True)
 
 
+def _new_pool(jobs: int, context) -> ProcessPoolExecutor:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    _running_pools.append(pool)
+    return pool
+
+
+class _Prestarted:
+    """The pool `workers_forked_here` started, until `run_pool` takes it."""
+    pool: Optional[ProcessPoolExecutor] = None
+    jobs = 0
+
+    @classmethod
+    def take(cls, jobs: int) -> Optional[ProcessPoolExecutor]:
+        if cls.pool is None or cls.jobs != jobs:
+            return None
+        pool, cls.pool = cls.pool, None
+        return pool
+
+
+@contextlib.contextmanager
+def workers_forked_here(jobs: int):
+    """Fork the `jobs` workers of the next `run_pool(..., jobs)` now, from this process.
+
+    The sweep calls this right after importing torch, timm and the harness, before it plans or runs
+    anything: its workers then share those imports' memory with it, copy-on-write (about 450 MB of
+    heap that torch and the libraries build at import, which a fork server would hold a third copy
+    of), and start from the state a fork server would give them. The objects alive now are frozen
+    out of the garbage collector (`gc.freeze`): its full passes write to every object they visit and
+    would copy each shared page into each process. Workers no pool took are ended when the block
+    exits. Without `fork` (not Linux), or for one job, it does nothing and `run_pool` starts its own."""
+    if jobs <= 1 or not sys.platform.startswith("linux") or "fork" not in mp.get_all_start_methods():
+        yield
+        return
+    with stop_on_signals():
+        gc.freeze()
+        pool = _new_pool(jobs, mp.get_context("fork"))
+        with signals_blocked():            # the workers inherit the mask; their initializer takes a pending one
+            pool.submit(os.getpid)         # a fork pool forks all of its workers at its first task
+        _Prestarted.pool, _Prestarted.jobs = pool, jobs
+        try:
+            yield
+        except BaseException:
+            if _Prestarted.pool is pool:  # an error or a stop before the runs: the idle workers end now
+                _release_prestarted(pool)
+                end_workers(pool)
+            raise
+        if _Prestarted.pool is pool:      # nothing to run: the idle workers take their leave
+            _release_prestarted(pool)
+            pool.shutdown(wait=True)
+
+
+def _release_prestarted(pool: ProcessPoolExecutor) -> None:
+    _Prestarted.pool = None
+    _running_pools.remove(pool)
+
+
 def worker_context():
-    """Workers are forked from a fork server that has imported torch, timm and the harness once
-    (`runners/_fork_server.py`): they share those imports' memory copy-on-write, where spawned
-    workers each held their own (about 400 MB each). Without a fork server (not POSIX): spawned."""
+    """For a pool started without `workers_forked_here` (a library caller that may have run torch
+    already, so that a fork of it could copy a thread pool's state mid-use): workers forked from a
+    fork server that has only imported torch, timm and the harness (`runners/_fork_server.py`), so
+    they share those imports' memory with each other. Without a fork server (not POSIX): spawned."""
     if "forkserver" not in mp.get_all_start_methods():
         return mp.get_context("spawn")
     context = mp.get_context("forkserver")
