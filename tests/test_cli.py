@@ -139,13 +139,21 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
 
 
 def test_dry_run_lists_runs_and_cost(tmp_path, capsys):
+    """One estimate throughout: the runs' steps add up to each (method, model) line and to the suite's
+    total, and a method entry's own recipe (more search epochs) is counted."""
     suite = tmp_path / "tiny.yaml"
-    suite.write_text(TINY_SUITE)
+    suite.write_text(TINY_SUITE.replace("methods: [dense, magnitude-global, l1-channel]",
+                                        "methods: [dense, magnitude-global, {name: l1-channel, recipe: {search_epochs: 4}}]"))
     code, text, _ = run_cli(capsys, "sweep", str(suite), "--dry-run")
-    assert code == 0 and "6 runs, 2 dense checkpoints" in text and "total:" in text
-    assert text.count("__digits__") == 6
-    summary = text.split("method ", 1)[1].splitlines()
-    assert any(line.split()[:3] == ["l1-channel", "resnet20_tiny", "1"] for line in summary), summary
+    assert code == 0 and "suite tiny: 6 runs, 2 dense checkpoints" in text
+    runs = [line.split() for line in text.splitlines() if "__digits__" in line]
+    assert len(runs) == 6
+    steps = {line[0].split("__")[0] + " " + line[0].split("__")[1]: int(line[1]) for line in runs if "__none__" not in line[0]}
+    pairs = {" ".join(line.split()[:2]): line.split() for line in text.split("device-hours by method", 1)[1].splitlines()}
+    assert int(pairs["l1-channel resnet20_tiny"][3]) == steps["l1-channel resnet20_tiny"]
+    assert int(pairs["magnitude-global resnet20_tiny"][3]) == steps["magnitude-global resnet20_tiny"]
+    # l1-channel searches 4 epochs (its entry's recipe), magnitude-global the suite's 0.5: more steps
+    assert steps["l1-channel resnet20_tiny"] > steps["magnitude-global resnet20_tiny"]
 
 
 def test_run_then_rerun_is_skipped(tmp_path, capsys):

@@ -307,48 +307,18 @@ def _shard(specs, text: str):
 
 
 def _dry_run(suite, specs, args) -> int:
-    from sparsebench.runners.cost import method_label
-    from sparsebench.runners.suite import count_dense_checkpoints, estimate_cost, human_seconds, steps_of_run
-    from sparsebench.methods import create_method
-
-    total_seconds = 0.0
-    cache = {}
-    print(f"suite {suite.name}: {len(specs)} runs, {count_dense_checkpoints(specs)} dense checkpoints "
-          f"(time assumes {args.assume_tflops:g} TFLOP/s sustained training throughput)")
-    print(f"{'run':<72} {'steps':>8} {'est.':>8}")
-    dense_seen = set()
-    summary = {}
-    for s in specs:
-        key = (s.model, s.dataset, s.data.img_size, s.recipe.batch_size)
-        if key not in cache:
-            cache[key] = estimate_cost(s, args.assume_tflops)
-        cost = cache[key]
-        method = create_method(s.method, **dict(s.method_args))
-        steps = steps_of_run(s, cost, method)
-        dense_key = json.dumps(s.dense_key(), sort_keys=True)
-        if dense_key not in dense_seen:
-            dense_seen.add(dense_key)
-            steps += cost["steps"]["pretrain"]
-        seconds = steps * cost["seconds_per_step"]
-        total_seconds += seconds
-        print(f"{s.run_id[:72]:<72} {steps:>8} {human_seconds(seconds):>8}")
-        per_pair = summary.setdefault((method_label(s), s.model), [0, 0, 0.0])
-        per_pair[0] += 1
-        per_pair[1] += steps
-        per_pair[2] += seconds
-    for method, model, reason in suite.skipped:
-        print(f"skipped: {method} × {model} ({reason})")
-    print()
-    print(f"{'method':<44} {'model':<22} {'runs':>5} {'steps':>9} {'est.':>8}")
-    for (method, model), (runs, steps, seconds) in sorted(summary.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        print(f"{method[:44]:<44} {model[:22]:<22} {runs:>5} {steps:>9} {human_seconds(seconds):>8}")
-    print(f"total: {len(specs)} runs, {count_dense_checkpoints(specs)} dense checkpoints, "
-          f"{human_seconds(total_seconds)} estimated (dense pretraining counted in the first run of each checkpoint)")
+    """Every run's steps and predicted time, then device-hours per method and per (method, model):
+    one estimate, the sweep ETA's (measured step costs from `--compare DIR` and OUT's records where
+    they exist, else MACs at `--assume-tflops`; `runners/cost.py`)."""
     from sparsebench.runners.cost import cost_report, suite_cost
     from sparsebench.store import load_records
 
-    # device-hours per method and suite: measured step costs from --compare DIR and OUT's records where they exist
     measured = (_reference_records(args.compare, Path(args.out)) or []) + \
         (load_records(Path(args.out)) if Path(args.out).is_dir() else [])
-    print(cost_report(suite_cost(suite.name, specs, measured, args.assume_tflops)))
+    cost = suite_cost(suite.name, specs, measured, args.assume_tflops)
+    print(f"suite {suite.name}: {len(specs)} runs (estimates assume {args.assume_tflops:g} TFLOP/s sustained "
+          "training throughput where no step cost was measured)")
+    for method, model, reason in suite.skipped:
+        print(f"skipped: {method} × {model} ({reason})")
+    print(cost_report(cost))
     return 0

@@ -19,20 +19,30 @@ from typing import Dict, Iterable, List, Tuple
 
 from sparsebench.methods.base import method_label as args_label
 from sparsebench.runners.progress import SweepEta
+from sparsebench.runners.suite import human_seconds
 from sparsebench.specs import RunSpec, stable_hash
 
 
 @dataclass
 class Line:
     runs: int = 0
+    steps: int = 0
     seconds: float = 0.0
     models: set = field(default_factory=set)
 
 
 @dataclass
+class RunCost:
+    spec: RunSpec
+    steps: int                                     # optimizer steps, the dense pretrain's in its first run
+    seconds: float
+
+
+@dataclass
 class SuiteCost:
     name: str
-    per_pair: Dict[Tuple[str, str], Line]          # (method label, model) -> runs, seconds
+    per_pair: Dict[Tuple[str, str], Line]          # (method label, model) -> runs, steps, seconds
+    runs: List[RunCost]                            # in the suite's order
     sources: Dict[str, str]                        # model -> where its seconds per step come from
     dense_seconds: float
     assume_tflops: float
@@ -45,6 +55,7 @@ class SuiteCost:
         out: Dict[str, Line] = defaultdict(Line)
         for (method, model), line in self.per_pair.items():
             out[method].runs += line.runs
+            out[method].steps += line.steps
             out[method].seconds += line.seconds
             out[method].models.add(model)
         return dict(out)
@@ -61,14 +72,19 @@ def suite_cost(name: str, specs: List[RunSpec], records: Iterable = (), assume_t
     eta = SweepEta.plan(specs, reference=records, assume_tflops=assume_tflops)
     pending = {p.dense_key for p in eta.plans}
     per_pair: Dict[Tuple[str, str], Line] = defaultdict(Line)
+    runs: List[RunCost] = []
     dense = 0.0
     for plan in eta.plans:
         had = plan.dense_key in pending
         seconds = eta.predicted(plan, pending)
+        steps = plan.steps["method"] + plan.steps["finetune"]
         if had:
             dense += plan.steps["pretrain"] * eta.seconds_per_step(plan.spec.model, "pretrain")
+            steps += plan.steps["pretrain"]
+        runs.append(RunCost(plan.spec, steps, seconds))
         line = per_pair[(method_label(plan.spec), plan.spec.model)]
         line.runs += 1
+        line.steps += steps
         line.seconds += seconds
     sources = {}
     for model in sorted({p.spec.model for p in eta.plans}):
@@ -78,7 +94,7 @@ def suite_cost(name: str, specs: List[RunSpec], records: Iterable = (), assume_t
             sources[model] = f"measured step costs ({len(mine)} records; {', '.join(devices)})"
         else:
             sources[model] = f"MACs at {assume_tflops:g} TFLOP/s"
-    return SuiteCost(name, dict(per_pair), sources, dense, assume_tflops)
+    return SuiteCost(name, dict(per_pair), runs, sources, dense, assume_tflops)
 
 
 def hours(seconds: float) -> str:
@@ -87,22 +103,28 @@ def hours(seconds: float) -> str:
 
 
 def cost_report(cost: SuiteCost, gpus: Tuple[int, ...] = (8, 64)) -> str:
-    """The dry run's closing table: device-hours per method (all models), per (method, model), and the suite."""
+    """The dry run's tables: every run, device-hours per method (all models) with its share, per
+    (method, model) with its steps, where the seconds per step came from, and the suite's total."""
     total = cost.total_seconds
-    lines = ["", f"device-hours by method (one device at {cost.assume_tflops:g} TFLOP/s sustained where no step "
-                 f"cost was measured; dense pretraining counted in the first run of each checkpoint):",
-             f"{'method':<60} {'runs':>6} {'hours':>9} {'share':>6}"]
+    lines = [f"{'run':<72} {'steps':>8} {'est.':>8}"]
+    lines += [f"{r.spec.run_id[:72]:<72} {r.steps:>8} {human_seconds(r.seconds):>8}" for r in cost.runs]
+    lines += ["", f"device-hours by method (one device at {cost.assume_tflops:g} TFLOP/s sustained where no step "
+                  f"cost was measured; dense pretraining counted in the first run of each checkpoint):",
+              f"{'method':<60} {'runs':>6} {'hours':>9} {'share':>6}"]
     for method, line in sorted(cost.per_method().items(), key=lambda kv: -kv[1].seconds):
         lines.append(f"{method[:60]:<60} {line.runs:>6} {hours(line.seconds):>9} {line.seconds / max(total, 1e-9):>6.1%}")
-    lines += ["", f"{'method':<52} {'model':<16} {'runs':>6} {'hours':>9}"]
+    lines += ["", f"{'method':<44} {'model':<22} {'runs':>5} {'steps':>9} {'hours':>9} {'est.':>8}"]
     for (method, model), line in sorted(cost.per_pair.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lines.append(f"{method[:52]:<52} {model[:16]:<16} {line.runs:>6} {hours(line.seconds):>9}")
+        lines.append(f"{method[:44]:<44} {model[:22]:<22} {line.runs:>5} {line.steps:>9} {hours(line.seconds):>9} "
+                     f"{human_seconds(line.seconds):>8}")
     lines += ["", "seconds per step from: " + "; ".join(f"{m}: {s}" for m, s in cost.sources.items())]
-    runs = sum(line.runs for line in cost.per_pair.values())
+    runs = len(cost.runs)
+    checkpoints = len({stable_hash(r.spec.dense_key()) for r in cost.runs})
     spread = ", ".join(f"{hours(total / n)} h on {n}" for n in gpus)
-    lines.append(f"suite {cost.name}: {runs} runs, {hours(total)} device-hours ({total / 86400:.1f} device-days; "
-                 f"dense pretraining {hours(cost.dense_seconds)} h); at full use {spread} devices")
+    lines.append(f"suite {cost.name}: {runs} runs, {checkpoints} dense checkpoints, {hours(total)} device-hours "
+                 f"({human_seconds(total)} on one device, {total / 86400:.1f} device-days; dense pretraining "
+                 f"{hours(cost.dense_seconds)} h); at full use {spread} devices")
     return "\n".join(lines)
 
 
-__all__ = ["SuiteCost", "cost_report", "method_label", "suite_cost"]
+__all__ = ["RunCost", "SuiteCost", "cost_report", "method_label", "suite_cost"]

@@ -58,7 +58,7 @@ class SweepEta:
 
         plans, costs = [], {}
         for s in specs:
-            key = (s.model, s.dataset, s.data.img_size, s.recipe.batch_size)
+            key = (s.model, s.dataset, s.data.img_size, s.recipe)     # a method entry may set its own epochs
             if key not in costs:
                 costs[key] = estimate_cost(s, assume_tflops)
             c = costs[key]["steps"]
