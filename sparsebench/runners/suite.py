@@ -255,23 +255,9 @@ def estimate_cost(spec: RunSpec, assume_tflops: float) -> dict:
             "seconds_per_step": per_step / (assume_tflops * 1e12)}
 
 
-def steps_of_run(spec: RunSpec, cost: dict, method) -> int:
-    """The method's steps (`Method.method_budget`, e.g. RigL 2×) plus the fine-tune's."""
-    s = cost["steps"]
-    return method.method_budget(s["pretrain"], s["search"]) + (s["finetune"] if method.granularity != "none" else 0)
-
-
 def human_seconds(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 7200:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h" if seconds < 172800 else f"{seconds / 86400:.1f} d"
-
-
-def count_dense_checkpoints(specs: List[RunSpec]) -> int:
-    from sparsebench.specs import stable_hash
-
-    return len({stable_hash(s.dense_key()) for s in specs})
-
-
