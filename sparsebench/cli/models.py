@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from sparsebench.cli.common import CliError, _check_device
+from sparsebench.cli.common import CliError, _check_device, _readable_records
 
 
 def _load(args, device: str = "cpu"):
@@ -53,14 +54,11 @@ def cmd_retime(args) -> int:
     """Dense vs realized latency of every saved model in DIR, timed on --device, added to each record
     as its own device entry."""
     from sparsebench.runners.artifacts import retime_directory
-    from sparsebench.store import load_records
 
     _check_device(args.device)
     if args.batch_sizes and min(args.batch_sizes) < 1:
         raise CliError(f"bad --batch-sizes {args.batch_sizes}; allowed: integers >= 1")
-    if not load_records(Path(args.dir)):
-        raise CliError(f"no readable run records in {args.dir!r} (expected JSON records under "
-                       f"{str(Path(args.dir) / 'records')!r})")
+    _readable_records(args.dir)          # one line for a directory without records, before any timing
 
     def report(record, entry):
         speed = f"measured {entry['measured_speedup']:.2f}×" if entry["measured_speedup"] else \
@@ -71,7 +69,7 @@ def cmd_retime(args) -> int:
 
     result = retime_directory(Path(args.dir), args.device, args.dtype, args.batch_sizes, args.threads, report)
     for line in result.errors:
-        print(f"sparsebench: error: {line}", file=os.sys.stderr)
+        print(f"sparsebench: error: {line}", file=sys.stderr)
     print(f"retimed {len(result.retimed)} runs on {args.device}"
           + (f"; {len(result.without_model)} runs have no saved model" if result.without_model else "")
           + (f"; {len(result.errors)} models unusable (above)" if result.errors else "")

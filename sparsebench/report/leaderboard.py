@@ -43,7 +43,7 @@ import pandas as pd
 from scipy import stats
 
 from sparsebench.methods.base import METHODS, method_label as args_label
-from sparsebench.report.references import NOTE as PUBLISHED_NOTE
+from sparsebench.report.references import NOTE as PUBLISHED_NOTE, with_published
 from sparsebench.report.stats import SeedRun, as_float, compare_runs, rank_rows
 from sparsebench.store.record import PerSample, RunRecord
 
@@ -419,8 +419,6 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "seeds needed": seeds_needed_cell(r.get("seeds_needed")),
             "device": r["device"], "seeds": int(r["seeds"]),
         })
-    from sparsebench.report.references import with_published
-
     return with_published(pd.DataFrame(rows), agg)      # "published", "Δ published" where a reference matches
 
 

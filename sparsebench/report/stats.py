@@ -41,6 +41,7 @@ def as_float(v) -> Optional[float]:
         return None
     return None if math.isnan(f) else f
 
+
 ALPHA = 0.05
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000

@@ -21,6 +21,7 @@ file; a file without a record is an interrupted run's, overwritten when the run 
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib
 import json
@@ -35,7 +36,7 @@ from torch import nn
 from sparsebench.errors import ArtifactError
 from sparsebench.platform import atomic_write_bytes
 from sparsebench.models import create_model
-from sparsebench.store.record import RecordError, RunRecord
+from sparsebench.store.record import RecordError, RunRecord, device_label
 from sparsebench.store.records import RecordStore
 
 FORMAT = "sparsebench-model/1"
@@ -62,6 +63,7 @@ class LoadedModel:
     input_size: Tuple[int, ...] = ()          # (C, H, W)
     record: Optional[RunRecord] = None
     path: Optional[Path] = None
+    model_kwargs: Dict[str, Any] = field(default_factory=dict)   # what the spec's model was built with
 
 
 # --- the module tree --------------------------------------------------------------------------
@@ -285,18 +287,12 @@ def find_run(what: str, results_dir: Optional[Path] = None) -> Tuple[Optional[Ru
     if store.exists(what):
         record = store.read(what)
     else:
-        matches = sorted(q.stem for q in store.records_dir.glob(f"{glob_escape(what)}*.json"))
+        matches = sorted(q.stem for q in store.records_dir.glob(f"{glob.escape(what)}*.json"))
         if len(matches) != 1:
             raise ArtifactError(f"no run {what!r} in {str(root)!r}" if not matches else
                                 f"run {what!r} is ambiguous in {str(root)!r}: {', '.join(matches[:3])}, ...")
         record = store.read(matches[0])
     return record, _artifact_of(record, root), root
-
-
-def glob_escape(text: str) -> str:
-    import glob
-
-    return glob.escape(text)
 
 
 def _read_record(path: Path) -> RunRecord:
@@ -350,7 +346,7 @@ def load_artifact(what, results_dir: Optional[Path] = None, device: str = "cpu")
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     masks = {k[len("mask/"):]: v for k, v in tensors.items() if k.startswith("mask/")}
     return LoadedModel(model.to(device).eval(), run_id, metadata.get("realization", "masked"), masks, input_size,
-                       record, path)
+                       record, path, kwargs)
 
 
 def _metadata(data: bytes) -> dict:
@@ -383,12 +379,6 @@ def evaluate_loaded(loaded: LoadedModel, data_root: Optional[str] = None, device
 
 
 # --- re-timing --------------------------------------------------------------------------------
-def device_label(env: dict) -> str:
-    """The label `RunRecord.device` gives the same environment ("cuda: NVIDIA H100 80GB HBM3")."""
-    kind = str(env.get("device", "cpu")).split(":")[0]
-    return f"{kind}: {env.get('device_name') or env.get('cpu') or 'unknown'}"
-
-
 @dataclass
 class RetimeResult:
     retimed: List[str] = field(default_factory=list)       # run ids given a new entry
@@ -439,9 +429,8 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
                  "latency": None, "measured_speedup": None, "measured_speedup_batch": None,
                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         if realized.realizable:
-            kwargs = json.loads(_metadata(loaded.path.read_bytes())["model_kwargs"])
             torch.manual_seed(0)
-            dense = create_model(record.model, **kwargs).to(target).eval()   # timing does not read the weights
+            dense = create_model(record.model, **loaded.model_kwargs).to(target).eval()   # timing does not read the weights
             settings = LatencySettings(batch_sizes=sizes, threads=use_threads,
                                        min_run_time=m.get("min_run_time", 0.1), rounds=m.get("rounds", 6),
                                        dtype=realized.dtype, channels_last=m.get("channels_last", False),

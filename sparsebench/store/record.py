@@ -38,6 +38,13 @@ class RecordError(ValueError):
     """A JSON document that is not a readable run record; the message says why in one line."""
 
 
+def device_label(environment: Dict[str, Any]) -> str:
+    """How records and tables name the device of an environment (`measure.environment`):
+    "cpu: <CPU model>" or "cuda: <GPU name>"."""
+    kind = str(environment.get("device", "cpu")).split(":")[0]
+    return f"{kind}: {environment.get('device_name') or environment.get('cpu') or 'unknown'}"
+
+
 @dataclass(frozen=True)
 class Tolerance:
     """A target is met when target - below <= achieved <= target + above."""
@@ -288,8 +295,7 @@ class RunRecord:
     @property
     def device(self) -> str:
         """What the timing ran on: "cpu: <CPU model>" or "cuda: <GPU name>"."""
-        kind = str(self.environment.get("device", "cpu")).split(":")[0]
-        return f"{kind}: {self.environment.get('device_name') or self.environment.get('cpu') or 'unknown'}"
+        return device_label(self.environment)
 
     @property
     def target_label(self) -> str:

@@ -103,8 +103,9 @@ class UnitSpace:
 
         A fast wrong model is a bug, not a speedup: every compaction is checked before it is
         fine-tuned or timed. The bound scales with the outputs' size, since fp32 summation order
-        alone differs by ~1e-7 of it (a VGG barely trained, in eval mode, gives logits of 1e4). `via="masks"` emulates the kept sets with fixed masks,
-        `via="gates"` with binary gates on the gating path; both must agree with `compact`.
+        alone differs by ~1e-7 of it (a VGG barely trained, in eval mode, gives logits of 1e4).
+        `via="masks"` emulates the kept sets with fixed masks, `via="gates"` with binary gates on
+        the gating path; both must agree with `compact`.
         """
         if via not in ("masks", "gates"):
             raise ValueError(f"via must be 'masks' or 'gates', got {via!r}")
