@@ -594,22 +594,51 @@ def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord
         data = data_stage(spec, options)
     with times("setup"):
         make_model = model_factory(spec, data.info, device)
-        card = model_card(spec.model)
-        if not method.supports(make_model(), card.family):
-            raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
+        require_support(spec, method, make_model())
     cache = cache_dir_of(options)
     try:
         dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every,
                             options.resume, lock_wait(options), times)
     except Diverged as d:           # nothing cached; every run on this dense model says so in its record
-        record = record_stage(spec, method, data, None, MethodStage(None, 0, 0, 0.0, d), FinetuneStage(),
-                              None, None, device)
+        record = diverged_dense_record(spec, method, data, d, device)
         RecordStore(options.out).write(record)
         return record
     # where the method's and the fine-tune's fits save and resume (not in the spec hash)
     partial = RunCheckpoints(Path(options.out) / "partial" / spec.hash, options.checkpoint_every) \
         if options.resume else None
 
+    method_result, finetune, evaluation, measured = train_and_measure(spec, method, data, dense, make_model, device,
+                                                                      progress, partial, times)
+    with times("record"):
+        record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device,
+                              partial.resumed if partial is not None else 0)
+        if options.save_model and evaluation is not None and current_platform().is_primary:
+            record = dataclasses.replace(record, artifact=model_stage(spec, method_result.outcome, dense, data, options))
+        RecordStore(options.out).write(record)
+        if partial is not None:
+            partial.clear()
+    return record
+
+
+def require_support(spec: RunSpec, method: Method, probe: nn.Module) -> None:
+    """A one-line SpecError where the method cannot run on the spec's model (`probe`, one instance)."""
+    family = model_card(spec.model).family
+    if not method.supports(probe, family):
+        raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({family})")
+
+
+def diverged_dense_record(spec: RunSpec, method: Method, data: DataStage, diverged: Diverged,
+                          device: torch.device) -> RunRecord:
+    """The record of a run whose dense checkpoint diverged: no method, fine-tune or measurement."""
+    return record_stage(spec, method, data, None, MethodStage(None, 0, 0, 0.0, diverged), FinetuneStage(),
+                        None, None, device)
+
+
+def train_and_measure(spec: RunSpec, method: Method, data: DataStage, dense: DenseStage, make_model,
+                      device: torch.device, progress=None, partial: Optional[RunCheckpoints] = None,
+                      times: PhaseTimes = NO_TIMES) -> tuple:
+    """(method, fine-tune, evaluation, measurement) stages from the dense checkpoint on, each only if
+    the one before did not diverge (then the later ones stay empty and the record says so)."""
     with times("method"):
         method_result = method_stage(spec, method, data, dense, make_model, device, progress, partial)
     finetune, evaluation, measured = FinetuneStage(), None, None
@@ -620,15 +649,7 @@ def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord
             with times("evaluation"):
                 evaluation = evaluation_stage(method_result.outcome.model, data, device)
             measured = measurement_stage(spec, method_result.outcome, dense, data, device, times)
-    with times("record"):
-        record = record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device,
-                              partial.resumed if partial is not None else 0)
-        if options.save_model and evaluation is not None and current_platform().is_primary:
-            record = dataclasses.replace(record, artifact=model_stage(spec, method_result.outcome, dense, data, options))
-        RecordStore(options.out).write(record)
-        if partial is not None:
-            partial.clear()
-    return record
+    return method_result, finetune, evaluation, measured
 
 
 def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:

@@ -199,7 +199,6 @@ def execute_shared(spec: RunSpec, options, cache: Dict[tuple, tuple]):
     import torch
 
     from sparsebench.errors import Diverged
-    from sparsebench.models import model_card
     from sparsebench.runners import pipeline as p
     from sparsebench.specs import stable_hash
 
@@ -217,20 +216,11 @@ def execute_shared(spec: RunSpec, options, cache: Dict[tuple, tuple]):
             dense = d
         cache[key] = (data, make_model, dense, make_model())
     data, make_model, dense, probe = cache[key]
-    card = model_card(spec.model)
-    if not method.supports(probe, card.family):          # a fresh model per run costs more than the run
-        raise SpecError(f"method {spec.method!r} does not support model {spec.model!r} ({card.family})")
+    p.require_support(spec, method, probe)             # the shared probe: a fresh model per run costs more than the run
     if isinstance(dense, Diverged):
-        return p.record_stage(spec, method, data, None, p.MethodStage(None, 0, 0, 0.0, dense), p.FinetuneStage(),
-                              None, None, device)
-    method_result = p.method_stage(spec, method, data, dense, make_model, device)
-    finetune, evaluation, measured = p.FinetuneStage(), None, None
-    if method_result.diverged is None:
-        finetune = p.finetune_stage(spec, method_result.outcome, data, device)
-        if finetune.diverged is None:
-            evaluation = p.evaluation_stage(method_result.outcome.model, data, device)
-            measured = p.measurement_stage(spec, method_result.outcome, dense, data, device)
-    return p.record_stage(spec, method, data, dense, method_result, finetune, evaluation, measured, device)
+        return p.diverged_dense_record(spec, method, data, dense, device)
+    stages = p.train_and_measure(spec, method, data, dense, make_model, device)
+    return p.record_stage(spec, method, data, dense, *stages, device)
 
 
 def summary_line(suite, results: List[SmokeResult], seconds: float) -> str:
