@@ -23,6 +23,7 @@ same models, targets, seeds and recipe, so the leaderboard can pair each run wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -240,19 +241,26 @@ def _any_target(method_cls, args) -> Target:
 
 def estimate_cost(spec: RunSpec, assume_tflops: float) -> dict:
     """Optimizer steps and training compute of one run (dense pretrain counted where shared)."""
-    from sparsebench.measure.flops import count_macs
-    from sparsebench.models import create_model
-
     n_train = int(TRAIN_SIZES.get(spec.dataset, 50000) * (1 - spec.data.val_fraction))
     img = spec.data.img_size or NATIVE_SIZES.get(spec.dataset, 224)
     r = spec.recipe
     steps = {"pretrain": r.steps(r.pretrain_epochs, n_train), "finetune": r.steps(r.finetune_epochs, n_train),
              "search": r.steps(r.search_epochs, n_train)}
-    macs = count_macs(create_model(spec.model, num_classes=10, img_size=img), (3, img, img)).macs
+    macs = model_macs(spec.model, img)
     # training ≈ 3 × forward (forward + backward), 2 FLOPs per MAC
     per_step = 3 * 2 * macs * r.batch_size
     return {"steps": steps, "train_flops_per_step": per_step, "macs": macs,
             "seconds_per_step": per_step / (assume_tflops * 1e12)}
+
+
+@functools.lru_cache(maxsize=None)
+def model_macs(model: str, img_size: int) -> int:
+    """Forward MACs per image of a model at `img_size`, counted once per (model, size): every recipe
+    and method entry of a suite prices its steps with the same count."""
+    from sparsebench.measure.flops import count_macs
+    from sparsebench.models import create_model
+
+    return count_macs(create_model(model, num_classes=10, img_size=img_size), (3, img_size, img_size)).macs
 
 
 def human_seconds(seconds: float) -> str:
