@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true",
                    help="run every (method, model, dataset, target) for a few steps, tiny, on fabricated data; "
                         "writes nothing to --out; exit 1 if any fails")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run every (method, model, dataset, target) at its real model and resolution on fabricated "
+                        "data at real image sizes, a few steps per stage; writes per-stage step time, memory, "
+                        "/dev/shm, loader images/s and projected device-hours to OUT/rehearsal.{json,md}")
+    p.add_argument("--device-batch", type=int, metavar="N",
+                   help="with --rehearse: images per step the device takes (default: the suite's batch on a GPU, "
+                        "8 on a CPU); a larger suite batch is timed at N and scaled")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="local: a process pool of --jobs workers; ray: one Ray task per run, on a local Ray "

@@ -117,7 +117,7 @@ def _sweep(args) -> int:
     import sparsebench.runners.launchers  # noqa: F401  (torch, timm, the harness: what a worker runs)
     from sparsebench.runners.pool import workers_forked_here
 
-    local_pool = args.launcher == "local" and not (args.smoke or args.dry_run)
+    local_pool = args.launcher == "local" and not (args.smoke or args.dry_run or args.rehearse)
     with workers_forked_here(args.jobs if local_pool else 1):
         return _plan_and_run(args)
 
@@ -139,6 +139,12 @@ def _plan_and_run(args) -> int:
 
         load_references()          # a reference entry missing a field fails here, in one line
         return smoke(suite)
+    if args.rehearse:              # every setting at full size, measured, on fabricated data (runners/rehearse.py)
+        from sparsebench.runners.rehearse import rehearse
+
+        if args.device_batch is not None and args.device_batch < 1:
+            raise CliError(f"--device-batch={args.device_batch}; allowed: a positive number of images")
+        return rehearse(suite, Path(args.out), args.device, args.device_batch)
     specs = [resolve(s) for s in suite.specs]
     if args.dry_run:
         return _dry_run(suite, specs, args)

@@ -29,15 +29,37 @@ def _rng(seed: int = 0) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+# Images at the sizes of the official downloads (width, height), for `sweep --rehearse`: decode and
+# crop cost, file sizes and loader throughput are only meaningful at these sizes. ImageNet, Food-101
+# (at most 512 px a side), Flowers-102 and Pets are photographs of about these sizes; Tiny ImageNet
+# (64 px) and CIFAR (32 px) replicas are already at their real size.
+REAL_IMAGE_SIZES: Dict[str, Tuple[int, int]] = {
+    "imagenet": (500, 375), "food101": (512, 512), "flowers102": (500, 667), "pets": (500, 375),
+}
+PHOTO_CELL, PHOTO_GRAIN, PHOTO_QUALITY = 8, 12, 90   # see write_image
+
+
 def write_image(path: Path, size: Tuple[int, int] = (12, 10), rng=None, mode: str = "RGB") -> None:
-    """A tiny random image; the format follows the suffix (JPEG for .jpg/.JPEG, PNG for .png)."""
+    """A random image; the format follows the suffix (JPEG for .jpg/.JPEG, PNG for .png). An image
+    of photo size is coarse noise upsampled (PHOTO_CELL px cells) with grain (PHOTO_GRAIN grey levels)
+    at JPEG quality PHOTO_QUALITY: about 95 KB at 500x375, like an ImageNet JPEG (~110 KB on average),
+    and decoded at about the same speed; white noise would be several times larger and slower."""
     rng = rng if rng is not None else _rng()
     w, h = size
     channels = 3 if mode == "RGB" else 1
-    pixels = rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
-    img = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
+    options = {}
+    if min(w, h) >= 8 * PHOTO_CELL:
+        coarse = rng.integers(0, 256, size=(-(-h // PHOTO_CELL), -(-w // PHOTO_CELL), channels), dtype=np.uint8)
+        smooth = Image.fromarray(coarse.squeeze(-1) if channels == 1 else coarse).resize((w, h), Image.BILINEAR)
+        grain = rng.normal(0, PHOTO_GRAIN, size=np.asarray(smooth).shape)
+        img = Image.fromarray(np.clip(np.asarray(smooth) + grain, 0, 255).astype(np.uint8))
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            options["quality"] = PHOTO_QUALITY
+    else:
+        pixels = rng.integers(0, 256, size=(h, w, channels), dtype=np.uint8)
+        img = Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    img.save(path, **options)
 
 
 class Py2Str(bytes):
@@ -190,7 +212,8 @@ FOOD_CLASSES = ("apple_pie", "baby_back_ribs", "beignets")
 
 
 def make_food101(
-    root: Path, classes: Sequence[str] = FOOD_CLASSES, n_train: int = 4, n_test: int = 2, seed: int = 0
+    root: Path, classes: Sequence[str] = FOOD_CLASSES, n_train: int = 4, n_test: int = 2, seed: int = 0,
+    image_size: Tuple[int, int] = (20, 16),
 ) -> Path:
     """food-101/meta/{train,test}.json, classes.txt, labels.txt, {train,test}.txt, images/<class>/<id>.jpg."""
     rng = _rng(seed)
@@ -200,7 +223,7 @@ def make_food101(
     for cls in classes:
         for split, n in (("train", n_train), ("test", n_test)):
             for _ in range(n):
-                write_image(base / "images" / cls / f"{image_id}.jpg", (20, 16), rng)
+                write_image(base / "images" / cls / f"{image_id}.jpg", image_size, rng)
                 meta[split].setdefault(cls, []).append(f"{cls}/{image_id}")
                 image_id += 1
     (base / "meta").mkdir(parents=True, exist_ok=True)
@@ -216,7 +239,8 @@ def make_food101(
 
 
 def make_flowers102(
-    root: Path, num_classes: int = 3, n_train: int = 2, n_val: int = 2, n_test: int = 2, seed: int = 0
+    root: Path, num_classes: int = 3, n_train: int = 2, n_val: int = 2, n_test: int = 2, seed: int = 0,
+    image_size: Tuple[int, int] = (14, 18),
 ) -> Path:
     """flowers-102/jpg/image_00001.jpg..., imagelabels.mat (labels 1..K), setid.mat (trnid/valid/tstid)."""
     from scipy.io import savemat
@@ -232,7 +256,7 @@ def make_flowers102(
                 labels.append(cls)
                 image_id = len(labels)
                 split_ids[key].append(image_id)
-                write_image(base / "jpg" / f"image_{image_id:05d}.jpg", (14, 18), rng)
+                write_image(base / "jpg" / f"image_{image_id:05d}.jpg", image_size, rng)
     # the official files store 1 x N row vectors: uint8 labels, uint16 ids
     savemat(str(base / "imagelabels.mat"), {"labels": np.asarray([labels], dtype=np.uint8)})
     savemat(str(base / "setid.mat"), {k: np.asarray([v], dtype=np.uint16) for k, v in split_ids.items()})
@@ -246,7 +270,8 @@ PETS_BREEDS = (("Abyssinian", 1), ("american_bulldog", 2), ("Bengal", 1))
 
 
 def make_pets(
-    root: Path, breeds: Sequence[Tuple[str, int]] = PETS_BREEDS, n_trainval: int = 3, n_test: int = 2, seed: int = 0
+    root: Path, breeds: Sequence[Tuple[str, int]] = PETS_BREEDS, n_trainval: int = 3, n_test: int = 2, seed: int = 0,
+    image_size: Tuple[int, int] = (16, 12),
 ) -> Path:
     """oxford-iiit-pet/images/<Breed>_<n>.jpg, annotations/{trainval,test,list}.txt, annotations/trimaps/*.png."""
     rng = _rng(seed)
@@ -259,8 +284,8 @@ def make_pets(
             for _ in range(n):
                 k = sum(len(v) for v in lines.values()) + 1
                 image_id = f"{prefix}_{k}"
-                write_image(base / "images" / f"{image_id}.jpg", (16, 12), rng)
-                write_image(base / "annotations" / "trimaps" / f"{image_id}.png", (16, 12), rng, mode="L")
+                write_image(base / "images" / f"{image_id}.jpg", image_size, rng)
+                write_image(base / "annotations" / "trimaps" / f"{image_id}.png", image_size, rng, mode="L")
                 lines[split].append(f"{image_id} {class_id} {species} {breed_counter[species]}\n")
     for split in ("trainval", "test"):
         (base / "annotations" / f"{split}.txt").write_text("".join(lines[split]))
@@ -278,7 +303,8 @@ IMAGENET_WNIDS = ("n01440764", "n01443537", "n01484850")
 
 
 def make_imagenet(
-    root: Path, wnids: Sequence[str] = IMAGENET_WNIDS, n_train: int = 3, n_val: int = 2, seed: int = 0
+    root: Path, wnids: Sequence[str] = IMAGENET_WNIDS, n_train: int = 3, n_val: int = 2, seed: int = 0,
+    image_size: Tuple[int, int] = (18, 14),
 ) -> Path:
     """imagenet/train/<wnid>/<wnid>_<n>.JPEG and imagenet/val/<wnid>/ILSVRC2012_val_<n>.JPEG (post valprep)."""
     rng = _rng(seed)
@@ -286,9 +312,9 @@ def make_imagenet(
     k = 1
     for w in wnids:
         for i in range(n_train):
-            write_image(base / "train" / w / f"{w}_{i + 1}.JPEG", (18, 14), rng)
+            write_image(base / "train" / w / f"{w}_{i + 1}.JPEG", image_size, rng)
         for _ in range(n_val):
-            write_image(base / "val" / w / f"ILSVRC2012_val_{k:08d}.JPEG", (18, 14), rng)
+            write_image(base / "val" / w / f"ILSVRC2012_val_{k:08d}.JPEG", image_size, rng)
             k += 1
     return base
 
@@ -296,18 +322,20 @@ def make_imagenet(
 # --------------------------------------------------------------------------- every dataset
 
 
-def fabricate(name: str, root: Path, per_class: int = 8, seed: int = 0) -> None:
+def fabricate(name: str, root: Path, per_class: int = 8, seed: int = 0, real_size: bool = False) -> None:
     """A replica of dataset `name` under `root` with about `per_class` training images per class
-    (and a few test images); nothing for `digits`, which is embedded."""
+    (and a few test images); nothing for `digits`, which is embedded. `real_size`: images at the
+    official download's size (`REAL_IMAGE_SIZES`), else tiny ones."""
     n = max(2, per_class)
+    size = {"image_size": REAL_IMAGE_SIZES[name]} if real_size and name in REAL_IMAGE_SIZES else {}
     makers = {
         "cifar10": lambda: make_cifar10(root, per_batch=2 * n, n_test=10, seed=seed),   # 10 classes over 5 batches
         "cifar100": lambda: make_cifar100(root, num_classes=4, n_train=4 * n, n_test=8, seed=seed),
         "tiny-imagenet": lambda: make_tiny_imagenet(root, n_train=n, n_val=2, size=64, seed=seed),
-        "food101": lambda: make_food101(root, n_train=n, n_test=2, seed=seed),
-        "flowers102": lambda: make_flowers102(root, n_train=n // 2, n_val=n - n // 2, n_test=2, seed=seed),
-        "pets": lambda: make_pets(root, n_trainval=n, n_test=2, seed=seed),
-        "imagenet": lambda: make_imagenet(root, n_train=n, n_val=2, seed=seed),
+        "food101": lambda: make_food101(root, n_train=n, n_test=2, seed=seed, **size),
+        "flowers102": lambda: make_flowers102(root, n_train=n // 2, n_val=n - n // 2, n_test=2, seed=seed, **size),
+        "pets": lambda: make_pets(root, n_trainval=n, n_test=2, seed=seed, **size),
+        "imagenet": lambda: make_imagenet(root, n_train=n, n_val=2, seed=seed, **size),
     }
     if name == "digits":
         return

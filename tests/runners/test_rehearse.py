@@ -1,0 +1,146 @@
+"""`sweep --rehearse`: every setting of a suite at its real model and resolution on fabricated data at
+real image sizes, through every stage, with per-stage figures and a device-hours projection; nothing
+reaches a results store."""
+import json
+import textwrap
+
+import pytest
+from PIL import Image
+
+from sparsebench.cli import main
+from sparsebench.datasets.replicas import REAL_IMAGE_SIZES, fabricate
+from sparsebench.runners.rehearse import (CPU_DEVICE_BATCH, REHEARSAL_STEPS, ResourceSampler, device_batch_of,
+                                          rehearsal_spec, run_rehearsal)
+from sparsebench.runners.suite import load_suite
+
+SUITE = """
+name: rehearse-test
+methods:
+  - dense
+  - magnitude-global
+  - {name: l1-channel, args: {scope: global}}
+models: [resnet20]
+datasets: [cifar10]
+targets: {sparsity: [0.9], flops: [0.5]}
+seeds: [0, 1]
+recipe: {batch_size: 128, pretrain_epochs: 160, finetune_epochs: 40, search_epochs: 1, precision: bf16}
+data: {val_fraction: 0.1, workers: 1}
+"""
+
+
+def write_suite(tmp_path, text=SUITE):
+    path = tmp_path / "suite.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_real_size_replicas_are_photo_sized_jpegs(tmp_path):
+    fabricate("imagenet", tmp_path, per_class=2, real_size=True)
+    files = sorted((tmp_path / "imagenet" / "train").rglob("*.JPEG"))
+    assert files and all(Image.open(f).size == REAL_IMAGE_SIZES["imagenet"] for f in files)
+    kb = sum(f.stat().st_size for f in files) / len(files) / 1024
+    assert 50 < kb < 200          # an ImageNet JPEG is ~110 KB; tiny replicas are well under 1 KB
+    fabricate("imagenet", tmp_path / "tiny", per_class=2)
+    assert Image.open(next((tmp_path / "tiny" / "imagenet" / "train").rglob("*.JPEG"))).size == (18, 14)
+
+
+def test_rehearsal_spec_keeps_model_and_resolution_and_scales_the_batch(tmp_path):
+    suite = load_suite(write_suite(tmp_path))
+    spec = suite.specs[0]
+    batch = device_batch_of(spec, None, cuda=False)
+    assert batch == CPU_DEVICE_BATCH
+    assert device_batch_of(spec, None, cuda=True) == 128          # the suite's batch where it fits
+    assert device_batch_of(spec, 4096, cuda=True) == 128
+    small = rehearsal_spec(spec, steps_per_epoch=10, batch=batch, workers=1, cuda=False)
+    assert small.model == spec.model and small.data.img_size == spec.data.img_size
+    assert small.recipe.batch_size == batch and small.recipe.precision == "fp32"
+    assert small.recipe.steps(small.recipe.pretrain_epochs, 10 * batch) == REHEARSAL_STEPS
+    assert rehearsal_spec(spec, 10, 128, 1, cuda=True).recipe.precision == "bf16"
+
+
+def test_every_setting_runs_through_every_stage_with_figures_and_a_projection(tmp_path):
+    suite = load_suite(write_suite(tmp_path))
+    out = tmp_path / "out"
+    report = run_rehearsal(suite, out, say=lambda _: None)
+    assert set(report["settings"]) == {"dense resnet20 cifar10 none", "magnitude-global resnet20 cifar10 sparsity=0.9",
+                                       "l1-channel[scope=global] resnet20 cifar10 flops=0.5"}
+    for label, entry in report["settings"].items():
+        assert entry["status"] in ("ok", "missed_target"), (label, entry.get("error"))
+        stages = entry["stages"]
+        assert {"data", "dense checkpoint", "evaluation", "latency", "record"} <= set(stages)
+        assert all(s["peak_pss_mb"] > 50 for s in stages.values())        # torch alone is more
+        assert entry["rehearsal_batch"] == CPU_DEVICE_BATCH and entry["batch_scale"] == 128 / CPU_DEVICE_BATCH
+        if label.startswith("dense"):
+            assert stages["dense checkpoint"]["steps"] >= REHEARSAL_STEPS          # trained here, timed
+            assert stages["dense checkpoint"]["step_seconds"] > 0 and entry["pretrain_step_seconds"] > 0
+            assert stages["latency"]["seconds"] > 0                              # dense vs itself: realizable
+        else:
+            assert stages["finetune"]["steps"] >= REHEARSAL_STEPS
+            assert entry["scaled_step_seconds"]["finetune"] == pytest.approx(
+                stages["finetune"]["step_seconds"] * entry["batch_scale"], rel=1e-3)
+        assert entry["saved_model_mb"] and entry["saved_model_mb"] > 0
+    loader = report["loaders"]["cifar10@32"]
+    assert loader["images_per_s"] > 0 and loader["batch"] == CPU_DEVICE_BATCH
+    projection = report["projection"]
+    assert projection["runs"] == 6 and not projection["not_projected"]
+    # 2 dense checkpoints x 160 epochs of ~352 steps at >= 1 ms a step: hours, not seconds
+    assert projection["device_hours"] > 2 * 160 * 350 * 1e-3 / 3600
+    assert set(projection["per_method_hours"]) == {"dense", "magnitude-global", "l1-channel[scope=global]"}
+    # the figures are on disk; the runs' records, checkpoints and models are not
+    assert json.loads((out / "rehearsal.json").read_text())["settings"].keys() == report["settings"].keys()
+    assert "Projected" in (out / "rehearsal.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["rehearsal.json", "rehearsal.md"]
+
+
+def test_a_failing_setting_is_reported_and_the_others_still_run(tmp_path, capsys):
+    text = SUITE.replace("  - dense\n", "  - dense\n  - {name: gap-cyclic, args: {num_groups: 2}}\n") \
+        .replace("  - magnitude-global\n  - {name: l1-channel, args: {scope: global}}\n", "")
+    code = main(["sweep", str(write_suite(tmp_path, text)), "--rehearse", "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "REHEARSAL FAILED gap-cyclic[num_groups=2] resnet20 cifar10 sparsity=0.9" in printed
+    report = json.loads((tmp_path / "out" / "rehearsal.json").read_text())
+    assert report["settings"]["dense resnet20 cifar10 none"]["status"] == "ok"
+
+
+def test_bad_device_batch_is_one_line(tmp_path, capsys):
+    code = main(["sweep", str(write_suite(tmp_path)), "--rehearse", "--device-batch", "0", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--device-batch=0" in err[0]
+
+
+def test_sampler_sees_a_child_process_and_shared_memory(tmp_path):
+    import multiprocessing as mp
+    import os
+
+    import numpy as np
+
+    ctx = mp.get_context("fork")
+    with ResourceSampler(interval=0.02) as sampler:
+        sampler.reset()
+        base = sampler.peak_pss
+        ready = ctx.Event()
+        child = ctx.Process(target=_hold_memory, args=(ready,))
+        child.start()
+        ready.wait(10)
+        shm = None
+        if os.path.isdir("/dev/shm"):
+            shm = np.memmap("/dev/shm/sparsebench-rehearse-test", dtype=np.uint8, mode="w+", shape=(64 * 2**20,))
+            shm[:] = 1
+        sampler.sample()
+        child.terminate()
+        child.join()
+        assert sampler.peak_pss - base > 100 * 2**20           # the child's 200 MB
+        if shm is not None:
+            assert sampler.peak_shm >= 60 * 2**20
+            del shm
+            os.remove("/dev/shm/sparsebench-rehearse-test")
+
+
+def _hold_memory(ready):
+    import time
+
+    block = bytearray(200 * 2**20)
+    block[::4096] = b"x" * len(block[::4096])
+    ready.set()
+    time.sleep(30)
