@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-batch", type=int, metavar="N",
                    help="with --rehearse: images per step the device takes (default: the suite's batch on a GPU, "
                         "8 on a CPU); a larger suite batch is timed at N and scaled")
+    p.add_argument("--rehearse-cover", choices=("datasets", "pairs"), default="datasets",
+                   help="with --rehearse: every (method, model, dataset) (default), or every (method, model) pair "
+                        "with each of a model's datasets read at least once (suites whose datasets share a size)")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (by spec hash), for several machines")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="local: a process pool of --jobs workers; ray: one Ray task per run, on a local Ray "

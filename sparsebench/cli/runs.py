@@ -144,7 +144,7 @@ def _plan_and_run(args) -> int:
 
         if args.device_batch is not None and args.device_batch < 1:
             raise CliError(f"--device-batch={args.device_batch}; allowed: a positive number of images")
-        return rehearse(suite, Path(args.out), args.device, args.device_batch)
+        return rehearse(suite, Path(args.out), args.device, args.device_batch, args.rehearse_cover)
     specs = [resolve(s) for s in suite.specs]
     if args.dry_run:
         return _dry_run(suite, specs, args)

@@ -2,8 +2,10 @@
 
 Where `--smoke` checks that every entry runs (tiny models, 16 px), a rehearsal answers what a
 paper-scale sweep will cost and whether it fits the machine, before anyone pays for it. Each
-distinct (method and arguments, model, dataset, target) runs once through the real pipeline
-(dense checkpoint, method, fine-tune, evaluation, realization and latency, saved model, record):
+(method and arguments, model, dataset) of the suite runs once, at its first target and seed
+(`rehearsal_settings`; with `cover="pairs"` each (method, model) pair once, every dataset of a
+model read at least once), through the real pipeline (dense checkpoint, method, fine-tune,
+evaluation, realization and latency, saved model, record):
 
 - at the suite's **real model and resolution** (no tiny variant, the suite's `img_size`), the
   suite's optimizer, learning rates and method arguments;
@@ -22,8 +24,10 @@ Per stage (`RehearsalMeter`, one per setting) it writes: wall seconds, optimizer
 time between optimizer steps (the first step of a phase, which pays start-up, excluded), peak memory
 (PSS) of the process and its loader workers, peak `/dev/shm` use, peak device memory on CUDA; per
 (dataset, resolution) the loader's images/s; and device-hours projected from the measured steps
-for every run of the real suite (all seeds; the dense pretrain once per dense checkpoint), with
-the step counts of the dry run (`SweepEta`). Written to DIR/rehearsal.json and DIR/rehearsal.md
+for every run of the real suite (all targets and seeds; the dense pretrain once per dense
+checkpoint), with the step counts of the dry run (`SweepEta`): a run's steps cost what its
+setting's steps cost at the rehearsed target (a structured method's steps get cheaper as its
+model shrinks, so lower targets cost somewhat less than projected). Written to DIR/rehearsal.json and DIR/rehearsal.md
 after every setting; the runs' own records, checkpoints and models go to a temporary folder and
 are removed (their size is reported), so a rehearsal never enters a results store.
 """
@@ -217,6 +221,57 @@ def optimizer_steps_seen_by(meter: RehearsalMeter):
         handle.remove()
 
 
+# --------------------------------------------------------------------------- what is rehearsed
+COVERS = ("datasets", "pairs")
+
+
+def pair_label(spec: RunSpec) -> str:
+    """A (method and arguments, model) pair at one resolution: what a step costs depends on these."""
+    args = ",".join(f"{k}={v}" for k, v in spec.method_args)
+    return f"{spec.method}{f'[{args}]' if args else ''} {spec.model}@{spec.data.img_size or 'native'}"
+
+
+def setting_label(spec: RunSpec) -> str:
+    """One rehearsed setting: a (method and arguments, model, dataset); the suite's targets share it."""
+    args = ",".join(f"{k}={v}" for k, v in spec.method_args)
+    return f"{spec.method}{f'[{args}]' if args else ''} {spec.model} {spec.dataset}"
+
+
+def rehearsal_settings(specs: List[RunSpec], cover: str = "datasets") -> List[RunSpec]:
+    """The suite runs a rehearsal runs, in the suite's order: the first target and seed of every
+    (method and arguments, model, dataset) (`cover="datasets"`); or of every (method and arguments,
+    model) pair with a model's datasets handed out in turn so each is read at least once (`"pairs"`,
+    for suites whose datasets share a resolution: a step costs the same on each, their loaders differ)."""
+    if cover not in COVERS:
+        raise ValueError(f"cover={cover!r}; allowed: {', '.join(COVERS)}")
+    firsts: Dict[str, RunSpec] = {}
+    for s in specs:
+        firsts.setdefault(setting_label(s), s)
+    if cover == "datasets":
+        return list(firsts.values())
+    datasets: Dict[str, List[str]] = {}
+    for s in firsts.values():
+        datasets.setdefault(s.model, [])
+        if s.dataset not in datasets[s.model]:
+            datasets[s.model].append(s.dataset)
+    chosen: Dict[str, RunSpec] = {}
+    turn: Dict[str, int] = {}
+    for s in firsts.values():                              # every pair once, datasets in turn
+        pair = pair_label(s)
+        if pair in chosen:
+            continue
+        wanted = datasets[s.model][turn.get(s.model, 0) % len(datasets[s.model])]
+        candidate = firsts.get(setting_label(dataclasses.replace(s, dataset=wanted)), s)
+        chosen[pair] = candidate
+        turn[s.model] = turn.get(s.model, 0) + 1
+    picked = list(chosen.values())
+    for model, names in datasets.items():                  # a dataset no pair drew: read once more
+        for name in names:
+            if not any(p.model == model and p.dataset == name for p in picked):
+                picked.append(next(s for s in firsts.values() if s.model == model and s.dataset == name))
+    return picked
+
+
 # --------------------------------------------------------------------------- the rehearsal spec
 def device_batch_of(spec: RunSpec, device_batch: Optional[int], cuda: bool) -> int:
     """Images per step in the rehearsal: the suite's batch where it fits (`device_batch` or, on a
@@ -300,7 +355,6 @@ def project(specs: List[RunSpec], settings: Dict[str, dict]) -> dict:
     """Device-hours of every run of the real suite from the rehearsal's scaled step times; step counts
     as in the dry run (`SweepEta.plan`); each dense checkpoint's pretrain counted once."""
     from sparsebench.runners.progress import SweepEta
-    from sparsebench.runners.smoke import entry_label
 
     from sparsebench.runners.pipeline import resolve
 
@@ -311,9 +365,13 @@ def project(specs: List[RunSpec], settings: Dict[str, dict]) -> dict:
             pretrain_seconds.setdefault(s["dense_family"], s["pretrain_step_seconds"])
     seconds, per_method, missing = 0.0, {}, set()
     counted = set()
+    by_pair: Dict[str, dict] = {}
+    for s in settings.values():
+        if s.get("status") != "error":
+            by_pair.setdefault(s["pair"], s)
     for spec, plan in zip(specs, eta.plans):
-        label = entry_label(spec)
-        s = settings.get(label)
+        label = setting_label(spec)
+        s = settings.get(label) or by_pair.get(pair_label(spec))     # same pair, another dataset: same step
         if s is None or s.get("status") == "error":
             missing.add(label)
             continue
@@ -340,8 +398,9 @@ def project(specs: List[RunSpec], settings: Dict[str, dict]) -> dict:
             "per_method_hours": {k: round(v, 2) for k, v in sorted(per_method.items(), key=lambda kv: -kv[1])},
             "not_projected": sorted(missing),
             "basis": "optimizer steps of the real suite (dry-run counts) x the rehearsal's median seconds between "
-                     "optimizer steps, scaled linearly from the rehearsal batch to the suite's; training steps only "
-                     "(validation passes and latency timing extra)"}
+                     "optimizer steps of the same (method, model) at its first target, scaled linearly from the "
+                     "rehearsal batch to the suite's; training steps only (validation passes and latency timing "
+                     "extra)"}
 
 
 def dense_family(spec: RunSpec) -> str:
@@ -361,7 +420,7 @@ class RehearsalResult:
 
 
 def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[int] = None,
-                  say=print) -> dict:
+                  cover: str = "datasets", say=print) -> dict:
     """Rehearse every setting of `suite` (module docstring); returns and writes the figures."""
     import torch
 
@@ -370,16 +429,16 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
     from sparsebench.measure.environment import environment
     from sparsebench.store.record import device_label
     from sparsebench.runners.pipeline import RunOptions, execute, resolve, validate
-    from sparsebench.runners.smoke import check_suite, entry_label, partial_data_allowed, settings
+    from sparsebench.runners.smoke import check_suite, partial_data_allowed
 
     check_suite(suite)
     cuda = torch.device(device).type == "cuda"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    todo = settings(suite.specs)
+    todo = rehearsal_settings(suite.specs, cover)
     cores = os.cpu_count() or 1
     env = environment(torch.device(device), torch.get_num_threads())
-    report = {"suite": suite.name, "device": device,
+    report = {"suite": suite.name, "device": device, "cover": cover,
               "machine": f"{device_label(env)}, {env['cpu_count']} CPU cores, torch {env['torch']}",
               "rehearsal_steps_per_phase": REHEARSAL_STEPS, "settings": {}, "loaders": {}}
     with contextlib.ExitStack() as stack:
@@ -392,10 +451,10 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
         fabricated, per_epoch = set(), {}
         start = time.perf_counter()
         for i, spec in enumerate(todo):
-            label = entry_label(spec)
+            label = setting_label(spec)
             t = time.perf_counter()
             entry = {"method": _method_label(spec), "model": spec.model, "dataset": spec.dataset,
-                     "target": str(spec.target), "suite_batch": spec.recipe.batch_size,
+                     "target": str(spec.target), "pair": pair_label(spec), "suite_batch": spec.recipe.batch_size,
                      "suite_workers": spec.data.workers, "suite_precision": spec.recipe.precision}
             try:
                 batch = device_batch_of(spec, device_batch, cuda)
@@ -520,14 +579,14 @@ def markdown(report: dict) -> str:
 
 
 def rehearse(suite, out: Path, device: str = "cpu", device_batch: Optional[int] = None,
-             stream: Optional[TextIO] = None) -> int:
+             cover: str = "datasets", stream: Optional[TextIO] = None) -> int:
     """The CLI's `--rehearse`: exit 1 if any setting failed."""
     stream = stream or sys.stdout
 
     def say(text: str) -> None:
         print(text, file=stream, flush=True)
 
-    report = run_rehearsal(suite, out, device, device_batch, say)
+    report = run_rehearsal(suite, out, device, device_batch, cover, say)
     failed = sum(e["status"] == "error" for e in report["settings"].values())
     p = report["projection"]
     say(f"rehearsal {suite.name}: {len(report['settings'])} settings in {report['wall_seconds']:.0f} s, {failed} failed; "

@@ -62,8 +62,8 @@ def test_every_setting_runs_through_every_stage_with_figures_and_a_projection(tm
     suite = load_suite(write_suite(tmp_path))
     out = tmp_path / "out"
     report = run_rehearsal(suite, out, say=lambda _: None)
-    assert set(report["settings"]) == {"dense resnet20 cifar10 none", "magnitude-global resnet20 cifar10 sparsity=0.9",
-                                       "l1-channel[scope=global] resnet20 cifar10 flops=0.5"}
+    assert set(report["settings"]) == {"dense resnet20 cifar10", "magnitude-global resnet20 cifar10",
+                                       "l1-channel[scope=global] resnet20 cifar10"}
     for label, entry in report["settings"].items():
         assert entry["status"] in ("ok", "missed_target"), (label, entry.get("error"))
         stages = entry["stages"]
@@ -77,7 +77,7 @@ def test_every_setting_runs_through_every_stage_with_figures_and_a_projection(tm
         else:
             assert stages["finetune"]["steps"] >= REHEARSAL_STEPS
             assert entry["scaled_step_seconds"]["finetune"] == pytest.approx(
-                stages["finetune"]["step_seconds"] * entry["batch_scale"], rel=1e-3)
+                stages["finetune"]["step_seconds"] * entry["batch_scale"], rel=1e-2)
         assert entry["saved_model_mb"] and entry["saved_model_mb"] > 0
     loader = report["loaders"]["cifar10@32"]
     assert loader["images_per_s"] > 0 and loader["batch"] == CPU_DEVICE_BATCH
@@ -98,9 +98,26 @@ def test_a_failing_setting_is_reported_and_the_others_still_run(tmp_path, capsys
     code = main(["sweep", str(write_suite(tmp_path, text)), "--rehearse", "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
     assert code == 1
-    assert "REHEARSAL FAILED gap-cyclic[num_groups=2] resnet20 cifar10 sparsity=0.9" in printed
+    assert "REHEARSAL FAILED gap-cyclic[num_groups=2] resnet20 cifar10:" in printed
     report = json.loads((tmp_path / "out" / "rehearsal.json").read_text())
-    assert report["settings"]["dense resnet20 cifar10 none"]["status"] == "ok"
+    assert report["settings"]["dense resnet20 cifar10"]["status"] == "ok"
+
+
+def test_cover_pairs_rehearses_every_pair_once_and_every_dataset_of_a_model(tmp_path):
+    from sparsebench.runners.rehearse import rehearsal_settings, setting_label
+
+    text = SUITE.replace("models: [resnet20]", "models: [resnet20, resnet56]") \
+        .replace("datasets: [cifar10]", "datasets: [cifar10, cifar100]")
+    specs = load_suite(write_suite(tmp_path, text)).specs
+    every = rehearsal_settings(specs)
+    assert len(every) == 3 * 2 * 2 and len({setting_label(s) for s in every}) == 12
+    pairs = rehearsal_settings(specs, "pairs")
+    assert sorted((s.method, s.model) for s in pairs) == sorted((m, n) for m in ("dense", "magnitude-global", "l1-channel")
+                                                                for n in ("resnet20", "resnet56"))
+    for model in ("resnet20", "resnet56"):
+        assert {s.dataset for s in pairs if s.model == model} == {"cifar10", "cifar100"}
+    with pytest.raises(ValueError, match="allowed: datasets, pairs"):
+        rehearsal_settings(specs, "targets")
 
 
 def test_bad_device_batch_is_one_line(tmp_path, capsys):
