@@ -322,6 +322,12 @@ def make_imagenet(
 # --------------------------------------------------------------------------- every dataset
 
 
+# classes a replica has (`fabricate`'s per_class training images each, about): what a caller that needs
+# N training images in all asks per class
+REPLICA_CLASSES = {"cifar10": 10, "cifar100": 4, "tiny-imagenet": len(TINY_WNIDS), "food101": len(FOOD_CLASSES),
+                   "flowers102": 3, "pets": len(PETS_BREEDS), "imagenet": len(IMAGENET_WNIDS)}
+
+
 def fabricate(name: str, root: Path, per_class: int = 8, seed: int = 0, real_size: bool = False) -> None:
     """A replica of dataset `name` under `root` with about `per_class` training images per class
     (and a few test images); nothing for `digits`, which is embedded. `real_size`: images at the

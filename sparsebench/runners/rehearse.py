@@ -53,7 +53,7 @@ from sparsebench.specs import RunSpec, stable_hash
 
 REHEARSAL_STEPS = 3          # optimizer steps per phase: the first pays start-up, the others are timed
 CPU_DEVICE_BATCH = 8         # images per step on a CPU; the step time is scaled to the suite's batch
-REHEARSAL_VAL_FRACTION = 0.2
+REHEARSAL_VAL_FRACTION = 0.1
 LOADER_BATCHES = 6           # batches the loader figure is timed over (after the first)
 SAMPLE_INTERVAL = 0.1        # seconds between resource samples
 SHM = Path("/dev/shm")
@@ -424,7 +424,7 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
     """Rehearse every setting of `suite` (module docstring); returns and writes the figures."""
     import torch
 
-    from sparsebench.datasets.replicas import fabricate
+    from sparsebench.datasets.replicas import REPLICA_CLASSES, fabricate
     from sparsebench.datasets import create_dataset
     from sparsebench.measure.environment import environment
     from sparsebench.store.record import device_label
@@ -460,7 +460,7 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
                 batch = device_batch_of(spec, device_batch, cuda)
                 workers = min(spec.data.workers, cores)
                 if spec.dataset not in fabricated:
-                    fabricate(spec.dataset, data_root, images_needed(batch, 3), real_size=True)
+                    fabricate(spec.dataset, data_root, images_needed(batch, REPLICA_CLASSES[spec.dataset]), real_size=True)
                     fabricated.add(spec.dataset)
                 key = (spec.dataset, spec.data.img_size, batch)
                 if key not in per_epoch:
