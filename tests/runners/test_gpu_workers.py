@@ -41,16 +41,24 @@ def test_auto_on_cuda_is_one_worker_per_gpu_each_on_its_own(four_gpus_sixteen_co
 
 def _sweep_launches(monkeypatch, tmp_path, *flags):
     """The (jobs, devices) a sweep hands its launcher (the launcher itself replaced: no GPU here)."""
-    launched = []
+    launched, forked = [], []
+    real_forked_here = pool.workers_forked_here
+
+    def forked_here(jobs):
+        forked.append(jobs)
+        return real_forked_here(jobs)
 
     def fake_launch(launcher, specs, options, jobs=1, policy="missing", address=None, on_result=None, devices=None):
         launched.append((jobs, devices, options.device))
         return launchers.SweepSummary(launcher)
 
     monkeypatch.setattr(launchers, "launch", fake_launch)
+    monkeypatch.setattr(pool, "workers_forked_here", forked_here)
     suite = tmp_path / "two.yaml"
     suite.write_text(two_run_suite("two", 0.3))
     assert main(["sweep", str(suite), "--out", str(tmp_path / "out"), "--quiet", "--device", "cuda", *flags]) == 0
+    # The sweep counted (and may have initialised) CUDA: none of its GPU workers is its own fork.
+    assert forked == [1]
     return launched[0]
 
 
