@@ -4,6 +4,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -193,4 +194,28 @@ def test_a_killed_timers_flag_is_cleared_by_the_next_step(tmp_path):
     with section.work():
         pass
     assert flag_path(path).read_bytes()[0] == 0                     # later steps take no locks again
+    section.close()
+
+
+def _time_unannounced(path, ready, stamps):
+    from sparsebench import platform
+
+    platform.flag_path = lambda p: Path(str(path) + ".elsewhere")     # a flag the worker never reads
+    _time_once(path, ready, 0.1, stamps)
+
+
+def test_a_timer_whose_flag_is_not_seen_still_gets_in_once_the_holder_idles(tmp_path, monkeypatch):
+    """The safety net: a hold is let go after IDLE_RELEASE_S outside steps even with no flag seen."""
+    from sparsebench import platform
+
+    monkeypatch.setattr(platform, "IDLE_RELEASE_S", 0.3)
+    path, ready, stamps = tmp_path / "timing", ctx.Event(), ctx.Array("d", [0.0, 0.0])
+    section = TimingSection(path)
+    with section.work():
+        pass
+    timer = ctx.Process(target=_time_unannounced, args=(path, ready, stamps))
+    timer.start()
+    assert ready.wait(10)
+    timer.join(10)
+    assert stamps[1] > 0
     section.close()
