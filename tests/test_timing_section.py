@@ -14,6 +14,15 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="forks the other
 ctx = mp.get_context("fork") if hasattr(os, "fork") else None
 
 
+@pytest.fixture(autouse=True)
+def _no_flag_left(tmp_path):
+    """Each test's section flag (in /dev/shm) goes with its temp folder."""
+    from sparsebench.platform import flag_path
+
+    yield
+    flag_path(tmp_path / "timing").unlink(missing_ok=True)
+
+
 def _time_exclusively(path, ready, hold, stamps):
     section = TimingSection(path)
     with section.exclusive() as exclusive:
