@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import logging
+import mmap
 import os
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -307,6 +310,11 @@ def file_lock(path: Path, blocking: bool = True, timeout: Optional[float] = None
 
 
 # --- the timing section --------------------------------------------------------------------------
+HOLD_RENEW_S = 1.0        # a working process passes the gate again at least this often, flag or not
+IDLE_RELEASE_S = 0.5      # a process outside any step this long lets its hold go
+WATCH_S = 0.02            # how often a holding process looks for a timer while it is between steps
+
+
 class TimingSection:
     """A section shared by every process that trains into one results store on one host, so that a
     latency measurement runs while no other worker computes.
@@ -318,20 +326,42 @@ class TimingSection:
     `<path>.gate.lock` and `<path>.lock`; the kernel drops a dead holder's locks, so a killed worker
     never leaves the others paused. `paused_seconds` is how long this process waited for others'
     timing (a fit takes it out of its wall time: a method's cost is not another run's latency).
+
+    The locks are not taken per step: `flock` on the network file system a shared `--out` lives on
+    costs about a millisecond a call, beside 5 ms steps. A working process passes the gate once and
+    keeps its shared hold across steps; a timer, once it has closed the gate, raises a flag in shared
+    memory on this host (`flag_path`: a byte, read per step for nanoseconds), and each worker lets its
+    hold go at its next step (or at once when between steps: a watch thread) and queues at the gate.
+    Should a worker miss the flag, its hold still goes within `HOLD_RENEW_S` of steps or
+    `IDLE_RELEASE_S` outside them, so a timer waits at most that long.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.paused_seconds = 0.0
+        self._pid = None
         self._files = None
         self._depth = 0
 
     def _open(self):
-        if self._files is None or self._files[0] != os.getpid():
+        """This process's lock files, flag and state (a forked child starts afresh: the parent's hold
+        and watch thread are not its own)."""
+        if self._pid != os.getpid():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._files = (os.getpid(), open(self.path.with_name(self.path.name + ".gate.lock"), "a+"),
+            self._pid = os.getpid()
+            self._files = (open(self.path.with_name(self.path.name + ".gate.lock"), "a+"),
                            open(self.path.with_name(self.path.name + ".lock"), "a+"))
-        return self._files[1], self._files[2]
+            self._flag = _open_flag(flag_path(self.path))
+            self._mutex = threading.Lock()   # the hold: between this thread's steps and the watch thread
+            self._held = False
+            self._held_since = self._last_work = 0.0
+            self._depth = 0
+            self._watching = False
+        return self._files
+
+    def _announced(self) -> bool:
+        """A timer has closed the gate (or, with no flag on this host, may have)."""
+        return self._flag is None or self._flag[0] != 0
 
     @contextlib.contextmanager
     def work(self) -> Iterator[None]:
@@ -343,20 +373,52 @@ class TimingSection:
             finally:
                 self._depth -= 1
             return
-        gate, lock = self._open()
-        start = time.perf_counter()
-        fcntl.flock(gate, fcntl.LOCK_SH)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_SH)
-        finally:
-            fcntl.flock(gate, fcntl.LOCK_UN)
-        self.paused_seconds += time.perf_counter() - start
-        self._depth = 1
+        self._open()
+        with self._mutex:
+            if not self._held or self._announced() or time.monotonic() - self._held_since > HOLD_RENEW_S:
+                self._pass_gate()
+            self._depth = 1
         try:
             yield
         finally:
+            self._last_work = time.monotonic()
             self._depth = 0
-            fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _pass_gate(self) -> None:
+        """Let this process's hold go, pass the gate (waiting while a timer holds it), hold shared again."""
+        gate, lock = self._files
+        start = time.perf_counter()
+        self._release()
+        fcntl.flock(gate, fcntl.LOCK_SH)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            self._held, self._held_since = True, time.monotonic()
+            if self._flag is not None and self._flag[0]:
+                _raise_flag(self._flag, 0)   # a timer killed mid-way left it: no timer is past the gate we hold
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        self.paused_seconds += time.perf_counter() - start
+        if not self._watching:
+            self._watching = True
+            threading.Thread(target=self._watch, args=(os.getpid(),), name="sparsebench-timing-watch",
+                             daemon=True).start()
+
+    def _release(self) -> None:
+        if self._held:
+            fcntl.flock(self._files[1], fcntl.LOCK_UN)
+            self._held = False
+
+    def _watch(self, pid: int) -> None:
+        """Between steps (a stage's set-up, a checkpoint, the next run's data): the hold goes as soon as a
+        timer raises the flag, or after `IDLE_RELEASE_S` without a step."""
+        while True:
+            time.sleep(WATCH_S)
+            with self._mutex:
+                if self._pid != pid or self._files is None:
+                    return                   # closed: the next use opens afresh (and watches anew)
+                if self._held and not self._depth and (
+                        self._announced() or time.monotonic() - self._last_work > IDLE_RELEASE_S):
+                    self._release()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[bool]:
@@ -364,21 +426,70 @@ class TimingSection:
         if self._depth:
             raise RuntimeError("timing inside a step of work would wait for itself")
         gate, lock = self._open()
+        with self._mutex:
+            self._release()
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            _raise_flag(self._flag, 1)       # the holders let go at their next step
             try:
-                yield True
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    yield True
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                _raise_flag(self._flag, 0)
         finally:
             fcntl.flock(gate, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        if self._files is not None and self._files[0] == os.getpid():
-            for f in self._files[1:]:
-                f.close()
-        self._files = None
+        if self._pid == os.getpid() and self._files is not None:
+            with self._mutex:
+                self._release()
+                for f in self._files:
+                    f.close()
+                if self._flag is not None:
+                    self._flag.close()
+                self._files = self._flag = None
+        self._pid = self._files = None
+
+
+def flag_path(path: Path) -> Path:
+    """The shared-memory flag of the section at `path` on this host: in /dev/shm (else the temp folder),
+    named by the section's real path, so every process of this host that uses the section finds it
+    whatever the path it was given. One 8-byte file per results store, left in place (a process may
+    have it mapped)."""
+    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:20]
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+    return Path(folder) / f"sparsebench-timing-{key}"
+
+
+def _open_flag(path: Path) -> Optional[mmap.mmap]:
+    """The flag mapped shared, writable where allowed (another user's flag: read only); None where it
+    cannot be opened at all (then every step passes the gate, as if a timer were always announced)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        access = mmap.ACCESS_WRITE
+    except OSError:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            access = mmap.ACCESS_READ
+        except OSError:
+            return None
+    try:
+        if access == mmap.ACCESS_WRITE and os.fstat(fd).st_size < 8:
+            os.ftruncate(fd, 8)              # grows a new file only: ftruncate keeps a set flag's byte
+        return mmap.mmap(fd, 8, access=access)
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def _raise_flag(flag: Optional[mmap.mmap], value: int) -> None:
+    if flag is not None:
+        with contextlib.suppress(TypeError):       # read only (another user's): the holders renew anyway
+            flag[0] = value
 
 
 class _NoSection:

@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run a suite file (YAML); finished runs are skipped")
     p.add_argument("suite")
     from sparsebench.runners.pool import jobs_arg
-    p.add_argument("--jobs", type=jobs_arg, default="auto", help="parallel worker processes (auto: one per core)")
+    p.add_argument("--jobs", type=jobs_arg, default="auto",
+                   help="parallel worker processes (auto: one per core; on --device cuda one per GPU, each on its own)")
+    p.add_argument("--jobs-per-gpu", type=int, metavar="N",
+                   help="on --device cuda: N workers per GPU, for runs small enough that N fit its memory "
+                        "(checked against the peak memory OUT's finished runs measured, where they did)")
     p.add_argument("--dry-run", action="store_true", help="list runs and estimated cost, run nothing")
     p.add_argument("--smoke", action="store_true",
                    help="run every (method, model, dataset, target) for a few steps, tiny, on fabricated data; "

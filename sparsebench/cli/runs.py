@@ -117,12 +117,31 @@ def _sweep(args) -> int:
     import sparsebench.runners.launchers  # noqa: F401  (torch, timm, the harness: what a worker runs)
     from sparsebench.runners.pool import workers_forked_here
 
-    local_pool = args.launcher == "local" and not (args.smoke or args.dry_run or args.rehearse)
-    with workers_forked_here(args.jobs if local_pool else 1):
-        return _plan_and_run(args)
+    plan = _worker_plan(args)
+    # Workers pinned to GPUs come from the fork server (`pool.run_pool`), never forked from the sweep.
+    local_pool = args.launcher == "local" and not (args.smoke or args.dry_run or args.rehearse) and plan.devices is None
+    with workers_forked_here(plan.jobs if local_pool else 1):
+        return _plan_and_run(args, plan)
 
 
-def _plan_and_run(args) -> int:
+def _worker_plan(args):
+    """How many workers the sweep runs, and on CUDA which GPU each one uses (`pool.plan_workers`)."""
+    from sparsebench.runners.pool import PlanError, WorkerPlan, auto_jobs, plan_workers
+
+    if args.smoke or args.dry_run or args.rehearse:         # nothing runs in workers
+        return WorkerPlan(args.jobs or 1)
+    if args.launcher == "ray":             # Ray gives each CUDA run a GPU of its own (`launchers.resources`)
+        if args.jobs_per_gpu is not None:
+            raise CliError("--jobs-per-gpu is for the local launcher; Ray gives each run on CUDA a GPU of its own")
+        return WorkerPlan(auto_jobs() if args.jobs is None else args.jobs)
+    _check_device(args.device)
+    try:
+        return plan_workers(args.device, args.jobs, args.jobs_per_gpu)
+    except PlanError as e:
+        raise CliError(str(e)) from None
+
+
+def _plan_and_run(args, plan) -> int:
     from sparsebench.runners.launchers import launch, wants_run
     from sparsebench.runners.pipeline import resolve
     from sparsebench.runners.pool import Stopped
@@ -148,8 +167,8 @@ def _plan_and_run(args) -> int:
     specs = [resolve(s) for s in suite.specs]
     if args.dry_run:
         return _dry_run(suite, specs, args)
-    if args.jobs < 1:
-        raise CliError(f"bad --jobs {args.jobs}; allowed: auto or an integer >= 1")
+    if plan.jobs < 1:
+        raise CliError(f"bad --jobs {plan.jobs}; allowed: auto or an integer >= 1")
     if args.address and args.launcher != "ray":
         raise CliError("--address needs --launcher ray")
     if args.retry_failed and args.rerun:
@@ -174,9 +193,14 @@ def _plan_and_run(args) -> int:
           + (" (--rerun: finished runs are redone)" if args.rerun and done else "")
           + (" (--retry-failed: only failed runs)" if args.retry_failed else "")
           + (f"; skipped {len(suite.skipped)} unsupported (method, model) pairs" if suite.skipped else ""))
+    if plan.devices:
+        print(f"{plan.jobs} workers on {len(set(plan.devices))} GPU(s), each pinned to its own: "
+              + ", ".join(plan.devices))
+    if args.jobs_per_gpu and args.jobs_per_gpu > 1 and plan.devices:
+        _check_gpu_packing(todo, store.load_all() + (reference or []), plan, args.jobs_per_gpu)
     _check_data(todo, options)
     eta = SweepEta.plan(todo, reference=reference or [], assume_tflops=args.assume_tflops,
-                        done_dense={stable_hash(s.dense_key()) for s in done}, workers=args.jobs)
+                        done_dense={stable_hash(s.dense_key()) for s in done}, workers=plan.jobs)
     if todo:
         print(f"estimated {_human(eta.total())} from "
               + ("the reference records' measured step costs" if reference else "FLOPs at --assume-tflops")
@@ -194,7 +218,7 @@ def _plan_and_run(args) -> int:
         bar.update(f"{s.method} {s.model} {s.target}")
 
     try:
-        summary = launch(args.launcher, todo, options, args.jobs, policy, args.address, finished)
+        summary = launch(args.launcher, todo, options, plan.jobs, policy, args.address, finished, plan.devices)
     except Stopped as e:
         bar.close()
         print(_stopped_line(e, len(todo)), file=sys.stderr)
@@ -218,6 +242,45 @@ def _plan_and_run(args) -> int:
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
               f"seed {spec_dict['seed']}: {result.error}", file=sys.stderr)
     return 1 if summary.failures else 0
+
+
+CUDA_CONTEXT_BYTES = 2**29       # what each worker's CUDA context takes besides its tensors (about 0.5 GB)
+
+
+def _check_gpu_packing(todo, records, plan, per_gpu: int) -> None:
+    """`--jobs-per-gpu N`: N of the largest run to come, as finished records of the same model, data,
+    image size and batch measured it (`peak_device_memory_bytes`), must fit the smallest GPU in use,
+    else one line with the N that fits. Runs nothing measured yet are left to the user (said once)."""
+    import torch
+
+    def key(spec):
+        return spec.model, spec.dataset, spec.data.img_size, spec.recipe.batch_size
+
+    from sparsebench.specs import RunSpec
+
+    peaks = {}
+    for r in records:
+        peak = (r.environment or {}).get("peak_device_memory_bytes")
+        if peak:
+            with contextlib.suppress(Exception):      # a record of an older spec format: not a measure here
+                k = key(RunSpec.from_dict(r.spec))
+                peaks[k] = max(peaks.get(k, 0), int(peak))
+    measured = {key(s): peaks[key(s)] for s in todo if key(s) in peaks}
+    unmeasured = len({key(s) for s in todo} - set(measured))
+    if unmeasured:
+        print(f"note: --jobs-per-gpu {per_gpu} is not checked for {unmeasured} (model, data, image size, batch) "
+              "setting(s) no finished run here measured on CUDA; a run that runs out of GPU memory is recorded failed")
+    if not measured:
+        return
+    (model, dataset, img_size, batch), peak = max(measured.items(), key=lambda kv: kv[1])
+    memory = min(torch.cuda.get_device_properties(torch.device(d)).total_memory for d in set(plan.devices))
+    need = per_gpu * (peak + CUDA_CONTEXT_BYTES)
+    if need > memory:
+        fits = memory // (peak + CUDA_CONTEXT_BYTES)
+        raise CliError(f"--jobs-per-gpu {per_gpu}: {model} on {dataset} at {img_size} px, batch {batch} peaked at "
+                       f"{peak / 1e9:.1f} GB of GPU memory in a finished run; {per_gpu} of them need "
+                       f"{need / 1e9:.1f} GB with their CUDA contexts, a GPU here has {memory / 1e9:.1f} GB: "
+                       + (f"at most --jobs-per-gpu {fits} fits" if fits >= 1 else "not even one fits"))
 
 
 def _models_note(store, specs, options) -> str:

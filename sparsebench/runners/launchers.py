@@ -1,6 +1,7 @@
 """Sweep launchers: where the runs of a sweep execute.
 
-    local   the bounded process pool of `sweep --jobs N` (`runners/pool.py`), or in-process for one job
+    local   the bounded process pool of `sweep --jobs N` (`runners/pool.py`), or in-process for one job;
+            on CUDA each worker is pinned to a GPU of its own (`pool.plan_workers`, `--jobs-per-gpu`)
     ray     one Ray task per run, with the run's resources (CPUs = the spec's threads, one GPU when the
             device is CUDA), on a Ray instance started for the sweep (`num_cpus = --jobs`) or an
             existing cluster (`--address`)
@@ -203,7 +204,10 @@ def _own(holder: Optional[LockHolder]) -> bool:
 
 
 def launch_local(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, policy: str = "missing",
-                 on_result: Optional[Callable[[RunResult], None]] = None) -> SweepSummary:
+                 on_result: Optional[Callable[[RunResult], None]] = None,
+                 devices: Optional[Sequence[str]] = None) -> SweepSummary:
+    """Run `specs` in `jobs` workers (in this process for one). `devices` (`pool.plan_workers`): one per
+    worker, the device each worker's runs use, so that runs on CUDA spread over the GPUs."""
     from sparsebench.runners.pool import Stopped, run_pool, stop_on_signals
 
     summary, start = SweepSummary("local"), time.perf_counter()
@@ -225,8 +229,11 @@ def launch_local(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, p
             if jobs > 1:
                 options = dataclasses.replace(options, progress=None)   # one bar per worker would interleave
                 run_pool(_run_payload, [(s.to_dict(), options, policy) for s in specs], jobs,
-                         lambda r: None if collect(r) else [(r.spec, options, policy)])
+                         lambda r: None if collect(r) else [(r.spec, options, policy)], devices)
             else:
+                if devices:
+                    options = dataclasses.replace(options, device=devices[0])
+                    _use_device(devices[0])
                 queue = deque(s.to_dict() for s in specs)
                 while queue:
                     spec_dict = queue.popleft()
@@ -241,7 +248,23 @@ def launch_local(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, p
 
 
 def _run_payload(payload) -> RunResult:
-    return run_one(*payload)
+    from sparsebench.runners.pool import worker_device
+
+    spec_dict, options, policy = payload
+    device = worker_device()
+    if device is not None:           # this worker's own GPU: the run trains, times and is recorded there
+        options = dataclasses.replace(options, device=device)
+        _use_device(device)
+    return run_one(spec_dict, options, policy)
+
+
+def _use_device(device: str) -> None:
+    """Make `device` this process's current CUDA device, so that anything placed on plain "cuda" (a
+    library's buffer, a stream) lands on this worker's GPU too, not on cuda:0."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
 
 
 # --- ray --------------------------------------------------------------------------------------
@@ -353,9 +376,10 @@ def launch_ray(specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, pol
 
 
 def launch(launcher: str, specs: Sequence[RunSpec], options: RunOptions, jobs: int = 1, policy: str = "missing",
-           address: Optional[str] = None, on_result: Optional[Callable[[RunResult], None]] = None) -> SweepSummary:
+           address: Optional[str] = None, on_result: Optional[Callable[[RunResult], None]] = None,
+           devices: Optional[Sequence[str]] = None) -> SweepSummary:
     if launcher == "local":
-        return launch_local(specs, options, jobs, policy, on_result)
+        return launch_local(specs, options, jobs, policy, on_result, devices)
     if launcher == "ray":
         return launch_ray(specs, options, jobs, policy, address, on_result)
     raise SpecError(f"unknown launcher {launcher!r}; allowed: {', '.join(LAUNCHERS)}")

@@ -555,6 +555,8 @@ def recorded_mechanism(method: Method, outcome: Outcome) -> Mechanism:
 def _environment(device: torch.device, threads: int) -> dict:
     """The environment, with the number of training processes when a run trains under torchrun."""
     env = environment(device, threads)
+    if device.type == "cuda":     # the most this run held (`sweep --jobs-per-gpu` packs runs by it)
+        env["peak_device_memory_bytes"] = int(torch.cuda.max_memory_reserved(device))
     world = current_platform().world_size
     return {**env, "world_size": world} if world > 1 else env
 
@@ -570,7 +572,16 @@ def execute(spec: RunSpec, options: RunOptions, times: PhaseTimes = NO_TIMES) ->
     `times` receives the seconds spent per phase (`PhaseTimes`). Its training steps, evaluations
     and latency timing go through the results store's timing section (`timing_section_path`)."""
     with use_timing_section(timing_section_path(options)):
+        _reset_peak_device_memory(torch.device(options.device))
         return _execute(spec, options, times)
+
+
+def _reset_peak_device_memory(device: torch.device) -> None:
+    """On CUDA: the record's peak device memory is this run's, not an earlier run's in the same worker
+    (the cache it left is handed back first: a worker sharing its GPU holds no more than its run needs)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
 
 def timing_section_path(options: RunOptions) -> Optional[Path]:

@@ -26,7 +26,8 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
 PR_SET_PDEATHSIG = 1
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -131,16 +132,68 @@ def _available_memory() -> Optional[int]:
     return None
 
 
-def jobs_arg(text: str) -> int:
-    """The value of `--jobs`: `auto` (`auto_jobs`) or an integer (the sweep checks that it is >= 1)."""
+def jobs_arg(text: str) -> Optional[int]:
+    """The value of `--jobs`: None for `auto` (`plan_workers` resolves it once the device is known) or an
+    integer (the sweep checks that it is >= 1)."""
     import argparse
 
     if str(text).strip().lower() == "auto":
-        return auto_jobs()
+        return None
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad --jobs {text!r}; allowed: auto or an integer >= 1") from None
+
+
+class PlanError(ValueError):
+    """Workers that cannot be placed as asked (one line saying why and what to ask instead)."""
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many workers a local sweep runs, and on CUDA the device each one is pinned to."""
+
+    jobs: int
+    devices: Optional[Tuple[str, ...]] = None    # one per worker ("cuda:K"); None: every run on the sweep's --device
+
+
+def plan_workers(device: str, jobs: Optional[int], jobs_per_gpu: Optional[int] = None,
+                 gpus: Optional[Sequence[int]] = None) -> WorkerPlan:
+    """The local pool for `--device`, `--jobs` (None: auto) and `--jobs-per-gpu`.
+
+    On the CPU: `auto_jobs` workers for auto. On CUDA: one worker per visible GPU for auto (or per GPU
+    of `cuda:K`: that one), `jobs_per_gpu` workers per GPU with `--jobs-per-gpu`, and each worker pinned
+    to its own device; an explicit `--jobs` beyond GPUs x jobs-per-gpu is refused (those runs would share
+    a GPU sized for one: out of memory). `gpus`: the GPU indices to use (default: the visible ones)."""
+    kind, _, index = str(device).partition(":")
+    if kind != "cuda":
+        if jobs_per_gpu is not None:
+            raise PlanError(f"--jobs-per-gpu needs --device cuda (got --device {device})")
+        return WorkerPlan(auto_jobs() if jobs is None else jobs)
+    if jobs_per_gpu is not None and jobs_per_gpu < 1:
+        raise PlanError(f"bad --jobs-per-gpu {jobs_per_gpu}; allowed: an integer >= 1")
+    if gpus is None:
+        gpus = [int(index)] if index else list(range(visible_gpus()))
+    if not gpus:
+        raise PlanError(f"--device {device}: no CUDA GPU is visible here")
+    per_gpu = jobs_per_gpu or 1
+    # Round-robin over the GPUs, so that fewer workers than slots still spread over every GPU.
+    slots = tuple(f"cuda:{g}" for _ in range(per_gpu) for g in gpus)
+    if jobs is None:
+        jobs = len(slots)
+    elif jobs > len(slots):
+        raise PlanError(
+            f"--jobs {jobs} on --device {device} puts {jobs} runs on {len(gpus)} GPU(s) "
+            f"({per_gpu} per GPU at most): use --jobs auto (one worker per GPU), or --jobs-per-gpu N to pack "
+            f"N runs on each GPU once you know that N of them fit its memory")
+    return WorkerPlan(jobs, slots[:jobs])
+
+
+def visible_gpus() -> int:
+    """The CUDA GPUs this process may use (CUDA_VISIBLE_DEVICES applies), 0 without CUDA."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 _running_pools: list = []
@@ -152,12 +205,18 @@ def worker_pids() -> set:
 
 
 def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
-             on_result: Callable[[Any], Optional[Iterable[Any]]]) -> None:
+             on_result: Callable[[Any], Optional[Iterable[Any]]], devices: Optional[Sequence[str]] = None) -> None:
     """Run `fn` over `payloads` in `jobs` workers, calling `on_result` as each finishes; the payloads
     `on_result` returns are queued again (a run that waits on a lock comes back later). The workers are
-    the ones `workers_forked_here` started, where it did, else new ones (`worker_context`)."""
+    the ones `workers_forked_here` started, where it did, else new ones (`worker_context`).
+
+    `devices`: one per worker, each worker's own (`worker_device` in it). Such workers always come from
+    the fork server, never forked from this process: the sweep may have initialised the CUDA driver
+    (counting or checking its GPUs), and a CUDA driver initialised before a fork is unusable in the child."""
+    if devices is not None and len(devices) != jobs:
+        raise ValueError(f"{len(devices)} devices for {jobs} workers")
     with stop_on_signals():
-        pool = _Prestarted.take(jobs) or _new_pool(jobs, worker_context())
+        pool = (_Prestarted.take(jobs) if devices is None else None) or _new_pool(jobs, worker_context(), devices)
         try:
             futures = _submit(pool, fn, payloads)
             while futures:
@@ -177,9 +236,14 @@ def run_pool(fn: Callable[[Any], Any], payloads: Iterable[Any], jobs: int,
         pool.shutdown(wait=True)
 
 
-def _new_pool(jobs: int, context) -> ProcessPoolExecutor:
+def _new_pool(jobs: int, context, devices: Optional[Sequence[str]] = None) -> ProcessPoolExecutor:
+    slots = None
+    if devices is not None:          # each worker takes one at its start (a pool starts at most `jobs` workers)
+        slots = context.Queue()
+        for device in devices:
+            slots.put(device)
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_worker_init,
-                               initargs=(os.getpid(),))
+                               initargs=(os.getpid(), slots))
     _running_pools.append(pool)
     return pool
 
@@ -292,10 +356,18 @@ class _Worker:
     parent_pid = 0
     busy = False
     stopping = False
+    device: Optional[str] = None
 
 
-def _worker_init(parent_pid: int) -> None:
+def worker_device() -> Optional[str]:
+    """In a pool worker started with `devices`: the device its runs use ("cuda:K"); else None."""
+    return _Worker.device
+
+
+def _worker_init(parent_pid: int, slots=None) -> None:
     _Worker.parent_pid = parent_pid
+    if slots is not None:
+        _Worker.device = slots.get(timeout=60)
     for s in STOP_SIGNALS:
         signal.signal(s, _worker_signal)
     if hasattr(signal, "pthread_sigmask"):

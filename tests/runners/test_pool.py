@@ -240,8 +240,8 @@ def test_jobs_auto_is_the_sweep_default_and_one_worker_per_usable_core(monkeypat
 
     monkeypatch.setattr(pool.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     monkeypatch.setattr(pool, "_available_memory", lambda: 64 * 2**30)
-    assert pool.auto_jobs() == 3 and pool.jobs_arg("auto") == 3 and pool.jobs_arg("5") == 5
+    assert pool.auto_jobs() == 3 and pool.jobs_arg("auto") is None and pool.jobs_arg("5") == 5
     args = build_parser().parse_args(["sweep", "suite.yaml"])
-    assert args.jobs == 3
+    assert args.jobs is None and pool.plan_workers(args.device, args.jobs).jobs == 3   # auto, resolved per device
     monkeypatch.setattr(pool, "_available_memory", lambda: pool.WORKER_MEMORY_BYTES * 2 + 1)
     assert pool.auto_jobs() == 2                       # no more workers than the free memory holds
