@@ -220,8 +220,9 @@ class DataStage:
 def data_stage(spec: RunSpec, options: RunOptions) -> DataStage:
     data = create_dataset(spec.dataset, options.data_root, spec.data.img_size, spec.data.val_fraction,
                           spec.data.split_seed, options.download)
-    # every image decoded before any training: bad files are an error now, or skipped and counted
-    data = screen(data, options.max_bad_samples, options.progress, Path(options.out) / "data-checks")
+    # files checked before any training (metadata, a decoded sample, or the cached verdict of
+    # `check-data --full`): bad files are an error now, or skipped and counted
+    data = screen(data, options.max_bad_samples, options.progress)
     info, recipe = data.info, spec.recipe
     n_train = data.split["n_train"]
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
