@@ -181,15 +181,17 @@ def scan(splits: DatasetSplits, progress: Optional[Callable] = None, full: bool 
     """Check the files of `splits`: metadata for all and a decode of the stratified sample, or with
     `full` a decode of all. A cached verdict for the same listing is returned as it is, except that
     `full` always decodes (it is what finds a file rewritten in place). `progress` is a tqdm-like
-    factory(total, desc)."""
-    name = name or splits.info.name
+    factory(total, desc); `name` names the dataset in its bars (the cache goes by the dataset's own name,
+    so that `check-data`'s verdict is the one the runs find)."""
+    dataset = splits.info.name
+    name = name or dataset
     files = files_of(splits)
     if not files:
         return DataCheck(0, 0, [], full)
     base = _data_folder(files)
-    key = listing_key(name, base, files)
+    key = listing_key(dataset, base, files)
     if use_cache and not full:
-        cached = _read_cache(base, name, key)
+        cached = _read_cache(base, dataset, key)
         if cached is not None:
             return cached
     bad: Dict[str, str] = {}
@@ -205,7 +207,7 @@ def scan(splits: DatasetSplits, progress: Optional[Callable] = None, full: bool 
     check = DataCheck(len(files), len(to_decode), [BadSample(p, bad[p]) for p in files if p in bad], full,
                       files_per_class(splits))
     if use_cache:
-        check.cache_path = _write_cache(base, name, key, check)
+        check.cache_path = _write_cache(base, dataset, key, check)
     return check
 
 
