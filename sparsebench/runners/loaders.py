@@ -31,9 +31,10 @@ from torch.utils.data import DataLoader, Dataset
 from sparsebench.specs import SpecError
 
 SHM_PATH = Path("/dev/shm")
-# One run's live loaders may fill at most this share of /dev/shm (split over a host's DDP ranks):
-# the rest is for the other runs of a sweep and for whatever else shares the machine.
-SHM_FRACTION = 0.5
+# One run's live loaders may fill at most this share of /dev/shm (split over a host's DDP ranks): the
+# rest is for whatever else shares the machine. (A GPU sweep runs one run per GPU, each with its own
+# workers: `data.workers` is sized per GPU in the paper suites.)
+SHM_FRACTION = 0.75
 DEFAULT_PREFETCH = 2          # torch's own default prefetch_factor
 
 log = logging.getLogger("sparsebench")

@@ -8,7 +8,7 @@ import torch
 
 from sparsebench.datasets import create_dataset
 from sparsebench.runners import pipeline
-from sparsebench.runners.loaders import prefetch_plan
+from sparsebench.runners.loaders import SHM_FRACTION, prefetch_plan
 from sparsebench.runners.pipeline import RunOptions, execute, make_loaders
 from sparsebench.specs import DataSpec, MeasureSpec, SpecError
 from sparsebench.training.trainer import evaluate
@@ -74,7 +74,8 @@ def test_a_run_holds_no_loader_workers_after_its_training_stages(tmp_path, monke
 
 
 def test_prefetching_is_bounded_by_shared_memory(digits, caplog):
-    per_sample = 3 * 16 * 16 * 4 + 8                  # a float32 image and an int64 label
+    image, _ = digits.train[0]
+    per_sample = image.element_size() * image.numel() + 8    # the image as the dataset yields it, an int64 label
     batch = per_sample * (64 + pipeline.EVAL_BATCH)   # one train batch and one evaluation batch live together
     roomy = prefetch_plan(digits.train, 64, pipeline.EVAL_BATCH, 4, shm_bytes=10 ** 12)
     assert (roomy.prefetch_factor, roomy.batch_bytes, roomy.prefetch_bytes) == (2, batch, 4 * 2 * batch)
@@ -84,7 +85,8 @@ def test_prefetching_is_bounded_by_shared_memory(digits, caplog):
     assert "prefetch_factor lowered to 1" in caplog.text
     with pytest.raises(SpecError) as e:
         prefetch_plan(digits.train, 64, pipeline.EVAL_BATCH, 4, shm_bytes=4 * batch)
-    assert "\n" not in str(e.value) and "data.workers <= 2" in str(e.value) and "/dev/shm" in str(e.value)
+    fitting = int(4 * batch * SHM_FRACTION) // batch                  # workers with one batch each that fit
+    assert "\n" not in str(e.value) and f"data.workers <= {fitting}" in str(e.value) and "/dev/shm" in str(e.value)
     two_ranks = prefetch_plan(digits.train, 64, pipeline.EVAL_BATCH, 4, ranks=2, shm_bytes=10 ** 12)
     assert two_ranks.batch_bytes == per_sample * (32 + pipeline.EVAL_BATCH)
     # the loaders are built with the plan's prefetch factor
