@@ -224,3 +224,25 @@ def test_a_read_only_data_folder_keeps_the_verdict_in_the_user_cache(imagenet, d
     assert first.cache_path is not None and first.cache_path.is_relative_to(tmp_path / "user-cache")
     decodes.clear()
     assert scan(load(imagenet)).cached and decodes == []
+
+
+def test_a_second_sweep_into_another_out_decodes_nothing(imagenet, decodes, tmp_path):
+    """The sweep's pre-flight check and its runs find the verdict in the data root, whatever --out."""
+    import dataclasses
+
+    from sparsebench.cli.runs import _check_data
+    from sparsebench.runners.pipeline import RunOptions, data_stage
+    from sparsebench.specs import DataSpec
+
+    from conftest import tiny_spec
+
+    spec = tiny_spec()
+    spec = dataclasses.replace(spec, dataset="imagenet", data=DataSpec(img_size=16, val_fraction=0.25),
+                               recipe=dataclasses.replace(spec.recipe, batch_size=4))
+    _check_data([spec], RunOptions(out=tmp_path / "first", data_root=str(imagenet)))
+    assert len(decodes) == 2 * 3 * SAMPLE_PER_CLASS
+    decodes.clear()
+    _check_data([spec], RunOptions(out=tmp_path / "second", data_root=str(imagenet)))
+    data = data_stage(spec, RunOptions(out=tmp_path / "second", data_root=str(imagenet)))
+    assert decodes == [] and data.split["files_checked"]["files"] == 36
+    assert not (tmp_path / "first" / "data-checks").exists()        # nothing kept per results folder
