@@ -63,7 +63,7 @@ def _check_device(text: str) -> None:
 
 # The longest name written under an output folder: a record, a checkpoint or a temp file of either.
 LONGEST_NAME = 255
-SUBFOLDERS = ("records", "checkpoints", "data-checks", "partial", "models", "exports")
+SUBFOLDERS = ("records", "checkpoints", "partial", "models", "exports")
 
 
 def _check_out_dir(path: Path, flag: str) -> None:

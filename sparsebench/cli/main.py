@@ -6,7 +6,7 @@
     sparsebench leaderboard DIR          sparsebench plot DIR          sparsebench report DIR --out SITE
     sparsebench compare DIR A B [--target sparsity=0.9] [--model M] [--format text|json]
     sparsebench list [methods|models|datasets]
-    sparsebench check-data DATASET [--data-root DIR] [--img-size N]
+    sparsebench check-data DATASET [--data-root DIR] [--img-size N] [--full]
     sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
     sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--out results/speedup/cpu]
     sparsebench load RUN [--dir DIR] [--evaluate]      sparsebench export RUN --format onnx|torchscript|export
@@ -157,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", nargs="?", choices=("methods", "models", "datasets"))
     p.set_defaults(func=cmd_list)
 
-    p = sub.add_parser("check-data", help="decode every image file of a dataset; list the ones that fail")
+    p = sub.add_parser("check-data", help="check a dataset's image files (metadata, a decoded sample; --full: "
+                                          "decode every file); list the ones that fail")
     p.add_argument("dataset")
+    p.add_argument("--full", action="store_true", help="decode every image file, whatever verdict is cached")
     p.add_argument("--data-root", default=os.environ.get("SPARSEBENCH_DATA"))
     p.add_argument("--img-size", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -355,14 +355,15 @@ def _sweep_progress(args, total: int, name: str, eta):
 
 
 def _check_data(specs, options) -> None:
-    """Load every dataset the runs need once, and decode its image files (cached for the runs),
-    so missing or undecodable data is one error before any run, not one per run."""
+    """Load every dataset the runs need once, and check its image files (metadata and a decoded
+    sample; the verdict cached in the data folder for the runs and later sweeps), so missing or
+    undecodable data is one error before any run, not one per run."""
     from sparsebench.datasets import create_dataset
     from sparsebench.datasets.integrity import screen
 
-    for dataset, img_size in sorted({(s.dataset, s.data.img_size) for s in specs}, key=str):
-        data = create_dataset(dataset, options.data_root, img_size, download=options.download)
-        screen(data, options.max_bad_samples, options.progress, Path(options.out) / "data-checks")
+    for dataset in sorted({s.dataset for s in specs}):      # the files do not depend on the image size
+        data = create_dataset(dataset, options.data_root, None, download=options.download)
+        screen(data, options.max_bad_samples, options.progress)
 
 
 def _shard(specs, text: str):

@@ -8,20 +8,25 @@ from sparsebench.cli.common import CliError, _check_device, _progress_factory
 
 
 def cmd_check_data(args) -> int:
-    """Decode every image file of a dataset (train and test), with a progress bar; list the bad ones."""
+    """Check a dataset's image files (train and test): metadata for all and a decoded stratified sample,
+    or with --full every file decoded; list the bad ones. The verdict is cached for runs and sweeps."""
     from sparsebench.datasets import create_dataset
     from sparsebench.datasets.integrity import scan
 
     data = create_dataset(args.dataset, args.data_root, args.img_size, download=False)
-    checked, bad = scan(data, _progress_factory(args.quiet), name=args.dataset)
-    if not checked:
+    check = scan(data, _progress_factory(args.quiet), full=args.full, name=args.dataset)
+    if not check.files:
         print(f"{args.dataset}: held in memory, no image files to decode; nothing to check")
         return 0
-    for b in bad:
+    for b in check.bad:
         print(f"bad {b.path}: {b.error}")
-    print(f"{args.dataset}: {checked} image files decoded, {len(bad)} bad"
-          + ("" if not bad else "; replace them, or run with --max-bad-samples N to skip and count them"))
-    return 1 if bad else 0
+    counts = check.files_per_class.values()
+    how = "every file decoded" if check.full else f"{check.decoded} decoded (a stratified sample; --full decodes all)"
+    print(f"{args.dataset}: {check.files} image files, {len(check.files_per_class)} (split, class) groups of "
+          f"{min(counts, default=0)}-{max(counts, default=0)} files, {how}, {len(check.bad)} bad"
+          + (f" (cached verdict, {check.cache_path})" if check.cached else "")
+          + ("" if not check.bad else "; replace them, or run with --max-bad-samples N to skip and count them"))
+    return 1 if check.bad else 0
 
 
 def cmd_list(args) -> int:

@@ -30,6 +30,7 @@ from torch import nn
 from sparsebench.errors import Diverged
 from sparsebench.specs import RunSpec, stable_hash
 from sparsebench.training.resume import RunCheckpoints
+from sparsebench.runners.loaders import release_workers
 from sparsebench.training.trainer import Trainer, evaluate, non_finite_tensors
 from sparsebench.models.pretrained import load_pretrained
 from sparsebench.platform import current as current_platform
@@ -87,7 +88,10 @@ def dense_checkpoint(
         pretrained_sha = load_pretrained(model, spec.model, spec.pretrained) if spec.pretrained else None
         trainer = Trainer(model, loaders["train_dense"], spec.recipe, device, num_classes, spec.recipe.lr,
                           checkpoints=partial, stage="dense")
-        result = trainer.fit(steps, loaders["val"], eval_every, progress=progress, desc="dense")
+        try:
+            result = trainer.fit(steps, loaders["val"], eval_every, progress=progress, desc="dense")
+        finally:        # the fit's workers and prefetched batches are not kept through the evaluations
+            release_workers(loaders["train_dense"])
         wall = result.wall_seconds
         val = evaluate(model, loaders["val"], device, num_classes)
         _check_finite(model, val.loss, spec)

@@ -36,6 +36,7 @@ from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
 from sparsebench.platform import current as current_platform, timing_section, use_timing_section
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
+from sparsebench.runners.loaders import RunLoader, RunLoaders, loader_arguments, prefetch_plan
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
 from sparsebench.training.resume import RunCheckpoints
@@ -146,33 +147,39 @@ def _with_full_config(spec: RunSpec, method) -> RunSpec:
 PHASES = ("dense", "method", "finetune")
 
 
-def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
+def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> RunLoaders:
     """Train loaders per phase, plus val and test.
 
     Each phase has its own generator, seeded from (seed, phase), so the data order of one
     phase never depends on how many batches another consumed. Runs with the same seed see
     the same order across methods, and a cached dense checkpoint changes nothing downstream.
+    With workers, only the loaders in use hold worker processes (`runners/loaders.py`): one train
+    loader at a time and the val loader, persistent within a stage; the test loader's end with its
+    pass; and their prefetching is bounded by /dev/shm (`prefetch_plan`, recorded as `data.loader`).
     """
     if len(data.train) < batch_size:
         raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
                         f"allowed: batch_size <= {len(data.train)}")
-    extra = {"num_workers": workers, "persistent_workers": workers > 0}
     platform = current_platform()
     if platform.world_size > 1 and batch_size % platform.world_size:
         raise SpecError(f"batch_size={batch_size} does not split over {platform.world_size} processes; "
                         f"allowed: a multiple of {platform.world_size}")
-    loaders = {}
+    plan = prefetch_plan(data.train, batch_size, EVAL_BATCH, workers, platform.world_size) if workers > 0 else None
+    loaders = RunLoaders(plan=plan)
+    persistent = loader_arguments(plan, persistent=True)
     for i, phase in enumerate(PHASES):
         generator = torch.Generator().manual_seed(seed * len(PHASES) + i)
         if platform.world_size == 1:
-            loaders[f"train_{phase}"] = DataLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True,
-                                                   generator=generator, **extra)
+            loaders[f"train_{phase}"] = RunLoader(data.train, batch_size=batch_size, shuffle=True, drop_last=True,
+                                                  generator=generator, group=loaders, train=True, **persistent)
         else:       # the single-process order, each global batch split over the ranks
             batches = RankSlices(BatchSampler(RandomSampler(data.train, generator=generator), batch_size, True),
                                  platform.rank, platform.world_size)
-            loaders[f"train_{phase}"] = DataLoader(data.train, batch_sampler=batches, generator=generator, **extra)
-    loaders["val"] = DataLoader(data.val, batch_size=EVAL_BATCH, **extra)
-    loaders["test"] = DataLoader(data.test, batch_size=EVAL_BATCH, **extra)
+            loaders[f"train_{phase}"] = RunLoader(data.train, batch_sampler=batches, generator=generator,
+                                                  group=loaders, train=True, **persistent)
+    loaders["val"] = RunLoader(data.val, batch_size=EVAL_BATCH, group=loaders, train=False, **persistent)
+    loaders["test"] = RunLoader(data.test, batch_size=EVAL_BATCH, group=loaders, train=False,
+                                **loader_arguments(plan, persistent=False))
     return loaders
 
 
@@ -201,7 +208,7 @@ class RankSlices:
 class DataStage:
     info: DatasetInfo
     split: dict                      # sizes and seed of the train / val / test split
-    loaders: Dict[str, DataLoader]
+    loaders: RunLoaders              # train_<phase>, val, test (`make_loaders`)
     input_size: tuple                # (C, H, W)
     steps_per_epoch: int
     eval_every: int
@@ -213,8 +220,9 @@ class DataStage:
 def data_stage(spec: RunSpec, options: RunOptions) -> DataStage:
     data = create_dataset(spec.dataset, options.data_root, spec.data.img_size, spec.data.val_fraction,
                           spec.data.split_seed, options.download)
-    # every image decoded before any training: bad files are an error now, or skipped and counted
-    data = screen(data, options.max_bad_samples, options.progress, Path(options.out) / "data-checks")
+    # files checked before any training (metadata, a decoded sample, or the cached verdict of
+    # `check-data --full`): bad files are an error now, or skipped and counted
+    data = screen(data, options.max_bad_samples, options.progress)
     info, recipe = data.info, spec.recipe
     n_train = data.split["n_train"]
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
@@ -251,8 +259,11 @@ def dense_stage(spec: RunSpec, data: DataStage, make_model, device: torch.device
                 progress=None, checkpoint_every: Optional[int] = None, resume: bool = True,
                 lock: Optional[dict] = None, times: PhaseTimes = NO_TIMES) -> DenseStage:
     with times("dense checkpoint"):         # found in the cache, waited for, or trained now
-        ckpt = dense_checkpoint(spec, cache_dir, make_model, data.loaders, data.info.num_classes, device,
-                                data.pretrain_steps, data.eval_every, progress, checkpoint_every, resume, lock)
+        try:
+            ckpt = dense_checkpoint(spec, cache_dir, make_model, data.loaders, data.info.num_classes, device,
+                                    data.pretrain_steps, data.eval_every, progress, checkpoint_every, resume, lock)
+        finally:
+            data.loaders.release()
     with times("dense load"):
         dense = make_model()
         load_dense_weights(dense, ckpt)
@@ -306,6 +317,8 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
             diverged = Diverged("method", f"non-finite weights reached compaction ({e})")
         else:
             raise StageError(f"method stage ({spec.method}): {(str(e).splitlines() or ['assertion failed'])[0]}") from e
+    finally:
+        data.loaders.release()
     # a resumed run adds the time its loaded fits took before the interruption
     # and leaves out its pauses while other runs timed latency (their cost, not this method's)
     wall = time.perf_counter() - start - (timing_section().paused_seconds - paused) \
@@ -346,6 +359,8 @@ def finetune_stage(spec: RunSpec, outcome: Outcome, data: DataStage, device: tor
         except Diverged as d:
             return FinetuneStage(steps=trainer.step, diverged=d, train_macs=trainer.compute.as_dict(),
                                  curve=trainer.curve.as_dict())
+        finally:
+            data.loaders.release()
         result = FinetuneStage(fit.steps, fit.wall_seconds, fit.best_val_top1, fit.best_step,
                                train_macs=trainer.compute.as_dict(), curve=trainer.curve.as_dict())
     if outcome.masks is not None:
@@ -362,8 +377,12 @@ class EvaluationStage:
 
 def evaluation_stage(model: nn.Module, data: DataStage, device: torch.device) -> EvaluationStage:
     model.eval()
-    val = evaluate(model, data.loaders["val"], device, data.info.num_classes)
-    return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes, per_sample=True))
+    try:
+        val = evaluate(model, data.loaders["val"], device, data.info.num_classes)
+        return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes,
+                                             per_sample=True))
+    finally:
+        data.loaders.release()          # measurement times latency with no worker process left
 
 
 # --- measurement ------------------------------------------------------------------------------
@@ -528,7 +547,8 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
                           "val_top1": ckpt.val_top1, "test_top1": ckpt.test_top1,
                           "pretrained_sha256": ckpt.pretrained_sha256},
         data=plain({**data.split, "img_size": data.info.img_size, "num_classes": data.info.num_classes,
-              "steps_per_epoch": data.steps_per_epoch, "source": data.info.source}),
+              "steps_per_epoch": data.steps_per_epoch, "source": data.info.source,
+              **({"loader": data.loaders.plan.as_dict()} if data.loaders.plan is not None else {})}),
         structure=plain(outcome.structure) if outcome else None, notes=plain(outcome.notes) if outcome else {},
         environment=plain(_environment(device, spec.measure.threads)), code_version=plain(code_version()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -671,9 +691,12 @@ def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:
     device = torch.device(options.device)
     torch.set_num_threads(spec.measure.threads)
     data = data_stage(spec, options)
-    return dense_checkpoint(spec, cache_dir_of(options), model_factory(spec, data.info, device), data.loaders,
-                            data.info.num_classes, device, data.pretrain_steps, data.eval_every, options.progress,
-                            options.checkpoint_every, options.resume, lock_wait(options))
+    try:
+        return dense_checkpoint(spec, cache_dir_of(options), model_factory(spec, data.info, device), data.loaders,
+                                data.info.num_classes, device, data.pretrain_steps, data.eval_every,
+                                options.progress, options.checkpoint_every, options.resume, lock_wait(options))
+    finally:
+        data.loaders.release()
 
 
 def cache_dir_of(options: RunOptions) -> Path:
