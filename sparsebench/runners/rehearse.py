@@ -56,7 +56,6 @@ CPU_DEVICE_BATCH = 8         # images per step on a CPU; the step time is scaled
 REHEARSAL_VAL_FRACTION = 0.1
 LOADER_BATCHES = 6           # batches the loader figure is timed over (after the first)
 SAMPLE_INTERVAL = 0.1        # seconds between resource samples
-SHM = Path("/dev/shm")
 
 
 # --------------------------------------------------------------------------- resources
@@ -92,28 +91,41 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _process_tree_pss(root: int) -> int:
-    return sum(_pss(pid) for pid in _process_tree(root))
-
-
-def shm_used() -> Optional[int]:
-    """Bytes in use on /dev/shm (machine-wide: DataLoader workers pass batches through it), None without it."""
+def _shm_mappings(pid: int) -> Dict[str, int]:
+    """{inode: bytes} of the /dev/shm files `pid` maps (DataLoader workers hand batches over in such files,
+    unlinked once mapped: "/dev/shm/torch_... (deleted)")."""
+    out: Dict[str, int] = {}
     try:
-        st = os.statvfs(SHM)
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                if "/dev/shm/" in line:
+                    fields = line.split()
+                    start, end = (int(v, 16) for v in fields[0].split("-"))
+                    out[fields[4]] = max(out.get(fields[4], 0), end - start)
     except OSError:
-        return None
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+        pass
+    return out
+
+
+def tree_usage(root: int) -> tuple:
+    """(PSS bytes, /dev/shm bytes mapped) of `root` and its descendants; a shared-memory file mapped by
+    several of them (a batch a worker wrote and the main process reads) counts once."""
+    pss, shm = 0, {}
+    for pid in _process_tree(root):
+        pss += _pss(pid)
+        shm.update(_shm_mappings(pid))
+    return pss, sum(shm.values())
 
 
 class ResourceSampler:
-    """Peak memory (PSS) of this process tree and peak /dev/shm use, sampled on a thread; `reset` starts a new peak."""
+    """Peak memory (PSS) of this process tree and peak /dev/shm it maps, sampled on a thread; `reset`
+    starts new peaks. Both are this process tree's own, whatever else runs on the machine."""
 
     def __init__(self, interval: float = SAMPLE_INTERVAL):
         self.interval = interval
         self.pid = os.getpid()
         self.peak_pss = 0
         self.peak_shm = 0
-        self.shm_base = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rehearsal-sampler", daemon=True)
@@ -129,16 +141,14 @@ class ResourceSampler:
 
     def reset(self) -> None:
         with self._lock:
-            self.shm_base = shm_used() or 0
             self.peak_pss, self.peak_shm = 0, 0
         self.sample()
 
     def sample(self) -> None:
-        pss, shm = _process_tree_pss(self.pid), shm_used()
+        pss, shm = tree_usage(self.pid)
         with self._lock:
             self.peak_pss = max(self.peak_pss, pss)
-            if shm is not None:
-                self.peak_shm = max(self.peak_shm, shm - self.shm_base)
+            self.peak_shm = max(self.peak_shm, shm)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -310,9 +320,15 @@ def images_needed(batch: int, classes: int) -> int:
 
 # --------------------------------------------------------------------------- loader throughput
 def loader_figures(dataset: str, data_root: Path, img_size: Optional[int], batch: int, workers: int,
-                   sampler: ResourceSampler) -> dict:
+                   sampler: ResourceSampler, suite_batch: int, suite_workers: int) -> dict:
     """Images/s of the dataset's own training loader (decode, augment, collate) at `workers`, timed over
-    LOADER_BATCHES batches after the first (which pays the workers' start); and the bytes of one batch."""
+    LOADER_BATCHES batches after the first (which pays the workers' start); the bytes of one batch; and
+    the shared memory the suite's own loaders (its batch and workers) would keep in flight on this
+    machine's /dev/shm (`loaders.prefetch_plan`: the prefetch factor it allows, or why none fits)."""
+    from sparsebench.errors import SpecError
+    from sparsebench.runners.loaders import prefetch_plan
+    from sparsebench.runners.pipeline import EVAL_BATCH
+
     import torch
     from torch.utils.data import DataLoader
 
@@ -335,7 +351,15 @@ def loader_figures(dataset: str, data_root: Path, img_size: Optional[int], batch
     sampler.sample()
     del it
     x = first[0]
+    try:
+        plan = prefetch_plan(data.train, suite_batch, EVAL_BATCH, suite_workers)
+        suite = {"suite_prefetch_factor": plan.prefetch_factor,
+                 "suite_shm_in_flight_mb": round(plan.prefetch_bytes / 2**20, 1),
+                 "shm_size_mb": None if plan.shm_bytes is None else round(plan.shm_bytes / 2**20)}
+    except SpecError as e:
+        suite = {"suite_prefetch_factor": 0, "suite_shm_error": str(e)}
     return {"dataset": dataset, "img_size": data.info.img_size, "batch": batch, "workers": workers,
+            "suite_batch": suite_batch, "suite_workers": suite_workers, **suite,
             "images_per_s": round(images / max(seconds, 1e-9), 1),
             "batch_mb": round(x.numel() * x.element_size() / 2**20, 2), "batch_dtype": str(x.dtype).replace("torch.", ""),
             "peak_shm_mb": round(sampler.peak_shm / 2**20, 1)}
@@ -469,7 +493,8 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
                     loader_key = f"{spec.dataset}@{data.info.img_size}"
                     if loader_key not in report["loaders"]:
                         report["loaders"][loader_key] = loader_figures(spec.dataset, data_root, spec.data.img_size,
-                                                                       batch, workers, sampler)
+                                                                       batch, workers, sampler, spec.recipe.batch_size,
+                                                                       spec.data.workers)
                 real = resolve(spec)
                 small = resolve(rehearsal_spec(spec, per_epoch[key], batch, workers, cuda))
                 validate(small)
@@ -543,7 +568,7 @@ def markdown(report: dict) -> str:
              f"Machine: {report['machine']}. {report['rehearsal_steps_per_phase']} optimizer steps per phase at the "
              "real model and resolution on fabricated data at real image sizes; step times are medians between "
              "optimizer steps at the rehearsal batch, scaled to the suite's batch (`scaled s/step`). "
-             "Peak PSS counts the process and its loader workers, shared pages once; peak /dev/shm is machine-wide.", "",
+             "Peak PSS counts the process and its loader workers, shared pages once; peak shm is the /dev/shm files they map.", "",
              "| setting | status | batch (suite) | stage | s | steps | s/step | scaled s/step | peak PSS MB | "
              "peak shm MB | peak device MB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, e in report["settings"].items():
@@ -561,10 +586,14 @@ def markdown(report: dict) -> str:
                                              _fmt(f.get("step_seconds"), 3), _fmt(scaled, 2),
                                              _fmt(f.get("peak_pss_mb"), 0), _fmt(f.get("peak_shm_mb"), 0),
                                              _fmt(f.get("peak_device_mb"), 0)]) + " |")
-    lines += ["", "| loader | batch | workers | images/s | batch MB | peak shm MB |", "|---|---|---|---|---|---|"]
+    lines += ["", "| loader | batch | workers | images/s | batch MB | peak shm MB | suite: batch, workers, prefetch, "
+                  "shm in flight MB (of /dev/shm) |", "|---|---|---|---|---|---|---|"]
     for key, f in report["loaders"].items():
+        suite = f"{f['suite_batch']}, {f['suite_workers']}, " + (
+            f"{f['suite_prefetch_factor']}, {f['suite_shm_in_flight_mb']} (of {f.get('shm_size_mb') or '–'})"
+            if f.get("suite_prefetch_factor") else f"does not fit: {f.get('suite_shm_error', '')}")
         lines.append(f"| {key} | {f['batch']} | {f['workers']} | {f['images_per_s']} | {f['batch_mb']} "
-                     f"({f['batch_dtype']}) | {f['peak_shm_mb']} |")
+                     f"({f['batch_dtype']}) | {f['peak_shm_mb']} | {suite} |")
     p = report.get("projection") or {}
     if p:
         lines += ["", f"**Projected: {p['device_hours']:,} device-hours** for the suite's {p['runs']} runs on this "

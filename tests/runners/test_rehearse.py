@@ -81,6 +81,9 @@ def test_every_setting_runs_through_every_stage_with_figures_and_a_projection(tm
         assert entry["saved_model_mb"] and entry["saved_model_mb"] > 0
     loader = report["loaders"]["cifar10@32"]
     assert loader["images_per_s"] > 0 and loader["batch"] == CPU_DEVICE_BATCH
+    # the suite's own loaders (batch 128, 1 worker) on this machine's /dev/shm: 2 batches in flight
+    if loader.get("shm_size_mb"):
+        assert loader["suite_prefetch_factor"] == 2 and loader["suite_shm_in_flight_mb"] > 0
     projection = report["projection"]
     assert projection["runs"] == 6 and not projection["not_projected"]
     # 2 dense checkpoints x 160 epochs of ~352 steps at >= 1 ms a step: hours, not seconds
