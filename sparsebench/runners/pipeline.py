@@ -38,6 +38,7 @@ from sparsebench.platform import current as current_platform, timing_section, us
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
+from sparsebench.training.rank_data import RankAugmentedLoader, RankShard
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate, non_finite_tensors
 from sparsebench.measure.environment import code_version, environment
@@ -152,6 +153,9 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
     Each phase has its own generator, seeded from (seed, phase), so the data order of one
     phase never depends on how many batches another consumed. Runs with the same seed see
     the same order across methods, and a cached dense checkpoint changes nothing downstream.
+    Under torchrun each rank takes its slice of every global batch (`RankSlices`) with its own
+    augmentation randomness (`RankAugmentedLoader`) and evaluates its share of the val and test
+    splits (`RankShard`).
     """
     if len(data.train) < batch_size:
         raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
@@ -170,9 +174,12 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
         else:       # the single-process order, each global batch split over the ranks
             batches = RankSlices(BatchSampler(RandomSampler(data.train, generator=generator), batch_size, True),
                                  platform.rank, platform.world_size)
-            loaders[f"train_{phase}"] = DataLoader(data.train, batch_sampler=batches, generator=generator, **extra)
-    loaders["val"] = DataLoader(data.val, batch_size=EVAL_BATCH, **extra)
-    loaders["test"] = DataLoader(data.test, batch_size=EVAL_BATCH, **extra)
+            loaders[f"train_{phase}"] = RankAugmentedLoader(data.train, batch_sampler=batches, generator=generator,
+                                                            rank=platform.rank, **extra)
+    for split in ("val", "test"):       # under torchrun each rank evaluates its share; evaluate sums the counts
+        samples = getattr(data, split)
+        shard = RankShard(len(samples), platform.rank, platform.world_size) if platform.world_size > 1 else None
+        loaders[split] = DataLoader(samples, batch_size=EVAL_BATCH, sampler=shard, **extra)
     return loaders
 
 
