@@ -193,14 +193,24 @@ def _draws_of_each_rank(rank, tmp):
     from types import SimpleNamespace
 
     from sparsebench.runners.pipeline import make_loaders
+    from sparsebench.training.resume import LoaderPosition
 
     data = SimpleNamespace(train=RandomDraws(64), val=RandomDraws(8), test=RandomDraws(8))
     answer = {}
-    for workers in (0, 1):
+    for workers in (1, 0):
         torch.manual_seed(0)                            # as every stage seeds each rank alike
         loader = make_loaders(data, batch_size=16, seed=0, workers=workers)["train_dense"]
         batches = [x.tolist() for _ in range(2) for x, _ in loader]     # two epochs
         answer[workers] = {"batches": batches, "global_after": float(torch.rand(()))}
+    # a resume replays the epoch's batches: each rank's own stream is back where it was
+    position = LoaderPosition(loader)
+    for _ in range(5):                                  # one batch into the second epoch
+        next(position)
+    saved = position.state_dict()
+    after = [next(position)[0].tolist() for _ in range(3)]
+    again = LoaderPosition(loader)
+    again.load_state_dict(saved)
+    answer["resumed_alike"] = after == [next(again)[0].tolist() for _ in range(3)]
     return answer
 
 
@@ -218,6 +228,7 @@ def test_each_rank_draws_its_own_augmentations_from_its_share_of_every_batch(two
         assert epoch[:4] != epoch[4:]                                     # a new stream each epoch
     # the augmentations leave the process's own RNG alone: dropout and methods' draws agree on every rank
     assert ranks[0]["0"]["global_after"] == ranks[1]["0"]["global_after"]
+    assert ranks[0]["resumed_alike"] and ranks[1]["resumed_alike"]
 
 
 def _nan_on_rank_one(rank, tmp):
