@@ -34,7 +34,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from sparsebench.datasets import create_dataset
 from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
-from sparsebench.platform import current as current_platform, timing_section, use_timing_section
+from sparsebench.platform import any_rank, current as current_platform, timing_section, use_timing_section
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
@@ -715,6 +715,8 @@ def _finite(model: nn.Module) -> bool:
 
 def _check_finite(model: nn.Module, stage: str) -> None:
     """Weights can go non-finite without a non-finite loss reaching a guard (a method's own
-    update rule, BN statistics); such a model is never evaluated or recorded as a result."""
-    if not _finite(model):
-        raise Diverged(stage, "non-finite weights or buffers")
+    update rule, BN statistics); such a model is never evaluated or recorded as a result.
+    Under DDP, BN statistics are per rank: one rank's bad buffers end every rank's stage."""
+    finite = _finite(model)
+    if any_rank(not finite):
+        raise Diverged(stage, "non-finite weights or buffers" + ("" if not finite else " on another rank"))

@@ -165,7 +165,8 @@ def _in_group(rank, world, tmp, jobs):
 def two_ranks(tmp_path_factory):
     """The answers of both ranks to every job below, from one group (one spawn for the three tests)."""
     tmp = tmp_path_factory.mktemp("ranks")
-    jobs = (_draws_of_each_rank, _evaluate_shards, _nan_on_rank_one)     # the NaN last: it leaves DDP mid-step
+    jobs = (_draws_of_each_rank, _evaluate_shards, _bad_buffer_on_rank_one,
+            _nan_on_rank_one)                                             # the NaN last: it leaves DDP mid-step
     tmp_mp.spawn(_in_group, args=(2, tmp, jobs), nprocs=2, join=True)
     answers = [json.loads((tmp / f"answers-{r}.json").read_text()) for r in range(2)]
     return {job.__name__: [a[job.__name__] for a in answers] for job in jobs}
@@ -315,3 +316,26 @@ def test_validation_is_sharded_over_the_ranks_and_reduced_to_the_one_process_acc
         assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-6)
         assert shared["correct"] == alone["correct"] and shared["labels"] == alone["labels"]   # in split order
     assert 0 < ranks[0]["shared"]["top1"] < 1
+
+
+def _bad_buffer_on_rank_one(rank, tmp):
+    """BN statistics are per rank: a non-finite running variance on rank 1 alone, checked after a stage."""
+    from torch import nn
+
+    from sparsebench.errors import Diverged
+    from sparsebench.runners.pipeline import _check_finite
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    if rank == 1:
+        model[1].running_var[0] = float("inf")
+    try:
+        _check_finite(model, "finetune")
+    except Diverged as d:
+        return {"ended": "Diverged", "reason": d.reason}
+    return {"ended": "finished"}
+
+
+def test_non_finite_statistics_on_one_rank_end_every_rank_s_stage(two_ranks):
+    ranks = two_ranks["_bad_buffer_on_rank_one"]
+    assert [r["ended"] for r in ranks] == ["Diverged", "Diverged"]
+    assert "on another rank" in ranks[0]["reason"] and "on another rank" not in ranks[1]["reason"]
