@@ -106,6 +106,43 @@ def init_distributed(device: str = "cpu", timeout_s: float = 1800.0) -> Platform
     return current()
 
 
+# --- answers every rank shares (one process: its own answer) --------------------------------------
+def _collective_device() -> torch.device:
+    """Where a collective's tensors must live: the rank's GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any (an all-reduce MAX of 0/1). A condition one rank
+    meets alone (a non-finite loss) must end every rank at the same step: a rank that raised alone
+    would leave the others waiting in the next gradient all-reduce until the process-group timeout."""
+    if not current().distributed:
+        return bool(flag)
+    box = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(box, op=dist.ReduceOp.MAX)
+    return bool(box.item())
+
+
+def sum_over_ranks(numbers: list) -> list:
+    """The element-wise sum of `numbers` over every rank (float64; each rank passes as many)."""
+    if not current().distributed:
+        return list(numbers)
+    box = torch.tensor([float(v) for v in numbers], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(box, op=dist.ReduceOp.SUM)
+    return box.tolist()
+
+
+def gather_from_ranks(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process)."""
+    if not current().distributed:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 # --- the file primitives every write goes through -------------------------------------------------
 class StorageError(OSError):
     """A write the file system refused (full, read-only, no permission): one line naming what was

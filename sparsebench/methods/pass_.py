@@ -678,7 +678,7 @@ class PASS(Method):
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
         notes.update(search_steps=trainer.step, search_seconds=round(time.perf_counter() - start, 3))
-        notes["bn_recalibrations"] = len(ctx.curve.events_of("bn_recalibration"))
+        notes["bn_recalibrations"] = ctx.curve.event_count("bn_recalibration")
 
         compact = space.compact(model, kept)
         x = next(iter(ctx.val_loader))[0].to(ctx.device)

@@ -433,27 +433,53 @@ class TemperatureSchedule(TrainerHook):
 
 
 class SelectorTelemetry(TrainerHook):
-    """The selector's entropy over training (every step in `entropies`; on the curve as
-    `selector_entropy` at about 100 points); kept in `state_dict` for a resume."""
+    """The selector's entropy over training: its first and last `KEEP` values, sum and count, a
+    summary bounded whatever the step count (it is in every mid-fit checkpoint); on the curve as
+    `selector_entropy` at about 100 points."""
+
+    KEEP = 10                          # the telemetry's windows: at most the first and last ten steps
 
     def __init__(self, selector: TokenSelector, total: int):
         self.selector, self.every = selector, max(1, total // 100)
-        self.entropies: List[float] = []
+        self.first: List[float] = []
+        self.last: List[float] = []
+        self.total, self.count = 0.0, 0
+
+    def add(self, value: float) -> None:
+        self.total += value
+        self.count += 1
+        if len(self.first) < self.KEEP:
+            self.first.append(value)
+        self.last = (self.last + [value])[-self.KEEP:]
 
     def after_step(self, trainer: Trainer) -> None:
         if self.selector.last_entropy is None:
             return
         value = float(self.selector.last_entropy)
         self.selector.last_entropy = None
-        self.entropies.append(value)
-        if len(self.entropies) % self.every == 1 or self.every == 1:
+        self.add(value)
+        if self.count % self.every == 1 or self.every == 1:
             trainer.curve.add_value("selector_entropy", trainer.position, value)
 
+    def summary(self) -> Optional[dict]:
+        """Mean entropy over the first and last `min(KEEP, steps // 2)` steps and over all; None before any."""
+        if not self.count:
+            return None
+        window = max(1, min(self.KEEP, self.count // 2))
+        return {"first": sum(self.first[:window]) / window, "last": sum(self.last[-window:]) / window,
+                "mean": self.total / self.count}
+
     def state_dict(self) -> dict:
-        return {"entropies": list(self.entropies)}
+        return {"first": list(self.first), "last": list(self.last), "total": self.total, "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
-        self.entropies = list(state["entropies"])
+        self.first, self.last, self.total, self.count = [], [], 0.0, 0
+        if "entropies" in state:         # saved with every step's value
+            for value in state["entropies"]:
+                self.add(float(value))
+            return
+        self.first, self.last = [float(v) for v in state["first"]], [float(v) for v in state["last"]]
+        self.total, self.count = float(state["total"]), int(state["count"])
 
 
 @torch.no_grad()
@@ -773,20 +799,19 @@ class SViTEPlus(Method):
         outcome.structure = {**(outcome.structure or {}), "token_selector": {
             "mode": cfg.token_mode, "keep": k, "of": n, "after": "pos_embed (norm_pre)",
             **({"fixed": deployed.fixed.tolist()} if deployed.fixed is not None else {})}}
-        outcome.mechanism = judge_mechanism(self, self.telemetry(ctx, outcome, watch.entropies, k, n))
+        outcome.mechanism = judge_mechanism(self, self.telemetry(ctx, outcome, watch.summary(), k, n))
         return outcome
 
-    def telemetry(self, ctx: MethodContext, outcome: Outcome, entropies: List[float], k: int, n: int) -> dict:
+    def telemetry(self, ctx: MethodContext, outcome: Outcome, entropy: Optional[dict], k: int, n: int) -> dict:
         p = selector_of(outcome.model).num_prefix
         images = next(iter(ctx.val_loader))[0].to(ctx.device)
         distinct = distinct_picks(outcome.model, images)
         out = {"keep_ratio": round(k / n, 4), "token_keep": k, "tokens": n, "distinct_tokens": distinct,
                "distinct_extra": distinct - (k - p), "patches": n - p, "images": len(images)}
-        if entropies:
-            window = max(1, min(10, len(entropies) // 2))
-            first, last = sum(entropies[:window]) / window, sum(entropies[-window:]) / window
+        if entropy is not None:
+            first, last = entropy["first"], entropy["last"]
             out.update({"entropy_first": round(first, 4), "entropy_last": round(last, 4),
-                        "entropy_mean": round(sum(entropies) / len(entropies), 4),
+                        "entropy_mean": round(entropy["mean"], 4),
                         "entropy_max": round(math.log(n - p), 4), "entropy_drop": round(first - last, 4)})
         if outcome.mechanism is not None:                # the base's prune-and-grow, for the record
             out["base"] = {key: v for key, v in outcome.mechanism.metrics.items() if not isinstance(v, list)}

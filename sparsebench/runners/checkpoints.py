@@ -33,7 +33,7 @@ from sparsebench.training.resume import RunCheckpoints
 from sparsebench.runners.loaders import release_workers
 from sparsebench.training.trainer import Trainer, evaluate, non_finite_tensors
 from sparsebench.models.pretrained import load_pretrained
-from sparsebench.platform import current as current_platform
+from sparsebench.platform import any_rank, current as current_platform
 
 log = logging.getLogger("sparsebench")
 META_KEYS = ("hash", "val_top1", "test_top1", "test_top5", "steps", "wall_seconds", "pretrained_sha256",
@@ -139,8 +139,9 @@ def _cached_meta(path: Path, key: dict) -> Optional[dict]:
 
 def _check_finite(model: nn.Module, val_loss: float, spec: RunSpec) -> None:
     bad = non_finite_tensors(model)
-    if bad or not math.isfinite(val_loss):
-        what = f"non-finite weights in {bad[0]}" if bad else f"validation loss {val_loss}"
+    if any_rank(bool(bad) or not math.isfinite(val_loss)):      # BN statistics are per DDP rank
+        what = f"non-finite weights in {bad[0]}" if bad else \
+            f"validation loss {val_loss}" if not math.isfinite(val_loss) else "non-finite weights on another rank"
         raise Diverged("dense", f"{spec.model} on {spec.dataset} (seed {spec.seed}, lr {spec.recipe.lr:g}): "
                                 f"{what}; nothing was cached")
 

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sparsebench.specs import SpecError
+from sparsebench.training.rank_data import RankAugmentedLoader
 
 SHM_PATH = Path("/dev/shm")
 # One run's live loaders may fill at most this share of /dev/shm (split over a host's DDP ranks): the
@@ -65,6 +66,11 @@ class RunLoader(DataLoader):
         if self.train and group is not None:
             group.starting(self)
         return super().__iter__()
+
+
+class RankRunLoader(RunLoader, RankAugmentedLoader):
+    """A train loader of a run under torchrun: a member of the run's group (worker lifetimes) that draws
+    this rank's own augmentations (`training.rank_data`)."""
 
 
 class RunLoaders(dict):

@@ -34,11 +34,12 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from sparsebench.datasets import create_dataset
 from sparsebench.datasets.base import DatasetInfo
 from sparsebench.errors import Diverged
-from sparsebench.platform import current as current_platform, timing_section, use_timing_section
+from sparsebench.platform import any_rank, current as current_platform, timing_section, use_timing_section
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
-from sparsebench.runners.loaders import RunLoader, RunLoaders, loader_arguments, prefetch_plan
+from sparsebench.runners.loaders import RankRunLoader, RunLoader, RunLoaders, loader_arguments, prefetch_plan
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
+from sparsebench.training.rank_data import RankShard
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate, non_finite_tensors
 from sparsebench.measure.environment import code_version, environment
@@ -156,6 +157,9 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> RunLoade
     With workers, only the loaders in use hold worker processes (`runners/loaders.py`): one train
     loader at a time and the val loader, persistent within a stage; the test loader's end with its
     pass; and their prefetching is bounded by /dev/shm (`prefetch_plan`, recorded as `data.loader`).
+    Under torchrun each rank takes its slice of every global batch (`RankSlices`) with its own
+    augmentation randomness (`RankAugmentedLoader`) and evaluates its share of the val and test
+    splits (`RankShard`).
     """
     if len(data.train) < batch_size:
         raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
@@ -175,11 +179,13 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> RunLoade
         else:       # the single-process order, each global batch split over the ranks
             batches = RankSlices(BatchSampler(RandomSampler(data.train, generator=generator), batch_size, True),
                                  platform.rank, platform.world_size)
-            loaders[f"train_{phase}"] = RunLoader(data.train, batch_sampler=batches, generator=generator,
-                                                  group=loaders, train=True, **persistent)
-    loaders["val"] = RunLoader(data.val, batch_size=EVAL_BATCH, group=loaders, train=False, **persistent)
-    loaders["test"] = RunLoader(data.test, batch_size=EVAL_BATCH, group=loaders, train=False,
-                                **loader_arguments(plan, persistent=False))
+            loaders[f"train_{phase}"] = RankRunLoader(data.train, batch_sampler=batches, generator=generator,
+                                                      group=loaders, train=True, rank=platform.rank, **persistent)
+    for split, persists in (("val", True), ("test", False)):   # under torchrun each rank evaluates its share
+        samples = getattr(data, split)
+        shard = RankShard(len(samples), platform.rank, platform.world_size) if platform.world_size > 1 else None
+        loaders[split] = RunLoader(samples, batch_size=EVAL_BATCH, sampler=shard, group=loaders, train=False,
+                                   **loader_arguments(plan, persistent=persists))
     return loaders
 
 
@@ -742,6 +748,8 @@ def _finite(model: nn.Module) -> bool:
 
 def _check_finite(model: nn.Module, stage: str) -> None:
     """Weights can go non-finite without a non-finite loss reaching a guard (a method's own
-    update rule, BN statistics); such a model is never evaluated or recorded as a result."""
-    if not _finite(model):
-        raise Diverged(stage, "non-finite weights or buffers")
+    update rule, BN statistics); such a model is never evaluated or recorded as a result.
+    Under DDP, BN statistics are per rank: one rank's bad buffers end every rank's stage."""
+    finite = _finite(model)
+    if any_rank(not finite):
+        raise Diverged(stage, "non-finite weights or buffers" + ("" if not finite else " on another rank"))

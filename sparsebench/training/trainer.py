@@ -52,8 +52,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from sparsebench.errors import Diverged
-from sparsebench.platform import current as current_platform, timing_section
+from sparsebench.platform import any_rank, current as current_platform, timing_section
 from sparsebench.specs import Recipe
+from sparsebench.training.rank_data import sharded
 from sparsebench.training.resume import LoaderPosition, ResumeMismatch, RunCheckpoints, rng_state, set_rng_state
 from sparsebench.training.telemetry import TrainingCurve
 
@@ -176,7 +177,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     """Accuracy as sum of correct over sum of samples (never a mean of batch means).
     `per_sample` also keeps each sample's top-1 correctness and label, in loader order, so
     that two models evaluated on the same (unshuffled) loader can be compared sample by sample.
-    `transform` is applied to each input batch first (e.g. a visual prompt)."""
+    `transform` is applied to each input batch first (e.g. a visual prompt). On a DDP run's
+    sharded split (`RankShard`) each rank evaluates its share and every rank gets the totals."""
     was_training = model.training
     model.eval()
     correct1 = correct5 = 0
@@ -195,8 +197,16 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
             hits.append((top[:, 0] == y).cpu())
             labels.append(y.cpu())
     model.train(was_training)
+    hits = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    shard = sharded(loader)
+    if shard is not None:            # this rank's share of a DDP run's split: every sample counted once
+        correct1, correct5, loss_sum, n = shard.totals(correct1, correct5, loss_sum, n)
+        n = int(n)
+        if per_sample:
+            hits, labels = shard.in_order(hits), shard.in_order(labels)
     return Accuracy(correct1 / n, correct5 / n if num_classes > 10 else None, loss_sum / n, n,
-                    torch.cat(hits) if per_sample else None, torch.cat(labels) if per_sample else None)
+                    hits if per_sample else None, labels if per_sample else None)
 
 
 def non_finite_tensors(model: nn.Module) -> List[str]:
@@ -406,8 +416,9 @@ class Trainer:
                 if extra is not None:
                     loss = loss + extra
         loss_value = float(loss.detach())        # one device sync per step, for the check and the curve
-        if not math.isfinite(loss_value):
-            raise Diverged(self.stage, f"non-finite training loss ({loss_value:.3g}) at step {self.step + 1}")
+        if any_rank(not math.isfinite(loss_value)):      # every rank of a DDP run stops at this step together
+            own = f"({loss_value:.3g})" if not math.isfinite(loss_value) else "on another rank"
+            raise Diverged(self.stage, f"non-finite training loss {own} at step {self.step + 1}")
         self.loss = loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

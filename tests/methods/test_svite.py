@@ -572,3 +572,30 @@ def test_svite_plus_selector_telemetry_and_fixed_random_control():
     handle.remove()
     tokens_in, tokens_out = seen[0]
     assert torch.equal(tokens_out[:, 1:], tokens_in[:, 1:][:, fixed])   # the same positions for every image
+
+
+def test_selector_entropy_summary_is_bounded_and_matches_every_step():
+    """The selector's entropy, kept in every mid-fit checkpoint: a bounded summary, not a value per step
+    (~1.5 M steps on ImageNet), with the telemetry a per-step list gave."""
+    from types import SimpleNamespace
+
+    from sparsebench.methods.svite import SelectorTelemetry
+    from sparsebench.training.telemetry import TrainingCurve
+
+    values = [1.0 + (s % 13) / 8 for s in range(200_000)]       # exact in float32, as the selector gives
+    selector = SimpleNamespace(last_entropy=None)
+    watch = SelectorTelemetry(selector, total=len(values))
+    trainer = SimpleNamespace(curve=TrainingCurve(), position=0)
+    for step, v in enumerate(values):
+        selector.last_entropy, trainer.position = torch.tensor(v), step + 1
+        watch.after_step(trainer)
+    assert len(str(watch.state_dict())) < 1000                           # not 200,000 values
+    assert len(trainer.curve.values["selector_entropy"]) == 100
+    window = 10
+    assert watch.summary() == pytest.approx({"first": sum(values[:window]) / window,
+                                             "last": sum(values[-window:]) / window,
+                                             "mean": sum(values) / len(values)}, rel=1e-12)
+    short = SelectorTelemetry(selector=None, total=7)
+    short.load_state_dict({"entropies": [3.0, 1.0, 2.0, 5.0, 4.0, 6.0, 0.5]})   # a checkpoint saved per step
+    assert short.summary() == pytest.approx({"first": 2.0, "last": 3.5, "mean": 21.5 / 7})
+    assert short.state_dict()["count"] == 7

@@ -28,9 +28,9 @@ def spec():
 
 
 def _capture_masks(monkeypatch, where):
-    """Save the run's final masks; and no augmentation: digits' random shift draws from the global RNG
-    per sample, so under DDP each rank draws its own stream for its half of the batch, and the shifts
-    differ from one process's (a documented difference, not float noise)."""
+    """Save the run's final masks; and no augmentation: under DDP each rank draws its random shifts
+    from its own stream for its half of the batch, so the shifts differ from one process's (a
+    documented difference, not float noise)."""
     from sparsebench.datasets.digits import RandomShift
     from sparsebench.runners import pipeline
 
@@ -140,3 +140,202 @@ def test_sparsebench_run_under_torchrun_writes_one_record_and_prints_once(tmp_pa
     assert done.stdout.count("wrote ") == 1 and done.stdout.count("top1 ") == 1      # rank 0 speaks alone
     records = [json.loads(p.read_text()) for p in (out / "records").glob("*.json")]
     assert len(records) == 1 and records[0]["status"] == "ok" and records[0]["environment"]["world_size"] == 2
+
+
+# --- per-rank data, a NaN on one rank, sharded evaluation (2 gloo processes, seconds each) -------
+GROUP_TIMEOUT_S = 20      # a collective left waiting shows as a timeout error, not a 30-minute hang
+
+
+def _in_group(rank, world, tmp, jobs):
+    """Rank `rank` of a gloo group with a short timeout runs each `job(rank, tmp)` in turn; its answers
+    land in tmp/answers-<rank>.json by job name."""
+    from datetime import timedelta
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=GROUP_TIMEOUT_S))
+    try:
+        answers = {job.__name__: job(rank, tmp) for job in jobs}
+    finally:
+        dist.destroy_process_group()
+    (tmp / f"answers-{rank}.json").write_text(json.dumps(answers))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """The answers of both ranks to every job below, from one group (one spawn for the three tests)."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    jobs = (_draws_of_each_rank, _evaluate_shards, _bad_buffer_on_rank_one,
+            _nan_on_rank_one)                                             # the NaN last: it leaves DDP mid-step
+    tmp_mp.spawn(_in_group, args=(2, tmp, jobs), nprocs=2, join=True)
+    answers = [json.loads((tmp / f"answers-{r}.json").read_text()) for r in range(2)]
+    return {job.__name__: [a[job.__name__] for a in answers] for job in jobs}
+
+
+class RandomDraws(torch.utils.data.Dataset):
+    """Sample i: its index and one draw each from torch, python and numpy (an augmentation's randomness)."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        return torch.tensor([float(i), float(torch.rand(())), random.random(), float(np.random.rand())],
+                            dtype=torch.float64), 0
+
+
+def _draws_of_each_rank(rank, tmp):
+    from types import SimpleNamespace
+
+    from sparsebench.runners.pipeline import make_loaders
+    from sparsebench.training.resume import LoaderPosition
+
+    data = SimpleNamespace(train=RandomDraws(64), val=RandomDraws(8), test=RandomDraws(8))
+    answer = {}
+    for workers in (1, 0):
+        torch.manual_seed(0)                            # as every stage seeds each rank alike
+        loader = make_loaders(data, batch_size=16, seed=0, workers=workers)["train_dense"]
+        batches = [x.tolist() for _ in range(2) for x, _ in loader]     # two epochs
+        answer[workers] = {"batches": batches, "global_after": float(torch.rand(()))}
+    # a resume replays the epoch's batches: each rank's own stream is back where it was
+    position = LoaderPosition(loader)
+    for _ in range(5):                                  # one batch into the second epoch
+        next(position)
+    saved = position.state_dict()
+    after = [next(position)[0].tolist() for _ in range(3)]
+    again = LoaderPosition(loader)
+    again.load_state_dict(saved)
+    answer["resumed_alike"] = after == [next(again)[0].tolist() for _ in range(3)]
+    return answer
+
+
+def test_each_rank_draws_its_own_augmentations_from_its_share_of_every_batch(two_ranks):
+    ranks = two_ranks["_draws_of_each_rank"]
+    for workers in ("0", "1"):
+        mine, theirs = ranks[0][workers]["batches"], ranks[1][workers]["batches"]
+        assert len(mine) == len(theirs) == 8
+        for a, b in zip(mine, theirs):
+            assert len(a) == len(b) == 8                                  # half of each global batch of 16
+            assert not {row[0] for row in a} & {row[0] for row in b}      # different samples
+            for source in (1, 2, 3):                                      # torch, python, numpy draws
+                assert [row[source] for row in a] != [row[source] for row in b], (workers, source)
+        epoch = [[row[1] for row in batch] for batch in mine]
+        assert epoch[:4] != epoch[4:]                                     # a new stream each epoch
+    # the augmentations leave the process's own RNG alone: dropout and methods' draws agree on every rank
+    assert ranks[0]["0"]["global_after"] == ranks[1]["0"]["global_after"]
+    assert ranks[0]["resumed_alike"] and ranks[1]["resumed_alike"]
+
+
+def _nan_on_rank_one(rank, tmp):
+    import time
+
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from sparsebench.errors import Diverged
+    from sparsebench.training.trainer import Trainer, TrainerHook
+
+    class NanAtStep(TrainerHook):
+        def compute_loss(self, trainer, inputs, outputs, targets, loss):
+            return loss * float("nan") if rank == 1 and trainer.step == 3 else loss
+
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,))), batch_size=8)
+    trainer = Trainer(nn.Linear(4, 2), loader, Recipe(), torch.device("cpu"), 2, 0.1, hooks=[NanAtStep()])
+    start = time.monotonic()
+    try:
+        trainer.fit(10)
+    except Diverged as d:
+        return {"ended": "Diverged", "reason": d.reason, "step": trainer.step, "seconds": time.monotonic() - start}
+    except Exception as e:  # noqa: BLE001 -- the failure this test exists to show (a collective timed out)
+        return {"ended": type(e).__name__, "reason": str(e)[:200], "step": trainer.step,
+                "seconds": time.monotonic() - start}
+    return {"ended": "finished", "step": trainer.step, "seconds": time.monotonic() - start}
+
+
+def test_a_nan_on_one_rank_ends_every_rank_as_diverged_at_once(two_ranks):
+    ranks = two_ranks["_nan_on_rank_one"]
+    assert [r["ended"] for r in ranks] == ["Diverged", "Diverged"], ranks
+    assert [r["step"] for r in ranks] == [3, 3]                          # at the same step
+    assert "on another rank" in ranks[0]["reason"] and "nan" in ranks[1]["reason"]
+    assert max(r["seconds"] for r in ranks) < 5
+
+
+class CountedSamples(torch.utils.data.Dataset):
+    """101 fixed random inputs of 12 classes, remembering which indices it was asked for."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(101, 6, generator=g), torch.randint(0, 12, (101,), generator=g)
+        self.served = []
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        self.served.append(int(i))
+        return self.x[i], self.y[i]
+
+
+def _evaluate_shards(rank, tmp):
+    from types import SimpleNamespace
+
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from sparsebench.runners.pipeline import make_loaders
+    from sparsebench.training.trainer import evaluate
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 12)
+    val = CountedSamples()
+    loaders = make_loaders(SimpleNamespace(train=CountedSamples(), val=val, test=CountedSamples()), 16, 0)
+    shared = evaluate(model, loaders["val"], torch.device("cpu"), 12, per_sample=True)
+    served = list(val.served)
+    alone = evaluate(model, DataLoader(val, batch_size=7), torch.device("cpu"), 12, per_sample=True)
+    return {"served": served, **{name: {"top1": a.top1, "top5": a.top5, "loss": a.loss, "n": a.n,
+                                       "correct": a.correct.tolist(), "labels": a.labels.tolist()}
+                                for name, a in (("shared", shared), ("alone", alone))}}
+
+
+def test_validation_is_sharded_over_the_ranks_and_reduced_to_the_one_process_accuracy(two_ranks):
+    ranks = two_ranks["_evaluate_shards"]
+    served = [set(r["served"]) for r in ranks]
+    assert [len(r["served"]) for r in ranks] == [51, 50]                 # each rank about half, once each
+    assert not served[0] & served[1] and served[0] | served[1] == set(range(101))
+    for r in ranks:
+        shared, alone = r["shared"], r["alone"]
+        assert shared["n"] == alone["n"] == 101
+        assert shared["top1"] == alone["top1"] and shared["top5"] == alone["top5"]
+        assert shared["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+        assert shared["correct"] == alone["correct"] and shared["labels"] == alone["labels"]   # in split order
+    assert 0 < ranks[0]["shared"]["top1"] < 1
+
+
+def _bad_buffer_on_rank_one(rank, tmp):
+    """BN statistics are per rank: a non-finite running variance on rank 1 alone, checked after a stage."""
+    from torch import nn
+
+    from sparsebench.errors import Diverged
+    from sparsebench.runners.pipeline import _check_finite
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    if rank == 1:
+        model[1].running_var[0] = float("inf")
+    try:
+        _check_finite(model, "finetune")
+    except Diverged as d:
+        return {"ended": "Diverged", "reason": d.reason}
+    return {"ended": "finished"}
+
+
+def test_non_finite_statistics_on_one_rank_end_every_rank_s_stage(two_ranks):
+    ranks = two_ranks["_bad_buffer_on_rank_one"]
+    assert [r["ended"] for r in ranks] == ["Diverged", "Diverged"]
+    assert "on another rank" in ranks[0]["reason"] and "on another rank" not in ranks[1]["reason"]
