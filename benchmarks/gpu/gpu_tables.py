@@ -90,7 +90,7 @@ def sparse24_rows(model_name: str, dtype_name: str) -> List[dict]:
     for name, m in pruned.named_modules():
         if isinstance(m, nn.Linear) and name.startswith("blocks."):
             prune_2to4_(m)
-    sparse, converted, skipped = to_semi_structured(copy.deepcopy(pruned), dtype)
+    sparse, converted, skipped = to_semi_structured(pruned, dtype)
     settings = LatencySettings(batch_sizes=BATCHES, dtype=dtype_name, rounds=6)
     rows = []
     tokens = dense.patch_embed.num_patches + dense.num_prefix_tokens

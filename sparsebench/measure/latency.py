@@ -19,6 +19,8 @@ until it is done, and each entry records `exclusive: true`.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import statistics
 import time
 import timeit
@@ -62,17 +64,46 @@ class Timing:
         return float(q3 - q1)
 
 
+def _needs_cast(model: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool) -> bool:
+    """Whether timing `model` at (device, dtype, memory format) would change any of its tensors."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+            return True
+        if t.is_floating_point() and t.dtype != dtype:
+            return True
+        if channels_last and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+            return True
+    return False
+
+
 def _prepare(model: nn.Module, device: torch.device, settings: LatencySettings) -> nn.Module:
+    """The model to time: `model` itself when it already is on `device` in the timing dtype and memory
+    format, else a cast copy. `Module.to` casts in place, and the caller's model (the run's dense
+    model, the FLOPs-target loop's source of compactions) goes on to be compacted, traced and saved
+    in its own dtype. Train/eval mode is the caller's to restore (`_eval_modes`)."""
     dtype = getattr(torch, settings.dtype)
     if any(p.is_sparse or type(p.data) is not torch.Tensor for p in model.parameters()):
-        model = model.eval()        # semi-structured weights: already on device, in their dtype
-    else:
-        model = model.to(device=device, dtype=dtype).eval()
-    if settings.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        pass                        # semi-structured weights: already on device, in their dtype (realize made them)
+    elif _needs_cast(model, device, dtype, settings.channels_last):
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+        if settings.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+    model.eval()
     if settings.compile:
         model = torch.compile(model)
     return model
+
+
+@contextlib.contextmanager
+def _eval_modes(*models: nn.Module):
+    """Restore every submodule's train/eval flag on exit: timing runs in eval mode, the caller's
+    models come back in the modes they had."""
+    modes = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def quiet_cpp_extension_logger() -> None:
@@ -137,27 +168,39 @@ def compare_latency(
     settings: LatencySettings,
     device: Optional[torch.device] = None,
 ) -> Dict[str, dict]:
-    """Time dense vs realized at each batch size; returns per-batch medians, IQRs and speedup."""
+    """Time dense vs realized at each batch size; returns per-batch medians, IQRs and speedup.
+
+    Neither model is changed: one that needs another device, dtype or memory format is timed as a
+    cast copy, and every module's train/eval mode is restored. The thread count and
+    `cudnn.benchmark` (set for CUDA timing) are process-wide and restored on the way out too."""
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    old_benchmark = torch.backends.cudnn.benchmark     # process-wide: training after this must see it unchanged
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
     results: Dict[str, dict] = {}
     try:
-        models = {"dense": _prepare(dense, device, settings), "realized": _prepare(realized, device, settings)}
-        dtype = getattr(torch, settings.dtype)
-        with timing_section().exclusive() as exclusive:
-            for bs in settings.batch_sizes:
-                x = torch.randn(bs, *input_size, device=device, dtype=dtype)
-                if settings.channels_last and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                results[str(bs)] = {"batch_size": bs, **_time_pair(models, x, settings, cuda),
-                                    "exclusive": bool(exclusive)}
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+        torch.set_num_threads(settings.threads)
+        with _eval_modes(dense, realized):
+            models = {"dense": _prepare(dense, device, settings), "realized": _prepare(realized, device, settings)}
+            with timing_section().exclusive() as exclusive:
+                for bs in settings.batch_sizes:
+                    x = _input(bs, input_size, device, settings)
+                    results[str(bs)] = {"batch_size": bs, **_time_pair(models, x, settings, cuda),
+                                        "exclusive": bool(exclusive)}
     finally:
         torch.set_num_threads(old_threads)
+        torch.backends.cudnn.benchmark = old_benchmark
     return results
+
+
+def _input(batch: int, input_size: Sequence[int], device: torch.device, settings: LatencySettings) -> torch.Tensor:
+    """The one input tensor both models are timed on, allocated on the device in the timing dtype."""
+    x = torch.randn(batch, *input_size, device=device, dtype=getattr(torch, settings.dtype))
+    if settings.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _time_pair(models: Dict[str, nn.Module], x: torch.Tensor, settings: LatencySettings, cuda: bool) -> dict:
