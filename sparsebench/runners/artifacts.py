@@ -417,7 +417,7 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
         use_dtype = dtype or m.get("dtype", "float32")
         use_threads = threads or m.get("threads", 1)
         sizes = tuple(batch_sizes or m.get("batch_sizes", (1, 64)))
-        realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype)
+        realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype, record.sparsity_pattern)
         env = environment(target, use_threads)
         label = device_label(env) + ("" if use_dtype == m.get("dtype", "float32") else f" · {use_dtype}")
         if label == record.device:             # the run's own device: its own table, never merged with the run's
