@@ -1,3 +1,6 @@
+import time
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -136,3 +139,50 @@ def test_cudnn_benchmark_is_restored_when_timing_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         compare_latency(model, model, (3, 16, 16), LatencySettings(batch_sizes=(1,)), torch.device("cuda"))
     assert seen == [(True, True)] and torch.backends.cudnn.benchmark is False
+
+
+def test_a_time_bound_shortens_blocks_and_rounds_but_keeps_two_blocks_each():
+    model = create_model("resnet20_tiny", img_size=16)
+    small = create_model("resnet20_tiny", img_size=16, width=0.5)
+    slow = LatencySettings(batch_sizes=(1,), min_run_time=0.5, rounds=6, stop_width=0.0)   # >= 6 s unbounded
+    start = time.perf_counter()
+    result = compare_latency(model, small, (3, 16, 16), replace(slow, max_seconds=0.6))["1"]
+    assert time.perf_counter() - start < 3.0 and result["seconds"] < 1.5
+    assert 2 <= result["blocks"] < 6 and result["stopped_by"] == "time cap" and result["stopped_early"]
+    assert result["measured_speedup"] > 0
+    tiny = compare_latency(model, small, (3, 16, 16), replace(slow, max_seconds=1e-3))["1"]   # less than a call
+    assert tiny["blocks"] == 2 and tiny["stopped_by"] == "time cap"
+
+
+class _HostEvent:
+    """torch.cuda.Event on the host clock, for the CUDA timing path on a CPU."""
+
+    def __init__(self, enable_timing=False):
+        self.at = None
+
+    def record(self):
+        self.at = time.perf_counter()
+
+    def elapsed_time(self, end):
+        return (end.at - self.at) * 1e3
+
+
+def test_the_cuda_path_under_a_time_bound_sizes_its_blocks_from_the_warm_up(monkeypatch):
+    """On CUDA a block is `cuda_iters` calls; under `max_seconds` the calls per block come from the
+    warm-up's per-call time so that `min_rounds` blocks fit, and timing ends within the bound."""
+    from sparsebench.measure import latency
+
+    cpu_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *size, device=None, **kw: cpu_randn(*size, **kw))
+    monkeypatch.setattr(latency, "_prepare", lambda model, device, settings: model.eval())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "Event", _HostEvent)
+    model = create_model("resnet20_tiny", img_size=16)
+    settings = LatencySettings(batch_sizes=(8,), rounds=6, min_rounds=4, stop_width=0.0, cuda_warmup=50,
+                               cuda_iters=200)
+    start = time.perf_counter()
+    result = compare_latency(model, model, (3, 64, 64), replace(settings, max_seconds=1.0), torch.device("cuda"))["8"]
+    assert time.perf_counter() - start < 2.5                 # unbounded: 50 + 6 × 200 calls per model, many seconds
+    calls = result["calls_per_block"]
+    assert 1 <= calls["dense"] < 200 and 1 <= calls["realized"] < 200
+    assert result["blocks"] >= 2 and result["measured_speedup"] > 0
