@@ -407,7 +407,8 @@ class Tables:
 
         frame = pd.DataFrame(rows)
         atomic_write_text(self.out / f"{name}.csv", frame.to_csv(index=False))
-        atomic_write_text(self.out / f"{name}.md", frame.to_markdown(index=False, floatfmt=".3g") + "\n")
+        shown = frame.astype(object).where(frame.notna(), "")       # a skipped cell's empty columns, blank
+        atomic_write_text(self.out / f"{name}.md", shown.to_markdown(index=False, floatfmt=".3g") + "\n")
 
 
 def run_part(part: str, cells: List[Cell], plan: Plan, tables: Tables) -> None:

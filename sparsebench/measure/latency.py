@@ -15,8 +15,8 @@ measurement without re-searching it every block.
 
 `max_seconds` bounds one batch size's measurement, warm-up included, for a caller on a time
 budget (the GPU tables): warm-up stops early (at least 2 calls per model), block lengths shrink
-(CUDA: calls per block; CPU: `min_run_time`) so that `min_rounds` blocks fit, and no block starts
-that would end past the bound once each model has led once (2 blocks each, the least ever timed).
+(CUDA: calls per block; CPU: `min_run_time`) so that `min_rounds` blocks fit, and once each model
+has led once (2 blocks each, the least ever timed) no pair of rounds starts that would end past it.
 Entries record the calls per block and `stopped_by: "time cap"` where the bound ended timing.
 
 The whole measurement runs in the process's timing section (`platform.timing_section`):
