@@ -67,11 +67,16 @@ def cmd_retime(args) -> int:
             print(f"  {record.method:<20} {record.model:<16} {record.target_label:<14} seed {record.seed}: {speed}",
                   flush=True)
 
-    result = retime_directory(Path(args.dir), args.device, args.dtype, args.batch_sizes, args.threads, report)
+    if args.max_seconds is not None and args.max_seconds <= 0:
+        raise CliError(f"bad --max-seconds {args.max_seconds}; allowed: a number > 0")
+    result = retime_directory(Path(args.dir), args.device, args.dtype, args.batch_sizes, args.threads, report,
+                              args.max_seconds)
     for line in result.errors:
         print(f"sparsebench: error: {line}", file=sys.stderr)
     print(f"retimed {len(result.retimed)} runs on {args.device}"
           + (f"; {len(result.without_model)} runs have no saved model" if result.without_model else "")
+          + (f"; {len(result.left_for_time)} runs not reached within --max-seconds {args.max_seconds:g}"
+             if result.left_for_time else "")
           + (f"; {len(result.errors)} models unusable (above)" if result.errors else "")
           + f"; `sparsebench leaderboard {args.dir}` shows them as their own device tables")
     return 1 if result.errors else 0
@@ -101,5 +106,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: each run's own")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default: each run's own")
     p.add_argument("--threads", type=int, help="CPU threads (default: each run's own)")
+    p.add_argument("--max-seconds", type=float, help="time budget: each timing gets a share of what is left; "
+                                                     "runs not reached are listed and left as they are")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_retime)

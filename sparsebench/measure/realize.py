@@ -1,17 +1,19 @@
 """Realization: the model that is actually timed, or an honest "not realizable here".
 
-| outcome                    | realized model                              |
-|----------------------------|---------------------------------------------|
-| dense                      | the dense model itself (speedup ≈ 1, a control) |
-| compacted (channels/heads) | the physically smaller dense model          |
-| masked, Linear weights 2:4 | semi-structured sparse Linear weights (fp16/bf16), only where a kernel runs |
-| masked (unstructured)      | none: zeros inside dense tensors run at dense speed on stock kernels |
+| outcome                              | realized model                                  |
+|--------------------------------------|-------------------------------------------------|
+| dense                                | the dense model itself (speedup ≈ 1, a control) |
+| compacted (channels/heads)           | the physically smaller dense model              |
+| masked, declared 2:4 by the method   | semi-structured sparse Linear weights (fp16/bf16), only where a kernel runs |
+| masked (unstructured)                | none: zeros inside dense tensors run at dense speed on stock kernels |
 
-A 2:4 result is timed against the dense model at the same half-precision dtype.
+A 2:4 result is timed against the dense model at the same half-precision dtype. Only a method
+that declares 2:4 masks (`Outcome.pattern`, the record's `sparsity_pattern`) takes the 2:4 path:
+random unstructured masks satisfy 2:4 by chance often enough (density 1/32 on a 192×192 layer:
+about a third of the time) that the pattern in the weights alone would mislabel them.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -35,21 +37,28 @@ class Realization:
                 **self.details}
 
 
-def realize(model: nn.Module, realization: str, device: torch.device, dtype: str = "float32") -> Realization:
+def realize(model: nn.Module, realization: str, device: torch.device, dtype: str = "float32",
+            pattern: Optional[str] = None) -> Realization:
+    """The model to time for an outcome. `pattern` is the N:M pattern the method declared for its
+    masks ("2:4"); without one a masked model is unstructured, whatever its zeros happen to look like."""
     if realization in ("dense", "compacted"):
         return Realization(model, True, realization, dtype=dtype)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    pattern = [m for m in linears if (m.weight != 0).any() and is_2to4(m.weight)]
-    if not pattern:
+    if pattern != "2:4":
+        declared = f" (declared pattern {pattern}: no kernel for it here)" if pattern else ""
         return Realization(None, False, None, reason="not realizable here: unstructured zeros inside dense "
-                                                     f"tensors; no sparse kernel used on {device.type}")
+                                                     f"tensors{declared}; no sparse kernel used on {device.type}")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    matching = [m for m in linears if (m.weight != 0).any() and is_2to4(m.weight)]
+    counts = {"linear_2to4": len(matching), "linear_total": len(linears)}
+    if not matching:
+        return Realization(None, False, None, reason="not realizable here: the method declared 2:4 masks but no "
+                                                     "Linear weight is 2:4", details=counts)
     half = dtype if dtype in ("float16", "bfloat16") else "float16"
     supported, why = semi_structured_support(device, getattr(torch, half))
-    counts = {"linear_2to4": len(pattern), "linear_total": len(linears)}
     if not supported:
-        return Realization(None, False, None, reason=f"not realizable here: {len(pattern)} Linear weights are 2:4 "
+        return Realization(None, False, None, reason=f"not realizable here: {len(matching)} Linear weights are 2:4 "
                                                      f"but no semi-structured kernel ran ({why})", details=counts)
-    sparse, converted, skipped = to_semi_structured(copy.deepcopy(model), getattr(torch, half))
+    sparse, converted, skipped = to_semi_structured(model, getattr(torch, half))
     if converted == 0:
         return Realization(None, False, None, reason="not realizable here: no 2:4 Linear met the kernel's "
                                                      f"constraints ({skipped[:3]})", details=counts)

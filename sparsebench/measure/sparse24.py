@@ -10,6 +10,7 @@ name. A 2:4 speedup is reported only when such a kernel ran (spec §5, apex ASP 
 """
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Tuple
 
 import torch
@@ -125,9 +126,10 @@ def semi_structured_support(device=None, dtype: torch.dtype = torch.float16) -> 
 @torch.no_grad()
 def to_semi_structured(model: nn.Module, dtype: torch.dtype = torch.float16
                        ) -> Tuple[nn.Module, int, List[Tuple[str, str]]]:
-    """Cast `model` to `dtype` and swap every eligible Linear weight for a semi-structured one.
+    """A copy of `model` cast to `dtype`, every eligible Linear weight swapped for a semi-structured one.
 
-    In place (deep-copy first to keep the dense model). Eligible: already 2:4-pruned, on
+    `model` itself is left as it was (`Module.to` casts in place, so the cast is made on a copy: the
+    caller's dense model goes on to be timed and saved in its own dtype). Eligible: already 2:4-pruned, on
     CUDA, `dtype` in fp16/bf16, shape a multiple of the backend's minimum block. Returns
     (model, layers converted, [(name, reason)] for every Linear left dense). Inference only:
     the converted weights do not train.
@@ -136,7 +138,7 @@ def to_semi_structured(model: nn.Module, dtype: torch.dtype = torch.float16
 
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"2:4 conversion supports {SUPPORTED_DTYPES}, got {dtype}")
-    model = model.to(dtype)
+    model = copy.deepcopy(model).to(dtype)
     converted, skipped = 0, []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):

@@ -72,6 +72,9 @@ class Outcome:
     finetune     False only for the dense reference, which is not trained further
     mechanism    whether the method's defining mechanism acted (`judge_mechanism`); None
                  for a method without one (a baseline)
+    pattern      the N:M pattern the method builds its masks to ("2:4"), stored in the record as
+                 `sparsity_pattern`; only a declared "2:4" is timed with 2:4 kernels
+                 (`measure.realize`). None: unstructured, however the zeros happen to fall
     """
 
     model: nn.Module
@@ -82,10 +85,17 @@ class Outcome:
     notes: Dict[str, Any] = field(default_factory=dict)
     finetune: bool = True
     mechanism: Optional[Mechanism] = None
+    pattern: Optional[str] = None
 
     def __post_init__(self):
         if self.realization not in ("dense", "compacted", "masked"):
             raise ValueError(f"realization must be dense, compacted or masked, got {self.realization!r}")
+        if self.pattern is not None:
+            n, _, m = self.pattern.partition(":")
+            if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+                raise ValueError(f"pattern must be 'N:M' with 0 < N < M (e.g. '2:4'), got {self.pattern!r}")
+            if self.realization != "masked":
+                raise ValueError(f"an N:M pattern describes masks; realization is {self.realization!r}")
 
 
 @dataclass

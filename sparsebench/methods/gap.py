@@ -325,7 +325,7 @@ class _GaP(Method):
         metrics = {"phases": len(log), "rounds": rounds if cfg.regrow else 0, "prune_backs": len(changed),
                    "changed": changed, "mean_changed": round(sum(changed) / len(changed), 4) if changed else 0.0}
         return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params), notes=notes,
-                       mechanism=judge_mechanism(self, metrics))
+                       mechanism=judge_mechanism(self, metrics), pattern=None if cfg.pattern == "none" else cfg.pattern)
 
     def _schedule(self, trainer, phase_steps: int, total_phases: int, elapsed: int) -> None:
         # one global cosine over all phases unless lr_restart (the Transformer scripts restart per phase)

@@ -384,16 +384,21 @@ class RetimeResult:
     retimed: List[str] = field(default_factory=list)       # run ids given a new entry
     without_model: List[str] = field(default_factory=list)  # records with no saved model
     errors: List[str] = field(default_factory=list)         # one line per run whose model could not be used
+    left_for_time: List[str] = field(default_factory=list)  # run ids not reached within max_seconds
 
 
 def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch_sizes=None,
-                     threads: Optional[int] = None, progress=None) -> RetimeResult:
+                     threads: Optional[int] = None, progress=None,
+                     max_seconds: Optional[float] = None) -> RetimeResult:
     """Re-measure dense vs realized latency of every saved model under `root` on `device`, with the
     run's own protocol settings (dtype and batch sizes may be overridden), and add one entry per
     device to each record's `retimed`. No other field of a record changes; a run whose model is
-    missing or corrupt is reported and left as it is."""
+    missing or corrupt is reported and left as it is. With `max_seconds`, each timing gets an equal
+    share of the time left (`LatencySettings.max_seconds`) and runs not reached in time are listed
+    in `left_for_time`, their records unchanged."""
     import dataclasses
     import datetime as dt
+    import time
 
     from sparsebench.measure.environment import environment
     from sparsebench.measure.latency import LatencySettings, compare_latency
@@ -402,12 +407,15 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
     store = RecordStore(root)
     result = RetimeResult()
     target = torch.device(device)
-    for record in store.load_all():
-        if not record.has_result:
-            continue
-        if not record.artifact or not record.artifact.get("path"):
-            result.without_model.append(record.run_id)
-            continue
+    deadline = None if max_seconds is None else time.perf_counter() + max_seconds
+    with_result = [r for r in store.load_all() if r.has_result]
+    result.without_model = [r.run_id for r in with_result if not r.artifact or not r.artifact.get("path")]
+    todo = [r for r in with_result if r.run_id not in result.without_model]
+    for i, record in enumerate(todo):
+        left = None if deadline is None else deadline - time.perf_counter()
+        if left is not None and left <= 0:
+            result.left_for_time = [r.run_id for r in todo[i:]]
+            break
         try:
             loaded = load_artifact(str(store.path(record.run_id)), root, "cpu")
         except ArtifactError as e:
@@ -417,7 +425,7 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
         use_dtype = dtype or m.get("dtype", "float32")
         use_threads = threads or m.get("threads", 1)
         sizes = tuple(batch_sizes or m.get("batch_sizes", (1, 64)))
-        realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype)
+        realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype, record.sparsity_pattern)
         env = environment(target, use_threads)
         label = device_label(env) + ("" if use_dtype == m.get("dtype", "float32") else f" · {use_dtype}")
         if label == record.device:             # the run's own device: its own table, never merged with the run's
@@ -434,7 +442,8 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
             settings = LatencySettings(batch_sizes=sizes, threads=use_threads,
                                        min_run_time=m.get("min_run_time", 0.1), rounds=m.get("rounds", 6),
                                        dtype=realized.dtype, channels_last=m.get("channels_last", False),
-                                       compile=m.get("compile", False))
+                                       compile=m.get("compile", False),
+                                       max_seconds=None if left is None else left / (len(todo) - i) / len(sizes))
             latency = compare_latency(dense, realized.model, loaded.input_size, settings, target)
             latency["settings"] = {"dtype": realized.dtype, "threads": use_threads, "batch_sizes": list(sizes),
                                    "channels_last": settings.channels_last, "compile": settings.compile,

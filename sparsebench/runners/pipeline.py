@@ -433,7 +433,7 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
         sparsity, sparsity_all = sparsity_of(model, dense.model, prunable)
         params = count_params(model)
     with times("realization"):
-        realized = realize(model, outcome.realization, device, spec.measure.dtype)
+        realized = realize(model, outcome.realization, device, spec.measure.dtype, outcome.pattern)
     with times("latency"):
         latency = _latency(spec, realized, dense, data, device)
     with times("FLOPs counting"):
@@ -556,6 +556,7 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
               "steps_per_epoch": data.steps_per_epoch, "source": data.info.source,
               **({"loader": data.loaders.plan.as_dict()} if data.loaders.plan is not None else {})}),
         structure=plain(outcome.structure) if outcome else None, notes=plain(outcome.notes) if outcome else {},
+        sparsity_pattern=outcome.pattern if outcome else None,
         environment=plain(_environment(device, spec.measure.threads)), code_version=plain(code_version()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,

@@ -10,7 +10,7 @@ randomly initialised; accuracy is the leaderboard's business.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -36,7 +36,11 @@ class SpeedupConfig:
     method: str = "l1-channel"
 
 
-def speedup_rows(config: SpeedupConfig, progress=None) -> List[dict]:
+def speedup_rows(config: SpeedupConfig, progress=None, time_left: Optional[Callable[[], float]] = None) -> List[dict]:
+    """One row per (model, FLOPs target, threads, batch). With `time_left` (seconds left to the
+    caller's budget), each timing shares what is left with the ones after it (`max_seconds`), and a
+    target after the first reached with no time left gets one row with `status: "skipped: time cap"`
+    (the first is always timed: a model started is a model measured)."""
     from sparsebench.methods import create_method
     from sparsebench.methods.baselines import unit_space
 
@@ -51,16 +55,23 @@ def speedup_rows(config: SpeedupConfig, progress=None) -> List[dict]:
         space = unit_space(dense, input_size, method.config.residual_mode)
         probe = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0)).to(device)
         scores = method.unit_scores(dense, space, torch.Generator().manual_seed(0))
-        for target in config.flops:
+        for i, target in enumerate(config.flops):
+            if time_left is not None and i > 0 and time_left() <= 0:
+                rows += [{"model": name, "method": config.method, "target_flops": t, "dtype": config.dtype,
+                          "compile": config.compile, "status": "skipped: time cap"} for t in config.flops[i:]]
+                break
             kept = space.select(scores, target, scope=method.config.scope, min_units=method.config.min_channels)
             compact = space.compact(dense, kept).eval()
             error = space.check_compaction(dense, kept, compact, probe)
             macs = count_macs(compact, input_size).macs
-            for threads in config.threads:
+            for j, threads in enumerate(config.threads):
+                timings_left = (len(config.flops) - i) * len(config.threads) - j
                 settings = LatencySettings(batch_sizes=tuple(config.batch_sizes), threads=threads,
                                            min_run_time=config.min_run_time, rounds=config.rounds,
                                            dtype=config.dtype, compile=config.compile,
-                                           channels_last=config.channels_last)
+                                           channels_last=config.channels_last,
+                                           max_seconds=None if time_left is None else
+                                           max(0.0, time_left()) / timings_left / len(config.batch_sizes))
                 timing = compare_latency(dense, compact, input_size, settings, device)
                 for batch, t in timing.items():
                     rows.append({
@@ -73,7 +84,8 @@ def speedup_rows(config: SpeedupConfig, progress=None) -> List[dict]:
                         "measured_speedup": t["measured_speedup"], "speedup_ci95_low": t["speedup_ci95"][0],
                         "speedup_ci95_high": t["speedup_ci95"][1],
                         "measured_over_theoretical": t["measured_speedup"] / (dense_macs / macs),
-                        "max_abs_error": error,
+                        "max_abs_error": error, "blocks": t["blocks"], "stopped_by": t["stopped_by"],
+                        "status": "measured",
                     })
                 if progress:
                     progress(rows[-1])

@@ -12,9 +12,10 @@ accuracy and mask/structure events against step, per training stage) and `per_sa
 that two records pair only when they saw the same samples; `PerSample`). Older records are
 upgraded on read: schema 1 gets its status from the default tolerances and an unknown
 prunable policy; schemas 1 and 2 get `mechanism` and `curves` as "not recorded" (None).
-Any other schema is refused with a one-line reason. Two optional schema-3 fields came later
-and read as None where absent: `artifact` (the saved model file and its SHA-256) and
-`retimed` (latency re-measured from that file on other devices, keyed by device).
+Any other schema is refused with a one-line reason. Three optional schema-3 fields came later
+and read as None where absent: `artifact` (the saved model file and its SHA-256), `retimed`
+(latency re-measured from that file on other devices, keyed by device) and `sparsity_pattern`
+(the N:M pattern a method declared for its masks, "2:4"; the only way to the 2:4 kernels).
 """
 from __future__ import annotations
 
@@ -261,6 +262,9 @@ class RunRecord:
     # ("cuda: NVIDIA H100 80GB HBM3"): {"device", "latency", "measured_speedup", "measured_speedup_batch",
     # "environment", "created"}; never merged with `latency`, which is the run's own device
     retimed: Optional[Dict[str, Any]] = None
+    # the N:M pattern the method declared for its masks ("2:4"; `methods.base.Outcome.pattern`): only a
+    # declared 2:4 is realized with 2:4 kernels. None: none declared, or a record from before the field
+    sparsity_pattern: Optional[str] = None
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self):

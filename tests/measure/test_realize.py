@@ -4,7 +4,7 @@ from torch import nn
 
 from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.measure.realize import realize
-from sparsebench.measure.sparse24 import prune_2to4_
+from sparsebench.measure.sparse24 import is_2to4, prune_2to4_
 
 from conftest import requires_cuda
 
@@ -34,10 +34,55 @@ def test_two_four_without_a_kernel_says_why():
     model = mlp()
     for layer in (model[0], model[2]):
         prune_2to4_(layer)
-    r = realize(model, "masked", torch.device("cpu"))
+    r = realize(model, "masked", torch.device("cpu"), pattern="2:4")
     assert not r.realizable
     assert "2 Linear weights are 2:4" in r.reason and "CUDA" in r.reason
     assert r.as_dict()["linear_2to4"] == 2
+
+
+def lucky_random_masks(density: float = 1 / 32, size: int = 192) -> nn.Module:
+    """Two Linear layers with random unstructured masks that happen to satisfy 2:4 (at density
+    1/32 on 192×192 about a third of random masks do)."""
+    generator = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(size, size), nn.ReLU(), nn.Linear(size, size))
+    for layer in (model[0], model[2]):
+        while True:
+            mask = torch.rand(size, size, generator=generator) < density
+            if mask.any() and is_2to4(mask.float()):
+                break
+        with torch.no_grad():
+            layer.weight.mul_(mask)
+    return model
+
+
+def test_masks_that_are_two_four_by_chance_are_unstructured_unless_declared(monkeypatch):
+    from sparsebench.measure import realize as realize_module
+
+    model = lucky_random_masks()
+    assert all(is_2to4(m.weight) for m in (model[0], model[2]))
+    # a GPU with 2:4 kernels: the check that decides is the declaration, not the device
+    monkeypatch.setattr(realize_module, "semi_structured_support", lambda device, dtype: (True, "fake kernels"))
+    converted = []
+
+    def fake_conversion(m, dtype):
+        converted.append(dtype)
+        return m, 2, []
+
+    monkeypatch.setattr(realize_module, "to_semi_structured", fake_conversion)
+    undeclared = realize(model, "masked", torch.device("cuda"))
+    assert not undeclared.realizable and undeclared.kind is None and not converted
+    assert "unstructured" in undeclared.reason and "2:4" not in undeclared.reason
+    other = realize(model, "masked", torch.device("cuda"), pattern="1:4")
+    assert not other.realizable and "declared pattern 1:4" in other.reason and not converted
+    declared = realize(model, "masked", torch.device("cuda"), pattern="2:4")
+    assert declared.realizable and declared.kind == "2:4" and declared.dtype == "float16"
+    assert converted == [torch.float16] and declared.details["linear_2to4"] == 2
+
+
+def test_a_declared_pattern_the_weights_do_not_follow_is_not_realized():
+    model = mlp()
+    r = realize(model, "masked", torch.device("cpu"), pattern="2:4")
+    assert not r.realizable and "declared 2:4 masks but no Linear weight is 2:4" in r.reason
 
 
 @requires_cuda
@@ -47,7 +92,7 @@ def test_two_four_on_gpu_is_timed_in_half_precision():
     model = mlp().to(device)
     for layer in (model[0], model[2]):
         prune_2to4_(layer)
-    r = realize(model, "masked", device)
+    r = realize(model, "masked", device, pattern="2:4")
     if not r.realizable:
         pytest.skip(r.reason)
     assert r.kind == "2:4" and r.dtype == "float16" and r.details["converted"] >= 1

@@ -251,6 +251,7 @@ def test_ablation_switches_reach_the_global_target(args):
 def test_two_four_pattern_prune_back():
     method, ctx = _context("gap-cyclic", pattern="2:4")
     outcome = method.run(ctx)
+    assert outcome.pattern == "2:4"                      # declared: the only way to the 2:4 kernels
     for n, p in outcome.masks.params.items():
         groups = (p.detach().reshape(p.shape[0], -1) == 0).reshape(p.shape[0], -1, 4).sum(-1)
         assert bool((groups >= 2).all()), n
@@ -274,6 +275,19 @@ def test_gap_runs_end_to_end_through_the_pipeline(tmp_path, name, model):
     assert record.achieved_sparsity == pytest.approx(S, abs=1e-3)
     assert record.cost.method_steps <= record.cost.method_budget_steps
     assert record.notes["phases"] and record.realization.realizable is False
+    assert record.sparsity_pattern is None
+
+
+def test_a_two_four_gap_run_records_its_pattern_and_takes_the_two_four_path(tmp_path):
+    """The record names the declared pattern; on a CPU the 2:4 path ends at the missing kernel."""
+    from sparsebench.runners.pipeline import RunOptions, execute
+    from conftest import tiny_spec
+
+    spec = tiny_spec("gap-cyclic", model="vit_cifar_tiny", target="sparsity=0.5", method_args=(("pattern", "2:4"),))
+    record = execute(spec, RunOptions(out=tmp_path))
+    assert record.sparsity_pattern == "2:4"
+    assert not record.realization.realizable and "Linear weights are 2:4" in record.realization.reason
+    assert "semi-structured kernel" in record.realization.reason
 
 
 @pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
@@ -352,3 +366,16 @@ def test_five_rounds_with_restarts_restart_the_learning_rate_every_phase():
     assert len(lr) == phases * steps_per_phase
     assert all(start > end for start, end in zip(starts, ends))     # a new warm-up + cosine each phase
     assert len({round(x, 12) for x in starts}) == 1                 # the same schedule every phase
+
+
+def test_an_outcome_declares_only_well_formed_patterns_on_masks():
+    from torch import nn
+
+    from sparsebench.methods import Outcome
+
+    assert Outcome(nn.Linear(4, 4), "masked", pattern="2:4").pattern == "2:4"
+    for bad in ("2-4", "4:2", "0:4"):
+        with pytest.raises(ValueError, match="N:M"):
+            Outcome(nn.Linear(4, 4), "masked", pattern=bad)
+    with pytest.raises(ValueError, match="describes masks"):
+        Outcome(nn.Linear(4, 4), "compacted", pattern="2:4")

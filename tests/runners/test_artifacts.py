@@ -121,6 +121,25 @@ def test_retime_cpu_adds_device_entries_and_touches_nothing_else(results, tmp_pa
     assert len(frame) == 2 * len(before) and frame["device"].nunique() == 2
 
 
+def test_retime_within_a_time_budget_times_in_shares_and_lists_the_runs_left(results, tmp_path, capsys):
+    import shutil
+    import time
+
+    out, records = results
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "records", copy / "records")
+    shutil.copytree(out / "models", copy / "models")
+    before = {r.run_id: r for r in RecordStore(copy).load_all()}
+    start = time.perf_counter()
+    assert main(["retime", str(copy), "--device", "cpu", "--max-seconds", "1.5", "--quiet"]) == 0
+    assert time.perf_counter() - start < 8
+    timings = [t for r in RecordStore(copy).load_all() for e in (r.retimed or {}).values()
+               for b, t in (e["latency"] or {}).items() if b != "settings"]
+    assert timings and sum(t["seconds"] for t in timings) < 1.5 + 0.2 * len(timings)
+    assert main(["retime", str(copy), "--device", "cpu", "--max-seconds", "1e-9"]) == 0
+    assert f"{len(before)} runs not reached within --max-seconds 1e-09" in capsys.readouterr().out
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_retime_on_a_missing_gpu_is_one_line(results, capsys):
     out, _ = results

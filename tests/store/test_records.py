@@ -138,3 +138,11 @@ def test_per_sample_correctness_packs_small_and_pairs_only_on_the_same_test_set(
     other_labels[0] = (other_labels[0] + 1) % 10
     assert "labels_sha256" in a.unpairable_with(PerSample.of(hits, other_labels, "cifar10", 0))
     assert a.unpairable_with(PerSample.of(hits, labels, "cifar10", 1)) == "different test sets: split_seed 0 vs 1"
+
+
+def test_a_declared_sparsity_pattern_round_trips_and_older_records_read_without_one():
+    record = make_record(sparsity_pattern="2:4")
+    assert RunRecord.from_json(record.to_json()) == record
+    older = make_record().to_dict()
+    older.pop("sparsity_pattern")
+    assert RunRecord.from_dict(older).sparsity_pattern is None
