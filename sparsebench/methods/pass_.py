@@ -481,7 +481,7 @@ class MaskedPromptSearch(TrainerHook):
         stride = max(1, math.ceil(recalibrations / VAL_POINTS))
         if self.val_loader is not None and (trainer.step // self.bn_every) % stride == 0:
             acc = evaluate(model, self.val_loader, trainer.device, trainer.num_classes,
-                           transform=self.search.prompted).top1
+                           transform=self.search.prompted, precision=trainer.recipe.precision).top1
             trainer.curve.add_value("masked_val_top1", trainer.position, acc)
             self.masked_val.append((trainer.position, acc))
             numbers["masked_val_top1"] = acc
@@ -490,7 +490,7 @@ class MaskedPromptSearch(TrainerHook):
     def before_forward(self, trainer, inputs, targets):
         self.anneal(trainer.step)
         values = self.masks()
-        if self.bn_every and trainer.step % self.bn_every == 0:
+        if self.bn_every and trainer.step % self.bn_every == 0 and trainer.micro_batch == 0:   # once per step
             self.adapt_bn(trainer)
         self.gates.set(values)
         return self.search.prompted(inputs), targets
@@ -653,7 +653,8 @@ class PASS(Method):
         start = time.perf_counter()
         try:
             gates.set([k.float().to(ctx.device) for k in prior_kept])
-            frozen_bn_val = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes).top1   # prior's masks, dense BN
+            frozen_bn_val = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes,
+                                     precision=ctx.recipe.precision).top1   # prior's masks, dense BN
             gates.clear()
             if steps > 0:
                 trainer.fit(steps, progress=ctx.progress, desc="pass search")
@@ -668,7 +669,8 @@ class PASS(Method):
             for name, masks in (("searched", kept), ("prior", prior_kept)):
                 gates.set([k.float().to(ctx.device) for k in masks])
                 recalibrate_bn(model, batches)           # the same batches for both: only the masks differ
-                final_val[name] = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes).top1
+                final_val[name] = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes,
+                                           precision=ctx.recipe.precision).top1
                 gates.clear()
         finally:
             gates.remove()

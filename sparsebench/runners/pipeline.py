@@ -38,8 +38,11 @@ from sparsebench.platform import current as current_platform, timing_section, us
 from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, load_dense_weights
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
+from sparsebench.training.loading import DeviceLoader, loader_kwargs
 from sparsebench.training.resume import RunCheckpoints
-from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate, non_finite_tensors
+from sparsebench.training.trainer import (
+    COST_CONVENTION, Accuracy, StepBudget, Trainer, cudnn_benchmark, evaluate, non_finite_tensors, training_loop,
+)
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import MacsReport, count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
@@ -146,8 +149,9 @@ def _with_full_config(spec: RunSpec, method) -> RunSpec:
 PHASES = ("dense", "method", "finetune")
 
 
-def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
-    """Train loaders per phase, plus val and test.
+def make_loaders(data, batch_size: int, seed: int, workers: int = 0, device="cpu") -> dict:
+    """Train loaders per phase, plus val and test, each a `DeviceLoader`: uint8 batches collated by
+    the workers, pinned and copied ahead on CUDA, normalised on `device` (`training/loading.py`).
 
     Each phase has its own generator, seeded from (seed, phase), so the data order of one
     phase never depends on how many batches another consumed. Runs with the same seed see
@@ -156,7 +160,7 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
     if len(data.train) < batch_size:
         raise SpecError(f"batch_size={batch_size} is larger than the training split ({len(data.train)} samples); "
                         f"allowed: batch_size <= {len(data.train)}")
-    extra = {"num_workers": workers, "persistent_workers": workers > 0}
+    extra = {"num_workers": workers, "persistent_workers": workers > 0, **loader_kwargs(device)}
     platform = current_platform()
     if platform.world_size > 1 and batch_size % platform.world_size:
         raise SpecError(f"batch_size={batch_size} does not split over {platform.world_size} processes; "
@@ -173,7 +177,7 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> dict:
             loaders[f"train_{phase}"] = DataLoader(data.train, batch_sampler=batches, generator=generator, **extra)
     loaders["val"] = DataLoader(data.val, batch_size=EVAL_BATCH, **extra)
     loaders["test"] = DataLoader(data.test, batch_size=EVAL_BATCH, **extra)
-    return loaders
+    return {name: DeviceLoader(loader, device, data.info.mean, data.info.std) for name, loader in loaders.items()}
 
 
 class RankSlices:
@@ -219,7 +223,8 @@ def data_stage(spec: RunSpec, options: RunOptions) -> DataStage:
     n_train = data.split["n_train"]
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
     return DataStage(
-        info=info, split=dict(data.split), loaders=make_loaders(data, recipe.batch_size, spec.seed, spec.data.workers),
+        info=info, split=dict(data.split),
+        loaders=make_loaders(data, recipe.batch_size, spec.seed, spec.data.workers, options.device),
         input_size=(info.in_chans, info.img_size, info.img_size), steps_per_epoch=steps_per_epoch,
         eval_every=max(1, int(steps_per_epoch / recipe.evals_per_epoch)),
         pretrain_steps=recipe.steps(recipe.pretrain_epochs, n_train),
@@ -295,7 +300,12 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
     start, paused = time.perf_counter(), timing_section().paused_seconds
     outcome, diverged = None, None
     try:
-        outcome = method.run(ctx)
+        try:
+            outcome = method.run(ctx)
+        except Exception:
+            ctx.finish_trainers()      # a failure after an unread non-finite loss is that divergence
+            raise
+        ctx.finish_trainers()
         _check_finite(outcome.model, "method")
     except Diverged as d:
         diverged = _in_stage(d, "method")
@@ -360,10 +370,12 @@ class EvaluationStage:
     test: Accuracy                   # the one test evaluation of the run
 
 
-def evaluation_stage(model: nn.Module, data: DataStage, device: torch.device) -> EvaluationStage:
+def evaluation_stage(model: nn.Module, data: DataStage, device: torch.device, precision: str = "fp32") -> EvaluationStage:
+    """Validation and the one test evaluation, under the training `precision`."""
     model.eval()
-    val = evaluate(model, data.loaders["val"], device, data.info.num_classes)
-    return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes, per_sample=True))
+    val = evaluate(model, data.loaders["val"], device, data.info.num_classes, precision=precision)
+    return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes, per_sample=True,
+                                         precision=precision))
 
 
 # --- measurement ------------------------------------------------------------------------------
@@ -530,7 +542,9 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
         data=plain({**data.split, "img_size": data.info.img_size, "num_classes": data.info.num_classes,
               "steps_per_epoch": data.steps_per_epoch, "source": data.info.source}),
         structure=plain(outcome.structure) if outcome else None, notes=plain(outcome.notes) if outcome else {},
-        environment=plain(_environment(device, spec.measure.threads)), code_version=plain(code_version()),
+        environment=plain({**_environment(device, spec.measure.threads),
+                           "training_loop": training_loop(spec.recipe, device, dense.model if dense else None)}),
+        code_version=plain(code_version()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
         mechanism=recorded_mechanism(method, outcome) if outcome is not None else None,
@@ -588,6 +602,7 @@ def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord
         spec = _with_full_config(spec, method)
         device = torch.device(options.device)
         torch.set_num_threads(spec.measure.threads)
+        torch.backends.cudnn.benchmark = cudnn_benchmark(device)     # per run, and stated in its record
     progress = options.progress
 
     with times("data"):
@@ -647,7 +662,7 @@ def train_and_measure(spec: RunSpec, method: Method, data: DataStage, dense: Den
             finetune = finetune_stage(spec, method_result.outcome, data, device, progress, partial)
         if finetune.diverged is None:
             with times("evaluation"):
-                evaluation = evaluation_stage(method_result.outcome.model, data, device)
+                evaluation = evaluation_stage(method_result.outcome.model, data, device, spec.recipe.precision)
             measured = measurement_stage(spec, method_result.outcome, dense, data, device, times)
     return method_result, finetune, evaluation, measured
 
@@ -659,6 +674,7 @@ def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:
     spec = _with_full_config(spec, method)
     device = torch.device(options.device)
     torch.set_num_threads(spec.measure.threads)
+    torch.backends.cudnn.benchmark = cudnn_benchmark(device)
     data = data_stage(spec, options)
     return dense_checkpoint(spec, cache_dir_of(options), model_factory(spec, data.info, device), data.loaders,
                             data.info.num_classes, device, data.pretrain_steps, data.eval_every, options.progress,
