@@ -5,12 +5,7 @@ Methods never write their own loop: they hand the `Trainer` hooks. One optimizer
     before_forward  → forward → task loss → compute_loss → extra_loss → backward
                     → after_backward → optimizer step → after_step
 
-and `on_phase` marks phase boundaries. With `recipe.device_batch` set, a batch larger than it runs as
-micro-batches: `before_forward`, the forward, `compute_loss`, `extra_loss` and backward once per
-micro-batch (`trainer.micro_batch` counts them from 0; each micro-batch's loss is weighted by its
-share of the batch, so the gradients add up to the whole batch's), then `after_backward`, the
-optimizer step and `after_step` once, with the gradients of the whole batch. Optimizer steps,
-the LR schedule and the budget count batches, not micro-batches. At each point the hooks run in ascending
+and `on_phase` marks phase boundaries. At each point the hooks run in ascending
 `TrainerHook.order`, ties in the order they were given. The order matters and is pinned by
 a test: a hook that reads the dense gradient (RigL's grow criterion) has
 `order = HookOrder.READS_DENSE_GRADIENTS` and runs before `MaskSet` (`HookOrder.MASKS`),
@@ -29,6 +24,13 @@ What a hook may do at each point:
 Extra trainable modules (prompts, hypernetworks, selectors, decoders) join through
 `param_groups`. Every optimizer step is counted against the method's budget, and a
 non-finite loss stops training with `Diverged` rather than training on NaNs.
+
+Micro-batches (gradient accumulation): with `recipe.device_batch` set, a batch larger than it runs
+as micro-batches. `before_forward`, the forward, `compute_loss`, `extra_loss` and backward run once
+per micro-batch (`trainer.micro_batch` counts them from 0; each micro-batch's loss is weighted by
+its share of the batch, so the gradients add up to the whole batch's); `after_backward`, the
+optimizer step and `after_step` run once, with the gradients of the whole batch. Optimizer steps,
+the LR schedule and the budget count batches, not micro-batches.
 
 Feeding the device (as timm's train.py does): batches arrive on the device from a `DeviceLoader`
 (`training/loading.py`); on CUDA a CNN trains in channels_last; `recipe.compile` trains through
