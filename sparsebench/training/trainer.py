@@ -227,24 +227,29 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_cla
     training recipe's: a bf16-trained model is evaluated under the same autocast."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = 0
-    loss_sum, n = 0.0, 0
+    # counted on the device and read once at the end: no host sync per batch (the float64 loss sum
+    # adds the per-batch float32 sums exactly as Python floats did)
+    device = torch.device(device)
+    correct1 = torch.zeros((), dtype=torch.long, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     hits, labels = [], []
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with timing_section().work(), autocast(precision, device):   # as a training step: not while another worker times latency
             logits = model(x if transform is None else transform(x)).float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         top = logits.topk(min(5, num_classes), dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        correct1 += (top[:, 0] == y).sum()
+        correct5 += (top == y[:, None]).any(dim=1).sum()
         n += len(y)
         if per_sample:
-            hits.append((top[:, 0] == y).cpu())
-            labels.append(y.cpu())
+            hits.append(top[:, 0] == y)
+            labels.append(y)
     model.train(was_training)
-    return Accuracy(correct1 / n, correct5 / n if num_classes > 10 else None, loss_sum / n, n,
-                    torch.cat(hits) if per_sample else None, torch.cat(labels) if per_sample else None)
+    top1, top5 = int(correct1) / n, int(correct5) / n
+    return Accuracy(top1, top5 if num_classes > 10 else None, float(loss_sum) / n, n,
+                    torch.cat(hits).cpu() if per_sample else None, torch.cat(labels).cpu() if per_sample else None)
 
 
 def non_finite_tensors(model: nn.Module) -> List[str]:

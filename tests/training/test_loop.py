@@ -300,3 +300,38 @@ def test_cuda_loader_prefetches_on_a_side_stream_the_same_batches():
     for a, b in zip(cpu, cuda):
         assert b.is_cuda
         torch.testing.assert_close(a, b.cpu())
+
+
+def test_evaluation_counts_on_the_device_as_python_numbers_did():
+    """Sums kept on the device (no sync per batch) give the numbers per-batch Python sums gave."""
+    torch.manual_seed(0)
+    x, y = torch.randn(103, 4), torch.randint(0, 12, (103,))
+    model = nn.Linear(4, 12)
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    acc = evaluate(model, loader, torch.device("cpu"), 12, per_sample=True)
+    loss_sum, correct5 = 0.0, 0
+    with torch.no_grad():
+        for xb, yb in loader:
+            logits = model(xb)
+            loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
+            correct5 += int((logits.topk(5, dim=1).indices == yb[:, None]).any(dim=1).sum())
+        hits = model(x).argmax(1) == y
+    assert acc.loss == loss_sum / 103 and acc.top5 == correct5 / 103
+    assert torch.equal(acc.correct, hits) and acc.top1 == int(hits.sum()) / 103 and torch.equal(acc.labels, y)
+
+
+@requires_cuda
+def test_a_cnn_trains_on_cuda_in_channels_last_reading_its_loss_every_few_steps():
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    loader = device_loader(TensorDataset(images, torch.randint(0, 3, (32,))), "cuda", MEAN, STD, batch_size=8,
+                           shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3)).cuda()
+    trainer = Trainer(model, loader, Recipe(precision="bf16"), torch.device("cuda"), 3, 0.1)
+    trainer.restart_schedule(10)
+    trainer.train_step()
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and len(trainer.curve) == 0
+    result = trainer.fit(6, loader, eval_every=6)
+    assert len(trainer.curve) == 7 and result.best_val_top1 is not None
+    assert model[0].weight.is_contiguous()                 # the default layout again once the fit ends
