@@ -62,16 +62,8 @@ class DeviceLoader:
         return self.loader.sampler
 
     @property
-    def batch_sampler(self):
-        return self.loader.batch_sampler
-
-    @property
     def generator(self) -> Optional[torch.Generator]:
         return getattr(self.loader, "generator", None)
-
-    @property
-    def batch_size(self) -> Optional[int]:
-        return self.loader.batch_size
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """A uint8 batch on the device as float32, normalised as `ToTensor` + `Normalize` would."""
