@@ -183,13 +183,18 @@ class Recipe:
     warmup_fraction: float = 0.05
     evals_per_epoch: float = 1.0      # validation checks used for model selection
     precision: str = "fp32"           # fp32 | bf16 (autocast; master weights, masks and optimizer stay fp32)
+    # Most images one forward/backward takes on one device: a larger batch runs as micro-batches of at
+    # most this size whose gradients add up to the whole batch's (one optimizer step per batch; BatchNorm
+    # normalises each micro-batch on its own). None: the whole batch at once.
+    device_batch: Optional[int] = None
+    compile: bool = False             # torch.compile the model's training forward
 
     def __post_init__(self):
         _check_fields(self, "recipe", {
             "batch_size": (1, None, "[)"), "lr": (0, None, "()"), "finetune_lr": (0, None, "()"),
             "pretrain_epochs": (0, None, "[)"), "finetune_epochs": (0, None, "[)"), "search_epochs": (0, None, "[)"),
             "momentum": (0, 1, "[)"), "weight_decay": (0, None, "[)"), "label_smoothing": (0, 1, "[)"),
-            "warmup_fraction": (0, 1, "[]"), "evals_per_epoch": (0, None, "()"),
+            "warmup_fraction": (0, 1, "[]"), "evals_per_epoch": (0, None, "()"), "device_batch": (1, None, "[)"),
         })
         if self.optimizer not in ("sgd", "adamw"):
             raise SpecError(f"unknown optimizer {self.optimizer!r}; allowed: sgd, adamw")
@@ -198,6 +203,24 @@ class Recipe:
 
     def steps(self, epochs: float, n_train: int) -> int:
         return int(math.ceil(epochs * math.ceil(n_train / self.batch_size)))
+
+    def micro_batches(self, batch: int) -> int:
+        """How many forward/backward passes one optimizer step over `batch` images takes."""
+        return 1 if self.device_batch is None else max(1, math.ceil(batch / self.device_batch))
+
+
+# Recipe fields added after records were first written: left out of a spec's dict while they hold these
+# values, so the hashes (and names) of every run that does not set them stay as they were.
+RECIPE_OMITTED_DEFAULTS = {"device_batch": None, "compile": False}
+
+
+def recipe_dict(recipe: Recipe) -> Dict[str, Any]:
+    """The recipe as a spec stores it (`RECIPE_OMITTED_DEFAULTS` left out when unset)."""
+    d = dataclasses.asdict(recipe)
+    for name, default in RECIPE_OMITTED_DEFAULTS.items():
+        if d[name] == default:
+            del d[name]
+    return d
 
 
 @dataclass(frozen=True)
@@ -260,6 +283,7 @@ class RunSpec:
         d["target"] = {"kind": self.target.kind, "value": self.target.value}
         d["method_args"] = dict(self.method_args)
         d["model_args"] = dict(self.model_args)
+        d["recipe"] = recipe_dict(self.recipe)
         # left out when empty, so the hashes (and record names) of built-in runs stay as they were
         plugin = d.pop("plugin")
         if plugin:
@@ -299,12 +323,14 @@ class RunSpec:
     def dense_key(self) -> Dict[str, Any]:
         """What decides the dense checkpoint: shared by every method of the same (model, data, seed)."""
         r = self.recipe
+        # a compiled forward computes in another order; micro-batches normalise BatchNorm on fewer images
+        changed = {k: v for k, v in recipe_dict(r).items() if k in RECIPE_OMITTED_DEFAULTS}
         return {
             "model": self.model, "model_args": dict(self.model_args), "dataset": self.dataset,
             "data": dataclasses.asdict(self.data), "seed": self.seed, "pretrained": self.pretrained,
-            "recipe": {k: getattr(r, k) for k in ("batch_size", "pretrain_epochs", "optimizer", "lr", "momentum",
-                                                   "weight_decay", "label_smoothing", "warmup_fraction",
-                                                   "evals_per_epoch", "precision")},
+            "recipe": {**{k: getattr(r, k) for k in ("batch_size", "pretrain_epochs", "optimizer", "lr", "momentum",
+                                                     "weight_decay", "label_smoothing", "warmup_fraction",
+                                                     "evals_per_epoch", "precision")}, **changed},
         }
 
 

@@ -40,7 +40,7 @@ class DatasetInfo:
     name: str
     num_classes: int
     img_size: int                      # resolution the model sees
-    mean: Tuple[float, float, float]   # normalisation applied by the transforms
+    mean: Tuple[float, float, float]   # normalisation of uint8 images, applied by the loader on the device
     std: Tuple[float, float, float]
     in_chans: int = 3
     source: str = ""                   # where the data comes from, licence

@@ -126,7 +126,7 @@ def load_cifar(spec: CifarSpec, root: Path, img_size: Optional[int], download: b
             raise corrupt(spec.name, base, f"{split} labels outside 0..{num_classes - 1}")
 
     size = img_size or NATIVE_SIZE
-    train_tf, eval_tf = small_image_transforms(NATIVE_SIZE, size, spec.mean, spec.std)
+    train_tf, eval_tf = small_image_transforms(NATIVE_SIZE, size)
     info = DatasetInfo(
         name=spec.name, num_classes=num_classes, img_size=size, mean=spec.mean, std=spec.std, source=spec.source,
     )

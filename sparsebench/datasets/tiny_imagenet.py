@@ -137,7 +137,7 @@ def load_tiny_imagenet(root: Path, img_size: Optional[int] = None, download: boo
     classes, train_samples, test_samples = scan(base)
 
     size = img_size or NATIVE_SIZE
-    train_tf, eval_tf = small_image_transforms(NATIVE_SIZE, size, MEAN, STD)
+    train_tf, eval_tf = small_image_transforms(NATIVE_SIZE, size)
     train = ImageList(train_samples)
     info = DatasetInfo(name=NAME, num_classes=len(classes), img_size=size, mean=MEAN, std=STD, source=SOURCE)
     return image_splits(train, ImageList(test_samples), train.targets, (train_tf, eval_tf), info)

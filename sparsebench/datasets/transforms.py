@@ -10,11 +10,13 @@ Two recipes cover every image dataset:
   ImageNet) at 224 px by default: train = RandomResizedCrop(size) + RandomHorizontalFlip,
   eval = Resize(int(size / 0.875)) + CenterCrop(size).
 
-Both end with ToTensor (float32 in [0, 1]) and Normalize(mean, std).
+Both end with PILToTensor: a uint8 CHW tensor. The loader collates uint8 batches and normalises
+them on the device by the dataset's `DatasetInfo.mean` / `std` (`training/loading.py`), as
+ToTensor + Normalize would have per image.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Tuple
 
 from torch.utils.data import Dataset
 from torchvision import transforms as T
@@ -26,26 +28,26 @@ EVAL_CROP_FRACTION = 0.875
 Pair = Tuple[Callable, Callable]
 
 
-def _to_tensor(mean: Sequence[float], std: Sequence[float]) -> list:
-    return [T.ToTensor(), T.Normalize(tuple(mean), tuple(std))]
+def _to_tensor() -> list:
+    return [T.PILToTensor()]
 
 
-def small_image_transforms(native: int, img_size: int, mean, std) -> Pair:
+def small_image_transforms(native: int, img_size: int) -> Pair:
     """(train, eval) transforms for low-resolution datasets; pad = img_size // 8."""
     resize = [] if img_size == native else [T.Resize((img_size, img_size))]
     pad = max(1, img_size // 8)
     train = T.Compose(
-        resize + [T.RandomCrop(img_size, padding=pad), T.RandomHorizontalFlip()] + _to_tensor(mean, std)
+        resize + [T.RandomCrop(img_size, padding=pad), T.RandomHorizontalFlip()] + _to_tensor()
     )
-    evaluate = T.Compose(resize + _to_tensor(mean, std))
+    evaluate = T.Compose(resize + _to_tensor())
     return train, evaluate
 
 
-def transfer_transforms(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Pair:
+def transfer_transforms(img_size: int) -> Pair:
     """(train, eval) transforms for ImageNet-style datasets at `img_size` (default 224)."""
-    train = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()] + _to_tensor(mean, std))
+    train = T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()] + _to_tensor())
     evaluate = T.Compose(
-        [T.Resize(int(img_size / EVAL_CROP_FRACTION)), T.CenterCrop(img_size)] + _to_tensor(mean, std)
+        [T.Resize(int(img_size / EVAL_CROP_FRACTION)), T.CenterCrop(img_size)] + _to_tensor()
     )
     return train, evaluate
 

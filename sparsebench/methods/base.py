@@ -130,6 +130,13 @@ class MethodContext:
     checkpoints: Optional[RunCheckpoints] = None   # the run's resume point; every make_trainer fit uses it
     compute: ComputeMeter = field(default_factory=ComputeMeter)   # training MACs of the method
     curve: TrainingCurve = field(default_factory=TrainingCurve)  # loss, lr, val, events of the method's fits
+    trainers: List[Trainer] = field(default_factory=list)        # every trainer make_trainer built
+
+    def finish_trainers(self) -> None:
+        """Read every trainer's unread losses (`Diverged` if one is not finite; a method that calls
+        `train_step` itself leaves the last few unread) and give the models back in the default layout."""
+        for trainer in self.trainers:
+            trainer.finish()
 
     def make_trainer(
         self,
@@ -149,13 +156,15 @@ class MethodContext:
         trainable modules join through `param_groups` (dicts as torch optimizers take them).
         """
         recipe = recipe or self.recipe
-        return Trainer(
+        trainer = Trainer(
             model if model is not None else self.model, self.train_loader, recipe, self.device,
             self.num_classes, lr if lr is not None else recipe.lr, hooks=hooks, param_groups=param_groups,
             budget=self.budget, train_model_params=train_model_params, model_mode=model_mode,
             no_weight_decay=no_weight_decay, checkpoints=self.checkpoints, compute=self.compute, stage="method",
             curve=self.curve,
         )
+        self.trainers.append(trainer)
+        return trainer
 
     def count_macs(self, model: Optional[nn.Module] = None):
         from sparsebench.measure.flops import count_macs

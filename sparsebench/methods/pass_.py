@@ -451,7 +451,7 @@ class MaskedPromptSearch(TrainerHook):
         self.soft: List[torch.Tensor] = []
         self.last_masks: List[torch.Tensor] = []
         self.recalibrated: Optional[List[torch.Tensor]] = None     # masks at the last recalibration
-        self.losses: List[float] = []
+        self.losses: list = []        # per step: the loss on the device until loss_values() reads it
         self.masked_val: List[Tuple[int, float]] = []
 
     def masks(self) -> List[torch.Tensor]:
@@ -481,7 +481,7 @@ class MaskedPromptSearch(TrainerHook):
         stride = max(1, math.ceil(recalibrations / VAL_POINTS))
         if self.val_loader is not None and (trainer.step // self.bn_every) % stride == 0:
             acc = evaluate(model, self.val_loader, trainer.device, trainer.num_classes,
-                           transform=self.search.prompted).top1
+                           transform=self.search.prompted, precision=trainer.recipe.precision).top1
             trainer.curve.add_value("masked_val_top1", trainer.position, acc)
             self.masked_val.append((trainer.position, acc))
             numbers["masked_val_top1"] = acc
@@ -490,7 +490,7 @@ class MaskedPromptSearch(TrainerHook):
     def before_forward(self, trainer, inputs, targets):
         self.anneal(trainer.step)
         values = self.masks()
-        if self.bn_every and trainer.step % self.bn_every == 0:
+        if self.bn_every and trainer.step % self.bn_every == 0 and trainer.micro_batch == 0:   # once per step
             self.adapt_bn(trainer)
         self.gates.set(values)
         return self.search.prompted(inputs), targets
@@ -502,11 +502,19 @@ class MaskedPromptSearch(TrainerHook):
         return self.lambda_flops * torch.log(soft_macs / (self.flops_ratio * self.space.dense_macs)).abs()
 
     def after_step(self, trainer) -> None:
-        self.losses.append(float(trainer.loss.detach()))
+        self.losses.append(trainer.loss.detach())     # read later, in one go: no host sync per step
+
+    def loss_values(self) -> List[float]:
+        """The search's training losses, one per step, as numbers."""
+        unread = [i for i, v in enumerate(self.losses) if isinstance(v, torch.Tensor)]
+        if unread:
+            for i, value in zip(unread, torch.stack([self.losses[i].float() for i in unread]).tolist()):
+                self.losses[i] = value
+        return self.losses
 
     def state_dict(self) -> dict:
         """The telemetry so far, so a resumed search reports all of its steps."""
-        return {"losses": list(self.losses), "masked_val": [list(p) for p in self.masked_val],
+        return {"losses": list(self.loss_values()), "masked_val": [list(p) for p in self.masked_val],
                 "recalibrated": None if self.recalibrated is None else [k.clone() for k in self.recalibrated]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -653,7 +661,8 @@ class PASS(Method):
         start = time.perf_counter()
         try:
             gates.set([k.float().to(ctx.device) for k in prior_kept])
-            frozen_bn_val = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes).top1   # prior's masks, dense BN
+            frozen_bn_val = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes,
+                                     precision=ctx.recipe.precision).top1   # prior's masks, dense BN
             gates.clear()
             if steps > 0:
                 trainer.fit(steps, progress=ctx.progress, desc="pass search")
@@ -668,7 +677,8 @@ class PASS(Method):
             for name, masks in (("searched", kept), ("prior", prior_kept)):
                 gates.set([k.float().to(ctx.device) for k in masks])
                 recalibrate_bn(model, batches)           # the same batches for both: only the masks differ
-                final_val[name] = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes).top1
+                final_val[name] = evaluate(model, ctx.val_loader, ctx.device, ctx.num_classes,
+                                           precision=ctx.recipe.precision).top1
                 gates.clear()
         finally:
             gates.remove()
@@ -710,7 +720,7 @@ class PASS(Method):
         changed = units_changed(kept, prior_kept)
         delta = torch.cat([(b - a).abs() for a, b in zip(learned_start, learned_end)])
         visible = search.prompt.visible().detach()
-        losses = hook.losses
+        losses = hook.loss_values()
         tenth = max(1, len(losses) // 10)
         r = lambda v, n=4: None if v is None else round(float(v), n)
         return {

@@ -365,8 +365,8 @@ def evaluate_loaded(loaded: LoadedModel, data_root: Optional[str] = None, device
     (same split, order and batch); an `Accuracy`."""
     from sparsebench.datasets import create_dataset
     from sparsebench.runners.pipeline import EVAL_BATCH
+    from sparsebench.training.loading import device_loader
     from sparsebench.training.trainer import evaluate
-    from torch.utils.data import DataLoader
 
     record = loaded.record
     if record is None:
@@ -374,8 +374,9 @@ def evaluate_loaded(loaded: LoadedModel, data_root: Optional[str] = None, device
     d = record.spec["data"]
     data = create_dataset(record.dataset, data_root, d.get("img_size"), d.get("val_fraction", 0.1),
                           d.get("split_seed", 0), False)
-    loader = DataLoader(data.test, batch_size=EVAL_BATCH)
-    return evaluate(loaded.model.to(device).eval(), loader, torch.device(device), data.info.num_classes)
+    loader = device_loader(data.test, device, data.info.mean, data.info.std, batch_size=EVAL_BATCH)
+    return evaluate(loaded.model.to(device).eval(), loader, torch.device(device), data.info.num_classes,
+                    precision=record.spec.get("recipe", {}).get("precision", "fp32"))
 
 
 # --- re-timing --------------------------------------------------------------------------------

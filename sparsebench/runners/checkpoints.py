@@ -93,9 +93,10 @@ def dense_checkpoint(
         finally:        # the fit's workers and prefetched batches are not kept through the evaluations
             release_workers(loaders["train_dense"])
         wall = result.wall_seconds
-        val = evaluate(model, loaders["val"], device, num_classes)
+        val = evaluate(model, loaders["val"], device, num_classes, precision=spec.recipe.precision)
         _check_finite(model, val.loss, spec)
-        test = evaluate(model, loaders["test"], device, num_classes)   # the dense reference, once
+        test = evaluate(model, loaders["test"], device, num_classes,   # the dense reference, once
+                        precision=spec.recipe.precision)
         meta = {"hash": digest, "val_top1": val.top1, "test_top1": test.top1, "test_top5": test.top5,
                 "steps": result.steps, "wall_seconds": wall, "pretrained_sha256": pretrained_sha,
                 "train_macs": trainer.compute.as_dict()}

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sparsebench.specs import SpecError
+from sparsebench.training.loading import DeviceLoader
 from sparsebench.training.rank_data import RankAugmentedLoader
 
 SHM_PATH = Path("/dev/shm")
@@ -41,9 +42,15 @@ DEFAULT_PREFETCH = 2          # torch's own default prefetch_factor
 log = logging.getLogger("sparsebench")
 
 
-def release_workers(loader: DataLoader) -> None:
+def _data_loader(loader) -> DataLoader:
+    """The DataLoader itself, also where a `DeviceLoader` wraps it."""
+    return loader.loader if isinstance(loader, DeviceLoader) else loader
+
+
+def release_workers(loader) -> None:
     """Shut down a loader's persistent worker processes, and free the batches they prefetched.
     The loader stays usable: its next epoch starts fresh workers."""
+    loader = _data_loader(loader)
     iterator = getattr(loader, "_iterator", None)
     if iterator is None:
         return
@@ -87,7 +94,7 @@ class RunLoaders(dict):
         if loader is self._training:
             return
         for other in self.values():
-            if other is not loader:
+            if _data_loader(other) is not loader:
                 release_workers(other)
         self._training = loader
 

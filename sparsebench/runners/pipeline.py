@@ -39,9 +39,12 @@ from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, l
 from sparsebench.runners.loaders import RankRunLoader, RunLoader, RunLoaders, loader_arguments, prefetch_plan
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
+from sparsebench.training.loading import DeviceLoader, loader_kwargs
 from sparsebench.training.rank_data import RankShard
 from sparsebench.training.resume import RunCheckpoints
-from sparsebench.training.trainer import COST_CONVENTION, Accuracy, StepBudget, Trainer, evaluate, non_finite_tensors
+from sparsebench.training.trainer import (
+    COST_CONVENTION, Accuracy, StepBudget, Trainer, cudnn_benchmark, evaluate, non_finite_tensors, training_loop,
+)
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import MacsReport, count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
@@ -148,8 +151,9 @@ def _with_full_config(spec: RunSpec, method) -> RunSpec:
 PHASES = ("dense", "method", "finetune")
 
 
-def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> RunLoaders:
-    """Train loaders per phase, plus val and test.
+def make_loaders(data, batch_size: int, seed: int, workers: int = 0, device="cpu") -> RunLoaders:
+    """Train loaders per phase, plus val and test, each a `DeviceLoader`: uint8 batches collated by
+    the workers, pinned and copied ahead on CUDA, normalised on `device` (`training/loading.py`).
 
     Each phase has its own generator, seeded from (seed, phase), so the data order of one
     phase never depends on how many batches another consumed. Runs with the same seed see
@@ -170,7 +174,8 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> RunLoade
                         f"allowed: a multiple of {platform.world_size}")
     plan = prefetch_plan(data.train, batch_size, EVAL_BATCH, workers, platform.world_size) if workers > 0 else None
     loaders = RunLoaders(plan=plan)
-    persistent = loader_arguments(plan, persistent=True)
+    pinned = loader_kwargs(device)            # uint8 collation; pinned memory on CUDA
+    persistent = {**loader_arguments(plan, persistent=True), **pinned}
     for i, phase in enumerate(PHASES):
         generator = torch.Generator().manual_seed(seed * len(PHASES) + i)
         if platform.world_size == 1:
@@ -185,7 +190,9 @@ def make_loaders(data, batch_size: int, seed: int, workers: int = 0) -> RunLoade
         samples = getattr(data, split)
         shard = RankShard(len(samples), platform.rank, platform.world_size) if platform.world_size > 1 else None
         loaders[split] = RunLoader(samples, batch_size=EVAL_BATCH, sampler=shard, group=loaders, train=False,
-                                   **loader_arguments(plan, persistent=persists))
+                                   **loader_arguments(plan, persistent=persists), **pinned)
+    for name, loader in loaders.items():
+        loaders[name] = DeviceLoader(loader, device, data.info.mean, data.info.std)
     return loaders
 
 
@@ -233,7 +240,8 @@ def data_stage(spec: RunSpec, options: RunOptions) -> DataStage:
     n_train = data.split["n_train"]
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
     return DataStage(
-        info=info, split=dict(data.split), loaders=make_loaders(data, recipe.batch_size, spec.seed, spec.data.workers),
+        info=info, split=dict(data.split),
+        loaders=make_loaders(data, recipe.batch_size, spec.seed, spec.data.workers, options.device),
         input_size=(info.in_chans, info.img_size, info.img_size), steps_per_epoch=steps_per_epoch,
         eval_every=max(1, int(steps_per_epoch / recipe.evals_per_epoch)),
         pretrain_steps=recipe.steps(recipe.pretrain_epochs, n_train),
@@ -312,7 +320,12 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
     start, paused = time.perf_counter(), timing_section().paused_seconds
     outcome, diverged = None, None
     try:
-        outcome = method.run(ctx)
+        try:
+            outcome = method.run(ctx)
+        except Exception:
+            ctx.finish_trainers()      # a failure after an unread non-finite loss is that divergence
+            raise
+        ctx.finish_trainers()
         _check_finite(outcome.model, "method")
     except Diverged as d:
         diverged = _in_stage(d, "method")
@@ -381,12 +394,13 @@ class EvaluationStage:
     test: Accuracy                   # the one test evaluation of the run
 
 
-def evaluation_stage(model: nn.Module, data: DataStage, device: torch.device) -> EvaluationStage:
+def evaluation_stage(model: nn.Module, data: DataStage, device: torch.device, precision: str = "fp32") -> EvaluationStage:
+    """Validation and the one test evaluation, under the training `precision`."""
     model.eval()
     try:
-        val = evaluate(model, data.loaders["val"], device, data.info.num_classes)
+        val = evaluate(model, data.loaders["val"], device, data.info.num_classes, precision=precision)
         return EvaluationStage(val, evaluate(model, data.loaders["test"], device, data.info.num_classes,
-                                             per_sample=True))
+                                             per_sample=True, precision=precision))
     finally:
         data.loaders.release()          # measurement times latency with no worker process left
 
@@ -557,7 +571,9 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
               **({"loader": data.loaders.plan.as_dict()} if data.loaders.plan is not None else {})}),
         structure=plain(outcome.structure) if outcome else None, notes=plain(outcome.notes) if outcome else {},
         sparsity_pattern=outcome.pattern if outcome else None,
-        environment=plain(_environment(device, spec.measure.threads)), code_version=plain(code_version()),
+        environment=plain({**_environment(device, spec.measure.threads),
+                           "training_loop": training_loop(spec.recipe, device, dense.model if dense else None)}),
+        code_version=plain(code_version()),
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         plugin=dict(spec.plugin) or None, error=str(diverged) if diverged else None,
         mechanism=recorded_mechanism(method, outcome) if outcome is not None else None,
@@ -626,6 +642,7 @@ def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord
         spec = _with_full_config(spec, method)
         device = torch.device(options.device)
         torch.set_num_threads(spec.measure.threads)
+        torch.backends.cudnn.benchmark = cudnn_benchmark(device)     # per run, and stated in its record
     progress = options.progress
 
     with times("data"):
@@ -685,7 +702,7 @@ def train_and_measure(spec: RunSpec, method: Method, data: DataStage, dense: Den
             finetune = finetune_stage(spec, method_result.outcome, data, device, progress, partial)
         if finetune.diverged is None:
             with times("evaluation"):
-                evaluation = evaluation_stage(method_result.outcome.model, data, device)
+                evaluation = evaluation_stage(method_result.outcome.model, data, device, spec.recipe.precision)
             measured = measurement_stage(spec, method_result.outcome, dense, data, device, times)
     return method_result, finetune, evaluation, measured
 
@@ -697,6 +714,7 @@ def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:
     spec = _with_full_config(spec, method)
     device = torch.device(options.device)
     torch.set_num_threads(spec.measure.threads)
+    torch.backends.cudnn.benchmark = cudnn_benchmark(device)
     data = data_stage(spec, options)
     try:
         return dense_checkpoint(spec, cache_dir_of(options), model_factory(spec, data.info, device), data.loaders,

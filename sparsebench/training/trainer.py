@@ -25,6 +25,20 @@ Extra trainable modules (prompts, hypernetworks, selectors, decoders) join throu
 `param_groups`. Every optimizer step is counted against the method's budget, and a
 non-finite loss stops training with `Diverged` rather than training on NaNs.
 
+Micro-batches (gradient accumulation): with `recipe.device_batch` set, a batch larger than it runs
+as micro-batches. `before_forward`, the forward, `compute_loss`, `extra_loss` and backward run once
+per micro-batch (`trainer.micro_batch` counts them from 0; each micro-batch's loss is weighted by
+its share of the batch, so the gradients add up to the whole batch's); `after_backward`, the
+optimizer step and `after_step` run once, with the gradients of the whole batch. Optimizer steps,
+the LR schedule and the budget count batches, not micro-batches.
+
+Feeding the device (as timm's train.py does): batches arrive on the device from a `DeviceLoader`
+(`training/loading.py`); on CUDA a CNN trains in channels_last; `recipe.compile` trains through
+`torch.compile`; evaluation runs under the training precision. The loss is read from the device
+(for the divergence check and the curve) only every `finite_check_every` steps on CUDA, in
+`_check_finite`, so steps queue without a host sync; on CPU, where reading costs nothing, every
+step, as before. A step that fails after an unread non-finite loss is reported as that divergence.
+
 Resume (`training/resume.py`): given a `RunCheckpoints`, every `fit` saves the trainer's
 `state_dict()` (model, extra parameters, optimizer, step and schedule, budget, compute meter,
 data position, every hook's `state_dict()`) with the process RNG states, and a rerun of the
@@ -38,6 +52,7 @@ forward does not show (a teacher's forward, a decoder) adds it with `trainer.add
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -66,6 +81,32 @@ COST_CONVENTION = (
     "computes; 1 x forward when no model parameter requires grad (activation gradients only); hooks add "
     "extra work (teacher forwards, decoders) through Trainer.add_macs"
 )
+
+
+# Optimizer steps between reads of the training loss on an asynchronous device (CUDA): each read waits
+# for the device, and a divergence is still stopped within this many steps of its first non-finite loss.
+FINITE_CHECK_EVERY = 50
+
+
+def is_convnet(model: nn.Module) -> bool:
+    """A model with a sliding-window convolution (a CNN), whose convolutions run faster in channels_last.
+    A ViT's only convolution patchifies (kernel = stride) and gains nothing from it."""
+    return any(isinstance(m, nn.Conv2d) and m.kernel_size != m.stride for m in model.modules())
+
+
+def cudnn_benchmark(device: torch.device) -> bool:
+    """Whether a run on `device` lets cuDNN pick its fastest kernels by timing (fixed shapes: always on CUDA)."""
+    return torch.device(device).type == "cuda"
+
+
+def training_loop(recipe: Recipe, device: torch.device, model: Optional[nn.Module]) -> dict:
+    """How a run's trainers feed and step the device, as its record states it."""
+    device = torch.device(device)
+    return {"cudnn_benchmark": cudnn_benchmark(device),
+            "channels_last": None if model is None else device.type == "cuda" and is_convnet(model),
+            "compile": recipe.compile, "micro_batches": recipe.micro_batches(recipe.batch_size),
+            "device_batch": recipe.device_batch, "loss_read_every": 1 if device.type == "cpu" else FINITE_CHECK_EVERY,
+            "input": "uint8 batches normalised on the device"}
 
 
 class BudgetExceeded(RuntimeError):
@@ -171,34 +212,46 @@ class Accuracy:
     labels: Optional[torch.Tensor] = None
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast for `precision="bf16"` (a no-op context for fp32)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, num_classes: int,
-             per_sample: bool = False, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Accuracy:
+             per_sample: bool = False, transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             precision: str = "fp32") -> Accuracy:
     """Accuracy as sum of correct over sum of samples (never a mean of batch means).
     `per_sample` also keeps each sample's top-1 correctness and label, in loader order, so
     that two models evaluated on the same (unshuffled) loader can be compared sample by sample.
-    `transform` is applied to each input batch first (e.g. a visual prompt). On a DDP run's
+    `transform` is applied to each input batch first (e.g. a visual prompt). `precision` is the
+    training recipe's: a bf16-trained model is evaluated under the same autocast. On a DDP run's
     sharded split (`RankShard`) each rank evaluates its share and every rank gets the totals."""
     was_training = model.training
     model.eval()
-    correct1 = correct5 = 0
-    loss_sum, n = 0.0, 0
+    # counted on the device and read once at the end: no host sync per batch (the float64 loss sum
+    # adds the per-batch float32 sums exactly as Python floats did)
+    device = torch.device(device)
+    correct1 = torch.zeros((), dtype=torch.long, device=device)
+    correct5 = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     hits, labels = [], []
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with timing_section().work():      # as a training step: not while another worker times latency
-            logits = model(x if transform is None else transform(x))
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with timing_section().work(), autocast(precision, device):   # as a training step: not while another worker times latency
+            logits = model(x if transform is None else transform(x)).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         top = logits.topk(min(5, num_classes), dim=1).indices
-        correct1 += int((top[:, 0] == y).sum())
-        correct5 += int((top == y[:, None]).any(dim=1).sum())
+        correct1 += (top[:, 0] == y).sum()
+        correct5 += (top == y[:, None]).any(dim=1).sum()
         n += len(y)
         if per_sample:
-            hits.append((top[:, 0] == y).cpu())
-            labels.append(y.cpu())
+            hits.append(top[:, 0] == y)
+            labels.append(y)
     model.train(was_training)
-    hits = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    hits = torch.cat(hits).cpu() if hits else torch.zeros(0, dtype=torch.bool)
+    labels = torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.long)
+    correct1, correct5, loss_sum = int(correct1), int(correct5), float(loss_sum)    # the one read
     shard = sharded(loader)
     if shard is not None:            # this rank's share of a DDP run's split: every sample counted once
         correct1, correct5, loss_sum, n = shard.totals(correct1, correct5, loss_sum, n)
@@ -266,6 +319,10 @@ class Trainer:
         self.schedule_start, self.schedule_steps = 0, None   # LR schedule horizon
         self.loss: Optional[torch.Tensor] = None
         self.batch = None
+        self.micro_batch = 0              # which micro-batch of the step the hooks see (recipe.device_batch)
+        self.finite_check_every = 1 if device.type == "cpu" else FINITE_CHECK_EVERY
+        self.last_loss: Optional[float] = None   # the latest training loss read from the device
+        self._unread: List[tuple] = []    # (step, curve position, loss on the device, lr) not yet read
         self._groups = []
         if train_model_params:
             exempt = {id(p) for p in no_weight_decay}
@@ -284,8 +341,12 @@ class Trainer:
         self._layer_macs = None          # (input shape, dense per-image MACs, {id(weight): dense MACs})
         self._forward_macs = None        # (mask versions, per-image MACs with masks)
         self._platform = current_platform()
+        self.channels_last = device.type == "cuda" and is_convnet(model)
+        self._set_memory_format(training=True)
         self._ddp = self._distributed_model(train_model_params)
         self._mask_versions: Dict[int, int] = {}
+        # torch.compile traces on the first step; masks and hooks change weights in place, which it sees
+        self._compiled = torch.compile(self._ddp or self.model) if recipe.compile else None
 
     # --- torchrun / DDP ----------------------------------------------------------------------
     def _distributed_model(self, train_model_params: bool):
@@ -375,20 +436,64 @@ class Trainer:
 
     def autocast(self):
         """bf16 autocast for `precision="bf16"`: parameters, gradients, masks and optimizer state stay fp32."""
-        enabled = self.recipe.precision == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return autocast(self.recipe.precision, self.device)
+
+    def _set_memory_format(self, training: bool) -> None:
+        """channels_last while a CNN trains on CUDA; the default layout otherwise (measurement, saving)."""
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last if training else torch.contiguous_format)
+            self._training_format = training
 
     def next_batch(self):
+        """The next training batch on the device (normalised float images; see `training/loading.py`)."""
         if self._data is None:
             self._data = LoaderPosition(self.train_loader)
         x, y = next(self._data)
-        return x.to(self.device), y.to(self.device)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step: forward, loss (+ hooks' terms), backward, hooks, step, hooks.
         A step is work in the timing section: it waits while another worker times latency."""
         with timing_section().work():
-            return self._train_step()
+            try:
+                return self._train_step()
+            except Diverged:
+                raise
+            except Exception:
+                # after an unread non-finite loss a step can fail on the NaNs it left (a top-k of NaN
+                # scores, a multinomial of NaN probabilities): that is the divergence, reported as such
+                self._check_finite()
+                raise
+
+    def _check_finite(self) -> None:
+        """Read the losses of the steps since the last read from the device (one sync) onto the curve.
+        A non-finite one ends training with `Diverged`, naming the step that produced it and, when it
+        was read later, the step at which it was read. On CPU every step is read at once."""
+        if not self._unread:
+            return
+        unread, self._unread = self._unread, []
+        values = torch.stack([loss.float() for _, _, loss, _ in unread]).tolist()
+        bad = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+        for (step, position, _, lr), value in zip(unread[:bad], values[:bad]):
+            self.curve.add_step(position, value, lr)
+            self.last_loss = value
+        # every rank of a DDP run reads at the same steps, and stops here together (`any_rank`)
+        if any_rank(bad is not None):
+            read = unread[-1][0]
+            if bad is None:
+                raise Diverged(self.stage, f"non-finite training loss on another rank, read at step {read}")
+            step = unread[bad][0]
+            late = "" if step == read else f", read at step {read}"
+            raise Diverged(self.stage, f"non-finite training loss ({values[bad]:.3g}) at step {step}{late}")
+
+    def finish(self) -> None:
+        """Read the losses not yet read (`Diverged` if one is not finite) and give the model back in the
+        default memory format. `fit` does this as it ends; code that calls `train_step` itself calls it."""
+        self._check_finite()
+        self._set_memory_format(training=False)
 
     def _train_step(self) -> torch.Tensor:
         if self.schedule_steps is None:
@@ -396,45 +501,71 @@ class Trainer:
         if self.budget is not None:
             self.budget.spend(1)
         self.model.train(self.model_mode == "train")
+        if self.channels_last and not self._training_format:
+            self._set_memory_format(training=True)
         x, y = self.next_batch()
         # counted before the training forward, so its extra forward (first step only) cannot
         # overwrite activations a hook captures for after_backward
         per_image = self.forward_macs_per_image(x.shape[1:])
-        for h in self.hooks:
-            replaced = h.before_forward(self, x, y)
-            if replaced is not None:
-                x, y = replaced
-        self.batch = (x, y)
-        self._set_lr()
-        with self.autocast():
-            outputs = (self._ddp or self.model)(x)
-            loss = F.cross_entropy(outputs.float(), y, label_smoothing=self.recipe.label_smoothing)
-            for h in self.hooks:
-                loss = h.compute_loss(self, x, outputs, y, loss)
-            for h in self.hooks:
-                extra = h.extra_loss(self, x, outputs, y)
-                if extra is not None:
-                    loss = loss + extra
-        loss_value = float(loss.detach())        # one device sync per step, for the check and the curve
-        if any_rank(not math.isfinite(loss_value)):      # every rank of a DDP run stops at this step together
-            own = f"({loss_value:.3g})" if not math.isfinite(loss_value) else "on another rank"
-            raise Diverged(self.stage, f"non-finite training loss {own} at step {self.step + 1}")
+        loss, self.batch = self._forward_backward(x, y)
+        self._unread.append((self.step + 1, self.position, loss.detach(), self.optimizer.param_groups[0]["lr"]))
+        if len(self._unread) >= self.finite_check_every:
+            self._check_finite()         # before the optimizer step: a non-finite loss never reaches the weights
         self.loss = loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if self._platform.distributed:
             self._average_extra_gradients()
         self._count_step(x.shape[0] * self._platform.world_size * per_image)   # every rank's share of the batch
         for h in self.hooks:
             h.after_backward(self)
         self.optimizer.step()
-        self.curve.add_step(self.position, loss_value, self.optimizer.param_groups[0]["lr"])
         self.step += 1
         for h in self.hooks:
             h.after_step(self)
         if self._platform.distributed:
             self._sync_masks()
         return loss.detach()
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """Forward, loss and backward of one batch, as micro-batches of at most `recipe.device_batch`
+        images whose losses are weighted by their share of the batch (their gradients sum to the
+        whole batch's). Returns the batch's loss (with its graph when there is one micro-batch) and
+        the batch as the hooks left it."""
+        forward = self._compiled or self._ddp or self.model
+        count = self.recipe.micro_batches(len(y))
+        parts = list(zip(x.tensor_split(count), y.tensor_split(count)))
+        total, seen = None, []
+        for i, (xi, yi) in enumerate(parts):
+            self.micro_batch = i
+            share = len(yi) / len(y)
+            for h in self.hooks:
+                replaced = h.before_forward(self, xi, yi)
+                if replaced is not None:
+                    xi, yi = replaced
+            seen.append((xi, yi))
+            self.batch = (xi, yi)
+            if i == 0:
+                self._set_lr()
+            # DDP averages gradients over the ranks once per optimizer step, at the last micro-batch
+            no_sync = self._ddp.no_sync() if self._ddp is not None and i < count - 1 else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast():
+                    outputs = forward(xi)
+                    loss = F.cross_entropy(outputs.float(), yi, label_smoothing=self.recipe.label_smoothing)
+                    for h in self.hooks:
+                        loss = h.compute_loss(self, xi, outputs, yi, loss)
+                    for h in self.hooks:
+                        extra = h.extra_loss(self, xi, outputs, yi)
+                        if extra is not None:
+                            loss = loss + extra
+                if count > 1:
+                    loss = loss * share
+                if i == 0:
+                    self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            total = loss if count == 1 else loss.detach() + (0 if total is None else total)
+        self.micro_batch = 0
+        batch = seen[0] if count == 1 else (torch.cat([b[0] for b in seen]), torch.cat([b[1] for b in seen]))
+        return total, batch
 
     # --- training cost ---------------------------------------------------------------------
     def add_macs(self, forward: int = 0, backward: int = 0) -> None:
@@ -481,6 +612,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """Everything a resumed fit needs from this trainer (RNG states are the checkpoint's)."""
+        self._check_finite()             # the saved curve holds every step taken
         return {
             "step": self.step, "schedule_start": self.schedule_start, "schedule_steps": self.schedule_steps,
             "model": self.model.state_dict(),
@@ -578,12 +710,13 @@ class Trainer:
             loss = self.train_step()
             if bar is not None:
                 bar.update(1)
-                if i % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.3f}")
+                if i % 10 == 0 and self.last_loss is not None:
+                    bar.set_postfix(loss=f"{self.last_loss:.3f}")
             last = i == steps - 1
             if val_loader is not None and eval_every and ((i + 1) % eval_every == 0 or last):
-                acc = evaluate(self.model, val_loader, self.device, self.num_classes)
-                result.history.append({"step": self.step, "val_top1": acc.top1, "train_loss": float(loss)})
+                self._check_finite()     # never select on a model trained past a non-finite loss
+                acc = evaluate(self.model, val_loader, self.device, self.num_classes, precision=self.recipe.precision)
+                result.history.append({"step": self.step, "val_top1": acc.top1, "train_loss": self.last_loss})
                 self.curve.add_val(self.position, acc.top1)
                 if result.best_val_top1 is None or acc.top1 > result.best_val_top1:
                     result.best_val_top1, result.best_step = acc.top1, self.step
@@ -593,6 +726,7 @@ class Trainer:
                 self._save(index, progress_state(False, i + 1))
         if bar is not None:
             bar.close()
+        self.finish()
         if best_state is not None:
             self.model.load_state_dict(best_state)
         result.steps = self.step - first

@@ -8,13 +8,13 @@ import pickle
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from sparsebench.datasets.replicas import (  # noqa: F401  (the fabricators live in the package)
     CIFAR10_CLASSES, FOOD_CLASSES, IMAGENET_WNIDS, PETS_BREEDS, PARTIAL_ENV, TINY_WNIDS, Py2Str, fabricate,
     make_cifar10, make_cifar100, make_flowers102, make_food101, make_imagenet, make_pets, make_tiny_imagenet,
     write_image, write_py2_pickle,
 )
+from sparsebench.training.loading import device_loader
 
 
 # --------------------------------------------------------------------------- shared assertions
@@ -41,10 +41,10 @@ def check_splits(splits, num_classes: int, n_train_total: int, n_test: int, img_
 
     for ds in (splits.train, splits.val, splits.test):
         x, y = ds[0]
-        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.uint8     # normalised by the loader
         assert tuple(x.shape) == (3, img_size, img_size)
         assert isinstance(y, int) and 0 <= y < num_classes
-    xb, yb = next(iter(DataLoader(splits.train, batch_size=4, shuffle=True)))
+    xb, yb = next(iter(device_loader(splits.train, "cpu", info.mean, info.std, batch_size=4, shuffle=True)))
     assert xb.shape == (min(4, len(splits.train)), 3, img_size, img_size) and xb.dtype == torch.float32
     assert yb.dtype == torch.int64 and int(yb.min()) >= 0 and int(yb.max()) < num_classes
     # normalised, not raw [0, 1] pixels

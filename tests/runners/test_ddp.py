@@ -190,13 +190,17 @@ class RandomDraws(torch.utils.data.Dataset):
                             dtype=torch.float64), 0
 
 
+# float samples pass through the device loader's normalisation (it normalises uint8 images only)
+NO_NORMALISATION = __import__("types").SimpleNamespace(mean=(0.0,), std=(1.0,))
+
+
 def _draws_of_each_rank(rank, tmp):
     from types import SimpleNamespace
 
     from sparsebench.runners.pipeline import make_loaders
     from sparsebench.training.resume import LoaderPosition
 
-    data = SimpleNamespace(train=RandomDraws(64), val=RandomDraws(8), test=RandomDraws(8))
+    data = SimpleNamespace(train=RandomDraws(64), val=RandomDraws(8), test=RandomDraws(8), info=NO_NORMALISATION)
     answer = {}
     for workers in (1, 0):
         torch.manual_seed(0)                            # as every stage seeds each rank alike
@@ -295,7 +299,8 @@ def _evaluate_shards(rank, tmp):
     torch.manual_seed(0)
     model = nn.Linear(6, 12)
     val = CountedSamples()
-    loaders = make_loaders(SimpleNamespace(train=CountedSamples(), val=val, test=CountedSamples()), 16, 0)
+    loaders = make_loaders(SimpleNamespace(train=CountedSamples(), val=val, test=CountedSamples(), info=NO_NORMALISATION),
+                           16, 0)
     shared = evaluate(model, loaders["val"], torch.device("cpu"), 12, per_sample=True)
     served = list(val.served)
     alone = evaluate(model, DataLoader(val, batch_size=7), torch.device("cpu"), 12, per_sample=True)

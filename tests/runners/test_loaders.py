@@ -91,5 +91,5 @@ def test_prefetching_is_bounded_by_shared_memory(digits, caplog):
     assert two_ranks.batch_bytes == per_sample * (32 + pipeline.EVAL_BATCH)
     # the loaders are built with the plan's prefetch factor
     loaders = make_loaders(digits, 64, 0, workers=2)
-    assert loaders.plan.prefetch_factor == loaders["train_dense"].prefetch_factor == loaders["val"].prefetch_factor
-    assert loaders["train_dense"].persistent_workers and not loaders["test"].persistent_workers
+    assert loaders.plan.prefetch_factor == loaders["train_dense"].loader.prefetch_factor == loaders["val"].loader.prefetch_factor
+    assert loaders["train_dense"].loader.persistent_workers and not loaders["test"].loader.persistent_workers
