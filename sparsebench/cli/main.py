@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "data at real image sizes, a few steps per stage; writes per-stage step time, memory, "
                         "/dev/shm, loader images/s and projected device-hours to OUT/rehearsal.{json,md}")
     p.add_argument("--device-batch", type=int, metavar="N",
-                   help="with --rehearse: images per step the device takes (default: the suite's batch on a GPU, "
-                        "8 on a CPU); a larger suite batch is timed at N and scaled")
+                   help="with --rehearse: images the device takes at once; on a GPU the suite's batch runs in "
+                        "micro-batches of N (default: the recipe's device_batch), on a CPU a step is timed at N "
+                        "images (default 8) and scaled to the suite's batch")
     p.add_argument("--rehearse-cover", choices=("datasets", "pairs"), default="datasets",
                    help="with --rehearse: every (method, model, dataset) (default), or every (method, model) pair "
                         "with each of a model's datasets read at least once (suites whose datasets share a size)")

@@ -15,9 +15,10 @@ evaluation, realization and latency, saved model, record):
   per core of this machine);
 - for REHEARSAL_STEPS optimizer steps per phase (a phased method, GaP, one step per phase at
   least), validation passes inside fits left out;
-- at the suite's batch where it fits the device (`--device-batch`, default: the suite's batch on
-  a GPU, CPU_DEVICE_BATCH on a CPU), otherwise at the device batch, with the step time scaled to
-  the suite's batch (linear in the batch: compute-bound steps; stated in every row);
+- on a GPU at the suite's batch, in micro-batches of `--device-batch` (or the recipe's
+  `device_batch`) with gradient accumulation where the batch does not fit at once; on a CPU at
+  `--device-batch` (default CPU_DEVICE_BATCH) images a step, the step time scaled to the suite's
+  batch (linear in the batch: compute-bound steps; stated in every row);
 - latency at batch 1, two alternating blocks each (the timing protocol, not its precision).
 
 Per stage (`RehearsalMeter`, one per setting) it writes: wall seconds, optimizer steps, the median
@@ -283,14 +284,18 @@ def rehearsal_settings(specs: List[RunSpec], cover: str = "datasets") -> List[Ru
 
 
 # --------------------------------------------------------------------------- the rehearsal spec
-def device_batch_of(spec: RunSpec, device_batch: Optional[int], cuda: bool) -> int:
-    """Images per step in the rehearsal: the suite's batch where it fits (`device_batch` or, on a
-    GPU without one, the suite's own), else the device batch."""
-    limit = device_batch or (spec.recipe.batch_size if cuda else CPU_DEVICE_BATCH)
-    return min(spec.recipe.batch_size, limit)
+def device_batch_of(spec: RunSpec, device_batch: Optional[int], cuda: bool) -> tuple:
+    """(images per optimizer step, images per micro-batch or None) in the rehearsal. On a GPU the
+    suite's own batch, in micro-batches of `device_batch` (else the recipe's `device_batch`) with
+    gradient accumulation, as the real run takes it; on a CPU a batch of `device_batch` (default
+    CPU_DEVICE_BATCH) or the suite's if smaller, its step time scaled to the suite's batch."""
+    if cuda:
+        return spec.recipe.batch_size, device_batch or spec.recipe.device_batch
+    return min(spec.recipe.batch_size, device_batch or CPU_DEVICE_BATCH), None
 
 
-def rehearsal_spec(spec: RunSpec, steps_per_epoch: int, batch: int, workers: int, cuda: bool) -> RunSpec:
+def rehearsal_spec(spec: RunSpec, steps_per_epoch: int, batch: int, workers: int, cuda: bool,
+                   micro_batch: Optional[int] = None) -> RunSpec:
     """The real-size, few-step version of a suite run (module docstring)."""
     from sparsebench.runners.smoke import minimum_steps
 
@@ -300,9 +305,10 @@ def rehearsal_spec(spec: RunSpec, steps_per_epoch: int, batch: int, workers: int
     def epochs(value: float, wanted: int) -> float:
         return 0.0 if value == 0 else wanted / steps_per_epoch
 
-    # bf16 autocast is a GPU setting: on a CPU it runs emulated, far slower than the fp32 a CPU would use
+    # bf16 autocast is a GPU setting: on a CPU it runs emulated, far slower than the fp32 a CPU would use;
+    # torch.compile is left out (minutes of compiling for three steps)
     precision = r.precision if cuda else "fp32"
-    recipe = dataclasses.replace(r, batch_size=batch, precision=precision,
+    recipe = dataclasses.replace(r, batch_size=batch, precision=precision, device_batch=micro_batch, compile=False,
                                  pretrain_epochs=epochs(r.pretrain_epochs, steps),
                                  finetune_epochs=epochs(r.finetune_epochs, REHEARSAL_STEPS),
                                  search_epochs=epochs(r.search_epochs, REHEARSAL_STEPS),
@@ -481,7 +487,7 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
                      "target": str(spec.target), "pair": pair_label(spec), "suite_batch": spec.recipe.batch_size,
                      "suite_workers": spec.data.workers, "suite_precision": spec.recipe.precision}
             try:
-                batch = device_batch_of(spec, device_batch, cuda)
+                batch, micro_batch = device_batch_of(spec, device_batch, cuda)
                 workers = min(spec.data.workers, cores)
                 if spec.dataset not in fabricated:
                     fabricate(spec.dataset, data_root, images_needed(batch, REPLICA_CLASSES[spec.dataset]), real_size=True)
@@ -496,7 +502,7 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
                                                                        batch, workers, sampler, spec.recipe.batch_size,
                                                                        spec.data.workers)
                 real = resolve(spec)
-                small = resolve(rehearsal_spec(spec, per_epoch[key], batch, workers, cuda))
+                small = resolve(rehearsal_spec(spec, per_epoch[key], batch, workers, cuda, micro_batch))
                 validate(small)
                 meter = RehearsalMeter(sampler, cuda)
                 with optimizer_steps_seen_by(meter):
@@ -541,7 +547,8 @@ def _entry_figures(real: RunSpec, small: RunSpec, record, meter: RehearsalMeter,
     if model_file:
         path = Path(options.out) / model_file
         size = round(path.stat().st_size / 2**20, 1) if path.exists() else None
-    return {"rehearsal_batch": batch, "rehearsal_workers": workers, "batch_scale": round(scale, 3),
+    return {"rehearsal_batch": batch, "rehearsal_micro_batch": small.recipe.device_batch,
+            "rehearsal_workers": workers, "batch_scale": round(scale, 3),
             "rehearsal_precision": small.recipe.precision,
             "dense_family": dense_family(real),
             "pretrain_step_seconds": scaled.get("pretrain"),

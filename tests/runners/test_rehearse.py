@@ -1,6 +1,7 @@
 """`sweep --rehearse`: every setting of a suite at its real model and resolution on fabricated data at
 real image sizes, through every stage, with per-stage figures and a device-hours projection; nothing
 reaches a results store."""
+import dataclasses
 import json
 import textwrap
 
@@ -47,10 +48,14 @@ def test_real_size_replicas_are_photo_sized_jpegs(tmp_path):
 def test_rehearsal_spec_keeps_model_and_resolution_and_scales_the_batch(tmp_path):
     suite = load_suite(write_suite(tmp_path))
     spec = suite.specs[0]
-    batch = device_batch_of(spec, None, cuda=False)
-    assert batch == CPU_DEVICE_BATCH
-    assert device_batch_of(spec, None, cuda=True) == 128          # the suite's batch where it fits
-    assert device_batch_of(spec, 4096, cuda=True) == 128
+    batch, micro = device_batch_of(spec, None, cuda=False)
+    assert (batch, micro) == (CPU_DEVICE_BATCH, None)
+    assert device_batch_of(spec, 4, cuda=False) == (4, None)
+    assert device_batch_of(spec, None, cuda=True) == (128, None)          # the suite's batch, at once
+    assert device_batch_of(spec, 32, cuda=True) == (128, 32)              # or in micro-batches
+    with_micro = dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, device_batch=64))
+    assert device_batch_of(with_micro, None, cuda=True) == (128, 64)
+    assert rehearsal_spec(with_micro, 10, 128, 1, cuda=True, micro_batch=64).recipe.device_batch == 64
     small = rehearsal_spec(spec, steps_per_epoch=10, batch=batch, workers=1, cuda=False)
     assert small.model == spec.model and small.data.img_size == spec.data.img_size
     assert small.recipe.batch_size == batch and small.recipe.precision == "fp32"
