@@ -37,7 +37,7 @@ def batch_collate(batch):
 class DeviceLoader:
     """A DataLoader's batches on `device`: uint8 images normalised by `mean` / `std` there.
 
-    Iterates like the loader it wraps (length, dataset, sampler and generator are the loader's, so
+    Iterates like the loader it wraps (length, dataset, sampler, batch size and generator are the loader's, so
     `LoaderPosition` records and restores its position). On CUDA the wrapped loader should pin
     memory (`loader_kwargs`); the copy of batch k+1 then overlaps the training step on batch k.
     """
@@ -60,6 +60,10 @@ class DeviceLoader:
     @property
     def sampler(self):
         return self.loader.sampler
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return self.loader.batch_size
 
     @property
     def generator(self) -> Optional[torch.Generator]:
