@@ -12,7 +12,10 @@ alternating blocks, median and bootstrap interval):
                S²ViTE, OFB, SViTE+ drop), timed at its own size and scaled by keep ratio to
                the full-size model of its family.
 4. quick       the quick suite on the GPU, one seed, every method: the runs that finish in the cap.
-5. compile     (opt-in: `--parts ... compile`) bf16 at FLOPs 0.5 under torch.compile for ResNet-50
+5. loop        our training step against timm's own loader and train.py loop on ResNet-50 and
+               DeiT-Small at 224 (bf16, channels_last for the CNN, loader workers; the same
+               comparison as benchmarks/perf/test_loop_vs_timm.py): ours/timm throughput.
+6. compile     (opt-in: `--parts ... compile`) bf16 at FLOPs 0.5 under torch.compile for ResNet-50
                and DeiT-Small; compilation alone takes about a minute per model pair, so it is not
                part of the 8-minute default.
 
@@ -54,12 +57,13 @@ FLOPS = (0.75, 0.5, 0.25)
 SPARSE24_MODELS = ("deit_small", "deit_base")
 COMPILE_MODELS = ("resnet50", "deit_small")
 SEED_STRUCTURED = ("pass", "s2vite", "ofb", "svite-plus")
-DEFAULT_PARTS = ("structured", "sparse24", "methods", "quick")
+LOOP_MODELS = ("resnet50", "deit_small")
+DEFAULT_PARTS = ("structured", "sparse24", "methods", "quick", "loop")
 # Seconds per part on one H100 (estimates: no GPU was at hand when they were set). With about 15 s
 # of start-up and GRACE_S per part, the tables take at most ~340 s (run.sh's limit for this step);
 # re-timing and the leaderboards get the rest of run.sh's 8 minutes.
-GPU_CAPS_S = {"structured": 150, "sparse24": 40, "methods": 40, "quick": 60, "compile": 240}
-DRY_CAPS_S = {"structured": 40, "sparse24": 5, "methods": 25, "quick": 40, "compile": 30}
+GPU_CAPS_S = {"structured": 120, "sparse24": 40, "methods": 40, "quick": 60, "loop": 30, "compile": 240}
+DRY_CAPS_S = {"structured": 40, "sparse24": 5, "methods": 25, "quick": 40, "loop": 60, "compile": 30}
 GRACE_S = {"cuda": 10.0, "cpu": 5.0}
 
 
@@ -76,6 +80,8 @@ class Plan:
     min_run_time: float = 0.05                 # CPU blocks (the dry run)
     caps: Dict[str, float] = field(default_factory=lambda: dict(GPU_CAPS_S))
     quick_args: Tuple[str, ...] = ("--device", "cuda")
+    # the loop comparison: (batch, loader workers, blocks, steps per block); full-size models in both plans
+    loop: Tuple[int, int, int, int] = (64, 4, 5, 3)
 
     @property
     def dry(self) -> bool:
@@ -97,7 +103,7 @@ class Plan:
 GPU_PLAN = Plan(device="cuda", img_size=224, batches=(1, 128), full_size={"cnn": "resnet50", "vit": "deit_small"})
 DRY_PLAN = Plan(device="cpu", img_size=16, batches=(1, 4), full_size={"cnn": "resnet20_tiny", "vit": "vit_cifar_tiny"},
                 stand_in={"cnn": "resnet20_tiny", "vit": "vit_cifar_tiny"}, rounds=2, min_run_time=0.01,
-                caps=dict(DRY_CAPS_S), quick_args=("--dry-run",))
+                caps=dict(DRY_CAPS_S), quick_args=("--dry-run",), loop=(2, 0, 2, 1))
 
 
 class Budget:
@@ -364,10 +370,43 @@ def _stop_group(proc: subprocess.Popen) -> None:
             continue
 
 
+# --- loop ---------------------------------------------------------------------------------------
+def _loop_benchmark():
+    """benchmarks/perf/test_loop_vs_timm.py, the one definition of both loops and of the ratio."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "perf" / "test_loop_vs_timm.py"
+    spec = importlib.util.spec_from_file_location("loop_vs_timm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def loop_cells(plan: Plan, out: Path) -> List[Cell]:
+    batch, workers, blocks, steps = plan.loop
+
+    def run(model: str, budget: Budget) -> List[dict]:
+        import os
+
+        bench = _loop_benchmark()
+        root = out / "loop-photos"
+        if not (root / "imagenet").exists():
+            bench.write_photos(root, per_class=2 * batch)   # two batches an epoch, for each loader
+        os.environ["SPARSEBENCH_ALLOW_PARTIAL_DATA"] = "1"  # 4 of ImageNet's 1000 classes
+        result = bench.throughput_ratio(model, root, plan.device, batch=batch, workers=workers, blocks=blocks,
+                                        steps=steps)
+        return [{"model": model, "img_size": 224, "batch": batch, "workers": workers, "blocks": blocks,
+                 "ours_per_timm_throughput": result["ratio"], "wall_clock_ratio": result["wall_ratio"],
+                 "ours_ms_per_step": result["ours_s_per_step"] * 1e3,
+                 "timm_ms_per_step": result["timm_s_per_step"] * 1e3, "status": "measured"}]
+
+    return [Cell("loop", f"{m} ours vs timm, batch {batch}", lambda budget, m=m: run(m, budget)) for m in LOOP_MODELS]
+
+
 def plan_cells(plan: Plan, out: Path, records_dir: Path, parts) -> List[Cell]:
     makers = {"structured": lambda: structured_cells(plan), "sparse24": lambda: sparse24_cells(plan),
               "methods": lambda: method_cells(plan, records_dir), "quick": lambda: [quick_cell(plan, out)],
-              "compile": lambda: compile_cells(plan)}
+              "loop": lambda: loop_cells(plan, out), "compile": lambda: compile_cells(plan)}
     return [cell for part in parts for cell in makers[part]()]
 
 

@@ -50,13 +50,13 @@ def image_root(tmp_path_factory):
     return write_photos(tmp_path_factory.mktemp("jpegs"))
 
 
-def write_photos(root):
+def write_photos(root, per_class: int = 2 * BATCH):
     """<root>/imagenet/{train,val}/<wnid>/*.JPEG: smooth random photos (upsampled noise plus grain)."""
     from sparsebench.datasets.replicas import IMAGENET_WNIDS
 
     rng = np.random.default_rng(0)
     for wnid in IMAGENET_WNIDS[:CLASSES]:
-        for split, n in (("train", 2 * BATCH), ("val", 2)):
+        for split, n in (("train", per_class), ("val", 2)):
             folder = root / "imagenet" / split / wnid
             folder.mkdir(parents=True)
             for i in range(n):
