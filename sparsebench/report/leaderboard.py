@@ -505,8 +505,9 @@ def seeds_needed_cell(v) -> str:
 DIFFERENCES_NOTE = (
     "Δ control: paired difference (method − its null control) in top-1 points over the seeds both have; "
     "Δ baseline: the same against the strongest baseline at the same target (best-mean row without a mechanism, "
-    "dense excluded). ±: 95 % interval over seeds and test images (two-level: the t-interval's seed variance plus "
-    "the bootstrap variance of resampling the shared test set's images, so test-set sampling noise is in it); "
+    "dense excluded). ±: 95 % interval over seeds and test images, so the sampling noise of the test set every "
+    "seed shares is in it (two-level: crossed seeds × images variance components, σ²_seed/n + σ²_image/m + "
+    "σ²_residual/(n·m), t with n − 1 degrees of freedom; never narrower than the seed-level t-interval); "
     "‡: seed-level t-interval only (a run without per-sample results). p: the t-test of that interval "
     "(the exact sign-flip p where every seed gives the same difference); Holm: Holm-adjusted over every "
     "Δ control and Δ baseline test of this (dataset, model, device) table, the p a verdict should use; "
