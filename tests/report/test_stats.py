@@ -443,3 +443,23 @@ def test_compare_holm_corrects_over_the_settings_it_prints(tmp_path, capsys):
     assert main(["compare", str(root), "gap", "rigl"]) == 0
     out = capsys.readouterr().out
     assert "| p (Holm)" in out and "Holm-adjusted over the settings above" in out
+
+
+def test_committed_svite_evidence_widens_from_the_seed_level_to_the_two_level_interval():
+    """SViTE against its null control in the committed evidence records: the seed-level interval
+    ±1.37 (p 0.034) becomes ±1.75 (p 0.069) with the shared test set's noise, the values an
+    independent variance-components recomputation gave; on its own the Δ is no longer resolved."""
+    from pathlib import Path
+
+    from sparsebench.store.record import RunRecord
+
+    folder = Path(__file__).resolve().parents[2] / "results" / "evidence" / "records"
+    records = [RunRecord.from_json(f.read_text()) for f in sorted(folder.glob("svite__vit_cifar_tiny__digits__sparsity0.5__s*"))]
+    assert len(records) == 10
+    method = {r.seed: SeedRun(100 * r.test_top1, r.per_sample, r.run_id) for r in records if not r.is_control}
+    control = {r.seed: SeedRun(100 * r.test_top1, r.per_sample, r.run_id) for r in records if r.is_control}
+    c = compare_runs(method, control)
+    assert c.seed_level.mean == pytest.approx(-1.5556, abs=1e-3)
+    assert (c.seed_level.high - c.seed_level.low) / 2 == pytest.approx(1.366, abs=2e-3) and c.seed_level.p_t < 0.05
+    assert c.test_noise and (c.high - c.low) / 2 == pytest.approx(1.750, abs=2e-3)
+    assert c.p_value == pytest.approx(0.0691, abs=1e-3) and c.seed_level.p_sign_flip == pytest.approx(2 / 32)
