@@ -1,4 +1,4 @@
-"""Paired statistics that say when two methods can be told apart (every statistic from scipy.stats).
+"""Paired statistics that say when two methods can be told apart (tests and distributions from scipy.stats).
 
 Runs of one seed share the dense checkpoint, the data split and the test set, so results pair:
 
