@@ -29,6 +29,12 @@ EVIDENCE_COLUMNS = ["target", "rank", "method", "top1 (%)", "Δ control", "Δ ba
                     "measured speedup", "mechanism", "seeds"]
 
 
+EVIDENCE_KEY = ("Δ control, Δ baseline: mean ± 95 % interval over seeds and test images (‡: seed-level only), n "
+                "pairs, the t-test's p, its Holm adjustment over every Δ control and Δ baseline test of the model's "
+                "table, and the exact sign-flip p. rank: 1 + the rows significantly better (every pair of rows, "
+                "Holm-corrected); \"=\": a shared rank. Full notes under the quick-suite leaderboard.")
+
+
 def evidence_table(suite: str, equal_cost: str = None) -> str:
     """The evidence suite's rows from results/evidence (only the runs the suite file plans), one
     compact table per model, and the runs left out of the means with their reasons; `equal_cost`
@@ -45,6 +51,7 @@ def evidence_table(suite: str, equal_cost: str = None) -> str:
     if not board.excluded.empty:
         left = board.excluded[["target", "method", "seed", "status", "detail"]]
         parts += ["Left out of the means:", "", left.to_markdown(index=False), ""]
+    parts += [EVIDENCE_KEY, ""]
     return "\n".join(parts).strip()
 
 

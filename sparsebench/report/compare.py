@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from sparsebench.report.runs import as_float, display_method, runs_frame
+from sparsebench.report.stats import SINGLE_SEED
 from sparsebench.store.record import RunRecord
 
 KEYS = ["dataset", "model", "method_key", "target_label", "seed"]
@@ -106,11 +107,14 @@ def compare_methods(records: Iterable[RunRecord], a: str, b: str, target: Option
                     model: Optional[str] = None, per_sample: str = "all", runs: pd.DataFrame = None) -> List[dict]:
     """A against B (labels as the leaderboard prints them) at every (model, dataset, target, device)
     where both have ranked runs: the per-seed paired differences A − B in top-1 points, their mean,
-    95 % t-interval, t and sign-flip p-values, the seeds needed to resolve 1 point, and per seed
-    the exact McNemar p and bootstrap interval where both runs kept per-sample results
-    (`per_sample="all"`). CompareError when a label is unknown or no setting is common."""
+    95 % t-interval, t and sign-flip p-values, the two-level interval and test over seeds and test
+    images (`two_level`) where every run kept per-sample results, the deciding p (`p_value`) and
+    its Holm adjustment over the settings printed together (`p_holm`: one family), the seeds
+    needed to resolve 1 point, and per seed the exact McNemar p and bootstrap interval where both
+    runs kept per-sample results (`per_sample="all"`). CompareError when a label is unknown or no
+    setting is common."""
     from sparsebench.report.leaderboard import seed_runs
-    from sparsebench.report.stats import compare_runs
+    from sparsebench.report.stats import _rp, compare_runs, holm
 
     df = method_runs(records) if runs is None else runs
     if df.empty:
@@ -138,6 +142,11 @@ def compare_methods(records: Iterable[RunRecord], a: str, b: str, target: Option
         where = ", ".join(f"{k} {v}" for k, v in (("target", target), ("model", model)) if v)
         raise CompareError(f"no (model, dataset, target, device) where both {a!r} and {b!r} have ranked runs"
                            + (f" ({where})" if where else ""))
+    tested = [r for r in out if r["p_value"] is not None]
+    for r in out:
+        r["p_holm"] = None
+    for r, p in zip(tested, holm([r["p_value"] for r in tested])):
+        r["p_holm"] = _rp(p)
     return out
 
 
@@ -147,8 +156,9 @@ def _num(v, fmt: str) -> str:
 
 
 def _p(v) -> str:
-    f = as_float(v)
-    return "–" if f is None else (f"{f:.2g}" if f < 0.001 else f"{f:.3f}")
+    from sparsebench.report.leaderboard import format_p
+
+    return format_p(v)
 
 
 def compare_methods_text(rows: List[dict]) -> str:
@@ -157,11 +167,15 @@ def compare_methods_text(rows: List[dict]) -> str:
     settings, seeds, refused, older = [], [], [], 0
     for r in rows:
         where = {"model": r["model"], "dataset": r["dataset"], "target": r["target"]}
-        interval = "–" if as_float(r["low"]) is None else f"[{r['low']:+.2f}, {r['high']:+.2f}]"
+        both = r.get("two_level")
+        low, high = (both["low"], both["high"]) if both else (r["low"], r["high"])
+        interval = "–" if as_float(low) is None else f"[{low:+.2f}, {high:+.2f}]" + ("" if both or r["pairs"] < 2 else " ‡")
         settings.append({**where, "device": r["device"], "pairs": r["pairs"],
                          "A mean": _num(r["a_mean"], ".2f"), "B mean": _num(r["b_mean"], ".2f"),
                          "Δ (A − B)": _num(r["mean"], "+.2f") if r["pairs"] else "no common seed",
-                         "95 % CI": interval, "p (t)": _p(r["p_t"]), "p (sign-flip)": _p(r["p_sign_flip"]),
+                         "95 % CI": interval, "p": _p(r["p_value"]) + (" ~" if r["basis"] == SINGLE_SEED else ""),
+                         "p (Holm)": _p(r.get("p_holm")), "p (t, seeds)": _p(r["p_t"]),
+                         "p (sign-flip)": _p(r["p_sign_flip"]),
                          "seeds for 1 pt": "–" if r["seeds_needed"] is None else r["seeds_needed"]})
         for seed, s in r["per_seed"].items():
             if "unpaired" not in s:
@@ -183,7 +197,13 @@ def compare_methods_text(rows: List[dict]) -> str:
         lines += [f"{older} seed pair(s) without a sample-level test: a record predates per-sample results."]
     if refused or older:
         lines += [""]
-    lines += ["95 % CI: t-interval of the mean per-seed difference (none with one pair). p (t): paired t-test; "
+    lines += ["95 % CI: interval of the mean per-seed difference over seeds and test images (two-level: the "
+              "seed-level variance plus the shared test set's sampling noise, from the per-sample results; t with "
+              "n − 1 degrees of freedom; ‡: seed-level t-interval only, a run without per-sample results; none "
+              "with one pair). p: the test that decides (two-level t; seed-level t without per-sample results; the "
+              "sign-flip p where every seed gives the same difference; ~: one seed, exact McNemar on its per-sample "
+              "results, test-set noise only, no training noise). p (Holm): Holm-adjusted over the settings above, "
+              "one family. p (t, seeds): seed-level paired t-test; "
               "p (sign-flip): exact sign-flip permutation test (its smallest value is 2/2^n: 0.25 with 3 seeds). "
               "seeds for 1 pt: seeds a paired t-test needs to resolve a 1-point difference at 80 % power, from the "
               "observed spread of the per-seed differences. Per seed: exact McNemar test on the samples only one "
@@ -195,12 +215,13 @@ def compare_methods_text(rows: List[dict]) -> str:
 def comparison_data(runs: pd.DataFrame) -> dict:
     """Every pair of methods at every setting both ran, for the site's comparison page: the runs
     frame of `runs.runs_frame` in, {"methods", "settings", "pairs"} out. `pairs["A\\tB"]` (A < B)
-    lists [setting index, pairs, mean A − B, low, high, p (t), p (sign-flip), seeds needed,
-    mean A, mean B]; the page negates it for B − A."""
+    lists [setting index, pairs, mean A − B, low, high (the two-level interval over seeds and test
+    images where per-sample results allow, else seed-level), p (its t-test), p (sign-flip), seeds
+    needed, mean A, mean B]; the page negates it for B − A."""
     from itertools import combinations
 
     from sparsebench.report.leaderboard import ranked, seed_runs
-    from sparsebench.report.stats import compare_runs
+    from sparsebench.report.stats import _r, _rp, compare_runs
 
     empty = {"methods": [], "settings": [], "pairs": {}}
     if runs.empty:
@@ -217,10 +238,10 @@ def comparison_data(runs: pd.DataFrame) -> dict:
         settings.append({"model": at[0], "dataset": at[1], "device": at[2], "target": at[4]})
         for a, b in combinations(sorted(set(part["method"])), 2):
             x, y = by_run[(at, a)], by_run[(at, b)]
-            level = compare_runs(x, y, per_sample="none").seed_level
-            d = level.to_dict()
+            c = compare_runs(x, y, per_sample="none")
+            d = c.seed_level.to_dict()
             pairs.setdefault(f"{a}\t{b}", []).append(
-                [index, d["pairs"], d["mean"], d["low"], d["high"], d["p_t"], d["p_sign_flip"], d["seeds_needed"],
+                [index, d["pairs"], d["mean"], _r(c.low), _r(c.high), _rp(c.p_value), d["p_sign_flip"], d["seeds_needed"],
                  round(float(np.mean([r.top1 for r in x.values()])), 4),
                  round(float(np.mean([r.top1 for r in y.values()])), 4)])
     return {"methods": sorted(set(entered["method"])), "settings": settings, "pairs": pairs}

@@ -17,20 +17,21 @@ different devices are different rows: a CPU and a GPU latency are never averaged
 row is a null control ("control": the method with its mechanism switched off), or the method
 is a baseline ("–"). `Δ control` is a seed-method row's paired difference to its own null
 control at the same setting: the mean over the seeds both have of (method − control) top-1,
-with its 95 % t-interval (none with one pair) and the number of pairs.
+with its 95 % two-level interval (seeds and test images, `report/stats.py`; seed-level, marked
+"‡", where a run kept no per-sample results), the number of pairs, the t-test's p, its Holm
+adjustment over every Δ control and Δ baseline test of the (dataset, model, device) table
+(`with_family_holm`), and the exact sign-flip p. `Δ baseline` is the same against the strongest
+baseline at its setting: the best-mean row whose records say it is a baseline (mechanism "–"),
+dense excluded.
 
-`rank` ties rows that cannot be told apart (`report/stats.py`): within each (dataset, model,
-target, device) table rows are ordered by mean top-1; each row is compared with the best row,
-paired by seed (the paired t-test over the seeds both have; McNemar's exact test on the
-per-sample results when a single seed pairs), and Holm's correction is applied over those
-comparisons. A row not distinguishable from the best at 95 % shares its rank ("1="); the
-others keep their place ("3"); a row that cannot be paired with the best (no common seed, or
-one seed without per-sample results, as in older records) keeps its place by mean, marked
-"(unpaired)". `seeds needed` is the number of seeds a paired t-test would need to resolve a
-1-point difference from the best row at 80 % power, from the observed spread of the per-seed
-differences. `Δ baseline` is a seed-method row's paired difference to the strongest baseline
-at its setting: the best-mean row whose records say it is a baseline (mechanism "–"), dense
-excluded.
+`rank` (`stats.rank_rows`): within each (dataset, model, target, device) table every pair of
+rows is compared, paired by seed (the two-level t-test, or McNemar's exact test on the
+per-sample results when a single seed pairs), with Holm's correction over all of them; a
+row's rank is 1 + the number of rows significantly better, tied ranks marked "=" ("2="),
+ranks that rest on one seed's test samples marked "~" ("1~": test-set noise only), and a row
+that pairs with no other row "unpaired". Rows are listed by rank, then mean. `seeds needed`
+is the number of seeds a paired t-test would need to resolve a 1-point difference from the
+best-mean row at 80 % power, from the observed spread of the per-seed differences.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from scipy import stats
 
 from sparsebench.methods.base import METHODS, method_label as args_label
 from sparsebench.report.references import NOTE as PUBLISHED_NOTE, with_published
-from sparsebench.report.stats import SeedRun, as_float, compare_runs, rank_rows
+from sparsebench.report.stats import SeedRun, as_float, compare_runs, holm, rank_rows
 from sparsebench.store.record import PerSample, RunRecord
 
 
@@ -236,17 +237,18 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
     ).reset_index()
     out = with_control_differences(out, df, keys)
     setting = [k for k in keys if k not in ("method", "granularity")] + ([] if equal_cost is None else ["cost_group"])
-    out = with_baseline_differences(with_ranks(out, df, setting), df, setting)
+    out = with_family_holm(with_baseline_differences(with_ranks(out, df, setting), df, setting))
     out["target"] = out["target"].replace(-1.0, np.nan)
     kind_order = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2})
-    # within a target, equal-cost groups from the cheapest up (0 without the view), then by mean top-1
+    # within a target, equal-cost groups from the cheapest up (0 without the view), then by rank (1 + rows
+    # significantly better; unranked rows last), then by mean top-1
     cost = (out[COST_VIEWS[equal_cost]].astype(float).fillna(float("inf")) if equal_cost is not None
             else pd.Series(0.0, index=out.index))
     group_cost = cost.groupby([out[k] for k in setting], dropna=False).transform("min")
-    out = (out.assign(_kind=kind_order, _cost=group_cost)
-              .sort_values(["dataset", "model", "_kind", "target", "_cost", "top1"],
-                           ascending=[True, True, True, False, True, False])
-              .drop(columns=["_kind", "_cost"]).reset_index(drop=True))
+    out = (out.assign(_kind=kind_order, _cost=group_cost, _rank=out["rank_position"].astype(float).fillna(float("inf")))
+              .sort_values(["dataset", "model", "_kind", "target", "_cost", "_rank", "top1"],
+                           ascending=[True, True, True, False, True, True, False])
+              .drop(columns=["_kind", "_cost", "_rank"]).reset_index(drop=True))
     if equal_cost is not None:
         out.attrs["cost_tolerance"] = cost_tolerance       # the table's footnote states the grouping used
     return out
@@ -266,23 +268,56 @@ def row_mechanism(labels: pd.Series) -> str:
     return "not recorded" if "not recorded" in kinds else "mixed"
 
 
+PAIRED_FIELDS = ("delta", "delta_ci", "pairs", "p", "p_sign_flip", "p_holm", "test_noise", "interval_note")
+
+
+def paired_columns(prefix: str, c) -> Dict[str, object]:
+    """A paired comparison (`stats.Comparison`) as `{prefix}_delta`, `_delta_ci` (95 % half-width:
+    two-level where per-sample results allow, else seed-level), `_pairs`, `_p` (the deciding
+    p-value, raw), `_p_sign_flip` (exact), `_test_noise` (the interval includes test-set noise)
+    and `_interval_note` (why it does not); `_p_holm` is filled per table by `with_family_holm`."""
+    level = c.seed_level
+    return {f"{prefix}_delta": level.mean, f"{prefix}_delta_ci": (c.high - c.low) / 2, f"{prefix}_pairs": level.pairs,
+            f"{prefix}_p": float("nan") if c.p_value is None else c.p_value,
+            f"{prefix}_p_sign_flip": level.p_sign_flip, f"{prefix}_p_holm": float("nan"),
+            f"{prefix}_test_noise": c.test_noise, f"{prefix}_interval_note": c.interval_note}
+
+
 def with_control_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
-    """Add `control_delta`, `control_delta_ci`, `control_pairs`: each seed-method row's paired
-    difference (method − its null control, top-1 points) over the seeds both have, by the same
-    seed-level statistics as `Δ baseline` (`compare_runs`)."""
+    """Add the `control_*` columns (`paired_columns`): each seed-method row's paired difference
+    (method − its null control, top-1 points) over the seeds both have, by the same statistics
+    as `Δ baseline` (`compare_runs`: two-level interval and t-test, exact sign-flip p)."""
     setting = [k for k in keys if k not in ("method", "granularity")]
     by_run = seed_runs(runs, setting)
     control_of = runs.dropna(subset=["control_of_row"]).groupby("method")["control_of_row"].first()
-    deltas, cis, pairs = [], [], []
+    rows = []
     for _, row in out.iterrows():
         control = control_of.get(row["method"])
         at = tuple(row[k] for k in setting)
-        level = compare_runs(by_run.get((at, row["method"]), {}), by_run.get((at, control), {}) if control else {},
-                             per_sample="none", with_permutation=False).seed_level
-        deltas.append(level.mean)
-        cis.append((level.high - level.low) / 2)
-        pairs.append(level.pairs)
-    return out.assign(control_delta=deltas, control_delta_ci=cis, control_pairs=pairs)
+        c = compare_runs(by_run.get((at, row["method"]), {}), by_run.get((at, control), {}) if control else {},
+                         per_sample="none")
+        rows.append(paired_columns("control", c))
+    return out.assign(**{f"control_{k}": [r[f"control_{k}"] for r in rows] for k in PAIRED_FIELDS})
+
+
+FAMILY = ["dataset", "model", "device"]
+
+
+def with_family_holm(out: pd.DataFrame, family: List[str] = FAMILY, rows=None) -> pd.DataFrame:
+    """Fill `control_p_holm` and `baseline_p_holm`: Holm's correction over every Δ control and
+    Δ baseline test of one table (`family`: one (dataset, model, device), all its targets), so the
+    verdicts a table makes hold together at 95 %. `rows`: a boolean mask of the rows that belong
+    to the tables (default all)."""
+    if out.empty:
+        return out
+    out = out.copy()
+    mask = pd.Series(True, index=out.index) if rows is None else rows
+    for _, part in out[mask].groupby(family, sort=False, dropna=False):
+        tests = [(index, prefix) for index in part.index for prefix in ("control", "baseline")
+                 if f"{prefix}_p" in out and as_float(out.at[index, f"{prefix}_p"]) is not None]
+        for (index, prefix), p in zip(tests, holm([float(out.at[i, f"{k}_p"]) for i, k in tests])):
+            out.at[index, f"{prefix}_p_holm"] = p
+    return out
 
 
 def seed_runs(runs: pd.DataFrame, setting: List[str]) -> Dict[tuple, Dict[int, SeedRun]]:
@@ -299,10 +334,12 @@ def seed_runs(runs: pd.DataFrame, setting: List[str]) -> Dict[tuple, Dict[int, S
 
 
 def with_ranks(out: pd.DataFrame, runs: pd.DataFrame, setting: List[str], rankable=None) -> pd.DataFrame:
-    """Add `rank` ("1", "1=", "3", "4 (unpaired)"), `rank_p` (Holm-adjusted p against the best row),
-    `rank_basis`, `rank_pairs` and `seeds_needed` (to resolve 1 point against the best at 80 % power)
+    """Add `rank` ("1", "2=", "3", "1~", "unpaired": `stats.rank_rows`), `rank_position` (its
+    number; NaN unranked), `rank_p` (Holm-adjusted p against the best-mean row), `rank_basis`,
+    `rank_pairs` and `seeds_needed` (to resolve 1 point against the best-mean row at 80 % power)
     per (setting) table. `rankable`: a boolean mask of the rows to rank (default all)."""
-    columns = {"rank": "", "rank_p": float("nan"), "rank_basis": "", "rank_pairs": 0, "seeds_needed": float("nan")}
+    columns = {"rank": "", "rank_p": float("nan"), "rank_basis": "", "rank_pairs": 0, "seeds_needed": float("nan"),
+               "rank_position": float("nan")}
     out = out.assign(**columns)
     if out.empty:
         return out
@@ -318,6 +355,7 @@ def with_ranks(out: pd.DataFrame, runs: pd.DataFrame, setting: List[str], rankab
             out.at[index, "rank_basis"] = rank.basis
             out.at[index, "rank_pairs"] = rank.pairs
             out.at[index, "seeds_needed"] = float("nan") if rank.seeds_needed is None else rank.seeds_needed
+            out.at[index, "rank_position"] = float("nan") if rank.position is None else rank.position
     return out
 
 
@@ -327,10 +365,12 @@ def is_baseline_row(method: str, mechanism: str) -> bool:
 
 
 def with_baseline_differences(out: pd.DataFrame, runs: pd.DataFrame, setting: List[str], rankable=None) -> pd.DataFrame:
-    """Add `baseline` (the strongest baseline's label at the row's setting), `baseline_delta`,
-    `baseline_delta_ci` (95 % t half-width) and `baseline_pairs` to each seed-method row (its
-    mechanism acted, or acted in some seeds): paired over the seeds both have."""
-    out = out.assign(baseline=None, baseline_delta=float("nan"), baseline_delta_ci=float("nan"), baseline_pairs=0)
+    """Add `baseline` (the strongest baseline's label at the row's setting) and the `baseline_*`
+    columns (`paired_columns`) to each seed-method row (its mechanism acted, or acted in some
+    seeds): paired over the seeds both have."""
+    out = out.assign(baseline=None, baseline_delta=float("nan"), baseline_delta_ci=float("nan"), baseline_pairs=0,
+                     baseline_p=float("nan"), baseline_p_sign_flip=float("nan"), baseline_p_holm=float("nan"),
+                     baseline_test_noise=False, baseline_interval_note="")
     if out.empty:
         return out
     by_run = seed_runs(runs, setting)
@@ -342,15 +382,12 @@ def with_baseline_differences(out: pd.DataFrame, runs: pd.DataFrame, setting: Li
             continue
         strongest = bases.loc[bases["top1"].astype(float).idxmax(), "method"]
         for index, row in part[part["mechanism"].isin(["acted", "mixed"])].iterrows():
-            c = compare_runs(by_run.get((at, row["method"]), {}), by_run.get((at, strongest), {}),
-                             per_sample="none", with_permutation=False)
+            c = compare_runs(by_run.get((at, row["method"]), {}), by_run.get((at, strongest), {}), per_sample="none")
             if not c.pairs:
                 continue
-            level = c.seed_level
             out.at[index, "baseline"] = strongest
-            out.at[index, "baseline_delta"] = level.mean
-            out.at[index, "baseline_delta_ci"] = (level.high - level.low) / 2
-            out.at[index, "baseline_pairs"] = level.pairs
+            for column, value in paired_columns("baseline", c).items():
+                out.at[index, column] = value
     return out
 
 
@@ -422,25 +459,67 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     return with_published(pd.DataFrame(rows), agg)      # "published", "Δ published" where a reference matches
 
 
+def format_p(v) -> str:
+    """A p-value for a table: three decimals, or two significant digits below 0.001; "–" without one."""
+    f = as_float(v)
+    return "–" if f is None else (f"{f:.2g}" if f < 0.001 else f"{f:.3f}")
+
+
+def paired_cell(r, prefix: str, against: str = "") -> str:
+    """"+1.23 ± 0.45 vs X (n=5; p 0.031, Holm 0.093, sign-flip 0.062)" for a row's `{prefix}_*`
+    columns (`paired_columns`), "–" without a pair. "‡" after the interval: seed-level only (a run
+    without per-sample results), so it leaves out the test set's sampling noise."""
+    n = int(as_float(r.get(f"{prefix}_pairs")) or 0)
+    if not n:
+        return "–"
+    seed_level_only = n >= 2 and as_float(r.get(f"{prefix}_test_noise")) != 1.0
+    cell = plus_minus(r[f"{prefix}_delta"], r.get(f"{prefix}_delta_ci"), "+.2f") + ("‡" if seed_level_only else "")
+    cell += (f" vs {against}" if against else "") + f" (n={n}"
+    p = as_float(r.get(f"{prefix}_p"))
+    if n >= 2 and p is not None:
+        cell += f"; p {format_p(p)}"
+        if as_float(r.get(f"{prefix}_p_holm")) is not None:
+            cell += f", Holm {format_p(r[f'{prefix}_p_holm'])}"
+        if as_float(r.get(f"{prefix}_p_sign_flip")) is not None:
+            cell += f", sign-flip {format_p(r[f'{prefix}_p_sign_flip'])}"
+    return cell + ")"
+
+
 def _control_cell(r) -> str:
-    """"+1.23 ± 0.45 (n=5)" for a seed-method row with a control at its setting, else "–"."""
-    n = int(r.get("control_pairs") or 0)
-    if not n:
-        return "–"
-    return f"{plus_minus(r['control_delta'], r['control_delta_ci'], '+.2f')} (n={n})"
+    """Δ control: `paired_cell` of the row's difference to its null control, else "–"."""
+    return paired_cell(r, "control")
 
 
-def baseline_cell(r) -> str:
-    """"+1.23 ± 0.45 vs l1-channel (n=3)" for a seed-method row with a baseline at its setting, else "–"."""
-    n = int(as_float(r.get("baseline_pairs")) or 0)
-    if not n:
+def baseline_cell(r, name=lambda m: m) -> str:
+    """Δ baseline: `paired_cell` of the row's difference to the strongest baseline, named by `name`."""
+    if not int(as_float(r.get("baseline_pairs")) or 0):
         return "–"
-    return f"{plus_minus(r['baseline_delta'], r['baseline_delta_ci'], '+.2f')} vs {r['baseline']} (n={n})"
+    return paired_cell(r, "baseline", against=name(r["baseline"]))
 
 
 def seeds_needed_cell(v) -> str:
     f = as_float(v)
     return "–" if f is None else f"{f:.0f}"
+
+
+DIFFERENCES_NOTE = (
+    "Δ control: paired difference (method − its null control) in top-1 points over the seeds both have; "
+    "Δ baseline: the same against the strongest baseline at the same target (best-mean row without a mechanism, "
+    "dense excluded). ±: 95 % interval over seeds and test images, so the sampling noise of the test set every "
+    "seed shares is in it (two-level: crossed seeds × images variance components, σ²_seed/n + σ²_image/m + "
+    "σ²_residual/(n·m), t with n − 1 degrees of freedom; never narrower than the seed-level t-interval); "
+    "‡: seed-level t-interval only (a run without per-sample results). p: the t-test of that interval "
+    "(the exact sign-flip p where every seed gives the same difference); Holm: Holm-adjusted over every "
+    "Δ control and Δ baseline test of this (dataset, model, device) table, the p a verdict should use; "
+    "sign-flip: exact permutation p over the 2^n sign patterns of the n per-seed differences (never below 2/2^n: "
+    "0.0625 with 5 seeds).")
+RANK_NOTE = (
+    "rank: 1 + the number of rows significantly better at 95 % (every pair of rows of a target compared, paired "
+    "over seeds as above, Holm-corrected over all of them); rows sharing a rank are marked \"=\" (\"1=\"). "
+    "\"~\" (\"1~\"): the rank rests on a single seed, by the exact McNemar test on that seed's per-sample "
+    "results: test-set noise only, no training noise, so it says nothing about another seed. \"unpaired\": no "
+    "row it could be compared with (no common seed, or one seed without per-sample results), no rank; "
+    "\"(partly unpaired)\": ranked only against the rows it pairs with.")
 
 
 def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.DataFrame = None) -> str:
@@ -457,7 +536,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         return "\n".join(lines)
     lines += [
         "top1: test top-1 (%), mean ± 95 % CI over seeds (t-interval; none with one seed); model selected on a "
-        "validation split carved from train, test evaluated once. Δ dense: against the shared dense checkpoint. "
+        "validation split carved from train, test evaluated once. Δ dense: against the shared dense checkpoint "
+        "(a description, seed-level t-interval, no verdict and no test). "
         "train GMACs: forward + backward MACs of the method and the fine-tune (sparse training counted sparse; "
         "the shared dense pretrain left out). "
         "sparsity: zero or removed fraction of prunable weights. FLOPs ratio: realized MACs / dense MACs "
@@ -466,13 +546,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "masks are not realizable. Only runs that met their target within the tolerance in their record count. "
         "mechanism: acted (the method's defining mechanism acted in every seed, by the thresholds it declares), "
         "control (its null control: the mechanism switched off, all else equal), – (a baseline); a run whose "
-        "mechanism did not act is left out of the means. Δ control: paired difference (method − its null "
-        "control) in top-1 points over the seeds both have, 95 % t-interval, n pairs. "
-        "rank: by mean top-1; \"1=\" is not distinguishable from the best row at 95 % (paired t-test over seeds, or "
-        "exact McNemar on the per-sample results of a single seed; Holm-corrected over the comparisons with the "
-        "best); \"(unpaired)\": no seed pairs with the best, ranked by mean alone. Δ baseline: paired difference to "
-        "the strongest baseline at the same target (best-mean row without a mechanism, dense excluded). "
-        "seeds needed: seeds a paired t-test would need to resolve 1 point against the best row at 80 % power, "
+        "mechanism did not act is left out of the means. " + DIFFERENCES_NOTE + " " + RANK_NOTE + " "
+        "seeds needed: seeds a paired t-test would need to resolve 1 point against the best-mean row at 80 % power, "
         "from the observed spread of the per-seed differences."
         + ("" if "cost" not in table.columns else
            " cost (equal-cost view): rows grouped by total training cost (method + fine-tune, plus the dense "

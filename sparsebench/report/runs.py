@@ -21,7 +21,7 @@ import pandas as pd
 
 from sparsebench.report.leaderboard import (
     as_float, ci95, control_label, mechanism_of, method_label, ranked, row_mechanism, with_baseline_differences,
-    with_control_differences, with_ranks,
+    with_control_differences, with_family_holm, with_ranks,
 )
 from sparsebench.store.record import RunRecord
 
@@ -114,9 +114,10 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     standing: "ok" for the runs that enter the means (`leaderboard.ranked`), "did_not_act" for
     runs that met their target but whose mechanism did not act, else the record's status.
     Each row has the leaderboard's `mechanism` word and, for a seed-method "ok" row, its
-    paired difference to its null control (`control_delta`, `_ci`, `control_pairs`); "ok" rows carry
+    paired difference to its null control (the leaderboard's `control_*` columns); "ok" rows carry
     the leaderboard's `rank` within their (dataset, model, device, target) table and, for a
-    seed-method row, its paired difference to the strongest baseline (`baseline_delta`, ...)."""
+    seed-method row, its paired difference to the strongest baseline (`baseline_*`), with Holm's
+    adjustment over the Δ control and Δ baseline tests of their (dataset, model, device) table."""
     if runs.empty:
         return pd.DataFrame()
     entered = ranked(runs)
@@ -155,6 +156,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     out = with_control_differences(pd.DataFrame(rows), entered, keys)
     setting, ok = ["dataset", "model", "device", "target_kind", "target_label"], out["status"] == "ok"
     out = with_baseline_differences(with_ranks(out, entered, setting, ok), entered, setting, ok)
+    out = with_family_holm(out, ["dataset", "model", "device"], ok)
     kind = out["target_kind"].map({"none": 0, "sparsity": 1, "flops": 2}).fillna(3)
     status = out["status"].map({"ok": 0, "missed_target": 1, "diverged": 2, "failed": 3}).fillna(4)
     return (out.assign(_k=kind, _s=status, _t=out["target"].astype(float).fillna(-1))

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.curves import curve_stages, curve_svg
-from sparsebench.report.leaderboard import plus_minus
+from sparsebench.report.leaderboard import baseline_cell, paired_cell, plus_minus
 from sparsebench.report.references import published_html
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
@@ -75,8 +75,9 @@ def _page(title: str, body: str, depth: int = 0) -> str:
 
 # --- front page ---------------------------------------------------------------------------------
 COLUMNS = [  # (header, data-type, css class, title)
-    ("rank", "num", "text", "by mean top-1; 1=: not distinguishable from the best row at 95 % (paired over seeds, "
-                            "Holm-corrected); (unpaired): no seed pairs with the best, placed by mean alone"),
+    ("rank", "num", "text", "1 + rows significantly better at 95 % (all pairs of rows, paired over seeds and test "
+                            "images, Holm-corrected); 2=: a shared rank; 1~: decided on one seed's test samples "
+                            "(test-set noise only); unpaired: compared with no row, no rank"),
     ("method", "text", "text", "method name, with the arguments that differ from its defaults"),
     ("target", "text", "text", "sparsity=S: fraction of prunable weights zero; flops=F: MACs kept"),
     ("sparsity", "num", "", "achieved sparsity of the prunable weights"),
@@ -118,11 +119,10 @@ def _row(r: pd.Series) -> str:
     links = " ".join(f'<a href="runs/{esc(slug(rid))}.html">{esc(_seed_of(rid))}</a>' for rid in r["run_ids"])
     mechanism = r.get("mechanism") or "not recorded"
     pairs = int(as_float(r.get("control_pairs")) or 0)
-    control = f"{plus_minus(r['control_delta'], r['control_delta_ci'], '+.2f')} (n={pairs})" if pairs else "–"
+    control = paired_cell(r, "control")
     rank = r.get("rank") if isinstance(r.get("rank"), str) else ""
     base_pairs = int(as_float(r.get("baseline_pairs")) or 0)
-    baseline = (f"{plus_minus(r['baseline_delta'], r['baseline_delta_ci'], '+.2f')} vs "
-                f"{display_method(r['baseline'])} (n={base_pairs})") if base_pairs else "–"
+    baseline = baseline_cell(r, display_method)
     detail = r["errors"] or (r.get("mechanism_reasons") if r["status"] == "did_not_act" else "")
     cells = [
         (f'<span title="{esc(_rank_title(r))}">{esc(rank)}</span>' if rank else "–",
@@ -157,14 +157,16 @@ def _row(r: pd.Series) -> str:
 
 
 def _rank_title(r) -> str:
-    """How the row was compared with the best, and the Holm-adjusted p-value."""
+    """How the row was compared with the best-mean row, and the Holm-adjusted p-value."""
     p = as_float(r.get("rank_p"))
-    return (r.get("rank_basis") or "") + ("" if p is None else f"; Holm-adjusted p = {p:.3g}")
+    return (r.get("rank_basis") or "") + ("" if p is None else f"; Holm-adjusted p against the best-mean row = {p:.3g}")
 
 
 def rank_sort(rank: str, top1) -> str:
-    """Sort key of a rank cell: the group (1 for "1="), then the mean, so ties keep their order."""
-    group = 1 if rank in ("1", "1=") else int(rank.split()[0])
+    """Sort key of a rank cell: its number ("2=", "1~", "3 (partly unpaired)"; "unpaired" after every
+    rank), then the mean, so rows of one rank keep their order."""
+    number = re.match(r"\d+", rank)
+    group = int(number.group()) if number else 10 ** 6
     return f"{group + (1 - (as_float(top1) or 0) / 1000):.6f}"
 
 
@@ -197,9 +199,11 @@ def _index(summary: pd.DataFrame, plots: Dict[tuple, Dict[str, str]], n_records:
              'point\'s, not the method\'s), are listed apart under each table with their status and reason, never '
              'ranked. <i>mechanism</i> says whether the method\'s mechanism acted in every seed, or the row is a '
              'null control (the mechanism switched off); <i>Δ control</i> is a row\'s paired top-1 difference to '
-             'its null control. <i>rank</i>: by mean top-1, with <code>1=</code> for rows not distinguishable from '
-             'the best at 95 % (paired over seeds, Holm-corrected) and <code>(unpaired)</code> for rows with no seed '
-             'in common with it; <i>Δ baseline</i>: a seed method\'s paired difference to the strongest baseline at '
+             'its null control, with its 95 % interval over seeds and test images, p, Holm-adjusted p and exact '
+             'sign-flip p. <i>rank</i>: 1 + the rows significantly better at 95 % (every pair compared, '
+             'Holm-corrected), <code>2=</code> for a shared rank, <code>1~</code> for a rank that rests on one '
+             'seed\'s test samples (test-set noise only) and <code>unpaired</code> for a row compared with no other; '
+             '<i>Δ baseline</i>: a seed method\'s paired difference to the strongest baseline at '
              'the same target; any two methods side by side: <a href="compare.html">compare</a>. '
              'What the numbers mean: <a href="protocol.html">protocol</a>.</p>']
     if summary.empty:
@@ -432,13 +436,15 @@ def _compare_page(runs: pd.DataFrame) -> str:
         ("model", "text", ""), ("dataset", "text", ""), ("target", "text", ""), ("device", "text", ""),
         ("pairs", "", "seeds both methods ran"), ("A mean", "", "top-1 (%) over A's seeds"),
         ("B mean", "", "top-1 (%) over B's seeds"), ("Δ (A − B)", "", "mean per-seed difference, top-1 points"),
-        ("95 % CI", "", "t-interval of the mean difference (none with one pair)"),
-        ("p (t)", "", "paired t-test"), ("p (sign-flip)", "", "exact sign-flip permutation test"),
+        ("95 % CI", "", "interval of the mean difference over seeds and test images (protocol: two-level; "
+                        "seed-level where a run kept no per-sample results; none with one pair)"),
+        ("p (t)", "", "paired t-test of that interval"), ("p (sign-flip)", "", "exact sign-flip permutation test"),
         ("seeds needed", "", "seeds to resolve 1 point at 80 % power")))
     body = f"""
 <p class="note">Pick two methods: each row is a (model, dataset, target, device) where both have ranked runs, with the
 per-seed paired difference A − B in top-1 points (same seed: same dense checkpoint, data split and test set), its
-95 % t-interval, the paired t-test and exact sign-flip p-values, and the seeds a paired t-test would need to resolve
+95 % interval over seeds and test images (<a href="protocol.html#ties">protocol</a>), the paired t-test of that
+interval and the exact sign-flip p-value, and the seeds a paired t-test would need to resolve
 1 point at 80 % power. With n seeds the sign-flip p cannot fall below 2/2^n (0.25 with 3 seeds). Sample-level tests
 for two runs of one seed (exact McNemar, paired bootstrap): <code>sparsebench compare DIR A B</code>.</p>
 <div class="filters"><label>A <select id="compare-a">{options}</select></label>
@@ -461,7 +467,7 @@ def _seeds_needed_rows(summary: pd.DataFrame) -> List[List[object]]:
     ok = summary[summary["status"] == "ok"]
     for (dataset, model, device, label), part in ok.groupby(["dataset", "model", "device", "target_label"], sort=True):
         need = pd.to_numeric(part["seeds_needed"], errors="coerce").dropna()
-        ties = int((part["rank"] == "1=").sum())
+        ties = int(part["rank"].astype(str).str.match(r"1[=~]").sum())
         seeds = int(part["seeds"].max())
         rows.append([model, dataset, label, device, len(part), seeds, ties,
                      "–" if need.empty else f"{need.median():.0f}", "–" if need.empty else f"{need.max():.0f}"])
@@ -534,24 +540,41 @@ not act met its target with its starting point's number, not the method's: it is
 (<code>–</code>); records before schema 3 say <code>not recorded</code>. A method's <b>null control</b> is the same
 method with the Config values that switch its mechanism off, everything else equal (same dense checkpoint, budget,
 fine-tune and seeds); suites with <code>controls: true</code> run it beside the method, and <b>Δ control</b> is the
-paired top-1 difference, method − control, over the seeds both have, with its 95 % t-interval and the number of
-pairs. Each run page shows the verdict, the telemetry beside its thresholds, and the training curves (loss, learning
+paired top-1 difference, method − control, over the seeds both have, with its 95 % interval over seeds and test
+images and the number of pairs (see <a href="#ties">below</a>). Each run page shows the verdict, the telemetry beside its thresholds, and the training curves (loss, learning
 rate, validation top-1 and the method's update events against step).</p>
-<h2 id="ties">Ties, paired tests and seeds needed</h2>
+<h2 id="ties">Paired tests, test-set noise, family-wise verdicts and ranks</h2>
 <p>Runs of one seed share the dense checkpoint, the data split and the test set, so two methods pair seed by seed.
-Within each (model, dataset, target, device) table the rows are ordered by mean top-1 and each row is compared with
-the best row: the paired t-test over the seeds both have (the difference that matters is across training seeds), or,
-when a single seed pairs, the exact McNemar test on the test samples only one of the two runs got right (records
-keep each test sample's correctness, keyed to the test set's identity; two runs pair only when they saw the same
-samples). Holm's correction is applied over the comparisons with the best. <b>rank</b> <code>1=</code>: not
-distinguishable from the best at 95 %; a plain number: distinguishable, placed by mean; <code>(unpaired)</code>: no
-seed pairs with the best (one seed without per-sample results, as in older records), placed by mean alone, with no
-claim either way. <b>Δ baseline</b>: a seed-method row's paired difference to the strongest baseline at the same
-target (the best-mean row whose records say it has no mechanism, dense excluded). <b>Seeds needed</b>: from the
-standard deviation of the per-seed differences to the best row, the number of seeds at which a paired t-test would
+<b>Intervals over seeds and test images.</b> Every seed is scored on the same test images, so the test set's sampling
+noise is shared by all seeds and does not average out over them: an interval over seeds alone leaves it out. Records
+keep each test sample's correctness (keyed to the test set's identity), so the per-image differences A − B form a
+crossed seeds × images array, and the variance of its mean is σ²<sub>seed</sub>/n + σ²<sub>image</sub>/m +
+σ²<sub>seed×image</sub>/(n·m) (two-way random-effects model; method-of-moments estimates from the ANOVA mean squares,
+clamped at zero, so never below the seed-level variance). The 95 % interval is mean ± t<sub>n−1</sub> × its square
+root and p is the t-test on it. Why this model and not a bootstrap: the images are crossed with the seeds, not
+nested in them, so a bootstrap that redraws images within each seed treats the test set as redrawn every seed,
+and one that resamples seeds and images together counts the seed × image term more than once; with five seeds a
+percentile bootstrap over seeds is also about 37 % narrower than the t-interval. The moments need no random draws:
+the same records give the same interval. Where a run kept no per-sample results (older records), the interval is
+the seed-level t-interval, marked ‡. <b>Sign-flip.</b> Beside the t-test, the exact sign-flip permutation p over
+the 2<sup>n</sup> sign patterns of the n per-seed differences; it is never below 2/2<sup>n</sup> (0.0625 with 5
+seeds), and where every seed gives the same non-zero difference (the t-test undefined) it is the p used.
+<b>Family-wise verdicts.</b> Holm's correction is applied over every Δ control and Δ baseline test of one
+(model, dataset, device) table, all its targets together; tables show the raw p, the Holm-adjusted p (the one a
+verdict should use) and the sign-flip p. <b>rank</b>: within each (model, dataset, target, device) table every pair
+of rows is compared by the test above (or, when a single seed pairs, the exact McNemar test on the test samples
+only one of the two runs got right), with Holm's correction over all those comparisons; a row's rank is 1 + the
+number of rows significantly better than it, rows sharing a rank are marked <code>=</code> (<code>2=</code>), and
+rows are listed by rank, then mean, so the ranks only go down the table. <code>1~</code>: the rank rests on one
+seed, by McNemar's test on its per-sample results: test-set noise only, no training noise, so another seed may
+reverse it. <code>unpaired</code>: no row it could be compared with (no common seed, or one seed without
+per-sample results), no rank; <code>(partly unpaired)</code>: ranked against the rows it pairs with only.
+<b>Δ baseline</b>: a seed-method row's paired difference to the strongest baseline at the same target (the
+best-mean row whose records say it has no mechanism, dense excluded). <b>Seeds needed</b>: from the standard
+deviation of the per-seed differences to the best-mean row, the number of seeds at which a paired t-test would
 detect a 1-point difference with 80 % power (noncentral t). The <a href="compare.html">comparison page</a> pairs any
 two methods.</p>
-{table(["model", "dataset", "target", "device", "rows", "seeds", "rows tied with the best",
+{table(["model", "dataset", "target", "device", "rows", "seeds", "rows at rank 1",
         "seeds needed (median)", "seeds needed (largest)"], _seeds_needed_rows(summary if summary is not None else pd.DataFrame()))}
 <h2>Prunable set</h2>
 <p>Sparsity is stated over the prunable set: the conv and linear weights a method may touch. By default unstructured

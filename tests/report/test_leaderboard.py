@@ -142,7 +142,7 @@ def test_mechanism_verdicts_rank_and_pair_with_their_null_control(monkeypatch):
     left = board.excluded
     assert list(left["status"]) == ["mechanism did not act"] and "swapped = 0" in left.iloc[0]["detail"]
     md = to_markdown(board.table, left_out=board.excluded)
-    assert "+2.67 ± " in md and "(n=3)" in md and "mechanism did not act" in md
+    assert "+2.67 ± " in md and "(n=3; p " in md and "mechanism did not act" in md
 
 
 def test_a_method_whose_steps_run_side_by_side_is_labelled_with_its_compute():
@@ -168,12 +168,18 @@ def test_equal_cost_views_rank_only_rows_that_spent_as_much():
                     train_macs={"method": part(macs), "finetune": part(0.0), "dense_pretrain": part(pretrain_macs)})
 
     records = []
+    jitter = {"rigl": (0.0, 0.002, -0.001), "set": (0.001, -0.002, 0.0), "rigl2x": (-0.001, 0.0, 0.002),
+              "gmp": (0.002, -0.001, 0.0)}      # per-seed differences that are not all equal (a t-test exists)
     for seed in range(3):
         records += [
-            fake_record("rigl", seed, 0.80 + 0.01 * seed, starts_from="scratch", cost=cost(100, 1e9)),
-            fake_record("set", seed, 0.70 + 0.01 * seed, starts_from="scratch", cost=cost(100, 1.05e9)),
-            fake_record("rigl2x", seed, 0.85 + 0.01 * seed, starts_from="scratch", cost=cost(200, 2e9)),
-            fake_record("gmp", seed, 0.90 + 0.01 * seed, starts_from="scratch", cost=cost(100, 2.1e9)),
+            fake_record("rigl", seed, 0.80 + 0.01 * seed + jitter["rigl"][seed], starts_from="scratch",
+                        cost=cost(100, 1e9)),
+            fake_record("set", seed, 0.70 + 0.01 * seed + jitter["set"][seed], starts_from="scratch",
+                        cost=cost(100, 1.05e9)),
+            fake_record("rigl2x", seed, 0.85 + 0.01 * seed + jitter["rigl2x"][seed], starts_from="scratch",
+                        cost=cost(200, 2e9)),
+            fake_record("gmp", seed, 0.90 + 0.01 * seed + jitter["gmp"][seed], starts_from="scratch",
+                        cost=cost(100, 2.1e9)),
         ]
     steps = Leaderboard.of(records, equal_cost="steps").table.set_index("method")
     assert steps.loc["rigl2x", "cost_group"] != steps.loc["rigl", "cost_group"] == steps.loc["gmp", "cost_group"]
@@ -182,7 +188,7 @@ def test_equal_cost_views_rank_only_rows_that_spent_as_much():
     assert macs.loc["rigl", "cost_group"] == macs.loc["set", "cost_group"] == "≈1.0 train GMACs"
     assert macs.loc["rigl2x", "cost_group"] == macs.loc["gmp", "cost_group"] == "≈2.0 train GMACs"
     assert macs.loc["rigl", "rank"] == "1" and macs.loc["gmp", "rank"] == "1"
-    assert macs.loc["rigl2x", "rank"] == "2"                 # separated from gmp by 5 points on every seed
+    assert macs.loc["rigl2x", "rank"] == "2"                 # separated from gmp by about 5 points on every seed
     assert "| cost " in to_markdown(Leaderboard.of(records, equal_cost="macs").table)
     # a method starting from the dense checkpoint is charged the pretrain its result needed
     pruned = [fake_record("magnitude", s, 0.8, starts_from="pretrained", cost=cost(0, 0.0, 100, 3e9)) for s in range(2)]

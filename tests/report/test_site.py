@@ -297,7 +297,7 @@ def test_a_run_whose_mechanism_did_not_act_is_listed_apart_never_ranked(tmp_path
     assert 'data-status="did_not_act"' in left and "swapped = 0 (needs &gt;= 1)" in left and ">did not act<" in left
     assert len(re.findall(r"<tr ", board)) == 2 and 'data-status="did_not_act"' not in board
     rigl_row = re.search(r'<tr data-method="rigl" .*?</tr>', board, re.S).group(0)
-    assert ">acted<" in rigl_row and "+2.67 ± " in rigl_row and "(n=3)" in rigl_row
+    assert ">acted<" in rigl_row and "+2.67 ± " in rigl_row and "(n=3; p " in rigl_row
     assert '<option value="did_not_act">' in index                                   # the status filter offers it
 
 
@@ -332,7 +332,8 @@ def test_compare_page_pairs_two_methods_and_tables_show_ranks(tmp_path):
     build_site(records, tmp_path, svg=False)
     index = (tmp_path / "index.html").read_text()
     assert re.search(r'data-method="gap".*?<td class="text" data-sort="[\d.]+"><span title="best">1</span>', index)
-    assert re.search(r'data-method="rigl".*?<span title="paired t over 3 seeds; Holm-adjusted p = 0.0[\d]+">2</span>', index)
+    assert re.search(r'data-method="rigl".*?<span title="paired t over 3 seeds; Holm-adjusted p against the best-mean '
+                     r'row = 0.0[\d]+">2</span>', index)
     assert "seeds needed (median)" in (tmp_path / "protocol.html").read_text()
 
     exe = chromium()
