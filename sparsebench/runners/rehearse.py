@@ -468,9 +468,10 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
     todo = rehearsal_settings(suite.specs, cover)
     cores = os.cpu_count() or 1
     env = environment(torch.device(device), torch.get_num_threads())
+    earlier = _earlier_report(out, suite.name, device, cover)
     report = {"suite": suite.name, "device": device, "cover": cover,
               "machine": f"{device_label(env)}, {env['cpu_count']} CPU cores, torch {env['torch']}",
-              "rehearsal_steps_per_phase": REHEARSAL_STEPS, "settings": {}, "loaders": {}}
+              "rehearsal_steps_per_phase": REHEARSAL_STEPS, "settings": {}, "loaders": dict(earlier.get("loaders", {}))}
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rehearsal-", dir=out)))
         data_root = work / "data"
@@ -482,6 +483,10 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
         start = time.perf_counter()
         for i, spec in enumerate(todo):
             label = setting_label(spec)
+            done = earlier.get("settings", {}).get(label)
+            if done is not None and done.get("status") != "error":     # rehearsed before: kept, not re-run
+                report["settings"][label] = done
+                continue
             t = time.perf_counter()
             entry = {"method": _method_label(spec), "model": spec.model, "dataset": spec.dataset,
                      "target": str(spec.target), "pair": pair_label(spec), "suite_batch": spec.recipe.batch_size,
@@ -522,6 +527,18 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
             write_report(out, report)
             say(f"[rehearse {suite.name}] {i + 1}/{len(todo)} {label}: {entry['status']} in {entry['seconds']:.0f} s")
     return report
+
+
+def _earlier_report(out: Path, suite: str, device: str, cover: str) -> dict:
+    """A rehearsal of the same suite on the same device kind already in `out` (an interrupted one, or one
+    with failed settings): its finished settings are kept and only the rest run."""
+    try:
+        report = json.loads((out / "rehearsal.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    same = (report.get("suite"), str(report.get("device", "")).split(":")[0], report.get("cover", "datasets")) == \
+        (suite, device.split(":")[0], cover)
+    return report if same else {}
 
 
 def _method_label(spec: RunSpec) -> str:

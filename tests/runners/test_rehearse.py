@@ -100,6 +100,31 @@ def test_every_setting_runs_through_every_stage_with_figures_and_a_projection(tm
     assert sorted(p.name for p in out.iterdir()) == ["rehearsal.json", "rehearsal.md"]
 
 
+def test_a_rehearsal_run_again_keeps_its_finished_settings_and_runs_the_failed_ones(tmp_path, monkeypatch):
+    from sparsebench.runners import pipeline
+
+    suite = load_suite(write_suite(tmp_path, SUITE.replace("  - {name: l1-channel, args: {scope: global}}\n", "")))
+    out = tmp_path / "out"
+    real_execute, ran = pipeline.execute, []
+
+    def execute(spec, options, times, fail=True):
+        ran.append(spec.method)
+        if fail and spec.method == "magnitude-global":
+            raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+        return real_execute(spec, options, times)
+
+    monkeypatch.setattr(pipeline, "execute", execute)
+    first = run_rehearsal(suite, out, say=lambda _: None)
+    assert first["settings"]["magnitude-global resnet20 cifar10"]["status"] == "error"
+    ran.clear()
+    monkeypatch.setattr(pipeline, "execute", lambda spec, options, times: execute(spec, options, times, fail=False))
+    second = run_rehearsal(suite, out, say=lambda _: None)
+    assert ran == ["magnitude-global"]                       # only the failed setting ran again
+    assert second["settings"]["dense resnet20 cifar10"] == first["settings"]["dense resnet20 cifar10"]
+    assert second["settings"]["magnitude-global resnet20 cifar10"]["status"] in ("ok", "missed_target")
+    assert not second["projection"]["not_projected"]
+
+
 def test_a_failing_setting_is_reported_and_the_others_still_run(tmp_path, capsys):
     text = SUITE.replace("  - dense\n", "  - dense\n  - {name: gap-cyclic, args: {num_groups: 2}}\n") \
         .replace("  - magnitude-global\n  - {name: l1-channel, args: {scope: global}}\n", "")
