@@ -46,6 +46,7 @@ from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import MacsReport, count_macs, count_params
 from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.measure.realize import realize
+from sparsebench.measure.unstructured import Calibration
 from sparsebench.methods import METHODS, NO_MECHANISM, Method, MethodContext, Outcome, build_config, config_dict
 from sparsebench.models import MODELS, ModelCard, create_model, model_card
 from sparsebench.store.record import (
@@ -433,7 +434,8 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
         sparsity, sparsity_all = sparsity_of(model, dense.model, prunable)
         params = count_params(model)
     with times("realization"):
-        realized = realize(model, outcome.realization, device, spec.measure.dtype, outcome.pattern)
+        realized = realize(model, outcome.realization, device, spec.measure.dtype, outcome.pattern,
+                           calibration=_calibration(spec, data))
     with times("latency"):
         latency = _latency(spec, realized, dense, data, device)
     with times("FLOPs counting"):
@@ -447,6 +449,16 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
         latency=latency, measured_speedup=latency[str(batch)]["measured_speedup"] if latency else None,
         measured_speedup_batch=batch if latency else None,
     )
+
+
+def _calibration(spec: RunSpec, data: DataStage) -> Optional[Calibration]:
+    """How the auto realizer of unstructured masks times its per-layer choice: at the throughput batch
+    (where the record's measured speedup is read) and the latency's thread count. None where no latency
+    is measured: no choice to make."""
+    m = spec.measure
+    if not (m.latency and current_platform().is_primary):
+        return None
+    return Calibration(input_size=tuple(data.input_size), batch=max(m.batch_sizes), threads=m.threads)
 
 
 def _latency(spec: RunSpec, realized, dense: DenseStage, data: DataStage, device: torch.device) -> Optional[dict]:
