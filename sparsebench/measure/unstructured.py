@@ -48,7 +48,7 @@ class Calibration:
     max_seconds: float = 2.0
     block_seconds: float = 0.002
     pairs: int = 5
-    margin: float = 0.95
+    margin: float = 0.9
     max_density: float = 0.7
     seed: int = 0
 

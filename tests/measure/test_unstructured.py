@@ -91,14 +91,14 @@ def test_auto_never_picks_a_kernel_slower_than_dense_in_its_calibration(monkeypa
     def fake_timer(fn, x, number, cuda):
         if not isinstance(fn, (CSRLinear, CSRConv2d)):
             return 1e-3
-        return 0.5e-3 if fn.values.numel() % 2 else 0.97e-3      # faster on some layers, a near-tie on others
+        return 0.5e-3 if fn.values.numel() % 2 else 0.92e-3      # a win on some layers, too close on others
 
     monkeypatch.setattr(unstructured, "_time_calls", fake_timer)
     r = realize(model, "masked", CPU, calibration=Calibration(input_size=(3, 16, 16), batch=2, max_seconds=30))
     timed = [e for e in r.details["layers"] if e["dense_ms"] is not None]
     assert timed and {e["kernel"] for e in timed} == {"dense", "csr"}
     for e in timed:
-        assert (e["kernel"] == "csr") == (e["csr_ms"] <= 0.95 * e["dense_ms"])
+        assert (e["kernel"] == "csr") == (e["csr_ms"] <= 0.9 * e["dense_ms"])
         if e["kernel"] == "csr":
             assert e["csr_ms"] < e["dense_ms"]
 
