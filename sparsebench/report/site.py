@@ -95,8 +95,10 @@ COLUMNS = [  # (header, data-type, css class, title)
     ("params", "num", "", "non-zero parameters"),
     ("MMACs", "num", "", "MACs per image, millions (theoretical for masked runs)"),
     ("theor. speedup", "num", "", "dense MACs / realized MACs"),
-    ("measured speedup", "num", "", "dense / realized latency at the throughput batch, with its 95 % interval"),
-    ("realizable", "text", "text", "runs faster through a real kernel or a smaller dense model"),
+    ("measured speedup", "num", "", "dense / realized latency at the throughput batch, with its 95 % interval "
+                                     "and the sparse-kernel realization that ran (auto, csr, 2:4)"),
+    ("realizable", "text", "text", "a realizer ran on this device: a smaller dense model, 2:4 kernels, or "
+                                   "auto's per-layer choice of dense and CSR kernels"),
     ("method steps", "num", "", "optimizer steps the method spent (search or sparse training)"),
     ("method s", "num", "", "method wall time, seconds"),
     ("fine-tune steps", "num", "", "the shared fine-tune's optimizer steps"),

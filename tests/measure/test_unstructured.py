@@ -143,3 +143,34 @@ def test_a_layer_or_realization_that_disagrees_is_never_used(monkeypatch):
 def test_without_calibration_the_realization_says_so():
     r = realize(magnitude_pruned("resnet20_tiny", 0.9), "masked", CPU)
     assert not r.realizable and r.model is None and "not calibrated" in r.reason
+
+
+def test_auto_choices_round_trip_through_a_record_and_old_records_still_read():
+    from conftest import make_record
+    from sparsebench.store.record import Realization, RunRecord, plain
+
+    r = realize(magnitude_pruned("vit_cifar_tiny", 0.9), "masked", CPU,
+                calibration=Calibration(input_size=(3, 16, 16), batch=2, max_seconds=0.5))
+    stored = Realization(r.realizable, r.kind, r.reason, r.dtype, plain(r.details))
+    record = make_record("magnitude-global", realizable=True, speedup=1.2, realization=stored)
+    again = RunRecord.from_json(record.to_json())
+    assert again == record and again.realization.details["layers"] == stored.details["layers"]
+    assert again.to_dict()["realization"]["calibration"]["batch"] == 2
+    old = make_record("magnitude-global").to_dict()
+    old["realization"] = {"realizable": False, "kind": None, "reason": "not realizable here: unstructured zeros "
+                          "inside dense tensors; no sparse kernel used on cpu", "dtype": None}
+    assert RunRecord.from_dict(old).realization.realizable is False
+
+
+@pytest.mark.cuda
+def test_auto_on_cuda_equals_the_masked_model():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    model = magnitude_pruned("vit_cifar_tiny", 0.9)
+    device = torch.device("cuda")
+    for kernel in ("csr", "auto"):
+        r = realize(model, "masked", device, calibration=Calibration(input_size=(3, 16, 16), batch=8), kernel=kernel)
+        assert r.realizable and r.details["calibration"]["device"] == "cuda"
+        x = torch.randn(4, 3, 16, 16)
+        with torch.inference_mode():
+            assert torch.allclose(r.model(x.to(device)).cpu(), model(x), atol=1e-4)
