@@ -150,7 +150,8 @@ def cmd_speedup(args) -> int:
         env = speedup_environment(config)
         atomic_write_text(out / "speedup.csv", table.to_csv(index=False))
         atomic_write_text(out / "environment.json", json.dumps(env, indent=2))
-        header = (f"# {'Speedup' if config.sparsities else 'Structured speedup'}: theoretical vs measured ({env['device_name']}, {config.dtype})\n\n"
+        title = "Speedup" if config.sparsities else "Structured speedup"
+        header = (f"# {title}: theoretical vs measured ({env['device_name']}, {config.dtype})\n\n"
                   + (f"L1 structured pruning ({config.method}), physically compacted. " if config.flops else "")
                   + (f"Magnitude masks ({config.mask_scope}, input layer and classifier dense) realized by "
                      f"{', '.join(config.kernels)} (auto: per layer the faster of dense and CSR, calibrated at each "

@@ -20,12 +20,13 @@ realization is still `auto`, the masked model run dense, and its details say "al
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
+from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.measure.sparse24 import is_2to4, semi_structured_support, to_semi_structured
 from sparsebench.measure.unstructured import KERNELS, Calibration, realize_unstructured
 
@@ -88,3 +89,29 @@ def _unstructured(model: nn.Module, device: torch.device, dtype: str, pattern: O
     except ValueError as e:              # a realization that computes something else is never timed
         return Realization(None, False, None, reason=f"not realizable here: {e}", details=declared)
     return Realization(realized, True, kernel, dtype=dtype, details={**declared, **details})
+
+
+def compare_realized(dense: nn.Module, masked: nn.Module, realized: Realization, input_size: Sequence[int],
+                     settings: LatencySettings, device: torch.device, pattern: Optional[str] = None,
+                     calibration: Optional[Calibration] = None) -> Dict[str, dict]:
+    """`compare_latency` of dense against `realized`, except that an `auto` realization is chosen again
+    at each batch size other than the one it was calibrated at (the faster kernel differs with the
+    batch: CSR wins more often at batch 1). Each such batch's entry records that choice
+    (`realization`: summary, sparse layers, the per-layer choices)."""
+    if realized.kind != "auto" or calibration is None:
+        return compare_latency(dense, realized.model, input_size, settings, device)
+    results: Dict[str, dict] = {}
+    for batch in settings.batch_sizes:
+        at_batch = realized
+        if batch != calibration.batch:
+            again = realize(masked, "masked", device, realized.dtype or settings.dtype, pattern,
+                            calibration=replace(calibration, batch=batch), kernel="auto")
+            at_batch = again if again.realizable else realized
+        timed = compare_latency(dense, at_batch.model, input_size, replace(settings, batch_sizes=(batch,)), device)
+        d = at_batch.details
+        timed[str(batch)]["realization"] = {
+            "calibrated_at_batch": d["calibration"]["batch"], "summary": d["summary"],
+            "sparse_layers": d["sparse_layers"], "calibration_seconds": d["calibration"]["seconds"],
+            **({"layers": d["layers"]} if at_batch is not realized else {})}
+        results.update(timed)
+    return results

@@ -401,8 +401,8 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
     import time
 
     from sparsebench.measure.environment import environment
-    from sparsebench.measure.latency import LatencySettings, compare_latency
-    from sparsebench.measure.realize import realize
+    from sparsebench.measure.latency import LatencySettings
+    from sparsebench.measure.realize import compare_realized, realize
     from sparsebench.measure.unstructured import Calibration
 
     store = RecordStore(root)
@@ -446,7 +446,8 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
                                        dtype=realized.dtype, channels_last=m.get("channels_last", False),
                                        compile=m.get("compile", False),
                                        max_seconds=None if left is None else left / (len(todo) - i) / len(sizes))
-            latency = compare_latency(dense, realized.model, loaded.input_size, settings, target)
+            latency = compare_realized(dense, loaded.model, realized, loaded.input_size, settings, target,
+                                       record.sparsity_pattern, calibration)
             latency["settings"] = {"dtype": realized.dtype, "threads": use_threads, "batch_sizes": list(sizes),
                                    "channels_last": settings.channels_last, "compile": settings.compile,
                                    "device": str(target), "dense": "the spec's dense architecture (latency does "

@@ -174,3 +174,23 @@ def test_auto_on_cuda_equals_the_masked_model():
         x = torch.randn(4, 3, 16, 16)
         with torch.inference_mode():
             assert torch.allclose(r.model(x.to(device)).cpu(), model(x), atol=1e-4)
+
+
+def test_auto_is_chosen_again_at_each_batch_size_it_is_timed_at():
+    from sparsebench.measure.latency import LatencySettings
+    from sparsebench.measure.realize import compare_realized
+
+    model = magnitude_pruned("vit_cifar_tiny", 0.9)
+    dense = create_model("vit_cifar_tiny", img_size=16).eval()
+    calibration = Calibration(input_size=(3, 16, 16), batch=4, max_seconds=0.5)
+    r = realize(model, "masked", CPU, calibration=calibration)
+    settings = LatencySettings(batch_sizes=(1, 4), min_run_time=0.01, rounds=2)
+    timed = compare_realized(dense, model, r, (3, 16, 16), settings, CPU, calibration=calibration)
+    assert set(timed) == {"1", "4"} and all(timed[b]["measured_speedup"] > 0 for b in timed)
+    at_1, at_4 = timed["1"]["realization"], timed["4"]["realization"]
+    assert at_4["calibrated_at_batch"] == 4 and "layers" not in at_4          # the record's own realization
+    assert at_1["calibrated_at_batch"] == 1 and len(at_1["layers"]) == len(r.details["layers"])
+    # a realization other than auto is timed as it is, at every batch
+    plain = compare_realized(dense, model, realize(dense, "dense", CPU), (3, 16, 16), settings, CPU,
+                             calibration=calibration)
+    assert set(plain) == {"1", "4"} and "realization" not in plain["1"]
