@@ -228,13 +228,15 @@ def realize_unstructured(model: nn.Module, kernel: str, device: torch.device, dt
                 entry["reason"] = "not calibrated: time cap"
             return
         share = (state["deadline"] - now) / (state["left"] + 1)        # an equal part of what is left
+        # both through `forward`: calling the dense layer would run this hook again, and the model calls
+        # either through the same `Module.__call__`
         dense_probe = _time_calls(module.forward, x, 1, cuda)
-        csr_probe = _time_calls(sparse, x, 1, cuda)
+        csr_probe = _time_calls(sparse.forward, x, 1, cuda)
         number = max(1, int(calibration.block_seconds / max(min(dense_probe, csr_probe), 1e-7)))
         dense_times, csr_times = [], []
         start = time.perf_counter()
         for i in range(calibration.pairs):
-            pair = ((module.forward, dense_times), (sparse, csr_times))
+            pair = ((module.forward, dense_times), (sparse.forward, csr_times))
             for fn, times in (pair if i % 2 == 0 else pair[::-1]):
                 times.append(_time_calls(fn, x, number, cuda))
             if time.perf_counter() - start >= share:
