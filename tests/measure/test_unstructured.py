@@ -6,7 +6,7 @@ from torch import nn
 
 from sparsebench.measure import unstructured
 from sparsebench.measure.realize import realize
-from sparsebench.measure.unstructured import Calibration, CSRConv2d, CSRLinear, realize_unstructured
+from sparsebench.measure.unstructured import Calibration, CSRConv2d, CSRLinear
 from sparsebench.models import create_model
 from sparsebench.training.masks import keep_counts, layer_densities, layerwise_topk_masks, prunable_weights
 
