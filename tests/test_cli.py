@@ -282,3 +282,15 @@ def test_leaderboard_equal_cost_view_and_a_bad_tolerance(tmp_path, capsys):
     assert code == 0 and "| cost " in out and "≈0 steps" in out
     code, out, err = run_cli(capsys, "leaderboard", str(tmp_path), "--equal-cost", "macs", "--cost-tolerance", "1.5")
     assert code == 2 and err.strip().count("\n") == 0 and "--cost-tolerance must be in [0, 1), got 1.5" in err
+
+
+def test_run_summary_names_the_realization_beside_the_measured_speedup(capsys):
+    from conftest import make_record
+    from sparsebench.cli.runs import _print_run_summary
+    from sparsebench.store.record import Realization
+
+    auto = Realization(True, "auto", None, "float32", {"sparse_layers": 3, "layers": []})
+    _print_run_summary(make_record("magnitude-global", realizable=True, speedup=1.25, realization=auto))
+    assert "measured 1.25× (auto, cpu: Test CPU)" in capsys.readouterr().out
+    _print_run_summary(make_record("l1-channel", kind="flops", realizable=True, speedup=1.5))
+    assert "measured 1.50× (cpu: Test CPU)" in capsys.readouterr().out

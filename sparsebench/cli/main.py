@@ -8,7 +8,7 @@
     sparsebench list [methods|models|datasets]
     sparsebench check-data DATASET [--data-root DIR] [--img-size N] [--full]
     sparsebench flops MODEL [--img-size N] [--json] [--cross-check]
-    sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--out results/speedup/cpu]
+    sparsebench speedup [--models ...] [--flops 0.75 0.5 0.25] [--sparsity 0.9 0.95] [--out results/speedup/cpu]
     sparsebench load RUN [--dir DIR] [--evaluate]      sparsebench export RUN --format onnx|torchscript|export
     sparsebench retime DIR --device cpu|cuda [--dtype ...] [--batch-sizes ...]
 
@@ -176,9 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-attention", action="store_true", help="leave fused attention on (shows the defect)")
     p.add_argument("--cross-check", action="store_true", help="also count with fvcore and print both side by side")
     p.set_defaults(func=cmd_flops)
-    p = sub.add_parser("speedup", help="theoretical vs measured speedup of structured pruning")
+    p = sub.add_parser("speedup", help="theoretical vs measured speedup of structured and unstructured pruning")
     p.add_argument("--models", nargs="+", default=["resnet18", "resnet50", "mobilenet_v2", "deit_tiny", "deit_small"])
-    p.add_argument("--flops", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    p.add_argument("--flops", type=float, nargs="*", default=[0.75, 0.5, 0.25],
+                   help="structured (L1 channel/head) FLOPs targets; none: no structured rows")
+    p.add_argument("--sparsity", type=float, nargs="*", default=[],
+                   help="unstructured targets: magnitude masks at these sparsities, timed per realization")
+    p.add_argument("--kernels", nargs="+", choices=("auto", "csr"), default=["auto", "csr"],
+                   help="realizations of the unstructured masks (auto: per layer the faster of dense and CSR)")
+    p.add_argument("--mask-scope", choices=("layerwise", "global"), default="layerwise",
+                   help="magnitude ranking per layer or over all prunable layers")
+    p.add_argument("--calibration-seconds", type=float, default=30.0,
+                   help="bound on auto's per-layer calibration per (model, sparsity, threads, batch)")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])

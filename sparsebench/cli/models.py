@@ -53,6 +53,7 @@ def cmd_export(args) -> int:
 def cmd_retime(args) -> int:
     """Dense vs realized latency of every saved model in DIR, timed on --device, added to each record
     as its own device entry."""
+    from sparsebench.report.leaderboard import realization_label
     from sparsebench.runners.artifacts import retime_directory
 
     _check_device(args.device)
@@ -61,8 +62,9 @@ def cmd_retime(args) -> int:
     _readable_records(args.dir)          # one line for a directory without records, before any timing
 
     def report(record, entry):
-        speed = f"measured {entry['measured_speedup']:.2f}×" if entry["measured_speedup"] else \
-            (entry["realization"]["reason"] or "not timed")
+        label = realization_label(entry["realization"])
+        speed = f"measured {entry['measured_speedup']:.2f}×" + (f" ({label})" if label else "") \
+            if entry["measured_speedup"] else (entry["realization"]["reason"] or "not timed")
         if not args.quiet:
             print(f"  {record.method:<20} {record.model:<16} {record.target_label:<14} seed {record.seed}: {speed}",
                   flush=True)

@@ -90,7 +90,11 @@ def _print_run_summary(r) -> None:
     if not r.has_result:
         print(f"{head}: {r.status.upper()} ({r.error}); record kept, no metrics")
         return
-    speed = f"{r.measured_speedup:.2f}× ({r.device})" if r.measured_speedup else r.realization.reason or "–"
+    from sparsebench.report.leaderboard import realization_label
+
+    label = realization_label({"kind": r.realization.kind, **r.realization.details})
+    where = r.device if label is None else f"{label}, {r.device}"
+    speed = f"{r.measured_speedup:.2f}× ({where})" if r.measured_speedup else r.realization.reason or "–"
     missed = "" if r.target_met else (f"; MISSED TARGET (tolerance -{r.tolerance.below:g}/+{r.tolerance.above:g})")
     print(f"{head}: top1 {100 * r.test_top1:.2f}% (dense {100 * r.dense_test_top1:.2f}%), "
           f"sparsity {r.achieved_sparsity:.4f}, FLOPs ratio {r.achieved_flops_ratio:.4f}, "

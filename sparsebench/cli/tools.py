@@ -107,31 +107,57 @@ def cmd_speedup(args) -> int:
     for f in args.flops:
         if not 0 < f < 1:
             raise CliError(f"flops target {f} is out of range; allowed: 0 < flops < 1")
+    for s in args.sparsity:
+        if not 0 < s < 1:
+            raise CliError(f"sparsity target {s} is out of range; allowed: 0 < sparsity < 1")
+    if not args.flops and not args.sparsity:
+        raise CliError("nothing to time: give --flops targets, --sparsity targets, or both")
     _check_device(args.device)
     config = SpeedupConfig(models=tuple(args.models), flops=tuple(args.flops), img_size=args.img_size,
                            batch_sizes=tuple(args.batch_sizes), threads=tuple(args.threads), device=args.device,
                            dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
-                           min_run_time=args.min_run_time, rounds=args.rounds)
+                           min_run_time=args.min_run_time, rounds=args.rounds, sparsities=tuple(args.sparsity),
+                           kernels=tuple(args.kernels), mask_scope=args.mask_scope,
+                           calibration_seconds=args.calibration_seconds)
 
     def report(row):
-        if not args.quiet:
-            print(f"  {row['model']:<14} flops={row['target_flops']:<5g} threads={row['threads']} "
-                  f"batch={row['batch']:<4} theoretical {row['theoretical_speedup']:.2f}x  "
-                  f"measured {row['measured_speedup']:.2f}x", flush=True)
+        if args.quiet:
+            return
+        target = f"flops={row['target_flops']:<5g}" if "target_flops" in row else \
+            f"sparsity={row['target_sparsity']:<5g} {row['realization']:<4}"
+        print(f"  {row['model']:<14} {target} threads={row['threads']} "
+              f"batch={row['batch']:<4} theoretical {row['theoretical_speedup']:.2f}x  "
+              f"measured {row['measured_speedup']:.2f}x", flush=True)
 
     table = pd.DataFrame(speedup_rows(config, progress=report))
-    columns = ["model", "target_flops", "achieved_flops_ratio", "threads", "batch", "dense_ms", "realized_ms",
-               "theoretical_speedup", "measured_speedup", "measured_over_theoretical"]
-    text = table[columns].to_markdown(index=False, floatfmt=".3f")
+    structured = table[table["target_flops"].notna()] if "target_flops" in table else table.iloc[0:0]
+    unstructured = table[table["target_sparsity"].notna()] if "target_sparsity" in table else table.iloc[0:0]
+    parts = []
+    if len(structured):
+        parts.append(structured[["model", "target_flops", "achieved_flops_ratio", "threads", "batch", "dense_ms",
+                                 "realized_ms", "theoretical_speedup", "measured_speedup",
+                                 "measured_over_theoretical"]].to_markdown(index=False, floatfmt=".3f"))
+    if len(unstructured):
+        columns = [c for c in ("model", "method", "target_sparsity", "realization", "sparse_layers", "layers",
+                               "threads", "batch", "dense_ms", "realized_ms", "theoretical_speedup",
+                               "measured_speedup", "measured_over_theoretical", "status") if c in unstructured]
+        counts = {c: unstructured[c].astype("Int64") for c in ("sparse_layers", "layers") if c in unstructured}
+        parts.append(unstructured.assign(**counts)[columns].to_markdown(index=False, floatfmt=".3f"))
+    text = "\n\n".join(parts)
     print(text)
     if args.out:
         out = Path(args.out)
         env = speedup_environment(config)
         atomic_write_text(out / "speedup.csv", table.to_csv(index=False))
         atomic_write_text(out / "environment.json", json.dumps(env, indent=2))
-        header = (f"# Structured speedup: theoretical vs measured ({env['device_name']}, {config.dtype})\n\n"
-                  f"L1 structured pruning ({config.method}), physically compacted; dense and compacted timed in one "
-                  f"process, alternating blocks, median of {config.rounds} blocks; torch {env['torch']}.\n\n")
+        title = "Speedup" if config.sparsities else "Structured speedup"
+        header = (f"# {title}: theoretical vs measured ({env['device_name']}, {config.dtype})\n\n"
+                  + (f"L1 structured pruning ({config.method}), physically compacted. " if config.flops else "")
+                  + (f"Magnitude masks ({config.mask_scope}, input layer and classifier dense) realized by "
+                     f"{', '.join(config.kernels)} (auto: per layer the faster of dense and CSR, calibrated at each "
+                     "batch and thread count). " if config.sparsities else "")
+                  + f"Dense and realized timed in one process, alternating blocks, median of {config.rounds} blocks; "
+                  f"torch {env['torch']}.\n\n")
         atomic_write_text(out / "speedup.md", header + text + "\n")
         print(f"wrote {out / 'speedup.md'}, {out / 'speedup.csv'}, {out / 'environment.json'}")
     return 0

@@ -65,7 +65,7 @@ class Outcome:
     model        the sparse model: masked in place, or already compacted (smaller dense)
     masks        unstructured masks the fine-tune must keep applied (a `training.masks.MaskSet`)
     realization  "dense" (nothing removed), "compacted" (a physically smaller model),
-                 "masked" (zeros inside dense tensors: not realizable on stock kernels)
+                 "masked" (zeros inside dense tensors: timed through `auto`, per layer dense or CSR kernels)
     structure    kept channels / heads / widths, JSON-serialisable, stored in the record
     prunable     parameter names the sparsity target is stated over (dense-model names)
     notes        method-specific facts for the record (forced groups, faithfulness, ...)

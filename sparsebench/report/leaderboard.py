@@ -104,6 +104,25 @@ def _total_cost(r: RunRecord):
     return steps, _spent_macs(r, ("method", "finetune") + (("dense_pretrain",) if pretrained else ()))
 
 
+SPARSE_KERNEL_KINDS = ("auto", "csr", "2:4")
+
+
+def realization_label(realization: Optional[dict]) -> Optional[str]:
+    """The realization named beside a measured speedup where sparse kernels could have run it:
+    "auto", "csr", "2:4"; "auto: all dense" where no layer won its calibration (the masked model
+    run dense). None for dense and compacted models (a smaller dense model needs no name)."""
+    if not realization or realization.get("kind") not in SPARSE_KERNEL_KINDS:
+        return None
+    kind = realization["kind"]
+    return f"{kind}: all dense" if realization.get("sparse_layers") == 0 else kind
+
+
+def _labels(values: pd.Series) -> Optional[str]:
+    """The realizations of a row's seeds, joined (seeds may choose differently)."""
+    names = sorted({v for v in values if isinstance(v, str) and v})
+    return " / ".join(names) or None
+
+
 def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per record; metric columns are empty for runs without a result (diverged)."""
     rows = []
@@ -130,6 +149,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
                 "macs_effective": r.macs.effective, "macs_dense": r.macs.dense, "params_nonzero": r.params.nonzero,
                 "theoretical_speedup": r.theoretical_speedup, "measured_speedup": r.measured_speedup,
                 "realizable": r.realization.realizable,
+                "realization": realization_label({"kind": r.realization.kind, **r.realization.details}),
             })
         rows.append(row)
         rows.extend(retimed_rows(r, row))
@@ -142,7 +162,8 @@ def retimed_rows(r: RunRecord, row: dict) -> list:
     if not r.has_result or not r.retimed:
         return []
     return [{**row, "device": label, "measured_speedup": entry.get("measured_speedup"),
-             "realizable": bool((entry.get("realization") or {}).get("realizable"))}
+             "realizable": bool((entry.get("realization") or {}).get("realizable")),
+             "realization": realization_label(entry.get("realization"))}
             for label, entry in sorted(r.retimed.items())]
 
 
@@ -230,7 +251,8 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
         macs=("macs_effective", "mean"), params=("params_nonzero", "mean"),
         theoretical_speedup=("theoretical_speedup", "mean"),
         measured_speedup=("measured_speedup", "mean"), measured_speedup_ci=("measured_speedup", ci95),
-        realizable=("realizable", "all"), method_steps=("method_steps", "mean"),
+        realizable=("realizable", "all"), realization=("realization", _labels),
+        method_steps=("method_steps", "mean"),
         train_macs=("train_macs", "mean"),
         total_steps=("total_steps", "mean"), total_train_macs=("total_train_macs", "mean"),
         mechanism=("mechanism", row_mechanism),
@@ -438,8 +460,9 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in agg.iterrows():
         target = "dense" if r["target_kind"] == "none" else f"{r['target_kind']}={r['target']:g}"
-        measured = (plus_minus(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×") if r["realizable"] \
-            else "not realizable"
+        measured = (plus_minus(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×"
+                    + (f" ({r['realization']})" if isinstance(r.get("realization"), str) else "")) \
+            if r["realizable"] else "not realizable"
         rows.append({
             "dataset": r["dataset"], "model": r["model"], "target": target,
             **({"cost": r["cost_group"]} if "cost_group" in r else {}),
@@ -542,8 +565,10 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "the shared dense pretrain left out). "
         "sparsity: zero or removed fraction of prunable weights. FLOPs ratio: realized MACs / dense MACs "
         "(attention matmuls counted). theor. speedup: dense / realized MACs. measured speedup: dense / realized "
-        "latency, same process and device, at the throughput batch, on the device named beside it; unstructured "
-        "masks are not realizable. Only runs that met their target within the tolerance in their record count. "
+        "latency, same process and device, at the throughput batch, on the device named beside it, with the "
+        "realization that ran sparse kernels named (auto: per layer the faster of dense and CSR by a timed "
+        "calibration; \"auto: all dense\": no layer won, the masked model ran dense); not realizable: no realizer "
+        "ran. Only runs that met their target within the tolerance in their record count. "
         "mechanism: acted (the method's defining mechanism acted in every seed, by the thresholds it declares), "
         "control (its null control: the mechanism switched off, all else equal), – (a baseline); a run whose "
         "mechanism did not act is left out of the means. " + DIFFERENCES_NOTE + " " + RANK_NOTE + " "

@@ -138,7 +138,7 @@ def _panel(ax, part: pd.DataFrame, x: str, styles, used, markers_used) -> None:
     ax.grid(alpha=0.3)
     dense_y = float(dense["top1"].iloc[0]) if not dense.empty else None
     if runs.empty:
-        why = ("no realizable runs: masked (unstructured) results have no measured speedup on this device"
+        why = ("no realizable runs: no run here has a measured speedup on this device"
                if x == "speedup" else "no pruned runs with a result")
         ax.text(0.5, 0.5, "nothing to draw\n" + "\n".join(textwrap.wrap(why, 40)), ha="center", va="center",
                 fontsize=9, transform=ax.transAxes, color="#444")

@@ -20,8 +20,8 @@ from typing import Any, Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.leaderboard import (
-    as_float, ci95, control_label, mechanism_of, method_label, ranked, row_mechanism, with_baseline_differences,
-    with_control_differences, with_family_holm, with_ranks,
+    _labels, as_float, ci95, control_label, mechanism_of, method_label, ranked, realization_label, row_mechanism,
+    with_baseline_differences, with_control_differences, with_family_holm, with_ranks,
 )
 from sparsebench.store.record import RunRecord
 
@@ -83,6 +83,7 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
         "top1": None, "top5": None, "sparsity": None, "flops": None, "params": None, "macs": None,
         "macs_dense": None, "macs_is": None, "theoretical_speedup": None, "measured_speedup": None,
         "speedup_lo": lo, "speedup_hi": hi, "realizable": None, "realization_kind": None, "realization_reason": None,
+        "realization_label": None,
         "mechanism": mechanism_of(r), "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
         "control_of_row": control_label(r), "per_sample": r.per_sample,
     }
@@ -94,6 +95,7 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
             theoretical_speedup=r.theoretical_speedup, measured_speedup=r.measured_speedup,
             realizable=r.realization.realizable, realization_kind=r.realization.kind,
             realization_reason=r.realization.reason,
+            realization_label=realization_label({"kind": r.realization.kind, **r.realization.details}),
         )
     return row
 
@@ -139,6 +141,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             theoretical_speedup=_mean(g["theoretical_speedup"]), measured_speedup=_mean(speed),
             measured_speedup_ci=ci95(speed),
             realizable=bool(g["realizable"].fillna(False).astype(bool).all()) if g["realizable"].notna().any() else None,
+            realization=_labels(g["realization_label"]),
             masked=bool((g["macs_is"] == "theoretical").any() or g["granularity"].iloc[0] in ("unstructured", "n:m")),
             method_steps=_mean(g["method_steps"]), method_seconds=_mean(g["method_seconds"]),
             finetune_steps=_mean(g["finetune_steps"]), finetune_seconds=_mean(g["finetune_seconds"]),

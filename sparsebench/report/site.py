@@ -96,8 +96,10 @@ COLUMNS = [  # (header, data-type, css class, title)
     ("params", "num", "", "non-zero parameters"),
     ("MMACs", "num", "", "MACs per image, millions (theoretical for masked runs)"),
     ("theor. speedup", "num", "", "dense MACs / realized MACs"),
-    ("measured speedup", "num", "", "dense / realized latency at the throughput batch, with its 95 % interval"),
-    ("realizable", "text", "text", "runs faster through a real kernel or a smaller dense model"),
+    ("measured speedup", "num", "", "dense / realized latency at the throughput batch, with its 95 % interval "
+                                     "and the sparse-kernel realization that ran (auto, csr, 2:4)"),
+    ("realizable", "text", "text", "a realizer ran on this device: a smaller dense model, 2:4 kernels, or "
+                                   "auto's per-layer choice of dense and CSR kernels"),
     ("method steps", "num", "", "optimizer steps the method spent (search or sparse training)"),
     ("method s", "num", "", "method wall time, seconds"),
     ("fine-tune steps", "num", "", "the shared fine-tune's optimizer steps"),
@@ -105,6 +107,16 @@ COLUMNS = [  # (header, data-type, css class, title)
     ("seeds", "num", "", "seeds averaged"),
     ("runs", None, "text", "one page per run"),
 ]
+
+
+def _layer_choices(layers: list) -> str:
+    """The auto/csr realizer's choice per layer: kernel, density, and both calibration timings."""
+    def one(e: dict) -> str:
+        timed = "" if e.get("dense_ms") is None else \
+            f", dense {e['dense_ms']:.3g} ms, CSR {e['csr_ms']:.3g} ms"
+        why = f" ({e['reason']})" if e.get("reason") else ""
+        return f"{e['layer']} {tuple(e['shape'])}: {e['kernel']}, density {e['density']:.3f}{timed}{why}"
+    return "; ".join(one(e) for e in layers)
 
 
 def _row(r: pd.Series) -> str:
@@ -115,6 +127,8 @@ def _row(r: pd.Series) -> str:
         speed_sort = f"{r['measured_speedup']:.6g}"
         if as_float(r["speedup_lo"]) is not None and as_float(r["speedup_hi"]) is not None:
             speed += f" [{r['speedup_lo']:.2f}–{r['speedup_hi']:.2f}]"
+        if isinstance(r.get("realization"), str):
+            speed += f" ({r['realization']})"
     realizable = {True: "yes", False: "no"}.get(r["realizable"], "–")
     links = " ".join(f'<a href="runs/{esc(slug(rid))}.html">{esc(_seed_of(rid))}</a>' for rid in r["run_ids"])
     mechanism = r.get("mechanism") or "not recorded"
@@ -380,7 +394,10 @@ def _run_page(record: RunRecord, row: Dict[str, object], curve_files: Dict[str, 
         "theoretical speedup": _fmt(row["theoretical_speedup"], ".2f", "×"),
         "measured speedup": _fmt(row["measured_speedup"], ".3f", "×") + (
             f" [{row['speedup_lo']:.3f}–{row['speedup_hi']:.3f}]" if as_float(row["speedup_lo"]) is not None else ""),
-        "realization": json.dumps(d["realization"]) if d["realization"] else "–",
+        "realization": json.dumps({k: v for k, v in d["realization"].items() if k != "layers"})
+                       if d["realization"] else "–",
+        **({"per-layer kernels": _layer_choices(d["realization"]["layers"])}
+           if d["realization"] and d["realization"].get("layers") else {}),
         "method cost": f"{row['method_steps']} steps of {row['method_budget_steps']} budget, "
                        f"{row['method_seconds']:.1f} s",
         "fine-tune": f"{row['finetune_steps']} steps, {row['finetune_seconds']:.1f} s",
@@ -588,8 +605,10 @@ count non-zero weights × output positions (<i>theoretical</i>; hollow markers i
 smaller model (<i>real</i>; filled markers). <b>Theoretical speedup</b> = dense MACs / realized MACs.
 <b>Measured speedup</b> = dense latency / realized latency, both timed in the same process on the same device and
 input, eval and inference mode, warm-up, alternating timed blocks, median, at batch 1 and a throughput batch (the
-leaderboard shows the throughput batch) with a bootstrap 95 % interval. Plain unstructured masks are
-<b>not realizable</b>: no kernel makes their zeros faster here, so no speedup is made up for them. The dense row
+leaderboard shows the throughput batch) with a bootstrap 95 % interval. Unstructured masks are realized by
+<b>auto</b>: per layer the faster of dense and a CSR × dense kernel (convolutions lowered to columns), chosen by a
+short timed calibration at the throughput batch and recorded per layer on the run's page; "auto: all dense" means
+no layer won and the masked model ran dense. <b>not realizable</b>: no realizer ran on that device. The dense row
 times the dense model against a copy of itself: its distance from 1.00× is the timing noise left.</p>
 {table(["device", "batch sizes", "threads", "rounds", "seconds per block", "dtype", "compile"], measure_rows)}
 """

@@ -36,7 +36,7 @@ from torch import nn
 from sparsebench.errors import ArtifactError
 from sparsebench.platform import atomic_write_bytes
 from sparsebench.models import create_model
-from sparsebench.store.record import RecordError, RunRecord, device_label
+from sparsebench.store.record import RecordError, RunRecord, device_label, plain
 from sparsebench.store.records import RecordStore
 
 FORMAT = "sparsebench-model/1"
@@ -402,8 +402,9 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
     import time
 
     from sparsebench.measure.environment import environment
-    from sparsebench.measure.latency import LatencySettings, compare_latency
-    from sparsebench.measure.realize import realize
+    from sparsebench.measure.latency import LatencySettings
+    from sparsebench.measure.realize import compare_realized, realize
+    from sparsebench.measure.unstructured import Calibration
 
     store = RecordStore(root)
     result = RetimeResult()
@@ -426,15 +427,16 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
         use_dtype = dtype or m.get("dtype", "float32")
         use_threads = threads or m.get("threads", 1)
         sizes = tuple(batch_sizes or m.get("batch_sizes", (1, 64)))
-        realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype, record.sparsity_pattern)
+        calibration = Calibration(input_size=tuple(loaded.input_size), batch=max(sizes), threads=use_threads)
+        realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype, record.sparsity_pattern,
+                           calibration=calibration)
         env = environment(target, use_threads)
         label = device_label(env) + ("" if use_dtype == m.get("dtype", "float32") else f" · {use_dtype}")
         if label == record.device:             # the run's own device: its own table, never merged with the run's
             label += " · retimed"
         entry = {"device": label, "environment": json.loads(json.dumps(env, default=str)),
                  "artifact_sha256": record.artifact.get("sha256"),
-                 "realization": {"realizable": realized.realizable, "kind": realized.kind, "reason": realized.reason,
-                                 "dtype": realized.dtype},
+                 "realization": plain(realized.as_dict()),     # with auto's per-layer choices on this device
                  "latency": None, "measured_speedup": None, "measured_speedup_batch": None,
                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
         if realized.realizable:
@@ -445,7 +447,8 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
                                        dtype=realized.dtype, channels_last=m.get("channels_last", False),
                                        compile=m.get("compile", False),
                                        max_seconds=None if left is None else left / (len(todo) - i) / len(sizes))
-            latency = compare_latency(dense, realized.model, loaded.input_size, settings, target)
+            latency = compare_realized(dense, loaded.model, realized, loaded.input_size, settings, target,
+                                       record.sparsity_pattern, calibration)
             latency["settings"] = {"dtype": realized.dtype, "threads": use_threads, "batch_sizes": list(sizes),
                                    "channels_last": settings.channels_last, "compile": settings.compile,
                                    "device": str(target), "dense": "the spec's dense architecture (latency does "

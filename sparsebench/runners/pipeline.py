@@ -47,8 +47,9 @@ from sparsebench.training.trainer import (
 )
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import MacsReport, count_macs, count_params
-from sparsebench.measure.latency import LatencySettings, compare_latency
-from sparsebench.measure.realize import realize
+from sparsebench.measure.latency import LatencySettings
+from sparsebench.measure.realize import compare_realized, realize
+from sparsebench.measure.unstructured import Calibration
 from sparsebench.methods import METHODS, NO_MECHANISM, Method, MethodContext, Outcome, build_config, config_dict
 from sparsebench.models import MODELS, ModelCard, create_model, model_card
 from sparsebench.store.record import (
@@ -447,9 +448,10 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
         sparsity, sparsity_all = sparsity_of(model, dense.model, prunable)
         params = count_params(model)
     with times("realization"):
-        realized = realize(model, outcome.realization, device, spec.measure.dtype, outcome.pattern)
+        realized = realize(model, outcome.realization, device, spec.measure.dtype, outcome.pattern,
+                           calibration=_calibration(spec, data))
     with times("latency"):
-        latency = _latency(spec, realized, dense, data, device)
+        latency = _latency(spec, realized, dense, data, device, model, outcome.pattern)
     with times("FLOPs counting"):
         macs = count_macs(model, data.input_size)
     batch = max(spec.measure.batch_sizes)
@@ -463,7 +465,18 @@ def measurement_stage(spec: RunSpec, outcome: Outcome, dense: DenseStage, data: 
     )
 
 
-def _latency(spec: RunSpec, realized, dense: DenseStage, data: DataStage, device: torch.device) -> Optional[dict]:
+def _calibration(spec: RunSpec, data: DataStage) -> Optional[Calibration]:
+    """How the auto realizer of unstructured masks times its per-layer choice: at the throughput batch
+    (where the record's measured speedup is read) and the latency's thread count. None where no latency
+    is measured: no choice to make."""
+    m = spec.measure
+    if not (m.latency and current_platform().is_primary):
+        return None
+    return Calibration(input_size=tuple(data.input_size), batch=max(m.batch_sizes), threads=m.threads)
+
+
+def _latency(spec: RunSpec, realized, dense: DenseStage, data: DataStage, device: torch.device,
+             masked: Optional[nn.Module] = None, pattern: Optional[str] = None) -> Optional[dict]:
     latency = None
     # timed by the primary alone: the other ranks of a DDP run would share its cores, and it writes the record
     if spec.measure.latency and realized.realizable and current_platform().is_primary:
@@ -471,7 +484,8 @@ def _latency(spec: RunSpec, realized, dense: DenseStage, data: DataStage, device
         settings = LatencySettings(batch_sizes=m.batch_sizes, threads=m.threads, min_run_time=m.min_run_time,
                                    rounds=m.rounds, dtype=realized.dtype, channels_last=m.channels_last,
                                    compile=m.compile)
-        latency = compare_latency(dense.model, realized.model, data.input_size, settings, device)
+        latency = compare_realized(dense.model, masked, realized, data.input_size, settings, device, pattern,
+                                   _calibration(spec, data))
         latency["settings"] = {"dtype": realized.dtype, "threads": m.threads, "batch_sizes": list(m.batch_sizes),
                                "channels_last": m.channels_last, "compile": m.compile, "device": str(device),
                                "rounds": m.rounds, "min_rounds": settings.min_rounds,

@@ -1,4 +1,4 @@
-"""The speedup table: theoretical vs measured speedup of structured pruning, side by side.
+"""The speedup table: theoretical vs measured speedup of structured and unstructured pruning.
 
 For each model and FLOPs target, the L1 structured baseline picks units (CNN channels
 through the dependency graph, ViT heads and MLP neurons), the model is physically
@@ -6,9 +6,16 @@ compacted, the compacted model is checked against the masked one (a fast wrong m
 a bug, not a speedup), and dense and compacted are timed in the same process on the same
 input (measure/latency.py). Latency does not depend on trained weights, so models are
 randomly initialised; accuracy is the leaderboard's business.
+
+For each sparsity target, magnitude masks (per layer or global, input layer and classifier
+dense, as the magnitude baselines prune) are applied to the same random weights, and each
+realization of unstructured masks (`auto`, `csr`: measure/unstructured.py) is timed against
+dense at each batch and thread count; `auto` calibrates its per-layer choice at that batch and
+thread count, as a run's measurement does at its throughput batch.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Sequence
 
@@ -34,6 +41,10 @@ class SpeedupConfig:
     min_run_time: float = 0.2
     rounds: int = 5
     method: str = "l1-channel"
+    sparsities: Sequence[float] = ()             # unstructured targets: magnitude masks at these sparsities
+    kernels: Sequence[str] = ("auto", "csr")     # realizations of the unstructured masks
+    mask_scope: str = "layerwise"                # layerwise | global magnitude ranking
+    calibration_seconds: float = 30.0            # auto's calibration bound per realization
 
 
 def speedup_rows(config: SpeedupConfig, progress=None, time_left: Optional[Callable[[], float]] = None) -> List[dict]:
@@ -48,7 +59,7 @@ def speedup_rows(config: SpeedupConfig, progress=None, time_left: Optional[Calla
     input_size = (3, config.img_size, config.img_size)
     method = create_method(config.method)
     rows = []
-    for name in config.models:
+    for name in config.models if config.flops else ():
         torch.manual_seed(0)
         dense = create_model(name, num_classes=1000, img_size=config.img_size).to(device).eval()
         dense_macs = count_macs(dense, input_size).macs
@@ -89,6 +100,85 @@ def speedup_rows(config: SpeedupConfig, progress=None, time_left: Optional[Calla
                     })
                 if progress:
                     progress(rows[-1])
+    if config.sparsities:
+        rows += unstructured_rows(config, progress, time_left)
+    return rows
+
+
+def magnitude_masked(dense: torch.nn.Module, sparsity: float, scope: str = "layerwise") -> torch.nn.Module:
+    """A copy of `dense` with magnitude masks at `sparsity` over its conv/linear weights, input layer and
+    classifier left dense (the magnitude baselines' defaults): per layer at a uniform density
+    ("layerwise") or one global ranking ("global")."""
+    from sparsebench.training.masks import (global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks,
+                                            prunable_weights)
+
+    if scope not in ("layerwise", "global"):
+        raise ValueError(f"unknown mask scope {scope!r}; allowed: layerwise, global")
+    model = copy.deepcopy(dense)
+    params = prunable_weights(model, skip_first=True, skip_last=True)
+    scores = {n: p.detach().abs() for n, p in params.items()}
+    masks = global_topk_masks(scores, sparsity) if scope == "global" else \
+        layerwise_topk_masks(scores, keep_counts(params, layer_densities(params, sparsity)))
+    with torch.no_grad():
+        for n, p in params.items():
+            p.mul_(masks[n].to(p.dtype))
+    return model
+
+
+def unstructured_rows(config: SpeedupConfig, progress=None,
+                      time_left: Optional[Callable[[], float]] = None) -> List[dict]:
+    """One row per (model, sparsity, realization, threads, batch): theoretical speedup (dense MACs /
+    non-zero MACs) against the realization's measured one. `auto` calibrates at each (threads, batch)."""
+    from sparsebench.measure.realize import realize
+    from sparsebench.measure.unstructured import Calibration
+
+    device = torch.device(config.device)
+    input_size = (3, config.img_size, config.img_size)
+    rows = []
+    for name in config.models:
+        torch.manual_seed(0)
+        dense = create_model(name, num_classes=1000, img_size=config.img_size).to(device).eval()
+        dense_macs = count_macs(dense, input_size).macs
+        for sparsity in config.sparsities:
+            masked = magnitude_masked(dense, sparsity, config.mask_scope)
+            effective = count_macs(masked, input_size).macs_effective
+            base = {"model": name, "method": f"magnitude-{config.mask_scope}", "target_sparsity": sparsity,
+                    "achieved_flops_ratio": effective / dense_macs, "dense_gmacs": dense_macs / 1e9,
+                    "realized_gmacs": effective / 1e9, "theoretical_speedup": dense_macs / effective,
+                    "dtype": config.dtype, "compile": config.compile}
+            for kernel in config.kernels:
+                for threads in config.threads:
+                    for batch in config.batch_sizes:
+                        if time_left is not None and time_left() <= 0:
+                            rows.append({**base, "realization": kernel, "threads": threads, "batch": batch,
+                                         "status": "skipped: time cap"})
+                            continue
+                        calibration = Calibration(input_size=input_size, batch=batch, threads=threads,
+                                                  max_seconds=config.calibration_seconds)
+                        realized = realize(masked, "masked", device, config.dtype, calibration=calibration,
+                                           kernel=kernel)
+                        row = {**base, "realization": kernel, "threads": threads, "batch": batch}
+                        if not realized.realizable:
+                            rows.append({**row, "status": realized.reason})
+                            continue
+                        settings = LatencySettings(batch_sizes=(batch,), threads=threads,
+                                                   min_run_time=config.min_run_time, rounds=config.rounds,
+                                                   dtype=config.dtype, compile=config.compile,
+                                                   channels_last=config.channels_last)
+                        t = compare_latency(dense, realized.model, input_size, settings, device)[str(batch)]
+                        details = realized.details
+                        rows.append({
+                            **row, "sparse_layers": details["sparse_layers"], "layers": details["layers_total"],
+                            "calibration_s": details["calibration"]["seconds"],
+                            "dense_ms": t["dense_ms"], "dense_iqr_ms": t["dense_iqr_ms"],
+                            "realized_ms": t["realized_ms"], "realized_iqr_ms": t["realized_iqr_ms"],
+                            "measured_speedup": t["measured_speedup"], "speedup_ci95_low": t["speedup_ci95"][0],
+                            "speedup_ci95_high": t["speedup_ci95"][1],
+                            "measured_over_theoretical": t["measured_speedup"] / base["theoretical_speedup"],
+                            "blocks": t["blocks"], "stopped_by": t["stopped_by"], "status": "measured",
+                        })
+                        if progress:
+                            progress(rows[-1])
     return rows
 
 
@@ -97,4 +187,5 @@ def speedup_environment(config: SpeedupConfig) -> dict:
         k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}}
 
 
-__all__ = ["SpeedupConfig", "speedup_rows", "speedup_environment", "replace"]
+__all__ = ["SpeedupConfig", "speedup_rows", "unstructured_rows", "magnitude_masked", "speedup_environment",
+           "replace"]

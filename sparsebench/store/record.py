@@ -99,7 +99,8 @@ class Realization:
     kind: Optional[str]
     reason: Optional[str]
     dtype: Optional[str]
-    details: Dict[str, Any] = field(default_factory=dict)   # 2:4 counts, backend; flat in JSON
+    # 2:4 counts, backend; auto/csr: summary, sparse_layers, calibration, per-layer choices (layers); flat in JSON
+    details: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from torch import nn
 from sparsebench.measure.latency import LatencySettings, compare_latency
 from sparsebench.measure.realize import realize
 from sparsebench.measure.sparse24 import is_2to4, prune_2to4_
+from sparsebench.measure.unstructured import Calibration
 
 from conftest import requires_cuda
 
@@ -21,13 +22,17 @@ def test_structured_and_dense_outcomes_are_realized_as_they_are():
         assert r.realizable and r.kind == kind and r.model is model
 
 
-def test_unstructured_masks_are_not_realizable():
+def test_unstructured_masks_are_realized_by_auto_once_calibrated():
     model = mlp()
     with torch.no_grad():
         model[0].weight[torch.rand_like(model[0].weight) < 0.9] = 0
-    r = realize(model, "masked", torch.device("cpu"))
-    assert not r.realizable and r.model is None and "not realizable here" in r.reason
-    assert "2:4" not in r.reason
+    uncalibrated = realize(model, "masked", torch.device("cpu"))
+    assert not uncalibrated.realizable and uncalibrated.model is None and "not calibrated" in uncalibrated.reason
+    assert "2:4" not in uncalibrated.reason
+    r = realize(model, "masked", torch.device("cpu"), calibration=Calibration(input_size=(128,), batch=8))
+    assert r.realizable and r.kind == "auto" and r.reason is None and r.dtype == "float32"
+    assert [e["layer"] for e in r.as_dict()["layers"]] == ["0", "2"]
+    assert r.details["layers"][1]["reason"] == "no zeros"
 
 
 def test_two_four_without_a_kernel_says_why():
@@ -73,7 +78,12 @@ def test_masks_that_are_two_four_by_chance_are_unstructured_unless_declared(monk
     assert not undeclared.realizable and undeclared.kind is None and not converted
     assert "unstructured" in undeclared.reason and "2:4" not in undeclared.reason
     other = realize(model, "masked", torch.device("cuda"), pattern="1:4")
-    assert not other.realizable and "declared pattern 1:4" in other.reason and not converted
+    assert not other.realizable and other.details["declared_pattern"] == "1:4" and not converted
+    # on the CPU, calibrated: undeclared and 1:4 masks both take the unstructured path
+    for pattern in (None, "1:4"):
+        r = realize(model, "masked", torch.device("cpu"), pattern=pattern,
+                    calibration=Calibration(input_size=(192,), batch=4, max_seconds=0.5))
+        assert r.realizable and r.kind == "auto" and r.details.get("declared_pattern") == pattern
     declared = realize(model, "masked", torch.device("cuda"), pattern="2:4")
     assert declared.realizable and declared.kind == "2:4" and declared.dtype == "float16"
     assert converted == [torch.float16] and declared.details["linear_2to4"] == 2

@@ -196,3 +196,31 @@ def test_equal_cost_views_rank_only_rows_that_spent_as_much():
     assert set(frame[frame["method"] == "magnitude"]["cost_group"]) == {"≈3.0 train GMACs"}
     with pytest.raises(ValueError, match="unknown equal-cost view 'flops'"):
         with_cost_groups(frame, "flops")
+
+
+def test_measured_speedup_names_the_sparse_kernel_realization(tmp_path):
+    """Masked runs realized by auto show their speedup with the realization named; a row whose
+    layers all stayed dense says so; compacted rows are unchanged. The site and the run pages too."""
+    from sparsebench.report.runs import runs_frame, summarize
+    from sparsebench.report.site import build_site
+    from sparsebench.store.record import Realization
+
+    layers = [{"layer": "fc", "type": "Linear", "shape": [4, 8], "density": 0.1, "kernel": "csr",
+               "dense_ms": 0.2, "csr_ms": 0.05, "reason": None}]
+    auto = Realization(True, "auto", None, "float32", {"sparse_layers": 1, "layers": layers})
+    all_dense = Realization(True, "auto", None, "float32", {"sparse_layers": 0, "layers": []})
+    records = [fake_record("magnitude-global", s, 0.8, target=0.9, realizable=True, speedup=1.4, realization=auto)
+               for s in range(2)]
+    records += [fake_record("random", 0, 0.7, target=0.9, realizable=True, speedup=1.0, realization=all_dense)]
+    records += [fake_record("l1-channel", 0, 0.8, kind="flops", realizable=True, speedup=1.5)]
+    md = to_markdown(aggregate(records_frame(records)))
+    assert "1.40 ± 0.00× (auto)" in md and "1.00× (auto: all dense)" in md and "1.50×" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert not any("(compacted)" in line or "not realizable" in line for line in table)
+    summary = summarize(runs_frame(records))
+    assert set(summary["realization"].dropna()) == {"auto", "auto: all dense"}
+    build_site(records, tmp_path / "site", svg=False)
+    index = (tmp_path / "site" / "index.html").read_text()
+    assert "1.40× [" in index and "(auto)" in index
+    page = (tmp_path / "site" / "runs" / "magnitude-global-0-0.9-cpu.html").read_text()
+    assert "per-layer kernels" in page and "fc (4, 8): csr, density 0.100, dense 0.2 ms, CSR 0.05 ms" in page

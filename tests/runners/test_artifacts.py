@@ -111,6 +111,9 @@ def test_retime_cpu_adds_device_entries_and_touches_nothing_else(results, tmp_pa
         (label, entry), = after.retimed.items()
         assert label.startswith("cpu: ") and label != old.device          # its own table, never the run's
         assert entry["realization"]["realizable"] == old.realization.realizable
+        assert entry["realization"]["kind"] == old.realization.kind
+        if old.realization.kind == "auto":     # chosen again on this device, at the retimed batch
+            assert entry["realization"]["calibration"]["batch"] == 1 and entry["realization"]["layers"]
         if old.realization.realizable:
             assert entry["measured_speedup"] > 0 and list(entry["latency"]["settings"]["batch_sizes"]) == [1]
         else:

@@ -25,8 +25,17 @@ def test_record_has_headline_fields_and_masks_survive_finetune(tmp_path):
     assert record.cost.finetune_steps > 0
     assert record.achieved_sparsity == pytest.approx(0.8, abs=0.01)
     assert stored["target"] == {"kind": "sparsity", "value": 0.8}
-    assert record.realization.realizable is False and record.measured_speedup is None
-    assert "not realizable" in record.realization.reason
+    # unstructured masks: timed through the auto realizer, its per-layer choices in the record
+    assert record.realization.realizable and record.realization.kind == "auto" and record.measured_speedup > 0
+    calibration = stored["realization"]["calibration"]
+    assert calibration["batch"] == 8 and calibration["threads"] == record.spec["measure"]["threads"]
+    layers = stored["realization"]["layers"]
+    assert layers and {e["kernel"] for e in layers} <= {"dense", "csr"}
+    assert stored["realization"]["sparse_layers"] == sum(e["kernel"] == "csr" for e in layers)
+    # batch 1 is timed with kernels chosen at batch 1, the throughput batch with the record's realization
+    at_1 = record.latency["1"]["realization"]
+    assert at_1["calibrated_at_batch"] == 1 and at_1["layers"]
+    assert record.latency["8"]["realization"]["calibrated_at_batch"] == 8
     assert record.macs.effective < record.macs.dense
     assert record.selection["split"] == "val" and record.selection["test_evaluations"] == 1
     assert record.data["n_val"] > 0 and record.data["split_seed"] == 0

@@ -23,3 +23,42 @@ def test_bf16_rows_at_every_flops_target():
     rows = speedup_rows(config)
     assert [r["target_flops"] for r in rows] == [0.75, 0.5]
     assert all(r["dtype"] == "bfloat16" and r["measured_speedup"] > 0 for r in rows)
+
+
+def test_unstructured_rows_time_each_realization_against_dense():
+    from sparsebench.runners.speedup import magnitude_masked
+    from sparsebench.models import create_model
+
+    config = SpeedupConfig(models=("vit_cifar_tiny",), flops=(), sparsities=(0.9,), img_size=16, batch_sizes=(1, 2),
+                           threads=(1,), min_run_time=0.01, rounds=2, calibration_seconds=1.0)
+    rows = speedup_rows(config)
+    assert [(r["realization"], r["batch"]) for r in rows] == [("auto", 1), ("auto", 2), ("csr", 1), ("csr", 2)]
+    for row in rows:
+        assert row["status"] == "measured" and row["target_sparsity"] == 0.9 and "target_flops" not in row
+        assert row["theoretical_speedup"] == pytest.approx(1 / row["achieved_flops_ratio"])
+        assert row["theoretical_speedup"] > 1.5
+        assert row["measured_speedup"] == pytest.approx(row["dense_ms"] / row["realized_ms"])
+    assert all(r["sparse_layers"] > 0 for r in rows if r["realization"] == "csr")
+    # the masks: input layer and classifier dense, the rest at the target, the dense model untouched
+    dense = create_model("vit_cifar_tiny", img_size=16)
+    for scope in ("layerwise", "global"):
+        masked = magnitude_masked(dense, 0.9, scope)
+        weights = [(n, p) for n, p in masked.named_parameters() if p.dim() > 1 and "pos_embed" not in n
+                   and "cls_token" not in n]
+        zeros = sum(int((p == 0).sum()) for _, p in weights[1:-1])
+        assert zeros == pytest.approx(0.9 * sum(p.numel() for _, p in weights[1:-1]), rel=1e-3)
+        assert bool((weights[0][1] != 0).all() and (weights[-1][1] != 0).all())
+    assert all(bool((p != 0).all()) for n, p in dense.named_parameters() if p.dim() > 1 and "embed" not in n)
+
+
+def test_speedup_command_tables_unstructured_targets_alone(tmp_path, capsys):
+    from sparsebench.cli.main import main
+
+    assert main(["speedup", "--models", "resnet20_tiny", "--img-size", "16", "--flops", "--sparsity", "0.9",
+                 "--kernels", "csr", "--batch-sizes", "2", "--threads", "1", "--min-run-time", "0.01",
+                 "--rounds", "2", "--quiet", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "magnitude-layerwise" in out and "| csr " in out and "target_flops" not in out
+    assert "Magnitude masks (layerwise" in (tmp_path / "speedup.md").read_text()
+    assert main(["speedup", "--models", "resnet20_tiny", "--flops"]) == 2
+    assert "nothing to time" in capsys.readouterr().err
