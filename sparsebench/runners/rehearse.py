@@ -564,6 +564,7 @@ def _entry_figures(real: RunSpec, small: RunSpec, record, meter: RehearsalMeter,
     if model_file:
         path = Path(options.out) / model_file
         size = round(path.stat().st_size / 2**20, 1) if path.exists() else None
+        path.unlink(missing_ok=True)          # measured: a paper suite's models would fill gigabytes
     return {"rehearsal_batch": batch, "rehearsal_micro_batch": small.recipe.device_batch,
             "rehearsal_workers": workers, "batch_scale": round(scale, 3),
             "rehearsal_precision": small.recipe.precision,
