@@ -20,7 +20,7 @@ def _module():
     return module
 
 
-DRY_CAPS = {"structured": 8, "sparse24": 2, "methods": 5, "quick": 5}
+DRY_CAPS = {"structured": 8, "sparse24": 2, "methods": 5, "quick": 5, "loop": 60}
 
 
 @pytest.mark.slow
