@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -53,13 +54,20 @@ class Calibration:
     seed: int = 0
 
 
+def to_csr(weight: torch.Tensor) -> torch.Tensor:
+    """`weight.to_sparse_csr()`, without torch's "CSR support is in beta" warning on every layer of every run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return weight.to_sparse_csr()
+
+
 class CSRLinear(nn.Module):
     """`nn.Linear` as CSR × dense. The CSR parts are plain buffers (copy, `.to` and state dicts work
     on them); the sparse tensor is assembled per call (about 2 µs, no copy)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        csr = linear.weight.detach().to_sparse_csr()
+        csr = to_csr(linear.weight.detach())
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("crow_indices", csr.crow_indices().clone())
         self.register_buffer("col_indices", csr.col_indices().clone())
@@ -94,7 +102,7 @@ class CSRConv2d(nn.Module):
         self.out_channels, self.in_channels = conv.out_channels, conv.in_channels
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
-        csr = weight.reshape(weight.shape[0], -1).to_sparse_csr()
+        csr = to_csr(weight.reshape(weight.shape[0], -1))
         self.register_buffer("crow_indices", csr.crow_indices().clone())
         self.register_buffer("col_indices", csr.col_indices().clone())
         self.register_buffer("values", csr.values().clone())

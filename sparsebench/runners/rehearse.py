@@ -521,12 +521,29 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
                 entry.update(status="error", error=f"{type(e).__name__}: {message}")
                 say(f"REHEARSAL FAILED {label}: {entry['error']}")
             entry["seconds"] = round(time.perf_counter() - t, 1)
+            entry["pss_after_mb"] = round(settle_memory(sampler) / 2**20)
             report["settings"][label] = entry
             report["projection"] = project(suite.specs, report["settings"])
             report["wall_seconds"] = round(time.perf_counter() - start, 1)
             write_report(out, report)
             say(f"[rehearse {suite.name}] {i + 1}/{len(todo)} {label}: {entry['status']} in {entry['seconds']:.0f} s")
     return report
+
+
+def settle_memory(sampler: ResourceSampler) -> int:
+    """Collect garbage and hand freed heap back to the system (glibc's `malloc_trim`) between settings,
+    so each setting's peaks are its own and not a heap an earlier one grew; returns the PSS left, which
+    the report keeps (`pss_after_mb`): memory still held here was not freed by the run."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):          # not glibc: nothing to trim
+        pass
+    sampler.reset()
+    return sampler.peak_pss
 
 
 def _earlier_report(out: Path, suite: str, device: str, cover: str) -> dict:
