@@ -414,7 +414,7 @@ def project(specs: List[RunSpec], settings: Dict[str, dict]) -> dict:
                 run += s["one_off_seconds"][phase]
             elif plan.steps[phase]:
                 missing.add(f"{label} ({phase})")
-        if plan.dense_key not in counted:
+        if plan.dense_key not in counted and plan.steps["pretrain"]:    # a suite that trains no dense model has none
             counted.add(plan.dense_key)
             per = pretrain_seconds.get(dense_family(spec))
             if per is None:
