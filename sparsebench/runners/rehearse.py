@@ -463,6 +463,13 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
 
     check_suite(suite)
     cuda = torch.device(device).type == "cuda"
+
+    def finish(report: dict, start: float) -> None:
+        """Projection and wall time (an earlier run's included) brought up to date, and both files written."""
+        report["projection"] = project(suite.specs, report["settings"])
+        report["wall_seconds"] = round(earlier.get("wall_seconds", 0.0) + time.perf_counter() - start, 1)
+        write_report(out, report)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     todo = rehearsal_settings(suite.specs, cover)
@@ -523,10 +530,9 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
             entry["seconds"] = round(time.perf_counter() - t, 1)
             entry["pss_after_mb"] = round(settle_memory(sampler) / 2**20)
             report["settings"][label] = entry
-            report["projection"] = project(suite.specs, report["settings"])
-            report["wall_seconds"] = round(time.perf_counter() - start, 1)
-            write_report(out, report)
+            finish(report, start)
             say(f"[rehearse {suite.name}] {i + 1}/{len(todo)} {label}: {entry['status']} in {entry['seconds']:.0f} s")
+        finish(report, start)       # also when every setting was kept from before
     return report
 
 
