@@ -163,6 +163,23 @@ class StorageError(OSError):
 WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
+def release_memory() -> None:
+    """Give memory a finished run freed back to the system: collect garbage (cycles a run's trainers and
+    hooks leave), return glibc's free heap (`malloc_trim`: without it, a process that trained a large
+    run keeps its high-water mark resident; P-GaP's four ResNet-50 replicas left 14 GB in a process that
+    went on to other runs) and, where CUDA is in use, the caching allocator's unused blocks."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):          # not glibc: nothing to trim
+        pass
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def refused(e: BaseException) -> bool:
     return isinstance(e, OSError) and not isinstance(e, StorageError) and e.errno in WRITE_REFUSED
 

@@ -48,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from sparsebench.platform import LockHolder, LockTimeout, StorageError
+from sparsebench.platform import LockHolder, LockTimeout, StorageError, release_memory
 from sparsebench.runners.checkpoints import dense_path
 from sparsebench.runners.pipeline import (
     TRAINING_PHASES, PhaseTimes, RunOptions, cache_dir_of, execute, failed_record, prepare_dense,
@@ -255,6 +255,7 @@ def _run_payload(payload) -> RunResult:
     if device is not None:           # this worker's own GPU: the run trains, times and is recorded there
         options = dataclasses.replace(options, device=device)
         _use_device(device)
+    release_memory()                 # this run starts from what the worker's last run freed, not its peak
     return run_one(spec_dict, options, policy)
 
 

@@ -537,17 +537,12 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
 
 
 def settle_memory(sampler: ResourceSampler) -> int:
-    """Collect garbage and hand freed heap back to the system (glibc's `malloc_trim`) between settings,
-    so each setting's peaks are its own and not a heap an earlier one grew; returns the PSS left, which
-    the report keeps (`pss_after_mb`): memory still held here was not freed by the run."""
-    import ctypes
-    import gc
+    """Between settings, memory a setting freed is handed back (`platform.release_memory`), so each
+    setting's peaks are its own and not a heap an earlier one grew; returns the PSS left, which the report
+    keeps (`pss_after_mb`): memory still held here was not freed by the run."""
+    from sparsebench.platform import release_memory
 
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):          # not glibc: nothing to trim
-        pass
+    release_memory()
     sampler.reset()
     return sampler.peak_pss
 

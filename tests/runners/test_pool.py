@@ -245,3 +245,16 @@ def test_jobs_auto_is_the_sweep_default_and_one_worker_per_usable_core(monkeypat
     assert args.jobs is None and pool.plan_workers(args.device, args.jobs).jobs == 3   # auto, resolved per device
     monkeypatch.setattr(pool, "_available_memory", lambda: pool.WORKER_MEMORY_BYTES * 2 + 1)
     assert pool.auto_jobs() == 2                       # no more workers than the free memory holds
+
+
+def test_a_pool_worker_hands_freed_memory_back_before_every_run(monkeypatch):
+    """A worker runs many runs: what one run freed (a P-GaP run's replicas) is returned to the system
+    before the next starts (`platform.release_memory`), and the result is reported without waiting on it."""
+    from sparsebench.runners import launchers
+
+    events = []
+    monkeypatch.setattr(launchers, "release_memory", lambda: events.append("release"))
+    monkeypatch.setattr(launchers, "run_one", lambda spec, options, policy: events.append("run") or "result")
+    assert launchers._run_payload(({}, None, "missing")) == "result"
+    assert launchers._run_payload(({}, None, "missing")) == "result"
+    assert events == ["release", "run", "release", "run"]
