@@ -238,14 +238,16 @@ COVERS = ("datasets", "pairs")
 
 def pair_label(spec: RunSpec) -> str:
     """A (method and arguments, model) pair at one resolution: what a step costs depends on these."""
-    args = ",".join(f"{k}={v}" for k, v in spec.method_args)
-    return f"{spec.method}{f'[{args}]' if args else ''} {spec.model}@{spec.data.img_size or 'native'}"
+    from sparsebench.runners.smoke import method_with_args
+
+    return f"{method_with_args(spec)} {spec.model}@{spec.data.img_size or 'native'}"
 
 
 def setting_label(spec: RunSpec) -> str:
     """One rehearsed setting: a (method and arguments, model, dataset); the suite's targets share it."""
-    args = ",".join(f"{k}={v}" for k, v in spec.method_args)
-    return f"{spec.method}{f'[{args}]' if args else ''} {spec.model} {spec.dataset}"
+    from sparsebench.runners.smoke import method_with_args
+
+    return f"{method_with_args(spec)} {spec.model} {spec.dataset}"
 
 
 def rehearsal_settings(specs: List[RunSpec], cover: str = "datasets") -> List[RunSpec]:
@@ -459,6 +461,7 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
     from sparsebench.measure.environment import environment
     from sparsebench.store.record import device_label
     from sparsebench.runners.pipeline import RunOptions, execute, resolve, validate
+    from sparsebench.runners.cost import method_label
     from sparsebench.runners.smoke import check_suite, partial_data_allowed
 
     check_suite(suite)
@@ -495,7 +498,7 @@ def run_rehearsal(suite, out: Path, device: str = "cpu", device_batch: Optional[
                 report["settings"][label] = done
                 continue
             t = time.perf_counter()
-            entry = {"method": _method_label(spec), "model": spec.model, "dataset": spec.dataset,
+            entry = {"method": method_label(spec), "model": spec.model, "dataset": spec.dataset,
                      "target": str(spec.target), "pair": pair_label(spec), "suite_batch": spec.recipe.batch_size,
                      "suite_workers": spec.data.workers, "suite_precision": spec.recipe.precision}
             try:
@@ -557,12 +560,6 @@ def _earlier_report(out: Path, suite: str, device: str, cover: str) -> dict:
     same = (report.get("suite"), str(report.get("device", "")).split(":")[0], report.get("cover", "datasets")) == \
         (suite, device.split(":")[0], cover)
     return report if same else {}
-
-
-def _method_label(spec: RunSpec) -> str:
-    from sparsebench.methods.base import method_label
-
-    return method_label(spec.method, dict(spec.method_args))
 
 
 def _entry_figures(real: RunSpec, small: RunSpec, record, meter: RehearsalMeter, batch: int, workers: int,

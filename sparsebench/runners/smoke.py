@@ -96,9 +96,14 @@ def settings(specs: List[RunSpec]) -> List[RunSpec]:
     return out
 
 
-def entry_label(spec: RunSpec) -> str:
+def method_with_args(spec: RunSpec) -> str:
+    """The method and every argument the spec sets, `gap-cyclic[num_groups=4,rounds=10]`."""
     args = ",".join(f"{k}={v}" for k, v in spec.method_args)
-    return f"{spec.method}{f'[{args}]' if args else ''} {spec.model} {spec.dataset} {spec.target}"
+    return f"{spec.method}{f'[{args}]' if args else ''}"
+
+
+def entry_label(spec: RunSpec) -> str:
+    return f"{method_with_args(spec)} {spec.model} {spec.dataset} {spec.target}"
 
 
 def smoke_spec(spec: RunSpec, steps_per_epoch: int) -> RunSpec:
