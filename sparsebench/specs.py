@@ -18,6 +18,8 @@ from sparsebench.errors import SpecError
 
 TARGET_KINDS = ("sparsity", "flops", "none")
 SEED_LIMIT = 2 ** 31
+RUNTIMES = ("eager", "compile", "onnxruntime")      # what latency is timed under (measure/runtimes.py)
+REALIZATIONS = ("dense", "compacted", "2:4", "auto", "csr")   # how an outcome is made runnable (measure/realize.py)
 RUN_ID_READABLE_MAX = 160     # bytes; + "__" + 10 hash chars + ".json" + temp-file affixes < 255
 
 

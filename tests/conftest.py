@@ -103,7 +103,11 @@ def make_record(method="random", seed=0, top1=0.8, target=0.5, kind="sparsity", 
                   effective_is="theoretical"),
         theoretical_speedup=1 / kept, measured_speedup=speedup, measured_speedup_batch=8 if speedup else None,
         realization=Realization(realizable, "compacted" if realizable else None, None, "float32"),
-        latency=None, prunable=Prunable("input layer and classifier dense", ["conv1", "fc"], 3),
+        latency=None if speedup is None else {      # as a run writes it: per batch, and the settings
+            "8": {"batch_size": 8, "measured_speedup": speedup, "speedup_ci95": None, "dense_ms": 1.0,
+                  "realized_ms": 1.0 / speedup},
+            "settings": {"dtype": "float32", "threads": 1, "batch_sizes": [8]}},
+        prunable=Prunable("input layer and classifier dense", ["conv1", "fc"], 3),
     ) if has_result else dict.fromkeys(
         ("achieved_sparsity", "achieved_sparsity_all_params", "achieved_flops_ratio", "test_top1", "test_top5",
          "val_top1", "test_samples", "params", "macs", "theoretical_speedup", "measured_speedup",

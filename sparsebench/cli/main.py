@@ -27,6 +27,7 @@ from sparsebench.cli import models as model_commands
 from sparsebench.cli.common import ERROR_EXIT, CliError
 from sparsebench.cli.results import cmd_compare, cmd_leaderboard, cmd_plot, cmd_report
 from sparsebench.cli.runs import cmd_run, cmd_sweep
+from sparsebench.specs import RUNTIMES
 from sparsebench.cli.tools import cmd_check_data, cmd_flops, cmd_list, cmd_speedup
 
 
@@ -193,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--compile", action="store_true", help="time torch.compile'd models (a separate mode)")
+    p.add_argument("--compile", action="store_true", help="also time under torch.compile (same as adding "
+                                                          "--runtimes compile)")
+    p.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=["eager"],
+                   help="runtimes to time dense and realized under (onnxruntime: CPU execution provider; a "
+                        "realization a runtime cannot run gets a 'not supported by RUNTIME' row)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timed CPU block")
     p.add_argument("--rounds", type=int, default=5, help="alternating blocks per model")

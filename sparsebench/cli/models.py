@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from sparsebench.cli.common import CliError, _check_device, _readable_records
+from sparsebench.specs import RUNTIMES
 
 
 def _load(args, device: str = "cpu"):
@@ -61,18 +62,23 @@ def cmd_retime(args) -> int:
         raise CliError(f"bad --batch-sizes {args.batch_sizes}; allowed: integers >= 1")
     _readable_records(args.dir)          # one line for a directory without records, before any timing
 
-    def report(record, entry):
-        label = realization_label(entry["realization"])
-        speed = f"measured {entry['measured_speedup']:.2f}×" + (f" ({label})" if label else "") \
-            if entry["measured_speedup"] else (entry["realization"]["reason"] or "not timed")
-        if not args.quiet:
-            print(f"  {record.method:<20} {record.model:<16} {record.target_label:<14} seed {record.seed}: {speed}",
-                  flush=True)
+    def report(record, runs):
+        if args.quiet:
+            return
+        parts = []
+        for run in runs:
+            if run["measured_speedup"]:
+                kind = realization_label(run["realization"]) or run["realization"]["kind"]
+                parts.append(f"{run['measured_speedup']:.2f}× ({kind}, {run['runtime']})")
+            else:
+                parts.append(run["reason"] or "not timed")
+        print(f"  {record.method:<20} {record.model:<16} {record.target_label:<14} seed {record.seed}: "
+              + "; ".join(dict.fromkeys(parts)), flush=True)
 
     if args.max_seconds is not None and args.max_seconds <= 0:
         raise CliError(f"bad --max-seconds {args.max_seconds}; allowed: a number > 0")
     result = retime_directory(Path(args.dir), args.device, args.dtype, args.batch_sizes, args.threads, report,
-                              args.max_seconds)
+                              args.max_seconds, runtimes=tuple(args.runtime), realizations=tuple(args.realization))
     for line in result.errors:
         print(f"sparsebench: error: {line}", file=sys.stderr)
     print(f"retimed {len(result.retimed)} runs on {args.device}"
@@ -80,7 +86,7 @@ def cmd_retime(args) -> int:
           + (f"; {len(result.left_for_time)} runs not reached within --max-seconds {args.max_seconds:g}"
              if result.left_for_time else "")
           + (f"; {len(result.errors)} models unusable (above)" if result.errors else "")
-          + f"; `sparsebench leaderboard {args.dir}` shows them as their own device tables")
+          + f"; `sparsebench leaderboard {args.dir}` shows each device's fastest (realization, runtime)")
     return 1 if result.errors else 0
 
 
@@ -108,6 +114,11 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: each run's own")
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default: each run's own")
     p.add_argument("--threads", type=int, help="CPU threads (default: each run's own)")
+    p.add_argument("--runtime", nargs="+", choices=RUNTIMES, default=["eager"],
+                   help="runtimes to time under, dense and realized both (one that cannot run a realization "
+                        "records 'not supported by RUNTIME: why')")
+    p.add_argument("--realization", nargs="+", choices=("auto", "csr"), default=["auto"],
+                   help="realizations of unstructured masks (dense, compacted and 2:4 runs keep their own)")
     p.add_argument("--max-seconds", type=float, help="time budget: each timing gets a share of what is left; "
                                                      "runs not reached are listed and left as they are")
     p.add_argument("--quiet", action="store_true")

@@ -118,28 +118,29 @@ def cmd_speedup(args) -> int:
                            dtype=args.dtype, compile=args.compile, channels_last=args.channels_last,
                            min_run_time=args.min_run_time, rounds=args.rounds, sparsities=tuple(args.sparsity),
                            kernels=tuple(args.kernels), mask_scope=args.mask_scope,
-                           calibration_seconds=args.calibration_seconds)
+                           calibration_seconds=args.calibration_seconds, runtimes=tuple(args.runtimes))
 
     def report(row):
         if args.quiet:
             return
         target = f"flops={row['target_flops']:<5g}" if "target_flops" in row else \
             f"sparsity={row['target_sparsity']:<5g} {row['realization']:<4}"
-        print(f"  {row['model']:<14} {target} threads={row['threads']} "
-              f"batch={row['batch']:<4} theoretical {row['theoretical_speedup']:.2f}x  "
-              f"measured {row['measured_speedup']:.2f}x", flush=True)
+        measured = f"measured {row['measured_speedup']:.2f}x" if row.get("status") == "measured" else row.get("status")
+        print(f"  {row['model']:<14} {target} {row.get('runtime', 'eager'):<11} threads={row['threads']} "
+              f"batch={row['batch']:<4} theoretical {row['theoretical_speedup']:.2f}x  {measured}", flush=True)
 
     table = pd.DataFrame(speedup_rows(config, progress=report))
     structured = table[table["target_flops"].notna()] if "target_flops" in table else table.iloc[0:0]
     unstructured = table[table["target_sparsity"].notna()] if "target_sparsity" in table else table.iloc[0:0]
     parts = []
     if len(structured):
-        parts.append(structured[["model", "target_flops", "achieved_flops_ratio", "threads", "batch", "dense_ms",
-                                 "realized_ms", "theoretical_speedup", "measured_speedup",
-                                 "measured_over_theoretical"]].to_markdown(index=False, floatfmt=".3f"))
+        columns = [c for c in ("model", "target_flops", "achieved_flops_ratio", "runtime", "threads", "batch",
+                               "dense_ms", "realized_ms", "theoretical_speedup", "measured_speedup",
+                               "measured_over_theoretical", "status") if c in structured]
+        parts.append(structured[columns].to_markdown(index=False, floatfmt=".3f"))
     if len(unstructured):
-        columns = [c for c in ("model", "method", "target_sparsity", "realization", "sparse_layers", "layers",
-                               "threads", "batch", "dense_ms", "realized_ms", "theoretical_speedup",
+        columns = [c for c in ("model", "method", "target_sparsity", "realization", "runtime", "sparse_layers",
+                               "layers", "threads", "batch", "dense_ms", "realized_ms", "theoretical_speedup",
                                "measured_speedup", "measured_over_theoretical", "status") if c in unstructured]
         counts = {c: unstructured[c].astype("Int64") for c in ("sparse_layers", "layers") if c in unstructured}
         parts.append(unstructured.assign(**counts)[columns].to_markdown(index=False, floatfmt=".3f"))
@@ -156,6 +157,7 @@ def cmd_speedup(args) -> int:
                   + (f"Magnitude masks ({config.mask_scope}, input layer and classifier dense) realized by "
                      f"{', '.join(config.kernels)} (auto: per layer the faster of dense and CSR, calibrated at each "
                      "batch and thread count). " if config.sparsities else "")
+                  + f"Runtimes: {', '.join(config.runtimes)} (dense and realized both under each). "
                   + f"Dense and realized timed in one process, alternating blocks, median of {config.rounds} blocks; "
                   f"torch {env['torch']}.\n\n")
         atomic_write_text(out / "speedup.md", header + text + "\n")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sparsebench.measure.runtimes import for_runtime
 from sparsebench.platform import timing_section
 
 
@@ -53,7 +54,8 @@ class LatencySettings:
     cuda_iters: int = 200
     dtype: str = "float32"
     channels_last: bool = False
-    compile: bool = False
+    compile: bool = False          # older spelling of runtime="compile"
+    runtime: str = "eager"         # eager | compile | onnxruntime (measure/runtimes.py): dense and realized both
     max_seconds: Optional[float] = None   # per batch size, warm-up included (see _time_pair); None: no bound
 
 
@@ -83,7 +85,12 @@ def _needs_cast(model: nn.Module, device: torch.device, dtype: torch.dtype, chan
     return False
 
 
-def _prepare(model: nn.Module, device: torch.device, settings: LatencySettings) -> nn.Module:
+def runtime_of(settings: LatencySettings) -> str:
+    return "compile" if settings.compile else settings.runtime
+
+
+def _prepare(model: nn.Module, device: torch.device, settings: LatencySettings,
+             example: Optional[torch.Tensor] = None) -> nn.Module:
     """The model to time: `model` itself when it already is on `device` in the timing dtype and memory
     format, else a cast copy. `Module.to` casts in place, and the caller's model (the run's dense
     model, the FLOPs-target loop's source of compactions) goes on to be compacted, traced and saved
@@ -96,8 +103,11 @@ def _prepare(model: nn.Module, device: torch.device, settings: LatencySettings) 
         if settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
     model.eval()
-    if settings.compile:
-        model = torch.compile(model)
+    runtime = runtime_of(settings)
+    if runtime != "eager":
+        if example is None:
+            raise ValueError(f"the {runtime} runtime needs an example input to build and check the model")
+        model = for_runtime(model, runtime, example, settings.threads)
     return model
 
 
@@ -196,7 +206,9 @@ def compare_latency(
 
     Neither model is changed: one that needs another device, dtype or memory format is timed as a
     cast copy, and every module's train/eval mode is restored. The thread count and
-    `cudnn.benchmark` (set for CUDA timing) are process-wide and restored on the way out too."""
+    `cudnn.benchmark` (set for CUDA timing) are process-wide and restored on the way out too.
+    Both models run under `settings.runtime`; one it cannot run raises `RuntimeUnsupported`
+    ("not supported by RUNTIME: why") before anything is timed."""
     device = device or torch.device("cpu")
     cuda = device.type == "cuda"
     old_benchmark = torch.backends.cudnn.benchmark     # process-wide: training after this must see it unchanged
@@ -207,12 +219,14 @@ def compare_latency(
             torch.backends.cudnn.benchmark = True
         torch.set_num_threads(settings.threads)
         with _eval_modes(dense, realized):
-            models = {"dense": _prepare(dense, device, settings), "realized": _prepare(realized, device, settings)}
+            example = _input(min(settings.batch_sizes), input_size, device, settings)
+            models = {"dense": _prepare(dense, device, settings, example),
+                      "realized": _prepare(realized, device, settings, example)}
             with timing_section().exclusive() as exclusive:
                 for bs in settings.batch_sizes:
                     x = _input(bs, input_size, device, settings)
-                    results[str(bs)] = {"batch_size": bs, **_time_pair(models, x, settings, cuda),
-                                        "exclusive": bool(exclusive)}
+                    results[str(bs)] = {"batch_size": bs, "runtime": runtime_of(settings),
+                                        **_time_pair(models, x, settings, cuda), "exclusive": bool(exclusive)}
     finally:
         torch.set_num_threads(old_threads)
         torch.backends.cudnn.benchmark = old_benchmark

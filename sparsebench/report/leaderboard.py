@@ -117,6 +117,29 @@ def realization_label(realization: Optional[dict]) -> Optional[str]:
     return f"{kind}: all dense" if realization.get("sparse_layers") == 0 else kind
 
 
+def entry_label(entry: Optional[dict]) -> Optional[str]:
+    """The (realization, runtime) named beside a measured speedup (`RunRecord.latency_entries`):
+    "auto, eager", "auto: all dense, compile", "csr, eager"; for a dense or compacted model only a
+    runtime other than eager ("onnxruntime"). None where there is nothing to name."""
+    if not entry:
+        return None
+    kind = realization_label({"kind": entry.get("realization"), "sparse_layers": entry.get("sparse_layers")})
+    runtime = entry.get("runtime") or "eager"
+    if kind:
+        return f"{kind}, {runtime}"
+    return None if runtime == "eager" else runtime
+
+
+def _speed_fields(r: RunRecord, device: str) -> dict:
+    """The row's measured speedup on `device`: the fastest (realization, runtime) measured there at
+    the throughput batch, named; not realizable where no realizer ran on that device."""
+    best = r.best_latency_entry(device)
+    return {"device": device, "measured_speedup": None if best is None else best["measured_speedup"],
+            "measured_speedup_ci95": None if best is None else best.get("speedup_ci95"),
+            "realizable": best is not None or (device == r.device and r.realization.realizable),
+            "realization": entry_label(best)}
+
+
 def _labels(values: pd.Series) -> Optional[str]:
     """The realizations of a row's seeds, joined (seeds may choose differently)."""
     names = sorted({v for v in values if isinstance(v, str) and v})
@@ -147,9 +170,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
                 "test_top1": 100 * r.test_top1, "test_top5": None if r.test_top5 is None else 100 * r.test_top5,
                 "achieved_sparsity": r.achieved_sparsity, "achieved_flops_ratio": r.achieved_flops_ratio,
                 "macs_effective": r.macs.effective, "macs_dense": r.macs.dense, "params_nonzero": r.params.nonzero,
-                "theoretical_speedup": r.theoretical_speedup, "measured_speedup": r.measured_speedup,
-                "realizable": r.realization.realizable,
-                "realization": realization_label({"kind": r.realization.kind, **r.realization.details}),
+                "theoretical_speedup": r.theoretical_speedup, **_speed_fields(r, r.device),
             })
         rows.append(row)
         rows.extend(retimed_rows(r, row))
@@ -157,14 +178,13 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
 
 
 def retimed_rows(r: RunRecord, row: dict) -> list:
-    """The run's row again for each device it was re-timed on (`sparsebench retime`): same accuracy,
-    that device's measured speedup, so each device is its own table and latencies never mix."""
-    if not r.has_result or not r.retimed:
+    """The run's row again for each other device it was re-timed on (`sparsebench retime`): same
+    accuracy, that device's fastest measured speedup, so each device is its own table and latencies
+    never mix. Re-timings on the run's own device sit in its own row (`_speed_fields`)."""
+    if not r.has_result:
         return []
-    return [{**row, "device": label, "measured_speedup": entry.get("measured_speedup"),
-             "realizable": bool((entry.get("realization") or {}).get("realizable")),
-             "realization": realization_label(entry.get("realization"))}
-            for label, entry in sorted(r.retimed.items())]
+    devices = dict.fromkeys(e["device"] for e in r.latency_entries() if e["device"] != r.device)
+    return [{**row, **_speed_fields(r, device)} for device in devices]
 
 
 def ci95(values: pd.Series) -> float:

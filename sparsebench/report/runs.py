@@ -20,7 +20,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.leaderboard import (
-    _labels, as_float, ci95, control_label, mechanism_of, method_label, ranked, realization_label, row_mechanism,
+    _labels, as_float, ci95, control_label, entry_label, mechanism_of, method_label, ranked, row_mechanism,
     with_baseline_differences, with_control_differences, with_family_holm, with_ranks,
 )
 from sparsebench.store.record import RunRecord
@@ -59,11 +59,10 @@ def display_method(label: str) -> str:
 
 
 def _latency_interval(r: RunRecord):
-    """The bootstrap 95 % interval of the measured speedup at the record's throughput batch."""
-    if not r.latency or r.measured_speedup_batch is None:
-        return None, None
-    entry = r.latency.get(str(r.measured_speedup_batch)) or {}
-    lo_hi = entry.get("speedup_ci95")
+    """The bootstrap 95 % interval of the run's measured speedup (its fastest realization and runtime
+    on its own device at the throughput batch, `RunRecord.best_latency_entry`)."""
+    best = r.best_latency_entry() if r.has_result else None
+    lo_hi = (best or {}).get("speedup_ci95")
     return (lo_hi[0], lo_hi[1]) if lo_hi else (None, None)
 
 
@@ -92,11 +91,12 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
             top1=100 * r.test_top1, top5=None if r.test_top5 is None else 100 * r.test_top5,
             sparsity=r.achieved_sparsity, flops=r.achieved_flops_ratio, params=r.params.nonzero,
             macs=r.macs.effective, macs_dense=r.macs.dense, macs_is=r.macs.effective_is,
-            theoretical_speedup=r.theoretical_speedup, measured_speedup=r.measured_speedup,
-            realizable=r.realization.realizable, realization_kind=r.realization.kind,
+            theoretical_speedup=r.theoretical_speedup, realization_kind=r.realization.kind,
             realization_reason=r.realization.reason,
-            realization_label=realization_label({"kind": r.realization.kind, **r.realization.details}),
         )
+        best = r.best_latency_entry()
+        row.update(measured_speedup=None if best is None else best["measured_speedup"],
+                   realizable=best is not None or r.realization.realizable, realization_label=entry_label(best))
     return row
 
 

@@ -28,7 +28,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -388,15 +388,24 @@ class RetimeResult:
     left_for_time: List[str] = field(default_factory=list)  # run ids not reached within max_seconds
 
 
+def _run_key(run: dict) -> tuple:
+    """What a re-timing run replaces: the one before it under the same runtime and realization."""
+    return (run.get("runtime") or "eager", (run.get("realization") or {}).get("kind") or run.get("kernel"))
+
+
 def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch_sizes=None,
                      threads: Optional[int] = None, progress=None,
-                     max_seconds: Optional[float] = None) -> RetimeResult:
+                     max_seconds: Optional[float] = None, runtimes: Sequence[str] = ("eager",),
+                     realizations: Sequence[str] = ("auto",)) -> RetimeResult:
     """Re-measure dense vs realized latency of every saved model under `root` on `device`, with the
-    run's own protocol settings (dtype and batch sizes may be overridden), and add one entry per
-    device to each record's `retimed`. No other field of a record changes; a run whose model is
-    missing or corrupt is reported and left as it is. With `max_seconds`, each timing gets an equal
-    share of the time left (`LatencySettings.max_seconds`) and runs not reached in time are listed
-    in `left_for_time`, their records unchanged."""
+    run's own protocol settings (dtype and batch sizes may be overridden), under each of `runtimes`
+    and, for unstructured masks, each of `realizations` ("auto", "csr"; dense, compacted and declared
+    2:4 models have one realization of their own). Each record's `retimed` entry for the device keeps
+    one run per (runtime, realization): a new one replaces the old of the same key, others stay.
+    No other field of a record changes; a run whose model is missing or corrupt is reported and left
+    as it is. With `max_seconds`, each timing gets an equal share of the time left
+    (`LatencySettings.max_seconds`) and runs not reached in time are listed in `left_for_time`,
+    their records unchanged."""
     import dataclasses
     import datetime as dt
     import time
@@ -404,8 +413,14 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
     from sparsebench.measure.environment import environment
     from sparsebench.measure.latency import LatencySettings
     from sparsebench.measure.realize import compare_realized, realize
-    from sparsebench.measure.unstructured import Calibration
+    from sparsebench.measure.runtimes import RuntimeUnsupported, check_runtime
+    from sparsebench.measure.unstructured import KERNELS, Calibration
 
+    for runtime in runtimes:
+        check_runtime(runtime)
+    for kernel in realizations:
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown realization {kernel!r} of unstructured masks; allowed: {', '.join(KERNELS)}")
     store = RecordStore(root)
     result = RetimeResult()
     target = torch.device(device)
@@ -428,37 +443,55 @@ def retime_directory(root: Path, device: str, dtype: Optional[str] = None, batch
         use_threads = threads or m.get("threads", 1)
         sizes = tuple(batch_sizes or m.get("batch_sizes", (1, 64)))
         calibration = Calibration(input_size=tuple(loaded.input_size), batch=max(sizes), threads=use_threads)
-        realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype, record.sparsity_pattern,
-                           calibration=calibration)
+        unstructured = loaded.realization == "masked" and record.sparsity_pattern != "2:4"
+        kernels = tuple(realizations) if unstructured else ("auto",)   # the kernel is unused for the others
         env = environment(target, use_threads)
         label = device_label(env) + ("" if use_dtype == m.get("dtype", "float32") else f" · {use_dtype}")
-        if label == record.device:             # the run's own device: its own table, never merged with the run's
-            label += " · retimed"
+        runs = []
+        torch.manual_seed(0)
+        dense = create_model(record.model, **loaded.model_kwargs).to(target).eval()   # timing does not read the weights
+        timings_here = len(kernels) * len(runtimes)
+        for kernel in kernels:
+            realized = realize(loaded.model.to(target), loaded.realization, target, use_dtype,
+                               record.sparsity_pattern, calibration=calibration, kernel=kernel)
+            for runtime in runtimes:
+                run = {"runtime": runtime, "kernel": kernel,
+                       "realization": plain(realized.as_dict()),   # with auto's choices on this device
+                       "latency": None, "measured_speedup": None, "measured_speedup_batch": None,
+                       "reason": None if realized.realizable else realized.reason}
+                runs.append(run)
+                if not realized.realizable:
+                    continue
+                now_left = None if deadline is None else max(0.0, deadline - time.perf_counter())
+                settings = LatencySettings(batch_sizes=sizes, threads=use_threads,
+                                           min_run_time=m.get("min_run_time", 0.1), rounds=m.get("rounds", 6),
+                                           dtype=realized.dtype, channels_last=m.get("channels_last", False),
+                                           runtime=runtime,
+                                           max_seconds=None if now_left is None else
+                                           now_left / (len(todo) - i) / timings_here / len(sizes))
+                try:
+                    latency = compare_realized(dense, loaded.model, realized, loaded.input_size, settings, target,
+                                               record.sparsity_pattern, calibration)
+                except RuntimeUnsupported as e:
+                    run["reason"] = str(e)
+                    continue
+                latency["settings"] = {"dtype": realized.dtype, "threads": use_threads, "batch_sizes": list(sizes),
+                                       "channels_last": settings.channels_last, "runtime": runtime,
+                                       "device": str(target), "dense": "the spec's dense architecture (latency "
+                                       "does not depend on weight values)",
+                                       "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events"}
+                batch = max(sizes)
+                run.update(latency=latency, measured_speedup=latency[str(batch)]["measured_speedup"],
+                           measured_speedup_batch=batch)
+        before = (record.retimed or {}).get(label) or {}
+        earlier_runs = before.get("runs", [before] if before.get("latency") else [])   # older entries: one flat run
+        keys = {_run_key(r) for r in runs}
+        earlier = [r for r in earlier_runs if _run_key(r) not in keys]
         entry = {"device": label, "environment": json.loads(json.dumps(env, default=str)),
-                 "artifact_sha256": record.artifact.get("sha256"),
-                 "realization": plain(realized.as_dict()),     # with auto's per-layer choices on this device
-                 "latency": None, "measured_speedup": None, "measured_speedup_batch": None,
+                 "artifact_sha256": record.artifact.get("sha256"), "runs": earlier + runs,
                  "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        if realized.realizable:
-            torch.manual_seed(0)
-            dense = create_model(record.model, **loaded.model_kwargs).to(target).eval()   # timing does not read the weights
-            settings = LatencySettings(batch_sizes=sizes, threads=use_threads,
-                                       min_run_time=m.get("min_run_time", 0.1), rounds=m.get("rounds", 6),
-                                       dtype=realized.dtype, channels_last=m.get("channels_last", False),
-                                       compile=m.get("compile", False),
-                                       max_seconds=None if left is None else left / (len(todo) - i) / len(sizes))
-            latency = compare_realized(dense, loaded.model, realized, loaded.input_size, settings, target,
-                                       record.sparsity_pattern, calibration)
-            latency["settings"] = {"dtype": realized.dtype, "threads": use_threads, "batch_sizes": list(sizes),
-                                   "channels_last": settings.channels_last, "compile": settings.compile,
-                                   "device": str(target), "dense": "the spec's dense architecture (latency does "
-                                   "not depend on weight values)",
-                                   "protocol": "alternating blocks, median; CPU torch.utils.benchmark, CUDA events"}
-            batch = max(sizes)
-            entry.update(latency=latency, measured_speedup=latency[str(batch)]["measured_speedup"],
-                         measured_speedup_batch=batch)
         store.write(dataclasses.replace(record, retimed={**(record.retimed or {}), label: entry}))
         result.retimed.append(record.run_id)
         if progress is not None:
-            progress(record, entry)
+            progress(record, runs)
     return result

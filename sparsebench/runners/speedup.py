@@ -24,6 +24,7 @@ import torch
 from sparsebench.measure.environment import code_version, environment
 from sparsebench.measure.flops import count_macs
 from sparsebench.measure.latency import LatencySettings, compare_latency
+from sparsebench.measure.runtimes import RuntimeUnsupported, check_runtime
 from sparsebench.models import create_model
 
 
@@ -36,7 +37,8 @@ class SpeedupConfig:
     threads: Sequence[int] = (1, 2)
     device: str = "cpu"
     dtype: str = "float32"
-    compile: bool = False
+    compile: bool = False                        # older spelling of runtimes=("compile",)
+    runtimes: Sequence[str] = ("eager",)         # eager | compile | onnxruntime: dense and realized both
     channels_last: bool = False
     min_run_time: float = 0.2
     rounds: int = 5
@@ -69,28 +71,34 @@ def speedup_rows(config: SpeedupConfig, progress=None, time_left: Optional[Calla
         for i, target in enumerate(config.flops):
             if time_left is not None and i > 0 and time_left() <= 0:
                 rows += [{"model": name, "method": config.method, "target_flops": t, "dtype": config.dtype,
-                          "compile": config.compile, "status": "skipped: time cap"} for t in config.flops[i:]]
+                          "status": "skipped: time cap"} for t in config.flops[i:]]
                 break
             kept = space.select(scores, target, scope=method.config.scope, min_units=method.config.min_channels)
             compact = space.compact(dense, kept).eval()
             error = space.check_compaction(dense, kept, compact, probe)
             macs = count_macs(compact, input_size).macs
-            for j, threads in enumerate(config.threads):
-                timings_left = (len(config.flops) - i) * len(config.threads) - j
+            settings_list = [(threads, runtime) for threads in config.threads for runtime in _runtimes(config)]
+            for j, (threads, runtime) in enumerate(settings_list):
+                timings_left = (len(config.flops) - i) * len(settings_list) - j
                 settings = LatencySettings(batch_sizes=tuple(config.batch_sizes), threads=threads,
                                            min_run_time=config.min_run_time, rounds=config.rounds,
-                                           dtype=config.dtype, compile=config.compile,
+                                           dtype=config.dtype, runtime=runtime,
                                            channels_last=config.channels_last,
                                            max_seconds=None if time_left is None else
                                            max(0.0, time_left()) / timings_left / len(config.batch_sizes))
-                timing = compare_latency(dense, compact, input_size, settings, device)
-                for batch, t in timing.items():
-                    rows.append({
-                        "model": name, "method": config.method, "target_flops": target,
+                base = {"model": name, "method": config.method, "target_flops": target,
                         "achieved_flops_ratio": macs / dense_macs, "dense_gmacs": dense_macs / 1e9,
                         "realized_gmacs": macs / 1e9, "theoretical_speedup": dense_macs / macs,
-                        "batch": int(batch), "threads": threads, "dtype": config.dtype,
-                        "compile": config.compile, "dense_ms": t["dense_ms"], "dense_iqr_ms": t["dense_iqr_ms"],
+                        "realization": "compacted", "runtime": runtime, "threads": threads, "dtype": config.dtype,
+                        "compile": runtime == "compile"}
+                try:
+                    timing = compare_latency(dense, compact, input_size, settings, device)
+                except RuntimeUnsupported as e:
+                    rows += [{**base, "batch": b, "status": str(e)} for b in config.batch_sizes]
+                    continue
+                for batch, t in timing.items():
+                    rows.append({
+                        **base, "batch": int(batch), "dense_ms": t["dense_ms"], "dense_iqr_ms": t["dense_iqr_ms"],
                         "realized_ms": t["realized_ms"], "realized_iqr_ms": t["realized_iqr_ms"],
                         "measured_speedup": t["measured_speedup"], "speedup_ci95_low": t["speedup_ci95"][0],
                         "speedup_ci95_high": t["speedup_ci95"][1],
@@ -103,6 +111,12 @@ def speedup_rows(config: SpeedupConfig, progress=None, time_left: Optional[Calla
     if config.sparsities:
         rows += unstructured_rows(config, progress, time_left)
     return rows
+
+
+def _runtimes(config: SpeedupConfig) -> tuple:
+    """The runtimes to time under, in order, each once (`compile=True` adds "compile")."""
+    names = tuple(config.runtimes) + (("compile",) if config.compile else ())
+    return tuple(dict.fromkeys(check_runtime(r) for r in names))
 
 
 def magnitude_masked(dense: torch.nn.Module, sparsity: float, scope: str = "layerwise") -> torch.nn.Module:
@@ -145,40 +159,45 @@ def unstructured_rows(config: SpeedupConfig, progress=None,
             base = {"model": name, "method": f"magnitude-{config.mask_scope}", "target_sparsity": sparsity,
                     "achieved_flops_ratio": effective / dense_macs, "dense_gmacs": dense_macs / 1e9,
                     "realized_gmacs": effective / 1e9, "theoretical_speedup": dense_macs / effective,
-                    "dtype": config.dtype, "compile": config.compile}
+                    "dtype": config.dtype}
             for kernel in config.kernels:
                 for threads in config.threads:
                     for batch in config.batch_sizes:
+                        row = {**base, "realization": kernel, "threads": threads, "batch": batch}
                         if time_left is not None and time_left() <= 0:
-                            rows.append({**base, "realization": kernel, "threads": threads, "batch": batch,
-                                         "status": "skipped: time cap"})
+                            rows += [{**row, "runtime": r, "status": "skipped: time cap"} for r in _runtimes(config)]
                             continue
                         calibration = Calibration(input_size=input_size, batch=batch, threads=threads,
                                                   max_seconds=config.calibration_seconds)
                         realized = realize(masked, "masked", device, config.dtype, calibration=calibration,
                                            kernel=kernel)
-                        row = {**base, "realization": kernel, "threads": threads, "batch": batch}
                         if not realized.realizable:
-                            rows.append({**row, "status": realized.reason})
+                            rows += [{**row, "runtime": r, "status": realized.reason} for r in _runtimes(config)]
                             continue
-                        settings = LatencySettings(batch_sizes=(batch,), threads=threads,
-                                                   min_run_time=config.min_run_time, rounds=config.rounds,
-                                                   dtype=config.dtype, compile=config.compile,
-                                                   channels_last=config.channels_last)
-                        t = compare_latency(dense, realized.model, input_size, settings, device)[str(batch)]
                         details = realized.details
-                        rows.append({
-                            **row, "sparse_layers": details["sparse_layers"], "layers": details["layers_total"],
-                            "calibration_s": details["calibration"]["seconds"],
-                            "dense_ms": t["dense_ms"], "dense_iqr_ms": t["dense_iqr_ms"],
-                            "realized_ms": t["realized_ms"], "realized_iqr_ms": t["realized_iqr_ms"],
-                            "measured_speedup": t["measured_speedup"], "speedup_ci95_low": t["speedup_ci95"][0],
-                            "speedup_ci95_high": t["speedup_ci95"][1],
-                            "measured_over_theoretical": t["measured_speedup"] / base["theoretical_speedup"],
-                            "blocks": t["blocks"], "stopped_by": t["stopped_by"], "status": "measured",
-                        })
-                        if progress:
-                            progress(rows[-1])
+                        row.update({"sparse_layers": details["sparse_layers"], "layers": details["layers_total"],
+                                    "calibration_s": details["calibration"]["seconds"]})
+                        for runtime in _runtimes(config):      # auto's choice is calibrated eagerly, then kept
+                            settings = LatencySettings(batch_sizes=(batch,), threads=threads,
+                                                       min_run_time=config.min_run_time, rounds=config.rounds,
+                                                       dtype=config.dtype, runtime=runtime,
+                                                       channels_last=config.channels_last)
+                            try:
+                                t = compare_latency(dense, realized.model, input_size, settings, device)[str(batch)]
+                            except RuntimeUnsupported as e:
+                                rows.append({**row, "runtime": runtime, "status": str(e)})
+                                continue
+                            rows.append({
+                                **row, "runtime": runtime, "compile": runtime == "compile",
+                                "dense_ms": t["dense_ms"], "dense_iqr_ms": t["dense_iqr_ms"],
+                                "realized_ms": t["realized_ms"], "realized_iqr_ms": t["realized_iqr_ms"],
+                                "measured_speedup": t["measured_speedup"], "speedup_ci95_low": t["speedup_ci95"][0],
+                                "speedup_ci95_high": t["speedup_ci95"][1],
+                                "measured_over_theoretical": t["measured_speedup"] / base["theoretical_speedup"],
+                                "blocks": t["blocks"], "stopped_by": t["stopped_by"], "status": "measured",
+                            })
+                            if progress:
+                                progress(rows[-1])
     return rows
 
 

@@ -39,6 +39,34 @@ class RecordError(ValueError):
     """A JSON document that is not a readable run record; the message says why in one line."""
 
 
+RETIMED_SUFFIX = " · retimed"     # a re-timing's label on the run's own device (older records)
+
+
+def _timed_entries(device: str, source: str, created: Optional[str], kind: Optional[str], realizable: bool,
+                   reason: Optional[str], details: Dict[str, Any], latency: Optional[Dict[str, Any]],
+                   runtime: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The flat entries of one latency table (`latency`: per-batch results and "settings")."""
+    settings = (latency or {}).get("settings") or {}
+    runtime = runtime or settings.get("runtime") or ("compile" if settings.get("compile") else "eager")
+    base = {"device": device, "runtime": runtime, "realization": kind, "source": source, "created": created,
+            "dtype": settings.get("dtype"), "threads": settings.get("threads")}
+    batches = sorted((k for k in (latency or {}) if str(k).isdigit()), key=int)
+    if not realizable or not batches:
+        why = reason or ("not timed (latency off, or not the primary rank)" if realizable else None)
+        return [{**base, "batch": None, "measured_speedup": None, "speedup_ci95": None, "dense_ms": None,
+                 "realized_ms": None, "sparse_layers": details.get("sparse_layers"), "status": why or "not timed"}]
+    out = []
+    for key in batches:
+        t = latency[key]
+        at_batch = t.get("realization") or {}            # auto chosen again at this batch
+        out.append({**base, "batch": int(key), "measured_speedup": t.get("measured_speedup"),
+                    "speedup_ci95": t.get("speedup_ci95"), "dense_ms": t.get("dense_ms"),
+                    "realized_ms": t.get("realized_ms"),
+                    "sparse_layers": at_batch.get("sparse_layers", details.get("sparse_layers")),
+                    "status": "measured" if t.get("measured_speedup") is not None else "not timed"})
+    return out
+
+
 def device_label(environment: Dict[str, Any]) -> str:
     """How records and tables name the device of an environment (`measure.environment`):
     "cpu: <CPU model>" or "cuda: <GPU name>"."""
@@ -260,8 +288,10 @@ class RunRecord:
     # or {"path": None, "reason": ...} when it could not be saved; None: not saved
     artifact: Optional[Dict[str, Any]] = None
     # latency re-measured later from the saved model (`sparsebench retime`), one entry per device label
-    # ("cuda: NVIDIA H100 80GB HBM3"): {"device", "latency", "measured_speedup", "measured_speedup_batch",
-    # "environment", "created"}; never merged with `latency`, which is the run's own device
+    # ("cuda: NVIDIA H100 80GB HBM3"): {"device", "environment", "created", "artifact_sha256", "runs": [{"runtime",
+    # "realization" (kind and details), "latency", "measured_speedup", "measured_speedup_batch", "reason"}]};
+    # entries written before runtimes existed hold one eager run flat ("realization", "latency", ...). All
+    # of them are read through `latency_entries`
     retimed: Optional[Dict[str, Any]] = None
     # the N:M pattern the method declared for its masks ("2:4"; `methods.base.Outcome.pattern`): only a
     # declared 2:4 is realized with 2:4 kernels. None: none declared, or a record from before the field
@@ -301,6 +331,43 @@ class RunRecord:
     def device(self) -> str:
         """What the timing ran on: "cpu: <CPU model>" or "cuda: <GPU name>"."""
         return device_label(self.environment)
+
+    def latency_entries(self) -> List[Dict[str, Any]]:
+        """Every latency measurement in the record, flat, one per (device, runtime, realization, batch):
+        the run's own (`latency`, on `device`) and every re-timing (`retimed`). An entry:
+        device, runtime, realization (kind), sparse_layers (auto/csr: layers on CSR at that batch),
+        batch, measured_speedup, speedup_ci95, dense_ms, realized_ms, status ("measured", or why
+        there is no number: "not realizable here: ...", "not supported by onnxruntime: ..."), source
+        ("run" or "retime"), created. A re-timing on the run's own device (label "… · retimed") is the
+        same device: its entries sit beside the run's."""
+        if not self.has_result:
+            return []
+        entries = []
+        own = self.realization
+        entries += _timed_entries(self.device, "run", self.created, own.kind, own.realizable, own.reason,
+                                  own.details, self.latency)
+        for label, retime in sorted((self.retimed or {}).items()):
+            device = label[:-len(RETIMED_SUFFIX)] if label.endswith(RETIMED_SUFFIX) else label
+            runs = retime.get("runs")
+            if runs is None:          # written before runtimes: one eager run, flat in the entry
+                runs = [retime]
+            for run in runs:
+                real = run.get("realization") or {}
+                entries += _timed_entries(device, "retime", retime.get("created"), real.get("kind"),
+                                          bool(real.get("realizable")), run.get("reason") or real.get("reason"),
+                                          real, run.get("latency"), run.get("runtime"))
+        return entries
+
+    def best_latency_entry(self, device: Optional[str] = None) -> Optional[Dict[str, Any]]:
+        """The fastest realization measured on `device` (default: the run's own) at its throughput
+        batch (the largest batch measured there): the entry whose measured speedup is highest. None
+        where nothing was measured on that device."""
+        device = device or self.device
+        measured = [e for e in self.latency_entries() if e["device"] == device and e["status"] == "measured"]
+        if not measured:
+            return None
+        batch = max(e["batch"] for e in measured)
+        return max((e for e in measured if e["batch"] == batch), key=lambda e: e["measured_speedup"])
 
     @property
     def target_label(self) -> str:

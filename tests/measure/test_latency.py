@@ -107,7 +107,7 @@ def _fake_cuda_timing(monkeypatch, seen, fail=False):
     replaced by a stand-in that notes the process-wide cudnn.benchmark it runs under."""
     from sparsebench.measure import latency
 
-    monkeypatch.setattr(latency, "_prepare", lambda model, device, settings: model)
+    monkeypatch.setattr(latency, "_prepare", lambda model, device, settings, example=None: model)
     cpu_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *size, device=None, **kw: cpu_randn(*size, **kw))
 
@@ -174,7 +174,7 @@ def test_the_cuda_path_under_a_time_bound_sizes_its_blocks_from_the_warm_up(monk
 
     cpu_randn = torch.randn
     monkeypatch.setattr(torch, "randn", lambda *size, device=None, **kw: cpu_randn(*size, **kw))
-    monkeypatch.setattr(latency, "_prepare", lambda model, device, settings: model.eval())
+    monkeypatch.setattr(latency, "_prepare", lambda model, device, settings, example=None: model.eval())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "Event", _HostEvent)
     model = create_model("resnet20_tiny", img_size=16)

@@ -214,13 +214,13 @@ def test_measured_speedup_names_the_sparse_kernel_realization(tmp_path):
     records += [fake_record("random", 0, 0.7, target=0.9, realizable=True, speedup=1.0, realization=all_dense)]
     records += [fake_record("l1-channel", 0, 0.8, kind="flops", realizable=True, speedup=1.5)]
     md = to_markdown(aggregate(records_frame(records)))
-    assert "1.40 ± 0.00× (auto)" in md and "1.00× (auto: all dense)" in md and "1.50×" in md
+    assert "1.40 ± 0.00× (auto, eager)" in md and "1.00× (auto: all dense, eager)" in md and "1.50×" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert not any("(compacted)" in line or "not realizable" in line for line in table)
     summary = summarize(runs_frame(records))
-    assert set(summary["realization"].dropna()) == {"auto", "auto: all dense"}
+    assert set(summary["realization"].dropna()) == {"auto, eager", "auto: all dense, eager"}
     build_site(records, tmp_path / "site", svg=False)
     index = (tmp_path / "site" / "index.html").read_text()
-    assert "1.40× [" in index and "(auto)" in index
+    assert "1.40× [" in index and "(auto, eager)" in index
     page = (tmp_path / "site" / "runs" / "magnitude-global-0-0.9-cpu.html").read_text()
     assert "per-layer kernels" in page and "fc (4, 8): csr, density 0.100, dense 0.2 ms, CSR 0.05 ms" in page

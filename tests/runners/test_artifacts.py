@@ -109,19 +109,65 @@ def test_retime_cpu_adds_device_entries_and_touches_nothing_else(results, tmp_pa
         old = before[after.run_id]
         assert dataclasses.replace(after, retimed=None).to_dict() == old.to_dict()
         (label, entry), = after.retimed.items()
-        assert label.startswith("cpu: ") and label != old.device          # its own table, never the run's
-        assert entry["realization"]["realizable"] == old.realization.realizable
-        assert entry["realization"]["kind"] == old.realization.kind
+        assert label == old.device                  # the run's own device: its entries sit beside the run's
+        (run,) = entry["runs"]                     # one runtime (eager), one realization
+        assert run["runtime"] == "eager"
+        assert run["realization"]["realizable"] == old.realization.realizable
+        assert run["realization"]["kind"] == old.realization.kind
         if old.realization.kind == "auto":     # chosen again on this device, at the retimed batch
-            assert entry["realization"]["calibration"]["batch"] == 1 and entry["realization"]["layers"]
+            assert run["realization"]["calibration"]["batch"] == 1 and run["realization"]["layers"]
         if old.realization.realizable:
-            assert entry["measured_speedup"] > 0 and list(entry["latency"]["settings"]["batch_sizes"]) == [1]
+            assert run["measured_speedup"] > 0 and list(run["latency"]["settings"]["batch_sizes"]) == [1]
         else:
-            assert entry["measured_speedup"] is None and entry["latency"] is None
+            assert run["measured_speedup"] is None and run["latency"] is None
+        sources = {(e["source"], e["batch"]) for e in after.latency_entries() if e["status"] == "measured"}
+        assert ("retime", 1) in sources or not old.realization.realizable
     from sparsebench.report.leaderboard import records_frame
 
     frame = records_frame(RecordStore(copy).load_all())
-    assert len(frame) == 2 * len(before) and frame["device"].nunique() == 2
+    assert len(frame) == len(before) and frame["device"].nunique() == 1     # one device: one row per run
+
+
+def test_retime_under_runtimes_and_realizations_keys_every_entry_and_keeps_earlier_ones(results, tmp_path, capsys):
+    """`--runtime` and `--realization` add one run per (runtime, realization); a runtime that cannot run
+    a realization says so in one line; a later call under another runtime keeps the earlier runs; the
+    leaderboard's speedup is the fastest measured entry, named."""
+    import shutil
+
+    from sparsebench.report.leaderboard import records_frame
+
+    out, records = results
+    copy = tmp_path / "copy"
+    shutil.copytree(out / "records", copy / "records")
+    shutil.copytree(out / "models", copy / "models")
+    masked, compacted = records["unstructured-masked"], records["channel-compacted"]
+    for run_id in set(r.run_id for r in RecordStore(copy).load_all()) - {masked.run_id, compacted.run_id}:
+        (copy / "records" / f"{run_id}.json").unlink()           # two runs keep the test short
+    assert main(["retime", str(copy), "--device", "cpu", "--batch-sizes", "1", "--runtime", "eager", "onnxruntime",
+                 "--realization", "auto", "csr"]) == 0
+    printed = capsys.readouterr().out
+    assert "not supported by onnxruntime:" in printed and "(csr, eager)" in printed
+    after = {r.run_id: r for r in RecordStore(copy).load_all()}
+    entries = {(e["runtime"], e["realization"]): e for e in after[masked.run_id].latency_entries()
+               if e["source"] == "retime"}
+    assert set(entries) == {("eager", "auto"), ("onnxruntime", "auto"), ("eager", "csr"), ("onnxruntime", "csr")}
+    assert entries["onnxruntime", "csr"]["status"].startswith("not supported by onnxruntime: ")
+    assert entries["eager", "csr"]["status"] == "measured" and entries["eager", "csr"]["sparse_layers"] > 0
+    compact = {(e["runtime"], e["realization"]): e for e in after[compacted.run_id].latency_entries()
+               if e["source"] == "retime"}
+    assert set(compact) == {("eager", "compacted"), ("onnxruntime", "compacted")}
+    assert all(e["status"] == "measured" and e["measured_speedup"] > 0 for e in compact.values())
+    # a later call under compile adds its runs and keeps the others
+    assert main(["retime", str(copy), "--device", "cpu", "--batch-sizes", "1", "--runtime", "compile",
+                 "--quiet"]) == 0
+    again = {r.run_id: r for r in RecordStore(copy).load_all()}
+    keys = {(e["runtime"], e["realization"]) for e in again[compacted.run_id].latency_entries()
+            if e["source"] == "retime"}
+    assert keys == {("eager", "compacted"), ("onnxruntime", "compacted"), ("compile", "compacted")}
+    frame = records_frame(again.values()).set_index("run_id")
+    best = again[masked.run_id].best_latency_entry()
+    assert frame.loc[masked.run_id, "measured_speedup"] == best["measured_speedup"]
+    assert frame.loc[masked.run_id, "realization"].endswith(", " + best["runtime"])
 
 
 def test_retime_within_a_time_budget_times_in_shares_and_lists_the_runs_left(results, tmp_path, capsys):
@@ -136,8 +182,8 @@ def test_retime_within_a_time_budget_times_in_shares_and_lists_the_runs_left(res
     start = time.perf_counter()
     assert main(["retime", str(copy), "--device", "cpu", "--max-seconds", "1.5", "--quiet"]) == 0
     assert time.perf_counter() - start < 8
-    timings = [t for r in RecordStore(copy).load_all() for e in (r.retimed or {}).values()
-               for b, t in (e["latency"] or {}).items() if b != "settings"]
+    timings = [t for r in RecordStore(copy).load_all() for e in (r.retimed or {}).values() for run in e["runs"]
+               for b, t in (run["latency"] or {}).items() if b != "settings"]
     assert timings and sum(t["seconds"] for t in timings) < 1.5 + 0.2 * len(timings)
     assert main(["retime", str(copy), "--device", "cpu", "--max-seconds", "1e-9"]) == 0
     assert f"{len(before)} runs not reached within --max-seconds 1e-09" in capsys.readouterr().out
