@@ -106,7 +106,7 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     assert len(records) == 6
     mtimes = [r.stat().st_mtime_ns for r in records]
     for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.html", "accuracy_vs_flops.png",
-                 "accuracy_vs_speedup.png"):
+                 "accuracy_vs_speedup.png", "measured_vs_theoretical.png"):
         assert (out / name).exists()
     # a record deleted (as if its run was interrupted) is the only one re-run
     records[0].unlink()

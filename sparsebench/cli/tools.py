@@ -98,6 +98,7 @@ def _any_model(name: str, num_classes: int, img_size: int):
 def cmd_speedup(args) -> int:
     import pandas as pd
 
+    from sparsebench.report.speedup import plot_measured_vs_theoretical
     from sparsebench.runners.speedup import SpeedupConfig, speedup_environment, speedup_rows
     from sparsebench.models import MODELS
     from sparsebench.store.records import atomic_write_text
@@ -125,7 +126,10 @@ def cmd_speedup(args) -> int:
             return
         target = f"flops={row['target_flops']:<5g}" if "target_flops" in row else \
             f"sparsity={row['target_sparsity']:<5g} {row['realization']:<4}"
-        measured = f"measured {row['measured_speedup']:.2f}x" if row.get("status") == "measured" else row.get("status")
+        measured = (f"measured {row['measured_speedup']:.2f}x [{row['speedup_ci95_low']:.2f}-"
+                    f"{row['speedup_ci95_high']:.2f}]" + (f", {row['sparse_layers']}/{row['layers']} layers on CSR"
+                                                          if "sparse_layers" in row else "")
+                    if row.get("status") == "measured" else row.get("status"))
         print(f"  {row['model']:<14} {target} {row.get('runtime', 'eager'):<11} threads={row['threads']} "
               f"batch={row['batch']:<4} theoretical {row['theoretical_speedup']:.2f}x  {measured}", flush=True)
 
@@ -161,5 +165,10 @@ def cmd_speedup(args) -> int:
                   + f"Dense and realized timed in one process, alternating blocks, median of {config.rounds} blocks; "
                   f"torch {env['torch']}.\n\n")
         atomic_write_text(out / "speedup.md", header + text + "\n")
-        print(f"wrote {out / 'speedup.md'}, {out / 'speedup.csv'}, {out / 'environment.json'}")
+        plotted = plot_measured_vs_theoretical(table.assign(realization=table.get("realization", "compacted")),
+                                               out / "measured_vs_theoretical.png",
+                                               f"{env['device_name']}, {config.dtype}, threads "
+                                               f"{'/'.join(map(str, config.threads))}")
+        print(f"wrote {out / 'speedup.md'}, {out / 'speedup.csv'}, {out / 'environment.json'}"
+              + (f", {plotted}" if plotted else ""))
     return 0

@@ -18,6 +18,7 @@ def write_reports(results_dir: Path, title: str = "Leaderboard", site: bool = Tr
     from sparsebench.report.plots import plot
     from sparsebench.report.runs import runs_frame, summarize
     from sparsebench.report.site import build_site
+    from sparsebench.report.speedup import entries_frame, plot_measured_vs_theoretical
 
     results_dir = Path(results_dir)
     records = load_records(results_dir)
@@ -35,6 +36,11 @@ def write_reports(results_dir: Path, title: str = "Leaderboard", site: bool = Tr
         paths["plot"] = plot(summary, results_dir / "accuracy_vs_flops.png", x="macs")
         paths["speedup_plot"] = plot(summary, results_dir / "accuracy_vs_speedup.png", x="speedup")
         files += [paths["plot"], paths["speedup_plot"]]
+        kernels = plot_measured_vs_theoretical(entries_frame(records), results_dir / "measured_vs_theoretical.png",
+                                               "every latency entry: measured against theoretical speedup")
+        if kernels is not None:
+            paths["kernels_plot"] = kernels
+            files.append(kernels)
     if site:
         paths["site"] = results_dir / "report"
         files += build_site(records, results_dir / "report", title=title)

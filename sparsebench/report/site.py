@@ -381,6 +381,41 @@ def _curve_section(record: RunRecord, files: Dict[str, str]) -> str:
     return '<div class="curves">' + "".join(parts) + "</div>"
 
 
+def _latency_entries_table(record: RunRecord) -> str:
+    """Every latency entry of the record (`RunRecord.latency_entries`): one row per (device, runtime,
+    realization, batch), the run's own and every re-timing's, with the one the leaderboard shows marked."""
+    entries = record.latency_entries()
+    if not entries:
+        return "<p>No latency entry (a run without a result).</p>"
+    best = set()
+    for device in dict.fromkeys(e["device"] for e in entries):
+        chosen = record.best_latency_entry(device)
+        if chosen is not None:
+            best.add((device, chosen["runtime"], chosen["realization"], chosen["batch"], chosen["source"]))
+    text_columns = ("device", "runtime", "realization", "status", "source")
+    head = "".join(('<th class="text">' if c in text_columns else "<th>") + f"{c}</th>"
+                   for c in ("device", "runtime", "realization", "batch", "dense ms", "realized ms",
+                             "speedup", "95 % CI", "status", "source"))
+    rows = []
+    for e in entries:
+        shown = (e["device"], e["runtime"], e["realization"], e["batch"], e["source"]) in best
+        ci = e.get("speedup_ci95")
+        kind = e["realization"] or "–"
+        if e.get("sparse_layers") is not None and kind in ("auto", "csr"):
+            kind += f" ({e['sparse_layers']} layers on CSR)"
+        rows.append(
+            ('<tr class="shown">' if shown else "<tr>") + f'<td class="text">{esc(e["device"])}</td>'
+            f'<td class="text">{esc(e["runtime"])}</td><td class="text">{esc(kind)}</td>'
+            f'<td>{esc(e["batch"] if e["batch"] is not None else "–")}</td><td>{_fmt(e["dense_ms"], ".3f")}</td>'
+            f'<td>{_fmt(e["realized_ms"], ".3f")}</td><td>{_fmt(e["measured_speedup"], ".3f", "×")}'
+            f'{" ◀" if shown else ""}</td><td>{"–" if not ci else f"{ci[0]:.3f}–{ci[1]:.3f}"}</td>'
+            f'<td class="text">{esc(e["status"])}</td><td class="text">{esc(e["source"])}</td></tr>')
+    return ('<p class="note">Each entry: dense and realized timed in one process under one runtime, '
+            'alternating blocks. ◀ marks the entry the leaderboard shows for its device: the fastest at '
+            'the throughput batch.</p><div class="scroll"><table class="entries"><thead><tr>' + head
+            + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+
+
 def _run_page(record: RunRecord, row: Dict[str, object], curve_files: Dict[str, str]) -> str:
     d = run_details(record)
     numbers = {
@@ -436,7 +471,8 @@ checkpoint is trained on first use and cached under the output directory.</p>
 <h2>Code version</h2>{_kv(d['code_version'])}
 <h2>Data and selection</h2><pre>{esc(json.dumps({'data': d['data'], 'selection': d['selection'],
                                                   'dense_checkpoint': d['dense_checkpoint']}, indent=2, sort_keys=True))}</pre>
-<h2>Latency</h2><pre>{esc(json.dumps(d['latency'], indent=2, sort_keys=True))}</pre>
+<h2 id="latency">Latency</h2>{_latency_entries_table(record)}
+<details><summary>the run's own latency table, as recorded</summary><pre>{esc(json.dumps(d['latency'], indent=2, sort_keys=True))}</pre></details>
 <h2>Notes</h2><pre>{esc(json.dumps(d['notes'], indent=2, sort_keys=True, default=str)[:20000])}</pre>
 """
     return _page(f"Run {record.run_id}", body, depth=1)

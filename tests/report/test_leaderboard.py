@@ -224,3 +224,6 @@ def test_measured_speedup_names_the_sparse_kernel_realization(tmp_path):
     assert "1.40× [" in index and "(auto, eager)" in index
     page = (tmp_path / "site" / "runs" / "magnitude-global-0-0.9-cpu.html").read_text()
     assert "per-layer kernels" in page and "fc (4, 8): csr, density 0.100, dense 0.2 ms, CSR 0.05 ms" in page
+    entries = page.split('id="latency"')[1].split("</table>")[0]      # every entry, the one shown marked
+    assert entries.count("<tr") == 2 and '<tr class="shown">' in entries and "1.400× ◀" in entries
+    assert "auto (1 layers on CSR)" in entries

@@ -62,3 +62,25 @@ def test_speedup_command_tables_unstructured_targets_alone(tmp_path, capsys):
     assert "Magnitude masks (layerwise" in (tmp_path / "speedup.md").read_text()
     assert main(["speedup", "--models", "resnet20_tiny", "--flops"]) == 2
     assert "nothing to time" in capsys.readouterr().err
+
+
+def test_speedup_command_times_each_runtime_and_says_which_cannot_run_a_realization(tmp_path, capsys):
+    """--runtimes: a row per runtime; ONNX Runtime times the compacted model and refuses CSR layers in
+    one line; the plot of measured against theoretical speedup is written beside the table."""
+    from sparsebench.cli.main import main
+
+    assert main(["speedup", "--models", "resnet20_tiny", "--img-size", "16", "--flops", "0.5", "--sparsity", "0.9",
+                 "--kernels", "csr", "--batch-sizes", "2", "--threads", "1", "--min-run-time", "0.01",
+                 "--rounds", "2", "--runtimes", "eager", "onnxruntime", "--quiet", "--out", str(tmp_path)]) == 0
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "speedup.csv")
+    rows = {(r.realization, r.runtime): r for r in table.itertuples()}
+    assert set(rows) == {("compacted", "eager"), ("compacted", "onnxruntime"), ("csr", "eager"), ("csr", "onnxruntime")}
+    assert rows["compacted", "onnxruntime"].status == "measured" and rows["compacted", "onnxruntime"].measured_speedup > 0
+    assert rows["csr", "eager"].status == "measured"
+    assert rows["csr", "onnxruntime"].status.startswith("not supported by onnxruntime: ")
+    assert (tmp_path / "measured_vs_theoretical.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit) as refused:
+        main(["speedup", "--models", "resnet20_tiny", "--runtimes", "tensorrt"])
+    assert refused.value.code == 2 and "invalid choice: 'tensorrt'" in capsys.readouterr().err
