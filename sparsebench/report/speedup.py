@@ -90,3 +90,30 @@ def plot_measured_vs_theoretical(table: pd.DataFrame, path: Path, title: str = "
     fig.savefig(path, dpi=130, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return path
+
+
+def unstructured_summary(csv: Path) -> str:
+    """The unstructured rows of a speedup table (magnitude masks per realization): one row per (model,
+    sparsity, realization), theoretical speedup, then the measured speedup per (runtime, batch), "n/s"
+    where the runtime cannot run the realization (its reason in the CSV); then each runtime's dense
+    latency per batch, so a speedup can be read against the fastest dense runtime too."""
+    table = pd.read_csv(csv)
+    table = table[table["target_sparsity"].notna()].copy()
+    table["runtime"] = table["runtime"].fillna("eager") if "runtime" in table else "eager"
+    runtimes = list(dict.fromkeys(table["runtime"]))
+    table["setting"] = table.apply(lambda r: f"{r.runtime}, batch {int(r.batch)}", axis=1)
+    table["shown"] = table.apply(lambda r: f"{r.measured_speedup:.2f}×" if r.status == "measured" else
+                                 ("n/s" if str(r.status).startswith("not supported") else "–"), axis=1)
+    order = [f"{rt}, batch {b}" for b in sorted(table["batch"].astype(int).unique()) for rt in runtimes]
+    keys = ["model", "target_sparsity", "realization"]
+    measured = table.pivot_table(index=keys, columns="setting", values="shown", aggfunc="first", sort=False)
+    measured = measured[[c for c in order if c in measured.columns]]
+    theoretical = table.groupby(keys, sort=False)["theoretical_speedup"].first().map(lambda v: f"{v:.2f}×")
+    out = pd.concat([theoretical.rename("theoretical"), measured], axis=1).reset_index()
+    out = out.rename(columns={"target_sparsity": "sparsity"})
+    dense = table[table["status"] == "measured"].groupby(["model", "runtime", "batch"], sort=False)["dense_ms"] \
+        .median().unstack("runtime")
+    dense = dense[[r for r in runtimes if r in dense.columns]].reset_index()
+    dense.columns = ["model", "batch"] + [f"dense ms, {r}" for r in dense.columns[2:]]
+    return (out.to_markdown(index=False, floatfmt=".2f") + "\n\nDense latency per runtime (ms, median over the "
+            "rows above):\n\n" + dense.to_markdown(index=False, floatfmt=".1f"))
