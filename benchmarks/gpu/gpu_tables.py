@@ -15,7 +15,10 @@ alternating blocks, median and bootstrap interval):
 5. loop        our training step against timm's own loader and train.py loop on ResNet-50 and
                DeiT-Small at 224 (bf16, channels_last for the CNN, loader workers; the same
                comparison as benchmarks/perf/test_loop_vs_timm.py): ours/timm throughput.
-6. compile     (opt-in: `--parts ... compile`) bf16 at FLOPs 0.5 under torch.compile for ResNet-50
+6. unstructured  magnitude masks at sparsity 0.9 and 0.95 on DeiT-Small and ResNet-50 (fp32), realized
+               by `csr` (every layer on cuSPARSE CSR × dense) and `auto` (per layer the faster of
+               dense and CSR, calibrated at each batch), against dense at batch 1 and 128.
+7. compile     (opt-in: `--parts ... compile`) bf16 at FLOPs 0.5 under torch.compile for ResNet-50
                and DeiT-Small; compilation alone takes about a minute per model pair, so it is not
                part of the 8-minute default.
 
@@ -58,12 +61,16 @@ SPARSE24_MODELS = ("deit_small", "deit_base")
 COMPILE_MODELS = ("resnet50", "deit_small")
 SEED_STRUCTURED = ("pass", "s2vite", "ofb", "svite-plus")
 LOOP_MODELS = ("resnet50", "deit_small")
-DEFAULT_PARTS = ("structured", "sparse24", "methods", "quick", "loop")
+UNSTRUCTURED_MODELS = ("deit_small", "resnet50")
+SPARSITIES = (0.9, 0.95)
+DEFAULT_PARTS = ("structured", "sparse24", "unstructured", "methods", "quick", "loop")
 # Seconds per part on one H100 (estimates: no GPU was at hand when they were set). With about 15 s
 # of start-up and GRACE_S per part, the tables take at most ~340 s (run.sh's limit for this step);
 # re-timing and the leaderboards get the rest of run.sh's 8 minutes.
-GPU_CAPS_S = {"structured": 120, "sparse24": 40, "methods": 40, "quick": 60, "loop": 30, "compile": 240}
-DRY_CAPS_S = {"structured": 40, "sparse24": 5, "methods": 25, "quick": 40, "loop": 60, "compile": 30}
+GPU_CAPS_S = {"structured": 100, "sparse24": 40, "unstructured": 40, "methods": 35, "quick": 45, "loop": 30,
+              "compile": 240}
+DRY_CAPS_S = {"structured": 40, "sparse24": 5, "unstructured": 15, "methods": 25, "quick": 40, "loop": 60,
+              "compile": 30}
 GRACE_S = {"cuda": 10.0, "cpu": 5.0}
 
 
@@ -155,6 +162,22 @@ def _structured_cell(plan: Plan, part: str, model: str, dtype: str, flops, compi
                            dtype=dtype, compile=compile)
     label = f"{model}{'' if timed == model else f' (as {timed})'} {dtype} {'compile' if compile else 'eager'}"
     return Cell(part, label, lambda budget: speedup_rows(config, time_left=budget.left), min_seconds=min_seconds)
+
+
+# --- unstructured -------------------------------------------------------------------------------
+def unstructured_cells(plan: Plan) -> List[Cell]:
+    """Magnitude masks realized by csr and auto against dense, one cell per model."""
+    from sparsebench.runners.speedup import SpeedupConfig, unstructured_rows
+
+    cells = []
+    for model in UNSTRUCTURED_MODELS:
+        timed = plan.model(model)
+        config = SpeedupConfig(models=(timed,), flops=(), sparsities=SPARSITIES, kernels=("csr", "auto"),
+                               img_size=plan.img_size, batch_sizes=plan.batches, threads=(1,), device=plan.device,
+                               rounds=plan.rounds, min_run_time=plan.min_run_time, calibration_seconds=5.0)
+        label = f"{model}{'' if timed == model else f' (as {timed})'} float32 csr/auto"
+        cells.append(Cell("unstructured", label, lambda budget, c=config: unstructured_rows(c, time_left=budget.left)))
+    return cells
 
 
 # --- sparse24 -----------------------------------------------------------------------------------
@@ -409,7 +432,8 @@ def loop_cells(plan: Plan, out: Path) -> List[Cell]:
 def plan_cells(plan: Plan, out: Path, records_dir: Path, parts) -> List[Cell]:
     makers = {"structured": lambda: structured_cells(plan), "sparse24": lambda: sparse24_cells(plan),
               "methods": lambda: method_cells(plan, records_dir), "quick": lambda: [quick_cell(plan, out)],
-              "loop": lambda: loop_cells(plan, out), "compile": lambda: compile_cells(plan)}
+              "loop": lambda: loop_cells(plan, out), "compile": lambda: compile_cells(plan),
+              "unstructured": lambda: unstructured_cells(plan)}
     return [cell for part in parts for cell in makers[part]()]
 
 

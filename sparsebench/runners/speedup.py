@@ -149,6 +149,9 @@ def unstructured_rows(config: SpeedupConfig, progress=None,
     device = torch.device(config.device)
     input_size = (3, config.img_size, config.img_size)
     rows = []
+    total = len(config.models) * len(config.sparsities) * len(config.kernels) * len(config.threads) * \
+        len(config.batch_sizes)
+    countdown = iter(range(total, 0, -1))          # (realization, threads, batch) timings left, this one included
     for name in config.models:
         torch.manual_seed(0)
         dense = create_model(name, num_classes=1000, img_size=config.img_size).to(device).eval()
@@ -164,11 +167,15 @@ def unstructured_rows(config: SpeedupConfig, progress=None,
                 for threads in config.threads:
                     for batch in config.batch_sizes:
                         row = {**base, "realization": kernel, "threads": threads, "batch": batch}
+                        timings_left = next(countdown)
                         if time_left is not None and time_left() <= 0:
                             rows += [{**row, "runtime": r, "status": "skipped: time cap"} for r in _runtimes(config)]
                             continue
+                        # under a caller's budget, each of the timings left gets an equal share
+                        left = None if time_left is None else max(0.0, time_left()) / timings_left
                         calibration = Calibration(input_size=input_size, batch=batch, threads=threads,
-                                                  max_seconds=config.calibration_seconds)
+                                                  max_seconds=config.calibration_seconds if left is None else
+                                                  min(config.calibration_seconds, left / 4))
                         realized = realize(masked, "masked", device, config.dtype, calibration=calibration,
                                            kernel=kernel)
                         if not realized.realizable:
@@ -181,7 +188,9 @@ def unstructured_rows(config: SpeedupConfig, progress=None,
                             settings = LatencySettings(batch_sizes=(batch,), threads=threads,
                                                        min_run_time=config.min_run_time, rounds=config.rounds,
                                                        dtype=config.dtype, runtime=runtime,
-                                                       channels_last=config.channels_last)
+                                                       channels_last=config.channels_last,
+                                                       max_seconds=None if left is None else
+                                                       left * 3 / 4 / len(_runtimes(config)))
                             try:
                                 t = compare_latency(dense, realized.model, input_size, settings, device)[str(batch)]
                             except RuntimeUnsupported as e:

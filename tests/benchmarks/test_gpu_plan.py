@@ -20,7 +20,7 @@ def _module():
     return module
 
 
-DRY_CAPS = {"structured": 8, "sparse24": 2, "methods": 5, "quick": 5, "loop": 60}
+DRY_CAPS = {"structured": 8, "sparse24": 2, "unstructured": 6, "methods": 5, "quick": 5, "loop": 60}
 
 
 @pytest.mark.slow
@@ -56,6 +56,7 @@ def test_dry_run_writes_every_cells_rows_as_it_finishes_within_the_caps(tmp_path
     assert gpu.main(["--dry-run", "--out", str(out), *caps]) == 0
     wall = time.perf_counter() - start
     assert set(planned) == set(DRY_CAPS) and len(planned["structured"]) == 12 and len(planned["sparse24"]) == 4
+    assert len(planned["unstructured"]) == 2
     for part, labels in planned.items():
         table = pd.read_csv(out / f"{part}.csv")
         assert set(table["cell"]) == set(labels), part
@@ -63,7 +64,7 @@ def test_dry_run_writes_every_cells_rows_as_it_finishes_within_the_caps(tmp_path
         for i, label in enumerate(labels):
             if label in on_disk_at_start:                    # started: every earlier cell of its part was written
                 assert set(labels[:i]) <= on_disk_at_start[label], (part, label)
-                if part in ("structured", "methods"):
+                if part in ("structured", "unstructured", "methods"):
                     rows = table[table["cell"] == label]
                     assert (rows["status"] == "measured").any(), (part, label)
     summary = json.loads((out / "parts.json").read_text())
