@@ -39,7 +39,7 @@ from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, l
 from sparsebench.runners.loaders import RankRunLoader, RunLoader, RunLoaders, loader_arguments, prefetch_plan
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
-from sparsebench.training.loading import DeviceLoader, loader_kwargs
+from sparsebench.training.loading import EVAL_BATCH, DeviceLoader, loader_kwargs
 from sparsebench.training.rank_data import RankShard
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import (
@@ -57,7 +57,6 @@ from sparsebench.store.record import (
 )
 from sparsebench.store.records import RecordStore
 
-EVAL_BATCH = 256
 LOCK_TIMEOUT_S = 24 * 3600.0      # generous: another sweep may be training a large dense checkpoint
 
 
