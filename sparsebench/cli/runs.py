@@ -15,10 +15,11 @@ def _spec_from_args(args):
 
     from sparsebench.specs import DataSpec, MeasureSpec, RunSpec, Target
     from sparsebench.runners.suite import recipe_for
+    from sparsebench.methods import METHODS
     from sparsebench.models import model_family
 
     family = model_family(args.model)
-    recipe = recipe_for(family, _kv(args.recipe, "--recipe"), {})
+    recipe = recipe_for(family, _kv(args.recipe, "--recipe"), {}, METHODS.get(args.method).factory.default_budget)
     measure = MeasureSpec(latency=not args.no_latency, threads=args.threads,
                           **({"batch_sizes": tuple(args.batch_sizes)} if args.batch_sizes else {}),
                           **_kv(getattr(args, "measure", None), "--measure"))

@@ -23,6 +23,9 @@ from the telemetry the method measured and the thresholds it declares
 mechanism off with everything else equal; a suite with `controls: true` runs that control
 beside it. Baselines declare neither, and their records say "no mechanism".
 
+A method whose mechanism needs a longer budget than the family's default recipe gives (OFB's
+search, PASS's search) declares it in `default_budget`, so a plain `sparsebench run` acts.
+
 Targets are met within a tolerance the record states (`target_met`): sparsity within
 `sparsity_tolerance` either side; an achieved FLOPs ratio within
 [target - below, target + above] of `flops_tolerance = (below, above)`. A method whose
@@ -183,6 +186,11 @@ class Method:
     null_control: Optional[Dict[str, Any]] = None
     # {telemetry metric: minimum} or {metric: (">=" | "<=", bound)}: the mechanism acted when all hold
     mechanism_thresholds: Dict[str, Any] = {}
+    # Recipe values (budgets such as `search_epochs`) at which the mechanism acts on the default
+    # recipe: laid over the model family's recipe by `sparsebench run` and by every suite; a value the
+    # suite (suite-wide, per family or per entry) or `--recipe` states wins. The run's spec states the
+    # budget it got, like every recipe value.
+    default_budget: Dict[str, Any] = {}
 
     @dataclass(frozen=True)
     class Config:
@@ -261,6 +269,9 @@ def register_method(name: str):
             raise ValueError(f"{cls.__name__}.granularity={cls.granularity!r}; allowed: {', '.join(GRANULARITIES)}")
         if isinstance(cls.starts_from, str) and cls.starts_from not in ("pretrained", "scratch"):
             raise ValueError(f"{cls.__name__}.starts_from={cls.starts_from!r}; allowed: pretrained, scratch")
+        unknown = sorted(set(cls.default_budget) - {f.name for f in dataclasses.fields(Recipe)})
+        if unknown:
+            raise ValueError(f"{cls.__name__}.default_budget names {unknown[0]!r}, which is not a recipe value")
         cls.name = name
         description = cls.description or ((cls.__doc__ or "").strip().splitlines() or [name])[0]
         METHODS.register(name, description)(cls)
