@@ -34,6 +34,7 @@ search cannot land closer (e.g. coarse units such as whole heads) declares its o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -54,6 +55,7 @@ from sparsebench.training.trainer import ComputeMeter, StepBudget, Trainer, Trai
 from sparsebench.registry import Registry
 
 METHODS = Registry("method", entry_point_group="sparsebench.methods")
+log = logging.getLogger("sparsebench")
 
 GRANULARITIES = ("none", "unstructured", "n:m", "channel", "head", "token")
 STRUCTURED = ("channel", "head", "token")
@@ -131,9 +133,20 @@ class MethodContext:
         """Module names an unstructured method leaves dense: the card's input layer and/or classifier."""
         return [name for name, skip in zip(self.card.edge_layers, (skip_first, skip_last)) if skip]
     checkpoints: Optional[RunCheckpoints] = None   # the run's resume point; every make_trainer fit uses it
+    # settings the method could not use as given on this run's budget (`adjusted`): the record's
+    # `notes["adjusted"]`, each also logged as a warning when it happens
+    adjustments: List[Dict[str, Any]] = field(default_factory=list)
     compute: ComputeMeter = field(default_factory=ComputeMeter)   # training MACs of the method
     curve: TrainingCurve = field(default_factory=TrainingCurve)  # loss, lr, val, events of the method's fits
     trainers: List[Trainer] = field(default_factory=list)        # every trainer make_trainer built
+
+    def adjusted(self, setting: str, given: Any, used: Any, why: str) -> None:
+        """A user setting used otherwise than given, because this run's budget leaves no other way
+        (a value only the budget makes too large): recorded with the value used, and said at once as
+        one warning line, e.g. "update_every 100000 > T_end 455: one update, at step 454"."""
+        text = f"{setting} {given} {why}"
+        self.adjustments.append({"setting": setting, "given": given, "used": used, "why": text})
+        log.warning("sparsebench: warning: %s", text)
 
     def finish_trainers(self) -> None:
         """Read every trainer's unread losses (`Diverged` if one is not finite; a method that calls

@@ -672,6 +672,9 @@ class OFB(Method):
         torch.manual_seed(ctx.seed)
         generator = torch.Generator().manual_seed(ctx.seed)
         steps = ctx.budget.left if cfg.max_search_steps is None else min(ctx.budget.left, cfg.max_search_steps)
+        if cfg.max_search_steps is not None and steps < cfg.max_search_steps:
+            ctx.adjusted("max_search_steps", cfg.max_search_steps, steps,
+                         f"> the step budget {ctx.budget.left} (recipe search_epochs): the search gets {steps} steps")
         if steps < 1:
             raise SpecError("ofb needs a search budget of at least 1 step (recipe.search_epochs > 0)")
         warmup = max(1, int(round(cfg.warmup_fraction * steps)))
