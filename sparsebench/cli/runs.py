@@ -241,6 +241,9 @@ def _plan_and_run(args, plan) -> int:
     print(f"open {reports['site'] / 'index.html'} in a browser for the sortable report")
     print(f"sweep wall time {summary.seconds:.1f} s for {len(todo)} runs; " + _models_note(store, specs, options))
     print(summary.line() + ("; `--retry-failed` runs the failed ones again" if summary.failed else ""))
+    skipped = summary.skip_line(len(specs) - len(todo), len(suite.skipped))
+    if skipped:
+        print(skipped)
     for result in summary.failures:
         spec_dict, t = result.spec, result.spec["target"]
         target = "none" if t["kind"] == "none" else f"{t['kind']}={t['value']:g}"
