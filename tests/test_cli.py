@@ -133,8 +133,15 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     written = [p for p in out.rglob("*") if p.is_file() and "records" not in p.parts and "checkpoints" not in p.parts
                and "models" not in p.parts and not p.name.endswith(".lock")]
     assert len(list((out / "models").glob("*.safetensors"))) == 6 and "6 of 6 runs' models saved" in text
-    wrote = next(line for line in text.splitlines() if line.startswith("wrote "))
-    assert wrote.startswith(f"wrote {len(written)} files") and all(p.name in wrote for p in written)
+    # the last lines say where the results are, grouped, and how to open the report: no list of every file
+    lines = text.splitlines()
+    where = next(line for line in lines if " files under " in line)
+    site = [p for p in written if "report" in p.relative_to(out).parts]
+    assert where == (f"{len(written) + 12} files under {out}: records/ (6), models/ (6), report/ ({len(site)}), "
+                     "leaderboard.{csv,html,md}, 2 plots (accuracy_vs_flops.png, accuracy_vs_speedup.png)")
+    assert lines[-1].startswith(f"open the report: xdg-open {out / 'report' / 'index.html'}")
+    closing = lines[next(i for i, line in enumerate(lines) if line.startswith("sweep wall time")):]
+    assert max(map(len, closing)) < 300 and not any(line.startswith("wrote ") for line in lines)
     assert (out / "report" / "index.html").is_file()
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from sparsebench.cli.common import (CliError, _check_device, _check_out_dir, _human, _kv, _progress_factory,
-                                    _wrote)
+                                    _results_where)
 
 
 def _spec_from_args(args):
@@ -257,14 +257,12 @@ def _plan_and_run(args, plan) -> int:
         from sparsebench.report.compare import compare_text
 
         print(compare_text(load_records(out), reference, args.compare))
-    print(_wrote(reports["files"], out))
-    print(f"open {reports['site'] / 'index.html'} in a browser for the sortable report")
     print(f"sweep wall time {summary.seconds:.1f} s for {len(todo)} runs; " + _models_note(store, specs, options))
     print(summary.line() + ("; `--retry-failed` runs the failed ones again" if summary.failed else ""))
     skipped = summary.skip_line(len(specs) - len(todo), len(suite.skipped))
     if skipped:
         print(skipped)
-    for line in _flagged_lines(store, specs):
+    for line in _flagged_lines(store, specs) + _results_where(out, reports["files"]):
         print(line)
     for result in summary.failures:
         spec_dict, t = result.spec, result.spec["target"]
