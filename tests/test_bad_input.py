@@ -21,6 +21,8 @@ BAD_VALUES = [
     (["--recipe", "lr=fast"], "recipe lr", "finite number"),
     (["--recipe", "finetune_lr=-1e-3"], "finetune_lr", "finetune_lr > 0"),
     (["--recipe", "evals_per_epoch=0"], "evals_per_epoch", "evals_per_epoch > 0"),
+    # more checks than steps in an epoch (19 on digits at batch 64) cannot be given: refused, not rounded
+    (["--recipe", "evals_per_epoch=50"], "evals_per_epoch=50", "0 < evals_per_epoch <= 19"),
     (["--recipe", "batch_size=2.5"], "recipe batch_size", "a whole number"),
     (["--recipe", "batch_size=0"], "batch_size", "batch_size >= 1"),
     (["--recipe", "momentum=5"], "momentum", "0 <= momentum < 1"),

@@ -133,8 +133,15 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     written = [p for p in out.rglob("*") if p.is_file() and "records" not in p.parts and "checkpoints" not in p.parts
                and "models" not in p.parts and not p.name.endswith(".lock")]
     assert len(list((out / "models").glob("*.safetensors"))) == 6 and "6 of 6 runs' models saved" in text
-    wrote = next(line for line in text.splitlines() if line.startswith("wrote "))
-    assert wrote.startswith(f"wrote {len(written)} files") and all(p.name in wrote for p in written)
+    # the last lines say where the results are, grouped, and how to open the report: no list of every file
+    lines = text.splitlines()
+    where = next(line for line in lines if " files under " in line)
+    site = [p for p in written if "report" in p.relative_to(out).parts]
+    assert where == (f"{len(written) + 12} files under {out}: records/ (6), models/ (6), report/ ({len(site)}), "
+                     "leaderboard.{csv,html,md}, 2 plots (accuracy_vs_flops.png, accuracy_vs_speedup.png)")
+    assert lines[-1].startswith(f"open the report: xdg-open {out / 'report' / 'index.html'}")
+    closing = lines[next(i for i, line in enumerate(lines) if line.startswith("sweep wall time")):]
+    assert max(map(len, closing)) < 300 and not any(line.startswith("wrote ") for line in lines)
     assert (out / "report" / "index.html").is_file()
 
 
@@ -294,3 +301,57 @@ def test_run_summary_names_the_realization_beside_the_measured_speedup(capsys):
     assert "measured 1.25× (auto, cpu: Test CPU)" in capsys.readouterr().out
     _print_run_summary(make_record("l1-channel", kind="flops", realizable=True, speedup=1.5))
     assert "measured 1.50× (cpu: Test CPU)" in capsys.readouterr().out
+
+
+def test_run_summary_carries_the_mechanism_verdict(capsys):
+    from conftest import make_record
+    from sparsebench.cli.runs import _print_run_summary
+    from sparsebench.store.record import Mechanism
+
+    acted = Mechanism(True, True, "acted: updates = 4 (>= 1)")
+    idle = Mechanism(True, False, "did not act: eliminated_fraction = 0 (needs >= 0.5); 9 forced")
+    control = Mechanism(True, False, "null control (search=False): the mechanism is switched off", control=True)
+    for mechanism, said in [(acted, "; mechanism acted"),
+                            (idle, "; mechanism DID NOT ACT: eliminated_fraction = 0 (needs >= 0.5); 9 forced"),
+                            (control, "; mechanism null control (search=False): the mechanism is switched off"),
+                            (None, "; mechanism not recorded")]:
+        _print_run_summary(make_record("ofb", kind="flops", mechanism=mechanism))
+        assert capsys.readouterr().out.rstrip("\n").endswith(said)
+    _print_run_summary(make_record("random"))
+    assert capsys.readouterr().out.rstrip("\n").endswith("; mechanism not recorded")
+    _print_run_summary(make_record("random", status="missed_target", mechanism=Mechanism(False, None, "baseline")))
+    out = capsys.readouterr().out
+    assert "MISSED TARGET" in out and out.rstrip("\n").endswith("; mechanism baseline: no mechanism")
+
+
+NOT_ACTING = textwrap.dedent("""
+    name: idle
+    methods: [rigl]
+    models: [resnet20_tiny]
+    datasets: [digits]
+    targets: {sparsity: [0.5, 0.8]}
+    recipe: {pretrain_epochs: 0.5, finetune_epochs: 0.2, search_epochs: 0.2}
+    data: {img_size: 16}
+    measure: {latency: false}
+""")
+
+
+def test_a_sweep_says_which_runs_did_not_act_as_they_finish_and_at_the_end(tmp_path, capsys, monkeypatch):
+    from sparsebench.methods import METHODS
+
+    # thresholds no run reaches: every run's mechanism is judged "did not act"
+    monkeypatch.setattr(METHODS.get("rigl").factory, "mechanism_thresholds", {"updates": 10 ** 6})
+    suite = tmp_path / "idle.yaml"
+    suite.write_text(NOT_ACTING)
+    code, text, _ = run_cli(capsys, "sweep", str(suite), "--jobs", "1", "--out", str(tmp_path / "out"),
+                            "--progress-interval", "3600", "--no-save-models")
+    assert code == 0
+    lines = text.splitlines()
+    progress = [line for line in lines if line.startswith("[idle] ")]
+    # the first run's line is due to its verdict alone (the interval would hold it back)
+    assert len(progress) == 2 and progress[0].startswith("[idle] 1/2 runs")
+    assert "; last: rigl resnet20_tiny sparsity=0.5: did not act: updates = " in progress[0]
+    assert "(needs >= 1e+06)" in progress[0]
+    closing = next(line for line in lines if line.endswith("; listed apart, never ranked as the method"))
+    assert closing.startswith("2 did not act: rigl resnet20_tiny sparsity=0.5 (updates = ")
+    assert "rigl resnet20_tiny sparsity=0.8 (updates = " in closing and closing.endswith("; listed apart, never ranked as the method")

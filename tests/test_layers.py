@@ -59,3 +59,45 @@ def test_no_import_runs_back_up():
 def test_every_module_is_in_a_layer():
     for path in PACKAGE.rglob("*.py"):
         layer_of(top_level(path))
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(path: Path, modules) -> set:
+    """The package's modules `path` imports anywhere in it, also inside functions: a deferred import
+    still ties the two modules together. `from pkg import sub` counts as importing `pkg.sub`."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for alias in node.names:
+                sub = f"{node.module}.{alias.name}"
+                found.add(sub if sub in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {name for name in found if name in modules}
+
+
+def test_no_import_circles():
+    """No module imports, directly or through others, a module that imports it back (a package's
+    `__init__` re-exporting its own modules is the one allowed way back)."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {name: module_imports(path, paths) - {name} for name, path in paths.items()}
+    graph = {name: {t for t in targets if not name.startswith(t + ".")} for name, targets in graph.items()}
+    circles, state = [], {}
+
+    def visit(name, trail):
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                circles.append(" -> ".join(trail[trail.index(target):] + [target]))
+            elif target not in state:
+                visit(target, trail + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not circles, "import circles:\n" + "\n".join(circles)

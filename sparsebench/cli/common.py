@@ -117,6 +117,38 @@ def _wrote(files, root: Path) -> str:
     return f"wrote {len(files)} files: " + "; ".join(parts)
 
 
+def _results_where(root: Path, report_files) -> list:
+    """A sweep's last lines: where its results are, grouped (a count per folder, the leaderboard's
+    formats in one name, the plots counted), and the command that opens the report."""
+    root = Path(root)
+    folders = {}
+    for name in ("records", "models"):
+        folders[name] = sum(1 for p in (root / name).glob("*") if p.is_file()) if (root / name).is_dir() else 0
+    tops, report = {}, 0
+    for f in map(Path, report_files):
+        if f.parent == root:
+            tops.setdefault(f.suffix, []).append(f)
+        else:
+            report += 1
+    folders["report"] = report
+    parts = [f"{name}/ ({n})" for name, n in folders.items() if n]
+    plots = tops.pop(".png", [])
+    stems = {}
+    for files in tops.values():
+        for f in files:
+            stems.setdefault(f.stem, []).append(f.suffix[1:])
+    parts += [f"{stem}.{{{','.join(sorted(s))}}}" if len(s) > 1 else f"{stem}.{s[0]}" for stem, s in stems.items()]
+    if plots:
+        parts.append(f"{len(plots)} plot{'s' if len(plots) > 1 else ''} ({', '.join(sorted(p.name for p in plots))})")
+    total = sum(folders.values()) + sum(len(s) for s in stems.values()) + len(plots)
+    lines = [f"{total} files under {root}: " + ", ".join(parts)]
+    index = root / "report" / "index.html"
+    if index in map(Path, report_files):
+        opener = "open" if sys.platform == "darwin" else "xdg-open"
+        lines.append(f"open the report: {opener} {index}   (a static page: no server needed)")
+    return lines
+
+
 def _readable_records(directory: str):
     """The records of a results directory, or a one-line error when it holds none that read."""
     from sparsebench.store import load_records

@@ -8,17 +8,18 @@ from pathlib import Path
 from typing import Optional
 
 from sparsebench.cli.common import (CliError, _check_device, _check_out_dir, _human, _kv, _progress_factory,
-                                    _wrote)
+                                    _results_where)
 
 
 def _spec_from_args(args):
 
     from sparsebench.specs import DataSpec, MeasureSpec, RunSpec, Target
     from sparsebench.runners.suite import recipe_for
+    from sparsebench.methods import METHODS
     from sparsebench.models import model_family
 
     family = model_family(args.model)
-    recipe = recipe_for(family, _kv(args.recipe, "--recipe"), {})
+    recipe = recipe_for(family, _kv(args.recipe, "--recipe"), {}, METHODS.get(args.method).factory.default_budget)
     measure = MeasureSpec(latency=not args.no_latency, threads=args.threads,
                           **({"batch_sizes": tuple(args.batch_sizes)} if args.batch_sizes else {}),
                           **_kv(getattr(args, "measure", None), "--measure"))
@@ -98,7 +99,27 @@ def _print_run_summary(r) -> None:
     missed = "" if r.target_met else (f"; MISSED TARGET (tolerance -{r.tolerance.below:g}/+{r.tolerance.above:g})")
     print(f"{head}: top1 {100 * r.test_top1:.2f}% (dense {100 * r.dense_test_top1:.2f}%), "
           f"sparsity {r.achieved_sparsity:.4f}, FLOPs ratio {r.achieved_flops_ratio:.4f}, "
-          f"theoretical {r.theoretical_speedup:.2f}×, measured {speed}{missed}")
+          f"theoretical {r.theoretical_speedup:.2f}×, measured {speed}{missed}; mechanism {_verdict(r)}")
+
+
+def _verdict(r) -> str:
+    """The record's mechanism verdict; a seed method that did not act is in capitals, as a missed target."""
+    if r.mechanism is None:
+        return "not recorded"
+    text = r.mechanism.verdict
+    return f"DID NOT ACT{text[len('did not act'):]}" if text.startswith("did not act") else text
+
+
+def _flagged(r) -> str:
+    """Why a finished run's number is not the method's own: its mechanism did not act, or it missed its
+    target; "" for a run that is what it says."""
+    if r is None or not r.has_result:
+        return ""
+    parts = [] if r.mechanism_acted else [r.mechanism.reason]
+    if not r.target_met:
+        parts.append(f"missed target ({r.target_label}: sparsity {r.achieved_sparsity:.4f}, "
+                     f"FLOPs ratio {r.achieved_flops_ratio:.4f})")
+    return "; ".join(parts)
 
 
 # --- sweep ----------------------------------------------------------------------------------
@@ -219,7 +240,7 @@ def _plan_and_run(args, plan) -> int:
             with contextlib.suppress(Exception):
                 record = store.read(s.run_id)
         eta.finish(s, result.seconds, record, result.phases)
-        bar.update(f"{s.method} {s.model} {s.target}")
+        bar.update(f"{s.method} {s.model} {s.target}", _flagged(record))
 
     try:
         summary = launch(args.launcher, todo, options, plan.jobs, policy, args.address, finished, plan.devices)
@@ -236,16 +257,47 @@ def _plan_and_run(args, plan) -> int:
         from sparsebench.report.compare import compare_text
 
         print(compare_text(load_records(out), reference, args.compare))
-    print(_wrote(reports["files"], out))
-    print(f"open {reports['site'] / 'index.html'} in a browser for the sortable report")
     print(f"sweep wall time {summary.seconds:.1f} s for {len(todo)} runs; " + _models_note(store, specs, options))
     print(summary.line() + ("; `--retry-failed` runs the failed ones again" if summary.failed else ""))
+    skipped = summary.skip_line(len(specs) - len(todo), len(suite.skipped))
+    if skipped:
+        print(skipped)
+    for line in _flagged_lines(store, specs) + _results_where(out, reports["files"]):
+        print(line)
     for result in summary.failures:
         spec_dict, t = result.spec, result.spec["target"]
         target = "none" if t["kind"] == "none" else f"{t['kind']}={t['value']:g}"
         print(f"FAILED {spec_dict['method']} {spec_dict['model']} {spec_dict['dataset']} {target} "
               f"seed {spec_dict['seed']}: {result.error}", file=sys.stderr)
     return 1 if summary.failures else 0
+
+
+def _flagged_lines(store, specs):
+    """The suite's recorded runs whose number is not their method's own, one line per kind: "2 did not
+    act: ofb vit_cifar_tiny flops=0.5 (eliminated_fraction = 0 ...), ...; listed apart"."""
+    from sparsebench.methods.base import method_label
+
+    not_acted, missed = [], []
+    for s in specs:
+        if not store.exists(s.run_id):
+            continue
+        try:
+            r = store.read(s.run_id)
+        except Exception:   # noqa: BLE001 -- a damaged record was warned about where it was read
+            continue
+        if not r.has_result:
+            continue
+        name = f"{method_label(s.method, dict(s.method_args))} {s.model} {s.target}"
+        if not r.mechanism_acted:
+            not_acted.append(f"{name} ({r.mechanism.reason.removeprefix('did not act: ')})")
+        if not r.target_met:
+            missed.append(f"{name} (sparsity {r.achieved_sparsity:.4f}, FLOPs ratio {r.achieved_flops_ratio:.4f})")
+    lines = []
+    if not_acted:
+        lines.append(f"{len(not_acted)} did not act: {', '.join(not_acted)}; listed apart, never ranked as the method")
+    if missed:
+        lines.append(f"{len(missed)} missed their target: {', '.join(missed)}; listed apart")
+    return lines
 
 
 CUDA_CONTEXT_BYTES = 2**29       # what each worker's CUDA context takes besides its tensors (about 0.5 GB)
@@ -332,7 +384,9 @@ class _Bar:
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
         self.bar.set_postfix_str(f"ETA {_human(eta.remaining())}")
 
-    def update(self, what: str) -> None:
+    def update(self, what: str, note: str = "") -> None:
+        if note:                  # a run whose number is not the method's own gets a line above the bar
+            self.bar.write(f"{what}: {note}")
         self.bar.set_postfix_str(f"ETA {_human(self.eta.remaining())}, last {what}", refresh=False)
         self.bar.update(1)
 
@@ -341,7 +395,7 @@ class _Bar:
 
 
 class _Silent:
-    def update(self, what: str) -> None:
+    def update(self, what: str, note: str = "") -> None:
         pass
 
     def close(self) -> None:

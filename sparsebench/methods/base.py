@@ -23,6 +23,9 @@ from the telemetry the method measured and the thresholds it declares
 mechanism off with everything else equal; a suite with `controls: true` runs that control
 beside it. Baselines declare neither, and their records say "no mechanism".
 
+A method whose mechanism needs a longer budget than the family's default recipe gives (OFB's
+search, PASS's search) declares it in `default_budget`, so a plain `sparsebench run` acts.
+
 Targets are met within a tolerance the record states (`target_met`): sparsity within
 `sparsity_tolerance` either side; an achieved FLOPs ratio within
 [target - below, target + above] of `flops_tolerance = (below, above)`. A method whose
@@ -31,6 +34,7 @@ search cannot land closer (e.g. coarse units such as whole heads) declares its o
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -51,6 +55,7 @@ from sparsebench.training.trainer import ComputeMeter, StepBudget, Trainer, Trai
 from sparsebench.registry import Registry
 
 METHODS = Registry("method", entry_point_group="sparsebench.methods")
+log = logging.getLogger("sparsebench")
 
 GRANULARITIES = ("none", "unstructured", "n:m", "channel", "head", "token")
 STRUCTURED = ("channel", "head", "token")
@@ -128,9 +133,20 @@ class MethodContext:
         """Module names an unstructured method leaves dense: the card's input layer and/or classifier."""
         return [name for name, skip in zip(self.card.edge_layers, (skip_first, skip_last)) if skip]
     checkpoints: Optional[RunCheckpoints] = None   # the run's resume point; every make_trainer fit uses it
+    # settings the method could not use as given on this run's budget (`adjusted`): the record's
+    # `notes["adjusted"]`, each also logged as a warning when it happens
+    adjustments: List[Dict[str, Any]] = field(default_factory=list)
     compute: ComputeMeter = field(default_factory=ComputeMeter)   # training MACs of the method
     curve: TrainingCurve = field(default_factory=TrainingCurve)  # loss, lr, val, events of the method's fits
     trainers: List[Trainer] = field(default_factory=list)        # every trainer make_trainer built
+
+    def adjusted(self, setting: str, given: Any, used: Any, why: str) -> None:
+        """A user setting used otherwise than given, because this run's budget leaves no other way
+        (a value only the budget makes too large): recorded with the value used, and said at once as
+        one warning line, e.g. "update_every 100000 > T_end 455: one update, at step 454"."""
+        text = f"{setting} {given} {why}"
+        self.adjustments.append({"setting": setting, "given": given, "used": used, "why": text})
+        log.warning("sparsebench: warning: %s", text)
 
     def finish_trainers(self) -> None:
         """Read every trainer's unread losses (`Diverged` if one is not finite; a method that calls
@@ -183,6 +199,11 @@ class Method:
     null_control: Optional[Dict[str, Any]] = None
     # {telemetry metric: minimum} or {metric: (">=" | "<=", bound)}: the mechanism acted when all hold
     mechanism_thresholds: Dict[str, Any] = {}
+    # Recipe values (budgets such as `search_epochs`) at which the mechanism acts on the default
+    # recipe: laid over the model family's recipe by `sparsebench run` and by every suite; a value the
+    # suite (suite-wide, per family or per entry) or `--recipe` states wins. The run's spec states the
+    # budget it got, like every recipe value.
+    default_budget: Dict[str, Any] = {}
 
     @dataclass(frozen=True)
     class Config:
@@ -261,6 +282,9 @@ def register_method(name: str):
             raise ValueError(f"{cls.__name__}.granularity={cls.granularity!r}; allowed: {', '.join(GRANULARITIES)}")
         if isinstance(cls.starts_from, str) and cls.starts_from not in ("pretrained", "scratch"):
             raise ValueError(f"{cls.__name__}.starts_from={cls.starts_from!r}; allowed: pretrained, scratch")
+        unknown = sorted(set(cls.default_budget) - {f.name for f in dataclasses.fields(Recipe)})
+        if unknown:
+            raise ValueError(f"{cls.__name__}.default_budget names {unknown[0]!r}, which is not a recipe value")
         cls.name = name
         description = cls.description or ((cls.__doc__ or "").strip().splitlines() or [name])[0]
         METHODS.register(name, description)(cls)

@@ -217,6 +217,10 @@ class _DynamicSparseTraining(Method):
         generator = torch.Generator().manual_seed(ctx.seed)
         masks = MaskSet(ctx.model, initial_masks(params, ctx.target.value, cfg.distribution, "random", generator))
         delta, t_end = self.schedule(budget, len(ctx.train_loader))
+        if cfg.delta_t is not None and delta != cfg.delta_t:     # too long for one update before T_end
+            ctx.adjusted("delta_t", cfg.delta_t, delta,
+                         f">= {delta + 1}, the update schedule's T_end (end_fraction {cfg.end_fraction:g} of "
+                         f"{budget} steps): one update, at step {delta}")
         topology = self.topology_hook(masks, delta, t_end, generator)
         trainer = ctx.make_trainer(hooks=[topology, masks])
         trainer.fit(budget, progress=ctx.progress, desc=self.name)

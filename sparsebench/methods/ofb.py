@@ -19,7 +19,9 @@ with PMIM = progressively masked patch tokens reconstructed by a light pixel dec
 Every few steps `eliminate` drops candidates with p ≤ thresh/K; a group left with one is
 finalised to its top-scoring units (the mask becomes a learnable scale λσ(S) + 1 − λ).
 The search ends when every group is final, within `max_search_steps` (default: the method's
-step budget, i.e. the suite's `search_epochs`). As in the official single-stage run, training
+step budget, i.e. the recipe's `search_epochs`; OFB's `default_budget` is 5 search epochs, 95
+steps on digits, where groups settle by elimination: the family recipe's 1 epoch, 19 steps, ends
+with every group forced and the mechanism judged "did not act"). As in the official single-stage run, training
 then goes on with the settled structure (scales λσ(S) + 1 − λ, S still learning as the scale,
 α frozen) for the rest of those steps (`train_after_search`), so OFB and its null control
 spend the same steps on the weights; `search_steps` in the record is where the search ended.
@@ -586,6 +588,7 @@ class OFB(Method):
     null_control = {"search": False}
     mechanism_thresholds = {"eliminated_fraction": 0.5, "spearman_S_max": ("<=", 0.9),
                             "kept_overlap_initial_topk_overall": ("<=", 0.95)}
+    default_budget = {"search_epochs": 5}      # written as suites write it: the spec hash sees 5, not 5.0
 
     @dataclass(frozen=True)
     class Config:
@@ -669,6 +672,9 @@ class OFB(Method):
         torch.manual_seed(ctx.seed)
         generator = torch.Generator().manual_seed(ctx.seed)
         steps = ctx.budget.left if cfg.max_search_steps is None else min(ctx.budget.left, cfg.max_search_steps)
+        if cfg.max_search_steps is not None and steps < cfg.max_search_steps:
+            ctx.adjusted("max_search_steps", cfg.max_search_steps, steps,
+                         f"> the step budget {ctx.budget.left} (recipe search_epochs): the search gets {steps} steps")
         if steps < 1:
             raise SpecError("ofb needs a search budget of at least 1 step (recipe.search_epochs > 0)")
         warmup = max(1, int(round(cfg.warmup_fraction * steps)))

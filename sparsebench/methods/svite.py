@@ -66,6 +66,17 @@ def svite_update_interval(total: int, t_end: float, every: Optional[int], fracti
     return update_interval(math.ceil(t_end * total), max(1, int(round(fraction * total))), every)
 
 
+def used_update_interval(ctx: MethodContext, total: int, cfg) -> int:
+    """`svite_update_interval` for this run; an explicit `update_every` that no update would fit under
+    (≥ T_end) runs one update at the last step before T_end, and says so (`MethodContext.adjusted`)."""
+    every = svite_update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
+    if cfg.update_every is not None and every != cfg.update_every:
+        t_end = math.ceil(cfg.t_end * total)
+        ctx.adjusted("update_every", cfg.update_every, every,
+                     f">= T_end {t_end} (t_end {cfg.t_end:g} of {total} steps): one update, at step {every}")
+    return every
+
+
 def is_update_step(t: int, total: int, every: int, t_end: float) -> bool:
     return t > 0 and t % every == 0 and t < t_end * total
 
@@ -598,7 +609,7 @@ class SViTE(_ViTSparseTraining):
         params = {n: p for n, p in prunable_weights(model, exclude=exclude).items() if not n.startswith("norm_pre")}
         generator = torch.Generator().manual_seed(ctx.seed)
         masks = MaskSet(model, svite_initial_masks(params, ctx.target.value, cfg.init, generator))
-        every = svite_update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
+        every = used_update_interval(ctx, total, cfg)
         # RigL's machinery with SViTE's schedule: prune |w|, grow |∂L/∂w| (dense), k = ⌈dr·n_active⌉
         updates = DynamicSparsity(
             masks, delta_t=every, t_end=math.ceil(cfg.t_end * total), alpha=cfg.alpha, grow=cfg.grow,
@@ -664,7 +675,7 @@ class S2ViTE(_ViTSparseTraining):
         # revival's shadow: the unit weights before the initial masks zero the inactive ones
         shadow = ShadowWeights({n: params[n] for n in unit_masks}) if cfg.grow == "revival" else None
         masks = MaskSet(model, unit_masks)
-        every = svite_update_interval(total, cfg.t_end, cfg.update_every, cfg.update_fraction)
+        every = used_update_interval(ctx, total, cfg)
         updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator,
                                    updates=cfg.topology_updates, shadow=shadow, space=space,
                                    dense_macs=extra_macs + space.dense_macs)

@@ -364,8 +364,7 @@ def evaluate_loaded(loaded: LoadedModel, data_root: Optional[str] = None, device
     """Test accuracy of a loaded model on the run's own test split, evaluated as the pipeline does
     (same split, order and batch); an `Accuracy`."""
     from sparsebench.datasets import create_dataset
-    from sparsebench.runners.pipeline import EVAL_BATCH
-    from sparsebench.training.loading import device_loader
+    from sparsebench.training.loading import EVAL_BATCH, device_loader
     from sparsebench.training.trainer import evaluate
 
     record = loaded.record

@@ -48,7 +48,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from sparsebench.platform import LockHolder, LockTimeout, StorageError, release_memory
+from sparsebench.platform import LockHolder, LockTimeout, StorageError, lock_holder, release_memory
 from sparsebench.runners.checkpoints import dense_path
 from sparsebench.runners.pipeline import (
     TRAINING_PHASES, PhaseTimes, RunOptions, cache_dir_of, execute, failed_record, prepare_dense,
@@ -62,6 +62,9 @@ POLICIES = ("missing", "failed", "all")
 RAY_MAX_RETRIES = 3            # a killed worker's run is retried; it resumes from its checkpoints
 LOCK_PATIENCE_S = 5.0          # a run waits this long on a busy dense-checkpoint lock before handing back
 log = logging.getLogger("sparsebench")
+# Why `run_one` skips a run (the result's `error`); the sweep's summary counts each
+SKIP_RECORDED = "already recorded"
+SKIP_LOCKED = "another sweep is running it"
 
 
 @dataclass
@@ -86,11 +89,14 @@ class SweepSummary:
     seconds: float = 0.0
     failures: List[RunResult] = field(default_factory=list)
     phases: Dict[str, float] = field(default_factory=dict)   # seconds per phase, summed over done runs
+    skips: List[RunResult] = field(default_factory=list)     # the skipped runs, each with its reason
 
     def add(self, result: RunResult) -> None:
         setattr(self, result.status, getattr(self, result.status) + 1)
         if result.status in ("failed", "blocked"):
             self.failures.append(result)
+        if result.status == "skipped":
+            self.skips.append(result)
         for phase, seconds in result.phases.items():
             self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
@@ -114,6 +120,31 @@ class SweepSummary:
                                                if self.dense_tasks else ""))
 
 
+    def skip_line(self, recorded_before: int = 0, unsupported: int = 0) -> str:
+        """Every reason a run of the suite was not run, with its count: recorded when the sweep began
+        (`recorded_before`: not counted as this sweep's skips) or when its turn came, held by another
+        sweep (which pid on which host, in what process state, since when), unsupported (method, model)
+        pairs (`unsupported`); "" when nothing was left out."""
+        recorded = sum(r.error == SKIP_RECORDED for r in self.skips)
+        locked = [r for r in self.skips if r.error == SKIP_LOCKED]
+        parts = [f"{recorded_before} already recorded when the sweep began"] if recorded_before else []
+        if recorded:
+            parts.append(f"{recorded} recorded by another sweep meanwhile")
+        if locked:
+            holders = {}
+            for r in locked:
+                key = (r.holder.pid, r.holder.host) if r.holder else None
+                holders.setdefault(key, [r, 0])[1] += 1
+            said = "; ".join(f"{n} {r.holder.describe() if r.holder else 'held by a process that did not record itself'}"
+                             for r, n in holders.values())
+            parts.append(f"{len(locked)} another sweep is running ({said})")
+        others = [r for r in self.skips if r.error not in (SKIP_RECORDED, SKIP_LOCKED)]
+        parts += [f"1 {r.error}" for r in others]
+        if unsupported:
+            parts.append(f"{unsupported} unsupported (method, model) pairs")
+        return "skipped: " + ", ".join(parts) if parts else ""
+
+
 def wants_run(store: RecordStore, run_id: str, policy: str) -> bool:
     """Whether a run with this record state is (still) to be run under `policy`."""
     if policy == "all" or not store.exists(run_id):
@@ -135,9 +166,10 @@ def run_one(spec_dict: dict, options: RunOptions, policy: str = "missing") -> Ru
     start = time.perf_counter()
     with store.lock(spec.run_id) as mine:
         if not mine:
-            return RunResult(spec_dict, "skipped", error="another sweep is running it")
+            lock = store.lock_path(spec.run_id)
+            return RunResult(spec_dict, "skipped", error=SKIP_LOCKED, lock=str(lock), holder=lock_holder(lock))
         if not wants_run(store, spec.run_id, policy):
-            return RunResult(spec_dict, "skipped", error="already recorded")
+            return RunResult(spec_dict, "skipped", error=SKIP_RECORDED)
         times = PhaseTimes()
         try:
             execute(spec, options, times)

@@ -39,7 +39,7 @@ from sparsebench.runners.checkpoints import DenseCheckpoint, dense_checkpoint, l
 from sparsebench.runners.loaders import RankRunLoader, RunLoader, RunLoaders, loader_arguments, prefetch_plan
 from sparsebench.datasets.integrity import screen
 from sparsebench.specs import RunSpec, SpecError
-from sparsebench.training.loading import DeviceLoader, loader_kwargs
+from sparsebench.training.loading import EVAL_BATCH, DeviceLoader, loader_kwargs
 from sparsebench.training.rank_data import RankShard
 from sparsebench.training.resume import RunCheckpoints
 from sparsebench.training.trainer import (
@@ -57,7 +57,6 @@ from sparsebench.store.record import (
 )
 from sparsebench.store.records import RecordStore
 
-EVAL_BATCH = 256
 LOCK_TIMEOUT_S = 24 * 3600.0      # generous: another sweep may be training a large dense checkpoint
 
 
@@ -240,10 +239,15 @@ def data_stage(spec: RunSpec, options: RunOptions) -> DataStage:
     info, recipe = data.info, spec.recipe
     n_train = data.split["n_train"]
     steps_per_epoch = math.ceil(n_train / recipe.batch_size)
+    if recipe.evals_per_epoch > steps_per_epoch:     # one check per step is the most there can be
+        raise SpecError(f"recipe evals_per_epoch={recipe.evals_per_epoch:g} is more than the {steps_per_epoch} steps "
+                        f"of an epoch of {spec.dataset} at batch {recipe.batch_size}; allowed: "
+                        f"0 < evals_per_epoch <= {steps_per_epoch}")
     return DataStage(
         info=info, split=dict(data.split),
         loaders=make_loaders(data, recipe.batch_size, spec.seed, spec.data.workers, options.device),
         input_size=(info.in_chans, info.img_size, info.img_size), steps_per_epoch=steps_per_epoch,
+        # whole steps between checks (the record's selection.eval_every): 19 steps at 3 per epoch check every 6
         eval_every=max(1, int(steps_per_epoch / recipe.evals_per_epoch)),
         pretrain_steps=recipe.steps(recipe.pretrain_epochs, n_train),
         finetune_steps=recipe.steps(recipe.finetune_epochs, n_train),
@@ -327,6 +331,8 @@ def method_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
             ctx.finish_trainers()      # a failure after an unread non-finite loss is that divergence
             raise
         ctx.finish_trainers()
+        if ctx.adjustments:            # settings used otherwise than given: in the record beside what was used
+            outcome.notes["adjusted"] = list(ctx.adjustments)
         _check_finite(outcome.model, "method")
     except Diverged as d:
         diverged = _in_stage(d, "method")
@@ -575,7 +581,7 @@ def record_stage(spec: RunSpec, method: Method, data: DataStage, dense: DenseSta
                   train_macs={"method": method_result.train_macs, "finetune": finetune.train_macs,
                               "dense_pretrain": ckpt.train_macs, "convention": COST_CONVENTION},
                   resumed_fits=resumed_fits),
-        selection={"split": "val", "finetune_best_val_top1": finetune.best_val_top1,
+        selection={"split": "val", "eval_every": data.eval_every, "finetune_best_val_top1": finetune.best_val_top1,
                    "finetune_best_step": finetune.best_step, "test_evaluations": 0 if diverged else 1},
         dense_checkpoint={"hash": ckpt.hash, "file": ckpt.path.name if ckpt.path else None,
                           "val_top1": ckpt.val_top1, "test_top1": ckpt.test_top1,

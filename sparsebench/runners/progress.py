@@ -150,7 +150,8 @@ class SweepEta:
 
 
 class PlainProgress:
-    """One line per finished run (at most every `interval` s, and always the last)."""
+    """One line per finished run (at most every `interval` s, and always the last and every run whose
+    mechanism did not act or that missed its target)."""
 
     def __init__(self, total: int, name: str, eta: Optional[SweepEta], interval: float = 15.0, stream=None):
         self.total, self.name, self.eta, self.interval = total, name, eta, interval
@@ -159,15 +160,17 @@ class PlainProgress:
         self.start = time.perf_counter()
         self.last = -float("inf")
 
-    def update(self, what: str = "") -> None:
+    def update(self, what: str = "", note: str = "") -> None:
+        """`note`: why the run's number is not the method's own (did not act, missed its target); such a
+        run always gets its line, whatever the interval."""
         self.done += 1
         now = time.perf_counter()
-        if now - self.last < self.interval and self.done < self.total:
+        if not note and now - self.last < self.interval and self.done < self.total:
             return
         self.last = now
         eta = f", ETA {human_seconds(self.eta.remaining())}" if self.eta is not None and self.done < self.total else ""
         print(f"[{self.name}] {self.done}/{self.total} runs, {human_seconds(now - self.start)} elapsed{eta}"
-              + (f"; last: {what}" if what else ""), file=self.stream, flush=True)
+              + (f"; last: {what}" if what else "") + (f": {note}" if note else ""), file=self.stream, flush=True)
 
     def close(self) -> None:
         pass

@@ -335,7 +335,7 @@ def loader_figures(dataset: str, data_root: Path, img_size: Optional[int], batch
     machine's /dev/shm (`loaders.prefetch_plan`: the prefetch factor it allows, or why none fits)."""
     from sparsebench.errors import SpecError
     from sparsebench.runners.loaders import prefetch_plan
-    from sparsebench.runners.pipeline import EVAL_BATCH
+    from sparsebench.training.loading import EVAL_BATCH
 
     import torch
     from torch.utils.data import DataLoader

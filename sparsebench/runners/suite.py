@@ -65,9 +65,12 @@ def _dataclass_from(cls, values: Dict[str, Any], where: str):
         raise SpecError(f"{where}: {e}") from None
 
 
-def recipe_for(family: str, overrides: Dict[str, Any], family_overrides: Dict[str, Dict[str, Any]]) -> Recipe:
-    """The family's default recipe (its model cards'), then suite-wide values, then per-family values."""
+def recipe_for(family: str, overrides: Dict[str, Any], family_overrides: Dict[str, Dict[str, Any]],
+               method_budget: Optional[Dict[str, Any]] = None) -> Recipe:
+    """The family's default recipe (its model cards'), then the method's `default_budget`, then
+    suite-wide values, then per-family values."""
     base = dataclasses.asdict(FAMILY_RECIPES[family])
+    base.update(method_budget or {})
     base.update(overrides or {})
     base.update((family_overrides or {}).get(family, {}))
     return _dataclass_from(Recipe, base, "recipe")
@@ -94,7 +97,8 @@ def _method_entries(raw) -> List[MethodEntry]:
     An entry may narrow the suite for one method, e.g. a costly method on one model or at
     one target: `{name: gap-parallel, models: [resnet20_tiny], targets: {sparsity: [0.9]}}`,
     or give it its own recipe values: `{name: pass, recipe: {search_epochs: 10}}` (the
-    record's spec states them, so the budget a method got is never hidden).
+    record's spec states them, so the budget a method got is never hidden). A method's own
+    `default_budget` applies where neither the suite nor the entry states that value.
     """
     if not isinstance(raw, list) or not raw:
         raise SpecError("suite key 'methods' must be a non-empty list")
@@ -185,13 +189,14 @@ def expand(raw: Dict[str, Any]) -> Suite:
     specs, skipped = [], []
     for model in models:
         family = model_family(model)
-        recipe = recipe_for(family, raw.get("recipe") or {}, raw.get("recipes") or {})
         probe = create_model(model, num_classes=10, img_size=data.img_size or 32)
         for entry in methods:
             name, args = entry.name, entry.args
             if entry.models is not None and model not in entry.models:
                 continue
             targets = entry.targets if entry.targets is not None else suite_targets
+            recipe = recipe_for(family, raw.get("recipe") or {}, raw.get("recipes") or {},
+                                METHODS.get(name).factory.default_budget)
             run_recipe = (recipe if entry.recipe is None else
                           _dataclass_from(Recipe, {**dataclasses.asdict(recipe), **entry.recipe}, f"method entry {name!r}: recipe"))
             method = validate(RunSpec(method=name, model=model, dataset=datasets[0],

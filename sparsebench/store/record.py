@@ -169,6 +169,14 @@ class Mechanism:
             return "none"
         return "acted" if self.acted else "did not act"
 
+    @property
+    def verdict(self) -> str:
+        """What the mechanism did, for a summary line: "acted", "did not act: <which number>", the
+        null control's own line, or "baseline: no mechanism"."""
+        if self.control or (self.declared and not self.acted):
+            return self.reason
+        return "acted" if self.declared else "baseline: no mechanism"
+
 
 @dataclass(frozen=True)
 class PerSample:

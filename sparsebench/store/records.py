@@ -47,7 +47,11 @@ class RecordStore:
     def lock(self, run_id: str):
         """A non-blocking lock on one run (`with store.lock(id) as mine:`); False while another
         process runs it, so two overlapping sweeps never run it twice."""
-        return file_lock(self.records_dir / ".locks" / f"{run_id}.lock", blocking=False)
+        return file_lock(self.lock_path(run_id), blocking=False)
+
+    def lock_path(self, run_id: str) -> Path:
+        """The run's lock file, which records its holder (`platform.lock_holder`)."""
+        return self.records_dir / ".locks" / f"{run_id}.lock"
 
     def read(self, run_id: str) -> RunRecord:
         """One record; RecordError (one line) when the file is not a readable record."""

@@ -109,6 +109,11 @@ class DeviceLoader:
             yield ready
 
 
+# Batch size of every evaluation pass (validation, test, re-evaluation of a saved model): one value, so a
+# model evaluated later sees its test split in the batches the run saw.
+EVAL_BATCH = 256
+
+
 def loader_kwargs(device) -> dict:
     """DataLoader arguments for batches bound for `device`: uint8 collation; pinned memory on CUDA."""
     return {"collate_fn": batch_collate, "pin_memory": torch.device(device).type == "cuda"}

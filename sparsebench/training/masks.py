@@ -324,7 +324,9 @@ def update_interval(t_end: int, official: int, every: Optional[int] = None,
                     min_interval: int = MIN_UPDATE_INTERVAL, min_updates: int = MIN_UPDATES) -> int:
     """ΔT in optimizer steps for updates at steps ΔT, 2ΔT, ... < `t_end`.
 
-    `every`: an explicit interval, used as given. Otherwise `official` (the paper's interval
+    `every`: an explicit interval, used as given where one update fits before `t_end`; one that does
+    not becomes the last step before `t_end` (one update), which the method records and says
+    (`MethodContext.adjusted`). Otherwise `official` (the paper's interval
     scaled to this run, in steps) shortened to ⌊t_end / min_updates⌋ when that is smaller,
     never below `min_interval`, and never so long that no update fits before `t_end`.
     """

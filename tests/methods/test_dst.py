@@ -271,3 +271,16 @@ def test_budget_multiplier_trains_that_multiple_of_the_protocol_budget(tmp_path)
         create_method("rigl", budget_multiplier=0)
     with pytest.raises(Exception, match="needs scope='layer'"):
         create_method("gmp", scope="global", distribution="erk")
+
+
+def test_a_delta_t_past_t_end_is_one_update_said_and_recorded(caplog):
+    import logging
+
+    method = create_method("rigl", delta_t=5000)
+    ctx = make_context("resnet20_tiny", "sparsity=0.5", method, budget=20)
+    with caplog.at_level(logging.WARNING, logger="sparsebench"):
+        method.run(ctx)
+    said = "delta_t 5000 >= 15, the update schedule's T_end (end_fraction 0.75 of 20 steps): one update, at step 14"
+    assert ctx.adjustments == [{"setting": "delta_t", "given": 5000, "used": 14, "why": said}]
+    assert [r.getMessage() for r in caplog.records] == [f"sparsebench: warning: {said}"]
+    assert create_method("rigl", delta_t=14).schedule(20, 1)[0] == 14     # one that fits is used as given

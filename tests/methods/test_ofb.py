@@ -357,3 +357,17 @@ def test_score_lr_rule_scales_with_the_search_length():
     assert score_lr_rule(95, 0.05) == 0.05                           # clipped at our budgets
     assert score_lr_rule(25040, 0.05) == pytest.approx(1e-3)          # the official schedule: 1e-3
     assert score_lr_rule(2000, 0.05) == pytest.approx(1e-3 * 25040 / 2000)
+
+
+def test_a_search_cap_over_the_budget_is_said_and_recorded(caplog):
+    import logging
+
+    method = create_method("ofb", max_search_steps=500)
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=6)
+    with caplog.at_level(logging.WARNING, logger="sparsebench"):
+        outcome = method.run(ctx)
+    said = "max_search_steps 500 > the step budget 6 (recipe search_epochs): the search gets 6 steps"
+    assert ctx.adjustments == [{"setting": "max_search_steps", "given": 500, "used": 6, "why": said}]
+    assert [r.getMessage() for r in caplog.records if "max_search_steps" in r.getMessage()] == [
+        f"sparsebench: warning: {said}"]
+    assert outcome.mechanism.metrics["search_max_steps"] == 6

@@ -599,3 +599,26 @@ def test_selector_entropy_summary_is_bounded_and_matches_every_step():
     short.load_state_dict({"entropies": [3.0, 1.0, 2.0, 5.0, 4.0, 6.0, 0.5]})   # a checkpoint saved per step
     assert short.summary() == pytest.approx({"first": 2.0, "last": 3.5, "mean": 21.5 / 7})
     assert short.state_dict()["count"] == 7
+
+
+def test_an_update_interval_past_t_end_is_one_update_said_and_recorded(tmp_path, caplog):
+    """update_every 100000 on a 19-step budget: one update, at the last step before T_end; the run says so
+    in one warning line and its record states the interval used beside the one given."""
+    import logging
+
+    from sparsebench.runners.pipeline import RunOptions, execute
+    from sparsebench.specs import MeasureSpec
+    from conftest import tiny_spec
+
+    spec = tiny_spec("svite", model="vit_cifar_tiny", method_args=(("update_every", 100000),),
+                     measure=MeasureSpec(latency=False))
+    with caplog.at_level(logging.WARNING, logger="sparsebench"):
+        record = execute(spec, RunOptions(out=tmp_path))
+    t_end = math.ceil(0.8 * record.cost.method_budget_steps)
+    said = f"update_every 100000 >= T_end {t_end} (t_end 0.8 of {record.cost.method_budget_steps} steps): " \
+           f"one update, at step {t_end - 1}"
+    assert [r.getMessage() for r in caplog.records if "update_every" in r.getMessage()] == [f"sparsebench: warning: {said}"]
+    assert record.notes["update_every"] == t_end - 1
+    assert record.notes["adjusted"] == [{"setting": "update_every", "given": 100000, "used": t_end - 1, "why": said}]
+    assert [u["step"] for u in record.notes["updates"]] == [t_end - 1]
+    assert record.selection["eval_every"] == record.data["steps_per_epoch"]     # evals_per_epoch 1

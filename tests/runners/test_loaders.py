@@ -11,6 +11,7 @@ from sparsebench.runners import pipeline
 from sparsebench.runners.loaders import SHM_FRACTION, prefetch_plan
 from sparsebench.runners.pipeline import RunOptions, execute, make_loaders
 from sparsebench.specs import DataSpec, MeasureSpec, SpecError
+from sparsebench.training.loading import EVAL_BATCH
 from sparsebench.training.trainer import evaluate
 
 from conftest import tiny_spec
@@ -76,19 +77,19 @@ def test_a_run_holds_no_loader_workers_after_its_training_stages(tmp_path, monke
 def test_prefetching_is_bounded_by_shared_memory(digits, caplog):
     image, _ = digits.train[0]
     per_sample = image.element_size() * image.numel() + 8    # the image as the dataset yields it, an int64 label
-    batch = per_sample * (64 + pipeline.EVAL_BATCH)   # one train batch and one evaluation batch live together
-    roomy = prefetch_plan(digits.train, 64, pipeline.EVAL_BATCH, 4, shm_bytes=10 ** 12)
+    batch = per_sample * (64 + EVAL_BATCH)   # one train batch and one evaluation batch live together
+    roomy = prefetch_plan(digits.train, 64, EVAL_BATCH, 4, shm_bytes=10 ** 12)
     assert (roomy.prefetch_factor, roomy.batch_bytes, roomy.prefetch_bytes) == (2, batch, 4 * 2 * batch)
     with caplog.at_level(logging.WARNING, logger="sparsebench"):
-        tight = prefetch_plan(digits.train, 64, pipeline.EVAL_BATCH, 4, shm_bytes=2 * 4 * batch + 10)
+        tight = prefetch_plan(digits.train, 64, EVAL_BATCH, 4, shm_bytes=2 * 4 * batch + 10)
     assert tight.prefetch_factor == 1 and tight.prefetch_bytes <= tight.budget_bytes
     assert "prefetch_factor lowered to 1" in caplog.text
     with pytest.raises(SpecError) as e:
-        prefetch_plan(digits.train, 64, pipeline.EVAL_BATCH, 4, shm_bytes=4 * batch)
+        prefetch_plan(digits.train, 64, EVAL_BATCH, 4, shm_bytes=4 * batch)
     fitting = int(4 * batch * SHM_FRACTION) // batch                  # workers with one batch each that fit
     assert "\n" not in str(e.value) and f"data.workers <= {fitting}" in str(e.value) and "/dev/shm" in str(e.value)
-    two_ranks = prefetch_plan(digits.train, 64, pipeline.EVAL_BATCH, 4, ranks=2, shm_bytes=10 ** 12)
-    assert two_ranks.batch_bytes == per_sample * (32 + pipeline.EVAL_BATCH)
+    two_ranks = prefetch_plan(digits.train, 64, EVAL_BATCH, 4, ranks=2, shm_bytes=10 ** 12)
+    assert two_ranks.batch_bytes == per_sample * (32 + EVAL_BATCH)
     # the loaders are built with the plan's prefetch factor
     loaders = make_loaders(digits, 64, 0, workers=2)
     assert loaders.plan.prefetch_factor == loaders["train_dense"].loader.prefetch_factor == loaders["val"].loader.prefetch_factor

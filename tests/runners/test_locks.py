@@ -118,3 +118,77 @@ def test_a_sweep_runs_the_other_runs_and_gives_up_on_the_locked_one(tmp_path, ca
     assert "1 done, 0 failed, 0 skipped, 1 gave up waiting on a lock" in captured.out
     failed = [line for line in captured.err.splitlines() if line.startswith("FAILED")]
     assert len(failed) == 1 and "gave up after" in failed[0] and str(lock) in failed[0] and "(stopped)" in failed[0]
+
+
+ONE_RUN = textwrap.dedent("""
+    name: held
+    methods: [magnitude-global]
+    models: [resnet20_tiny]
+    datasets: [digits]
+    targets: {sparsity: [0.5]}
+    recipe: {pretrain_epochs: 20, finetune_epochs: 0.2, search_epochs: 0.2}   # long enough to be stopped mid-run
+    data: {img_size: 16}
+    measure: {latency: false}
+""")
+
+
+def _first_sweep(suite, out):
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    from sparsebench.cli import main
+
+    os._exit(main(["sweep", str(suite), "--jobs", "1", "--out", str(out), "--quiet"]))
+
+
+@pytest.mark.skipif(not (hasattr(os, "fork") and Path("/proc/self/stat").exists()),
+                    reason="forks the first sweep; reads its state from /proc")
+def test_a_second_sweep_names_the_stopped_sweep_that_holds_its_run(tmp_path, capsys):
+    import multiprocessing as mp
+
+    from sparsebench.cli import main
+
+    suite = tmp_path / "held.yaml"
+    suite.write_text(ONE_RUN)
+    out = tmp_path / "out"
+    (run,) = [resolve(s) for s in load_suite(suite).specs]
+    lock = out / "records" / ".locks" / f"{run.run_id}.lock"
+    first = mp.get_context("fork").Process(target=_first_sweep, args=(suite, out))   # torch already imported
+    first.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and getattr(platform.lock_holder(lock), "pid", None) == first.pid):
+            assert first.is_alive() and time.monotonic() < deadline, "the first sweep never took its run's lock"
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGSTOP)
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(platform.lock_holder(lock).since))
+        code = main(["sweep", str(suite), "--jobs", "1", "--out", str(out), "--quiet"])
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.join()
+    text = capsys.readouterr().out
+    assert code == 0 and "0 done, 0 failed, 1 skipped" in text
+    skipped = next(line for line in text.splitlines() if line.startswith("skipped: "))
+    assert skipped.startswith(f"skipped: 1 another sweep is running (1 held by pid {first.pid} on "
+                              f"{socket.gethostname()} (stopped) since {since}")
+
+
+def test_the_sweep_summary_names_each_skip_reason_with_its_count(tmp_path):
+    from sparsebench.runners.pipeline import RunOptions
+    from sparsebench.store import RecordStore
+
+    (run,) = [resolve(s) for s in load_suite(_write(tmp_path / "held.yaml", ONE_RUN)).specs]
+    out = tmp_path / "out"
+    with RecordStore(out).lock(run.run_id):                  # another sweep (here: this process) is running it
+        summary = launchers.launch_local([run], RunOptions(out=out))
+    assert (summary.done, summary.failed, summary.skipped) == (0, 0, 1)
+    line = summary.skip_line(recorded_before=3, unsupported=2)
+    assert line.startswith(f"skipped: 3 already recorded when the sweep began, 1 another sweep is running (1 held by pid {os.getpid()} "
+                           f"on {socket.gethostname()} (running) since ")
+    assert line.endswith(" s ago)), 2 unsupported (method, model) pairs")
+    assert launchers.SweepSummary("local").skip_line() == ""
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
