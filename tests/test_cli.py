@@ -298,7 +298,7 @@ def test_run_summary_names_the_realization_beside_the_measured_speedup(capsys):
 
     auto = Realization(True, "auto", None, "float32", {"sparse_layers": 3, "layers": []})
     _print_run_summary(make_record("magnitude-global", realizable=True, speedup=1.25, realization=auto))
-    assert "measured 1.25× (auto, cpu: Test CPU)" in capsys.readouterr().out
+    assert "measured 1.25× (auto, eager, cpu: Test CPU)" in capsys.readouterr().out
     _print_run_summary(make_record("l1-channel", kind="flops", realizable=True, speedup=1.5))
     assert "measured 1.50× (cpu: Test CPU)" in capsys.readouterr().out
 

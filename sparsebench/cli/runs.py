@@ -91,11 +91,12 @@ def _print_run_summary(r) -> None:
     if not r.has_result:
         print(f"{head}: {r.status.upper()} ({r.error}); record kept, no metrics")
         return
-    from sparsebench.report.leaderboard import realization_label
+    from sparsebench.report.leaderboard import entry_label
 
-    label = realization_label({"kind": r.realization.kind, **r.realization.details})
+    best = r.best_latency_entry()
+    label = entry_label(best)
     where = r.device if label is None else f"{label}, {r.device}"
-    speed = f"{r.measured_speedup:.2f}× ({where})" if r.measured_speedup else r.realization.reason or "–"
+    speed = f"{best['measured_speedup']:.2f}× ({where})" if best else r.realization.reason or "–"
     missed = "" if r.target_met else (f"; MISSED TARGET (tolerance -{r.tolerance.below:g}/+{r.tolerance.above:g})")
     print(f"{head}: top1 {100 * r.test_top1:.2f}% (dense {100 * r.dense_test_top1:.2f}%), "
           f"sparsity {r.achieved_sparsity:.4f}, FLOPs ratio {r.achieved_flops_ratio:.4f}, "
