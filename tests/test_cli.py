@@ -138,7 +138,8 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     where = next(line for line in lines if " files under " in line)
     site = [p for p in written if "report" in p.relative_to(out).parts]
     assert where == (f"{len(written) + 12} files under {out}: records/ (6), models/ (6), report/ ({len(site)}), "
-                     "leaderboard.{csv,html,md}, 2 plots (accuracy_vs_flops.png, accuracy_vs_speedup.png)")
+                     "leaderboard.{csv,html,md}, 3 plots (accuracy_vs_flops.png, accuracy_vs_speedup.png, "
+                     "measured_vs_theoretical.png)")
     assert lines[-1].startswith(f"open the report: xdg-open {out / 'report' / 'index.html'}")
     closing = lines[next(i for i, line in enumerate(lines) if line.startswith("sweep wall time")):]
     assert max(map(len, closing)) < 300 and not any(line.startswith("wrote ") for line in lines)
