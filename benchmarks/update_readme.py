@@ -80,7 +80,7 @@ def evidence_table(root: Path, suite: str, equal_cost: str = None) -> str:
         ["target", "cost", "rank", "method", "top1 (%)", "Δ baseline", "train GMACs", "mechanism", "seeds"])
     parts = [f"{len(records)} of {len(planned)} planned runs recorded.", ""]
     for model, part in table.groupby("model", sort=False):
-        parts += [f"{model}", "", part[columns].to_markdown(index=False), ""]
+        parts += [f"**{model}**", "", part[columns].to_markdown(index=False), ""]
     if not board.excluded.empty:
         left = board.excluded[["target", "method", "seed", "status", "detail"]]
         parts += ["Left out of the means:", "", left.to_markdown(index=False), ""]
