@@ -1,16 +1,25 @@
-"""Refresh the README's quick-suite leaderboard, speedup table and the evidence tables (PASS, OFB,
-GaP/RigL/SET at equal steps and at equal training MACs, the SViTE family) from `results/` (run
-after a sweep).
+"""Refresh the generated blocks of the README and docs/ from `results/` (run after a sweep): the
+quick-suite leaderboard (README), the evidence tables (docs/evidence.md: PASS, OFB, GaP/RigL/SET at
+equal steps and at equal training MACs, the SViTE family) and the measured speedup tables
+(docs/measurement.md: structured, and unstructured once its table exists).
 
-    python benchmarks/update_readme.py
+    python benchmarks/update_readme.py              # rewrite the blocks in place
+    python benchmarks/update_readme.py --check      # exit 1 naming the first file and block that is stale
+    python benchmarks/update_readme.py --root DIR   # another checkout (default: this one)
+
+A block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` lines.
 """
 from __future__ import annotations
 
+import argparse
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
+from sparsebench.report import speedup
 from sparsebench.report.leaderboard import Leaderboard, display_table
-from sparsebench.report.speedup import speedup_summary
 from sparsebench.runners.pipeline import resolve
 from sparsebench.runners.suite import load_suite
 from sparsebench.store import load_records
@@ -18,11 +27,35 @@ from sparsebench.store import load_records
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def replace_between(text: str, name: str, body: str) -> str:
-    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(\n<!-- {name}:end -->)", re.S)
+def block_pattern(name: str) -> "re.Pattern":
+    return re.compile(rf"(<!-- {re.escape(name)}:start -->\n)(.*?)(<!-- {re.escape(name)}:end -->)", re.S)
+
+
+def block_body(text: str, name: str) -> Optional[str]:
+    """What stands between the block's markers now (None: the text has no such block)."""
+    match = block_pattern(name).search(text)
+    return None if match is None else match.group(2)
+
+
+def replace_between(text: str, name: str, body: str, where: str = "README") -> str:
+    pattern = block_pattern(name)
     if not pattern.search(text):
-        raise SystemExit(f"README has no {name} markers")
-    return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
+        raise SystemExit(f"{where} has no {name} markers")
+    body = body.strip("\n")
+    return pattern.sub(lambda m: m.group(1) + (body + "\n" if body else "") + m.group(3), text)
+
+
+QUICK_COLUMNS = ["target", "rank", "method", "top1 (%)", "Δ dense", "FLOPs ratio", "measured speedup", "mechanism"]
+
+
+def quick_leaderboard(root: Path) -> str:
+    """The quick suite's leaderboard in the README's few columns, one table per (model, dataset):
+    the rows and cells of results/quick/leaderboard.md, which has every column and the notes."""
+    table = display_table(Leaderboard.of(load_records(root / "results" / "quick")).table)
+    parts = []
+    for (model, dataset), part in table.groupby(["model", "dataset"], sort=False):
+        parts += [f"### {model} on {dataset}", "", part[QUICK_COLUMNS].to_markdown(index=False), ""]
+    return "\n".join(parts)
 
 
 EVIDENCE_COLUMNS = ["target", "rank", "method", "top1 (%)", "Δ control", "Δ baseline", "FLOPs ratio",
@@ -32,22 +65,22 @@ EVIDENCE_COLUMNS = ["target", "rank", "method", "top1 (%)", "Δ control", "Δ ba
 EVIDENCE_KEY = ("Δ control, Δ baseline: mean ± 95 % interval over seeds and test images (‡: seed-level only), n "
                 "pairs, the t-test's p, its Holm adjustment over every Δ control and Δ baseline test of the model's "
                 "table, and the exact sign-flip p. rank: 1 + the rows significantly better (every pair of rows, "
-                "Holm-corrected); \"=\": a shared rank. Full notes under the quick-suite leaderboard.")
+                "Holm-corrected); \"=\": a shared rank. Full notes: [protocol.md](protocol.md#the-leaderboards-columns).")
 
 
-def evidence_table(suite: str, equal_cost: str = None) -> str:
+def evidence_table(root: Path, suite: str, equal_cost: str = None) -> str:
     """The evidence suite's rows from results/evidence (only the runs the suite file plans), one
     compact table per model, and the runs left out of the means with their reasons; `equal_cost`
     ("macs"): the equal-training-MACs view, with its cost column."""
-    planned = {resolve(s).hash for s in load_suite(ROOT / "benchmarks" / "evidence" / f"{suite}.yaml").specs}
-    records = [r for r in load_records(ROOT / "results" / "evidence") if r.spec_hash in planned]
+    planned = {resolve(s).hash for s in load_suite(root / "benchmarks" / "evidence" / f"{suite}.yaml").specs}
+    records = [r for r in load_records(root / "results" / "evidence") if r.spec_hash in planned]
     board = Leaderboard.of(records, equal_cost=equal_cost)
     table = display_table(board.table)
     columns = EVIDENCE_COLUMNS if equal_cost is None else (
         ["target", "cost", "rank", "method", "top1 (%)", "Δ baseline", "train GMACs", "mechanism", "seeds"])
     parts = [f"{len(records)} of {len(planned)} planned runs recorded.", ""]
     for model, part in table.groupby("model", sort=False):
-        parts += [f"{model}", "", part[columns].to_markdown(index=False), ""]
+        parts += [f"**{model}**", "", part[columns].to_markdown(index=False), ""]
     if not board.excluded.empty:
         left = board.excluded[["target", "method", "seed", "status", "detail"]]
         parts += ["Left out of the means:", "", left.to_markdown(index=False), ""]
@@ -55,19 +88,82 @@ def evidence_table(suite: str, equal_cost: str = None) -> str:
     return "\n".join(parts).strip()
 
 
-def main() -> None:
-    readme = (ROOT / "README.md").read_text()
-    leaderboard = (ROOT / "results" / "quick" / "leaderboard.md").read_text()
-    body = leaderboard.split("\n", 2)[2].strip().replace("\n## ", "\n### ")
-    body = "### " + body[3:] if body.startswith("## ") else body
-    readme = replace_between(readme, "quick-leaderboard", body)
-    readme = replace_between(readme, "speedup-table",
-                             speedup_summary(ROOT / "results" / "speedup" / "cpu" / "speedup.csv"))
-    for suite in ("pass", "ofb", "gap", "svite"):
-        readme = replace_between(readme, f"evidence-{suite}", evidence_table(suite))
-    readme = replace_between(readme, "evidence-gap-macs", evidence_table("gap", equal_cost="macs"))
-    (ROOT / "README.md").write_text(readme)
+def structured_speedup(root: Path) -> Optional[str]:
+    return speedup.speedup_summary(root / "results" / "speedup" / "cpu" / "speedup.csv")
+
+
+def unstructured_speedup(root: Path) -> Optional[str]:
+    """The unstructured-mask speedup table, or None (the block is left as it is) until its CSV and
+    `unstructured_summary` both exist."""
+    csv = root / "results" / "speedup" / "unstructured-cpu" / "speedup.csv"
+    if not csv.is_file() or not hasattr(speedup, "unstructured_summary"):
+        return None
+    return speedup.unstructured_summary(csv)
+
+
+@dataclass(frozen=True)
+class Block:
+    file: str                                   # relative to the root
+    name: str                                   # NAME of the <!-- NAME:start/end --> markers
+    make: Callable[[Path], Optional[str]]       # the block's fresh body; None: nothing to write yet
+
+
+BLOCKS: List[Block] = [
+    Block("README.md", "quick-leaderboard", quick_leaderboard),
+    *[Block("docs/evidence.md", f"evidence-{suite}", lambda root, suite=suite: evidence_table(root, suite))
+      for suite in ("gap", "svite", "ofb", "pass")],
+    Block("docs/evidence.md", "evidence-gap-macs", lambda root: evidence_table(root, "gap", equal_cost="macs")),
+    Block("docs/measurement.md", "speedup-table", structured_speedup),
+    Block("docs/measurement.md", "unstructured-table", unstructured_speedup),
+]
+
+
+def regenerate(root: Path) -> Dict[str, Dict[str, str]]:
+    """{file: {"old": its text now, "new": its text with every block regenerated}}, nothing written."""
+    files: Dict[str, Dict[str, str]] = {}
+    for block in BLOCKS:
+        if block.file not in files:
+            text = (root / block.file).read_text()
+            files[block.file] = {"old": text, "new": text}
+        body = block.make(root)
+        if body is not None:
+            files[block.file]["new"] = replace_between(files[block.file]["new"], block.name, body, block.file)
+    return files
+
+
+def stale_blocks(root: Path) -> List[str]:
+    """"FILE: block NAME" for every block whose text differs from a fresh regeneration."""
+    stale = []
+    files = regenerate(root)
+    for block in BLOCKS:
+        texts = files[block.file]
+        if block_body(texts["old"], block.name) != block_body(texts["new"], block.name):
+            stale.append(f"{block.file}: block {block.name}")
+    return stale
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="regenerate in memory and exit 1 if a committed block differs (writes nothing)")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to read and update (default: this one)")
+    args = parser.parse_args(argv)
+    root = args.root.resolve()
+    if args.check:
+        stale = stale_blocks(root)
+        if stale:
+            print(f"{stale[0]} differs from a fresh regeneration"
+                  + (f" (and {len(stale) - 1} more block(s): {', '.join(stale[1:])})" if len(stale) > 1 else "")
+                  + "; run python benchmarks/update_readme.py", file=sys.stderr)
+            return 1
+        print(f"{len(BLOCKS)} generated blocks up to date")
+        return 0
+    for name, texts in regenerate(root).items():
+        if texts["new"] != texts["old"]:
+            (root / name).write_text(texts["new"])
+            print(f"updated {name}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
