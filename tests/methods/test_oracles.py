@@ -41,8 +41,13 @@ def _our_masks(method_name, model_name, sparsity, args):
     return dense, {n[:-len(".weight")]: m for n, m in outcome.masks.masks.items()}
 
 
-def _differing(ours, dense, modules):
-    return sum(int((ours[n] != dict(dense.named_modules())[n].weight_mask.bool()).sum()) for n in modules)
+def assert_same_masks(ours, pruned):
+    """Our masks entry for entry against the `weight_mask` torch.nn.utils.prune left on `pruned`."""
+    modules = dict(pruned.named_modules())
+    differing = {n: int((ours[n] != modules[n].weight_mask.bool()).sum()) for n in ours}
+    total = sum(m.numel() for m in ours.values())
+    assert sum(differing.values()) == 0, (f"{sum(differing.values())} of {total} entries differ from torch's masks: "
+                                          f"{ {n: d for n, d in differing.items() if d} }")
 
 
 @pytest.mark.parametrize("model_name", ["resnet20_tiny", "vit_cifar_tiny"])
@@ -52,7 +57,7 @@ def test_magnitude_global_equals_torch_global_unstructured(model_name, layer_set
     modules = dict(dense.named_modules())
     prune.global_unstructured([(modules[n], "weight") for n in ours], pruning_method=prune.L1Unstructured,
                               amount=0.9)
-    assert _differing(ours, dense, ours) == 0
+    assert_same_masks(ours, dense)
     first, last = model_card(model_name).edge_layers
     assert (first in ours, last in ours) == {"benchmark": (False, False), "official": (False, True),
                                              "all": (True, True)}[layer_set]
@@ -64,7 +69,7 @@ def test_magnitude_layerwise_equals_torch_l1_unstructured_per_layer(model_name):
     modules = dict(dense.named_modules())
     for n in ours:
         prune.l1_unstructured(modules[n], "weight", amount=0.8)
-    assert _differing(ours, dense, ours) == 0
+    assert_same_masks(ours, dense)
 
 
 @pytest.mark.parametrize("model_name", ["resnet20_tiny", "vit_cifar_tiny"])
@@ -77,7 +82,7 @@ def test_magnitude_layerwise_erk_equals_rigl_densities_pruned_by_torch(model_nam
     rigl = rigl_erk_sparsities(shapes, 0.9, {model_card(model_name).first_layer: 0.0}, n_zeros=exact_n_zeros)
     for n in ours:
         prune.l1_unstructured(modules[n], "weight", amount=float(rigl[n]))
-    assert _differing(ours, dense, ours) == 0
+    assert_same_masks(ours, dense)
 
 
 # --- ERK vs RigL's formula ---------------------------------------------------------------------------
@@ -247,7 +252,8 @@ def test_l1_channel_ranks_channels_across_groups_by_torch_pruning_scores(model_n
     compared = 0
     for group in graph.get_all_groups(ignored_layers=[classifier], root_module_types=[nn.Conv2d, nn.Linear]):
         root = names[group[0].dep.target.module]
-        torch.testing.assert_close(ours[root], importance(group).float(), rtol=1e-5, atol=0, msg=root)
+        torch.testing.assert_close(ours[root], importance(group).float(), rtol=1e-5, atol=0,
+                                   msg=lambda m, root=root: f"group {root}: not torch-pruning's ranking scores. {m}")
         compared += 1
     assert compared == len(space.groups)
 
