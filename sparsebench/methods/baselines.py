@@ -43,7 +43,7 @@ class Dense(Method):
 @dataclass(frozen=True)
 class LayerwiseConfig:
     distribution: Literal["uniform", "erk"] = "uniform"
-    # Input layer and classifier stay dense by default, as in RigL-uniform, GaP and ShrinkBench:
+    # Input layer and classifier stay dense by default, as in GaP and ShrinkBench (RigL keeps only the input layer):
     # they hold few weights and pruning them costs accuracy out of proportion.
     skip_first: bool = True
     skip_last: bool = True

@@ -93,7 +93,7 @@ class GMP(Method):
         end_fraction: float = 0.75       # t0 + nΔt
         delta_t: Optional[int] = None    # steps between prunes; None: 100, capped to give ≥ 10 prunes
         from_pretrained: bool = False
-        skip_first: bool = True        # input layer and classifier dense, as in RigL-uniform, GaP, ShrinkBench
+        skip_first: bool = True        # input layer and classifier dense, as in GaP and ShrinkBench
         skip_last: bool = True
         layers: Literal["benchmark", "official"] = layers_field()   # "official": RigL's set, see methods.base
 
@@ -243,7 +243,11 @@ class _DynamicSparseTraining(Method):
 
 @register_method("rigl")
 class RigL(_DynamicSparseTraining):
-    """RigL (Evci et al. 2020): drop by |w|, grow by dense |gradient|, cosine drop fraction, ERK."""
+    """RigL (Evci et al. 2020): drop by |w|, grow by dense |gradient|, cosine drop fraction, ERK.
+
+    On the benchmark's prunable set by default (input layer and classifier dense);
+    `layers=official` is the official scripts' set, the classifier pruned at its ERK density
+    (see `resolve_skips`)."""
 
 
 @register_method("set")

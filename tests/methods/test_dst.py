@@ -313,3 +313,15 @@ def test_layer_set_preset_is_in_the_spec_only_when_set():
     official = config_dict(create_method("rigl", layers="official").config)
     assert official["layers"] == "official" and official["skip_last"] is False
     assert method_label("rigl", official) == "rigl[layers=official,skip_first=True,skip_last=False]"
+
+
+def test_official_layer_set_reaches_the_record(tmp_path):
+    from sparsebench.runners.pipeline import RunOptions, execute
+    from conftest import tiny_spec
+
+    spec = tiny_spec("rigl", target="sparsity=0.9", method_args=(("layers", "official"),))
+    record = execute(spec, RunOptions(out=tmp_path))
+    assert record.prunable.policy == "input layer dense" and record.prunable.dense_layers == ["conv1"]
+    assert record.notes["layers"] == {"preset": "official", "skip_first": True, "skip_last": False}
+    assert record.spec["method_args"]["layers"] == "official"
+    assert record.achieved_sparsity == pytest.approx(0.9, abs=1e-3)

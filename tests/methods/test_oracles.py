@@ -226,7 +226,8 @@ CHANNEL_CASES = [("resnet20_tiny", 16), ("resnet18_tiny", 16), ("mobilenet_v2_ti
 def test_l1_channel_kept_sets_equal_torch_pruning_with_filter_l1(model_name, img_size, scope):
     model, input_size, space, kept = _selection(model_name, img_size, scope)
     theirs, pruned = torch_pruning_kept(model, input_size, space, kept, filter_l1_importance())
-    differing = [g.root for g, k in zip(space.groups, kept) if set(torch.nonzero(k).flatten().tolist()) != theirs[g.root]]
+    differing = [g.root for g, k in zip(space.groups, kept)
+                 if set(torch.nonzero(k).flatten().tolist()) != theirs[g.root]]
     assert differing == [], f"{len(differing)} of {len(space.groups)} groups keep other channels: {differing}"
     # the closed-form MACs of our counts are those of torch-pruning's pruned model, as fvcore counts them
     assert space.macs([int(k.sum()) for k in kept]) == fvcore_macs(pruned, input_size)
