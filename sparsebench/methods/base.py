@@ -337,8 +337,50 @@ def create_method(name: str, **args) -> Method:
     return cls(build_config(cls, args))
 
 
+# Metadata of a Config field added after runs were recorded: the spec leaves it out while it holds
+# its default, so the hashes (and record names) of every run that does not set it stay as they were.
+OMITTED_AT_DEFAULT = {"omitted_at_default": True}
+
+
 def config_dict(config: Any) -> Dict[str, Any]:
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    """The Config as a spec's `method_args` stores it (`OMITTED_AT_DEFAULT` fields only when set)."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+            if not (f.metadata.get("omitted_at_default") and getattr(config, f.name) == f.default)}
+
+
+# Which conv/linear weights an unstructured method prunes, as a named preset (`layers=`):
+# "benchmark": `skip_first` / `skip_last` as set (by default input layer and classifier dense, the
+#   set every unstructured target of the benchmark is stated over);
+# "official": RigL's scripts (`first_layer_sparsity=0`, `last_layer_sparsity=-1`; CIFAR
+#   `prune_first_layer=False`): the input layer dense, the classifier pruned with the rest.
+LAYER_SETS = ("benchmark", "official")
+OFFICIAL_SKIPS = (True, False)
+
+
+def layers_field():
+    return field(default="benchmark", metadata=OMITTED_AT_DEFAULT)
+
+
+def apply_layer_set(config: Any) -> None:
+    """Set `skip_first` / `skip_last` of a (frozen) Config from its `layers` preset; called from
+    `__post_init__`. An explicit value that contradicts the preset is an error where it can be
+    told from the field's default (`skip_last=True` of a config whose default is True cannot)."""
+    if config.layers not in LAYER_SETS:
+        raise ValueError(f"unknown layers={config.layers!r}; allowed: {', '.join(LAYER_SETS)}")
+    if config.layers != "official":
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name, wanted in zip(("skip_first", "skip_last"), OFFICIAL_SKIPS):
+        value = getattr(config, name)
+        if value not in (wanted, defaults[name]):
+            raise ValueError(f"layers='official' is RigL's set (skip_first={OFFICIAL_SKIPS[0]}, "
+                             f"skip_last={OFFICIAL_SKIPS[1]}); got {name}={value}")
+        object.__setattr__(config, name, wanted)
+
+
+def layer_set_note(preset: str, skip_first: bool, skip_last: bool) -> Dict[str, Any]:
+    """A run's layer set for its record's notes: the preset and the skips it resolved to."""
+    return {"preset": preset, "skip_first": skip_first, "skip_last": skip_last}
 
 
 def method_label(name: str, args: Mapping[str, Any]) -> str:

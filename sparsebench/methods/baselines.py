@@ -7,8 +7,8 @@ as controls); ERK allocation (Evci et al. 2020); L1-norm filter pruning (Li et a
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import List, Literal
 
 import torch
 from torch import nn
@@ -22,7 +22,10 @@ from sparsebench.training.importance import MagnitudeImportance, RandomImportanc
 from sparsebench.training.masks import (
     MaskSet, global_topk_masks, keep_counts, layer_densities, layerwise_topk_masks, prunable_weights,
 )
-from sparsebench.methods.base import Method, MethodContext, Outcome, register_method
+from sparsebench.methods.base import (
+    OMITTED_AT_DEFAULT, Method, MethodContext, Outcome, apply_layer_set, layer_set_note, layers_field,
+    register_method,
+)
 
 
 @register_method("dense")
@@ -40,10 +43,15 @@ class Dense(Method):
 @dataclass(frozen=True)
 class LayerwiseConfig:
     distribution: Literal["uniform", "erk"] = "uniform"
-    # Input layer and classifier stay dense by default, as in RigL, GaP and ShrinkBench:
+    # Input layer and classifier stay dense by default, as in GaP and ShrinkBench (RigL keeps only the input layer):
     # they hold few weights and pruning them costs accuracy out of proportion.
     skip_first: bool = True
     skip_last: bool = True
+    # "official": RigL's scripts' set, the classifier pruned too (`methods.base.LAYER_SETS`)
+    layers: Literal["benchmark", "official"] = layers_field()
+
+    def __post_init__(self):
+        apply_layer_set(self)
 
 
 class _UnstructuredOneShot(Method):
@@ -68,7 +76,8 @@ class _UnstructuredOneShot(Method):
         scores = self.scores(params, generator)
         masks = MaskSet(ctx.model, self.masks(params, scores, ctx.target.value, generator))
         return Outcome(model=ctx.model, realization="masked", masks=masks, prunable=list(params),
-                       notes={"layer_sparsity": masks.layer_sparsity()})
+                       notes={"layers": layer_set_note(cfg.layers, cfg.skip_first, cfg.skip_last),
+                              "layer_sparsity": masks.layer_sparsity()})
 
 
 @register_method("random")
@@ -95,6 +104,10 @@ class MagnitudeGlobal(_UnstructuredOneShot):
     class Config:
         skip_first: bool = True        # input layer dense (see LayerwiseConfig)
         skip_last: bool = True         # classifier dense
+        layers: Literal["benchmark", "official"] = layers_field()
+
+        def __post_init__(self):
+            apply_layer_set(self)
 
     def scores(self, params, generator):
         return {n: p.detach().abs() for n, p in params.items()}
@@ -115,6 +128,11 @@ class StructuredConfig:
     residual_mode: Literal["coupled", "internal"] = "coupled"   # CNNs only (see _channels.py)
     scope: Literal["uniform", "global"] = "uniform"
     min_channels: int = 1                                       # floor of kept units per group
+    # Uniform scope's greedy fill (after the one keep ratio, channels while the budget holds) ranks
+    # "raw" scores across groups, so coupled residual groups, whose scores sum several convs, take
+    # the extra channels; "normalized" ranks each score over its group's mean, as global scope does.
+    # Global scope always ranks normalised scores. See docs/conventions.md.
+    fill: Literal["raw", "normalized"] = field(default="raw", metadata=OMITTED_AT_DEFAULT)
 
 
 class _ChannelOneShot(Method):
@@ -131,17 +149,36 @@ class _ChannelOneShot(Method):
     def unit_scores(self, model, space, generator):
         raise NotImplementedError
 
+    def score_convention(self, space) -> str:
+        """What a unit's score is, for the record (two conventions must be told apart)."""
+        raise NotImplementedError
+
+    def normalizes_scores(self) -> bool:
+        """Whether ranking across groups compares each score to its group's mean."""
+        return self.config.scope == "global" or self.config.fill == "normalized"
+
+    def ranking_scores(self, scores: List[torch.Tensor]) -> List[torch.Tensor]:
+        """The scores `select` compares across groups: raw, or over their group's mean."""
+        if not self.normalizes_scores():
+            return scores
+        # layers differ in scale: a ranking across groups compares scores relative to their group's
+        # mean (within a group the order is unchanged, so uniform scope's counts stay as they are)
+        return [s / s.abs().mean().clamp_min(1e-12) for s in scores]
+
+    def select_units(self, space, scores, flops_ratio: float) -> List[torch.Tensor]:
+        """Kept units under `flops_ratio` from raw unit scores, as this config ranks them."""
+        cfg = self.config
+        return space.select(self.ranking_scores(scores), flops_ratio, scope=cfg.scope, min_units=cfg.min_channels)
+
     def run(self, ctx: MethodContext) -> Outcome:
         cfg = self.config
         space = unit_space(ctx.model, ctx.input_size, cfg.residual_mode)
         generator = torch.Generator().manual_seed(ctx.seed)
         scores = self.unit_scores(ctx.model, space, generator)
-        if cfg.scope == "global":
-            # layers differ in scale: one global ranking compares scores relative to their group's mean
-            scores = [s / s.abs().mean().clamp_min(1e-12) for s in scores]
-        kept = space.select(scores, ctx.target.value, scope=cfg.scope, min_units=cfg.min_channels)
+        kept = self.select_units(space, scores, ctx.target.value)
         compact = space.compact(ctx.model, kept)
-        notes = {"scope": cfg.scope, "units": space.describe(),
+        notes = {"scope": cfg.scope, "units": space.describe(), "scores": self.score_convention(space),
+                 "fill": "normalized" if self.normalizes_scores() else "raw",
                  "compaction_max_abs_error": space.check_compaction(ctx.model, kept, compact,
                                                                     next(iter(ctx.val_loader))[0].to(ctx.device))}
         if isinstance(space, ChannelSpace):
@@ -159,6 +196,9 @@ class L1Channel(_ChannelOneShot):
         # norms are summed; ViT head: its q, k, v rows + proj columns; neuron: fc1 row + fc2 column
         return MagnitudeImportance(p=1)(model, space)
 
+    def score_convention(self, space) -> str:
+        return MagnitudeImportance(p=1).describe(space)
+
 
 @register_method("random-channel")
 class RandomChannel(_ChannelOneShot):
@@ -166,6 +206,9 @@ class RandomChannel(_ChannelOneShot):
 
     def unit_scores(self, model, space, generator):
         return RandomImportance(generator)(model, space)
+
+    def score_convention(self, space) -> str:
+        return "uniform random per unit (seeded)"
 
 
 @register_method("dense-small")

@@ -51,7 +51,7 @@ class ModelCard:
 
     @property
     def edge_layers(self) -> Tuple[str, str]:
-        """(input layer, classifier): left dense by default by unstructured methods (RigL, GaP, ShrinkBench)."""
+        """(input layer, classifier): left dense by default by unstructured methods (as GaP and ShrinkBench)."""
         return self.first_layer, self.classifier
 
     def as_dict(self) -> dict:

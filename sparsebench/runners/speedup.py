@@ -73,7 +73,7 @@ def speedup_rows(config: SpeedupConfig, progress=None, time_left: Optional[Calla
                 rows += [{"model": name, "method": config.method, "target_flops": t, "dtype": config.dtype,
                           "status": "skipped: time cap"} for t in config.flops[i:]]
                 break
-            kept = space.select(scores, target, scope=method.config.scope, min_units=method.config.min_channels)
+            kept = method.select_units(space, scores, target)
             compact = space.compact(dense, kept).eval()
             error = space.check_compaction(dense, kept, compact, probe)
             macs = count_macs(compact, input_size).macs

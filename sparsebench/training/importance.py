@@ -17,6 +17,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from sparsebench.training.channels import _is_depthwise
+
 
 def _read(param: torch.Tensor, of: str) -> torch.Tensor:
     if of == "weight":
@@ -28,7 +30,12 @@ def _read(param: torch.Tensor, of: str) -> torch.Tensor:
 
 def _unit_slices(model: nn.Module, space, of: str = "weight") -> List[List[torch.Tensor]]:
     """Per group, per unit-carrying tensor, a (units × rest) view of the weights (or, with
-    `of="grad"`, their gradients): the pieces of each unit, in the group's unit order."""
+    `of="grad"`, their gradients): the pieces of each unit, in the group's unit order.
+
+    A CNN channel's pieces are the filters that produce it: every non-depthwise conv/linear among
+    the group's output members (`ChannelSpace`'s producers; Li et al.'s filters). A depthwise conv
+    that carries the channel (MobileNetV2's 3×3 kernels) is a consumer of it, not a filter of it,
+    and torch-pruning's magnitude importance leaves it out too."""
     from sparsebench.training.vit_units import ViTUnitSpace
 
     out = []
@@ -48,7 +55,7 @@ def _unit_slices(model: nn.Module, space, of: str = "weight") -> List[List[torch
         pieces = []
         for name in g.out_members:
             m = model.get_submodule(name)
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not _is_depthwise(m):
                 pieces.append(_read(m.weight, of).flatten(1))
         out.append(pieces)
     return out
@@ -83,6 +90,16 @@ class MagnitudeImportance(Importance):
 
     def elementwise(self, params: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {n: p.detach().abs() for n, p in params.items()}
+
+    def describe(self, space) -> str:
+        """The score's convention in words, for a run's record."""
+        from sparsebench.training.vit_units import ViTUnitSpace
+
+        norm = f"L{self.p:g}"
+        if isinstance(space, ViTUnitSpace):
+            return f"{norm} of a head's qkv rows and proj columns, of a neuron's fc1 row and fc2 column"
+        return (f"{norm} of the producing filters, summed over a coupled group's convs; depthwise kernels, "
+                f"norm scales and the next layers' input weights not counted")
 
 
 class TaylorImportance(Importance):

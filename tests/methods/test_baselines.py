@@ -106,3 +106,79 @@ def test_unstructured_methods_leave_input_layer_and_classifier_dense_by_default(
     switched = create_method(name, skip_first=False, skip_last=False)
     outcome = switched.run(make_context(model_name, "sparsity=0.9", switched, budget=2))
     assert edge <= set(outcome.prunable)
+
+
+# --- conventions: which scores, how the fill ranks, what the record says -----------------------------
+def test_l1_scores_leave_out_depthwise_kernels():
+    """MobileNetV2: a channel's 3×3 depthwise kernel carries it but is not one of its filters (Li et
+    al.; torch-pruning's magnitude importance leaves it out too): changing it changes no score."""
+    from sparsebench.methods.baselines import unit_space
+
+    torch.manual_seed(0)
+    from sparsebench.models import create_model
+
+    model = create_model("mobilenet_v2_tiny", num_classes=10, img_size=32).eval()
+    method = create_method("l1-channel")
+    space = unit_space(model, (3, 32, 32), "coupled")
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    carrying = [g for g in space.groups if set(g.out_members) & set(depthwise)]
+    assert carrying, "MobileNetV2 has groups a depthwise conv carries"
+    before = method.unit_scores(model, space, None)
+    with torch.no_grad():
+        for n in depthwise:
+            model.get_submodule(n).weight.mul_(100.0)
+    after = method.unit_scores(model, space, None)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_normalized_fill_does_not_depend_on_a_groups_score_scale():
+    """Uniform scope: the raw fill gives the extra channels to whichever group's scores are largest
+    (a coupled group sums several convs); the normalised fill ranks scores over their group's mean."""
+    from sparsebench.methods.baselines import unit_space
+    from sparsebench.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet18_tiny", num_classes=10, img_size=16).eval()
+    space = unit_space(model, (3, 16, 16), "coupled")
+    kept = {}
+    for fill in ("raw", "normalized"):
+        method = create_method("l1-channel", fill=fill)
+        scores = method.unit_scores(model, space, None)
+        lowest = min(range(len(scores)), key=lambda i: float(scores[i].mean()))     # gets no extra channel raw
+        scaled = [s * (1000.0 if i == lowest else 1.0) for i, s in enumerate(scores)]
+        kept[fill] = [[int(k.sum()) for k in method.select_units(space, s, 0.25)] for s in (scores, scaled)]
+    assert kept["normalized"][0] == kept["normalized"][1]
+    assert kept["raw"][0] != kept["raw"][1]          # the raw fill follows the scale
+
+
+@pytest.mark.parametrize("scope, fill, recorded", [("uniform", "raw", "raw"), ("uniform", "normalized", "normalized"),
+                                                   ("global", "raw", "normalized")])
+def test_l1_channel_records_its_score_and_fill_conventions(scope, fill, recorded):
+    method = create_method("l1-channel", scope=scope, fill=fill)
+    outcome = method.run(make_context("resnet20_tiny", "flops=0.5", method))
+    assert outcome.notes["fill"] == recorded and outcome.notes["scope"] == scope
+    assert "depthwise kernels" in outcome.notes["scores"] and "not counted" in outcome.notes["scores"]
+
+
+COMMITTED = ("l1-channel", "random-channel", "magnitude-global", "magnitude-layerwise", "random", "gmp", "rigl", "set")
+
+
+def test_committed_records_keep_their_spec_hashes():
+    """The committed evidence and quick results name their runs by spec hash: a Config field added
+    since (a layer-set preset, a fill) must not change the hash of a run that does not set it."""
+    import json
+    from pathlib import Path
+
+    from sparsebench.runners.pipeline import resolve
+    from sparsebench.specs import RunSpec
+
+    results = Path(__file__).resolve().parents[2] / "results"
+    records = [p for d in ("evidence", "quick") for p in sorted((results / d / "records").glob("*.json"))
+               if p.name.split("__")[0] in COMMITTED]
+    assert len({p.name.split("__")[0] for p in records}) == len(COMMITTED)
+    changed = []
+    for path in records:
+        record = json.loads(path.read_text())
+        if resolve(RunSpec.from_dict(record["spec"])).hash != record["spec_hash"]:
+            changed.append(path.name)
+    assert changed == []

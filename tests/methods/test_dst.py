@@ -284,3 +284,57 @@ def test_a_delta_t_past_t_end_is_one_update_said_and_recorded(caplog):
     assert ctx.adjustments == [{"setting": "delta_t", "given": 5000, "used": 14, "why": said}]
     assert [r.getMessage() for r in caplog.records] == [f"sparsebench: warning: {said}"]
     assert create_method("rigl", delta_t=14).schedule(20, 1)[0] == 14     # one that fits is used as given
+
+
+# --- the layer set: the benchmark's by default, RigL's scripts' as `layers=official` ----------------
+@pytest.mark.parametrize("name", ["rigl", "set", "gmp", "magnitude-global", "magnitude-layerwise", "random"])
+def test_official_layer_set_is_rigls_first_layer_dense_classifier_pruned(name):
+    method = create_method(name, layers="official")
+    assert (method.config.skip_first, method.config.skip_last) == (True, False)
+    ctx = make_context("vit_cifar_tiny", "sparsity=0.9", method, budget=4)
+    outcome = method.run(ctx)
+    first, classifier = ctx.card.edge_layers
+    assert f"{classifier}.weight" in outcome.prunable and f"{first}.weight" not in outcome.prunable
+    assert outcome.notes["layers"] == {"preset": "official", "skip_first": True, "skip_last": False}
+    assert outcome.masks.layer_sparsity()[f"{classifier}.weight"] > 0.1          # pruned, not dense
+
+
+@pytest.mark.parametrize("name", ["rigl", "gmp", "magnitude-global"])
+def test_default_layer_set_keeps_input_layer_and_classifier_dense_and_says_so(name):
+    method = create_method(name)
+    outcome = method.run(make_context("resnet20_tiny", "sparsity=0.9", method, budget=4))
+    assert outcome.notes["layers"] == {"preset": "benchmark", "skip_first": True, "skip_last": True}
+
+
+def test_official_layer_set_refuses_a_contradicting_skip():
+    from sparsebench.errors import SpecError
+
+    with pytest.raises(SpecError, match="layers='official' is RigL's set"):
+        create_method("rigl", layers="official", skip_last=True)
+    with pytest.raises(SpecError, match="skip_first"):
+        create_method("magnitude-global", layers="official", skip_first=False)
+    with pytest.raises(SpecError, match="allowed: benchmark, official"):
+        create_method("gmp", layers="all")
+
+
+def test_layer_set_preset_is_in_the_spec_only_when_set():
+    """Runs recorded before the preset existed keep their hashes: at its default it is left out."""
+    from sparsebench.methods import config_dict
+    from sparsebench.methods.base import method_label
+
+    assert "layers" not in config_dict(create_method("rigl").config)
+    official = config_dict(create_method("rigl", layers="official").config)
+    assert official["layers"] == "official" and official["skip_last"] is False
+    assert method_label("rigl", official) == "rigl[layers=official,skip_first=True,skip_last=False]"
+
+
+def test_official_layer_set_reaches_the_record(tmp_path):
+    from sparsebench.runners.pipeline import RunOptions, execute
+    from conftest import tiny_spec
+
+    spec = tiny_spec("rigl", target="sparsity=0.9", method_args=(("layers", "official"),))
+    record = execute(spec, RunOptions(out=tmp_path))
+    assert record.prunable.policy == "input layer dense" and record.prunable.dense_layers == ["conv1"]
+    assert record.notes["layers"] == {"preset": "official", "skip_first": True, "skip_last": False}
+    assert record.spec["method_args"]["layers"] == "official"
+    assert record.achieved_sparsity == pytest.approx(0.9, abs=1e-3)
