@@ -271,7 +271,8 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
         macs=("macs_effective", "mean"), params=("params_nonzero", "mean"),
         theoretical_speedup=("theoretical_speedup", "mean"),
         measured_speedup=("measured_speedup", "mean"), measured_speedup_ci=("measured_speedup", ci95),
-        realizable=("realizable", "all"), realization=("realization", _labels),
+        realizable=("realizable", "any"), speedup_seeds=("measured_speedup", "count"),
+        realization=("realization", _labels),
         method_steps=("method_steps", "mean"),
         train_macs=("train_macs", "mean"),
         total_steps=("total_steps", "mean"), total_train_macs=("total_train_macs", "mean"),
@@ -480,9 +481,14 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in agg.iterrows():
         target = "dense" if r["target_kind"] == "none" else f"{r['target_kind']}={r['target']:g}"
+        timed = r.get("speedup_seeds")
+        partly = timed is not None and not pd.isna(timed) and 0 < timed < r["seeds"]
+        named = [r["realization"]] if isinstance(r.get("realization"), str) else []
+        named += [f"{int(timed)} of {int(r['seeds'])} seeds timed"] if partly else []
         measured = (plus_minus(r["measured_speedup"], r["measured_speedup_ci"], ".2f") + "×"
-                    + (f" ({r['realization']})" if isinstance(r.get("realization"), str) else "")) \
-            if r["realizable"] else "not realizable"
+                    + (f" ({'; '.join(named)})" if named else "")) \
+            if r["realizable"] and not pd.isna(r["measured_speedup"]) else \
+            ("not realizable" if not r["realizable"] else "not timed")
         rows.append({
             "dataset": r["dataset"], "model": r["model"], "target": target,
             **({"cost": r["cost_group"]} if "cost_group" in r else {}),

@@ -227,3 +227,17 @@ def test_measured_speedup_names_the_sparse_kernel_realization(tmp_path):
     entries = page.split('id="latency"')[1].split("</table>")[0]      # every entry, the one shown marked
     assert entries.count("<tr") == 2 and '<tr class="shown">' in entries and "1.400× ◀" in entries
     assert "auto (1 layers on CSR)" in entries
+
+
+def test_a_row_timed_on_some_seeds_shows_their_speedup_and_says_how_many():
+    """Seeds without a saved model cannot be re-timed: the row's speedup is the mean over the seeds
+    that have one, and says "k of n seeds timed" instead of calling the row not realizable."""
+    from sparsebench.store.record import Realization
+
+    auto = Realization(True, "auto", None, "float32", {"sparse_layers": 2, "layers": []})
+    records = [fake_record("rigl", 0, 0.8, target=0.9, realizable=True, speedup=1.3, realization=auto)]
+    records += [fake_record("rigl", s, 0.8, target=0.9) for s in (1, 2)]       # not realizable when run
+    md = to_markdown(aggregate(records_frame(records)))
+    assert "1.30× (auto, eager; 1 of 3 seeds timed)" in md
+    md = to_markdown(aggregate(records_frame(records[1:])))
+    assert "not realizable" in md
