@@ -50,6 +50,9 @@ def plot_measured_vs_theoretical(table: pd.DataFrame, path: Path, title: str = "
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+    needed = ["measured_speedup", "theoretical_speedup", "realization", "batch"]
+    if table.empty or any(c not in table for c in needed):      # nothing measured (latency off, no result)
+        return None
     t = table.dropna(subset=["measured_speedup", "theoretical_speedup"])
     if t.empty:
         return None

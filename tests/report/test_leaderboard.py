@@ -241,3 +241,13 @@ def test_a_row_timed_on_some_seeds_shows_their_speedup_and_says_how_many():
     assert "1.30× (auto, eager; 1 of 3 seeds timed)" in md
     md = to_markdown(aggregate(records_frame(records[1:])))
     assert "not realizable" in md
+
+
+def test_no_measured_latency_means_no_kernel_plot(tmp_path):
+    """Records without any latency entry (latency off, or failed runs) give no plot and no error."""
+    from sparsebench.report.speedup import entries_frame, plot_measured_vs_theoretical
+
+    records = [fake_record("random", 0, 0.8), fake_record("random", 1, 0.8, status="diverged")]
+    assert entries_frame(records).empty
+    assert plot_measured_vs_theoretical(entries_frame(records), tmp_path / "p.png") is None
+    assert not (tmp_path / "p.png").exists()
