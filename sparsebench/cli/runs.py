@@ -41,11 +41,18 @@ def _options(args):
     _check_out_dir(Path(args.out), "--out")
     if args.cache_dir:
         _check_out_dir(Path(args.cache_dir), "--cache-dir")
+    if args.tracker == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise CliError("--tracker mlflow needs mlflow: pip install 'sparsebench[mlflow]'")
+    elif args.tracker_uri:
+        raise CliError("--tracker-uri is for --tracker mlflow")
     return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
                       progress=_progress_factory(args.quiet), checkpoint_every=args.checkpoint_every or None,
                       resume=not args.no_resume, max_bad_samples=args.max_bad_samples,
-                      save_model=not args.no_save_models)
+                      save_model=not args.no_save_models, tracker=args.tracker, tracker_uri=args.tracker_uri)
 
 
 def cmd_run(args) -> int:
@@ -61,6 +68,8 @@ def cmd_run(args) -> int:
     options.device = str(platform.device(args.device))
     if not platform.is_primary:
         options.progress = None
+    elif options.progress is None and not args.quiet:      # no terminal: a plain line every interval
+        options.progress_every = args.progress_interval
     say = print if platform.is_primary else (lambda *a, **k: None)
     store = RecordStore(Path(args.out))
     record = None
