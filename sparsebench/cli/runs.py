@@ -364,7 +364,9 @@ def _sweep_progress(args, total: int, name: str, eta):
         return _Silent()
     if sys.stderr.isatty():
         return _Bar(total, name, eta)
-    return PlainProgress(total, name, eta, interval=args.progress_interval)
+    from sparsebench.runners.pipeline import progress_dir
+
+    return PlainProgress(total, name, eta, interval=args.progress_interval, running=progress_dir(Path(args.out)))
 
 
 def _check_data(specs, options) -> None:

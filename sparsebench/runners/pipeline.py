@@ -647,7 +647,14 @@ def run_watch(spec: RunSpec, options: RunOptions) -> Optional[RunWatch]:
         return None
     trackers = make_trackers(options.tracker, Path(options.out), spec.run_id, flat_params(plain(spec.to_dict())),
                              options.tracker_uri)
-    return RunWatch(trackers, torch.device(options.device), progress_every=options.progress_every)
+    return RunWatch(trackers, torch.device(options.device), progress_every=options.progress_every,
+                    status_path=progress_dir(options.out) / f"{spec.run_id}.json",
+                    label=f"{spec.method} {spec.model} {spec.target}")
+
+
+def progress_dir(out: Path) -> Path:
+    """Where the runs in progress into results directory `out` keep their progress for a sweep's lines."""
+    return Path(out) / ".progress"
 
 
 def _watched(record: RunRecord, watch: Optional[RunWatch]) -> RunRecord:

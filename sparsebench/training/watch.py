@@ -24,6 +24,7 @@ instead of shown twice. (MLflow cannot drop points: a resumed MLflow run may hol
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import threading
@@ -244,12 +245,15 @@ class RunWatch:
     `progress_every`: seconds between plain progress lines on stderr (None: none)."""
 
     def __init__(self, trackers: List[Tracker], device: torch.device, sample_every: Optional[float] = None,
-                 flush_every: Optional[float] = None, progress_every: Optional[float] = None, stream=None):
+                 flush_every: Optional[float] = None, progress_every: Optional[float] = None, stream=None,
+                 status_path: Optional[Path] = None, label: str = ""):
         sample_every = SAMPLE_SECONDS if sample_every is None else sample_every
         flush_every = FLUSH_SECONDS if flush_every is None else flush_every
         self.trackers, self.device = list(trackers), torch.device(device)
         self.flush_every, self.progress_every = flush_every, progress_every
         self.stream = stream if stream is not None else sys.stderr
+        # where a sweep reads this run's progress (`running_runs`), rewritten at every flush interval
+        self.status_path, self.label = (Path(status_path) if status_path else None), label
         self.logs: Dict[str, StageLog] = {}
         self.stages: Dict[str, StageResources] = {}
         self._stepping: Optional[str] = None       # the stage of the latest step
@@ -317,6 +321,10 @@ class RunWatch:
         self.log(trainer.stage).write(trainer.position, values)
         for tracker in self.trackers:
             tracker.flush()
+        if self.status_path is not None:
+            resources = self.stages[trainer.stage]
+            write_status(self.status_path, self.label, trainer, resources.wall_seconds / max(1, resources.steps),
+                         self.log(trainer.stage).last_val)
         self._interval = {"start": now, "steps": 0, "images": 0, "data": 0.0, "step": 0.0}
         self._next_flush = now + self.flush_every
 
@@ -377,17 +385,61 @@ class RunWatch:
             log.start()          # a stage that took no step here: what it replayed was written before
         for tracker in self.trackers:
             tracker.close()
+        if self.status_path is not None:
+            self.status_path.unlink(missing_ok=True)      # the run is over: no longer running
+
+
+def stage_progress(trainer, seconds_per_step: float) -> dict:
+    """Where a stage is: its steps done and in all (a method's budget, or the trainer's schedule), the
+    measured seconds per step and the remaining seconds at that rate (None where the total is unknown)."""
+    done = trainer.position
+    total = trainer.budget.limit if trainer.budget is not None else trainer.schedule_steps
+    return {"stage": trainer.stage, "step": int(done), "total": int(total) if total else None,
+            "seconds_per_step": seconds_per_step,
+            "eta_seconds": max(0, total - done) * seconds_per_step if total else None}
+
+
+def write_status(path: Path, label: str, trainer, seconds_per_step: float, last_val: Optional[float]) -> None:
+    """The run's progress as a small JSON file, replaced whole (a reader never sees half of one)."""
+    status = {"label": label, **stage_progress(trainer, seconds_per_step), "last_val": last_val,
+              "updated": time.time()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(status))
+    part.replace(path)
+
+
+def running_runs(directory: Path, max_age: float = 600.0) -> List[dict]:
+    """The progress of the runs writing status files in `directory` (OUT/.progress), oldest label first;
+    a file not rewritten for `max_age` seconds is a run that was killed, and is left out."""
+    out = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            status = json.loads(path.read_text())
+        except (OSError, ValueError):       # removed or replaced meanwhile
+            continue
+        if time.time() - status.get("updated", 0) <= max_age:
+            out.append(status)
+    return out
+
+
+def describe_running(status: dict) -> str:
+    """"gmp resnet20_tiny sparsity=0.6: method 120/500, ETA 3m 10s, val 71.20%"."""
+    where = f"{status['stage']} {status['step']}" + (f"/{status['total']}" if status.get("total") else "")
+    eta = f", ETA {_duration(status['eta_seconds'])}" if status.get("eta_seconds") is not None else ""
+    val = f", val {100 * status['last_val']:.2f}%" if status.get("last_val") is not None else ""
+    return f"{status.get('label') or '?'}: {where}{eta}{val}"
 
 
 def progress_line(trainer, seconds_per_step: float, last_val: Optional[float]) -> str:
     """"method step 1200/5000 (24%), 0.310 s/step, ETA 19m 38s, last val top-1 71.20%": the stage's steps
     (a method's budget, or the trainer's schedule) and its remaining time at the measured step time."""
-    done = trainer.position
-    total = trainer.budget.limit if trainer.budget is not None else trainer.schedule_steps
+    where = stage_progress(trainer, seconds_per_step)
+    done, total = where["step"], where["total"]
     parts = [f"{trainer.stage} step {done}" + (f"/{total} ({100 * done / total:.0f}%)" if total else "")]
     parts.append(f"{seconds_per_step:.3f} s/step")
     if total:
-        parts.append(f"ETA {_duration(max(0, total - done) * seconds_per_step)}")
+        parts.append(f"ETA {_duration(where['eta_seconds'])}")
     if last_val is not None:
         parts.append(f"last val top-1 {100 * last_val:.2f}%")
     return ", ".join(parts)

@@ -197,3 +197,37 @@ def test_progress_lines_are_printed_every_interval_with_the_stages_step_time_and
     assert lines == ["finetune step 250/1000 (25%), 0.200 s/step, ETA 2m 30s",
                      "finetune step 250/1000 (25%), 0.200 s/step, ETA 2m 30s, last val top-1 50.00%"]
     watch.close()
+
+
+def test_a_run_keeps_its_progress_for_a_sweep_while_it_runs_and_removes_it_after(tmp_path, fast_watch, monkeypatch):
+    from sparsebench.runners.pipeline import progress_dir
+    from sparsebench.training.trainer import Trainer
+
+    seen = []
+    original = Trainer.train_step
+
+    def step(self):
+        out = original(self)
+        seen.extend(watch_module.running_runs(progress_dir(tmp_path)))
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    record = execute(tiny_spec("gmp", target="sparsity=0.6", measure=NO_LATENCY), RunOptions(out=tmp_path))
+    method = [s for s in seen if s["stage"] == "method"]
+    assert method and all(s["label"] == "gmp resnet20_tiny sparsity=0.6" for s in method)
+    assert method[-1]["step"] == record.cost.method_steps and method[-1]["total"] >= record.cost.method_steps
+    assert method[-1]["eta_seconds"] >= 0 and method[-1]["seconds_per_step"] > 0
+    finetune = [s for s in seen if s["stage"] == "finetune"]
+    assert finetune[-1]["last_val"] is not None or len(record.curves["finetune"]["val"]) <= 1
+    assert watch_module.running_runs(progress_dir(tmp_path)) == []       # finished: no longer running
+
+
+def test_a_stale_status_file_is_a_killed_run_and_left_out(tmp_path):
+    fresh, stale = tmp_path / "a.json", tmp_path / "b.json"
+    watch_module.write_status(fresh, "gmp resnet20_tiny sparsity=0.6", _Trainer(), 0.5, 0.7)
+    watch_module.write_status(stale, "rigl resnet20_tiny sparsity=0.8", _Trainer(), 0.5, None)
+    os.utime(stale)
+    data = json.loads(stale.read_text())
+    stale.write_text(json.dumps({**data, "updated": time.time() - 3600}))
+    [running] = watch_module.running_runs(tmp_path)
+    assert watch_module.describe_running(running) == "gmp resnet20_tiny sparsity=0.6: finetune 250/1000, ETA 6m 15s, val 70.00%"
