@@ -294,3 +294,28 @@ def test_run_summary_names_the_realization_beside_the_measured_speedup(capsys):
     assert "measured 1.25× (auto, cpu: Test CPU)" in capsys.readouterr().out
     _print_run_summary(make_record("l1-channel", kind="flops", realizable=True, speedup=1.5))
     assert "measured 1.50× (cpu: Test CPU)" in capsys.readouterr().out
+
+
+def test_run_with_tracker_mlflow_logs_the_report_too(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+
+    code, text, err = run_cli(capsys, "run", "--method", "magnitude-global", "--model", "resnet20_tiny", "--dataset",
+                              "digits", "--target", "sparsity=0.5", "--recipe", "pretrain_epochs=0.5", "--recipe",
+                              "finetune_epochs=0.5", "--out", str(tmp_path), "--quiet", "--no-latency",
+                              "--tracker", "mlflow")
+    assert code == 0, err
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")     # the default store
+    [run] = client.search_runs([client.get_experiment_by_name("sparsebench").experiment_id])
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    run_id = run.data.tags["sparsebench.run_id"]
+    assert {f"{run_id}.json", f"{run_id}.safetensors", "report"} <= names and run.info.status == "FINISHED"
+    pages = {a.path for a in client.list_artifacts(run.info.run_id, "report/runs")}
+    assert f"report/runs/{run_id}.html" in pages
+
+
+def test_tracker_uri_without_mlflow_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "--method", "random", "--model", "resnet20_tiny", "--dataset", "digits",
+                           "--target", "sparsity=0.5", "--out", str(tmp_path), "--tracker-uri", "sqlite:///x.db")
+    assert code == 2 and "--tracker-uri is for --tracker mlflow" in err

@@ -86,12 +86,31 @@ def cmd_run(args) -> int:
     if platform.broadcast(record is None):          # every rank trains, or none does
         record = execute(spec, options)
         say(f"wrote {store.path(spec.run_id)}")
+        if options.tracker == "mlflow" and platform.is_primary:
+            _report_to_mlflow(record, options)
     elif record is None:
         record = store.read(spec.run_id)
     platform.barrier()
     if platform.is_primary:
         _print_run_summary(record)
     return 3 if record.status == "diverged" else 0      # the record is kept; scripts still see it failed
+
+
+def _report_to_mlflow(record, options) -> None:
+    """The run's report (its run page, curves and the site around it) as the MLflow run's `report` artifacts
+    (the record and model went with the run itself)."""
+    import tempfile
+
+    from sparsebench.report.site import build_site
+    from sparsebench.training.watch import MlflowTracker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_site([record], Path(tmp) / "report", svg=False)
+        tracker = MlflowTracker(options.out, record.run_id, {}, options.tracker_uri)
+        try:
+            tracker.artifacts([Path(tmp) / "report"])
+        finally:
+            tracker.close()
 
 
 def _print_run_summary(r) -> None:

@@ -151,9 +151,12 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.mlflow_run_id, metrics=pending[i:i + self.BATCH])
 
     def artifacts(self, paths: List[Path]) -> None:
-        for path in paths:
-            if Path(path).is_file():
+        """Files as artifacts by their names; a folder (a report) as a folder of that name."""
+        for path in map(Path, paths):
+            if path.is_file():
                 self.client.log_artifact(self.mlflow_run_id, str(path))
+            elif path.is_dir():
+                self.client.log_artifacts(self.mlflow_run_id, str(path), artifact_path=path.name)
 
     def close(self) -> None:
         self.flush()

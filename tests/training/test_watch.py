@@ -231,3 +231,69 @@ def test_a_stale_status_file_is_a_killed_run_and_left_out(tmp_path):
     stale.write_text(json.dumps({**data, "updated": time.time() - 3600}))
     [running] = watch_module.running_runs(tmp_path)
     assert watch_module.describe_running(running) == "gmp resnet20_tiny sparsity=0.6: finetune 250/1000, ETA 6m 15s, val 70.00%"
+
+
+class _FakeNvml:
+    """pynvml as far as the sampler reads it: device 0 at 37 % utilisation."""
+
+    class _Rates:
+        gpu = 37
+
+    def nvmlInit(self):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        assert index == 0
+        return "handle-0"
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        assert handle == "handle-0"
+        return self._Rates()
+
+
+@pytest.mark.parametrize("nvml", [True, False])
+def test_on_cuda_the_stage_records_gpu_utilisation_and_memory(monkeypatch, nvml):
+    """No GPU needed: torch.cuda's counters and NVML are stood in for."""
+    import sys
+
+    if nvml:
+        monkeypatch.setitem(sys.modules, "pynvml", _FakeNvml())
+    else:
+        monkeypatch.setitem(sys.modules, "pynvml", None)        # import fails: torch's counters only
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * 2 ** 30, 8 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 1536 * 2 ** 20)
+    watch = watch_module.RunWatch([], torch.device("cuda:0"), sample_every=0.02, flush_every=0.0)
+
+    class Step(_Trainer):
+        stage, hooks = "method", []
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        watch.after_step(Step(), 64, 0.005, 0.01)
+        time.sleep(0.01)
+        if len(watch.stages["method"].samples) >= 3:
+            break
+    used = watch.resources()
+    watch.close()
+    method = used["stages"]["method"]
+    assert method["gpu_mem_used_mb_peak"] == 2048.0 and method["gpu_peak_allocated_mb"] == 1536.0
+    assert method["loader_wait_fraction"] == 0.5
+    if nvml:
+        assert used["gpu_source"] == "nvml" and method["gpu_util_percent_mean"] == 37.0
+    else:
+        assert used["gpu_source"] == "torch" and method["gpu_util_percent_mean"] is None
+
+
+def test_only_rank_0_watches_a_run(tmp_path, monkeypatch):
+    import sparsebench.runners.pipeline as pipeline
+
+    spec = tiny_spec("magnitude-global", measure=NO_LATENCY)
+    primary = pipeline.run_watch(spec, RunOptions(out=tmp_path))
+    assert primary is not None and primary.trackers
+    primary.close()
+
+    class OtherRank:
+        is_primary = False
+
+    monkeypatch.setattr(pipeline, "current_platform", lambda: OtherRank())
+    assert pipeline.run_watch(spec, RunOptions(out=tmp_path)) is None
