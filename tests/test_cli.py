@@ -130,8 +130,8 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     assert "estimated" in text and "from the reference records' measured step costs" in text
     assert "[tiny] 6/6 runs" in text and "ETA" in text          # plain lines: capsys is not a terminal
     assert "6 runs in common with" in text and "top1 ref" in text
-    written = [p for p in out.rglob("*") if p.is_file() and "records" not in p.parts and "checkpoints" not in p.parts
-               and "models" not in p.parts and not p.name.endswith(".lock")]
+    written = [p for p in out.rglob("*") if p.is_file() and not {"records", "checkpoints", "models", "tb"} & set(p.parts)
+               and not p.name.endswith(".lock")]           # the runs' own outputs (tb: their live curves)
     assert len(list((out / "models").glob("*.safetensors"))) == 6 and "6 of 6 runs' models saved" in text
     wrote = next(line for line in text.splitlines() if line.startswith("wrote "))
     assert wrote.startswith(f"wrote {len(written)} files") and all(p.name in wrote for p in written)

@@ -172,29 +172,41 @@ class ResourceSampler:
             self._thread.join(timeout=5.0)
 
 
+SAMPLED = ("cpu_percent", "rss_mb", "shm_mb", "gpu_util_percent", "gpu_mem_used_mb")
+
+
 @dataclass
 class StageResources:
-    """One training stage's samples and step timing, summed into its record entry (`as_dict`)."""
+    """One training stage's samples (summed as they come: a 290-hour stage takes half a million) and
+    step timing, as its record entry (`as_dict`)."""
 
-    samples: List[dict] = field(default_factory=list)
+    samples: int = 0
     steps: int = 0
-    wall_seconds: float = 0.0           # from the stage's first step to its last, in this process
+    wall_seconds: float = 0.0           # the stage's steps, in this process
     data_wait_seconds: float = 0.0      # of that, time the steps waited for their batch
     peak_allocated_mb: Optional[float] = None    # CUDA: the most this process's tensors held
+    sums: Dict[str, float] = field(default_factory=dict)      # per sampled number: its sum, count, peak
+    counts: Dict[str, int] = field(default_factory=dict)
+    peaks: Dict[str, float] = field(default_factory=dict)
+
+    def add(self, sample: dict) -> None:
+        self.samples += 1
+        for key in SAMPLED:
+            value = sample.get(key)
+            if value is None:
+                continue
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.peaks[key] = max(self.peaks.get(key, value), value)
 
     def as_dict(self) -> dict:
-        def numbers(key):
-            return [s[key] for s in self.samples if s.get(key) is not None]
-
         def mean(key):
-            values = numbers(key)
-            return round(sum(values) / len(values), 2) if values else None
+            return round(self.sums[key] / self.counts[key], 2) if self.counts.get(key) else None
 
         def peak(key):
-            values = numbers(key)
-            return round(max(values), 2) if values else None
+            return round(self.peaks[key], 2) if key in self.peaks else None
 
-        return {"samples": len(self.samples), "steps": self.steps, "wall_seconds": round(self.wall_seconds, 3),
+        return {"samples": self.samples, "steps": self.steps, "wall_seconds": round(self.wall_seconds, 3),
                 "loader_wait_fraction": round(self.data_wait_seconds / self.wall_seconds, 4)
                 if self.wall_seconds > 0 else None,
                 "cpu_percent_mean": mean("cpu_percent"), "cpu_percent_peak": peak("cpu_percent"),

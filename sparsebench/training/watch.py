@@ -34,12 +34,11 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 
-from sparsebench.measure.resources import ResourceSampler, StageResources, source_name
+from sparsebench.measure.resources import SAMPLED, ResourceSampler, StageResources, source_name
 
 FLUSH_SECONDS = 5.0             # between flushes of the trackers and the interval's throughput and densities
 SAMPLE_SECONDS = 2.0            # between resource samples
 TRACKERS = ("tensorboard", "mlflow", "none")
-RESOURCE_TAGS = ("cpu_percent", "rss_mb", "shm_mb", "gpu_util_percent", "gpu_mem_used_mb")
 
 
 class Tracker:
@@ -219,12 +218,10 @@ class StageLog:
         if step <= self.written_through:
             return
         if not self.opened:         # everything from here on is written (again) by this process
-            for tracker in self.watch.trackers:
-                tracker.open_stage(self.stage, step)
+            self.watch.each_tracker("open_stage", self.stage, step)
             self.opened = True
         finite = {tag: float(v) for tag, v in values.items() if v is not None and math.isfinite(v)}
-        for tracker in self.watch.trackers:
-            tracker.scalars(self.stage, step, finite)
+        self.watch.each_tracker("scalars", self.stage, step, finite)
 
     # what a TrainingCurve hands on
     def step(self, step: int, loss: float, lr: float) -> None:
@@ -271,6 +268,17 @@ class RunWatch:
         self.sampler = ResourceSampler(self._on_sample, self.device, sample_every).start() if sample_every else None
         self.sampler_source = source_name()
 
+    def each_tracker(self, name: str, *args) -> None:
+        """Call every tracker's `name`; one that fails (a full disk, a tracking server gone) is dropped
+        with a one-line note: live logging is never the reason a run fails."""
+        for tracker in list(self.trackers):
+            try:
+                getattr(tracker, name)(*args)
+            except Exception as e:  # noqa: BLE001
+                self.trackers.remove(tracker)
+                print(f"sparsebench: note: {tracker.name} logging stopped ({type(e).__name__}: {e}); "
+                      f"the run goes on", file=self.stream)
+
     # --- trainers ---------------------------------------------------------------------------
     def attach(self, trainer) -> None:
         """A trainer's curve writes through its stage's log from now on (trainers of one stage share it)."""
@@ -316,14 +324,13 @@ class RunWatch:
                   "train/loader_wait_fraction": interval["data"] / interval["step"] if interval["step"] else None}
         values.update(self._densities(trainer))
         if self._latest is not None:
-            values.update({f"resources/{k}": self._latest.get(k) for k in RESOURCE_TAGS if k in self._latest})
+            values.update({f"resources/{k}": self._latest.get(k) for k in SAMPLED if k in self._latest})
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
             self.stages[trainer.stage].peak_allocated_mb = peak
             values["resources/gpu_peak_allocated_mb"] = peak
         self.log(trainer.stage).write(trainer.position, values)
-        for tracker in self.trackers:
-            tracker.flush()
+        self.each_tracker("flush")
         if self.status_path is not None:
             resources = self.stages[trainer.stage]
             write_status(self.status_path, self.label, trainer, resources.wall_seconds / max(1, resources.steps),
@@ -352,7 +359,7 @@ class RunWatch:
         with self._lock:
             self._latest = sample
             if self._stepping is not None and self._stepped_at >= self._previous_sample:
-                self.stages[self._stepping].samples.append(sample)
+                self.stages[self._stepping].add(sample)
             self._previous_sample = sample["time"]
 
     def resources(self) -> Optional[dict]:
@@ -370,24 +377,18 @@ class RunWatch:
     def flush(self) -> None:
         """Everything written so far to disk (the trainer calls this as it saves a checkpoint: a resumed
         run skips the points up to its checkpoint, which must then be in the event files)."""
-        for tracker in self.trackers:
-            tracker.flush()
+        self.each_tracker("flush")
 
     # --- the end ----------------------------------------------------------------------------
     def artifacts(self, paths: List[Path]) -> None:
-        for tracker in self.trackers:
-            try:
-                tracker.artifacts([Path(p) for p in paths if p is not None])
-            except Exception as e:  # noqa: BLE001 -- a tracker never takes a finished run down
-                print(f"sparsebench: note: {tracker.name} did not take the artifacts ({e})", file=self.stream)
+        self.each_tracker("artifacts", [Path(p) for p in paths if p is not None])
 
     def close(self) -> None:
         if self.sampler is not None:
             self.sampler.stop()
         for log in self.logs.values():
             log.start()          # a stage that took no step here: what it replayed was written before
-        for tracker in self.trackers:
-            tracker.close()
+        self.each_tracker("close")
         if self.status_path is not None:
             self.status_path.unlink(missing_ok=True)      # the run is over: no longer running
 

@@ -271,7 +271,7 @@ def test_on_cuda_the_stage_records_gpu_utilisation_and_memory(monkeypatch, nvml)
     while time.monotonic() < deadline:
         watch.after_step(Step(), 64, 0.005, 0.01)
         time.sleep(0.01)
-        if len(watch.stages["method"].samples) >= 3:
+        if watch.stages["method"].samples >= 3:
             break
     used = watch.resources()
     watch.close()
@@ -297,3 +297,33 @@ def test_only_rank_0_watches_a_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "current_platform", lambda: OtherRank())
     assert pipeline.run_watch(spec, RunOptions(out=tmp_path)) is None
+
+
+def test_a_stage_sums_its_samples_as_they_come():
+    """Half a million samples (a 290-hour stage at one per 2 s) must not be kept one by one."""
+    stage = resources.StageResources()
+    for i in range(1000):
+        stage.add({"time": i, "cpu_percent": float(i % 10), "rss_mb": 100.0 + i, "shm_mb": None})
+    used = stage.as_dict()
+    assert used["samples"] == 1000 and used["cpu_percent_mean"] == 4.5 and used["cpu_percent_peak"] == 9.0
+    assert used["rss_mb_peak"] == 1099.0 and used["shm_mb_peak"] is None
+    assert len(repr(stage)) < 1000
+
+
+def test_a_failing_tracker_is_dropped_with_a_note_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    import sparsebench.runners.pipeline as pipeline
+
+    class Gone(watch_module.Tracker):
+        name = "mlflow"
+
+        def scalars(self, stage, step, values):
+            raise ConnectionError("tracking server unreachable")
+
+    real = pipeline.make_trackers
+    monkeypatch.setattr(pipeline, "make_trackers", lambda *a, **k: [Gone(), *real(*a, **k)])
+    record = execute(tiny_spec("magnitude-global", measure=NO_LATENCY), RunOptions(out=tmp_path))
+    assert record.status == "ok"
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sparsebench: note")]
+    assert notes == ["sparsebench: note: mlflow logging stopped (ConnectionError: tracking server unreachable); "
+                     "the run goes on"]
+    assert scalars(tmp_path, record.run_id, "finetune")["train/loss"]          # TensorBoard went on
