@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.curves import curve_stages, curve_svg
-from sparsebench.report.leaderboard import baseline_cell, paired_cell, plus_minus
+from sparsebench.report.leaderboard import STARVED_WAIT, baseline_cell, paired_cell, plus_minus, starved_stages
 from sparsebench.report.references import published_html
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
@@ -395,10 +395,6 @@ RESOURCE_ROWS = (
     ("steps", "steps", ".0f", ""),
     ("samples", "samples", ".0f", ""),
 )
-# a stage whose steps waited this long for their batches was starved by its data loading
-STARVED_WAIT = 0.2
-
-
 def _resource_section(record: RunRecord) -> str:
     """What each training stage used of the machine (the record's `resources`), beside the curves."""
     used = record.resources
@@ -414,7 +410,7 @@ def _resource_section(record: RunRecord) -> str:
         cells = "".join(f"<td>{_fmt(None if v is None else 100 * v, '.1f', '%') if fmt == 'percent' else _fmt(v, fmt)}</td>"
                         for v in values)
         rows.append(f'<tr><td class="text">{esc(label)}{f" <small>{esc(unit)}</small>" if unit else ""}</td>{cells}</tr>')
-    starved = [s for s in stages if (used["stages"][s].get("loader_wait_fraction") or 0) > STARVED_WAIT]
+    starved = starved_stages(record)
     note = (f'<p class="note starved">Starved: the {", ".join(esc(s) for s in starved)} steps waited for data more than '
             f'{100 * STARVED_WAIT:.0f}% of their time; throughput is the loader\'s, not the device\'s.</p>'
             if starved else "")
