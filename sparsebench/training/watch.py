@@ -333,8 +333,12 @@ class RunWatch:
         self.each_tracker("flush")
         if self.status_path is not None:
             resources = self.stages[trainer.stage]
-            write_status(self.status_path, self.label, trainer, resources.wall_seconds / max(1, resources.steps),
-                         self.log(trainer.stage).last_val)
+            try:
+                write_status(self.status_path, self.label, trainer, resources.wall_seconds / max(1, resources.steps),
+                             self.log(trainer.stage).last_val)
+            except OSError as e:        # a full or read-only disk: the sweep's lines go without this run
+                print(f"sparsebench: note: progress not kept for the sweep ({e})", file=self.stream)
+                self.status_path = None
         self._interval = {"start": now, "steps": 0, "images": 0, "data": 0.0, "step": 0.0}
         self._next_flush = now + self.flush_every
 
@@ -390,7 +394,8 @@ class RunWatch:
             log.start()          # a stage that took no step here: what it replayed was written before
         self.each_tracker("close")
         if self.status_path is not None:
-            self.status_path.unlink(missing_ok=True)      # the run is over: no longer running
+            with contextlib.suppress(OSError):
+                self.status_path.unlink(missing_ok=True)      # the run is over: no longer running
 
 
 def stage_progress(trainer, seconds_per_step: float) -> dict:
