@@ -400,7 +400,8 @@ def _resource_section(record: RunRecord) -> str:
     used = record.resources
     if not used or not used.get("stages"):
         return '<p id="no-resources">No resource use recorded (records before the field have none).</p>'
-    stages = list(used["stages"])
+    order = {"dense": 0, "method": 1, "finetune": 2}         # training order, whatever the JSON's key order
+    stages = sorted(used["stages"], key=lambda s: (order.get(s, 3), s))
     head = '<th class="text">per stage</th>' + "".join(f"<th>{esc(s)}</th>" for s in stages)
     rows = []
     for label, key, fmt, unit in RESOURCE_ROWS:

@@ -353,15 +353,15 @@ def test_compare_page_pairs_two_methods_and_tables_show_ranks(tmp_path):
     assert reversed_[5] == forward[6] and result["errors"] == []
 
 
-RESOURCES = {"stages": {
-    "method": {"samples": 40, "steps": 300, "wall_seconds": 80.0, "loader_wait_fraction": 0.35,
-               "cpu_percent_mean": 180.0, "cpu_percent_peak": 199.0, "rss_mb_mean": 2100.0, "rss_mb_peak": 2400.0,
-               "shm_mb_peak": 512.0, "gpu_util_percent_mean": 41.0, "gpu_mem_used_mb_peak": 9000.0,
-               "gpu_peak_allocated_mb": 7000.0},
+RESOURCES = {"stages": {     # finetune first, as a JSON record with sorted keys has it
     "finetune": {"samples": 20, "steps": 200, "wall_seconds": 40.0, "loader_wait_fraction": 0.02,
                  "cpu_percent_mean": 95.0, "cpu_percent_peak": 120.0, "rss_mb_mean": 2000.0, "rss_mb_peak": 2050.0,
                  "shm_mb_peak": 256.0, "gpu_util_percent_mean": 93.0, "gpu_mem_used_mb_peak": 8800.0,
-                 "gpu_peak_allocated_mb": 7000.0}},
+                 "gpu_peak_allocated_mb": 7000.0},
+    "method": {"samples": 40, "steps": 300, "wall_seconds": 80.0, "loader_wait_fraction": 0.35,
+               "cpu_percent_mean": 180.0, "cpu_percent_peak": 199.0, "rss_mb_mean": 2100.0, "rss_mb_peak": 2400.0,
+               "shm_mb_peak": 512.0, "gpu_util_percent_mean": 41.0, "gpu_mem_used_mb_peak": 9000.0,
+               "gpu_peak_allocated_mb": 7000.0}},
     "sample_seconds": 2.0, "source": "psutil", "gpu_source": "nvml"}
 
 
@@ -375,6 +375,7 @@ def test_run_page_shows_each_stages_resource_use_beside_the_curves_and_names_a_s
     page = (tmp_path / "runs" / f"{record.run_id}.html").read_text()
     both = page[page.index('class="curves-resources"'):page.index("Kept structure")]
     assert 'class="curves"' in both and 'id="resources"' in both          # one row: the curves, then resources
+    assert re.search(r"<th>method</th><th>finetune</th>", both)          # training order
     assert re.search(r">loader wait <small>of step time</small></td><td>35\.0%</td><td>2\.0%</td>", both)
     assert re.search(r">GPU utilisation, mean <small>%</small></td><td>41</td><td>93</td>", both)
     assert "Starved: the method steps" in both and "finetune steps" not in both
