@@ -301,6 +301,9 @@ class RunWatch:
         """Called by the trainer after every optimizer step; cheap unless an interval is due."""
         stage = trainer.stage
         self.log(stage).start()
+        if stage != self._stepping:      # a new stage's throughput is its own steps' (not the last stage's tail)
+            self._interval = {"start": time.monotonic() - step_seconds, "steps": 0, "images": 0, "data": 0.0,
+                              "step": 0.0}
         with self._lock:
             resources = self.stages.get(stage)
             if resources is None:

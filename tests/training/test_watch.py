@@ -327,3 +327,34 @@ def test_a_failing_tracker_is_dropped_with_a_note_and_the_run_goes_on(tmp_path, 
     assert notes == ["sparsebench: note: mlflow logging stopped (ConnectionError: tracking server unreachable); "
                      "the run goes on"]
     assert scalars(tmp_path, record.run_id, "finetune")["train/loss"]          # TensorBoard went on
+
+
+class _Recording(watch_module.Tracker):
+    name = "recording"
+
+    def __init__(self):
+        self.points = []
+
+    def scalars(self, stage, step, values):
+        self.points.append((stage, step, values))
+
+
+def test_each_interval_writes_throughput_and_loader_wait_of_its_own_stage():
+    tracker = _Recording()
+    watch = watch_module.RunWatch([tracker], torch.device("cpu"), sample_every=0, flush_every=0.0)
+
+    class Dense(_Trainer):
+        stage, hooks = "dense", []
+
+    class Method(_Trainer):
+        stage, hooks = "method", []
+
+    watch.after_step(Dense(), 64, 0.02, 0.1)
+    time.sleep(0.3)                                  # the gap (an evaluation, the next stage's setup)
+    watch.after_step(Method(), 32, 0.05, 0.1)
+    watch.close()
+    [(stage, step, values)] = [p for p in tracker.points if p[0] == "method"]
+    assert stage == "method" and step == Method.position
+    assert values["train/loader_wait_fraction"] == pytest.approx(0.5)
+    assert 5 < values["train/steps_per_second"] <= 10.5          # one 0.1 s step, not the dense stage's gap
+    assert values["train/images_per_second"] == pytest.approx(32 * values["train/steps_per_second"])
