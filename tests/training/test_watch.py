@@ -358,3 +358,32 @@ def test_each_interval_writes_throughput_and_loader_wait_of_its_own_stage():
     assert values["train/loader_wait_fraction"] == pytest.approx(0.5)
     assert 5 < values["train/steps_per_second"] <= 10.5          # one 0.1 s step, not the dense stage's gap
     assert values["train/images_per_second"] == pytest.approx(32 * values["train/steps_per_second"])
+
+
+def test_the_progress_bar_shows_the_last_validation_top1():
+    from sparsebench.models import create_model
+    from sparsebench.specs import Recipe
+    from sparsebench.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))) for _ in range(4)]
+
+    class Bar:
+        postfixes = []
+
+        def __init__(self, total, desc):
+            pass
+
+        def update(self, n=1):
+            pass
+
+        def set_postfix(self, **kwargs):
+            Bar.postfixes.append(kwargs)
+
+        def close(self):
+            pass
+
+    trainer = Trainer(create_model("resnet20_tiny", img_size=16), batches, Recipe(), torch.device("cpu"), 10, 0.05)
+    result = trainer.fit(12, batches, eval_every=5, progress=Bar)
+    assert "val" not in Bar.postfixes[0]                                      # step 1: not validated yet
+    assert Bar.postfixes[-1]["val"] == f"{100 * result.history[-2]['val_top1']:.2f}%"   # step 11: the one at 10
