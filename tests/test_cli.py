@@ -130,8 +130,8 @@ def test_sweep_resumes_and_never_duplicates(tmp_path, capsys):
     assert "estimated" in text and "from the reference records' measured step costs" in text
     assert "[tiny] 6/6 runs" in text and "ETA" in text          # plain lines: capsys is not a terminal
     assert "6 runs in common with" in text and "top1 ref" in text
-    written = [p for p in out.rglob("*") if p.is_file() and "records" not in p.parts and "checkpoints" not in p.parts
-               and "models" not in p.parts and not p.name.endswith(".lock")]
+    written = [p for p in out.rglob("*") if p.is_file() and not {"records", "checkpoints", "models", "tb"} & set(p.parts)
+               and not p.name.endswith(".lock")]           # the runs' own outputs (tb: their live curves)
     assert len(list((out / "models").glob("*.safetensors"))) == 6 and "6 of 6 runs' models saved" in text
     # the last lines say where the results are, grouped, and how to open the report: no list of every file
     lines = text.splitlines()
@@ -356,3 +356,28 @@ def test_a_sweep_says_which_runs_did_not_act_as_they_finish_and_at_the_end(tmp_p
     closing = next(line for line in lines if line.endswith("; listed apart, never ranked as the method"))
     assert closing.startswith("2 did not act: rigl resnet20_tiny sparsity=0.5 (updates = ")
     assert "rigl resnet20_tiny sparsity=0.8 (updates = " in closing and closing.endswith("; listed apart, never ranked as the method")
+
+
+def test_run_with_tracker_mlflow_logs_the_report_too(tmp_path, capsys):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+
+    code, text, err = run_cli(capsys, "run", "--method", "magnitude-global", "--model", "resnet20_tiny", "--dataset",
+                              "digits", "--target", "sparsity=0.5", "--recipe", "pretrain_epochs=0.5", "--recipe",
+                              "finetune_epochs=0.5", "--out", str(tmp_path), "--quiet", "--no-latency",
+                              "--tracker", "mlflow")
+    assert code == 0, err
+    client = MlflowClient(f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}")     # the default store
+    [run] = client.search_runs([client.get_experiment_by_name("sparsebench").experiment_id])
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    run_id = run.data.tags["sparsebench.run_id"]
+    assert {f"{run_id}.json", f"{run_id}.safetensors", "report"} <= names and run.info.status == "FINISHED"
+    pages = {a.path for a in client.list_artifacts(run.info.run_id, "report/runs")}
+    assert f"report/runs/{run_id}.html" in pages
+
+
+def test_tracker_uri_without_mlflow_is_a_one_line_error(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "run", "--method", "random", "--model", "resnet20_tiny", "--dataset", "digits",
+                           "--target", "sparsity=0.5", "--out", str(tmp_path), "--tracker-uri", "sqlite:///x.db")
+    assert code == 2 and "--tracker-uri is for --tracker mlflow" in err

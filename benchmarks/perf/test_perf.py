@@ -1,7 +1,8 @@
 """Performance checks (pytest-benchmark): `python -m pytest benchmarks/perf` (or `tox -e perf`).
 
 - harness training loop vs a bare PyTorch loop on the same tiny model, data and optimizer
-  (goal: harness throughput ≥ 0.95 × bare);
+  (goal: harness throughput ≥ 0.95 × bare), with the run's live logging and resource sampling
+  off and on (TensorBoard event files, the sampler thread: ≥ 0.95 × bare as well);
 - cost of FLOPs counting and of channel / head compaction on ResNet-50 and DeiT-Small;
 - per-event cost of RigL/SET topology updates and GaP phase boundaries; per-step cost of the
   PASS and OFB searches and of SViTE / S²ViTE / SViTE+ training, against plain training steps.
@@ -113,19 +114,38 @@ def test_training_loop(benchmark, loop):
     assert math.isfinite(loss)
 
 
-def test_harness_overhead_ratio():
-    """Harness throughput / bare throughput ≥ 0.95, measured in alternating blocks within one
-    process: each block times both loops back to back (the order alternating between blocks)
-    on fresh identical models, and the figure is the median of the per-block ratios, so drift
-    in the machine's load (other processes, earlier tests in the same run) hits both sides of
-    each ratio alike and a few disturbed blocks do not move the median. One untimed block
-    first warms up allocator and kernels."""
+def watched_loop(directory):
+    """The harness loop with a run's live logging on: TensorBoard event files in `directory` and the
+    resource sampler's thread, at their defaults (flushed every 5 s, sampled every 2 s). The watch is
+    made before the loop is timed (a run makes it once, whatever its steps); its writer opens its file
+    at the first step, inside the timing, and the watch is closed inside it too."""
+    from sparsebench.training.watch import RunWatch, TensorBoardTracker, use_watch
+
+    watch = RunWatch([TensorBoardTracker(directory)], torch.device("cpu"))
+
+    def loop(model, batches, lr):
+        with use_watch(watch):
+            return harness_loop(model, batches, lr)
+
+    return loop
+
+
+def test_harness_overhead_ratio(tmp_path):
+    """Harness throughput / bare throughput ≥ 0.95, with the run's live logging off and on, measured
+    in alternating blocks within one process: each block times the loops back to back (the order
+    rotating between blocks) on fresh identical models, and each figure is the median of the
+    per-block ratios, so drift in the machine's load (other processes, earlier tests in the same
+    run) hits both sides of each ratio alike and a few disturbed blocks do not move the median.
+    One untimed block first warms up allocator and kernels."""
+    pytest.importorskip("tensorboard")
     batches = _setup()
-    blocks = rounds(21, 2)
-    ratios, times = [], {"bare": [], "harness": []}
+    blocks = rounds(21, 3)
+    loops = (("bare", bare_loop), ("harness", harness_loop), ("logging", None))
+    ratios, times = {"harness": [], "logging": []}, {name: [] for name, _ in loops}
     for r in range(-1, blocks):                      # block -1: warm-up, not timed
         block = {}
-        for name, fn in (("bare", bare_loop), ("harness", harness_loop))[:: 1 if r % 2 else -1]:
+        for name, fn in loops[r % 3:] + loops[:r % 3]:
+            fn = fn or watched_loop(tmp_path / f"tb-{r + 1}")
             torch.manual_seed(0)
             model = create_model("resnet20_tiny", img_size=16)
             start = time.perf_counter()
@@ -133,15 +153,20 @@ def test_harness_overhead_ratio():
             block[name] = time.perf_counter() - start
             assert math.isfinite(loss)
         if r >= 0:
-            ratios.append(block["bare"] / block["harness"])
+            for name in ratios:
+                ratios[name].append(block["bare"] / block[name])
             for name in block:
                 times[name].append(block[name])
-    ratio = statistics.median(ratios)
-    finite(ratio, *times["bare"], *times["harness"])
-    print(f"harness/bare throughput ratio {ratio:.3f} (median of {blocks} alternating blocks; "
-          f"range {min(ratios):.3f}–{max(ratios):.3f}; bare {statistics.median(times['bare']) * 1e3 / STEPS:.2f} "
-          f"ms/step, harness {statistics.median(times['harness']) * 1e3 / STEPS:.2f} ms/step)")
-    check_bound(ratio >= 0.95, f"harness/bare throughput ratio {ratio:.3f} < 0.95")
+    assert any((tmp_path / "tb-0").rglob("events.out.tfevents.*"))       # the logging loop did log
+    ratio = {name: statistics.median(values) for name, values in ratios.items()}
+    finite(*ratio.values(), *(t for name in times for t in times[name]))
+    ms = {name: statistics.median(t) * 1e3 / STEPS for name, t in times.items()}
+    print(f"harness/bare throughput ratio {ratio['harness']:.3f}, with logging on {ratio['logging']:.3f} "
+          f"(medians of {blocks} alternating blocks; ranges {min(ratios['harness']):.3f}–{max(ratios['harness']):.3f}, "
+          f"{min(ratios['logging']):.3f}–{max(ratios['logging']):.3f}; bare {ms['bare']:.2f} ms/step, "
+          f"harness {ms['harness']:.2f} ms/step, with logging {ms['logging']:.2f} ms/step)")
+    check_bound(ratio["harness"] >= 0.95, f"harness/bare throughput ratio {ratio['harness']:.3f} < 0.95")
+    check_bound(ratio["logging"] >= 0.95, f"harness with logging/bare throughput ratio {ratio['logging']:.3f} < 0.95")
 
 
 @pytest.mark.parametrize("name", ["resnet50", "deit_small"])

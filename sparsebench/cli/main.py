@@ -48,6 +48,12 @@ def _add_run_options(p: argparse.ArgumentParser, out_required: bool) -> None:
     p.add_argument("--no-save-models", action="store_true",
                    help="do not keep each run's final model (default: OUT/models/<run_id>.safetensors, "
                         "named with its SHA-256 in the record)")
+    p.add_argument("--tracker", choices=("tensorboard", "mlflow", "none"), default="tensorboard",
+                   help="live curves while training: TensorBoard event files under OUT/tb/<run_id>/ (default); "
+                        "mlflow: those and an MLflow run (spec as params, record and model as artifacts); "
+                        "none: neither")
+    p.add_argument("--tracker-uri", metavar="URI",
+                   help="MLflow tracking URI for --tracker mlflow (default: sqlite:///OUT/mlflow.db)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measurement setting (rounds, min_run_time, dtype, channels_last, compile; repeatable)")
     p.add_argument("--data", action="append", metavar="NAME=VALUE", help="data split setting (split_seed, workers)")
     p.add_argument("--force", action="store_true", help="re-run even if the record exists")
+    p.add_argument("--progress-interval", type=float, default=30.0, metavar="SECONDS",
+                   help="seconds between plain progress lines (stage, step, ETA, last val top-1) when output "
+                        "is not a terminal")
     _add_run_options(p, out_required=True)
     p.set_defaults(func=cmd_run)
 

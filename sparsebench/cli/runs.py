@@ -42,11 +42,18 @@ def _options(args):
     _check_out_dir(Path(args.out), "--out")
     if args.cache_dir:
         _check_out_dir(Path(args.cache_dir), "--cache-dir")
+    if args.tracker == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise CliError("--tracker mlflow needs mlflow: pip install 'sparsebench[mlflow]'")
+    elif args.tracker_uri:
+        raise CliError("--tracker-uri is for --tracker mlflow")
     return RunOptions(out=Path(args.out), data_root=args.data_root, download=args.download,
                       cache_dir=Path(args.cache_dir) if args.cache_dir else None, device=args.device,
                       progress=_progress_factory(args.quiet), checkpoint_every=args.checkpoint_every or None,
                       resume=not args.no_resume, max_bad_samples=args.max_bad_samples,
-                      save_model=not args.no_save_models)
+                      save_model=not args.no_save_models, tracker=args.tracker, tracker_uri=args.tracker_uri)
 
 
 def cmd_run(args) -> int:
@@ -62,6 +69,8 @@ def cmd_run(args) -> int:
     options.device = str(platform.device(args.device))
     if not platform.is_primary:
         options.progress = None
+    elif options.progress is None and not args.quiet:      # no terminal: a plain line every interval
+        options.progress_every = args.progress_interval
     say = print if platform.is_primary else (lambda *a, **k: None)
     store = RecordStore(Path(args.out))
     record = None
@@ -78,12 +87,31 @@ def cmd_run(args) -> int:
     if platform.broadcast(record is None):          # every rank trains, or none does
         record = execute(spec, options)
         say(f"wrote {store.path(spec.run_id)}")
+        if options.tracker == "mlflow" and platform.is_primary:
+            _report_to_mlflow(record, options)
     elif record is None:
         record = store.read(spec.run_id)
     platform.barrier()
     if platform.is_primary:
         _print_run_summary(record)
     return 3 if record.status == "diverged" else 0      # the record is kept; scripts still see it failed
+
+
+def _report_to_mlflow(record, options) -> None:
+    """The run's report (its run page, curves and the site around it) as the MLflow run's `report` artifacts
+    (the record and model went with the run itself)."""
+    import tempfile
+
+    from sparsebench.report.site import build_site
+    from sparsebench.training.watch import MlflowTracker
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build_site([record], Path(tmp) / "report", svg=False)
+        tracker = MlflowTracker(options.out, record.run_id, {}, options.tracker_uri)
+        try:
+            tracker.artifacts([Path(tmp) / "report"])
+        finally:
+            tracker.close()
 
 
 def _print_run_summary(r) -> None:
@@ -410,7 +438,9 @@ def _sweep_progress(args, total: int, name: str, eta):
         return _Silent()
     if sys.stderr.isatty():
         return _Bar(total, name, eta)
-    return PlainProgress(total, name, eta, interval=args.progress_interval)
+    from sparsebench.runners.pipeline import progress_dir
+
+    return PlainProgress(total, name, eta, interval=args.progress_interval, running=progress_dir(Path(args.out)))
 
 
 def _check_data(specs, options) -> None:

@@ -146,6 +146,17 @@ def _labels(values: pd.Series) -> Optional[str]:
     return " / ".join(names) or None
 
 
+# a training stage whose steps waited this long for their batches was starved by its data loading
+STARVED_WAIT = 0.2
+
+
+def starved_stages(record: RunRecord, threshold: float = STARVED_WAIT) -> List[str]:
+    """The training stages of a run whose steps waited for data more than `threshold` of their time
+    (the record's `resources`; none where it has none)."""
+    stages = ((record.resources or {}).get("stages") or {})
+    return [s for s, used in stages.items() if (used.get("loader_wait_fraction") or 0) > threshold]
+
+
 def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
     """One row per record; metric columns are empty for runs without a result (diverged)."""
     rows = []
@@ -164,6 +175,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
             "control_of_row": control_label(r),
             "per_sample": r.per_sample,
+            "starved": len(starved_stages(r)) > 0,
         }
         if r.has_result:
             row.update({
@@ -277,6 +289,7 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
         train_macs=("train_macs", "mean"),
         total_steps=("total_steps", "mean"), total_train_macs=("total_train_macs", "mean"),
         mechanism=("mechanism", row_mechanism),
+        starved=("starved", "sum"),
     ).reset_index()
     out = with_control_differences(out, df, keys)
     setting = [k for k in keys if k not in ("method", "granularity")] + ([] if equal_cost is None else ["cost_group"])
@@ -607,4 +620,16 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         + (" " + PUBLISHED_NOTE if "published" in table.columns else ""),
         "",
     ]
+    starved = agg[agg["starved"].fillna(0) > 0] if "starved" in agg.columns else agg.iloc[:0]
+    if not starved.empty:
+        rows = "; ".join(f"{r.method} on {r.model}/{r.dataset} at {_target_text(r)} ({int(r.starved)} of {int(r.seeds)} "
+                         f"seeds)" for r in starved.itertuples())
+        lines += [f"Starved runs (a training stage waited for data more than {100 * STARVED_WAIT:g} % of its step "
+                  f"time; their throughput and wall time are the loader's, not the device's): {rows}.", ""]
     return "\n".join(lines)
+
+
+def _target_text(row) -> str:
+    if row.target_kind == "none" or row.target != row.target:
+        return "no target"
+    return f"{row.target_kind}={row.target:g}"

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.curves import curve_stages, curve_svg
-from sparsebench.report.leaderboard import baseline_cell, paired_cell, plus_minus
+from sparsebench.report.leaderboard import STARVED_WAIT, baseline_cell, paired_cell, plus_minus, starved_stages
 from sparsebench.report.references import published_html
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
@@ -381,6 +381,46 @@ def _curve_section(record: RunRecord, files: Dict[str, str]) -> str:
     return '<div class="curves">' + "".join(parts) + "</div>"
 
 
+# (label, key in a stage's `resources` entry, format, unit)
+RESOURCE_ROWS = (
+    ("loader wait", "loader_wait_fraction", "percent", "of step time"),
+    ("CPU, mean", "cpu_percent_mean", ".0f", "% (100 = one core)"),
+    ("CPU, peak", "cpu_percent_peak", ".0f", "%"),
+    ("resident memory, mean", "rss_mb_mean", ".0f", "MB"),
+    ("resident memory, peak", "rss_mb_peak", ".0f", "MB"),
+    ("/dev/shm, peak", "shm_mb_peak", ".0f", "MB"),
+    ("GPU utilisation, mean", "gpu_util_percent_mean", ".0f", "%"),
+    ("GPU memory used, peak", "gpu_mem_used_mb_peak", ".0f", "MB (every process)"),
+    ("GPU tensors, peak", "gpu_peak_allocated_mb", ".0f", "MB (this run, so far)"),
+    ("steps", "steps", ".0f", ""),
+    ("samples", "samples", ".0f", ""),
+)
+def _resource_section(record: RunRecord) -> str:
+    """What each training stage used of the machine (the record's `resources`), beside the curves."""
+    used = record.resources
+    if not used or not used.get("stages"):
+        return '<p id="no-resources">No resource use recorded (records before the field have none).</p>'
+    order = {"dense": 0, "method": 1, "finetune": 2}         # training order, whatever the JSON's key order
+    stages = sorted(used["stages"], key=lambda s: (order.get(s, 3), s))
+    head = '<th class="text">per stage</th>' + "".join(f"<th>{esc(s)}</th>" for s in stages)
+    rows = []
+    for label, key, fmt, unit in RESOURCE_ROWS:
+        values = [used["stages"][s].get(key) for s in stages]
+        if all(v is None for v in values):
+            continue
+        cells = "".join(f"<td>{_fmt(None if v is None else 100 * v, '.1f', '%') if fmt == 'percent' else _fmt(v, fmt)}</td>"
+                        for v in values)
+        rows.append(f'<tr><td class="text">{esc(label)}{f" <small>{esc(unit)}</small>" if unit else ""}</td>{cells}</tr>')
+    starved = starved_stages(record)
+    note = (f'<p class="note starved">Starved: the {", ".join(esc(s) for s in starved)} steps waited for data more than '
+            f'{100 * STARVED_WAIT:.0f}% of their time; throughput is the loader\'s, not the device\'s.</p>'
+            if starved else "")
+    how = (f'sampled every {used.get("sample_seconds")} s ({esc(used.get("source"))}'
+           + (f', GPU: {esc(used["gpu_source"])}' if used.get("gpu_source") else "") + ")")
+    return (f'<aside class="resources" id="resources"><h3>Resource use</h3><table class="resources"><thead><tr>{head}'
+            f'</tr></thead><tbody>{"".join(rows)}</tbody></table>{note}<p class="note">{how}</p></aside>')
+
+
 def _latency_entries_table(record: RunRecord) -> str:
     """Every latency entry of the record (`RunRecord.latency_entries`): one row per (device, runtime,
     realization, batch), the run's own and every re-timing's, with the one the leaderboard shows marked."""
@@ -464,7 +504,8 @@ def _run_page(record: RunRecord, row: Dict[str, object], curve_files: Dict[str, 
 checkpoint is trained on first use and cached under the output directory.</p>
 <h2>Numbers</h2>{_kv(numbers)}
 <h2 id="mechanism">Mechanism</h2>{_mechanism_section(record)}
-<h2 id="curves">Training curves</h2>{_curve_section(record, curve_files)}
+<h2 id="curves">Training curves and resource use</h2>
+<div class="curves-resources">{_curve_section(record, curve_files)}{_resource_section(record)}</div>
 <h2>Kept structure / per-layer sparsity</h2>{struct_html}
 <h2>Spec</h2><pre>{esc(json.dumps(d['spec'], indent=2, sort_keys=True))}</pre>
 <h2>Environment</h2>{_kv(d['environment'])}

@@ -42,6 +42,7 @@ from sparsebench.specs import RunSpec, SpecError
 from sparsebench.training.loading import EVAL_BATCH, DeviceLoader, loader_kwargs
 from sparsebench.training.rank_data import RankShard
 from sparsebench.training.resume import RunCheckpoints
+from sparsebench.training.watch import RunWatch, flat_params, make_trackers, use_watch
 from sparsebench.training.trainer import (
     COST_CONVENTION, Accuracy, StepBudget, Trainer, cudnn_benchmark, evaluate, non_finite_tensors, training_loop,
 )
@@ -111,6 +112,12 @@ class RunOptions:
     save_model: bool = False
     # Latency timed in the store's timing section: other runs into `out` on this host pause meanwhile.
     exclusive_timing: bool = True
+    # Live curves (training/watch.py): "tensorboard" (OUT/tb/<run_id>/), "mlflow" (TensorBoard as well,
+    # and an MLflow run at `tracker_uri`, default OUT/mlflow.db), or "none"
+    tracker: str = "tensorboard"
+    tracker_uri: Optional[str] = None
+    # seconds between plain progress lines on stderr (stage, step, ETA, last val) where no bar shows them
+    progress_every: Optional[float] = None
 
 
 def lock_wait(options: RunOptions) -> dict:
@@ -634,9 +641,30 @@ def execute(spec: RunSpec, options: RunOptions, times: PhaseTimes = NO_TIMES) ->
     """Run one spec end to end, stage by stage, and write its record; returns the record.
     `times` receives the seconds spent per phase (`PhaseTimes`). Its training steps, evaluations
     and latency timing go through the results store's timing section (`timing_section_path`)."""
-    with use_timing_section(timing_section_path(options)):
+    spec = resolve(spec)        # the run id the record and the live curves share
+    with use_timing_section(timing_section_path(options)), use_watch(run_watch(spec, options)) as watch:
         _reset_peak_device_memory(torch.device(options.device))
-        return _execute(spec, options, times)
+        return _execute(spec, options, times, watch)
+
+
+def run_watch(spec: RunSpec, options: RunOptions) -> Optional[RunWatch]:
+    """The run's live logging and resource sampling (rank 0 only; `training/watch.py`)."""
+    if not current_platform().is_primary:
+        return None
+    trackers = make_trackers(options.tracker, Path(options.out), spec.run_id, flat_params(plain(spec.to_dict())),
+                             options.tracker_uri)
+    return RunWatch(trackers, torch.device(options.device), progress_every=options.progress_every,
+                    status_path=progress_dir(options.out) / f"{spec.run_id}.json",
+                    label=f"{spec.method} {spec.model} {spec.target}")
+
+
+def progress_dir(out: Path) -> Path:
+    """Where the runs in progress into results directory `out` keep their progress for a sweep's lines."""
+    return Path(out) / ".progress"
+
+
+def _watched(record: RunRecord, watch: Optional[RunWatch]) -> RunRecord:
+    return record if watch is None else dataclasses.replace(record, resources=watch.resources())
 
 
 def _reset_peak_device_memory(device: torch.device) -> None:
@@ -656,7 +684,7 @@ def timing_section_path(options: RunOptions) -> Optional[Path]:
     return Path(options.out) / ".locks" / f"timing-{socket.gethostname()}"
 
 
-def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord:
+def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes, watch: Optional[RunWatch] = None) -> RunRecord:
     with times("setup"):
         method = validate(spec)
         spec = _with_full_config(spec, method)
@@ -675,7 +703,7 @@ def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord
         dense = dense_stage(spec, data, make_model, device, cache, progress, options.checkpoint_every,
                             options.resume, lock_wait(options), times)
     except Diverged as d:           # nothing cached; every run on this dense model says so in its record
-        record = diverged_dense_record(spec, method, data, d, device)
+        record = _watched(diverged_dense_record(spec, method, data, d, device), watch)
         RecordStore(options.out).write(record)
         return record
     # where the method's and the fine-tune's fits save and resume (not in the spec hash)
@@ -689,9 +717,14 @@ def _execute(spec: RunSpec, options: RunOptions, times: PhaseTimes) -> RunRecord
                               partial.resumed if partial is not None else 0)
         if options.save_model and evaluation is not None and current_platform().is_primary:
             record = dataclasses.replace(record, artifact=model_stage(spec, method_result.outcome, dense, data, options))
-        RecordStore(options.out).write(record)
+        record = _watched(record, watch)
+        store = RecordStore(options.out)
+        store.write(record)
         if partial is not None:
             partial.clear()
+    if watch is not None:
+        model = (record.artifact or {}).get("path")
+        watch.artifacts([store.path(record.run_id), Path(options.out) / model if model else None])
     return record
 
 

@@ -16,19 +16,25 @@ after another. A finished run's fixed part is what its phases other than trainin
 (`PhaseTimes`), so neither another run's overlap nor a pause for its timing is counted twice.
 
 `PlainProgress` prints one line per finished run, at most every `interval` seconds (and the
-last one), for logs and CI where a progress bar would be a wall of carriage returns.
+last one), for logs and CI where a progress bar would be a wall of carriage returns; the runs
+in progress are named on each line with their stage, step and own ETA (from the status files
+their `RunWatch`es keep under OUT/.progress), and a line comes every `interval` seconds while
+none finishes.
 """
 from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from sparsebench.runners.pipeline import TRAINING_PHASES
 from sparsebench.runners.suite import estimate_cost, human_seconds
 from sparsebench.specs import RunSpec, stable_hash
+from sparsebench.training.watch import describe_running, running_runs
 
 PHASES = ("pretrain", "method", "finetune")
 
@@ -151,29 +157,57 @@ class SweepEta:
 
 class PlainProgress:
     """One line per finished run (at most every `interval` s, and always the last and every run whose
-    mechanism did not act or that missed its target)."""
+    mechanism did not act or that missed its target). With `running` (the results directory's
+    OUT/.progress), each line also names the runs in progress, where they are and their own ETA, and
+    while no run finishes a line still comes every `interval` s (a thread)."""
 
-    def __init__(self, total: int, name: str, eta: Optional[SweepEta], interval: float = 15.0, stream=None):
+    def __init__(self, total: int, name: str, eta: Optional[SweepEta], interval: float = 15.0, stream=None,
+                 running: Optional[Path] = None):
         self.total, self.name, self.eta, self.interval = total, name, eta, interval
         self.stream = stream or sys.stdout
+        self.running = running
         self.done = 0
         self.start = time.perf_counter()
         self.last = -float("inf")
+        self.last_what = ""
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._ticker = None
+        if running is not None:
+            self._ticker = threading.Thread(target=self._tick, name="sweep-progress", daemon=True)
+            self._ticker.start()
 
     def update(self, what: str = "", note: str = "") -> None:
         """`note`: why the run's number is not the method's own (did not act, missed its target); such a
         run always gets its line, whatever the interval."""
-        self.done += 1
-        now = time.perf_counter()
-        if not note and now - self.last < self.interval and self.done < self.total:
-            return
+        with self._lock:
+            self.done += 1
+            self.last_what = what + (f": {note}" if note else "")
+            now = time.perf_counter()
+            if not note and now - self.last < self.interval and self.done < self.total:
+                return
+            self._print(now)
+
+    def _print(self, now: float) -> None:
         self.last = now
         eta = f", ETA {human_seconds(self.eta.remaining())}" if self.eta is not None and self.done < self.total else ""
+        running = running_runs(self.running) if self.running is not None and self.done < self.total else []
         print(f"[{self.name}] {self.done}/{self.total} runs, {human_seconds(now - self.start)} elapsed{eta}"
-              + (f"; last: {what}" if what else "") + (f": {note}" if note else ""), file=self.stream, flush=True)
+              + (f"; last: {self.last_what}" if self.last_what else "")
+              + (f"; running: {'; '.join(describe_running(r) for r in running)}" if running else ""),
+              file=self.stream, flush=True)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(min(self.interval, 5.0)):
+            with self._lock:
+                now = time.perf_counter()
+                if now - self.last >= self.interval and self.done < self.total:
+                    self._print(now)
 
     def close(self) -> None:
-        pass
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=10.0)
 
 
 def describe_plan(eta: SweepEta) -> str:

@@ -16,6 +16,8 @@ Any other schema is refused with a one-line reason. Three optional schema-3 fiel
 and read as None where absent: `artifact` (the saved model file and its SHA-256), `retimed`
 (latency re-measured from that file on other devices, keyed by device) and `sparsity_pattern`
 (the N:M pattern a method declared for its masks, "2:4"; the only way to the 2:4 kernels).
+`resources` came later still (CPU, memory, /dev/shm, GPU use and the loader wait fraction per
+training stage) and reads as None where absent.
 """
 from __future__ import annotations
 
@@ -304,6 +306,11 @@ class RunRecord:
     # the N:M pattern the method declared for its masks ("2:4"; `methods.base.Outcome.pattern`): only a
     # declared 2:4 is realized with 2:4 kernels. None: none declared, or a record from before the field
     sparsity_pattern: Optional[str] = None
+    # what each training stage used of the machine, sampled while it stepped (measure/resources.py):
+    # {"stages": {stage: {"loader_wait_fraction", "cpu_percent_mean", "rss_mb_peak", "shm_mb_peak",
+    # "gpu_util_percent_mean", "gpu_mem_used_mb_peak", ...}}, "sample_seconds", "source", "gpu_source"}.
+    # None: not sampled (a record from before the field, or a run that trained no step in its process)
+    resources: Optional[Dict[str, Any]] = None
     schema: int = SCHEMA_VERSION
 
     def __post_init__(self):

@@ -7,6 +7,10 @@ the step axis is the method's budget steps). A hook marks what it did with
 `trainer.event(kind, **numbers)`, e.g. a RigL topology update with the weights it swapped;
 a search hook that measures something of its own (PASS's masked validation accuracy) adds
 it with `curve.add_value(name, step, value)`.
+
+A curve with a `log` (a `training.watch.StageLog`, set while a run is watched) hands every point
+on as it is added, for live curves in TensorBoard; one loaded from a checkpoint tells its log the
+last step it holds, so a resumed run does not write those points again.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class TrainingCurve:
         self.events: List[List[Any]] = []           # [step, kind, {numbers}], the first MAX_EVENTS
         self.event_counts: Dict[str, int] = {}      # every event, by kind
         self.values: Dict[str, List[List[float]]] = {}   # name -> [[step, value], ...]
+        self.log = None                             # a StageLog that gets every point as it comes
 
     @property
     def steps(self) -> List[int]:
@@ -54,6 +59,8 @@ class TrainingCurve:
         return [total / n for total, n in zip(self.loss_sum, self.count)]
 
     def add_step(self, step: int, loss: float, lr: float) -> None:
+        if self.log is not None:
+            self.log.step(step, loss, lr)
         if self.count and self.count[-1] < self.width:
             self.last_step[-1] = int(step)
             self.count[-1] += 1
@@ -79,14 +86,27 @@ class TrainingCurve:
 
     def add_val(self, step: int, top1: float) -> None:
         self.val.append([int(step), float(top1)])
+        if self.log is not None:
+            self.log.val(step, top1)
 
     def add_event(self, step: int, kind: str, **numbers: Any) -> None:
+        if self.log is not None:
+            self.log.event(step, kind, numbers)
         self.event_counts[str(kind)] = self.event_counts.get(str(kind), 0) + 1
         if len(self.events) < MAX_EVENTS:
             self.events.append([int(step), str(kind), dict(numbers)])
 
     def add_value(self, name: str, step: int, value: float) -> None:
         self.values.setdefault(name, []).append([int(step), float(value)])
+        if self.log is not None:
+            self.log.value(name, step, value)
+
+    def last_position(self) -> int:
+        """The latest step at which the curve holds anything (-1 when empty)."""
+        ends = [self.last_step[-1]] if self.last_step else []
+        ends += [s for s, _ in self.val[-1:]] + [e[0] for e in self.events[-1:]]
+        ends += [points[-1][0] for points in self.values.values() if points]
+        return int(max(ends, default=-1))
 
     def __len__(self) -> int:
         """Steps recorded (not bins)."""
@@ -134,7 +154,17 @@ class TrainingCurve:
                 "values": {k: [list(p) for p in v] for k, v in self.values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """A curve's state; one saved before bins (a `steps`, `loss`, `lr` list per step) is binned here."""
+        """A curve's state; one saved before bins (a `steps`, `loss`, `lr` list per step) is binned here.
+        Its points are not handed to the log (they were, before the checkpoint): the log learns the last."""
+        log, self.log = self.log, None
+        try:
+            self._load_state_dict(state)
+        finally:
+            self.log = log
+        if log is not None:
+            log.resumed(self.last_position())
+
+    def _load_state_dict(self, state: dict) -> None:
         self.val = [list(v) for v in state["val"]]
         self.values = {k: [list(p) for p in v] for k, v in state.get("values", {}).items()}
         self.events, self.event_counts = [], {}

@@ -72,6 +72,7 @@ from sparsebench.specs import Recipe
 from sparsebench.training.rank_data import sharded
 from sparsebench.training.resume import LoaderPosition, ResumeMismatch, RunCheckpoints, rng_state, set_rng_state
 from sparsebench.training.telemetry import TrainingCurve
+from sparsebench.training.watch import current_watch
 
 COST_CONVENTION = (
     "MACs of training steps (validation passes excluded): forward = batch x per-image MACs of the model "
@@ -347,6 +348,10 @@ class Trainer:
         self._mask_versions: Dict[int, int] = {}
         # torch.compile traces on the first step; masks and hooks change weights in place, which it sees
         self._compiled = torch.compile(self._ddp or self.model) if recipe.compile else None
+        # the run's live logging and resource use (training/watch.py), when a run is watched
+        self._watch = current_watch()
+        if self._watch is not None:
+            self._watch.attach(self)
 
     # --- torchrun / DDP ----------------------------------------------------------------------
     def _distributed_model(self, train_model_params: bool):
@@ -503,7 +508,9 @@ class Trainer:
         self.model.train(self.model_mode == "train")
         if self.channels_last and not self._training_format:
             self._set_memory_format(training=True)
+        started = time.perf_counter()
         x, y = self.next_batch()
+        fetched = time.perf_counter()
         # counted before the training forward, so its extra forward (first step only) cannot
         # overwrite activations a hook captures for after_backward
         per_image = self.forward_macs_per_image(x.shape[1:])
@@ -523,6 +530,9 @@ class Trainer:
             h.after_step(self)
         if self._platform.distributed:
             self._sync_masks()
+        if self._watch is not None:
+            self._watch.after_step(self, x.shape[0] * self._platform.world_size, fetched - started,
+                                   time.perf_counter() - started)
         return loss.detach()
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
@@ -649,6 +659,8 @@ class Trainer:
 
     def _save(self, index: int, fit: dict) -> None:
         self.checkpoints.save(index, {"trainer": self.state_dict(), "rng": rng_state(), "fit": fit})
+        if self._watch is not None:      # a resume skips the curve's points up to here: they must be on disk
+            self._watch.flush()
 
     def _resume(self, index: int, signature: dict) -> Optional[dict]:
         saved = self.checkpoints.load(index)
@@ -711,7 +723,8 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0 and self.last_loss is not None:
-                    bar.set_postfix(loss=f"{self.last_loss:.3f}")
+                    last_val = {"val": f"{100 * result.history[-1]['val_top1']:.2f}%"} if result.history else {}
+                    bar.set_postfix(loss=f"{self.last_loss:.3f}", **last_val)
             last = i == steps - 1
             if val_loader is not None and eval_every and ((i + 1) % eval_every == 0 or last):
                 self._check_finite()     # never select on a model trained past a non-finite loss

@@ -251,3 +251,19 @@ def test_no_measured_latency_means_no_kernel_plot(tmp_path):
     assert entries_frame(records).empty
     assert plot_measured_vs_theoretical(entries_frame(records), tmp_path / "p.png") is None
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_starved_run_is_footnoted_under_the_leaderboard():
+    from conftest import make_record
+    from sparsebench.report.leaderboard import Leaderboard, to_markdown
+
+    used = {"stages": {"method": {"loader_wait_fraction": 0.4}, "finetune": {"loader_wait_fraction": 0.05}}}
+    calm = {"stages": {"method": {"loader_wait_fraction": 0.1}}}
+    records = [make_record("rigl", seed=0, resources=used), make_record("rigl", seed=1, resources=calm),
+               make_record("gmp", seed=0)]
+    board = Leaderboard.of(records)
+    text = to_markdown(board.table, left_out=board.excluded)
+    [line] = [line for line in text.splitlines() if line.startswith("Starved runs")]
+    assert "rigl on" in line and "sparsity=0.5 (1 of 2 seeds)" in line and "gmp" not in line
+    plain = to_markdown(Leaderboard.of(records[2:]).table)
+    assert "Starved" not in plain

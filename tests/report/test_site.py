@@ -351,3 +351,37 @@ def test_compare_page_pairs_two_methods_and_tables_show_ranks(tmp_path):
     assert forward[8] == f"[+{ci.low:.2f}, +{ci.high:.2f}]"
     assert reversed_[7] == f"-{d.mean():.2f}" and reversed_[8] == f"[-{ci.high:.2f}, -{ci.low:.2f}]"
     assert reversed_[5] == forward[6] and result["errors"] == []
+
+
+RESOURCES = {"stages": {     # finetune first, as a JSON record with sorted keys has it
+    "finetune": {"samples": 20, "steps": 200, "wall_seconds": 40.0, "loader_wait_fraction": 0.02,
+                 "cpu_percent_mean": 95.0, "cpu_percent_peak": 120.0, "rss_mb_mean": 2000.0, "rss_mb_peak": 2050.0,
+                 "shm_mb_peak": 256.0, "gpu_util_percent_mean": 93.0, "gpu_mem_used_mb_peak": 8800.0,
+                 "gpu_peak_allocated_mb": 7000.0},
+    "method": {"samples": 40, "steps": 300, "wall_seconds": 80.0, "loader_wait_fraction": 0.35,
+               "cpu_percent_mean": 180.0, "cpu_percent_peak": 199.0, "rss_mb_mean": 2100.0, "rss_mb_peak": 2400.0,
+               "shm_mb_peak": 512.0, "gpu_util_percent_mean": 41.0, "gpu_mem_used_mb_peak": 9000.0,
+               "gpu_peak_allocated_mb": 7000.0}},
+    "sample_seconds": 2.0, "source": "psutil", "gpu_source": "nvml"}
+
+
+def test_run_page_shows_each_stages_resource_use_beside_the_curves_and_names_a_starved_stage(tmp_path):
+    from sparsebench.report.site import build_site
+    from conftest import make_record
+
+    record = make_record("rigl", curves={"method": _curve(), "finetune": _curve(points=10, events=0)},
+                         resources=RESOURCES)
+    build_site([record], tmp_path, svg=False)
+    page = (tmp_path / "runs" / f"{record.run_id}.html").read_text()
+    both = page[page.index('class="curves-resources"'):page.index("Kept structure")]
+    assert 'class="curves"' in both and 'id="resources"' in both          # one row: the curves, then resources
+    assert re.search(r"<th>method</th><th>finetune</th>", both)          # training order
+    assert re.search(r">loader wait <small>of step time</small></td><td>35\.0%</td><td>2\.0%</td>", both)
+    assert re.search(r">GPU utilisation, mean <small>%</small></td><td>41</td><td>93</td>", both)
+    assert "Starved: the method steps" in both and "finetune steps" not in both
+    assert "sampled every 2.0 s (psutil, GPU: nvml)" in both
+    assert "No resource use recorded" not in page
+
+    old = make_record("magnitude-global")              # a record from before the field
+    build_site([old], tmp_path / "old", svg=False)
+    assert 'id="no-resources"' in (tmp_path / "old" / "runs" / f"{old.run_id}.html").read_text()

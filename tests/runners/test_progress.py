@@ -1,6 +1,7 @@
 """The sweep's ETA comes from per-phase step costs, not from a rate over finished runs."""
 import dataclasses
 import io
+import time
 
 import pytest
 
@@ -64,3 +65,23 @@ def test_eta_with_workers_shares_the_training_and_learns_the_fixed_part_from_pha
     two.finish(specs[1], wall=99.0, record=ref("magnitude-global", finetune=(10, 1.0)),
                phases={"method": 0.1, "finetune": 1.0, "dense checkpoint": 0.2, "latency": 2.0, "evaluation": 0.5})
     assert two.fixed["resnet20_tiny"] == pytest.approx(0.5 * (fixed + 2.5))
+
+
+def test_plain_progress_names_the_running_runs_and_prints_while_none_finishes(tmp_path):
+    from sparsebench.training.watch import write_status
+
+    class Where:
+        stage, position, schedule_steps, budget = "method", 40, 100, None
+
+    write_status(tmp_path / "run.json", "rigl resnet20_tiny sparsity=0.8", Where(), 2.0, None)
+    stream = io.StringIO()
+    progress = PlainProgress(3, "quick", None, interval=0.05, stream=stream, running=tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while not stream.getvalue() and time.monotonic() < deadline:     # no run finished: the ticker's line
+            time.sleep(0.02)
+    finally:
+        progress.close()
+    first = stream.getvalue().splitlines()[0]
+    assert first.startswith("[quick] 0/3 runs") and first.endswith("; running: rigl resnet20_tiny sparsity=0.8: "
+                                                                   "method 40/100, ETA 2m 00s")
