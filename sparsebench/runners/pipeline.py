@@ -612,7 +612,7 @@ def recorded_mechanism(method: Method, outcome: Outcome) -> Mechanism:
     if method.null_control is None:
         return NO_MECHANISM
     return Mechanism(declared=True, acted=False, reason="the method declares a mechanism but reported no telemetry",
-                     control=method.is_control)
+                     control=method.is_control, signal_control=None if method.is_control else method.signal_control)
 
 
 def _environment(device: torch.device, threads: int) -> dict:
