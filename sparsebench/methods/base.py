@@ -400,6 +400,25 @@ LAYER_SETS = ("benchmark", "official")
 OFFICIAL_SKIPS = (True, False)
 
 
+# The sanity checks of a method that prunes from a pretrained model (`training.sanity`), as its
+# `sanity` setting: "none" (the method), "shuffle" (its masks permuted within each layer before the
+# fine-tune), "reinit" (its structure re-initialised and trained from scratch by the harness for the
+# dense pretrain + fine-tune steps). A method offering them adds `sanity: ... = sanity_field()` and
+# `**SANITY_CONTROLS` to its signal controls; "reinit" is done by the pipeline, "shuffle" by the method
+# where its masks are decided (it calls `training.sanity.shuffle_within_layers`).
+SANITY_CHECKS = ("none", "shuffle", "reinit")
+SANITY_CONTROLS = {"layer-shuffled masks": {"sanity": "shuffle"}, "re-initialised structure": {"sanity": "reinit"}}
+
+
+def sanity_field():
+    return field(default="none", metadata=OMITTED_AT_DEFAULT)
+
+
+def sanity_of(method: "Method") -> str:
+    """The sanity check a method instance runs ("none" for a method without the setting)."""
+    return getattr(method.config, "sanity", "none")
+
+
 def layers_field():
     return field(default="benchmark", metadata=OMITTED_AT_DEFAULT)
 

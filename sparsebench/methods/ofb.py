@@ -42,7 +42,9 @@ of the same sizes would have is `kept_overlap_chance_overall`). The null control
 weights, so its structure is the initial S/α through the same fallback (overlap 1, Spearman 1).
 The signal control (`task_loss_to_scores=False`) runs the same search with the task loss (CE and
 PMIM) cut from S and α: the bi-mask is applied detached, so S and α move by the one-hot and FLOPs
-terms alone, and the weights train as usual.
+terms alone, and the weights train as usual. `sanity="reinit"` is the re-initialisation sanity
+check (`training.sanity`): the found ViT with fresh weights, trained from scratch by the harness for
+the dense pretrain + fine-tune steps.
 What the verdict does not show: at ~95 steps α's widths are decided by the one-hot and FLOPs
 terms rather than the task loss (a run with the task gradient cut from α eliminated the same
 cells at the same steps), so `eliminated_fraction` says the elimination mechanics ran, while
@@ -79,7 +81,8 @@ from sparsebench.training.masks import prunable_weights
 from sparsebench.training.vit_slim import BlockStructure, ViTStructure, check_supported
 from sparsebench.training.vit_widths import ViTWidthMasks, slim_vit_scaled
 from sparsebench.methods.base import (
-    OMITTED_AT_DEFAULT, Method, MethodContext, Outcome, judge_mechanism, register_method,
+    OMITTED_AT_DEFAULT, SANITY_CONTROLS, Method, MethodContext, Outcome, judge_mechanism, register_method,
+    sanity_field,
 )
 
 
@@ -595,7 +598,9 @@ class OFB(Method):
     granularity = "head"
     starts_from = "pretrained"
     null_control = {"search": False}
-    signal_controls = {"task loss cut": {"task_loss_to_scores": False}}
+    # (the layer-shuffle sanity check is not offered: OFB's kept units come out of its export, not one mask)
+    signal_controls = {"task loss cut": {"task_loss_to_scores": False},
+                       "re-initialised structure": SANITY_CONTROLS["re-initialised structure"]}
     mechanism_thresholds = {"eliminated_fraction": 0.5, "spearman_S_max": ("<=", 0.9),
                             "kept_overlap_initial_topk_overall": ("<=", 0.95)}
     default_budget = {"search_epochs": 5}      # written as suites write it: the spec hash sees 5, not 5.0
@@ -623,6 +628,8 @@ class OFB(Method):
         # False: the signal control, the task loss (CE + PMIM) cut from S and α (their gradient comes from
         # the one-hot and FLOPs terms only); the weights train on the task loss as usual
         task_loss_to_scores: bool = dataclasses.field(default=True, metadata=OMITTED_AT_DEFAULT)
+        # "reinit": the sanity check (training.sanity), the found ViT re-initialised and trained from scratch
+        sanity: Literal["none", "reinit"] = sanity_field()
         weight_decay: float = 1e-3
         arch_lr: float = 0.1                  # α: official 1e-3 over ~60k steps, spec's tiny 5e-2; [reconstructed]
                                               # at 95 steps 0.05 eliminates nothing, 0.1 settles 6 of 9 groups

@@ -77,7 +77,10 @@ sibling project UNITES-Lab/VPNs, and the rest is ours. Reconstructed here, with 
 - signal control `labels="shuffled"`: the same search, every step's targets permuted within
   the batch by a generator seeded from the run's seed, so the labels keep their class
   frequencies and lose their link to the images; what it tests is whether the task drives the
-  selection (see "What the verdict does not show" below).
+  selection (see "What the verdict does not show" below). Also the sanity checks of pruning from
+  a pretrained model (`training.sanity`): `sanity="shuffle"`, the searched widths with the kept
+  channels drawn at random within each group; `sanity="reinit"`, the searched structure
+  re-initialised and trained from scratch for the dense pretrain + fine-tune steps.
 - residual handling [spec]: `"internal"` (default) prunes block-internal channels only, so
   residual-stream widths stay fixed; `"coupled"` gives each dependency group (a residual
   stream with every conv writing to it) one LSTM step, one statistic (summed over its
@@ -148,8 +151,10 @@ from sparsebench.training.importance import MagnitudeImportance
 from sparsebench.training.masks import prunable_weights
 from sparsebench.training.trainer import TrainerHook, evaluate
 from sparsebench.methods.base import (
-    OMITTED_AT_DEFAULT, Method, MethodContext, Outcome, judge_mechanism, register_method,
+    OMITTED_AT_DEFAULT, SANITY_CONTROLS, Method, MethodContext, Outcome, judge_mechanism, register_method,
+    sanity_field,
 )
+from sparsebench.training.sanity import shuffle_within_layers
 
 HYPERNET_FORMAT = "sparsebench-pass-hypernet/2"     # /2: units stepped in forward-execution order
 FINAL_BN_BATCHES = 8                                  # telemetry: BN batches when comparing searched and prior masks
@@ -551,7 +556,7 @@ class PASS(Method):
     starts_from = "pretrained"
 
     null_control = {"search": False}
-    signal_controls = {"shuffled labels": {"labels": "shuffled"}}
+    signal_controls = {"shuffled labels": {"labels": "shuffled"}, **SANITY_CONTROLS}
     mechanism_thresholds = {"units_changed_fraction": 0.10, "score_change_mean": 0.20}
     # 2 search epochs (38 steps on digits) move the selection off the prior in both residual modes; at the
     # family recipe's 1 epoch, residual_mode=coupled at FLOPs 0.5 moved 7 % of the channels (needs 10 %)
@@ -583,6 +588,9 @@ class PASS(Method):
         save_hypernet: Optional[str] = None
         # "shuffled": the signal control, the search's targets permuted within each batch
         labels: Literal["true", "shuffled"] = dataclasses.field(default="true", metadata=OMITTED_AT_DEFAULT)
+        # sanity checks (training.sanity): "shuffle" the searched channels permuted within each group
+        # (same widths), "reinit" the searched structure re-initialised and trained from scratch
+        sanity: Literal["none", "shuffle", "reinit"] = sanity_field()
 
         def __post_init__(self):
             if self.hidden < 1 or self.min_channels < 1 or self.ste_temperature <= 0:
@@ -699,6 +707,9 @@ class PASS(Method):
                 scores = [r.cpu() for r in search.scores()]
                 learned_end = [r.detach().cpu() for r in search.learned()]
             kept = space.select(scores, rho, scope=cfg.scope, min_units=cfg.min_channels)
+            if cfg.sanity == "shuffle":                    # the widths the search found, random channels
+                kept = shuffle_within_layers(kept, torch.Generator().manual_seed(ctx.seed))
+                notes["sanity"] = {"check": "shuffle", "why": "searched channels permuted within each group"}
             # telemetry: each selection with BN recalibrated under its own masks, unprompted (as deployed)
             final_val, batches = {}, [trainer.next_batch()[0] for _ in range(FINAL_BN_BATCHES)]
             for name, masks in (("searched", kept), ("prior", prior_kept)):

@@ -353,4 +353,19 @@ def test_the_shuffled_label_search_runs_is_marked_and_keeps_spec_hashes():
     assert m.signal_control == "shuffled labels" and m.label == "signal control"
     real = create_method("pass")
     assert real.signal_control is None and "labels" not in config_dict(real.config)
-    assert create_method("pass").signal_controls == {"shuffled labels": {"labels": "shuffled"}}
+    assert create_method("pass").signal_controls["shuffled labels"] == {"labels": "shuffled"}
+
+
+def test_the_layer_shuffle_sanity_check_keeps_the_searched_widths_at_other_channels(monkeypatch):
+    """`sanity="shuffle"`: the same search (seeded alike), then every group keeps as many channels
+    as the search chose, drawn at random; the structure's positions differ."""
+    from sparsebench.methods.base import config_dict
+
+    _, _, real = run_pass(budget=3)
+    method, _, shuffled = run_pass(budget=3, sanity="shuffle")
+    assert method.signal_control == "layer-shuffled masks" and shuffled.mechanism.signal_control == method.signal_control
+    assert shuffled.notes["sanity"]["check"] == "shuffle" and "sanity" not in config_dict(create_method("pass").config)
+    assert real.structure == shuffled.structure                               # the same per-group counts
+    pairs = list(zip(real.model.parameters(), shuffled.model.parameters()))
+    assert all(a.shape == b.shape for a, b in pairs)
+    assert any(not torch.equal(a, b) for a, b in pairs)                       # other channels' weights
