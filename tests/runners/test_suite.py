@@ -84,12 +84,16 @@ def test_pass_suites_give_the_search_its_budget_and_pair_it_with_its_control():
     evidence = load_suite("benchmarks/evidence/pass.yaml").specs
     args = lambda s: dict(s.method_args)
     passes = [s for s in evidence if s.method == "pass"]
+    from sparsebench.methods import create_method
+
+    signal = lambda s: create_method("pass", **args(s)).signal_control                   # noqa: E731
     controls = [s for s in passes if not args(s).get("search", True)]
-    shuffled = [s for s in passes if args(s).get("labels") == "shuffled"]     # the signal control
-    searched = [s for s in passes if args(s).get("search", True) and s not in shuffled]
+    searched = [s for s in passes if args(s).get("search", True) and signal(s) is None]
     assert {s.recipe.search_epochs for s in passes} == {2} and len(controls) == len(searched) > 0
     main = [s for s in searched if (args(s)["scope"], args(s).get("use_prompt", True)) == ("global", True)]
-    assert len(shuffled) == len(main) == 10                     # 5 seeds × 2 targets, the same settings
+    by_control = {name: [s for s in passes if signal(s) == name] for name in create_method("pass").signal_controls}
+    assert {name: len(runs) for name, runs in by_control.items()} == dict.fromkeys(by_control, len(main)) \
+        and len(main) == 10                                     # 5 seeds × 2 targets, the method rows' settings
     assert ("global", "coupled") in {(args(s)["scope"], args(s)["residual_mode"]) for s in searched}
     l1 = {(args(s)["scope"], args(s)["residual_mode"]) for s in evidence if s.method == "l1-channel"}
     assert l1 == {("global", "coupled"), ("uniform", "coupled")}
