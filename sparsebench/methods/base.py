@@ -406,7 +406,6 @@ OFFICIAL_SKIPS = (True, False)
 # dense pretrain + fine-tune steps). A method offering them adds `sanity: ... = sanity_field()` and
 # `**SANITY_CONTROLS` to its signal controls; "reinit" is done by the pipeline, "shuffle" by the method
 # where its masks are decided (it calls `training.sanity.shuffle_within_layers`).
-SANITY_CHECKS = ("none", "shuffle", "reinit")
 SANITY_CONTROLS = {"layer-shuffled masks": {"sanity": "shuffle"}, "re-initialised structure": {"sanity": "reinit"}}
 
 
