@@ -401,15 +401,16 @@ def test_random_prune_back_keeps_the_counts_but_not_the_largest_weights():
     assert (kept["random"] & kept["magnitude"]).sum() < 16          # not the magnitude choice
 
 
-def test_the_random_prune_back_signal_control_runs_and_is_marked():
+@pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
+def test_the_random_prune_back_signal_control_runs_and_is_marked(name):
     from sparsebench.methods.base import config_dict
 
-    method, ctx = _context("gap-cyclic", budget=24, rounds=2, prune_scores="random")
+    method, ctx = _context(name, budget=24, rounds=2, prune_scores="random")
     outcome = method.run(ctx)
     m = outcome.mechanism
     assert method.signal_control == "random prune-back" and m.signal_control == "random prune-back"
     assert m.label == "signal control" and not m.control and "signal control" in m.reason
-    real, real_ctx = _context("gap-cyclic", budget=24, rounds=2)
+    real, real_ctx = _context(name, budget=24, rounds=2)
     magnitude = real.run(real_ctx)
     assert real.signal_control is None and magnitude.mechanism.signal_control is None
     assert outcome.masks.nnz() == magnitude.masks.nnz()              # the same per-layer counts
