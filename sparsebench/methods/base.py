@@ -23,6 +23,14 @@ from the telemetry the method measured and the thresholds it declares
 mechanism off with everything else equal; a suite with `controls: true` runs that control
 beside it. Baselines declare neither, and their records say "no mechanism".
 
+"Acted" shows that something changed, not that the method's signal mattered: random change can
+meet every threshold. So a seed method also declares its `signal_controls`, {name: Config
+values}: the mechanism runs, its informative signal replaced by noise, all else equal (C-GaP's
+prune-back by random scores, PASS's search on shuffled labels, ...). A value under the key
+"method" names another registered method that is that control (RigL's random growth is SET).
+A run of a signal control records `mechanism.signal_control` (its name), and the leaderboard's
+`Δ signal` pairs the method with it.
+
 A method whose mechanism needs a longer budget than the family's default recipe gives (OFB's
 search, PASS's search) declares it in `default_budget`, so a plain `sparsebench run` acts.
 
@@ -197,6 +205,9 @@ class Method:
     flops_tolerance: Tuple[float, float] = (0.03, 0.01)   # (below, above) the target FLOPs ratio
     # Config values that switch the defining mechanism off (the null control); None: a baseline
     null_control: Optional[Dict[str, Any]] = None
+    # {name: Config values} that replace the mechanism's informative signal by noise, all else equal
+    # (the signal controls); a "method" key names another registered method that is the control
+    signal_controls: Dict[str, Dict[str, Any]] = {}
     # {telemetry metric: minimum} or {metric: (">=" | "<=", bound)}: the mechanism acted when all hold
     mechanism_thresholds: Dict[str, Any] = {}
     # Recipe values (budgets such as `search_epochs`) at which the mechanism acts on the default
@@ -237,14 +248,41 @@ class Method:
         """True when this instance is the method's null control (its mechanism switched off)."""
         return bool(self.null_control) and all(getattr(self.config, k) == v for k, v in self.null_control.items())
 
+    @property
+    def signal_control(self) -> Optional[str]:
+        """The name of the signal control this instance is (its Config holds that control's values),
+        or None. Controls that name another method are that method's runs, never this one's."""
+        for name, values in self.signal_controls.items():
+            if "method" not in values and all(getattr(self.config, k) == v for k, v in values.items()):
+                return name
+        return None
+
     def run(self, ctx: MethodContext) -> Outcome:
         raise NotImplementedError
+
+
+def signal_control_runs(method_name: str, args: Mapping[str, Any]) -> List[Tuple[str, str, Dict[str, Any]]]:
+    """[(control name, method, args)] of the signal controls of a run of `method_name` with `args`:
+    its args with the control's values laid over them, under the method the control names (if any);
+    [] for a method that declares none, or one no longer installed."""
+    try:
+        declared = METHODS.get(method_name).factory.signal_controls
+    except Exception:          # noqa: BLE001 -- a method no longer installed has no declared controls
+        return []
+    out = []
+    for name, values in declared.items():
+        values = dict(values)
+        method = values.pop("method", method_name)
+        out.append((name, method, {**dict(args), **values}))
+    return out
 
 
 def judge_mechanism(method: Method, metrics: Dict[str, Any], note: str = "") -> Mechanism:
     """The record's `mechanism` from the telemetry a method measured, judged against its
     `mechanism_thresholds`: it acted when every metric reaches its bound. A null control is
-    marked as such, whatever its numbers say. `note` adds a method's own remark."""
+    marked as such, whatever its numbers say. A signal control is judged by the same thresholds
+    (that random change can meet them is what it shows) and marked `signal_control`. `note` adds a
+    method's own remark."""
     thresholds = {k: threshold_bound(v) for k, v in method.mechanism_thresholds.items()}
     failed = [f"{key} = {_short(metrics.get(key))} (needs {op} {bound:g})"
               for key, (op, bound) in thresholds.items() if not meets_threshold(metrics.get(key), (op, bound))]
@@ -261,10 +299,15 @@ def judge_mechanism(method: Method, metrics: Dict[str, Any], note: str = "") -> 
         acted = True
         reason = "acted: " + ", ".join(f"{k} = {_short(metrics[k])} ({op} {bound:g})"
                                        for k, (op, bound) in thresholds.items())
+    signal = None if method.is_control else method.signal_control
+    if signal is not None:
+        args = ", ".join(f"{k}={v}" for k, v in method.signal_controls[signal].items())
+        reason = f"signal control '{signal}' ({args}): the signal replaced by noise; " + reason
     if note:
         reason += f"; {note}"
     return Mechanism(declared=True, acted=acted, reason=reason, control=method.is_control,
-                     metrics=metrics, thresholds={k: list(v) for k, v in thresholds.items()})
+                     metrics=metrics, thresholds={k: list(v) for k, v in thresholds.items()},
+                     signal_control=signal)
 
 
 NO_MECHANISM = Mechanism(declared=False, acted=None, reason="baseline: no mechanism beyond its criterion")
@@ -355,6 +398,24 @@ def config_dict(config: Any) -> Dict[str, Any]:
 #   `prune_first_layer=False`): the input layer dense, the classifier pruned with the rest.
 LAYER_SETS = ("benchmark", "official")
 OFFICIAL_SKIPS = (True, False)
+
+
+# The sanity checks of a method that prunes from a pretrained model (`training.sanity`), as its
+# `sanity` setting: "none" (the method), "shuffle" (its masks permuted within each layer before the
+# fine-tune), "reinit" (its structure re-initialised and trained from scratch by the harness for the
+# dense pretrain + fine-tune steps). A method offering them adds `sanity: ... = sanity_field()` and
+# `**SANITY_CONTROLS` to its signal controls; "reinit" is done by the pipeline, "shuffle" by the method
+# where its masks are decided (it calls `training.sanity.shuffle_within_layers`).
+SANITY_CONTROLS = {"layer-shuffled masks": {"sanity": "shuffle"}, "re-initialised structure": {"sanity": "reinit"}}
+
+
+def sanity_field():
+    return field(default="none", metadata=OMITTED_AT_DEFAULT)
+
+
+def sanity_of(method: "Method") -> str:
+    """The sanity check a method instance runs ("none" for a method without the setting)."""
+    return getattr(method.config, "sanity", "none")
 
 
 def layers_field():

@@ -251,7 +251,10 @@ class RigL(_DynamicSparseTraining):
 
     On the benchmark's prunable set by default (input layer and classifier dense);
     `layers=official` is the official scripts' set, the classifier pruned at its ERK density
-    (see `resolve_skips`)."""
+    (see `resolve_skips`). Signal control: random growth with everything else equal, which is
+    SET with RigL's schedule (`set`, its defaults; `grow="random"` on RigL is the same run)."""
+
+    signal_controls = {"random growth": {"method": "set", "grow": "random"}}
 
 
 @register_method("set")

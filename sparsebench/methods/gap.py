@@ -20,7 +20,10 @@ when at least one prune-back ran and the mean over phases is >= 0.01 (1 % of the
 weights of a grown partition moved; a prune-back that restores the old mask regrew
 nothing). Null control `regrow=False`: static sparse training of the same initial masks
 for the same optimizer steps (P-GaP: κ × replica steps on one model) and the same
-fine-tune.
+fine-tune. Signal control `prune_scores="random"`: every phase grows and prunes back as
+usual, but the prune-back keeps the same per-layer counts by random scores instead of |w|
+(it changes the kept set at least as much, so it meets the thresholds: what it tests is
+whether magnitude is the signal that helps).
 
 T = ⌊B / (R·κ)⌋ optimizer steps from the run's budget B (not the paper's epoch counts). The
 defaults follow the official scripts (R = 10 rounds; a new learning-rate schedule and a fresh
@@ -46,7 +49,7 @@ the partitions in the P-GaP merge (`merge_shared="fresh"` restores the official 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
@@ -57,7 +60,9 @@ from sparsebench.measure.sparse24 import GROUP, mask_2to4
 from sparsebench.training.masks import (
     MaskSet, global_topk_masks, initial_masks, kept_change, prunable_weights, topk_mask,
 )
-from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
+from sparsebench.methods.base import (
+    OMITTED_AT_DEFAULT, Method, MethodContext, Outcome, judge_mechanism, register_method,
+)
 from sparsebench.methods.dst import resolve_skips
 
 
@@ -172,17 +177,22 @@ def grow(masks: MaskSet, partition: Partition, optimizer: Optional[torch.optim.O
 @torch.no_grad()
 def prune_back(masks: MaskSet, partition: Partition, keep: Dict[str, int], scope: str = "layer",
                pattern: str = "none", generator: Optional[torch.Generator] = None,
-               optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+               optimizer: Optional[torch.optim.Optimizer] = None, criterion: str = "magnitude") -> None:
     """TopMagnitude(w, keep) per layer (`scope="layer"`), or one |w| threshold over the
     partition keeping the same total (`"global"`; the per-layer counts follow, and `keep` is
     updated). `pattern="2:4"` first restricts candidates to the 2 largest |w| of every 4
-    along the input dim (not in the paper; makes the result 2:4-realizable)."""
+    along the input dim (not in the paper; makes the result 2:4-realizable).
+    `criterion="random"` (the signal control): uniform random scores from `generator` in place
+    of |w|, the same counts, scope and pattern (2:4: 2 random of every 4)."""
     scores = {}
     for name in partition.names:
         w = masks.params[name].detach()
-        score = w.abs()
+        if criterion == "random":
+            score = torch.rand(w.shape, generator=generator).to(w.device)
+        else:
+            score = w.abs()
         if pattern == "2:4":
-            score = torch.where(mask_2to4(w.reshape(w.shape[0], -1)).view_as(w), score, -1.0)
+            score = torch.where(mask_2to4(score.reshape(w.shape[0], -1)).view_as(w), score, -1.0)
         scores[name] = score
     if scope == "global":
         new = global_topk_masks(scores, 0.0, generator, keep=sum(keep[n] for n in partition.names))
@@ -254,6 +264,8 @@ class GaPConfig:
     merge_shared: Literal["average", "replica0", "fresh"] = "average"   # P-GaP tensors outside partitions
     pattern: Literal["none", "2:4"] = "none"               # 2:4 prune-back (not in the paper)
     regrow: bool = True                                    # False: the null control, static sparse training
+    # "random": the signal control, prune-back by random scores (same counts) instead of |w|
+    prune_scores: Literal["magnitude", "random"] = field(default="magnitude", metadata=OMITTED_AT_DEFAULT)
 
     def __post_init__(self):
         if self.num_groups < 1:
@@ -268,6 +280,7 @@ class _GaP(Method):
     Config = GaPConfig
     variant = ""
     null_control = {"regrow": False}
+    signal_controls = {"random prune-back": {"prune_scores": "random"}}
     mechanism_thresholds = {"prune_backs": 1, "mean_changed": 0.01}
 
     def run(self, ctx: MethodContext) -> Outcome:
@@ -340,7 +353,8 @@ class _GaP(Method):
         trainer = ctx.make_trainer(hooks=[masks])
 
         def prune_back_and_measure(partition, before, entry):
-            prune_back(masks, partition, keep, cfg.prune_scope, cfg.pattern, generator, trainer.optimizer)
+            prune_back(masks, partition, keep, cfg.prune_scope, cfg.pattern, generator, trainer.optimizer,
+                       criterion=cfg.prune_scores)
             entry["changed"] = kept_change(before, _snapshot(masks, partition))
             trainer.event("prune_back", phase=entry["phase"], changed=round(entry["changed"], 4))
 
@@ -401,7 +415,7 @@ class _GaP(Method):
                 grow(masks, partition, None)              # unmask first: merged weights must not be zeroed
             merge_replicas(ctx.model, replicas, partitions, cfg.merge_shared)
             for k, partition in enumerate(partitions):
-                prune_back(masks, partition, keep, cfg.prune_scope, cfg.pattern, generator)
+                prune_back(masks, partition, keep, cfg.prune_scope, cfg.pattern, generator, criterion=cfg.prune_scores)
                 entry = log[len(log) - kappa + k]
                 entry["changed"] = kept_change(before[k], _snapshot(masks, partition))
                 ctx.curve.add_event(ctx.budget.used, "prune_back", phase=entry["phase"],

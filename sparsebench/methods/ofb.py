@@ -40,6 +40,11 @@ kept units that the same cells ranked by the initial S would keep; the overlap a
 of the same sizes would have is `kept_overlap_chance_overall`). The null control
 (`search=False`) freezes S and α at their initialisation and spends the same steps on the
 weights, so its structure is the initial S/α through the same fallback (overlap 1, Spearman 1).
+The signal control (`task_loss_to_scores=False`) runs the same search with the task loss (CE and
+PMIM) cut from S and α: the bi-mask is applied detached, so S and α move by the one-hot and FLOPs
+terms alone, and the weights train as usual. `sanity="reinit"` is the re-initialisation sanity
+check (`training.sanity`): the found ViT with fresh weights, trained from scratch by the harness for
+the dense pretrain + fine-tune steps.
 What the verdict does not show: at ~95 steps α's widths are decided by the one-hot and FLOPs
 terms rather than the task loss (a run with the task gradient cut from α eliminated the same
 cells at the same steps), so `eliminated_fraction` says the elimination mechanics ran, while
@@ -75,7 +80,10 @@ from sparsebench.training.trainer import Trainer, TrainerHook
 from sparsebench.training.masks import prunable_weights
 from sparsebench.training.vit_slim import BlockStructure, ViTStructure, check_supported
 from sparsebench.training.vit_widths import ViTWidthMasks, slim_vit_scaled
-from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
+from sparsebench.methods.base import (
+    OMITTED_AT_DEFAULT, SANITY_CONTROLS, Method, MethodContext, Outcome, judge_mechanism, register_method,
+    sanity_field,
+)
 
 
 # --- search space (spec §2) ------------------------------------------------------------------
@@ -311,6 +319,10 @@ class BiMaskSearch(TrainerHook):
     def set_masks(self, lam: float) -> None:
         for g in self.groups:
             m = g.mask(lam)
+            if not self.cfg.task_loss_to_scores:
+                # the signal control: the forward (task loss: CE and PMIM) sees the same bi-mask
+                # values but sends no gradient to S and α; only the one-hot and FLOPs terms move them
+                m = m.detach()
             if g.kind == "attn":
                 self.masks.attn[g.block] = m
             elif g.kind == "mlp":
@@ -586,6 +598,9 @@ class OFB(Method):
     granularity = "head"
     starts_from = "pretrained"
     null_control = {"search": False}
+    # (the layer-shuffle sanity check is not offered: OFB's kept units come out of its export, not one mask)
+    signal_controls = {"task loss cut": {"task_loss_to_scores": False},
+                       "re-initialised structure": SANITY_CONTROLS["re-initialised structure"]}
     mechanism_thresholds = {"eliminated_fraction": 0.5, "spearman_S_max": ("<=", 0.9),
                             "kept_overlap_initial_topk_overall": ("<=", 0.95)}
     default_budget = {"search_epochs": 5}      # written as suites write it: the spec hash sees 5, not 5.0
@@ -610,6 +625,11 @@ class OFB(Method):
         score_lr_max: float = 0.05            # the rule's clip
         search: bool = True                   # False: the null control, S and α frozen at their initialisation;
                                               # nothing eliminates, so it trains the weights for every search step
+        # False: the signal control, the task loss (CE + PMIM) cut from S and α (their gradient comes from
+        # the one-hot and FLOPs terms only); the weights train on the task loss as usual
+        task_loss_to_scores: bool = dataclasses.field(default=True, metadata=OMITTED_AT_DEFAULT)
+        # "reinit": the sanity check (training.sanity), the found ViT re-initialised and trained from scratch
+        sanity: Literal["none", "reinit"] = sanity_field()
         weight_decay: float = 1e-3
         arch_lr: float = 0.1                  # α: official 1e-3 over ~60k steps, spec's tiny 5e-2; [reconstructed]
                                               # at 95 steps 0.05 eliminates nothing, 0.1 settles 6 of 9 groups

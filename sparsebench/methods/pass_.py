@@ -74,6 +74,13 @@ sibling project UNITES-Lab/VPNs, and the rest is ours. Reconstructed here, with 
   sign-like steps then mostly add noise, and the search loss rose (resnet20_tiny, FLOPs 0.5).
 - null control [spec amendment] `search=False`: the prior alone (the same statistics, the
   same selection code and fill, the same fine-tune), no search steps.
+- signal control `labels="shuffled"`: the same search, every step's targets permuted within
+  the batch by a generator seeded from the run's seed, so the labels keep their class
+  frequencies and lose their link to the images; what it tests is whether the task drives the
+  selection (see "What the verdict does not show" below). Also the sanity checks of pruning from
+  a pretrained model (`training.sanity`): `sanity="shuffle"`, the searched widths with the kept
+  channels drawn at random within each group; `sanity="reinit"`, the searched structure
+  re-initialised and trained from scratch for the dense pretrain + fine-tune steps.
 - residual handling [spec]: `"internal"` (default) prunes block-internal channels only, so
   residual-stream widths stay fixed; `"coupled"` gives each dependency group (a residual
   stream with every conv writing to it) one LSTM step, one statistic (summed over its
@@ -143,7 +150,11 @@ from sparsebench.training.gates import straight_through
 from sparsebench.training.importance import MagnitudeImportance
 from sparsebench.training.masks import prunable_weights
 from sparsebench.training.trainer import TrainerHook, evaluate
-from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
+from sparsebench.methods.base import (
+    OMITTED_AT_DEFAULT, SANITY_CONTROLS, Method, MethodContext, Outcome, judge_mechanism, register_method,
+    sanity_field,
+)
+from sparsebench.training.sanity import shuffle_within_layers
 
 HYPERNET_FORMAT = "sparsebench-pass-hypernet/2"     # /2: units stepped in forward-execution order
 FINAL_BN_BATCHES = 8                                  # telemetry: BN batches when comparing searched and prior masks
@@ -442,8 +453,11 @@ class MaskedPromptSearch(TrainerHook):
 
     def __init__(self, search: PASSSearch, space: ChannelSpace, gates, flops_ratio: float, scope: str,
                  min_channels: int, temperature: float, lambda_flops: float, bn_every: int = 0,
-                 bn_batches: int = 0, val_loader=None, prior_final: float = 1.0, total_steps: int = 0):
+                 bn_batches: int = 0, val_loader=None, prior_final: float = 1.0, total_steps: int = 0,
+                 shuffle_labels: Optional[torch.Generator] = None):
         self.search, self.space, self.gates = search, space, gates
+        # the signal control: targets permuted within each batch by this generator (None: true labels)
+        self.shuffle_labels = shuffle_labels
         self.flops_ratio, self.scope, self.min_channels = flops_ratio, scope, min_channels
         self.temperature, self.lambda_flops = temperature, lambda_flops
         self.bn_every, self.bn_batches, self.val_loader = bn_every, bn_batches, val_loader
@@ -493,7 +507,14 @@ class MaskedPromptSearch(TrainerHook):
         if self.bn_every and trainer.step % self.bn_every == 0 and trainer.micro_batch == 0:   # once per step
             self.adapt_bn(trainer)
         self.gates.set(values)
-        return self.search.prompted(inputs), targets
+        return self.search.prompted(inputs), self.labels(targets)
+
+    def labels(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets the search loss sees: as given, or (signal control) permuted within the batch."""
+        if self.shuffle_labels is None:
+            return targets
+        order = torch.randperm(len(targets), generator=self.shuffle_labels)
+        return targets[order.to(targets.device)]
 
     def extra_loss(self, trainer, inputs, outputs, targets):
         if not self.lambda_flops:
@@ -515,12 +536,15 @@ class MaskedPromptSearch(TrainerHook):
     def state_dict(self) -> dict:
         """The telemetry so far, so a resumed search reports all of its steps."""
         return {"losses": list(self.loss_values()), "masked_val": [list(p) for p in self.masked_val],
-                "recalibrated": None if self.recalibrated is None else [k.clone() for k in self.recalibrated]}
+                "recalibrated": None if self.recalibrated is None else [k.clone() for k in self.recalibrated],
+                **({} if self.shuffle_labels is None else {"label_generator": self.shuffle_labels.get_state()})}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = list(state["losses"])
         self.masked_val = [tuple(p) for p in state["masked_val"]]
         self.recalibrated = state["recalibrated"]
+        if self.shuffle_labels is not None and "label_generator" in state:
+            self.shuffle_labels.set_state(state["label_generator"])
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -532,6 +556,7 @@ class PASS(Method):
     starts_from = "pretrained"
 
     null_control = {"search": False}
+    signal_controls = {"shuffled labels": {"labels": "shuffled"}, **SANITY_CONTROLS}
     mechanism_thresholds = {"units_changed_fraction": 0.10, "score_change_mean": 0.20}
     # 2 search epochs (38 steps on digits) move the selection off the prior in both residual modes; at the
     # family recipe's 1 epoch, residual_mode=coupled at FLOPs 0.5 moved 7 % of the channels (needs 10 %)
@@ -561,6 +586,11 @@ class PASS(Method):
         keep_prompt: bool = False
         init_hypernet_from: Optional[str] = None           # transfer: a file saved by save_hypernet
         save_hypernet: Optional[str] = None
+        # "shuffled": the signal control, the search's targets permuted within each batch
+        labels: Literal["true", "shuffled"] = dataclasses.field(default="true", metadata=OMITTED_AT_DEFAULT)
+        # sanity checks (training.sanity): "shuffle" the searched channels permuted within each group
+        # (same widths), "reinit" the searched structure re-initialised and trained from scratch
+        sanity: Literal["none", "shuffle", "reinit"] = sanity_field()
 
         def __post_init__(self):
             if self.hidden < 1 or self.min_channels < 1 or self.ste_temperature <= 0:
@@ -653,7 +683,9 @@ class PASS(Method):
         steps = ctx.budget.left if cfg.search else 0
         hook = MaskedPromptSearch(search, space, gates, rho, cfg.scope, cfg.min_channels, cfg.ste_temperature,
                                   cfg.lambda_flops, cfg.bn_every, cfg.bn_batches, ctx.val_loader,
-                                  cfg.prior_final, steps)
+                                  cfg.prior_final, steps,
+                                  shuffle_labels=(torch.Generator().manual_seed(ctx.seed)
+                                                  if cfg.labels == "shuffled" else None))
         hyper = [p for n, p in search.named_parameters() if not n.startswith("prompt.")]
         groups = [{"params": hyper, "lr": cfg.lr, "weight_decay": 0.0}]
         if cfg.use_prompt:
@@ -675,6 +707,9 @@ class PASS(Method):
                 scores = [r.cpu() for r in search.scores()]
                 learned_end = [r.detach().cpu() for r in search.learned()]
             kept = space.select(scores, rho, scope=cfg.scope, min_units=cfg.min_channels)
+            if cfg.sanity == "shuffle":                    # the widths the search found, random channels
+                kept = shuffle_within_layers(kept, torch.Generator().manual_seed(ctx.seed))
+                notes["sanity"] = {"check": "shuffle", "why": "searched channels permuted within each group"}
             # telemetry: each selection with BN recalibrated under its own masks, unprompted (as deployed)
             final_val, batches = {}, [trainer.next_batch()[0] for _ in range(FINAL_BN_BATCHES)]
             for name, masks in (("searched", kept), ("prior", prior_kept)):

@@ -554,6 +554,9 @@ class _ViTSparseTraining(Method):
 
     starts_from = "scratch"
     null_control = {"topology_updates": False}
+    # the signal control: units (weights) grown at random instead of by the gradient (or revival)
+    # score, the same counts, schedule and pruning criterion
+    signal_controls = {"random growth": {"grow": "random"}}
 
     def supports(self, model: nn.Module, family: str) -> bool:
         return isinstance(model, VisionTransformer)
@@ -727,6 +730,10 @@ class SViTEPlus(Method):
     # base sparse training and fine-tune), so only *which* tokens are kept differs. (A frozen
     # scorer would still choose per image through a random projection: not "off".)
     null_control = {"token_selection": "fixed_random"}
+    # Signal control: `token_selection="frozen_scorer"`, the selector as learned but its scorer
+    # frozen at its initialisation (a random projection), so it still chooses per image with the
+    # same Gumbel top-k and schedule, but from nothing learned.
+    signal_controls = {"frozen scorer": {"token_selection": "frozen_scorer"}}
     # acted: the deployed selector keeps different positions for different images
     # (`distinct_extra` = distinct patch positions kept over a validation batch − (k − prefix)
     # ≥ 1) and its scores moved away from the initial near-uniform ones
@@ -746,7 +753,8 @@ class SViTEPlus(Method):
         tau_start: float = 10.0
         tau_end: float = 0.1
         eval_noise: bool = False
-        token_selection: Literal["learned", "fixed_random"] = "learned"   # fixed_random: the null control
+        # fixed_random: the null control; frozen_scorer: the signal control (scorer kept at its init)
+        token_selection: Literal["learned", "fixed_random", "frozen_scorer"] = "learned"
         # svite's knobs, used when base="svite"
         init: Literal["erk_exact", "erk_bernoulli", "uniform"] = "erk_exact"
         include_head: bool = True
@@ -781,6 +789,8 @@ class SViTEPlus(Method):
         if cfg.token_selection == "fixed_random":
             patches = n - model.num_prefix_tokens
             selector.fix_tokens(torch.randperm(patches, generator=torch.Generator().manual_seed(ctx.seed))[:k - selector.num_prefix])
+        elif cfg.token_selection == "frozen_scorer":
+            selector.scorer.requires_grad_(False)        # no optimizer step reaches it: it keeps its init
         insert_selector(model, selector.to(ctx.device))
         selector_macs = n * model.embed_dim                # Linear(D, 1) on every token
         tau = TemperatureSchedule(selector, ctx.budget.left, cfg.tau_start, cfg.tau_end)

@@ -22,7 +22,12 @@ with its 95 % two-level interval (seeds and test images, `report/stats.py`; seed
 adjustment over every Δ control and Δ baseline test of the (dataset, model, device) table
 (`with_family_holm`), and the exact sign-flip p. `Δ baseline` is the same against the strongest
 baseline at its setting: the best-mean row whose records say it is a baseline (mechanism "–"),
-dense excluded.
+dense excluded. `Δ signal` is the same against the method's signal control (`Method.signal_controls`:
+the mechanism run with its informative signal replaced by noise, e.g. RigL's against SET, C-GaP's
+against random prune-back), "–" where none was run; with several declared, the one with the most
+common seeds. Its tests join the same Holm family. `verdict` says which controls the row beat (a
+positive difference, Holm-adjusted p < 0.05): "beats null and signal control", "beats null control
+only", "beats signal control only", "beats neither control", or one of them with the other "not run".
 
 `rank` (`stats.rank_rows`): within each (dataset, model, target, device) table every pair of
 rows is compared, paired by seed (the two-level t-test, or McNemar's exact test on the
@@ -43,7 +48,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from sparsebench.methods.base import METHODS, method_label as args_label
+from sparsebench.methods.base import METHODS, method_label as args_label, signal_control_runs
 from sparsebench.report.references import NOTE as PUBLISHED_NOTE, with_published
 from sparsebench.report.stats import SeedRun, as_float, compare_runs, holm, rank_rows
 from sparsebench.store.record import PerSample, RunRecord
@@ -72,6 +77,15 @@ def control_label(record: RunRecord) -> Optional[str]:
     if not off:
         return None
     return args_label(record.method, {**record.method_args, **off})
+
+
+def signal_control_labels(record: RunRecord) -> tuple:
+    """The labels of this seed-method run's signal controls, in the order the method declares them
+    (its args with each control's values, under the method a control names); () for a baseline, a
+    null or signal control, or a method no longer installed."""
+    if record.is_control or record.is_signal_control:
+        return ()
+    return tuple(args_label(method, args) for _, method, args in signal_control_runs(record.method, record.method_args))
 
 
 def mechanism_of(record: RunRecord) -> str:
@@ -174,6 +188,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
             "mechanism": mechanism_of(r),
             "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
             "control_of_row": control_label(r),
+            "signal_controls_of_row": signal_control_labels(r),
             "per_sample": r.per_sample,
             "starved": len(starved_stages(r)) > 0,
         }
@@ -291,7 +306,7 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
         mechanism=("mechanism", row_mechanism),
         starved=("starved", "sum"),
     ).reset_index()
-    out = with_control_differences(out, df, keys)
+    out = with_signal_differences(with_control_differences(out, df, keys), df, keys)
     setting = [k for k in keys if k not in ("method", "granularity")] + ([] if equal_cost is None else ["cost_group"])
     out = with_family_holm(with_baseline_differences(with_ranks(out, df, setting), df, setting))
     out["target"] = out["target"].replace(-1.0, np.nan)
@@ -311,10 +326,12 @@ def aggregate(df: pd.DataFrame, equal_cost: Optional[str] = None, cost_tolerance
 
 
 def row_mechanism(labels: pd.Series) -> str:
-    """One word for a row: control, acted (every seed acted), – (baseline), not recorded."""
+    """One word for a row: control, signal control, acted (every seed acted), – (baseline), not recorded."""
     kinds = set(labels)
     if kinds == {"control"}:
         return "control"
+    if kinds == {"signal control"}:
+        return "signal control"
     if kinds == {"acted"}:
         return "acted"
     if kinds == {"did not act"}:            # only in a list of left-out runs: `ranked` never admits them
@@ -356,12 +373,38 @@ def with_control_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[s
     return out.assign(**{f"control_{k}": [r[f"control_{k}"] for r in rows] for k in PAIRED_FIELDS})
 
 
+def with_signal_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[str]) -> pd.DataFrame:
+    """Add `signal` (the label of the signal control it is paired with) and the `signal_*` columns
+    (`paired_columns`): each seed-method row's paired difference (method − its signal control) over
+    the seeds both have, by the statistics of `Δ control`. A method declaring several signal
+    controls is paired with the one that shares the most seeds with it (the first declared on a tie)."""
+    setting = [k for k in keys if k not in ("method", "granularity")]
+    by_run = seed_runs(runs, setting)
+    if "signal_controls_of_row" in runs:
+        declared = runs.groupby("method")["signal_controls_of_row"].first()
+    else:
+        declared = pd.Series(dtype=object)
+    labels, rows = [], []
+    for _, row in out.iterrows():
+        at = tuple(row[k] for k in setting)
+        mine = by_run.get((at, row["method"]), {})
+        candidates = declared.get(row["method"])
+        best, best_c = None, None
+        for label in (candidates if isinstance(candidates, tuple) else ()):
+            c = compare_runs(mine, by_run.get((at, label), {}), per_sample="none")
+            if c.pairs and (best_c is None or c.pairs > best_c.pairs):
+                best, best_c = label, c
+        labels.append(best)
+        rows.append(paired_columns("signal", best_c if best_c is not None else compare_runs(mine, {}, per_sample="none")))
+    return out.assign(signal=labels, **{f"signal_{k}": [r[f"signal_{k}"] for r in rows] for k in PAIRED_FIELDS})
+
+
 FAMILY = ["dataset", "model", "device"]
 
 
 def with_family_holm(out: pd.DataFrame, family: List[str] = FAMILY, rows=None) -> pd.DataFrame:
-    """Fill `control_p_holm` and `baseline_p_holm`: Holm's correction over every Δ control and
-    Δ baseline test of one table (`family`: one (dataset, model, device), all its targets), so the
+    """Fill `control_p_holm`, `signal_p_holm` and `baseline_p_holm`: Holm's correction over every
+    Δ control, Δ signal and Δ baseline test of one table (`family`: one (dataset, model, device), all its targets), so the
     verdicts a table makes hold together at 95 %. `rows`: a boolean mask of the rows that belong
     to the tables (default all)."""
     if out.empty:
@@ -369,7 +412,7 @@ def with_family_holm(out: pd.DataFrame, family: List[str] = FAMILY, rows=None) -
     out = out.copy()
     mask = pd.Series(True, index=out.index) if rows is None else rows
     for _, part in out[mask].groupby(family, sort=False, dropna=False):
-        tests = [(index, prefix) for index in part.index for prefix in ("control", "baseline")
+        tests = [(index, prefix) for index in part.index for prefix in ("control", "signal", "baseline")
                  if f"{prefix}_p" in out and as_float(out.at[index, f"{prefix}_p"]) is not None]
         for (index, prefix), p in zip(tests, holm([float(out.at[i, f"{k}_p"]) for i, k in tests])):
             out.at[index, f"{prefix}_p_holm"] = p
@@ -514,6 +557,8 @@ def display_table(agg: pd.DataFrame) -> pd.DataFrame:
             "train GMACs": "–" if pd.isna(r.get("train_macs")) else f"{r['train_macs'] / 1e9:.1f}",
             "mechanism": r.get("mechanism", "not recorded"),
             "Δ control": _control_cell(r),
+            "Δ signal": signal_cell(r),
+            "verdict": controls_verdict(r),
             "Δ baseline": baseline_cell(r),
             "seeds needed": seeds_needed_cell(r.get("seeds_needed")),
             "device": r["device"], "seeds": int(r["seeds"]),
@@ -552,6 +597,47 @@ def _control_cell(r) -> str:
     return paired_cell(r, "control")
 
 
+def signal_cell(r, name=lambda m: m) -> str:
+    """Δ signal: `paired_cell` of the row's difference to its signal control, named; "–" without one."""
+    if not int(as_float(r.get("signal_pairs")) or 0):
+        return "–"
+    return paired_cell(r, "signal", against=name(r["signal"]))
+
+
+VERDICT_ALPHA = 0.05
+
+
+def beats(r, prefix: str) -> Optional[bool]:
+    """Whether a row beat the control of `{prefix}_*` (a positive paired difference whose Holm-adjusted
+    p, or raw p where the table was not adjusted, is below 0.05); None where no such control was run
+    (or a single pair: no test)."""
+    if int(as_float(r.get(f"{prefix}_pairs")) or 0) < 2:
+        return None
+    p = as_float(r.get(f"{prefix}_p_holm"))
+    p = as_float(r.get(f"{prefix}_p")) if p is None else p
+    delta = as_float(r.get(f"{prefix}_delta"))
+    return bool(p is not None and delta is not None and delta > 0 and p < VERDICT_ALPHA)
+
+
+def controls_verdict(r) -> str:
+    """Which controls a seed-method row beat: "beats null and signal control", "beats null control
+    only", "beats signal control only", "beats neither control"; where one control was not run,
+    "beats null control (signal control not run)", "does not beat signal control (null control not
+    run)", ...; "–" for a row tested against neither."""
+    null, signal = beats(r, "control"), beats(r, "signal")
+    if null is None and signal is None:
+        return "–"
+    if null is not None and signal is not None:
+        if null and signal:
+            return "beats null and signal control"
+        if null or signal:
+            return f"beats {'null' if null else 'signal'} control only"
+        return "beats neither control"
+    tested, missing = ("null", "signal") if null is not None else ("signal", "null")
+    won = null if null is not None else signal
+    return f"{'beats' if won else 'does not beat'} {tested} control ({missing} control not run)"
+
+
 def baseline_cell(r, name=lambda m: m) -> str:
     """Δ baseline: `paired_cell` of the row's difference to the strongest baseline, named by `name`."""
     if not int(as_float(r.get("baseline_pairs")) or 0):
@@ -566,15 +652,18 @@ def seeds_needed_cell(v) -> str:
 
 DIFFERENCES_NOTE = (
     "Δ control: paired difference (method − its null control) in top-1 points over the seeds both have; "
+    "Δ signal: the same against the method's signal control (its mechanism run with the informative signal "
+    "replaced by noise, named after \"vs\"; – where none was run); "
     "Δ baseline: the same against the strongest baseline at the same target (best-mean row without a mechanism, "
     "dense excluded). ±: 95 % interval over seeds and test images, so the sampling noise of the test set every "
     "seed shares is in it (two-level: crossed seeds × images variance components, σ²_seed/n + σ²_image/m + "
     "σ²_residual/(n·m), t with n − 1 degrees of freedom; never narrower than the seed-level t-interval); "
     "‡: seed-level t-interval only (a run without per-sample results). p: the t-test of that interval "
     "(the exact sign-flip p where every seed gives the same difference); Holm: Holm-adjusted over every "
-    "Δ control and Δ baseline test of this (dataset, model, device) table, the p a verdict should use; "
+    "Δ control, Δ signal and Δ baseline test of this (dataset, model, device) table, the p a verdict should use; "
     "sign-flip: exact permutation p over the 2^n sign patterns of the n per-seed differences (never below 2/2^n: "
-    "0.0625 with 5 seeds).")
+    "0.0625 with 5 seeds). verdict: which controls the row beat (a positive difference with Holm p < 0.05): "
+    "null and signal, one only, neither, or the one tested with the other not run.")
 RANK_NOTE = (
     "rank: 1 + the number of rows significantly better at 95 % (every pair of rows of a target compared, paired "
     "over seeds as above, Holm-corrected over all of them); rows sharing a rank are marked \"=\" (\"1=\"). "
@@ -609,7 +698,8 @@ def to_markdown(agg: pd.DataFrame, title: str = "Leaderboard", left_out: pd.Data
         "calibration; \"auto: all dense\": no layer won, the masked model ran dense); not realizable: no realizer "
         "ran. Only runs that met their target within the tolerance in their record count. "
         "mechanism: acted (the method's defining mechanism acted in every seed, by the thresholds it declares), "
-        "control (its null control: the mechanism switched off, all else equal), – (a baseline); a run whose "
+        "control (its null control: the mechanism switched off, all else equal), signal control (the mechanism run "
+        "with its informative signal replaced by noise), – (a baseline); a run whose "
         "mechanism did not act is left out of the means. " + DIFFERENCES_NOTE + " " + RANK_NOTE + " "
         "seeds needed: seeds a paired t-test would need to resolve 1 point against the best-mean row at 80 % power, "
         "from the observed spread of the per-seed differences."

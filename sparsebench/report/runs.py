@@ -21,7 +21,8 @@ import pandas as pd
 
 from sparsebench.report.leaderboard import (
     _labels, as_float, ci95, control_label, entry_label, mechanism_of, method_label, ranked, row_mechanism,
-    with_baseline_differences, with_control_differences, with_family_holm, with_ranks,
+    signal_control_labels, with_baseline_differences, with_control_differences, with_family_holm, with_ranks,
+    with_signal_differences,
 )
 from sparsebench.store.record import RunRecord
 
@@ -84,7 +85,8 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
         "speedup_lo": lo, "speedup_hi": hi, "realizable": None, "realization_kind": None, "realization_reason": None,
         "realization_label": None,
         "mechanism": mechanism_of(r), "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
-        "control_of_row": control_label(r), "per_sample": r.per_sample,
+        "control_of_row": control_label(r), "signal_controls_of_row": signal_control_labels(r),
+        "per_sample": r.per_sample,
     }
     if r.has_result:
         row.update(
@@ -116,10 +118,11 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
     standing: "ok" for the runs that enter the means (`leaderboard.ranked`), "did_not_act" for
     runs that met their target but whose mechanism did not act, else the record's status.
     Each row has the leaderboard's `mechanism` word and, for a seed-method "ok" row, its
-    paired difference to its null control (the leaderboard's `control_*` columns); "ok" rows carry
+    paired difference to its null control (the leaderboard's `control_*` columns) and to its signal
+    control (`signal`, `signal_*`); "ok" rows carry
     the leaderboard's `rank` within their (dataset, model, device, target) table and, for a
     seed-method row, its paired difference to the strongest baseline (`baseline_*`), with Holm's
-    adjustment over the Δ control and Δ baseline tests of their (dataset, model, device) table."""
+    adjustment over the Δ control, Δ signal and Δ baseline tests of their (dataset, model, device) table."""
     if runs.empty:
         return pd.DataFrame()
     entered = ranked(runs)
@@ -156,7 +159,7 @@ def summarize(runs: pd.DataFrame) -> pd.DataFrame:
             row["speedup_lo"], row["speedup_hi"] = _mean(g["speedup_lo"]), _mean(g["speedup_hi"])
         rows.append(row)
     entered = entered.assign(test_top1=entered["top1"])
-    out = with_control_differences(pd.DataFrame(rows), entered, keys)
+    out = with_signal_differences(with_control_differences(pd.DataFrame(rows), entered, keys), entered, keys)
     setting, ok = ["dataset", "model", "device", "target_kind", "target_label"], out["status"] == "ok"
     out = with_baseline_differences(with_ranks(out, entered, setting, ok), entered, setting, ok)
     out = with_family_holm(out, ["dataset", "model", "device"], ok)

@@ -21,7 +21,9 @@ from typing import Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.curves import curve_stages, curve_svg
-from sparsebench.report.leaderboard import STARVED_WAIT, baseline_cell, paired_cell, plus_minus, starved_stages
+from sparsebench.report.leaderboard import (
+    STARVED_WAIT, baseline_cell, controls_verdict, paired_cell, plus_minus, signal_cell, starved_stages,
+)
 from sparsebench.report.references import published_html
 from sparsebench.report.runs import (
     FAMILIES, as_float, display_method, kept_structure, reproduce_command, run_details, runs_frame, summarize,
@@ -37,6 +39,8 @@ STATUS_HELP = {"ok": "met its target within the recorded tolerance", "missed_tar
 STATUSES = ("ok", "missed_target", "diverged", "failed", "did_not_act")
 MECHANISM_HELP = {"acted": "the method's defining mechanism acted in every seed, by the thresholds it declares",
                   "control": "null control: the method with its mechanism switched off, all else equal",
+                  "signal control": "signal control: the mechanism run with its informative signal replaced by "
+                                    "noise, all else equal",
                   "–": "a baseline: no mechanism beyond its criterion", "mixed": "the seeds' verdicts differ",
                   "not recorded": "records without a mechanism verdict (before schema 3)",
                   "did not act": "the mechanism did not act (thresholds in the record)"}
@@ -89,6 +93,9 @@ COLUMNS = [  # (header, data-type, css class, title)
                                   "switched off; –: a baseline; not recorded: an older record"),
     ("Δ control", "num", "", "paired top-1 difference to the method's null control at this setting, mean ± 95 % "
                              "t-interval over the seeds both have (n pairs)"),
+    ("Δ signal", "num", "", "paired top-1 difference to the method's signal control (its mechanism run with the "
+                            "informative signal replaced by noise), mean ± 95 % interval (n pairs); – where none ran"),
+    ("verdict", "text", "text", "which controls the row beat (positive difference, Holm p < 0.05)"),
     ("Δ baseline", "num", "", "paired top-1 difference to the strongest baseline at this target (best-mean row "
                               "without a mechanism, dense excluded), mean ± 95 % t-interval (n pairs)"),
     ("seeds needed", "num", "", "seeds a paired t-test would need to resolve 1 point against the best row at 80 % "
@@ -148,6 +155,8 @@ def _row(r: pd.Series) -> str:
         (_fmt(r["delta"], "+.2f"), r["delta"]),
         (f'<span title="{esc(MECHANISM_HELP.get(mechanism, ""))}">{esc(mechanism)}</span>', mechanism),
         (control, r["control_delta"] if pairs else None),
+        (signal_cell(r, display_method), r["signal_delta"] if int(as_float(r.get("signal_pairs")) or 0) else None),
+        (controls_verdict(r), controls_verdict(r)),
         (baseline, r["baseline_delta"] if base_pairs else None),
         (_fmt(r.get("seeds_needed"), ".0f"), r.get("seeds_needed")),
         (_fmt(as_float(r["params"]) and r["params"] / 1e3, ".1f", "k"), r["params"]),

@@ -52,6 +52,8 @@ from sparsebench.measure.latency import LatencySettings
 from sparsebench.measure.realize import compare_realized, realize
 from sparsebench.measure.unstructured import Calibration
 from sparsebench.methods import METHODS, NO_MECHANISM, Method, MethodContext, Outcome, build_config, config_dict
+from sparsebench.methods.base import sanity_of
+from sparsebench.training.sanity import reinitialise
 from sparsebench.models import MODELS, ModelCard, create_model, model_card
 from sparsebench.store.record import (
     Cost, Macs, Mechanism, Params, PerSample, Prunable, Realization, RunRecord, plain, target_check,
@@ -377,17 +379,22 @@ class FinetuneStage:
 
 
 def finetune_stage(spec: RunSpec, outcome: Outcome, data: DataStage, device: torch.device,
-                   progress=None, checkpoints: Optional[RunCheckpoints] = None) -> FinetuneStage:
-    """The same recipe and steps for every method that prunes; masks held; selects on val."""
+                   progress=None, checkpoints: Optional[RunCheckpoints] = None,
+                   from_scratch: bool = False) -> FinetuneStage:
+    """The same recipe and steps for every method that prunes; masks held; selects on val.
+    `from_scratch` (the `reinit` sanity check): the re-initialised structure trains for the dense
+    pretrain + fine-tune steps at the pretrain learning rate, the steps the pruned model's weights had."""
     result = FinetuneStage()
-    if outcome.finetune and data.finetune_steps > 0:
+    steps = data.pretrain_steps + data.finetune_steps if from_scratch else data.finetune_steps
+    if outcome.finetune and steps > 0:
         torch.manual_seed(spec.seed)
         hooks = [outcome.masks] if outcome.masks is not None else []
+        lr = spec.recipe.lr if from_scratch else spec.recipe.finetune_lr
         trainer = Trainer(outcome.model, data.loaders["train_finetune"], spec.recipe, device, data.info.num_classes,
-                          spec.recipe.finetune_lr, hooks, stage="finetune", checkpoints=checkpoints)
+                          lr, hooks, stage="finetune", checkpoints=checkpoints)
         try:
-            fit = trainer.fit(data.finetune_steps, data.loaders["val"], data.eval_every, progress=progress,
-                              desc="finetune")
+            fit = trainer.fit(steps, data.loaders["val"], data.eval_every, progress=progress,
+                              desc="train from scratch" if from_scratch else "finetune")
             _check_finite(outcome.model, "finetune")
         except Diverged as d:
             return FinetuneStage(steps=trainer.step, diverged=d, train_macs=trainer.compute.as_dict(),
@@ -619,7 +626,7 @@ def recorded_mechanism(method: Method, outcome: Outcome) -> Mechanism:
     if method.null_control is None:
         return NO_MECHANISM
     return Mechanism(declared=True, acted=False, reason="the method declares a mechanism but reported no telemetry",
-                     control=method.is_control)
+                     control=method.is_control, signal_control=None if method.is_control else method.signal_control)
 
 
 def _environment(device: torch.device, threads: int) -> dict:
@@ -750,14 +757,30 @@ def train_and_measure(spec: RunSpec, method: Method, data: DataStage, dense: Den
     with times("method"):
         method_result = method_stage(spec, method, data, dense, make_model, device, progress, partial)
     finetune, evaluation, measured = FinetuneStage(), None, None
+    from_scratch = method_result.diverged is None and sanity_of(method) == "reinit"
+    if from_scratch:
+        reinitialised(spec, method_result.outcome, data)
     if method_result.diverged is None:
         with times("finetune"):
-            finetune = finetune_stage(spec, method_result.outcome, data, device, progress, partial)
+            finetune = finetune_stage(spec, method_result.outcome, data, device, progress, partial, from_scratch)
         if finetune.diverged is None:
             with times("evaluation"):
                 evaluation = evaluation_stage(method_result.outcome.model, data, device, spec.recipe.precision)
             measured = measurement_stage(spec, method_result.outcome, dense, data, device, times)
     return method_result, finetune, evaluation, measured
+
+
+def reinitialised(spec: RunSpec, outcome: Outcome, data: DataStage) -> None:
+    """The `reinit` sanity check (`training.sanity`): the method's structure (compacted model or
+    masks) with fresh weights, seeded by the run's seed; the record's notes say so."""
+    counts = reinitialise(outcome.model, torch.Generator().manual_seed(spec.seed))
+    if outcome.masks is not None:
+        outcome.masks.apply()
+    outcome.notes["sanity"] = {
+        "check": "reinit", "initialisation": counts,
+        "trained_steps": data.pretrain_steps + data.finetune_steps, "lr": spec.recipe.lr,
+        "why": "the found structure re-initialised and trained from scratch for the dense pretrain + "
+               "fine-tune steps (Liu et al. 2019; Frankle et al. 2021)"}
 
 
 def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:

@@ -19,6 +19,8 @@ listed; every other problem is a one-line error naming the bad value.
 `controls: true` adds, for every entry of a method that declares a `null_control` (the
 Config values that switch its defining mechanism off), the same entry with those values:
 same models, targets, seeds and recipe, so the leaderboard can pair each run with its control.
+Signal controls (`Method.signal_controls`) are listed as entries of their own, and get no null
+control of their own.
 """
 from __future__ import annotations
 
@@ -221,14 +223,18 @@ def expand(raw: Dict[str, Any]) -> Suite:
 
 def with_null_controls(methods):
     """The method entries, each followed by its null control where its method declares one
-    (and the suite does not already list that control)."""
-    from sparsebench.methods import METHODS
+    (and the suite does not already list that control). A signal-control entry gets none: it is
+    itself a control of the method's real entry, which has its own."""
+    from sparsebench.methods import METHODS, build_config
 
     out = []
     for entry in methods:
         out.append(entry)
-        off = METHODS.get(entry.name).factory.null_control
+        cls = METHODS.get(entry.name).factory
+        off = cls.null_control
         if not off or all(entry.args.get(k) == v for k, v in off.items()):
+            continue
+        if cls(build_config(cls, dict(entry.args))).signal_control is not None:
             continue
         control = dataclasses.replace(entry, args={**entry.args, **off})
         if control not in methods and control not in out:

@@ -151,6 +151,8 @@ class Mechanism:
     acted       the verdict against the method's declared thresholds (None: no mechanism)
     reason      one line: which number decided the verdict
     control     True for a null control: the method with its mechanism switched off
+    signal_control  the name of the method's signal control this run is (its informative signal
+                replaced by noise, `Method.signal_controls`); None otherwise (and in older records)
     metrics     the method's telemetry (units moved, score changes, swaps per update, ...)
     thresholds  {metric: minimum} the verdict was judged against, as the method declares them
     """
@@ -161,12 +163,15 @@ class Mechanism:
     control: bool = False
     metrics: Dict[str, Any] = field(default_factory=dict)
     thresholds: Dict[str, Any] = field(default_factory=dict)
+    signal_control: Optional[str] = None
 
     @property
     def label(self) -> str:
-        """One word for tables: acted | did not act | control | none."""
+        """One word for tables: acted | did not act | control | signal control | none."""
         if self.control:
             return "control"
+        if self.signal_control:
+            return "signal control"
         if not self.declared:
             return "none"
         return "acted" if self.acted else "did not act"
@@ -175,7 +180,7 @@ class Mechanism:
     def verdict(self) -> str:
         """What the mechanism did, for a summary line: "acted", "did not act: <which number>", the
         null control's own line, or "baseline: no mechanism"."""
-        if self.control or (self.declared and not self.acted):
+        if self.control or self.signal_control or (self.declared and not self.acted):
             return self.reason
         return "acted" if self.declared else "baseline: no mechanism"
 
@@ -330,13 +335,19 @@ class RunRecord:
 
     @property
     def mechanism_acted(self) -> bool:
-        """False only for a seed-method run whose record shows its mechanism did not act."""
+        """False only for a seed-method run whose record shows its mechanism did not act (a null or
+        signal control's number is a control's, whatever its telemetry says)."""
         m = self.mechanism
-        return m is None or m.control or not m.declared or bool(m.acted)
+        return m is None or m.control or bool(m.signal_control) or not m.declared or bool(m.acted)
 
     @property
     def is_control(self) -> bool:
         return self.mechanism is not None and self.mechanism.control
+
+    @property
+    def is_signal_control(self) -> bool:
+        """A run of a method's signal control (its informative signal replaced by noise)."""
+        return self.mechanism is not None and bool(self.mechanism.signal_control)
 
     @property
     def method_args(self) -> Dict[str, Any]:

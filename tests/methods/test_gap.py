@@ -379,3 +379,41 @@ def test_an_outcome_declares_only_well_formed_patterns_on_masks():
             Outcome(nn.Linear(4, 4), "masked", pattern=bad)
     with pytest.raises(ValueError, match="describes masks"):
         Outcome(nn.Linear(4, 4), "compacted", pattern="2:4")
+
+
+def test_random_prune_back_keeps_the_counts_but_not_the_largest_weights():
+    """The signal control's prune-back: the same per-layer count, picked by random scores, not |w|."""
+    from torch import nn
+
+    from sparsebench.training.masks import MaskSet
+
+    layer = nn.Linear(8, 8, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.arange(64, dtype=torch.float32).view(8, 8) + 1)   # |w| ranks are known
+    part = gap.Partition(("",), ("weight",), 64)
+    kept = {}
+    for criterion in ("magnitude", "random"):
+        masks = MaskSet(layer, {"weight": torch.ones(8, 8, dtype=torch.bool)})
+        gap.prune_back(masks, part, {"weight": 16}, generator=torch.Generator().manual_seed(0), criterion=criterion)
+        kept[criterion] = masks.masks["weight"].clone()
+    assert kept["magnitude"].flatten().nonzero().flatten().tolist() == list(range(48, 64))   # the 16 largest
+    assert int(kept["random"].sum()) == 16
+    assert (kept["random"] & kept["magnitude"]).sum() < 16          # not the magnitude choice
+
+
+@pytest.mark.parametrize("name", ["gap-cyclic", "gap-parallel"])
+def test_the_random_prune_back_signal_control_runs_and_is_marked(name):
+    from sparsebench.methods.base import config_dict
+
+    method, ctx = _context(name, budget=24, rounds=2, prune_scores="random")
+    outcome = method.run(ctx)
+    m = outcome.mechanism
+    assert method.signal_control == "random prune-back" and m.signal_control == "random prune-back"
+    assert m.label == "signal control" and not m.control and "signal control" in m.reason
+    real, real_ctx = _context(name, budget=24, rounds=2)
+    magnitude = real.run(real_ctx)
+    assert real.signal_control is None and magnitude.mechanism.signal_control is None
+    assert outcome.masks.nnz() == magnitude.masks.nnz()              # the same per-layer counts
+    assert any(not torch.equal(outcome.masks.masks[n], magnitude.masks.masks[n]) for n in outcome.masks.masks)
+    assert "prune_scores" not in config_dict(real.config)           # the default leaves spec hashes as they were
+    assert config_dict(method.config)["prune_scores"] == "random"

@@ -371,3 +371,38 @@ def test_a_search_cap_over_the_budget_is_said_and_recorded(caplog):
     assert [r.getMessage() for r in caplog.records if "max_search_steps" in r.getMessage()] == [
         f"sparsebench: warning: {said}"]
     assert outcome.mechanism.metrics["search_max_steps"] == 6
+
+
+def _task_loss_gradients(**args):
+    """S's and the weights' gradients of the task loss alone (CE through the bi-masked model)."""
+    method = create_method("ofb", **args)
+    ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=5)
+    torch.manual_seed(0)
+    model = ctx.model
+    masks = ViTWidthMasks(model)
+    groups = method.build_groups(model, "cpu", torch.Generator().manual_seed(0))
+    search = BiMaskSearch(model, masks, groups, method.config, 2, 0.0, ctx.input_size)
+    x, y = next(iter(ctx.train_loader))
+    search.set_masks(0.5)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = [None if g.S.grad is None else g.S.grad.clone() for g in groups]
+    alpha = [None if g.alpha.grad is None else g.alpha.grad.clone() for g in groups]
+    weight = model.blocks[0].mlp.fc1.weight.grad.clone()
+    masks.remove()
+    return method, grads, alpha, weight
+
+
+def test_the_task_loss_cut_signal_control_leaves_scores_without_the_task_gradient():
+    """`task_loss_to_scores=False`: the same bi-mask in the forward, but the task loss reaches
+    neither S nor α; the weights get the same gradient as in the real search."""
+    from sparsebench.methods.base import config_dict
+
+    real, s_real, a_real, w_real = _task_loss_gradients()
+    cut, s_cut, a_cut, w_cut = _task_loss_gradients(task_loss_to_scores=False)
+    assert all(g is not None and g.abs().sum() > 0 for g in s_real)
+    assert any(g is not None and g.abs().sum() > 0 for g in a_real)
+    assert all(g is None for g in s_cut) and all(g is None for g in a_cut)
+    assert torch.allclose(w_real, w_cut)
+    assert cut.signal_control == "task loss cut" and real.signal_control is None
+    assert "task_loss_to_scores" not in config_dict(real.config)

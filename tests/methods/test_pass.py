@@ -322,3 +322,50 @@ def test_quantile_statistics_pool_to_a_fixed_size_and_transfer_across_architectu
     assert search.hypernet.embed.in_features == 3 * QUANTILES
     outcome = method.run(ctx)
     assert outcome.notes["init_hypernet_from"]["model"] == "resnet20_tiny"
+
+
+def test_the_shuffled_label_signal_control_permutes_the_search_targets(monkeypatch):
+    """`labels="shuffled"`: every search step's loss sees the batch's labels permuted (same class
+    counts, another pairing with the images); the default search sees them as given."""
+    seen = {}
+    forward = MaskedPromptSearch.before_forward
+
+    def spy(self, trainer, inputs, targets):
+        prompted, used = forward(self, trainer, inputs, targets)
+        seen.setdefault(self.shuffle_labels is not None, []).append((targets.clone(), used.clone()))
+        return prompted, used
+
+    monkeypatch.setattr(MaskedPromptSearch, "before_forward", spy)
+    run_pass(budget=3)
+    run_pass(budget=3, labels="shuffled")
+    assert all(torch.equal(given, used) for given, used in seen[False]) and len(seen[False]) == 3
+    assert len(seen[True]) == 3
+    for given, used in seen[True]:
+        assert torch.equal(given.sort().values, used.sort().values)
+    assert any(not torch.equal(given, used) for given, used in seen[True])
+
+
+def test_the_shuffled_label_search_runs_is_marked_and_keeps_spec_hashes():
+    from sparsebench.methods.base import config_dict
+
+    method, ctx, outcome = run_pass(budget=4, labels="shuffled")
+    m = outcome.mechanism
+    assert m.signal_control == "shuffled labels" and m.label == "signal control"
+    real = create_method("pass")
+    assert real.signal_control is None and "labels" not in config_dict(real.config)
+    assert create_method("pass").signal_controls["shuffled labels"] == {"labels": "shuffled"}
+
+
+def test_the_layer_shuffle_sanity_check_keeps_the_searched_widths_at_other_channels(monkeypatch):
+    """`sanity="shuffle"`: the same search (seeded alike), then every group keeps as many channels
+    as the search chose, drawn at random; the structure's positions differ."""
+    from sparsebench.methods.base import config_dict
+
+    _, _, real = run_pass(budget=3)
+    method, _, shuffled = run_pass(budget=3, sanity="shuffle")
+    assert method.signal_control == "layer-shuffled masks" and shuffled.mechanism.signal_control == method.signal_control
+    assert shuffled.notes["sanity"]["check"] == "shuffle" and "sanity" not in config_dict(create_method("pass").config)
+    assert real.structure == shuffled.structure                               # the same per-group counts
+    pairs = list(zip(real.model.parameters(), shuffled.model.parameters()))
+    assert all(a.shape == b.shape for a, b in pairs)
+    assert any(not torch.equal(a, b) for a, b in pairs)                       # other channels' weights

@@ -622,3 +622,38 @@ def test_an_update_interval_past_t_end_is_one_update_said_and_recorded(tmp_path,
     assert record.notes["adjusted"] == [{"setting": "update_every", "given": 100000, "used": t_end - 1, "why": said}]
     assert [u["step"] for u in record.notes["updates"]] == [t_end - 1]
     assert record.selection["eval_every"] == record.data["steps_per_epoch"]     # evals_per_epoch 1
+
+
+@pytest.mark.parametrize("selection", ["learned", "frozen_scorer"])
+def test_svite_plus_frozen_scorer_signal_control_keeps_the_scorer_at_its_init(monkeypatch, selection):
+    """`token_selection="frozen_scorer"`: the selector still picks per image through its scorer, but
+    no step moves the scorer (the learned selector's does move); the run is marked as the signal control."""
+    from sparsebench.methods import svite
+
+    inserted = {}
+    insert = svite.insert_selector
+
+    def spy(model, selector):
+        inserted["init"] = copy.deepcopy(selector.scorer.state_dict())
+        insert(model, selector)
+
+    monkeypatch.setattr(svite, "insert_selector", spy)
+    method = create_method("svite-plus", token_mode="drop", token_keep=0.75, update_every=4, token_selection=selection)
+    out = method.run(make_context("vit_cifar_tiny", "sparsity=0.5", method, budget=6))
+    final = selector_of(out.model).scorer.state_dict()
+    unchanged = all(torch.equal(final[k].cpu(), v.cpu()) for k, v in inserted["init"].items())
+    assert unchanged == (selection == "frozen_scorer")
+    assert out.mechanism.signal_control == (None if selection == "learned" else "frozen scorer")
+    assert not out.mechanism.control and selector_of(out.model).fixed is None
+
+
+def test_s2vite_and_rigl_declare_random_growth_as_their_signal_control():
+    from sparsebench.methods.base import signal_control_runs
+
+    assert create_method("s2vite", grow="random").signal_control == "random growth"
+    assert create_method("s2vite").signal_control is None
+    assert signal_control_runs("s2vite", {"grow": "gradient", "alpha": 0.5}) == [
+        ("random growth", "s2vite", {"grow": "random", "alpha": 0.5})]
+    # RigL's random-growth control is SET with RigL's schedule: another method, never a rigl run
+    assert signal_control_runs("rigl", {"grow": "gradient"}) == [("random growth", "set", {"grow": "random"})]
+    assert create_method("rigl", grow="random").signal_control is None

@@ -267,3 +267,65 @@ def test_a_starved_run_is_footnoted_under_the_leaderboard():
     assert "rigl on" in line and "sparsity=0.5 (1 of 2 seeds)" in line and "gmp" not in line
     plain = to_markdown(Leaderboard.of(records[2:]).table)
     assert "Starved" not in plain
+
+
+def test_delta_signal_pairs_a_method_with_its_signal_control_and_says_which_controls_it_beat():
+    """C-GaP against its random prune-back (the same method, a Config switch) and its null control;
+    RigL against SET (the random-growth control another method is); a method without signal-control
+    runs shows "–". Every Δ control and Δ signal test of the table is Holm-adjusted together."""
+    from sparsebench.report.leaderboard import Leaderboard, display_table
+    from sparsebench.store import Mechanism
+
+    acted = Mechanism(declared=True, acted=True, reason="acted")
+    signal = Mechanism(declared=True, acted=True, reason="signal control", signal_control="random prune-back")
+    control = Mechanism(declared=True, acted=False, reason="null control", control=True)
+    gap, rigl = [0.80, 0.84, 0.82, 0.86], [0.70, 0.71, 0.69, 0.72]
+    records = [fake_record("gap-cyclic", s, t, mechanism=acted) for s, t in enumerate(gap)]
+    records += [fake_record("gap-cyclic", s, t - d, mechanism=signal, run_id=f"sig-{s}",
+                            spec={"method_args": {"prune_scores": "random"}})
+                for s, (t, d) in enumerate(zip(gap, [0.05, 0.06, 0.05, 0.07]))]
+    records += [fake_record("gap-cyclic", s, t - d, mechanism=control, run_id=f"ctl-{s}",
+                            spec={"method_args": {"regrow": False}})
+                for s, (t, d) in enumerate(zip(gap, [0.01, -0.01, 0.02, 0.0]))]
+    records += [fake_record("rigl", s, t, mechanism=acted) for s, t in enumerate(rigl)]
+    records += [fake_record("set", s, t + 0.01, mechanism=acted) for s, t in enumerate(rigl[:3])]
+    records += [fake_record("gmp", s, 0.75, mechanism=acted) for s in range(3)]
+    board = Leaderboard.of(records)
+    rows = board.table.set_index("method")
+    g = rows.loc["gap-cyclic"]
+    assert g["signal"] == "gap-cyclic[prune_scores=random]" and g["signal_pairs"] == 4
+    assert g["signal_delta"] == pytest.approx(100 * (0.05 + 0.06 + 0.05 + 0.07) / 4)
+    assert rows.loc["gap-cyclic[prune_scores=random]"]["mechanism"] == "signal control"
+    assert rows.loc["gap-cyclic[prune_scores=random]"]["signal_pairs"] == 0     # a control is not paired itself
+    r = rows.loc["rigl"]
+    assert r["signal"] == "set" and r["signal_pairs"] == 3 and r["signal_delta"] == pytest.approx(-1.0)
+    assert rows.loc["gmp"]["signal_pairs"] == 0
+    from sparsebench.report.stats import holm
+
+    raw = [g["control_p"], g["signal_p"], r["signal_p"]]                        # the table's three tests
+    assert not any(math.isnan(p) for p in raw) and all(math.isnan(p) for p in board.table["baseline_p"])
+    assert [g["control_p_holm"], g["signal_p_holm"], r["signal_p_holm"]] == pytest.approx(holm(raw))
+    shown = display_table(board.table).set_index("method")
+    assert shown.loc["gap-cyclic", "Δ signal"].startswith("+5.75 ± ")
+    assert "vs gap-cyclic[prune_scores=random] (n=4" in shown.loc["gap-cyclic", "Δ signal"]
+    assert shown.loc["gap-cyclic", "verdict"] == "beats signal control only"
+    assert shown.loc["rigl", "verdict"] == "does not beat signal control (null control not run)"
+    assert shown.loc["gmp", "Δ signal"] == "–" and shown.loc["gmp", "verdict"] == "–"
+
+
+def test_controls_verdict_names_the_controls_a_row_beat():
+    from sparsebench.report.leaderboard import controls_verdict
+
+    def row(null=None, signal=None):
+        out = {}
+        for prefix, (delta, p) in (("control", null), ("signal", signal)):
+            if delta is not None:
+                out.update({f"{prefix}_pairs": 5, f"{prefix}_delta": delta, f"{prefix}_p": p, f"{prefix}_p_holm": p})
+        return out
+
+    none = (None, None)
+    assert controls_verdict(row((2.0, 0.01), (1.5, 0.02))) == "beats null and signal control"
+    assert controls_verdict(row((2.0, 0.01), (1.5, 0.20))) == "beats null control only"
+    assert controls_verdict(row((-2.0, 0.01), (-1.5, 0.01))) == "beats neither control"
+    assert controls_verdict(row((2.0, 0.01), none)) == "beats null control (signal control not run)"
+    assert controls_verdict(row(none, none)) == "–"

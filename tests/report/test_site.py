@@ -385,3 +385,25 @@ def test_run_page_shows_each_stages_resource_use_beside_the_curves_and_names_a_s
     old = make_record("magnitude-global")              # a record from before the field
     build_site([old], tmp_path / "old", svg=False)
     assert 'id="no-resources"' in (tmp_path / "old" / "runs" / f"{old.run_id}.html").read_text()
+
+
+def test_the_report_pairs_a_seed_method_with_its_signal_control(tmp_path):
+    """The report's summary (runs.summarize) and front page carry Δ signal and the controls verdict."""
+    from conftest import make_record
+    from sparsebench.report.runs import runs_frame, summarize
+    from sparsebench.report.site import build_site
+    from sparsebench.store import Mechanism
+
+    acted = Mechanism(declared=True, acted=True, reason="acted")
+    signal = Mechanism(declared=True, acted=True, reason="signal control", signal_control="shuffled labels")
+    records = [make_record("pass", s, 0.8 + 0.01 * s, mechanism=acted, kind="flops") for s in range(3)]
+    records += [make_record("pass", s, 0.7 + 0.01 * s + 0.002 * (s % 2), mechanism=signal, kind="flops",
+                            run_id=f"sig-{s}", spec={"method_args": {"labels": "shuffled"}}) for s in range(3)]
+    summary = summarize(runs_frame(records)).set_index("method")
+    row = summary.loc["pass"]
+    assert row["signal"] == "pass[labels=shuffled]" and row["signal_pairs"] == 3
+    assert row["signal_delta"] == pytest.approx(10 - 0.2 / 3, abs=1e-6)
+    assert summary.loc["pass[labels=shuffled]", "mechanism"] == "signal control"
+    build_site(records, tmp_path / "site", svg=False)
+    page = (tmp_path / "site" / "index.html").read_text()
+    assert "Δ signal" in page and "vs pass[labels=shuffled] (n=3" in page and "beats signal control" in page

@@ -84,10 +84,28 @@ def test_pass_suites_give_the_search_its_budget_and_pair_it_with_its_control():
     evidence = load_suite("benchmarks/evidence/pass.yaml").specs
     args = lambda s: dict(s.method_args)
     passes = [s for s in evidence if s.method == "pass"]
+    from sparsebench.methods import create_method
+
+    signal = lambda s: create_method("pass", **args(s)).signal_control                   # noqa: E731
     controls = [s for s in passes if not args(s).get("search", True)]
-    searched = [s for s in passes if args(s).get("search", True)]
+    searched = [s for s in passes if args(s).get("search", True) and signal(s) is None]
     assert {s.recipe.search_epochs for s in passes} == {2} and len(controls) == len(searched) > 0
+    main = [s for s in searched if (args(s)["scope"], args(s).get("use_prompt", True)) == ("global", True)]
+    by_control = {name: [s for s in passes if signal(s) == name] for name in create_method("pass").signal_controls}
+    assert {name: len(runs) for name, runs in by_control.items()} == dict.fromkeys(by_control, len(main)) \
+        and len(main) == 10                                     # 5 seeds × 2 targets, the method rows' settings
     assert ("global", "coupled") in {(args(s)["scope"], args(s)["residual_mode"]) for s in searched}
     l1 = {(args(s)["scope"], args(s)["residual_mode"]) for s in evidence if s.method == "l1-channel"}
     assert l1 == {("global", "coupled"), ("uniform", "coupled")}
     assert {s.seed for s in evidence} == {0, 1, 2, 3, 4} and {s.target.value for s in evidence} == {0.5, 0.3}
+
+
+def test_a_signal_control_entry_gets_no_null_control_of_its_own():
+    """`controls: true` pairs C-GaP with its null control; its listed signal control (random
+    prune-back) is a control already and gets none."""
+    raw = {"methods": ["gap-cyclic", {"name": "gap-cyclic", "args": {"prune_scores": "random"}}],
+           "models": ["resnet20_tiny"], "datasets": ["digits"], "targets": {"sparsity": [0.5]}, "seeds": [0],
+           "controls": True}
+    settings = sorted(tuple(sorted((k, v) for k, v in dict(s.method_args).items() if k in ("regrow", "prune_scores")))
+                      for s in expand(raw).specs)
+    assert settings == [(), (("prune_scores", "random"),), (("regrow", False),)]

@@ -146,3 +146,18 @@ def test_a_declared_sparsity_pattern_round_trips_and_older_records_read_without_
     older = make_record().to_dict()
     older.pop("sparsity_pattern")
     assert RunRecord.from_dict(older).sparsity_pattern is None
+
+
+def test_a_signal_control_round_trips_and_older_mechanisms_read_without_one():
+    from sparsebench.store import Mechanism
+
+    mech = Mechanism(declared=True, acted=False, reason="signal control 'shuffled labels' (labels=shuffled): ...",
+                     signal_control="shuffled labels")
+    record = make_record(mechanism=mech)
+    back = RunRecord.from_json(record.to_json())
+    assert back == record and back.is_signal_control and back.mechanism.label == "signal control"
+    assert back.mechanism_acted and not back.is_control        # a control's number, whatever its telemetry
+    older = record.to_dict()
+    del older["mechanism"]["signal_control"]                     # written before signal controls existed
+    old = RunRecord.from_dict(older)
+    assert old.mechanism.signal_control is None and not old.is_signal_control and old.mechanism.label == "did not act"

@@ -1,0 +1,53 @@
+"""The sanity checks of pruning from a pretrained model (training/sanity.py) and the pipeline's
+`reinit`: masks shuffled within each layer, the found structure re-initialised and trained from scratch."""
+import torch
+from torch import nn
+
+from sparsebench.training.sanity import reinitialise, shuffle_within_layers
+
+from conftest import tiny_spec
+
+
+def test_shuffle_within_layers_keeps_each_layers_count_and_moves_positions():
+    g = torch.Generator().manual_seed(0)
+    masks = {"a": torch.arange(64).view(8, 8) < 16, "b": torch.arange(10) < 7}
+    shuffled = shuffle_within_layers(masks, g)
+    assert set(shuffled) == {"a", "b"}
+    for name, mask in masks.items():
+        assert shuffled[name].shape == mask.shape and shuffled[name].dtype == torch.bool
+        assert int(shuffled[name].sum()) == int(mask.sum())                  # per-layer density kept
+    assert not torch.equal(shuffled["a"], masks["a"])                         # positions moved
+    groups = shuffle_within_layers([torch.tensor([True, True, False, False])] * 3, g)
+    assert isinstance(groups, list) and [int(m.sum()) for m in groups] == [2, 2, 2]
+
+
+def test_reinitialise_draws_fresh_weights_in_the_same_structure():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model.register_parameter("pos_embed", nn.Parameter(torch.ones(1, 3)))     # no module resets it
+    with torch.no_grad():
+        model[1].running_mean.fill_(3.0)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    counts = reinitialise(model, torch.Generator().manual_seed(1))
+    assert counts == {"modules_reset": 3, "parameters_drawn": 1}
+    for name, p in model.named_parameters():
+        assert p.shape == before[name].shape
+    assert not torch.equal(model[0].weight, before["0.weight"]) and not torch.equal(model.pos_embed, before["pos_embed"])
+    assert torch.equal(model[1].running_mean, torch.zeros(4))                 # BN statistics reset too
+    again = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    reinitialise(again, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0].weight, model[0].weight)                      # seeded
+
+
+def test_the_reinit_sanity_check_trains_the_found_structure_from_scratch(tmp_path):
+    """pass[sanity=reinit] through the pipeline: the searched structure, fresh weights, trained for
+    the dense pretrain + fine-tune steps at the pretrain rate; marked as its signal control."""
+    from sparsebench.runners.pipeline import RunOptions, execute
+
+    record = execute(tiny_spec("pass", target="flops=0.5", method_args=(("sanity", "reinit"),)), RunOptions(out=tmp_path))
+    plain = execute(tiny_spec("pass", target="flops=0.5"), RunOptions(out=tmp_path / "plain"))
+    assert record.status == "ok" and record.mechanism.signal_control == "re-initialised structure"
+    assert record.notes["sanity"]["check"] == "reinit"
+    assert record.cost.finetune_steps == plain.cost.finetune_steps + record.cost.dense_pretrain_steps
+    assert record.structure == plain.structure                                # the same found widths
+    assert record.spec["method_args"]["sanity"] == "reinit" and "sanity" not in plain.spec["method_args"]
