@@ -9,14 +9,14 @@
 # latency entry, shown as its own table by `sparsebench leaderboard DIR`. Directories without saved
 # models (OUT/models/) are named and skipped. The dry run re-times a copy of those records on the CPU.
 # Arguments go to gpu_tables.py (--out DIR, --parts ..., --cap PART=SECONDS). Limits, in seconds, from
-# the environment: GPU_SCRIPT_S (the whole script, 470), TABLES_S (step 1, 340), RETIME_S (each
-# re-timing, 70), LEADERBOARD_S (each leaderboard, 25). Exit status: the first failing step's.
+# the environment: GPU_SCRIPT_S (the whole script, 470), TABLES_S (step 1, 320), RETIME_S (each
+# re-timing, 50), LEADERBOARD_S (each leaderboard, 25). Exit status: the first failing step's.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1
 SCRIPT_S=${GPU_SCRIPT_S:-470}
-TABLES_S=${TABLES_S:-340}
-RETIME_S=${RETIME_S:-70}
+TABLES_S=${TABLES_S:-320}
+RETIME_S=${RETIME_S:-50}
 LEADERBOARD_S=${LEADERBOARD_S:-25}
 START_TOOL_S=15                  # a python start with torch imported, and one timing's overrun
 
@@ -47,10 +47,10 @@ limit=$(min "$TABLES_S" $(( $(left) - reserve )))
 if (( limit > 0 )); then
     timeout --kill-after=10 "$limit" python benchmarks/gpu/gpu_tables.py "${args[@]}"
     code=$?
+    [[ $code != 0 ]] && note "$code" "gpu tables: exit $code$([[ $code == 124 || $code == 137 ]] && echo " (stopped at its ${limit} s limit)"); every cell finished before it is on disk; re-timing runs anyway"
 else
-    code=124
+    note 124 "gpu tables: not started: re-timing ${#dirs[@]} directories needs ${reserve} s of the script's ${SCRIPT_S} s; re-timing runs"
 fi
-[[ $code != 0 ]] && note "$code" "gpu tables: exit $code$([[ $code == 124 || $code == 137 ]] && echo " (stopped at its ${limit} s limit)"); every cell finished before it is on disk; re-timing runs anyway"
 
 for i in "${!dirs[@]}"; do
     src=${dirs[$i]}
