@@ -152,7 +152,9 @@ def test_resource_samples_from_proc_without_psutil(monkeypatch):
     assert sample["cpu_percent"] > 10
     rss_kb = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
                       if line.startswith("VmRSS")).split()[1])
-    assert abs(sample["rss_mb"] - rss_kb / 1024) < 0.2 * rss_kb / 1024
+    # the process's own resident memory, plus that of any child it has (loader workers; in a full test
+    # session, the sweep tests' fork server): never less than its own
+    assert sample["rss_mb"] >= 0.8 * rss_kb / 1024
     assert resources.source_name() == "/proc"
 
 
