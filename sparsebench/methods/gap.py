@@ -21,7 +21,9 @@ weights of a grown partition moved; a prune-back that restores the old mask regr
 nothing). Null control `regrow=False`: static sparse training of the same initial masks
 for the same optimizer steps (P-GaP: κ × replica steps on one model) and the same
 fine-tune. Signal control `prune_scores="random"`: every phase grows and prunes back as
-usual, but the prune-back keeps the same per-layer counts by random scores instead of |w|
+usual, but the prune-back keeps by random scores instead of |w| — the same per-layer counts
+with the default per-layer `prune_scope`; with `prune_scope="global"` random scores also
+re-allocate the counts across layers, so that control tests magnitude *and* its allocation
 (it changes the kept set at least as much, so it meets the thresholds: what it tests is
 whether magnitude is the signal that helps).
 

@@ -319,9 +319,11 @@ class BiMaskSearch(TrainerHook):
     def set_masks(self, lam: float) -> None:
         for g in self.groups:
             m = g.mask(lam)
-            if not self.cfg.task_loss_to_scores:
-                # the signal control: the forward (task loss: CE and PMIM) sees the same bi-mask
-                # values but sends no gradient to S and α; only the one-hot and FLOPs terms move them
+            if not self.cfg.task_loss_to_scores and not g.final:
+                # the signal control: while a group is searched, the forward (task loss: CE and PMIM)
+                # sees the same bi-mask values but sends no gradient to S and α; only the one-hot and
+                # FLOPs terms move them. Once final, the mask is a learned per-unit scale the export
+                # folds into the weights (spec §3): that learning stays on, as in the method
                 m = m.detach()
             if g.kind == "attn":
                 self.masks.attn[g.block] = m

@@ -356,6 +356,9 @@ class TokenSelector(nn.Module):
         self.keep, self.num_prefix, self.mode, self.eval_noise = keep, num_prefix, mode, eval_noise
         self.tau = 10.0
         self.register_buffer("fixed", None)              # patch indices of a fixed subset (null control)
+        # the signal control (frozen scorer): scores computed on a detached input too, so the selection
+        # gradient cannot teach the patch and position embeddings to steer a scorer that never learns
+        self.detach_scores = False
         self.last_entropy: Optional[torch.Tensor] = None
 
     def extra_repr(self) -> str:
@@ -367,7 +370,7 @@ class TokenSelector(nn.Module):
         self.fixed = indices.sort().values.to(self.scorer.weight.device)
 
     def soft_scores(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.scorer(x).squeeze(-1).float()
+        logits = self.scorer(x.detach() if self.detach_scores else x).squeeze(-1).float()
         if self.training:
             with torch.no_grad():
                 self.last_entropy = torch.special.entr(F.softmax(logits[:, self.num_prefix:], dim=1)).sum(1).mean()
@@ -791,6 +794,7 @@ class SViTEPlus(Method):
             selector.fix_tokens(torch.randperm(patches, generator=torch.Generator().manual_seed(ctx.seed))[:k - selector.num_prefix])
         elif cfg.token_selection == "frozen_scorer":
             selector.scorer.requires_grad_(False)        # no optimizer step reaches it: it keeps its init
+            selector.detach_scores = True                # and no selection gradient reaches the embeddings
         insert_selector(model, selector.to(ctx.device))
         selector_macs = n * model.embed_dim                # Linear(D, 1) on every token
         tau = TemperatureSchedule(selector, ctx.budget.left, cfg.tau_start, cfg.tau_end)

@@ -373,8 +373,9 @@ def test_a_search_cap_over_the_budget_is_said_and_recorded(caplog):
     assert outcome.mechanism.metrics["search_max_steps"] == 6
 
 
-def _task_loss_gradients(**args):
-    """S's and the weights' gradients of the task loss alone (CE through the bi-masked model)."""
+def _task_loss_gradients(final=False, **args):
+    """S's and the weights' gradients of the task loss alone (CE through the bi-masked model); `final`:
+    with every group finalised (its search over)."""
     method = create_method("ofb", **args)
     ctx = make_context("vit_cifar_tiny", "flops=0.5", method, budget=5)
     torch.manual_seed(0)
@@ -382,6 +383,8 @@ def _task_loss_gradients(**args):
     masks = ViTWidthMasks(model)
     groups = method.build_groups(model, "cpu", torch.Generator().manual_seed(0))
     search = BiMaskSearch(model, masks, groups, method.config, 2, 0.0, ctx.input_size)
+    for g in groups if final else ():
+        g.final = True
     x, y = next(iter(ctx.train_loader))
     search.set_masks(0.5)
     model.train()
@@ -406,3 +409,8 @@ def test_the_task_loss_cut_signal_control_leaves_scores_without_the_task_gradien
     assert torch.allclose(w_real, w_cut)
     assert cut.signal_control == "task loss cut" and real.signal_control is None
     assert "task_loss_to_scores" not in config_dict(real.config)
+    # a finalised group's mask is a learned per-unit scale (folded into the weights at export): the
+    # control keeps learning it from the task loss, as the method does
+    final_real, final_cut = _task_loss_gradients(final=True)[1], _task_loss_gradients(
+        final=True, task_loss_to_scores=False)[1]
+    assert all(c is not None and torch.allclose(r, c) for r, c in zip(final_real, final_cut))

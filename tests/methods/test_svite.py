@@ -645,6 +645,11 @@ def test_svite_plus_frozen_scorer_signal_control_keeps_the_scorer_at_its_init(mo
     assert unchanged == (selection == "frozen_scorer")
     assert out.mechanism.signal_control == (None if selection == "learned" else "frozen scorer")
     assert not out.mechanism.control and selector_of(out.model).fixed is None
+    # the frozen scorer's selection sends no gradient back into the embeddings either
+    selector = selector_of(out.model).train()
+    x = torch.randn(2, 5, selector.scorer.in_features, requires_grad=True)
+    scores = selector.soft_scores(x)
+    assert scores.requires_grad == (selection == "learned")     # frozen: nothing upstream can learn from it
 
 
 def test_s2vite_and_rigl_declare_random_growth_as_their_signal_control():
