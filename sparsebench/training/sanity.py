@@ -39,10 +39,13 @@ def shuffle_within_layers(masks: Union[Sequence[torch.Tensor], Dict[str, torch.T
 
 @torch.no_grad()
 def reinitialise(model: nn.Module, generator: Optional[torch.Generator] = None) -> Dict[str, int]:
-    """Fresh weights for `model` in place, its structure kept: every module's own
-    `reset_parameters` (conv, linear, norms: PyTorch's default initialisations; BatchNorm's running
-    statistics reset too), and N(0, 0.02²) for parameters no module resets (a ViT's position
-    embedding and class token). Returns the counts of each kind, for the record."""
+    """Fresh weights for `model` in place, its structure kept, drawn the way the model family
+    initialises itself (a re-initialised structure should start where a trained one did): every
+    module's own `reset_parameters` first (norms to 1 and 0, BatchNorm's running statistics reset),
+    and N(0, 0.02²) for parameters no module resets; then timm's `init_weights` for a timm
+    VisionTransformer (truncated normal 0.02 for Linear, position embedding and class token as
+    timm draws them), and for convolutions elsewhere torchvision's and this project's CNN scheme
+    (Kaiming normal, fan-out, ReLU gain; biases 0). Returns the counts of each kind, for the record."""
     if generator is not None:
         torch.manual_seed(int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator)))
     reset = set()
@@ -52,9 +55,23 @@ def reinitialise(model: nn.Module, generator: Optional[torch.Generator] = None) 
             module.reset_parameters()
             modules += 1
             reset.update(id(p) for p in module.parameters(recurse=False))
+    from timm.models.vision_transformer import VisionTransformer
+
+    vits = [m for m in model.modules() if isinstance(m, VisionTransformer)]
+    in_vit = {id(p) for v in vits for p in v.parameters()}
+    convs = 0
+    for m in model.modules():                   # drawn right after the resets: the same stream for one structure
+        if isinstance(m, nn.Conv2d) and id(m.weight) not in in_vit:
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+            convs += 1
     loose = 0
     for p in model.parameters():
         if id(p) not in reset:
             p.normal_(0.0, LOOSE_PARAMETER_STD)
             loose += 1
-    return {"modules_reset": modules, "parameters_drawn": loose}
+    for vit in vits:
+        vit.init_weights()
+    return {"modules_reset": modules, "parameters_drawn": loose, "vit_init_weights": len(vits),
+            "convs_kaiming_fan_out": convs}

@@ -1,5 +1,6 @@
 """The sanity checks of pruning from a pretrained model (training/sanity.py) and the pipeline's
 `reinit`: masks shuffled within each layer, the found structure re-initialised and trained from scratch."""
+import pytest
 import torch
 from torch import nn
 
@@ -29,7 +30,7 @@ def test_reinitialise_draws_fresh_weights_in_the_same_structure():
         model[1].running_mean.fill_(3.0)
     before = {n: p.clone() for n, p in model.named_parameters()}
     counts = reinitialise(model, torch.Generator().manual_seed(1))
-    assert counts == {"modules_reset": 3, "parameters_drawn": 1}
+    assert counts == {"modules_reset": 3, "parameters_drawn": 1, "vit_init_weights": 0, "convs_kaiming_fan_out": 1}
     for name, p in model.named_parameters():
         assert p.shape == before[name].shape
     assert not torch.equal(model[0].weight, before["0.weight"]) and not torch.equal(model.pos_embed, before["pos_embed"])
@@ -37,6 +38,27 @@ def test_reinitialise_draws_fresh_weights_in_the_same_structure():
     again = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     reinitialise(again, torch.Generator().manual_seed(1))
     assert torch.equal(again[0].weight, model[0].weight)                      # seeded
+
+
+@pytest.mark.parametrize("name", ["resnet20_tiny", "vit_cifar_tiny"])
+def test_reinitialise_draws_as_the_model_family_initialises(name):
+    """A re-initialised model starts where a freshly created one does: the same spread of conv and
+    linear weights (Kaiming fan-out for CNN convolutions, timm's truncated normal 0.02 for ViT
+    Linear layers), not PyTorch's default Linear/Conv initialisation."""
+    from sparsebench.models import create_model
+
+    def spreads(model):
+        return {n: float(p.std()) for n, p in model.named_parameters() if p.dim() > 1 and p.numel() > 64}
+
+    torch.manual_seed(0)
+    fresh = spreads(create_model(name, img_size=16))
+    trained_like = create_model(name, img_size=16)
+    with torch.no_grad():
+        for p in trained_like.parameters():
+            p.mul_(3.0).add_(0.1)                                  # far from any initialisation
+    reinitialise(trained_like, torch.Generator().manual_seed(0))
+    for n, s in spreads(trained_like).items():
+        assert s == pytest.approx(fresh[n], rel=0.25), n
 
 
 def test_the_reinit_sanity_check_trains_the_found_structure_from_scratch(tmp_path):
