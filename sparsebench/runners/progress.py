@@ -173,7 +173,7 @@ class PlainProgress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker = None
-        if running is not None:
+        if running is not None and interval > 0:       # interval 0: every run prints its line anyway
             self._ticker = threading.Thread(target=self._tick, name="sweep-progress", daemon=True)
             self._ticker.start()
 
@@ -198,7 +198,8 @@ class PlainProgress:
               file=self.stream, flush=True)
 
     def _tick(self) -> None:
-        while not self._stop.wait(min(self.interval, 5.0)):
+        # never a busy loop: a thread that wakes without pause holds the GIL from the runs it reports on
+        while not self._stop.wait(max(0.5, min(self.interval, 5.0))):
             with self._lock:
                 now = time.perf_counter()
                 if now - self.last >= self.interval and self.done < self.total:
