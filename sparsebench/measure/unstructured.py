@@ -164,12 +164,17 @@ def _candidates(model: nn.Module) -> List[Tuple[str, nn.Module, float, Optional[
     return out
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> Tuple[bool, float]:
-    """Agreement within the dtype's tolerance, scaled by the output's magnitude (sum order differs)."""
+def outputs_agree(a: torch.Tensor, b: torch.Tensor, tolerance: float) -> Tuple[bool, float]:
+    """(agreement, max abs error): `a` equals `b` within `tolerance` scaled by the output's magnitude
+    (sum order differs between kernels)."""
     err = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
     scale = max(1.0, float(b.float().abs().max()) if b.numel() else 0.0)
-    tol = 1e-4 if dtype == torch.float32 else (1e-9 if dtype == torch.float64 else 2e-2)
-    return a.shape == b.shape and err <= tol * scale, err
+    return a.shape == b.shape and err <= tolerance * scale, err
+
+
+def _kernel_tolerance(dtype: torch.dtype) -> float:
+    """How far a CSR product may differ from the dense one in `dtype`."""
+    return 1e-4 if dtype == torch.float32 else (1e-9 if dtype == torch.float64 else 2e-2)
 
 
 def _time_calls(fn, x: torch.Tensor, number: int, cuda: bool) -> float:
@@ -220,7 +225,7 @@ def realize_unstructured(model: nn.Module, kernel: str, device: torch.device, dt
         x = args[0]
         try:
             sparse = to_csr_module(module)
-            ok, err = _close(sparse(x), output, torch_dtype)
+            ok, err = outputs_agree(sparse(x), output, _kernel_tolerance(torch_dtype))
         except (RuntimeError, NotImplementedError) as e:      # no CSR kernel for this dtype/device
             entry["reason"] = f"CSR kernel failed: {type(e).__name__}: {str(e).splitlines()[0]}"
             return
@@ -279,7 +284,7 @@ def realize_unstructured(model: nn.Module, kernel: str, device: torch.device, dt
             parent, _, child = name.rpartition(".")
             setattr(work.get_submodule(parent) if parent else work, child, sparse)
         if chosen:
-            ok, err = _close(work(probe), reference, torch_dtype)
+            ok, err = outputs_agree(work(probe), reference, _kernel_tolerance(torch_dtype))
             if not ok:
                 raise ValueError(f"the {kernel} realization disagrees with the masked model "
                                  f"(max abs error {err:.3g})")

@@ -144,9 +144,10 @@ def entry_label(entry: Optional[dict]) -> Optional[str]:
     return None if runtime == "eager" else runtime
 
 
-def _speed_fields(r: RunRecord, device: str) -> dict:
+def speed_fields(r: RunRecord, device: str) -> dict:
     """The row's measured speedup on `device`: the fastest (realization, runtime) measured there at
-    the throughput batch, named; not realizable where no realizer ran on that device."""
+    the throughput batch, named, with its bootstrap interval; not realizable where no realizer ran on
+    that device. The leaderboard's rows and the report's run rows both read it."""
     best = r.best_latency_entry(device)
     return {"device": device, "measured_speedup": None if best is None else best["measured_speedup"],
             "measured_speedup_ci95": None if best is None else best.get("speedup_ci95"),
@@ -197,7 +198,7 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
                 "test_top1": 100 * r.test_top1, "test_top5": None if r.test_top5 is None else 100 * r.test_top5,
                 "achieved_sparsity": r.achieved_sparsity, "achieved_flops_ratio": r.achieved_flops_ratio,
                 "macs_effective": r.macs.effective, "macs_dense": r.macs.dense, "params_nonzero": r.params.nonzero,
-                "theoretical_speedup": r.theoretical_speedup, **_speed_fields(r, r.device),
+                "theoretical_speedup": r.theoretical_speedup, **speed_fields(r, r.device),
             })
         rows.append(row)
         rows.extend(retimed_rows(r, row))
@@ -207,11 +208,11 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
 def retimed_rows(r: RunRecord, row: dict) -> list:
     """The run's row again for each other device it was re-timed on (`sparsebench retime`): same
     accuracy, that device's fastest measured speedup, so each device is its own table and latencies
-    never mix. Re-timings on the run's own device sit in its own row (`_speed_fields`)."""
+    never mix. Re-timings on the run's own device sit in its own row (`speed_fields`)."""
     if not r.has_result:
         return []
     devices = dict.fromkeys(e["device"] for e in r.latency_entries() if e["device"] != r.device)
-    return [{**row, **_speed_fields(r, device)} for device in devices]
+    return [{**row, **speed_fields(r, device)} for device in devices]
 
 
 def ci95(values: pd.Series) -> float:

@@ -20,9 +20,9 @@ from typing import Any, Dict, Iterable, List, Optional
 import pandas as pd
 
 from sparsebench.report.leaderboard import (
-    _labels, as_float, ci95, control_label, entry_label, mechanism_of, method_label, ranked, row_mechanism,
-    signal_control_labels, with_baseline_differences, with_control_differences, with_family_holm, with_ranks,
-    with_signal_differences,
+    _labels, as_float, ci95, control_label, mechanism_of, method_label, ranked, row_mechanism,
+    signal_control_labels, speed_fields, with_baseline_differences, with_control_differences, with_family_holm,
+    with_ranks, with_signal_differences,
 )
 from sparsebench.store.record import RunRecord
 
@@ -59,17 +59,8 @@ def display_method(label: str) -> str:
     return name + " †" if name != label else name
 
 
-def _latency_interval(r: RunRecord):
-    """The bootstrap 95 % interval of the run's measured speedup (its fastest realization and runtime
-    on its own device at the throughput batch, `RunRecord.best_latency_entry`)."""
-    best = r.best_latency_entry() if r.has_result else None
-    lo_hi = (best or {}).get("speedup_ci95")
-    return (lo_hi[0], lo_hi[1]) if lo_hi else (None, None)
-
-
 def run_row(r: RunRecord) -> Dict[str, Any]:
     """A run's numbers as the report shows them (percentages for accuracies)."""
-    lo, hi = _latency_interval(r)
     row = {
         "run_id": r.run_id, "dataset": r.dataset, "model": r.model, "device": r.device, "method": method_label(r),
         "method_name": r.method, "family": family_of(method_label(r)), "granularity": r.granularity,
@@ -82,7 +73,7 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
         "pretrain_seconds": r.cost.dense_pretrain_wall_seconds,
         "top1": None, "top5": None, "sparsity": None, "flops": None, "params": None, "macs": None,
         "macs_dense": None, "macs_is": None, "theoretical_speedup": None, "measured_speedup": None,
-        "speedup_lo": lo, "speedup_hi": hi, "realizable": None, "realization_kind": None, "realization_reason": None,
+        "speedup_lo": None, "speedup_hi": None, "realizable": None, "realization_kind": None, "realization_reason": None,
         "realization_label": None,
         "mechanism": mechanism_of(r), "mechanism_reason": None if r.mechanism is None else r.mechanism.reason,
         "control_of_row": control_label(r), "signal_controls_of_row": signal_control_labels(r),
@@ -96,9 +87,10 @@ def run_row(r: RunRecord) -> Dict[str, Any]:
             theoretical_speedup=r.theoretical_speedup, realization_kind=r.realization.kind,
             realization_reason=r.realization.reason,
         )
-        best = r.best_latency_entry()
-        row.update(measured_speedup=None if best is None else best["measured_speedup"],
-                   realizable=best is not None or r.realization.realizable, realization_label=entry_label(best))
+        speed = speed_fields(r, r.device)
+        lo_hi = speed["measured_speedup_ci95"] or (None, None)
+        row.update(measured_speedup=speed["measured_speedup"], realizable=speed["realizable"],
+                   realization_label=speed["realization"], speedup_lo=lo_hi[0], speedup_hi=lo_hi[1])
     return row
 
 
