@@ -130,7 +130,9 @@ class UnitPruneAndGrow(TrainerHook):
     `cfg.grow` picks the grow score of the inactive units (just-pruned ones included):
     - `"gradient"` (official): heads by Σ|∂L/∂A_h|, neurons by ‖∂L/∂W‖₁ of their rows and
       columns. An inactive unit's score is (nearly) zero, so growth regrows what it pruned.
-    - `"random"`: uniform random scores (an ablation).
+    - `"random"`: uniform random scores (the signal control of revival): the grown units get
+      their shadow weights back as under revival, so only the choice of units differs (grown
+      at 0, a neuron could never train, and the control would lose by construction).
     - `"revival"` (**ablation: non-official growth criterion**): the loss gradient of each
       unit's gate evaluated *as if the unit were active*. `shadow` keeps every unit's last
       active weights (its weights when it was pruned; for a unit never active, its initial
@@ -160,6 +162,8 @@ class UnitPruneAndGrow(TrainerHook):
         self.revival = cfg.grow == "revival"
         if self.revival and (shadow is None or space is None):
             raise ValueError('grow="revival" needs the shadow weights read before the initial masks and the unit space')
+        if cfg.grow == "random" and shadow is None:
+            raise ValueError('grow="random" grows units with their shadow weights: it needs them')
         self.space = space
         self.shadow, self.dense_macs, self.revival_macs = shadow, int(dense_macs), 0
         self.revival_seconds = 0.0
@@ -195,6 +199,8 @@ class UnitPruneAndGrow(TrainerHook):
         neuron_w = neuron_l1(self.model)
         if self.revival:
             revive_h, revive_j = self._revival_scores(trainer)
+        elif self.shadow is not None:
+            self.shadow.record(self.masks)               # active units: their weights now, before some are pruned
         swapped, moved = {"heads": 0, "neurons": 0}, {"heads": 0, "neurons": 0}
         for b in range(len(self.heads)):
             h, j = self.heads[b], self.neurons[b]
@@ -215,7 +221,7 @@ class UnitPruneAndGrow(TrainerHook):
         for name, m in unit_weight_masks(self.model, self.heads, self.neurons).items():
             grown = m.to(self.masks.masks[name].device) & ~self.masks.masks[name]
             self.masks.update(name, m, trainer.optimizer)
-            if self.revival:
+            if self.shadow is not None:
                 self.shadow.restore(name, grown)
         self.history.append({"step": t, "drop_fraction": dr, "swapped": swapped, "moved": moved})
         trainer.event("structure", heads_swapped=swapped["heads"], heads_moved=moved["heads"],
@@ -634,18 +640,19 @@ class SViTE(_ViTSparseTraining):
 class S2ViTE(_ViTSparseTraining):
     """S²ViTE: structured prune-and-grow of attention heads and MLP neurons, exported as a smaller ViT.
 
-    Observed on vit_cifar_tiny: gradient growth re-selects the units it just pruned
-    (`notes["updates"][i]["moved"]` stays 0 at the quick suite's budget), so the kept set is
-    the random initial one. A neuron that was never active has exactly 0 gradients (its fc2
+    **The default growth criterion is not the paper's.** The paper's (`grow="gradient"`)
+    cannot revive a unit: a neuron that was never active has exactly 0 gradients (its fc2
     column is 0 and its fc1 bias is still the initial 0; so are the dense gradients of its
-    masked weights, so no gradient criterion can revive it), and an inactive head's `proj`
-    columns see a constant input and decay under AdamW; a head moves only now and then, on
-    a few-step budget. This follows from the spec's criteria; `grow="random"` and
-    `grow="revival"` are the ablations. `grow="revival"` (**ablation: non-official growth
-    criterion**, spec §12; the record's notes say `faithfulness: "ablation: non-official
-    growth criterion"`) scores each inactive unit by |∂L/∂g| of a gate on its output,
-    evaluated with every unit switched on with its last active (shadow) weights, and grows
-    the winners with those weights (`UnitPruneAndGrow`); it moves units.
+    masked weights), and an inactive head's `proj` columns see a constant input and decay
+    under AdamW, so gradient growth re-selects the units it just pruned and the kept set stays
+    the random initial one (spec §12: 0 of 1,508 possible swaps on vit_cifar_tiny). A plain
+    run of it would be its own static control under S²ViTE's name. So the default is
+    `grow="revival"` (spec §12's labelled non-official criterion; the record's notes say
+    `faithfulness: "ablation: non-official growth criterion"`): each inactive unit is scored
+    by |∂L/∂g| of a gate on its output, evaluated with every unit switched on with its last
+    active (shadow) weights, and the winners grow back with those weights
+    (`UnitPruneAndGrow`). `grow="gradient"` runs the paper's criterion (its record says
+    "did not act: growth moved nothing"); `grow="random"` is revival's signal control.
 
     Mechanism: prune-and-grow of units. It acted when ≥ 1 update ran, ≥ 1 unit (head or
     neuron) was grown where it was inactive before (`units_moved_total`), and the final kept
@@ -662,6 +669,8 @@ class S2ViTE(_ViTSparseTraining):
 
     @dataclass(frozen=True)
     class Config(ScheduleConfig):
+        # revival, not the paper's gradient criterion, which cannot revive a unit (class docstring)
+        grow: Literal["gradient", "random", "revival"] = "revival"
         head_density: Optional[float] = None             # None: from the FLOPs target
         mlp_density: Optional[float] = None
 
@@ -678,8 +687,8 @@ class S2ViTE(_ViTSparseTraining):
         neurons = [random_units(blk.mlp.fc1.out_features, m, generator) for blk in model.blocks]
         unit_masks = unit_weight_masks(model, heads, neurons)
         params = dict(model.named_parameters())
-        # revival's shadow: the unit weights before the initial masks zero the inactive ones
-        shadow = ShadowWeights({n: params[n] for n in unit_masks}) if cfg.grow == "revival" else None
+        # revival's (and its random control's) shadow: the unit weights before the initial masks zero the inactive ones
+        shadow = ShadowWeights({n: params[n] for n in unit_masks}) if cfg.grow in ("revival", "random") else None
         masks = MaskSet(model, unit_masks)
         every = used_update_interval(ctx, total, cfg)
         updates = UnitPruneAndGrow(model, masks, heads, neurons, total, every, cfg, generator,
@@ -751,6 +760,7 @@ class SViTEPlus(Method):
     @dataclass(frozen=True)
     class Config(S2ViTE.Config):
         base: Literal["svite", "s2vite"] = "svite"
+        grow: Literal["gradient", "random", "revival"] = "gradient"   # the base's criterion (revival: s2vite only)
         token_keep: float = 0.9                          # k: fraction (≤ 1) or count of all tokens, cls included
         token_mode: Literal["mask", "drop"] = "mask"     # mask: the paper's zeroing; drop: a shorter sequence
         tau_start: float = 10.0

@@ -13,10 +13,9 @@ from sparsebench.runners.pipeline import resolve
 from sparsebench.runners.suite import expand, load_suite
 
 REPO = Path(__file__).resolve().parents[2]
-# S²ViTE with its official gradient growth is left out on purpose: an inactive neuron's grow score
-# is exactly 0 under that criterion (its class docstring), so no budget makes it move units at this
-# scale; its plain run says "DID NOT ACT" with that reason (benchmarks/quick.yaml runs grow=revival).
-SEED_METHODS = ("pass", "gap-cyclic", "gap-parallel", "svite", "svite-plus", "ofb")
+# S²ViTE's default growth is revival: the paper's gradient criterion moves no unit at any budget
+# (an inactive neuron's grow score is exactly 0; its class docstring)
+SEED_METHODS = ("pass", "gap-cyclic", "gap-parallel", "svite", "s2vite", "svite-plus", "ofb")
 MODELS = {"resnet20_tiny": "cnn", "vit_cifar_tiny": "vit"}
 
 
@@ -47,15 +46,17 @@ def test_a_suite_that_states_no_budget_gives_the_methods_theirs_and_a_stated_one
 
 
 def test_the_quick_suite_names_the_runs_a_plain_run_names():
-    """quick.yaml states no search budget: its OFB and PASS entries are plain runs of the methods (the
-    committed records keep their names, so the reference leaderboard still matches)."""
+    """quick.yaml states no search budget or growth criterion: its OFB, PASS and S²ViTE entries are
+    plain runs of the methods (the committed records keep their names, so the reference leaderboard
+    still matches)."""
     from sparsebench.cli.main import build_parser
     from sparsebench.cli.runs import _spec_from_args
 
     quick = {s.run_id for s in map(resolve, load_suite(REPO / "benchmarks" / "quick.yaml").specs)}
     for argv in (["--method", "ofb", "--model", "vit_cifar_tiny", "--target", "flops=0.5"],
                  ["--method", "pass", "--method-arg", "residual_mode=coupled", "--model", "resnet20_tiny",
-                  "--target", "flops=0.5"]):
+                  "--target", "flops=0.5"],
+                 ["--method", "s2vite", "--model", "vit_cifar_tiny", "--target", "flops=0.5"]):
         args = build_parser().parse_args(["run", *argv, "--dataset", "digits", "--img-size", "16", "--out", "unused",
                                           "--measure", "rounds=6"])      # quick.yaml's timing rounds
         run_id = resolve(_spec_from_args(args)).run_id

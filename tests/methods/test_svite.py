@@ -487,9 +487,19 @@ def test_s2vite_revival_is_s2vite_only_and_official_runs_keep_no_shadow():
         create_method("svite", grow="revival")
     with pytest.raises(ValueError):
         create_method("svite-plus", base="svite", grow="revival")
-    method = create_method("s2vite", update_every=3)
+    method = create_method("s2vite", grow="gradient", update_every=3)
     out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=4))
     assert "faithfulness" not in out.notes and out.notes["grow"] == "gradient"
+
+
+def test_s2vite_defaults_to_revival_and_says_it_is_not_the_papers_criterion():
+    """The paper's gradient growth cannot revive a unit, so a plain `s2vite` runs revival and its
+    record names it an ablation; svite-plus keeps its base's gradient criterion."""
+    assert create_method("s2vite").config.grow == "revival"
+    assert create_method("svite-plus").config.grow == "gradient"
+    method = create_method("s2vite", update_every=3)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=4))
+    assert out.notes["grow"] == "revival" and out.notes["faithfulness"] == "ablation: non-official growth criterion"
 
 
 # --- mechanism telemetry and null controls ---------------------------------------------------------
@@ -521,7 +531,7 @@ def test_svite_topology_telemetry_and_static_control():
 
 
 def test_s2vite_official_growth_never_moves_a_neuron_and_says_so():
-    method = create_method("s2vite", update_every=3)
+    method = create_method("s2vite", grow="gradient", update_every=3)
     ctx = make_context("vit_cifar_tiny", "flops=0.6", method, budget=10)
     out = method.run(ctx)
     mech = out.mechanism
@@ -543,6 +553,28 @@ def test_s2vite_null_control_keeps_its_structure_and_random_growth_moves_it(monk
     out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=8))
     assert calls and out.mechanism.acted and out.mechanism.metrics["units_moved_total"] > 0
     assert out.structure["blocks"] != static.structure["blocks"]
+
+
+def test_s2vite_random_growth_grows_units_back_with_their_shadow_weights(monkeypatch):
+    """Revival's signal control differs from it in the choice of units only: a unit grown at
+    random gets its last weights back (at 0, a neuron has zero gradient and could never train)."""
+    restored = []
+    restore = ShadowWeights.restore
+
+    def recording(self, name, entries):
+        restore(self, name, entries)
+        restored.append((name, int(entries.sum()), float(self.params[name].detach()[entries].abs().sum())))
+
+    monkeypatch.setattr(ShadowWeights, "restore", recording)
+    method = create_method("s2vite", grow="random", alpha=0.9, update_every=2)
+    out = method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=6))
+    grown = [(n, k, w) for n, k, w in restored if k and "fc1.weight" in n]
+    assert out.mechanism.metrics["neurons_moved_total"] > 0 and grown
+    assert all(w > 0 for _, _, w in grown)       # non-zero weights where the units grew
+    restored.clear()
+    official = create_method("s2vite", grow="gradient", alpha=0.9, update_every=2)
+    official.run(make_context("vit_cifar_tiny", "flops=0.6", official, budget=6))
+    assert restored == []                        # the paper's criterion grows at 0, as RigL
 
 
 def test_svite_plus_selector_telemetry_and_fixed_random_control():

@@ -1,6 +1,7 @@
 import pytest
 
 from sparsebench.errors import SpecError
+from sparsebench.runners.pipeline import resolve
 from sparsebench.runners.suite import expand, load_suite
 
 
@@ -8,7 +9,7 @@ def test_quick_suite_expands_with_family_recipes():
     suite = load_suite("benchmarks/quick.yaml")
     # 34 + rigl, set, gap-cyclic × 2 sparsities and gap-parallel at 0.9 on the CNN + pass (CNN only) and ofb
     # (ViT only) × 2 flops
-    # + svite × 2 targets, s2vite grow=revival × 2 and svite-plus at one, on the ViT
+    # + svite × 2 targets, s2vite (its default, grow=revival) × 2 and svite-plus at one, on the ViT
     assert len(suite.specs) == 50
     assert suite.skipped == []      # PASS and OFB name the one model each supports (`--smoke` fails on a skipped pair)
     vit = [s for s in suite.specs if s.model == "vit_cifar_tiny"]
@@ -17,7 +18,7 @@ def test_quick_suite_expands_with_family_recipes():
     assert {s.recipe.optimizer for s in cnn} == {"sgd"} and {s.recipe.pretrain_epochs for s in cnn} == {15}
     assert sum(s.method == "dense" for s in suite.specs) == 2
     assert len({s.run_id for s in suite.specs}) == 50
-    s2vite = sorted((dict(s.method_args).get("grow", "gradient"), s.target.value) for s in suite.specs if s.method == "s2vite")
+    s2vite = sorted((dict(resolve(s).method_args)["grow"], s.target.value) for s in suite.specs if s.method == "s2vite")
     assert s2vite == [("revival", 0.25), ("revival", 0.5)]
     assert {(s.model, s.target.value) for s in suite.specs if s.method == "gap-parallel"} == {("resnet20_tiny", 0.9)}
 
