@@ -173,8 +173,9 @@ def starved_stages(record: RunRecord, threshold: float = STARVED_WAIT) -> List[s
 
 
 def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
-    """One row per record; metric columns are empty for runs without a result (diverged)."""
-    rows = []
+    """One row per record; metric columns are empty for runs without a result (diverged). Runs that
+    share a label and a setting but not a recipe are told apart (`with_recipe_labels`)."""
+    rows, recipes = [], []
     for r in records:
         total_steps, total_macs = _total_cost(r)
         row = {
@@ -200,9 +201,57 @@ def records_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
                 "macs_effective": r.macs.effective, "macs_dense": r.macs.dense, "params_nonzero": r.params.nonzero,
                 "theoretical_speedup": r.theoretical_speedup, **speed_fields(r, r.device),
             })
-        rows.append(row)
-        rows.extend(retimed_rows(r, row))
-    return pd.DataFrame(rows)
+        extra = retimed_rows(r, row)
+        rows += [row, *extra]
+        recipes += [dict(r.spec.get("recipe") or {})] * (1 + len(extra))
+    return with_recipe_labels(pd.DataFrame(rows), recipes)
+
+
+LABEL_SETTING = ["dataset", "model", "target_kind", "target", "device"]
+
+
+def with_recipe_labels(df: pd.DataFrame, recipes: List[dict]) -> pd.DataFrame:
+    """Where runs of one label at one setting trained under different recipes (PASS searched for 2
+    and for 6 epochs), each label gets the recipe values that differ, `pass[...] {search_epochs=6}`,
+    and so do the control labels its runs name: their means never mix two recipes' seeds. Labels
+    that do not collide stay as they are. `recipes`: each row's recipe, in row order."""
+    if df.empty:
+        return df
+    setting = [tuple(v) for v in df[LABEL_SETTING].astype(str).itertuples(index=False)]
+    varying: Dict[tuple, List[str]] = {}
+    by_label: Dict[tuple, List[dict]] = {}
+    for at, label, recipe in zip(setting, df["method"], recipes):
+        by_label.setdefault((at, label), []).append(recipe)
+    for key, seen in by_label.items():
+        keys = sorted(k for k in set().union(*seen) if len({repr(r.get(k)) for r in seen}) > 1)
+        if keys:
+            varying[key] = keys
+
+    def suffixed(at, label, recipe, keys=None):
+        keys = keys or varying.get((at, label))
+        return label if not keys else f"{label} {{{','.join(f'{k}={recipe.get(k)}' for k in keys)}}}"
+
+    def control(at, label, control_label, recipe):
+        """The control's label as its rows carry it; where only the method's runs differ in recipe,
+        the plain control pairs with the runs whose recipe it shares and no control with the others."""
+        if control_label is None or (isinstance(control_label, float) and math.isnan(control_label)):
+            return None
+        if (at, control_label) in varying or (at, label) not in varying:
+            return suffixed(at, control_label, recipe)
+        keys = varying[(at, label)]
+        theirs = by_label.get((at, control_label), [{}])[0]
+        same = all(repr(theirs.get(k)) == repr(recipe.get(k)) for k in keys)
+        return control_label if same else suffixed(at, control_label, recipe, keys)
+
+    if not varying:
+        return df
+    df = df.copy()
+    labels = list(df["method"])
+    df["method"] = [suffixed(at, m, rc) for at, m, rc in zip(setting, labels, recipes)]
+    df["control_of_row"] = [control(at, m, c, rc) for at, m, c, rc in zip(setting, labels, df["control_of_row"], recipes)]
+    df["signal_controls_of_row"] = [tuple(control(at, m, c, rc) for c in cs)
+                                    for at, m, cs, rc in zip(setting, labels, df["signal_controls_of_row"], recipes)]
+    return df
 
 
 def retimed_rows(r: RunRecord, row: dict) -> list:

@@ -329,3 +329,32 @@ def test_controls_verdict_names_the_controls_a_row_beat():
     assert controls_verdict(row((-2.0, 0.01), (-1.5, 0.01))) == "beats neither control"
     assert controls_verdict(row((2.0, 0.01), none)) == "beats null control (signal control not run)"
     assert controls_verdict(row(none, none)) == "–"
+
+
+def test_runs_of_one_label_under_two_recipes_are_two_rows_each_with_its_own_control():
+    """PASS searched for 2 and for 6 epochs at one target shares its label; the rows say which
+    recipe, each pairs with the null control of its own recipe, and the signal control run only
+    at 2 epochs pairs with the 2-epoch row alone."""
+    from sparsebench.report.leaderboard import Leaderboard
+    from sparsebench.store import Mechanism
+
+    acted = Mechanism(declared=True, acted=True, reason="acted")
+    control = Mechanism(declared=True, acted=False, reason="null control", control=True)
+    signal = Mechanism(declared=True, acted=True, reason="signal control", signal_control="shuffled labels")
+    records = []
+    for epochs, top1, off in ((2, 0.80, 0.02), (6, 0.90, -0.01)):
+        recipe = {"search_epochs": epochs, "lr": 0.05}
+        records += [fake_record("gap-cyclic", s, top1 + 0.01 * s, mechanism=acted, run_id=f"m{epochs}-{s}",
+                                spec={"method_args": {}, "recipe": recipe}) for s in range(4)]
+        records += [fake_record("gap-cyclic", s, top1 + 0.01 * s - off, mechanism=control, run_id=f"c{epochs}-{s}",
+                                spec={"method_args": {"regrow": False}, "recipe": recipe}) for s in range(4)]
+    records += [fake_record("gap-cyclic", s, 0.70, mechanism=signal, run_id=f"s-{s}",
+                            spec={"method_args": {"prune_scores": "random"}, "recipe": {"search_epochs": 2, "lr": 0.05}})
+                for s in range(4)]
+    rows = Leaderboard.of(records).table.set_index("method")
+    two, six = rows.loc["gap-cyclic {search_epochs=2}"], rows.loc["gap-cyclic {search_epochs=6}"]
+    assert two["seeds"] == six["seeds"] == 4
+    assert two["top1"] == pytest.approx(81.5) and six["top1"] == pytest.approx(91.5)
+    assert two["control_delta"] == pytest.approx(2.0) and six["control_delta"] == pytest.approx(-1.0)
+    assert two["signal_pairs"] == 4 and six["signal_pairs"] == 0
+    assert "gap-cyclic[prune_scores=random]" in rows.index          # no collision: its label stays plain
