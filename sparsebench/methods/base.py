@@ -251,9 +251,10 @@ class Method:
     @property
     def signal_control(self) -> Optional[str]:
         """The name of the signal control this instance is (its Config holds that control's values),
-        or None. Controls that name another method are that method's runs, never this one's."""
+        or None. A control that names another method (RigL's: SET) is that method's run; this
+        method with the same values (`rigl[grow=random]`) is the same run, and a signal control too."""
         for name, values in self.signal_controls.items():
-            if "method" not in values and all(getattr(self.config, k) == v for k, v in values.items()):
+            if all(getattr(self.config, k) == v for k, v in values.items() if k != "method"):
                 return name
         return None
 

@@ -689,8 +689,9 @@ def test_s2vite_and_rigl_declare_random_growth_as_their_signal_control():
 
     assert create_method("s2vite", grow="random").signal_control == "random growth"
     assert create_method("s2vite").signal_control is None
+    assert create_method("rigl", grow="random").signal_control == "random growth"     # SET under RigL's name
+    assert create_method("rigl").signal_control is None
     assert signal_control_runs("s2vite", {"grow": "gradient", "alpha": 0.5}) == [
         ("random growth", "s2vite", {"grow": "random", "alpha": 0.5})]
-    # RigL's random-growth control is SET with RigL's schedule: another method, never a rigl run
+    # RigL's random-growth control is SET with RigL's schedule, another method; rigl[grow=random] is the same run
     assert signal_control_runs("rigl", {"grow": "gradient"}) == [("random growth", "set", {"grow": "random"})]
-    assert create_method("rigl", grow="random").signal_control is None
