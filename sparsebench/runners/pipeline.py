@@ -23,6 +23,7 @@ import datetime as dt
 import math
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -781,6 +782,15 @@ def reinitialised(spec: RunSpec, outcome: Outcome, data: DataStage) -> None:
         "trained_steps": data.pretrain_steps + data.finetune_steps, "lr": spec.recipe.lr,
         "why": "the found structure re-initialised and trained from scratch for the dense pretrain + "
                "fine-tune steps (Liu et al. 2019; Frankle et al. 2021)"}
+    if spec.pretrained:
+        # the dense model started from weights trained elsewhere (e.g. ImageNet): their training is
+        # not in this run's budget, so the scratch run gets far fewer steps than the weights had
+        outcome.notes["sanity"]["budget"] = (
+            f"not equal: the dense model started from {spec.pretrained}, whose own training is not counted; "
+            f"the re-initialised structure trained {data.pretrain_steps + data.finetune_steps} steps on this "
+            "dataset only")
+        warnings.warn(f"sanity=reinit from pretrained weights ({spec.pretrained}): the scratch run's budget is "
+                      "not the weights' own training; its record says so", stacklevel=2)
 
 
 def prepare_dense(spec: RunSpec, options: RunOptions) -> DenseCheckpoint:

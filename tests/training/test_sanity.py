@@ -73,3 +73,22 @@ def test_the_reinit_sanity_check_trains_the_found_structure_from_scratch(tmp_pat
     assert record.cost.finetune_steps == plain.cost.finetune_steps + record.cost.dense_pretrain_steps
     assert record.structure == plain.structure                                # the same found widths
     assert record.spec["method_args"]["sanity"] == "reinit" and "sanity" not in plain.spec["method_args"]
+
+
+def test_reinit_from_pretrained_weights_says_its_budget_is_not_the_weights_own(recwarn):
+    """From weights trained elsewhere, the scratch run cannot get the steps those weights had: the
+    record's sanity note says the budget is not equal, and a warning says so at once."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sparsebench.runners.pipeline import reinitialised
+
+    spec = tiny_spec("pass")
+    model = nn.Sequential(nn.Linear(4, 2))
+    outcome = SimpleNamespace(model=model, masks=None, notes={})
+    data = SimpleNamespace(pretrain_steps=30, finetune_steps=10)
+    reinitialised(spec, outcome, data)
+    assert "budget" not in outcome.notes["sanity"] and outcome.notes["sanity"]["trained_steps"] == 40
+    reinitialised(dataclasses.replace(spec, pretrained="timm/resnet50.a1_in1k"), outcome, data)
+    assert outcome.notes["sanity"]["budget"].startswith("not equal: the dense model started from timm/resnet50")
+    assert any("sanity=reinit from pretrained weights" in str(w.message) for w in recwarn)
