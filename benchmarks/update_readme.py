@@ -168,6 +168,140 @@ def evidence_table(root: Path, suite: str, equal_cost: str = None) -> str:
     return "\n".join(parts).strip()
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A claim of a seed paper as a paired comparison: `a` beats `b` (leaderboard labels) on `model`
+    at `target`. Its numbers and verdict come from the records (`claims_table`)."""
+    text: str
+    a: str
+    b: str
+    model: str
+    target: str
+
+
+def claims_table(root: Path, suite: str, claims: List[Claim]) -> str:
+    """Each claim's paired difference A − B (5 seeds; two-level interval over seeds and test images),
+    its p Holm-adjusted over the claims of this table, and the verdict: "holds" (A ahead, Holm
+    p < 0.05), "contradicted" (B ahead, Holm p < 0.05), "not distinguishable", or why it was not
+    tested (a side with no ranked runs: not run, or its mechanism did not act)."""
+    from sparsebench.report.compare import CompareError, compare_methods, method_runs
+
+    records, _, _ = evidence_board(root, suite)
+    runs = method_runs(records)
+    found = []
+    for claim in claims:
+        try:
+            (row,) = compare_methods(records, claim.a, claim.b, target=claim.target, model=claim.model,
+                                     per_sample="none", runs=runs)
+        except CompareError:
+            at = runs[(runs["model"] == claim.model) & (runs["target_label"] == claim.target)] if not runs.empty else runs
+            have = set() if at.empty else set(at["method"])
+            row = {"missing": " and ".join(f"`{label}`" for label in (claim.a, claim.b) if label not in have)
+                   or "no common seed"}
+        found.append(row)
+    tested = [i for i, row in enumerate(found) if row.get("p_value") is not None]
+    adjusted = dict(zip(tested, holm([found[i]["p_value"] for i in tested])))
+    lines = ["| claim | model | target | A − B (95 % interval) | seeds | Holm p | verdict |", "|---|---|---|---|---|---|---|"]
+    for i, (claim, row) in enumerate(zip(claims, found)):
+        if "missing" in row:
+            lines.append(f"| {claim.text} | {claim.model} | {claim.target} | – | – | – | not tested: no ranked runs of "
+                         f"{row['missing']} (not run, or its mechanism did not act) |")
+            continue
+        both = row.get("two_level")
+        low, high = (both["low"], both["high"]) if both else (row["low"], row["high"])
+        p = adjusted.get(i)
+        verdict = ("not distinguishable" if p is None or p >= 0.05 else "holds" if row["mean"] > 0 else "contradicted")
+        interval = "" if low is None or pd.isna(low) else f" [{low:+.2f}, {high:+.2f}]"
+        lines.append(f"| {claim.text} | {claim.model} | {claim.target} | {row['mean']:+.2f}{interval} "
+                     f"| {row['pairs']} | {'–' if p is None else f'{p:.3f}'} | {verdict} |")
+    lines += ["", f"A − B in top-1 points, paired by seed; Holm over the {len(tested)} tests of this table."]
+    return "\n".join(lines)
+
+
+def channel_widths(root: Path, suite: str) -> str:
+    """The kept width of each channel group (kept/size, mean over seeds) per row of a CNN evidence
+    suite, beside its mean top-1: where a method puts its channels. `residual` groups are the residual
+    streams (one mask for every conv that writes the stream, coupled mode)."""
+    from sparsebench.report.leaderboard import records_frame
+
+    records, _, _ = evidence_board(root, suite)
+    frame = records_frame(records)
+    if frame.empty:
+        return ""
+    by_id = {r.run_id: r for r in records}
+    rows: Dict[str, Dict[str, list]] = {}
+    for _, run in frame[frame["status"] == "ok"].iterrows():
+        structure = by_id[run["run_id"]].structure or {}
+        if "groups" not in structure:
+            continue
+        row = rows.setdefault(run["method"], {"top1": []})
+        row["top1"].append(run["test_top1"])
+        for group in structure["groups"]:
+            row.setdefault(group["root"], []).append(group["kept"])
+    if not rows:
+        return ""
+    sizes = {g["root"]: g["size"] for r in records for g in ((r.structure or {}).get("groups") or [])}
+    roots = sorted(sizes, key=lambda name: (sizes[name], "downsample" in name, name))
+    header = ["method", "seeds", "top1 (%)"] + [f"{name} (of {sizes[name]})" for name in roots]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, row in sorted(rows.items(), key=lambda kv: -sum(kv[1]["top1"]) / len(kv[1]["top1"])):
+        cells = [label, str(len(row["top1"])), f"{sum(row['top1']) / len(row['top1']):.2f}"]
+        cells += [f"{sum(row[name]) / len(row[name]):.1f}" if row.get(name) else "–" for name in roots]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Channel groups by their first layer: `conv1` the stem's residual stream, `layerN.0.downsample.0` "
+                  "stage N's residual stream (coupled: one mask for every conv writing it), `layerN.0.conv1` the "
+                  "blocks' inner widths of stage N. Runs that missed their target or did not act are left out."]
+    return "\n".join(lines)
+
+
+CNN, VIT = "resnet20_tiny", "vit_cifar_tiny"
+GAP = "gap-cyclic[distribution=erk]"
+SVITE = "svite[include_head=False,include_patch_embed=False]"
+PASS = "pass[residual_mode=coupled]"
+CLAIMS: Dict[str, List[Claim]] = {
+    "gap": [
+        *[Claim("C-GaP beats RigL at equal steps", GAP, "rigl", m, "sparsity=0.9") for m in (CNN, VIT)],
+        *[Claim("C-GaP beats GMP", GAP, "gmp[distribution=erk]", m, "sparsity=0.9") for m in (CNN, VIT)],
+        *[Claim("RigL trained 2× beats RigL", "rigl[budget_multiplier=2.0]", "rigl", m, "sparsity=0.9") for m in (CNN, VIT)],
+        *[Claim("RigL trained 2× beats GMP (≈ equal training MACs)", "rigl[budget_multiplier=2.0]", "gmp[distribution=erk]",
+                m, "sparsity=0.9") for m in (CNN, VIT)],
+    ],
+    "svite": [
+        Claim("SViTE beats RigL", SVITE, "rigl", VIT, "sparsity=0.5"),
+        Claim("SViTE beats one-shot magnitude pruning", SVITE, "magnitude-global", VIT, "sparsity=0.5"),
+        Claim("S²ViTE beats a dense narrower ViT", "s2vite", "dense-small", VIT, "flops=0.6"),
+        Claim("S²ViTE beats L1 head/neuron pruning", "s2vite", "l1-channel", VIT, "flops=0.6"),
+    ],
+    "ofb": [
+        *[Claim(f"OFB beats {name}", "ofb", other, VIT, t) for t in ("flops=0.5", "flops=0.3")
+          for name, other in (("S²ViTE", "s2vite"), ("L1 head/neuron pruning", "l1-channel"),
+                              ("a dense narrower ViT", "dense-small"))],
+    ],
+    "pass": [
+        *[Claim(f"PASS beats {name}", PASS, other, CNN, t) for t in ("flops=0.5", "flops=0.3")
+          for name, other in (("L1 pruning (global)", "l1-channel[scope=global]"), ("random channels", "random-channel"),
+                              ("a dense narrower CNN", "dense-small"))],
+    ],
+    "pass-aggressive": [
+        Claim("PASS beats random channels", f"{PASS} {{search_epochs=2}}", "random-channel", CNN, "flops=0.25"),
+        Claim("PASS beats L1 pruning (global)", f"{PASS} {{search_epochs=2}}", "l1-channel[scope=global]", CNN, "flops=0.25"),
+        Claim("PASS (uniform) beats random channels", "pass[residual_mode=coupled,scope=uniform]", "random-channel",
+              CNN, "flops=0.25"),
+        Claim("PASS (uniform) beats L1 pruning (uniform)", "pass[residual_mode=coupled,scope=uniform]", "l1-channel",
+              CNN, "flops=0.25"),
+        Claim("global allocation: PASS (global) beats PASS (uniform)", f"{PASS} {{search_epochs=2}}",
+              "pass[residual_mode=coupled,scope=uniform]", CNN, "flops=0.25"),
+        Claim("global allocation: L1 (global) beats L1 (uniform)", "l1-channel[scope=global]", "l1-channel", CNN, "flops=0.25"),
+        Claim("the search: PASS beats its prior (null control)", f"{PASS} {{search_epochs=2}}",
+              f"pass[residual_mode=coupled,search=False] {{search_epochs=2}}", CNN, "flops=0.25"),
+        Claim("budget: a 6-epoch search beats the 2-epoch one", f"{PASS} {{search_epochs=6}}", f"{PASS} {{search_epochs=2}}",
+              CNN, "flops=0.25"),
+        Claim("k_min: at least 4 channels per group beats 1", "pass[min_channels=4,residual_mode=coupled]",
+              f"{PASS} {{search_epochs=2}}", CNN, "flops=0.25"),
+    ],
+}
+
+
 def structured_speedup(root: Path) -> Optional[str]:
     return speedup.speedup_summary(root / "results" / "speedup" / "cpu" / "speedup.csv")
 
@@ -195,6 +329,9 @@ BLOCKS: List[Block] = [
     *[Block("docs/evidence.md", f"evidence-{suite}", lambda root, suite=suite: evidence_table(root, suite))
       for suite in EVIDENCE_SUITES],
     Block("docs/evidence.md", "evidence-gap-macs", lambda root: evidence_table(root, "gap", equal_cost="macs")),
+    *[Block("docs/evidence.md", f"claims-{suite}", lambda root, suite=suite: claims_table(root, suite, CLAIMS[suite]))
+      for suite in CLAIMS],
+    Block("docs/evidence.md", "pass-widths", lambda root: channel_widths(root, "pass-aggressive")),
     Block("docs/measurement.md", "speedup-table", structured_speedup),
     Block("docs/measurement.md", "unstructured-table", unstructured_speedup),
 ]

@@ -369,3 +369,32 @@ def test_the_layer_shuffle_sanity_check_keeps_the_searched_widths_at_other_chann
     pairs = list(zip(real.model.parameters(), shuffled.model.parameters()))
     assert all(a.shape == b.shape for a, b in pairs)
     assert any(not torch.equal(a, b) for a, b in pairs)                       # other channels' weights
+
+
+def test_budget_ramp_lets_the_masks_meet_a_budget_falling_from_one_to_the_target(monkeypatch):
+    """`budget_ramp=0.5`: the masks of step t meet 1 − (1 − ρ)·t/(T/2), then ρ; extraction meets ρ."""
+    ratios = []
+    forward = MaskedPromptSearch.before_forward
+
+    def spy(self, trainer, inputs, targets):
+        out = forward(self, trainer, inputs, targets)
+        ratios.append(round(self.flops_ratio, 4))
+        return out
+
+    monkeypatch.setattr(MaskedPromptSearch, "before_forward", spy)
+    method, ctx, out = run_pass(flops=0.3, budget=6, budget_ramp=0.5)
+    assert ratios == [1.0, round(1 - 0.7 / 3, 4), round(1 - 1.4 / 3, 4), 0.3, 0.3, 0.3]
+    assert out.notes["closed_form_flops_ratio"] <= 0.3
+    ratios.clear()
+    run_pass(flops=0.3, budget=3)
+    assert ratios == [0.3, 0.3, 0.3]
+    with pytest.raises(ValueError, match="budget_ramp"):
+        create_method("pass", budget_ramp=1.5)
+
+
+def test_a_search_on_a_network_at_chance_says_so_in_its_verdict():
+    from sparsebench.methods.pass_ import at_chance_note
+
+    assert "at chance" in at_chance_note({"masked_val_top1_prior": 0.15}, 10, steps=38)
+    assert at_chance_note({"masked_val_top1_prior": 0.45}, 10, steps=38) == ""
+    assert at_chance_note({"masked_val_top1_prior": 0.15}, 10, steps=0) == ""      # the null control searched nothing
