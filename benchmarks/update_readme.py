@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional
 import pandas as pd
 
 from sparsebench.report import speedup
-from sparsebench.report.leaderboard import Leaderboard, display_table
+from sparsebench.report.leaderboard import Leaderboard, display_table, format_p
 from sparsebench.report.stats import holm
 from sparsebench.runners.pipeline import resolve
 from sparsebench.runners.suite import load_suite
@@ -80,35 +80,57 @@ def evidence_board(root: Path, suite: str, equal_cost: str = None):
     return records, len(planned), Leaderboard.of(records, equal_cost=equal_cost)
 
 
+def split_label(label: str) -> tuple:
+    """(method name, [its k=v arguments], recipe suffix or "") of a leaderboard label such as
+    `pass[residual_mode=coupled] {search_epochs=6}`."""
+    base, _, suffix = label.partition(" {")
+    name, _, rest = base.partition("[")
+    return name, (rest.rstrip("]").split(",") if rest else []), ("{" + suffix if suffix else "")
+
+
 def short_labels(labels: List[str]) -> Dict[str, str]:
     """Each label without the arguments every label of its method shares (`svite[include_head=False]`
     on every SViTE row says nothing): what tells the rows of one method apart."""
-    def parts(label):
-        name, _, rest = label.partition("[")
-        return name, (rest.rstrip("]").split(",") if rest else [])
     by_method: Dict[str, List[List[str]]] = {}
     for label in labels:
-        name, args = parts(label)
+        name, args, _ = split_label(label)
         by_method.setdefault(name, []).append(args)
     shared = {name: set.intersection(*map(set, seen)) for name, seen in by_method.items()}
     out = {}
     for label in labels:
-        name, args = parts(label)
+        name, args, suffix = split_label(label)
         kept = [a for a in args if a not in shared[name]]
-        out[label] = name + (f"[{','.join(kept)}]" if kept else "")
+        out[label] = name + (f"[{','.join(kept)}]" if kept else "") + (f" {suffix}" if suffix else "")
     return out
 
 
-def _difference(delta, p_holm) -> str:
+def is_main_row(short: str) -> bool:
+    """A seed method at its defaults (the suite's shared arguments aside), under its default budget
+    where a recipe suffix tells budgets apart: the rows the README shows."""
+    from sparsebench.methods import METHODS
+
+    name, args, suffix = split_label(short)
+    if args:
+        return False
+    if not suffix:
+        return True
+    budget = getattr(METHODS.get(name).factory, "default_budget", {})
+    return suffix == "{" + ",".join(f"{k}={v}" for k, v in sorted(budget.items())) + "}"
+
+
+def _difference(delta, pairs, p_holm) -> str:
     if delta is None or pd.isna(delta):
         return "not run"
-    return f"{delta:+.2f} (p {p_holm:.2f})" if not pd.isna(p_holm) else f"{delta:+.2f} (one seed: no test)"
+    if pd.isna(p_holm):
+        return f"{delta:+.2f} (n={pairs}: no test)"
+    return f"{delta:+.2f} (n={pairs}, p {format_p(p_holm)})"
 
 
-def evidence_verdicts(root: Path) -> str:
+def evidence_verdicts(root: Path, main_only: bool = False) -> str:
     """Per seed-method row of the evidence suites (every row with a null or a signal control, the
     controls themselves left out): its difference to each control and the verdict, Holm-adjusted
-    across every test this table shows (so the section's verdicts hold together at 95 %)."""
+    across every test of the full table (docs/evidence.md), so the verdicts hold together at 95 %;
+    `main_only`: the rows of each method at its defaults (the README's), with the same p-values."""
     rows = []
     for suite in EVIDENCE_SUITES:
         _, _, board = evidence_board(root, suite)
@@ -120,8 +142,8 @@ def evidence_verdicts(root: Path) -> str:
             if r["mechanism"] != "acted" or r["method"] in signals or (r["control_pairs"] == 0 and pd.isna(r["signal"])):
                 continue
             rows.append({"suite": suite, "model": r["model"], "target": f"{r['target_kind']}={r['target']:g}",
-                         "method": r["method"], "control_delta": r["control_delta"], "control_p": r["control_p"],
-                         "signal_delta": r["signal_delta"], "signal_p": r["signal_p"], "signal": r["signal"]})
+                         "method": r["method"], "signal": r["signal"],
+                         **{f"{kind}_{k}": r[f"{kind}_{k}"] for kind in ("control", "signal") for k in ("delta", "p", "pairs")}})
     seen, unique = set(), []
     for row in rows:                      # a row two suites share is tested once
         key = (row["model"], row["target"], row["method"])
@@ -134,19 +156,26 @@ def evidence_verdicts(root: Path) -> str:
     names = short_labels([row["method"] for row in unique])
     lines = ["| method | model | target | Δ null control (Holm p) | Δ signal control (Holm p) | beats |",
              "|---|---|---|---|---|---|"]
+    shown = 0
     for i, row in enumerate(unique):
+        name = names[row["method"]]
+        if main_only and not is_main_row(name):
+            continue
+        shown += 1
         won = []
         for kind, word in (("control", "null"), ("signal", "signal")):
             p = adjusted.get((i, kind))
             if p is not None and row[f"{kind}_delta"] > 0 and p < 0.05:
                 won.append(word)
         beats = " and ".join(won) if won else "neither"
-        lines.append(f"| {names[row['method']]} | {row['model']} | {row['target']} "
-                     f"| {_difference(row['control_delta'], adjusted.get((i, 'control'), float('nan')))} "
-                     f"| {_difference(row['signal_delta'], adjusted.get((i, 'signal'), float('nan')))} | {beats} |")
-    lines += ["", f"Top-1 points, 5 paired seeds; p: the two-level t-test, Holm-adjusted over the {len(tests)} tests "
-                  "of this table. Labels leave out the arguments every run of the method shares; the full rows "
-                  "are in [docs/evidence.md](docs/evidence.md)."]
+        lines.append(f"| {split_label(name)[0] if main_only else name} | {row['model']} | {row['target']} "
+                     f"| {_difference(row['control_delta'], row['control_pairs'], adjusted.get((i, 'control'), float('nan')))} "
+                     f"| {_difference(row['signal_delta'], row['signal_pairs'], adjusted.get((i, 'signal'), float('nan')))} "
+                     f"| {beats} |")
+    where = ("the full table in [docs/evidence.md](docs/evidence.md), which adds the ablations and diagnostic rows"
+             if main_only else "this table")
+    lines += ["", f"Top-1 points, n paired seeds; p: the two-level t-test, Holm-adjusted over the {len(tests)} tests "
+                  f"of {where}. Labels leave out the arguments every run of the method shares."]
     return "\n".join(lines)
 
 
@@ -324,7 +353,7 @@ class Block:
 
 BLOCKS: List[Block] = [
     Block("README.md", "quick-leaderboard", quick_leaderboard),
-    Block("README.md", "evidence-verdicts", evidence_verdicts),
+    Block("README.md", "evidence-verdicts", lambda root: evidence_verdicts(root, main_only=True)),
     Block("docs/evidence.md", "evidence-verdicts", evidence_verdicts),
     *[Block("docs/evidence.md", f"evidence-{suite}", lambda root, suite=suite: evidence_table(root, suite))
       for suite in EVIDENCE_SUITES],

@@ -599,7 +599,7 @@ class PASS(Method):
         prior_final: float = 1.0                           # prior weight α at the end of the search (1: no annealing)
         # fraction of the search over which the masks' FLOPs budget falls from 1 to ρ (0: ρ from step 0):
         # at an aggressive ρ the masked network sits at chance and its loss ranks nothing
-        budget_ramp: float = 0.0
+        budget_ramp: float = dataclasses.field(default=0.0, metadata=OMITTED_AT_DEFAULT)
         pad_size: Optional[int] = None                     # None: min(16, H // 8)
         hidden: int = 64                                   # d
         encoder_channels: Tuple[int, ...] = (16, 32)
