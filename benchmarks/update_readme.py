@@ -162,12 +162,12 @@ def evidence_verdicts(root: Path, main_only: bool = False) -> str:
         if main_only and not is_main_row(name):
             continue
         shown += 1
-        won = []
+        won, below = [], []
         for kind, word in (("control", "null"), ("signal", "signal")):
             p = adjusted.get((i, kind))
-            if p is not None and row[f"{kind}_delta"] > 0 and p < 0.05:
-                won.append(word)
-        beats = " and ".join(won) if won else "neither"
+            if p is not None and p < 0.05:
+                (won if row[f"{kind}_delta"] > 0 else below).append(word)
+        beats = (" and ".join(won) if won else "neither") + (f"; below {' and '.join(below)}" if below else "")
         lines.append(f"| {split_label(name)[0] if main_only else name} | {row['model']} | {row['target']} "
                      f"| {_difference(row['control_delta'], row['control_pairs'], adjusted.get((i, 'control'), float('nan')))} "
                      f"| {_difference(row['signal_delta'], row['signal_pairs'], adjusted.get((i, 'signal'), float('nan')))} "

@@ -669,23 +669,41 @@ def beats(r, prefix: str) -> Optional[bool]:
     return bool(p is not None and delta is not None and delta > 0 and p < VERDICT_ALPHA)
 
 
+def loses_to(r, prefix: str) -> bool:
+    """Whether a row fell significantly *below* the control of `{prefix}_*` (a negative paired
+    difference with Holm p < 0.05): the mechanism did harm."""
+    if int(as_float(r.get(f"{prefix}_pairs")) or 0) < 2:
+        return False
+    p = as_float(r.get(f"{prefix}_p_holm"))
+    p = as_float(r.get(f"{prefix}_p")) if p is None else p
+    delta = as_float(r.get(f"{prefix}_delta"))
+    return bool(p is not None and delta is not None and delta < 0 and p < VERDICT_ALPHA)
+
+
 def controls_verdict(r) -> str:
     """Which controls a seed-method row beat: "beats null and signal control", "beats null control
     only", "beats signal control only", "beats neither control"; where one control was not run,
     "beats null control (signal control not run)", "does not beat signal control (null control not
-    run)", ...; "–" for a row tested against neither."""
+    run)", ...; "; below null control" (or signal) where it fell significantly below one; "–" for a
+    row tested against neither, and for a control itself."""
+    if r.get("mechanism") in ("control", "signal control"):
+        return "–"
     null, signal = beats(r, "control"), beats(r, "signal")
     if null is None and signal is None:
         return "–"
     if null is not None and signal is not None:
         if null and signal:
-            return "beats null and signal control"
-        if null or signal:
-            return f"beats {'null' if null else 'signal'} control only"
-        return "beats neither control"
-    tested, missing = ("null", "signal") if null is not None else ("signal", "null")
-    won = null if null is not None else signal
-    return f"{'beats' if won else 'does not beat'} {tested} control ({missing} control not run)"
+            verdict = "beats null and signal control"
+        elif null or signal:
+            verdict = f"beats {'null' if null else 'signal'} control only"
+        else:
+            verdict = "beats neither control"
+    else:
+        tested, missing = ("null", "signal") if null is not None else ("signal", "null")
+        won = null if null is not None else signal
+        verdict = f"{'beats' if won else 'does not beat'} {tested} control ({missing} control not run)"
+    below = [word for prefix, word in (("control", "null"), ("signal", "signal")) if loses_to(r, prefix)]
+    return verdict + (f"; below {' and '.join(below)} control" if below else "")
 
 
 def baseline_cell(r, name=lambda m: m) -> str:

@@ -326,9 +326,13 @@ def test_controls_verdict_names_the_controls_a_row_beat():
     none = (None, None)
     assert controls_verdict(row((2.0, 0.01), (1.5, 0.02))) == "beats null and signal control"
     assert controls_verdict(row((2.0, 0.01), (1.5, 0.20))) == "beats null control only"
-    assert controls_verdict(row((-2.0, 0.01), (-1.5, 0.01))) == "beats neither control"
+    assert controls_verdict(row((-2.0, 0.01), (-1.5, 0.01))) == "beats neither control; below null and signal control"
+    assert controls_verdict(row((-2.0, 0.01), (-1.5, 0.20))) == "beats neither control; below null control"
+    assert controls_verdict(row((-2.0, 0.20), (-1.5, 0.20))) == "beats neither control"
     assert controls_verdict(row((2.0, 0.01), none)) == "beats null control (signal control not run)"
     assert controls_verdict(row(none, none)) == "–"
+    # a signal control paired with the method's null control gets no verdict of its own
+    assert controls_verdict({**row((2.0, 0.01), none), "mechanism": "signal control"}) == "–"
 
 
 def test_runs_of_one_label_under_two_recipes_are_two_rows_each_with_its_own_control():
