@@ -743,7 +743,22 @@ def build_site(records: Iterable[RunRecord], out: Path, title: str = "sparsebenc
             write(f"runs/{rel}", curve_svg(stage, record.curves[stage]))
             curve_files[stage] = rel
         write(f"runs/{name}.html", _run_page(record, by_id[record.run_id], curve_files))
+    remove_stale(out, written)
     return written
+
+
+def remove_stale(out: Path, written: List[Path]) -> List[Path]:
+    """Delete the pages and plots under `out/runs` and `out/plots` this build did not write: those of
+    runs no longer among the records (a removed run, a renamed setting), which would otherwise stay
+    linked from nowhere and be read as results. Returns what was removed."""
+    keep = {p.resolve() for p in written}
+    removed = []
+    for folder in ("runs", "plots"):
+        for path in sorted((out / folder).glob("*")) if (out / folder).is_dir() else []:
+            if path.is_file() and path.suffix in (".html", ".svg", ".png") and path.resolve() not in keep:
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 __all__ = ["FAMILIES", "build_site"]

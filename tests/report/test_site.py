@@ -185,6 +185,21 @@ def test_site_of_an_empty_directory_says_so(tmp_path):
     assert 'id="empty"' in index and (tmp_path / "site" / "protocol.html") in files
 
 
+def test_a_rebuilt_site_drops_the_pages_of_runs_no_longer_recorded(tmp_path):
+    from sparsebench.report.site import build_site
+    from sparsebench.store.record import RunRecord
+
+    records = [RunRecord.from_json(p.read_text()) for p in sorted((QUICK / "records").glob("dense__*.json"))]
+    site = tmp_path / "site"
+    build_site(records, site, svg=False)
+    first = sorted(p.name for p in (site / "runs").glob("*.html"))
+    assert len(first) == len(records) == 2
+    (site / "notes.txt").write_text("a file the site did not write, outside runs/ and plots/")
+    build_site(records[:1], site, svg=False)
+    assert sorted(p.name for p in (site / "runs").glob("*.html")) == [f"{records[0].run_id}.html"]
+    assert (site / "notes.txt").exists()
+
+
 def test_report_command_writes_the_site_and_lists_every_file(tmp_path, capsys):
     from sparsebench.cli import main
 
