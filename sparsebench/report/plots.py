@@ -109,10 +109,15 @@ def plot(agg: pd.DataFrame, path: Path, x: str = "macs", formats: Sequence[str] 
         ncol = 4 if cols > 1 else 3
         for h in handles:      # long method labels (several arguments) wrap at commas instead of leaving the figure
             h.set_label(_wrap(h.get_label()))
-        fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-        # room for the legend's text lines (wrapped labels take several), spread over its columns
-        legend_lines = int(np.ceil(sum(h.get_label().count("\n") + 1 for h in handles) / ncol)) + 1
-        fig.tight_layout(rect=(0, 0.032 * legend_lines / rows + 0.03, 1, 1))
+        fig.tight_layout()
+        # the legend goes under everything the panels drew (tick labels, axis labels, the "not shown"
+        # notes under each axis), however long those are; the saved figure grows to hold it
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        to_figure = fig.transFigure.inverted()
+        lowest = min(ax.get_tightbbox(renderer).transformed(to_figure).y0 for ax in axes.flat if ax.axison)
+        fig.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, lowest - 0.01), ncol=ncol,
+                   fontsize=8 if len(handles) <= 24 else 7, frameon=False)
     else:
         fig.tight_layout()
     path = Path(path)
