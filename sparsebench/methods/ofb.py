@@ -44,7 +44,10 @@ The signal control (`task_loss_to_scores=False`) runs the same search with the t
 PMIM) cut from S and α: the bi-mask is applied detached, so S and α move by the one-hot and FLOPs
 terms alone, and the weights train as usual. `sanity="reinit"` is the re-initialisation sanity
 check (`training.sanity`): the found ViT with fresh weights, trained from scratch by the harness for
-the dense pretrain + fine-tune steps.
+the dense pretrain + fine-tune steps; `sanity="shuffle"` keeps the found widths at random units
+(`shuffle_group`: the kept heads, the kept dims within each head, the kept MLP neurons and embedding
+channels drawn at random, each with its learned scale), so it asks whether *which* units were kept
+matters, not only how many.
 What the verdict does not show: at ~95 steps α's widths are decided by the one-hot and FLOPs
 terms rather than the task loss (a run with the task gradient cut from α eliminated the same
 cells at the same steps), so `eliminated_fraction` says the elimination mechanics ran, while
@@ -112,6 +115,22 @@ def mlp_cells(hidden: int) -> List[tuple]:
 
 def embed_cells(dim: int) -> List[tuple]:
     return [(w, 1) for w in _widths(dim // 2, dim, min(dim // 32, 12))]
+
+
+@torch.no_grad()
+def shuffle_group(group: "SearchGroup", generator: torch.Generator) -> None:
+    """The layer-shuffle sanity check on one group, in place: its rows (heads; MLP neurons and
+    embedding channels, one per row) permuted at random, then each row's columns (a head's dims), so
+    the number of live rows and each row's live count stay (FLOPs unchanged) while the positions are
+    random; each unit's learned score S travels with its alive bit, so the exported scale of a kept
+    unit is the one the search learned for that mask position."""
+    rows = torch.randperm(group.alive.shape[0], generator=generator).to(group.alive.device)
+    alive, scores = group.alive[rows], group.S.data[rows]
+    for i in range(alive.shape[0]):
+        cols = torch.randperm(alive.shape[1], generator=generator).to(alive.device)
+        alive[i], scores[i] = alive[i, cols], scores[i, cols]
+    group.alive = alive
+    group.S.data.copy_(scores)
 
 
 class SearchGroup:
@@ -600,9 +619,7 @@ class OFB(Method):
     granularity = "head"
     starts_from = "pretrained"
     null_control = {"search": False}
-    # (the layer-shuffle sanity check is not offered: OFB's kept units come out of its export, not one mask)
-    signal_controls = {"task loss cut": {"task_loss_to_scores": False},
-                       "re-initialised structure": SANITY_CONTROLS["re-initialised structure"]}
+    signal_controls = {"task loss cut": {"task_loss_to_scores": False}, **SANITY_CONTROLS}
     mechanism_thresholds = {"eliminated_fraction": 0.5, "spearman_S_max": ("<=", 0.9),
                             "kept_overlap_initial_topk_overall": ("<=", 0.95)}
     default_budget = {"search_epochs": 5}      # written as suites write it: the spec hash sees 5, not 5.0
@@ -630,8 +647,9 @@ class OFB(Method):
         # False: the signal control, the task loss (CE + PMIM) cut from S and α (their gradient comes from
         # the one-hot and FLOPs terms only); the weights train on the task loss as usual
         task_loss_to_scores: bool = dataclasses.field(default=True, metadata=OMITTED_AT_DEFAULT)
-        # "reinit": the sanity check (training.sanity), the found ViT re-initialised and trained from scratch
-        sanity: Literal["none", "reinit"] = sanity_field()
+        # sanity checks (training.sanity): "shuffle" the found widths at random units (`shuffle_group`),
+        # "reinit" the found ViT re-initialised and trained from scratch
+        sanity: Literal["none", "shuffle", "reinit"] = sanity_field()
         weight_decay: float = 1e-3
         arch_lr: float = 0.1                  # α: official 1e-3 over ~60k steps, spec's tiny 5e-2; [reconstructed]
                                               # at 95 steps 0.05 eliminates nothing, 0.1 settles 6 of 9 groups
@@ -747,6 +765,13 @@ class OFB(Method):
             pmim.stop()
 
         lam = search.lam(trainer.step)
+        sanity = {}
+        if cfg.sanity == "shuffle":                     # the found widths, random units of each group
+            shuffle = torch.Generator().manual_seed(ctx.seed)
+            for g in groups:
+                shuffle_group(g, shuffle)
+            sanity = {"sanity": {"check": "shuffle", "why": "the kept units of each group drawn at random "
+                                 "(heads, dims within each head, neurons, channels), the found widths kept"}}
         slim, structure, scales = self.export(model, search, lam)
         search.set_masks(lam)
         error = check_export(model, slim, next(iter(ctx.val_loader))[0].to(ctx.device))
@@ -772,6 +797,7 @@ class OFB(Method):
             "export_max_abs_error": error,
             "training_macs": self.training_macs(ctx, trainer.step, pmim),
             "ablation": {"pmim": cfg.pmim, "one_hot_loss": cfg.one_hot_loss, "lambda_schedule": cfg.lambda_schedule},
+            **sanity,
         }
         metrics = search_telemetry(groups, achieved / search.dense_macs, ctx.target.value)
         metrics.update(search_steps=notes["search_steps"], search_max_steps=steps)

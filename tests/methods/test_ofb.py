@@ -414,3 +414,30 @@ def test_the_task_loss_cut_signal_control_leaves_scores_without_the_task_gradien
     final_real, final_cut = _task_loss_gradients(final=True)[1], _task_loss_gradients(
         final=True, task_loss_to_scores=False)[1]
     assert all(c is not None and torch.allclose(r, c) for r, c in zip(final_real, final_cut))
+
+
+def test_the_layer_shuffle_sanity_check_keeps_each_groups_widths_at_random_units(short_run):
+    """`sanity="shuffle"`: the same search (same seed), then the kept heads, dims, neurons and
+    channels drawn at random within each group; the widths, hence the MACs, are the search's."""
+    from sparsebench.methods.ofb import SearchGroup, shuffle_group
+
+    outcome, _ = short_run
+    method = create_method("ofb", sanity="shuffle")
+    assert method.signal_control == "layer-shuffled masks"
+    shuffled = method.run(make_context("vit_cifar_tiny", "flops=0.5", method, budget=12))
+    assert shuffled.notes["sanity"]["check"] == "shuffle"
+    found, drawn = outcome.structure["blocks"], shuffled.structure["blocks"]
+    assert [len(b["heads"]) for b in found] == [len(b["heads"]) for b in drawn]
+    assert [len(b["mlp"]) for b in found] == [len(b["mlp"]) for b in drawn]
+    assert sorted(map(len, sum((b["head_dims"] or [] for b in found), []))) == \
+        sorted(map(len, sum((b["head_dims"] or [] for b in drawn), [])))
+    assert found != drawn
+    assert shuffled.notes["analytic_macs"]["achieved"] == outcome.notes["analytic_macs"]["achieved"]
+    assert shuffled.notes["export_max_abs_error"] < 1e-4
+    # one group: rows and each row's columns permuted, the learned score travelling with its unit
+    g = SearchGroup("attn", 0, (4, 3), [(4, 3)], torch.Generator().manual_seed(0), "cpu")
+    g.alive = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0], [1, 1, 1]], dtype=torch.bool)
+    before = sorted(float(v) for v in g.S.detach()[g.alive])
+    shuffle_group(g, torch.Generator().manual_seed(1))
+    assert sorted(int(n) for n in g.alive.sum(1)) == [0, 1, 2, 3]
+    assert sorted(float(v) for v in g.S.detach()[g.alive]) == before
