@@ -134,6 +134,22 @@ def sum_over_ranks(numbers: list) -> list:
     return box.tolist()
 
 
+def mean_over_ranks(tensors: list) -> list:
+    """Each tensor averaged over every rank (the same shapes on each; one all-reduce for all of them),
+    as new tensors on their own devices; in one process, the tensors as they are. For choices made
+    from per-rank scores (each rank saw its own part of the batch) that every rank must make alike."""
+    if not current().distributed or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors]).to(_collective_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    out, at = [], 0
+    for t in tensors:
+        out.append(flat[at:at + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype))
+        at += t.numel()
+    return out
+
+
 def gather_from_ranks(obj: Any) -> list:
     """Every rank's `obj`, in rank order, on every rank (`[obj]` in one process)."""
     if not current().distributed:

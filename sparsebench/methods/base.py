@@ -248,6 +248,12 @@ class Method:
         """True when this instance is the method's null control (its mechanism switched off)."""
         return bool(self.null_control) and all(getattr(self.config, k) == v for k, v in self.null_control.items())
 
+    @classmethod
+    def signal_controls_for(cls, args: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+        """The signal controls a run with `args` is paired with: `signal_controls` unless a method
+        matches them to its setting (S²ViTE: none for the paper's growth criterion)."""
+        return cls.signal_controls
+
     @property
     def signal_control(self) -> Optional[str]:
         """The name of the signal control this instance is (its Config holds that control's values),
@@ -267,7 +273,7 @@ def signal_control_runs(method_name: str, args: Mapping[str, Any]) -> List[Tuple
     its args with the control's values laid over them, under the method the control names (if any);
     [] for a method that declares none, or one no longer installed."""
     try:
-        declared = METHODS.get(method_name).factory.signal_controls
+        declared = METHODS.get(method_name).factory.signal_controls_for(args)
     except Exception:          # noqa: BLE001 -- a method no longer installed has no declared controls
         return []
     out = []

@@ -487,7 +487,8 @@ class MaskedPromptSearch(TrainerHook):
         at `budget_ramp=0`)."""
         t = min(1.0, step / max(1, self.total_steps - 1))
         self.search.hypernet.prior_weight = 1.0 + (self.prior_final - 1.0) * t
-        ramp = min(1.0, step / max(1.0, self.budget_ramp * self.total_steps)) if self.budget_ramp else 1.0
+        # the target reached at step budget_ramp·(T − 1): with budget_ramp=1, the last search step
+        ramp = min(1.0, step / max(1.0, self.budget_ramp * (self.total_steps - 1))) if self.budget_ramp else 1.0
         self.flops_ratio = 1.0 - (1.0 - self.target_ratio) * ramp
 
     def adapt_bn(self, trainer) -> None:
@@ -559,7 +560,7 @@ class MaskedPromptSearch(TrainerHook):
 AT_CHANCE = 2.0
 
 
-def at_chance_note(metrics: dict, num_classes: int, steps: int) -> str:
+def at_chance_note(metrics: dict, num_classes: int, steps: int, budget_ramp: float = 0.0) -> str:
     """A remark for the verdict when the search ran on a network at chance: the prior's masks at the
     target, BN recalibrated, score at most `AT_CHANCE` × 1/classes on validation, so the frozen
     masked network's loss carries no information about which channels to keep and whatever the
@@ -567,8 +568,10 @@ def at_chance_note(metrics: dict, num_classes: int, steps: int) -> str:
     prior = metrics.get("masked_val_top1_prior")
     if not steps or prior is None or prior > AT_CHANCE / num_classes:
         return ""
-    return (f"searched on a network at chance: the prior's masked val top-1 {prior:.3f} at the target is at most "
-            f"{AT_CHANCE:g}x chance (1/{num_classes}), so the search loss could not rank channels")
+    where = ("ended its search (budget_ramp) on a network at chance" if budget_ramp
+             else "searched on a network at chance")
+    return (f"{where}: the prior's masked val top-1 {prior:.3f} at the target is at most "
+            f"{AT_CHANCE:g}x chance (1/{num_classes}), so the search loss could not rank channels there")
 
 
 # --- the method ---------------------------------------------------------------------------------
@@ -777,7 +780,7 @@ class PASS(Method):
                                  frozen_bn_val, final_val)
         return Outcome(model=compact, realization="compacted", structure=space.structure(kept),
                        prunable=list(prunable_weights(model)), notes=notes,
-                       mechanism=judge_mechanism(self, metrics, at_chance_note(metrics, ctx.num_classes, steps)))
+                       mechanism=judge_mechanism(self, metrics, at_chance_note(metrics, ctx.num_classes, steps, cfg.budget_ramp)))
 
     @staticmethod
     def telemetry(space, kept, prior_kept, learned_start, learned_end, search, hook, frozen_bn_val,

@@ -13,8 +13,9 @@ Sparse training from scratch at a fixed budget, on a stock timm `VisionTransform
 - `svite`  (unstructured): every attention / MLP weight, the patch embedding and the head;
   prune by |w|, grow by |∂L/∂w| (RigL's `DynamicSparsity` in `training.masks`, SViTE's schedule).
 - `s2vite` (heads + MLP neurons): prune heads by the first-order Taylor score of their
-  output, neurons by ‖fc1 row‖₁ + ‖fc2 column‖₁; grow by gradient; every block keeps the
-  same counts; exported to a physically smaller timm ViT.
+  output, neurons by ‖fc1 row‖₁ + ‖fc2 column‖₁; grow by the revival criterion by default (not
+  the paper's: its gradient criterion, `grow="gradient"`, cannot revive a unit; `S2ViTE`);
+  every block keeps the same counts; exported to a physically smaller timm ViT.
 - `svite-plus` (SViTE+): a learnable token selector after the position embedding on top of
   either (`base`); Gumbel-softmax top-k with a straight-through gradient, τ 10 → 0.1.
   `token_mode="mask"` zeroes unselected tokens (the paper; no wall-clock gain),
@@ -34,6 +35,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sparsebench.errors import SpecError
+from sparsebench.platform import mean_over_ranks
 from sparsebench.methods.base import Method, MethodContext, Outcome, judge_mechanism, register_method
 from sparsebench.training.importance import HeadOutputTaylor
 from sparsebench.training.masks import (
@@ -197,8 +199,13 @@ class UnitPruneAndGrow(TrainerHook):
             raise RuntimeError("S²ViTE scored no attention head on the update batch")
         dr = drop_fraction(t, self.total, self.cfg.alpha, self.cfg.floor, self.cfg.t_end, self.cfg.decay_over)
         neuron_w = neuron_l1(self.model)
+        # under DDP each rank scored its own part of the batch: every rank must choose the same units
+        # (the masks are synchronised, and grown units get their shadow weights on each rank), so the
+        # choice is made from the scores averaged over the ranks (one process: as they are)
+        taylor, grad_h, grad_j = (mean_over_ranks(list(s)) for s in
+                                  (self.capture.taylor, self.capture.grad_l1, self.neuron_grads))
         if self.revival:
-            revive_h, revive_j = self._revival_scores(trainer)
+            revive_h, revive_j = (mean_over_ranks(list(s)) for s in self._revival_scores(trainer))
         elif self.shadow is not None:
             self.shadow.record(self.masks)               # active units: their weights now, before some are pruned
         swapped, moved = {"heads": 0, "neurons": 0}, {"heads": 0, "neurons": 0}
@@ -206,13 +213,13 @@ class UnitPruneAndGrow(TrainerHook):
             h, j = self.heads[b], self.neurons[b]
             kh = swap_count(dr, int(h.sum()), int((~h).sum()))
             kj = swap_count(dr, int(j.sum()), int((~j).sum()))
-            grow_h, grow_j = self.capture.grad_l1[b], self.neuron_grads[b]
+            grow_h, grow_j = grad_h[b], grad_j[b]
             if self.cfg.grow == "random":
                 grow_h, grow_j = torch.rand(len(h), generator=self.generator), torch.rand(len(j), generator=self.generator)
             elif self.revival:
                 grow_h, grow_j = revive_h[b], revive_j[b]
             # the shared RigL primitive on unit masks: the Taylor / ℓ1 scores play |w|'s part
-            self.heads[b] = drop_and_grow(h, self.capture.taylor[b], grow_h, kh, self.generator)
+            self.heads[b] = drop_and_grow(h, taylor[b], grow_h, kh, self.generator)
             self.neurons[b] = drop_and_grow(j, neuron_w[b], grow_j, kj, self.generator)
             swapped["heads"] += kh
             swapped["neurons"] += kj
@@ -273,6 +280,7 @@ class UnitPruneAndGrow(TrainerHook):
         if self.shadow is not None:
             state["shadow"] = self.shadow.state_dict()
             state["revival_macs"] = self.revival_macs
+            state["revival_seconds"] = self.revival_seconds
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -284,6 +292,7 @@ class UnitPruneAndGrow(TrainerHook):
         if self.shadow is not None:
             self.shadow.load_state_dict(state["shadow"])
             self.revival_macs = int(state["revival_macs"])
+            self.revival_seconds = float(state.get("revival_seconds", 0.0))
 
     def remove(self) -> None:
         self.capture.remove()
@@ -666,6 +675,13 @@ class S2ViTE(_ViTSparseTraining):
 
     granularity = "head"
     mechanism_thresholds = {"updates": 1, "units_moved_total": 1, "units_changed": 0.01}
+
+    @classmethod
+    def signal_controls_for(cls, args):
+        """Random growth grows units back with their last weights, as revival does: it is revival's
+        control. The paper's criterion grows units at 0, so it has no matched control here (and
+        it moves no unit to control for)."""
+        return {} if dict(args).get("grow") == "gradient" else cls.signal_controls
 
     @dataclass(frozen=True)
     class Config(ScheduleConfig):

@@ -372,7 +372,8 @@ def test_the_layer_shuffle_sanity_check_keeps_the_searched_widths_at_other_chann
 
 
 def test_budget_ramp_lets_the_masks_meet_a_budget_falling_from_one_to_the_target(monkeypatch):
-    """`budget_ramp=0.5`: the masks of step t meet 1 − (1 − ρ)·t/(T/2), then ρ; extraction meets ρ."""
+    """`budget_ramp=0.5`: the masks of step t meet 1 − (1 − ρ)·t/(0.5·(T − 1)), then ρ; extraction
+    meets ρ; `budget_ramp=1`: the last search step meets ρ; the default stays out of spec hashes."""
     ratios = []
     forward = MaskedPromptSearch.before_forward
 
@@ -383,13 +384,22 @@ def test_budget_ramp_lets_the_masks_meet_a_budget_falling_from_one_to_the_target
 
     monkeypatch.setattr(MaskedPromptSearch, "before_forward", spy)
     method, ctx, out = run_pass(flops=0.3, budget=6, budget_ramp=0.5)
-    assert ratios == [1.0, round(1 - 0.7 / 3, 4), round(1 - 1.4 / 3, 4), 0.3, 0.3, 0.3]
+    assert ratios == [1.0, round(1 - 0.7 * 0.4, 4), round(1 - 0.7 * 0.8, 4), 0.3, 0.3, 0.3]
     assert out.notes["closed_form_flops_ratio"] <= 0.3
     ratios.clear()
     run_pass(flops=0.3, budget=3)
     assert ratios == [0.3, 0.3, 0.3]
+    ratios.clear()
+    run_pass(flops=0.3, budget=3, budget_ramp=1.0)
+    assert ratios == [1.0, 0.65, 0.3]
     with pytest.raises(ValueError, match="budget_ramp"):
         create_method("pass", budget_ramp=1.5)
+    from sparsebench.runners.pipeline import resolve
+
+    plain = resolve(tiny_spec("pass", target="flops=0.5"))
+    assert resolve(tiny_spec("pass", target="flops=0.5", method_args={"budget_ramp": 0.0})).hash == plain.hash
+    assert "budget_ramp" not in dict(plain.method_args)
+    assert resolve(tiny_spec("pass", target="flops=0.5", method_args={"budget_ramp": 0.5})).hash != plain.hash
 
 
 def test_a_search_on_a_network_at_chance_says_so_in_its_verdict():
@@ -398,3 +408,5 @@ def test_a_search_on_a_network_at_chance_says_so_in_its_verdict():
     assert "at chance" in at_chance_note({"masked_val_top1_prior": 0.15}, 10, steps=38)
     assert at_chance_note({"masked_val_top1_prior": 0.45}, 10, steps=38) == ""
     assert at_chance_note({"masked_val_top1_prior": 0.15}, 10, steps=0) == ""      # the null control searched nothing
+    assert at_chance_note({"masked_val_top1_prior": 0.15}, 10, steps=38, budget_ramp=0.5).startswith(
+        "ended its search (budget_ramp) on a network at chance")

@@ -691,7 +691,45 @@ def test_s2vite_and_rigl_declare_random_growth_as_their_signal_control():
     assert create_method("s2vite").signal_control is None
     assert create_method("rigl", grow="random").signal_control == "random growth"     # SET under RigL's name
     assert create_method("rigl").signal_control is None
-    assert signal_control_runs("s2vite", {"grow": "gradient", "alpha": 0.5}) == [
+    assert signal_control_runs("s2vite", {"grow": "revival", "alpha": 0.5}) == [
         ("random growth", "s2vite", {"grow": "random", "alpha": 0.5})]
+    # random growth restores the units' last weights, as revival does: the paper's criterion, which
+    # grows at 0, has no matched control
+    assert signal_control_runs("s2vite", {"grow": "gradient", "alpha": 0.5}) == []
     # RigL's random-growth control is SET with RigL's schedule, another method; rigl[grow=random] is the same run
     assert signal_control_runs("rigl", {"grow": "gradient"}) == [("random growth", "set", {"grow": "random"})]
+
+
+def test_s2vite_revival_grows_the_units_its_scores_rank_first_and_random_does_not(monkeypatch):
+    """The same seed, revival against its random control: both prune the same units and grow as
+    many at the first update; revival's grown neurons score higher on revival's own scores than the
+    random control's, which score as the candidates do on average."""
+    from sparsebench.methods import svite
+    from sparsebench.training.masks import topk_mask
+
+    original = svite.drop_and_grow
+
+    def first_update(grow):
+        calls = []
+
+        def recording(mask, weight, grow_scores, k, generator=None):
+            new = original(mask, weight, grow_scores, k, generator)
+            kept = topk_mask(torch.where(mask, weight.detach().abs().double(), -1.0),
+                             int(mask.sum()) - min(k, int(mask.sum()), mask.numel() - int(mask.sum()))) & mask
+            calls.append({"kept": kept, "grown": new & ~kept, "scores": grow_scores.clone(), "k": k})
+            return new
+
+        monkeypatch.setattr(svite, "drop_and_grow", recording)
+        method = create_method("s2vite", grow=grow, update_every=10, alpha=0.5)
+        method.run(make_context("vit_cifar_tiny", "flops=0.6", method, budget=12))
+        monkeypatch.setattr(svite, "drop_and_grow", original)
+        return calls[1::2]                                    # the neuron calls of the one update, per block
+
+    revival, random = first_update("revival"), first_update("random")
+    assert [c["k"] for c in revival] == [c["k"] for c in random]
+    assert all(torch.equal(a["kept"], b["kept"]) for a, b in zip(revival, random))
+    scores = [c["scores"] for c in revival]                   # revival's scores, the same state in both runs
+    chosen = torch.cat([s[c["grown"]] for s, c in zip(scores, revival)]).mean()
+    drawn = torch.cat([s[c["grown"]] for s, c in zip(scores, random)]).mean()
+    candidates = torch.cat([s[~c["kept"]] for s, c in zip(scores, revival)]).mean()
+    assert chosen > 1.5 * drawn and chosen > 1.5 * candidates

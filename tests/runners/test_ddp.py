@@ -344,3 +344,46 @@ def test_non_finite_statistics_on_one_rank_end_every_rank_s_stage(two_ranks):
     ranks = two_ranks["_bad_buffer_on_rank_one"]
     assert [r["ended"] for r in ranks] == ["Diverged", "Diverged"]
     assert "on another rank" in ranks[0]["reason"] and "on another rank" not in ranks[1]["reason"]
+
+
+# --- S²ViTE's unit choice under DDP --------------------------------------------------------------
+def _s2vite_rank(rank, world, tmp, grow):
+    """One rank of an S²ViTE run (`grow`): saves its final compacted model's weights."""
+    from _pytest.monkeypatch import MonkeyPatch
+
+    from sparsebench.runners import pipeline
+    from sparsebench.runners.pipeline import RunOptions, execute
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init-{grow}", rank=rank, world_size=world)
+    mp = MonkeyPatch()
+    original = pipeline.finetune_stage
+
+    def finetune_stage(spec, outcome, *args, **kwargs):
+        torch.save({k: v.detach().clone() for k, v in outcome.model.state_dict().items()},
+                   tmp / f"s2vite-{grow}-{rank}.pt")
+        return original(spec, outcome, *args, **kwargs)
+
+    mp.setattr(pipeline, "finetune_stage", finetune_stage)
+    try:
+        spec = tiny_spec("s2vite", model="vit_cifar_tiny", target="flops=0.6", recipe=RECIPE,
+                         measure=MeasureSpec(latency=False, threads=1),
+                         method_args={"grow": grow, "update_every": 2, "alpha": 0.5})
+        execute(spec, RunOptions(out=tmp / f"out-{grow}", checkpoint_every=None))
+    finally:
+        mp.undo()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grow", ["revival", "random"])
+def test_s2vite_grows_the_same_units_with_the_same_weights_on_every_rank(tmp_path, grow):
+    """Revival scores units on each rank's half of the batch, and both growths put the units' last
+    weights back: unless the ranks agree on the scores, each restores weights for its own choice and
+    the replicas drift apart for good. The compacted models must be the same on both ranks."""
+    os.environ.setdefault("PYTHONPATH", os.getcwd())
+    tmp_mp.spawn(_s2vite_rank, args=(2, tmp_path, grow), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"s2vite-{grow}-{r}.pt") for r in range(2))
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < 1e-5, worst
