@@ -51,13 +51,24 @@ def replace_between(text: str, name: str, body: str, where: str = "README") -> s
 QUICK_COLUMNS = ["target", "rank", "method", "top1 (%)", "Δ dense", "FLOPs ratio", "measured speedup", "mechanism"]
 
 
+def compact_markdown(df: "pd.DataFrame") -> str:
+    """`to_markdown`'s pipe table (the cells exactly as the full leaderboard prints them) without its
+    padding: the README stays short and renders the same."""
+    def unpadded(line: str) -> str:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if all(c and set(c) <= set(":-") for c in cells):          # the alignment row: its markers only
+            cells = [(":" if c.startswith(":") else "") + "---" + (":" if c.endswith(":") else "") for c in cells]
+        return "| " + " | ".join(cells) + " |"
+    return "\n".join(unpadded(line) for line in df.to_markdown(index=False).splitlines())
+
+
 def quick_leaderboard(root: Path) -> str:
     """The quick suite's leaderboard in the README's few columns, one table per (model, dataset):
     the rows and cells of results/quick/leaderboard.md, which has every column and the notes."""
     table = display_table(Leaderboard.of(load_records(root / "results" / "quick")).table)
     parts = []
     for (model, dataset), part in table.groupby(["model", "dataset"], sort=False):
-        parts += [f"### {model} on {dataset}", "", part[QUICK_COLUMNS].to_markdown(index=False), ""]
+        parts += [f"### {model} on {dataset}", "", compact_markdown(part[QUICK_COLUMNS]), ""]
     return "\n".join(parts)
 
 
@@ -118,64 +129,92 @@ def is_main_row(short: str) -> bool:
     return suffix == "{" + ",".join(f"{k}={v}" for k, v in sorted(budget.items())) + "}"
 
 
+SEEDS = 5      # every evidence suite's seeds: a pair count is printed only where it is fewer
+
+
 def _difference(delta, pairs, p_holm) -> str:
     if delta is None or pd.isna(delta):
         return "not run"
     if pd.isna(p_holm):
         return f"{delta:+.2f} (n={pairs}: no test)"
-    return f"{delta:+.2f} (n={pairs}, p {format_p(p_holm)})"
+    return f"{delta:+.2f} ({'' if pairs == SEEDS else f'n={pairs}, '}p {format_p(p_holm)})"
 
 
 def evidence_verdicts(root: Path, main_only: bool = False) -> str:
     """Per seed-method row of the evidence suites (every row with a null or a signal control, the
-    controls themselves left out): its difference to each control and the verdict, Holm-adjusted
-    across every test of the full table (docs/evidence.md), so the verdicts hold together at 95 %;
+    controls themselves left out): its paired difference to its null control and to *each* of its
+    signal controls (the sanity checks included), and the controls it beat, Holm-adjusted across
+    every test of the full table (docs/evidence.md), so the verdicts hold together at 95 %;
     `main_only`: the rows of each method at its defaults (the README's), with the same p-values."""
+    from sparsebench.methods.base import signal_control_runs
+    from sparsebench.report.compare import CompareError, compare_methods, method_runs
+    from sparsebench.report.leaderboard import records_frame
+
     rows = []
     for suite in EVIDENCE_SUITES:
-        _, _, board = evidence_board(root, suite)
+        records, _, board = evidence_board(root, suite)
         table = board.table
         if table.empty:
             continue
-        signals = set(table["signal"].dropna())
+        frame = records_frame(records)
+        by_id = {r.run_id: r for r in records}
+        controls_of = {}                 # label → [(control name, control label)], in declared order
+        for _, run in frame.iterrows():
+            record = by_id[run["run_id"]]
+            names = [name for name, _, _ in signal_control_runs(record.method, record.method_args)]
+            controls_of.setdefault(run["method"], list(zip(names, run["signal_controls_of_row"])))
+        runs = method_runs(records)
+        signals = {label for pairs in controls_of.values() for _, label in pairs}
         for _, r in table.iterrows():
-            if r["mechanism"] != "acted" or r["method"] in signals or (r["control_pairs"] == 0 and pd.isna(r["signal"])):
+            pairs = controls_of.get(r["method"], [])
+            if r["mechanism"] != "acted" or r["method"] in signals or (r["control_pairs"] == 0 and not pairs):
                 continue
-            rows.append({"suite": suite, "model": r["model"], "target": f"{r['target_kind']}={r['target']:g}",
-                         "method": r["method"], "signal": r["signal"],
-                         **{f"{kind}_{k}": r[f"{kind}_{k}"] for kind in ("control", "signal") for k in ("delta", "p", "pairs")}})
+            target = f"{r['target_kind']}={r['target']:g}"
+            tests = [("null control", r["control_delta"], r["control_pairs"], r["control_p"])]
+            for name, label in pairs:
+                try:
+                    (c,) = compare_methods(records, r["method"], label, target=target, model=r["model"],
+                                           per_sample="none", runs=runs)
+                    tests.append((name, c["mean"], c["pairs"], c["p_value"]))
+                except CompareError:
+                    tests.append((name, None, 0, None))
+            rows.append({"model": r["model"], "target": target, "method": r["method"], "tests": tests})
     seen, unique = set(), []
     for row in rows:                      # a row two suites share is tested once
         key = (row["model"], row["target"], row["method"])
         if key not in seen:
             seen.add(key)
             unique.append(row)
-    tests = [(i, kind) for i, row in enumerate(unique) for kind in ("control", "signal")
-             if not pd.isna(row[f"{kind}_p"])]
-    adjusted = dict(zip(tests, holm([unique[i][f"{kind}_p"] for i, kind in tests])))
+    tested = [(i, j) for i, row in enumerate(unique) for j, t in enumerate(row["tests"])
+              if t[3] is not None and not pd.isna(t[3])]
+    adjusted = dict(zip(tested, holm([unique[i]["tests"][j][3] for i, j in tested])))
     names = short_labels([row["method"] for row in unique])
-    lines = ["| method | model | target | Δ null control (Holm p) | Δ signal control (Holm p) | beats |",
+    lines = ["| method | model | target | Δ null control (Holm p) | Δ signal controls (Holm p) | beats |",
              "|---|---|---|---|---|---|"]
-    shown = 0
     for i, row in enumerate(unique):
         name = names[row["method"]]
         if main_only and not is_main_row(name):
             continue
-        shown += 1
-        won, below = [], []
-        for kind, word in (("control", "null"), ("signal", "signal")):
-            p = adjusted.get((i, kind))
+        won, below, cells = [], [], []
+        for j, (control, delta, pairs, _) in enumerate(row["tests"]):
+            p = adjusted.get((i, j))
+            cell = _difference(delta, pairs, float("nan") if p is None else p)
+            if j == 0 or delta is not None:                  # a signal control not run is left out
+                cells.append(cell if j == 0 else f"{control} {cell}")
             if p is not None and p < 0.05:
-                (won if row[f"{kind}_delta"] > 0 else below).append(word)
-        beats = (" and ".join(won) if won else "neither") + (f"; below {' and '.join(below)}" if below else "")
+                (won if delta > 0 else below).append(control)
+        beats = (", ".join(won) if won else "neither") + (f"; below {', '.join(below)}" if below else "")
+        signal = "<br>".join(cells[1:]) or "–"
         lines.append(f"| {split_label(name)[0] if main_only else name} | {row['model']} | {row['target']} "
-                     f"| {_difference(row['control_delta'], row['control_pairs'], adjusted.get((i, 'control'), float('nan')))} "
-                     f"| {_difference(row['signal_delta'], row['signal_pairs'], adjusted.get((i, 'signal'), float('nan')))} "
-                     f"| {beats} |")
+                     f"| {cells[0]} | {signal} | {beats} |")
     where = ("the full table in [docs/evidence.md](docs/evidence.md), which adds the ablations and diagnostic rows"
              if main_only else "this table")
-    lines += ["", f"Top-1 points, n paired seeds; p: the two-level t-test, Holm-adjusted over the {len(tests)} tests "
-                  f"of {where}. Labels leave out the arguments every run of the method shares."]
+    lines += ["", f"Top-1 points, method − control, over {SEEDS} paired seeds unless n says fewer; p: the two-level "
+                  "t-test, Holm-adjusted over the "
+                  f"{len(tested)} tests of {where}. Signal controls: the mechanism run with its informative signal "
+                  "replaced by noise, and for methods that prune a trained model the sanity checks (layer-shuffled "
+                  "masks, the re-initialised structure); those not run are left out. Labels leave out the arguments "
+                  "every run of the method shares."]
     return "\n".join(lines)
 
 
