@@ -19,14 +19,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_leaderboard(args) -> int:
-    from sparsebench.report import Leaderboard, display_table, to_markdown
+    from sparsebench.report import Leaderboard, display_table, table_csv, to_markdown
 
     if not 0 <= args.cost_tolerance < 1:
         raise CliError(f"--cost-tolerance must be in [0, 1), got {args.cost_tolerance}")
     board = Leaderboard.of(_readable_records(args.dir), equal_cost=args.equal_cost, cost_tolerance=args.cost_tolerance)
     agg = board.table
     if args.format == "csv":
-        text = agg.to_csv(index=False)
+        text = table_csv(agg)
     elif args.format == "html":
         text = display_table(agg).to_html(index=False)
     else:

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from sparsebench.report.leaderboard import (
-    Leaderboard, aggregate, display_table, excluded, records_frame, to_markdown,
+    Leaderboard, aggregate, display_table, excluded, records_frame, table_csv, to_markdown,
 )
 from sparsebench.store.records import atomic_write_text, load_records
 
@@ -27,7 +27,7 @@ def write_reports(results_dir: Path, title: str = "Leaderboard", site: bool = Tr
     paths = {}
     markdown = to_markdown(agg, title, board.excluded)
     atomic_write_text(results_dir / "leaderboard.md", markdown)
-    atomic_write_text(results_dir / "leaderboard.csv", agg.to_csv(index=False))
+    atomic_write_text(results_dir / "leaderboard.csv", table_csv(agg))
     atomic_write_text(results_dir / "leaderboard.html", display_table(agg).to_html(index=False))
     paths["markdown"] = results_dir / "leaderboard.md"
     files = [results_dir / "leaderboard.md", results_dir / "leaderboard.csv", results_dir / "leaderboard.html"]
@@ -50,4 +50,4 @@ def write_reports(results_dir: Path, title: str = "Leaderboard", site: bool = Tr
 
 
 __all__ = ["Leaderboard", "aggregate", "display_table", "excluded", "leaderboard_of", "records_frame",
-           "to_markdown", "write_reports"]
+           "table_csv", "to_markdown", "write_reports"]

@@ -40,6 +40,7 @@ best-mean row at 80 % power, from the observed spread of the per-seed difference
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
@@ -427,26 +428,34 @@ def with_signal_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[st
     """Add `signal` (the label of the signal control it is paired with) and the `signal_*` columns
     (`paired_columns`): each seed-method row's paired difference (method − its signal control) over
     the seeds both have, by the statistics of `Δ control`. A method declaring several signal
-    controls is paired with the one that shares the most seeds with it (the first declared on a tie)."""
+    controls is paired with the one that shares the most seeds with it (the first declared on a tie);
+    the others that ran are in `signal_more` (one dict per control: `label` and the paired fields),
+    in the Holm family too, and in the `Δ signal` cell and the verdict after the first."""
     setting = [k for k in keys if k not in ("method", "granularity")]
     by_run = seed_runs(runs, setting)
     if "signal_controls_of_row" in runs:
         declared = runs.groupby("method")["signal_controls_of_row"].first()
     else:
         declared = pd.Series(dtype=object)
-    labels, rows = [], []
+    labels, rows, more = [], [], []
     for _, row in out.iterrows():
         at = tuple(row[k] for k in setting)
         mine = by_run.get((at, row["method"]), {})
         candidates = declared.get(row["method"])
-        best, best_c = None, None
+        best, best_c, run = None, None, []
         for label in (candidates if isinstance(candidates, tuple) else ()):
             c = compare_runs(mine, by_run.get((at, label), {}), per_sample="none")
+            if c.pairs:
+                run.append((label, c))
             if c.pairs and (best_c is None or c.pairs > best_c.pairs):
                 best, best_c = label, c
         labels.append(best)
         rows.append(paired_columns("signal", best_c if best_c is not None else compare_runs(mine, {}, per_sample="none")))
-    return out.assign(signal=labels, **{f"signal_{k}": [r[f"signal_{k}"] for r in rows] for k in PAIRED_FIELDS})
+        # the method's other signal controls that ran (the sanity checks beside the primary one)
+        more.append([{"label": label, **{k[len("x_"):]: v for k, v in paired_columns("x", c).items()}}
+                     for label, c in run if label != best])
+    return out.assign(signal=labels, signal_more=more,
+                      **{f"signal_{k}": [r[f"signal_{k}"] for r in rows] for k in PAIRED_FIELDS})
 
 
 FAMILY = ["dataset", "model", "device"]
@@ -464,8 +473,14 @@ def with_family_holm(out: pd.DataFrame, family: List[str] = FAMILY, rows=None) -
     for _, part in out[mask].groupby(family, sort=False, dropna=False):
         tests = [(index, prefix) for index in part.index for prefix in ("control", "signal", "baseline")
                  if f"{prefix}_p" in out and as_float(out.at[index, f"{prefix}_p"]) is not None]
-        for (index, prefix), p in zip(tests, holm([float(out.at[i, f"{k}_p"]) for i, k in tests])):
+        more = out["signal_more"] if "signal_more" in out else pd.Series(None, index=out.index)
+        extra = [(index, j) for index in part.index if isinstance(more[index], list)
+                 for j, m in enumerate(more[index]) if as_float(m.get("p")) is not None]
+        adjusted = holm([float(out.at[i, f"{k}_p"]) for i, k in tests] + [float(more[i][j]["p"]) for i, j in extra])
+        for (index, prefix), p in zip(tests, adjusted):
             out.at[index, f"{prefix}_p_holm"] = p
+        for (index, j), p in zip(extra, adjusted[len(tests):]):
+            more[index][j]["p_holm"] = p
     return out
 
 
@@ -582,6 +597,14 @@ def plus_minus(mean, ci, fmt: str) -> str:
     return format(m, fmt) + ("" if c is None else f" ± {format(c, fmt.lstrip('+'))}")
 
 
+def table_csv(agg: pd.DataFrame) -> str:
+    """The aggregate table as CSV; `signal_more` (a list per row) as JSON, so a reader parses it."""
+    if "signal_more" in agg:
+        agg = agg.assign(signal_more=[json.dumps(v, default=float) if isinstance(v, list) and v else ""
+                                      for v in agg["signal_more"]])
+    return agg.to_csv(index=False)
+
+
 def display_table(agg: pd.DataFrame) -> pd.DataFrame:
     """Human-readable columns for Markdown / terminal / HTML."""
     rows = []
@@ -651,7 +674,10 @@ def signal_cell(r, name=lambda m: m) -> str:
     """Δ signal: `paired_cell` of the row's difference to its signal control, named; "–" without one."""
     if not int(as_float(r.get("signal_pairs")) or 0):
         return "–"
-    return paired_cell(r, "signal", against=name(r["signal"]))
+    cell = paired_cell(r, "signal", against=name(r["signal"]))
+    for m in (r.get("signal_more") if isinstance(r.get("signal_more"), list) else []):
+        cell += "; " + paired_cell({f"more_{k}": v for k, v in m.items()}, "more", against=name(m["label"]))
+    return cell
 
 
 VERDICT_ALPHA = 0.05
@@ -703,7 +729,14 @@ def controls_verdict(r) -> str:
         won = null if null is not None else signal
         verdict = f"{'beats' if won else 'does not beat'} {tested} control ({missing} control not run)"
     below = [word for prefix, word in (("control", "null"), ("signal", "signal")) if loses_to(r, prefix)]
-    return verdict + (f"; below {' and '.join(below)} control" if below else "")
+    verdict += f"; below {' and '.join(below)} control" if below else ""
+    for m in (r.get("signal_more") if isinstance(r.get("signal_more"), list) else []):
+        other = {f"more_{k}": v for k, v in m.items()}
+        if beats(other, "more"):
+            verdict += f"; beats {m['label']}"
+        elif loses_to(other, "more"):
+            verdict += f"; below {m['label']}"
+    return verdict
 
 
 def baseline_cell(r, name=lambda m: m) -> str:
@@ -721,7 +754,7 @@ def seeds_needed_cell(v) -> str:
 DIFFERENCES_NOTE = (
     "Δ control: paired difference (method − its null control) in top-1 points over the seeds both have; "
     "Δ signal: the same against the method's signal control (its mechanism run with the informative signal "
-    "replaced by noise, named after \"vs\"; – where none was run); "
+    "replaced by noise, named after \"vs\"; – where none was run; of several, each that ran, after \";\"); "
     "Δ baseline: the same against the strongest baseline at the same target (best-mean row without a mechanism, "
     "dense excluded). ±: 95 % interval over seeds and test images, so the sampling noise of the test set every "
     "seed shares is in it (two-level: crossed seeds × images variance components, σ²_seed/n + σ²_image/m + "
@@ -731,7 +764,8 @@ DIFFERENCES_NOTE = (
     "Δ control, Δ signal and Δ baseline test of this (dataset, model, device) table, the p a verdict should use; "
     "sign-flip: exact permutation p over the 2^n sign patterns of the n per-seed differences (never below 2/2^n: "
     "0.0625 with 5 seeds). verdict: which controls the row beat (a positive difference with Holm p < 0.05): "
-    "null and signal, one only, neither, or the one tested with the other not run.")
+    "null and signal, one only, neither, or the one tested with the other not run; \"below\" where it fell "
+    "significantly below a control, and each further signal control it separated from.")
 RANK_NOTE = (
     "rank: 1 + the number of rows significantly better at 95 % (every pair of rows of a target compared, paired "
     "over seeds as above, Holm-corrected over all of them); rows sharing a rank are marked \"=\" (\"1=\"). "

@@ -362,3 +362,38 @@ def test_runs_of_one_label_under_two_recipes_are_two_rows_each_with_its_own_cont
     assert two["control_delta"] == pytest.approx(2.0) and six["control_delta"] == pytest.approx(-1.0)
     assert two["signal_pairs"] == 4 and six["signal_pairs"] == 0
     assert "gap-cyclic[prune_scores=random]" in rows.index          # no collision: its label stays plain
+
+
+def test_every_signal_control_that_ran_is_paired_tested_in_the_family_and_named_in_the_verdict():
+    """PASS declares three signal controls (shuffled labels, the two sanity checks): the Δ signal cell
+    pairs the row with each one that ran, all in one Holm family, and the verdict names a control
+    beyond the first that the row fell below."""
+    from sparsebench.report.leaderboard import Leaderboard, display_table, table_csv
+    from sparsebench.report.stats import holm
+    from sparsebench.store import Mechanism
+
+    acted = Mechanism(declared=True, acted=True, reason="acted")
+    signal = lambda name: Mechanism(declared=True, acted=True, reason="signal", signal_control=name)  # noqa: E731
+    top = [0.80, 0.84, 0.82, 0.86]
+    records = [fake_record("pass", s, t, mechanism=acted, target=0.5, kind="flops") for s, t in enumerate(top)]
+    records += [fake_record("pass", s, t - d, mechanism=signal("shuffled labels"), target=0.5, kind="flops",
+                            run_id=f"sh-{s}", spec={"method_args": {"labels": "shuffled"}})
+                for s, (t, d) in enumerate(zip(top, [0.01, -0.01, 0.02, 0.0]))]
+    records += [fake_record("pass", s, t + d, mechanism=signal("re-initialised structure"), target=0.5, kind="flops",
+                            run_id=f"re-{s}", spec={"method_args": {"sanity": "reinit"}})
+                for s, (t, d) in enumerate(zip(top, [0.05, 0.06, 0.05, 0.07]))]
+    board = Leaderboard.of(records)
+    row = board.table.set_index("method").loc["pass"]
+    assert row["signal"] == "pass[labels=shuffled]" and row["signal_pairs"] == 4
+    (more,) = row["signal_more"]
+    assert more["label"] == "pass[sanity=reinit]" and more["pairs"] == 4
+    assert more["delta"] == pytest.approx(-100 * (0.05 + 0.06 + 0.05 + 0.07) / 4)
+    assert [row["signal_p_holm"], more["p_holm"]] == pytest.approx(holm([row["signal_p"], more["p"]]))
+    shown = display_table(board.table).set_index("method").loc["pass"]
+    assert "vs pass[labels=shuffled]" in shown["Δ signal"] and "; -5.75 ± " in shown["Δ signal"]
+    assert shown["verdict"].endswith("; below pass[sanity=reinit]")
+    import io
+    import json
+
+    read = pd.read_csv(io.StringIO(table_csv(board.table))).set_index("method")
+    assert json.loads(read.loc["pass", "signal_more"])[0]["label"] == "pass[sanity=reinit]"
