@@ -429,7 +429,7 @@ def with_signal_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[st
     (`paired_columns`): each seed-method row's paired difference (method − its signal control) over
     the seeds both have, by the statistics of `Δ control`. A method declaring several signal
     controls is paired with the one that shares the most seeds with it (the first declared on a tie);
-    the others that ran are in `signal_more` (one dict per control: `label` and the paired fields),
+    the others that ran are in `signal_more` (one dict per control: `label` and `paired_columns("more")`),
     in the Holm family too, and in the `Δ signal` cell and the verdict after the first."""
     setting = [k for k in keys if k not in ("method", "granularity")]
     by_run = seed_runs(runs, setting)
@@ -452,8 +452,7 @@ def with_signal_differences(out: pd.DataFrame, runs: pd.DataFrame, keys: List[st
         labels.append(best)
         rows.append(paired_columns("signal", best_c if best_c is not None else compare_runs(mine, {}, per_sample="none")))
         # the method's other signal controls that ran (the sanity checks beside the primary one)
-        more.append([{"label": label, **{k[len("x_"):]: v for k, v in paired_columns("x", c).items()}}
-                     for label, c in run if label != best])
+        more.append([{"label": label, **paired_columns("more", c)} for label, c in run if label != best])
     return out.assign(signal=labels, signal_more=more,
                       **{f"signal_{k}": [r[f"signal_{k}"] for r in rows] for k in PAIRED_FIELDS})
 
@@ -470,17 +469,17 @@ def with_family_holm(out: pd.DataFrame, family: List[str] = FAMILY, rows=None) -
         return out
     out = out.copy()
     mask = pd.Series(True, index=out.index) if rows is None else rows
+    more = out["signal_more"] if "signal_more" in out else pd.Series(None, index=out.index)
     for _, part in out[mask].groupby(family, sort=False, dropna=False):
         tests = [(index, prefix) for index in part.index for prefix in ("control", "signal", "baseline")
                  if f"{prefix}_p" in out and as_float(out.at[index, f"{prefix}_p"]) is not None]
-        more = out["signal_more"] if "signal_more" in out else pd.Series(None, index=out.index)
-        extra = [(index, j) for index in part.index if isinstance(more[index], list)
-                 for j, m in enumerate(more[index]) if as_float(m.get("p")) is not None]
-        adjusted = holm([float(out.at[i, f"{k}_p"]) for i, k in tests] + [float(more[i][j]["p"]) for i, j in extra])
+        extra = [m for index in part.index if isinstance(more[index], list)
+                 for m in more[index] if as_float(m["more_p"]) is not None]
+        adjusted = holm([float(out.at[i, f"{k}_p"]) for i, k in tests] + [float(m["more_p"]) for m in extra])
         for (index, prefix), p in zip(tests, adjusted):
             out.at[index, f"{prefix}_p_holm"] = p
-        for (index, j), p in zip(extra, adjusted[len(tests):]):
-            more[index][j]["p_holm"] = p
+        for m, p in zip(extra, adjusted[len(tests):]):
+            m["more_p_holm"] = p
     return out
 
 
@@ -675,35 +674,43 @@ def signal_cell(r, name=lambda m: m) -> str:
     if not int(as_float(r.get("signal_pairs")) or 0):
         return "–"
     cell = paired_cell(r, "signal", against=name(r["signal"]))
-    for m in (r.get("signal_more") if isinstance(r.get("signal_more"), list) else []):
-        cell += "; " + paired_cell({f"more_{k}": v for k, v in m.items()}, "more", against=name(m["label"]))
+    for m in more_signal_controls(r):
+        cell += "; " + paired_cell(m, "more", against=name(m["label"]))
     return cell
+
+
+def more_signal_controls(r) -> list:
+    """The row's signal controls beyond the first (`signal_more`), each a dict of `more_*` paired fields."""
+    more = r.get("signal_more")
+    return more if isinstance(more, list) else []
 
 
 VERDICT_ALPHA = 0.05
 
 
-def beats(r, prefix: str) -> Optional[bool]:
-    """Whether a row beat the control of `{prefix}_*` (a positive paired difference whose Holm-adjusted
-    p, or raw p where the table was not adjusted, is below 0.05); None where no such control was run
-    (or a single pair: no test)."""
+def separated(r, prefix: str) -> Optional[float]:
+    """The paired difference of `{prefix}_*` where it is significant (Holm-adjusted p, or the raw p
+    where the table was not adjusted, below 0.05), 0.0 where it is not, None where no such control
+    was run (or a single pair: no test)."""
     if int(as_float(r.get(f"{prefix}_pairs")) or 0) < 2:
         return None
     p = as_float(r.get(f"{prefix}_p_holm"))
     p = as_float(r.get(f"{prefix}_p")) if p is None else p
     delta = as_float(r.get(f"{prefix}_delta"))
-    return bool(p is not None and delta is not None and delta > 0 and p < VERDICT_ALPHA)
+    return delta if p is not None and delta is not None and p < VERDICT_ALPHA else 0.0
+
+
+def beats(r, prefix: str) -> Optional[bool]:
+    """Whether a row beat the control of `{prefix}_*` (a significantly positive paired difference);
+    None where no such control was run (or a single pair: no test)."""
+    delta = separated(r, prefix)
+    return None if delta is None else delta > 0
 
 
 def loses_to(r, prefix: str) -> bool:
     """Whether a row fell significantly *below* the control of `{prefix}_*` (a negative paired
     difference with Holm p < 0.05): the mechanism did harm."""
-    if int(as_float(r.get(f"{prefix}_pairs")) or 0) < 2:
-        return False
-    p = as_float(r.get(f"{prefix}_p_holm"))
-    p = as_float(r.get(f"{prefix}_p")) if p is None else p
-    delta = as_float(r.get(f"{prefix}_delta"))
-    return bool(p is not None and delta is not None and delta < 0 and p < VERDICT_ALPHA)
+    return (separated(r, prefix) or 0.0) < 0
 
 
 def controls_verdict(r) -> str:
@@ -730,11 +737,10 @@ def controls_verdict(r) -> str:
         verdict = f"{'beats' if won else 'does not beat'} {tested} control ({missing} control not run)"
     below = [word for prefix, word in (("control", "null"), ("signal", "signal")) if loses_to(r, prefix)]
     verdict += f"; below {' and '.join(below)} control" if below else ""
-    for m in (r.get("signal_more") if isinstance(r.get("signal_more"), list) else []):
-        other = {f"more_{k}": v for k, v in m.items()}
-        if beats(other, "more"):
+    for m in more_signal_controls(r):
+        if beats(m, "more"):
             verdict += f"; beats {m['label']}"
-        elif loses_to(other, "more"):
+        elif loses_to(m, "more"):
             verdict += f"; below {m['label']}"
     return verdict
 

@@ -386,9 +386,9 @@ def test_every_signal_control_that_ran_is_paired_tested_in_the_family_and_named_
     row = board.table.set_index("method").loc["pass"]
     assert row["signal"] == "pass[labels=shuffled]" and row["signal_pairs"] == 4
     (more,) = row["signal_more"]
-    assert more["label"] == "pass[sanity=reinit]" and more["pairs"] == 4
-    assert more["delta"] == pytest.approx(-100 * (0.05 + 0.06 + 0.05 + 0.07) / 4)
-    assert [row["signal_p_holm"], more["p_holm"]] == pytest.approx(holm([row["signal_p"], more["p"]]))
+    assert more["label"] == "pass[sanity=reinit]" and more["more_pairs"] == 4
+    assert more["more_delta"] == pytest.approx(-100 * (0.05 + 0.06 + 0.05 + 0.07) / 4)
+    assert [row["signal_p_holm"], more["more_p_holm"]] == pytest.approx(holm([row["signal_p"], more["more_p"]]))
     shown = display_table(board.table).set_index("method").loc["pass"]
     assert "vs pass[labels=shuffled]" in shown["Δ signal"] and "; -5.75 ± " in shown["Δ signal"]
     assert shown["verdict"].endswith("; below pass[sanity=reinit]")
