@@ -12,6 +12,7 @@ A block sits between `<!-- NAME:start -->` and `<!-- NAME:end -->` lines.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from dataclasses import dataclass
@@ -84,8 +85,10 @@ EVIDENCE_KEY = ("Δ control, Δ signal, Δ baseline: mean ± 95 % interval over 
                 "Holm-corrected); \"=\": a shared rank. Full notes: [protocol.md](protocol.md#the-leaderboards-columns).")
 
 
+@functools.lru_cache(maxsize=None)
 def evidence_board(root: Path, suite: str, equal_cost: str = None):
-    """(records, planned count, Leaderboard) of one evidence suite: only the runs its file plans."""
+    """(records, planned count, Leaderboard) of one evidence suite: only the runs its file plans.
+    Built once per suite and view in a process: the README's and docs' blocks all read them."""
     planned = {resolve(s).hash for s in load_suite(root / "benchmarks" / "evidence" / f"{suite}.yaml").specs}
     records = [r for r in load_records(root / "results" / "evidence") if r.spec_hash in planned]
     return records, len(planned), Leaderboard.of(records, equal_cost=equal_cost)
@@ -147,8 +150,7 @@ def evidence_verdicts(root: Path, main_only: bool = False) -> str:
     every test of the full table (docs/evidence.md), so the verdicts hold together at 95 %;
     `main_only`: the rows of each method at its defaults (the README's), with the same p-values."""
     from sparsebench.methods.base import signal_control_runs
-    from sparsebench.report.compare import CompareError, compare_methods, method_runs
-    from sparsebench.report.leaderboard import records_frame
+    from sparsebench.report.leaderboard import more_signal_controls, records_frame
 
     rows = []
     for suite in EVIDENCE_SUITES:
@@ -163,22 +165,18 @@ def evidence_verdicts(root: Path, main_only: bool = False) -> str:
             record = by_id[run["run_id"]]
             names = [name for name, _, _ in signal_control_runs(record.method, record.method_args)]
             controls_of.setdefault(run["method"], list(zip(names, run["signal_controls_of_row"])))
-        runs = method_runs(records)
         signals = {label for pairs in controls_of.values() for _, label in pairs}
         for _, r in table.iterrows():
             pairs = controls_of.get(r["method"], [])
             if r["mechanism"] != "acted" or r["method"] in signals or (r["control_pairs"] == 0 and not pairs):
                 continue
-            target = f"{r['target_kind']}={r['target']:g}"
+            # the leaderboard's pairings: its first signal control, then the others that ran
+            paired = {r["signal"]: (r["signal_delta"], r["signal_pairs"], r["signal_p"])} if r["signal_pairs"] else {}
+            paired.update({m["label"]: (m["more_delta"], m["more_pairs"], m["more_p"]) for m in more_signal_controls(r)})
             tests = [("null control", r["control_delta"], r["control_pairs"], r["control_p"])]
-            for name, label in pairs:
-                try:
-                    (c,) = compare_methods(records, r["method"], label, target=target, model=r["model"],
-                                           per_sample="none", runs=runs)
-                    tests.append((name, c["mean"], c["pairs"], c["p_value"]))
-                except CompareError:
-                    tests.append((name, None, 0, None))
-            rows.append({"model": r["model"], "target": target, "method": r["method"], "tests": tests})
+            tests += [(name, *paired.get(label, (None, 0, None))) for name, label in pairs]
+            rows.append({"model": r["model"], "target": f"{r['target_kind']}={r['target']:g}", "method": r["method"],
+                         "tests": tests})
     seen, unique = set(), []
     for row in rows:                      # a row two suites share is tested once
         key = (row["model"], row["target"], row["method"])
