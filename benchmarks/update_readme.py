@@ -284,29 +284,37 @@ def claims_table(root: Path, suite: str, claims: List[Claim]) -> str:
     return "\n".join(lines)
 
 
-def channel_widths(root: Path, suite: str) -> str:
-    """The kept width of each channel group (kept/size, mean over seeds) per row of a CNN evidence
-    suite, beside its mean top-1: where a method puts its channels. `residual` groups are the residual
-    streams (one mask for every conv that writes the stream, coupled mode)."""
-    from sparsebench.report.leaderboard import records_frame
+def finished_runs(root: Path, suite: str, ranked_only: bool = False) -> list:
+    """[(leaderboard label, run row, record)] of a suite's runs with a result (status "ok");
+    `ranked_only`: only those the leaderboard averages (`leaderboard.ranked`: not "did not act")."""
+    from sparsebench.report.leaderboard import ranked, records_frame
 
     records, _, _ = evidence_board(root, suite)
     frame = records_frame(records)
     if frame.empty:
-        return ""
+        return []
+    frame = ranked(frame) if ranked_only else frame[frame["status"] == "ok"]
     by_id = {r.run_id: r for r in records}
+    return [(run["method"], run, by_id[run["run_id"]]) for _, run in frame.iterrows()]
+
+
+def channel_widths(root: Path, suite: str) -> str:
+    """The kept width of each channel group (kept/size, mean over seeds) per row of a CNN evidence
+    suite, beside its mean top-1: where a method puts its channels. `residual` groups are the residual
+    streams (one mask for every conv that writes the stream, coupled mode)."""
+    runs = finished_runs(root, suite, ranked_only=True)
     rows: Dict[str, Dict[str, list]] = {}
-    for _, run in frame[frame["status"] == "ok"].iterrows():
-        structure = by_id[run["run_id"]].structure or {}
+    for label, run, record in runs:
+        structure = record.structure or {}
         if "groups" not in structure:
             continue
-        row = rows.setdefault(run["method"], {"top1": []})
+        row = rows.setdefault(label, {"top1": []})
         row["top1"].append(run["test_top1"])
         for group in structure["groups"]:
             row.setdefault(group["root"], []).append(group["kept"])
     if not rows:
         return ""
-    sizes = {g["root"]: g["size"] for r in records for g in ((r.structure or {}).get("groups") or [])}
+    sizes = {g["root"]: g["size"] for _, _, r in runs for g in ((r.structure or {}).get("groups") or [])}
     roots = sorted(sizes, key=lambda name: (sizes[name], "downsample" in name, name))
     header = ["method", "seeds", "top1 (%)"] + [f"{name} (of {sizes[name]})" for name in roots]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -325,26 +333,20 @@ def search_signal(root: Path, suite: str) -> str:
     the validation top-1 of the frozen masked network at the target (prior's and searched masks, BN
     recalibrated, no prompt), the search loss over its first and last 10 % of steps, the channels
     moved off the prior, and the top-1 after the fine-tune."""
-    from sparsebench.report.leaderboard import records_frame
-
-    records, _, _ = evidence_board(root, suite)
-    frame = records_frame(records)
-    if frame.empty:
-        return ""
-    by_id = {r.run_id: r for r in records}
     rows: Dict[str, Dict[str, list]] = {}
     keys = ("masked_val_top1_prior", "masked_val_top1_searched", "search_loss_first", "search_loss_last",
             "units_changed_fraction")
-    for _, run in frame[(frame["status"] == "ok")].iterrows():
-        record = by_id[run["run_id"]]
+    for label, run, record in finished_runs(root, suite):
         metrics = (record.mechanism.metrics or {}) if record.mechanism else {}
         if record.method != "pass" or not metrics.get("search_steps"):
             continue
-        row = rows.setdefault(run["method"], {k: [] for k in (*keys, "top1", "acted")})
+        row = rows.setdefault(label, {k: [] for k in (*keys, "top1", "acted")})
         for k in keys:
             row[k].append(metrics.get(k))
         row["top1"].append(run["test_top1"])
         row["acted"].append(bool(record.mechanism and record.mechanism.acted))
+    if not rows:
+        return ""
 
     def span(values, scale=1.0, digits=2):
         v = [scale * x for x in values if x is not None]
